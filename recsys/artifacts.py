@@ -1,0 +1,398 @@
+"""The model-version artifact contract: one writer, one verifying reader.
+
+A model directory holds numbered versions, TF-Serving style::
+
+    <model_dir>/
+      1/
+      2/
+        manifest.json        schema, dataset + hash, feature spec, target scaling,
+                             metrics and the sha256 of every other file
+        user_tower/          SavedModel: float32 [n, F_user] -> float32 [n, D]
+        item_tower/          SavedModel: float32 [n, F_item] -> float32 [n, D]
+        item_ids.json        catalogue order (row i of every item array)
+        item_vectors.npy     float32 [n_items, D], L2-normalised item-tower outputs
+        item_genres.npy      uint8 [n_items, G] multi-hot genres
+        items.json           {"title": [...], "year": [...]} in catalogue order
+        annoy.ann            Annoy index (angular) over item_vectors, item i = row i
+        top_lists.json       {"popular": [[id, score]..], "genre": {g: [..]}, "country": {c: [..]}}
+        users.json           known users: ids, demographics, training history
+        user_aggregates.npy  float64 [n_users, 3 + 3G] (see AGGREGATE_COLUMNS)
+        user_features.npy    float32 [n_users, F_user] precomputed user features
+        metrics.json, *.png  evaluation report (optional, checksummed when present)
+
+Versions are written to a hidden temporary directory and renamed into place
+only once complete, so a reader never sees half a version; the reader still
+refuses any directory without a manifest, with a missing file, or with a
+checksum that does not match. No pickle anywhere: JSON, ``.npy`` loaded with
+``allow_pickle=False``, SavedModel and Annoy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recsys.features import FeatureSpec, TargetScale
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+USER_TOWER = "user_tower"
+ITEM_TOWER = "item_tower"
+ITEM_IDS = "item_ids.json"
+ITEM_VECTORS = "item_vectors.npy"
+ITEM_GENRES = "item_genres.npy"
+ITEMS_META = "items.json"
+ANNOY_INDEX = "annoy.ann"
+TOP_LISTS = "top_lists.json"
+USERS = "users.json"
+USER_AGGREGATES = "user_aggregates.npy"
+USER_FEATURES = "user_features.npy"
+REQUIRED_FILES = (
+    ITEM_IDS, ITEM_VECTORS, ITEM_GENRES, ITEMS_META, ANNOY_INDEX,
+    TOP_LISTS, USERS, USER_AGGREGATES, USER_FEATURES,
+)  # fmt: skip
+REQUIRED_DIRS = (USER_TOWER, ITEM_TOWER)
+# The tower SavedModels are called through this signature with these names.
+SIGNATURE = "serving_default"
+INPUT_KEY = "features"
+OUTPUT_KEY = "embedding"
+
+
+def aggregate_columns(spec: FeatureSpec) -> list[str]:
+    """Column names of ``user_aggregates.npy``."""
+    g = spec.genres
+    return (
+        ["watch_count", "rated_count", "rating_sum"]
+        + [f"genre_watch:{x}" for x in g]
+        + [f"genre_rated:{x}" for x in g]
+        + [f"genre_sum:{x}" for x in g]
+    )
+
+
+class ArtifactError(Exception):
+    """A version directory that cannot be served; the message names the problem."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, streamed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _walk_files(root: Path) -> Iterator[Path]:
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.name != MANIFEST:
+            yield p
+
+
+def list_versions(model_dir: str | Path) -> list[str]:
+    """Complete versions (numeric directories with a manifest), oldest first."""
+    root = Path(model_dir)
+    if not root.is_dir():
+        return []
+    found = [
+        p.name
+        for p in root.iterdir()
+        if p.is_dir() and p.name.isdigit() and (p / MANIFEST).is_file()
+    ]
+    return sorted(found, key=int)
+
+
+def latest_version(model_dir: str | Path) -> str | None:
+    """Highest complete version, or None."""
+    versions = list_versions(model_dir)
+    return versions[-1] if versions else None
+
+
+class ModelVersion:
+    """A verified, read-only view of one version directory.
+
+    Arrays are loaded lazily and cached; ``item_vectors`` is memory-mapped so
+    several worker processes share one copy through the page cache.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any]):
+        self.path = path
+        self.manifest = manifest
+        self.version = str(manifest["version"])
+        self.spec = FeatureSpec.from_dict(manifest["feature_spec"])
+        self.target = TargetScale.from_dict(manifest["target"])
+
+    @classmethod
+    def open(cls, path: str | Path, *, verify: bool = True) -> ModelVersion:
+        """Opens and checks a version directory.
+
+        Args:
+            path: The ``<model_dir>/<version>`` directory.
+            verify: Recompute every file's sha256 (on by default; only tests
+                of the checks themselves turn it off).
+
+        Raises:
+            ArtifactError: Missing manifest or file, newer schema, checksum
+                mismatch, or inconsistent shapes.
+        """
+        path = Path(path)
+        mpath = path / MANIFEST
+        if not path.is_dir():
+            raise ArtifactError(f"model version {path} does not exist")
+        if not mpath.is_file():
+            raise ArtifactError(f"model version {path} is incomplete: no {MANIFEST}")
+        try:
+            manifest = json.loads(mpath.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"{mpath} is not valid JSON: {exc}") from exc
+        schema = manifest.get("schema_version")
+        if not isinstance(schema, int):
+            raise ArtifactError(f"{mpath} has no integer schema_version")
+        if schema > SCHEMA_VERSION:
+            raise ArtifactError(
+                f"{mpath} uses manifest schema {schema}, newer than this code supports "
+                f"({SCHEMA_VERSION}); upgrade recsys to serve it"
+            )
+        for key in ("version", "feature_spec", "target", "files"):
+            if key not in manifest:
+                raise ArtifactError(f"{mpath} lacks the '{key}' entry")
+        files: dict[str, dict[str, Any]] = manifest["files"]
+        for rel in REQUIRED_FILES:
+            if rel not in files:
+                raise ArtifactError(f"{mpath} does not list required file {rel}")
+        for d in REQUIRED_DIRS:
+            if not any(k.startswith(d + "/") for k in files):
+                raise ArtifactError(f"{mpath} does not list the {d} SavedModel")
+        for rel, info in files.items():
+            fp = path / rel
+            if not fp.is_file():
+                raise ArtifactError(f"model version {path}: file {rel} is missing")
+            if fp.stat().st_size != info.get("bytes", fp.stat().st_size):
+                raise ArtifactError(
+                    f"model version {path}: file {rel} has {fp.stat().st_size} bytes, "
+                    f"manifest says {info['bytes']} (truncated or replaced)"
+                )
+            if verify and sha256_file(fp) != info["sha256"]:
+                raise ArtifactError(f"model version {path}: checksum mismatch for {rel}")
+        try:
+            mv = cls(path, manifest)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{mpath}: bad feature spec or target: {exc}") from exc
+        mv._check_shapes()
+        return mv
+
+    def _check_shapes(self) -> None:
+        n = len(self.item_ids)
+        vec = self.item_vectors
+        if vec.ndim != 2 or vec.shape[0] != n:
+            raise ArtifactError(
+                f"{self.path}: {ITEM_VECTORS} has shape {vec.shape}, expected ({n}, D)"
+            )
+        if len(set(self.item_ids)) != n:
+            raise ArtifactError(f"{self.path}: {ITEM_IDS} has duplicate ids")
+        if self.item_genres.shape != (n, len(self.spec.genres)):
+            raise ArtifactError(f"{self.path}: {ITEM_GENRES} shape does not match the catalogue")
+
+    # --- items ------------------------------------------------------------------
+
+    @cached_property
+    def item_ids(self) -> list[str]:
+        """Catalogue order: row i of every item array is ``item_ids[i]``."""
+        return list(self._json(ITEM_IDS))
+
+    @cached_property
+    def item_index(self) -> dict[str, int]:
+        """Item id to row."""
+        return {iid: i for i, iid in enumerate(self.item_ids)}
+
+    @cached_property
+    def item_vectors(self) -> np.ndarray:
+        """float32 [n_items, D], memory-mapped read-only."""
+        return self._npy(ITEM_VECTORS, mmap=True)
+
+    @property
+    def dim(self) -> int:
+        """Embedding width D."""
+        return int(self.item_vectors.shape[1])
+
+    @cached_property
+    def item_genres(self) -> np.ndarray:
+        """uint8 [n_items, G] multi-hot."""
+        return self._npy(ITEM_GENRES, mmap=True)
+
+    @cached_property
+    def items_meta(self) -> dict[str, list]:
+        """``{"title": [...], "year": [...]}`` in catalogue order."""
+        return self._json(ITEMS_META)
+
+    def item_genre_names(self, row: int) -> list[str]:
+        """Genre names of the item at ``row``."""
+        return [g for g, on in zip(self.spec.genres, self.item_genres[row], strict=True) if on]
+
+    def annoy_index(self):  # -> annoy.AnnoyIndex
+        """Loads the Annoy index (memory-mapped by Annoy itself) and checks it."""
+        from annoy import AnnoyIndex
+
+        meta = self.manifest.get("annoy", {})
+        index = AnnoyIndex(self.dim, meta.get("metric", "angular"))
+        try:
+            index.load(str(self.path / ANNOY_INDEX))
+        except OSError as exc:
+            raise ArtifactError(f"{self.path}: cannot load {ANNOY_INDEX}: {exc}") from exc
+        if index.get_n_items() != len(self.item_ids):
+            raise ArtifactError(
+                f"{self.path}: {ANNOY_INDEX} holds {index.get_n_items()} items, "
+                f"catalogue has {len(self.item_ids)} (index from another version?)"
+            )
+        return index
+
+    @cached_property
+    def top_lists(self) -> dict[str, Any]:
+        """Popular, per-genre and per-country lists of ``[item_id, score]``."""
+        return self._json(TOP_LISTS)
+
+    # --- users ------------------------------------------------------------------
+
+    @cached_property
+    def users(self) -> dict[str, list]:
+        """Known users: ids, age, gender, occupation, country and training history."""
+        return self._json(USERS)
+
+    @cached_property
+    def user_aggregates(self) -> np.ndarray:
+        """float64 [n_users, 3 + 3G], columns as :func:`aggregate_columns`."""
+        return self._npy(USER_AGGREGATES, mmap=False)
+
+    @cached_property
+    def user_features(self) -> np.ndarray:
+        """float32 [n_users, F_user], as the trainer computed them."""
+        return self._npy(USER_FEATURES, mmap=False)
+
+    # --- models -------------------------------------------------------------------
+
+    def load_tower(self, name: str = USER_TOWER):
+        """Loads a tower SavedModel (imports TensorFlow on first use)."""
+        import tensorflow as tf
+
+        try:
+            return tf.saved_model.load(str(self.path / name))
+        except Exception as exc:  # TF raises many types for a broken SavedModel
+            raise ArtifactError(f"{self.path}: cannot load SavedModel {name}: {exc}") from exc
+
+    # --- helpers ------------------------------------------------------------------
+
+    def _json(self, rel: str) -> Any:
+        try:
+            return json.loads((self.path / rel).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ArtifactError(f"{self.path}: cannot read {rel}: {exc}") from exc
+
+    def _npy(self, rel: str, *, mmap: bool) -> np.ndarray:
+        try:
+            return np.load(self.path / rel, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"{self.path}: cannot read {rel}: {exc}") from exc
+
+
+def open_version(model_dir: str | Path, version: str | None = None) -> ModelVersion:
+    """Opens ``version`` (default: the latest complete one) under ``model_dir``."""
+    version = version or latest_version(model_dir)
+    if version is None:
+        raise ArtifactError(f"no complete model version under {model_dir}")
+    return ModelVersion.open(Path(model_dir) / version)
+
+
+class VersionWriter:
+    """Builds a version in a temporary directory and renames it into place.
+
+    Usage::
+
+        with VersionWriter(model_dir) as w:
+            w.write_json(ITEM_IDS, ids)
+            ...
+            final_path = w.commit(manifest)
+    """
+
+    def __init__(self, model_dir: str | Path):
+        self.model_dir = Path(model_dir)
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.model_dir / f".tmp-{uuid.uuid4().hex}"
+        self.path.mkdir()
+        self.final_path: Path | None = None
+
+    def __enter__(self) -> VersionWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.final_path is None:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def write_json(self, rel: str, obj: Any) -> Path:
+        """Writes a JSON file (compact; UTF-8)."""
+        p = self.path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(obj, separators=(",", ":"), ensure_ascii=False))
+        return p
+
+    def write_npy(self, rel: str, arr: np.ndarray) -> Path:
+        """Writes a ``.npy`` file (never an object array)."""
+        arr = np.asarray(arr)
+        if arr.dtype == object:
+            raise ValueError(f"{rel}: object arrays would need pickle")
+        p = self.path / rel
+        p.parent.mkdir(parents=True, exist_ok=True)
+        np.save(p, arr, allow_pickle=False)
+        return p
+
+    def commit(self, manifest: dict[str, Any]) -> Path:
+        """Checksums every file, writes the manifest and renames into place.
+
+        ``manifest`` must not contain ``version``, ``files`` or
+        ``schema_version``; they are filled in here.
+
+        Returns:
+            The final ``<model_dir>/<version>`` path.
+        """
+        files = {
+            str(p.relative_to(self.path)): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in _walk_files(self.path)
+        }
+        for _attempt in range(100):
+            existing = [int(p.name) for p in self.model_dir.iterdir() if p.name.isdigit()]
+            version = str(max(existing, default=0) + 1)
+            body = {
+                "schema_version": SCHEMA_VERSION,
+                "version": version,
+                "created_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+                **manifest,
+                "files": files,
+            }
+            (self.path / MANIFEST).write_text(json.dumps(body, indent=2, sort_keys=True))
+            _fsync_tree(self.path)
+            target = self.model_dir / version
+            try:
+                # rename() onto a non-existent directory is atomic on POSIX; if
+                # another writer took this number first we pick the next one.
+                os.rename(self.path, target)
+            except OSError:
+                continue
+            self.final_path = target
+            return target
+        raise ArtifactError(f"could not allocate a version number under {self.model_dir}")
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            with contextlib.suppress(OSError), open(p, "rb") as f:
+                os.fsync(f.fileno())

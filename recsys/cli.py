@@ -1,0 +1,209 @@
+"""The ``recsys`` command line: one entry point, one subcommand per job.
+
+Every subcommand loads configuration the same way (``--config`` file, then
+``RECSYS_*`` environment, then flags) and hands off to the component that
+owns the job; heavy imports (TensorFlow) happen only inside the chosen one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from recsys.config import ConfigError, RecsysSettings, load_settings
+from recsys.errors import UserFacingError
+
+# subcommand -> "module:function"; each function takes (args, settings) -> exit code.
+_HANDLERS = {
+    "generate-data": "trainer.synthetic:cli_generate",
+    "train": "trainer.cli:cli_train",
+    "evaluate": "trainer.cli:cli_evaluate",
+    "publish": "trainer.publish:cli_publish",
+    "serve retrieval": "retrieval_service.server:cli_serve",
+    "serve ranking": "ranking_service.server:cli_serve",
+    "up": "recsys.stack:cli_up",
+    "recommend": "recsys.client:cli_recommend",
+    "loadtest": "recsys.loadtest:cli_loadtest",
+}
+
+DATA_HELP = (
+    "dataset: 'synthetic' (default, built in), 'synthetic:users=2000,items=1500,ratings=100000,"
+    "seed=0', 'movielens-100k:<dir>', 'movielens-latest-small:<dir>', or 'csv:<dir>' "
+    "(the format generate-data writes)"
+)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML config file (default: $RECSYS_CONFIG)")
+    p.add_argument("--model-dir", type=Path, help="model versions root (default from config)")
+    p.add_argument("--redis-url", help="Redis URL (default: $RECSYS_REDIS_URL)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (also used by the docs and tests)."""
+    parser = argparse.ArgumentParser(
+        prog="recsys",
+        description="Two-stage recommender: train a two-tower model, publish it, and serve "
+        "retrieval and ranking over gRPC.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "generate-data",
+        help="write a deterministic synthetic MovieLens-style dataset",
+        description="Writes ratings.csv, movies.csv and users.csv with latent tastes, "
+        "deterministic for a seed.",
+    )
+    _common(p)
+    p.add_argument("out", type=Path, help="output directory")
+    p.add_argument("--users", type=int, default=2000)
+    p.add_argument("--items", type=int, default=1500)
+    p.add_argument("--ratings", type=int, default=100_000)
+    p.add_argument("--countries", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser(
+        "train",
+        help="train the two-tower model, evaluate it and export a new version",
+        description="Loads a dataset, splits it (seeded 80/20), trains the user and item "
+        "towers, evaluates against baselines and writes a checksummed version directory.",
+    )
+    _common(p)
+    p.add_argument("--data", default="synthetic", help=DATA_HELP)
+    p.add_argument("--objective", choices=["rating", "binary"], help="training target")
+    p.add_argument("--epochs", type=int, help="maximum epochs (early stopping may end sooner)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--hidden-units", help="comma-separated hidden layer sizes, e.g. 256,128")
+    p.add_argument("--embedding-dim", type=int)
+    p.add_argument("--id-embeddings", action="store_true", help="hybrid: add id embeddings")
+    p.add_argument("--annoy-trees", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--publish", action="store_true", help="publish to Redis when done")
+    p.add_argument("--no-plots", action="store_true", help="skip PNG plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate a version (or compare two) on held-out data",
+        description="Recomputes RMSE/MAE, Recall@10, NDCG@10 and the retrieval budget curve "
+        "for a version on its dataset's held-out split.",
+    )
+    _common(p)
+    p.add_argument("--version", help="version to evaluate (default: latest)")
+    p.add_argument("--data", help="dataset (default: the one the version was trained on)")
+    p.add_argument("--compare", help="second version: print the difference with a bootstrap CI")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser(
+        "publish",
+        help="load a version's Redis data and make it current",
+        description="Writes top lists under version-scoped keys, seeds user state, then "
+        "switches recsys:current_version atomically; old versions' keys are removed "
+        "after a grace period.",
+    )
+    _common(p)
+    p.add_argument("version_dir", nargs="?", type=Path, help="version directory (default: latest)")
+    p.add_argument("--keep", type=int, default=2, help="published versions to keep in Redis")
+
+    p = sub.add_parser("serve", help="run a gRPC service")
+    serve = p.add_subparsers(dest="service", required=True, metavar="SERVICE")
+    for name, what in (
+        ("retrieval", "candidate sources, SimilarItems and RecordInteraction"),
+        ("ranking", "Rank and Recommend with the two-tower model"),
+    ):
+        sp = serve.add_parser(name, help=f"serve {what}", description=f"Serves {what}.")
+        _common(sp)
+        sp.add_argument("--host", help="bind address")
+        sp.add_argument("--port", type=int, help="gRPC port (0 = any free port)")
+        sp.add_argument("--metrics-port", type=int, help="Prometheus port (0 = off)")
+        sp.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+        if name == "ranking":
+            sp.add_argument("--device", choices=["auto", "cpu", "gpu"])
+            sp.add_argument("--retrieval-address", help="host:port of the retrieval service")
+
+    p = sub.add_parser(
+        "up",
+        help="run the whole system on this machine",
+        description="Starts Redis (embedded unless RECSYS_REDIS_URL is set), trains on the "
+        "built-in dataset if no version exists, publishes it, starts both services and "
+        "waits for them to be SERVING.",
+    )
+    _common(p)
+    p.add_argument("--data", help=DATA_HELP)
+    p.add_argument("--demo", action="store_true", help="print recommendations, then stop")
+    p.add_argument("--retrain", action="store_true", help="train even if a version exists")
+
+    p = sub.add_parser(
+        "recommend",
+        help="ask the ranking service for recommendations",
+        description="Calls RankingService.Recommend and prints a table (or JSON).",
+    )
+    _common(p)
+    p.add_argument("--user", required=True, help="user id")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--target", help="ranking service address (default from config)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--debug", action="store_true", help="include per-item debug scores")
+
+    p = sub.add_parser(
+        "loadtest",
+        help="generate gRPC load and report latency percentiles",
+        description="Closed-loop (concurrency) or open-loop (fixed rate, latency from the "
+        "intended send time) load against one RPC.",
+    )
+    _common(p)
+    p.add_argument("--rpc", choices=["Recommend", "Rank", "Retrieve", "SimilarItems"],
+                   default="Recommend")  # fmt: skip
+    p.add_argument("--target", help="host:port (default: the service that owns --rpc)")
+    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument("--rate", type=float, help="open loop: requests per second")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds")
+    p.add_argument("--requests", type=int, help="stop after this many requests")
+    p.add_argument("--users", choices=["uniform", "zipf"], default="uniform")
+    p.add_argument("--candidates", type=int, default=1000, help="candidate list size for Rank")
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def _settings_for(args: argparse.Namespace) -> RecsysSettings:
+    overrides: dict = {}
+    if getattr(args, "model_dir", None):
+        overrides["model_dir"] = args.model_dir
+    if getattr(args, "redis_url", None):
+        overrides["redis_url"] = args.redis_url
+    if getattr(args, "log_level", None):
+        overrides["log_level"] = args.log_level
+    return load_settings(getattr(args, "config", None), **overrides)
+
+
+def _resolve(key: str) -> Callable[[argparse.Namespace, RecsysSettings], int]:
+    module, func = _HANDLERS[key].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``recsys`` script."""
+    args = build_parser().parse_args(argv)
+    key = args.command if args.command != "serve" else f"serve {args.service}"
+    try:
+        settings = _settings_for(args)
+    except ConfigError as exc:
+        print(f"recsys: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return int(_resolve(key)(args, settings) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except UserFacingError as exc:
+        print(f"recsys {key}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

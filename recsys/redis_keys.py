@@ -1,0 +1,68 @@
+"""The Redis key schema, in one place.
+
+Model outputs (top lists) are scoped by version so a publish can load a new
+version beside the running one and switch with one ``SET`` of the pointer.
+Per-user state is *not* version-scoped: it is facts about users (what they
+watched and rated), written online by ``RecordInteraction`` and still true
+after a retrain. User keys carry the user id in a hash tag (``{...}``) so all
+of one user's keys live in one Redis Cluster slot and one pipeline can read
+them.
+
+=====================================  ======  =========================================
+key                                    type    holds
+=====================================  ======  =========================================
+``recsys:current_version``             string  version the services should serve
+``recsys:versions``                    zset    published versions, scored by publish time
+``recsys:v:<ver>:top:genre:<genre>``   zset    item id -> damped mean rating
+``recsys:v:<ver>:top:country:<c>``     zset    item id -> score within the country
+``recsys:v:<ver>:top:popular``         zset    item id -> popularity score
+``recsys:user:{<uid>}``                hash    profile + running aggregates (features)
+``recsys:user:{<uid>}:watched``        set     every item id the user interacted with
+``recsys:user:{<uid>}:recent``         list    most recent item ids, newest first, capped
+=====================================  ======  =========================================
+"""
+
+from __future__ import annotations
+
+PREFIX = "recsys"
+CURRENT_VERSION = f"{PREFIX}:current_version"
+VERSIONS = f"{PREFIX}:versions"
+
+
+def _version_prefix(version: str) -> str:
+    return f"{PREFIX}:v:{version}"
+
+
+def top_genre(version: str, genre: str) -> str:
+    """Sorted set of the best items in one genre."""
+    return f"{_version_prefix(version)}:top:genre:{genre}"
+
+
+def top_country(version: str, country: str) -> str:
+    """Sorted set of the best items among users of one country."""
+    return f"{_version_prefix(version)}:top:country:{country}"
+
+
+def top_popular(version: str) -> str:
+    """Sorted set of the most popular items overall."""
+    return f"{_version_prefix(version)}:top:popular"
+
+
+def version_pattern(version: str) -> str:
+    """``SCAN`` pattern matching every key of one version (for cleanup)."""
+    return f"{_version_prefix(version)}:*"
+
+
+def user_state(user_id: str) -> str:
+    """Hash with the user's profile and feature aggregates."""
+    return f"{PREFIX}:user:{{{user_id}}}"
+
+
+def user_watched(user_id: str) -> str:
+    """Set of every item the user interacted with."""
+    return f"{PREFIX}:user:{{{user_id}}}:watched"
+
+
+def user_recent(user_id: str) -> str:
+    """List of recent item ids, newest first."""
+    return f"{PREFIX}:user:{{{user_id}}}:recent"

@@ -1,0 +1,404 @@
+"""gRPC server plumbing shared by the retrieval and ranking services.
+
+Both services are built the same way: :func:`create_server` makes a
+``grpc.aio`` server with the standard health and reflection services, the
+interceptors (metrics, bounded concurrency, optional bearer token), message
+size limits and TLS from config; :func:`serve` runs it until SIGTERM/SIGINT
+and drains it (health NOT_SERVING first, so load balancers stop sending,
+then ``server.stop(grace)``). :class:`VersionWatcher` follows the published
+model version for both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health as grpc_health
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import Counter, Gauge, Histogram
+
+from recsys import redis_keys
+from recsys.artifacts import latest_version, list_versions
+from recsys.config import RecsysSettings, ServerSettings, TLSSettings
+
+log = logging.getLogger("recsys.serving")
+
+RPC_LATENCY = Histogram(
+    "recsys_rpc_latency_seconds",
+    "Server-side latency per RPC.",
+    ["service", "method"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+RPC_TOTAL = Counter("recsys_rpc_total", "RPCs by final status code.", ["service", "method", "code"])
+RPC_IN_FLIGHT = Gauge("recsys_rpc_in_flight", "RPCs being handled now.", ["service"])
+RPC_REJECTED = Counter(
+    "recsys_rpc_rejected_total", "RPCs refused before running.", ["service", "reason"]
+)
+MODEL_VERSION = Gauge(
+    "recsys_model_version_info", "Version being served (value is 1).", ["service", "version"]
+)
+VERSION_REJECTED = Counter(
+    "recsys_version_rejected_total", "Versions that failed to load.", ["service"]
+)
+
+# Health checks must keep answering under overload and without credentials,
+# or Kubernetes would restart a pod that is merely busy.
+_EXEMPT_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+# --- logging ---------------------------------------------------------------------
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; extra ``fields`` are merged in."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        doc.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
+
+
+def configure_logging(settings: RecsysSettings) -> None:
+    """Sets up root logging once per process from config."""
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level)
+
+
+# --- interceptors ------------------------------------------------------------------
+
+
+class _Abort(Exception):
+    pass
+
+
+class GuardInterceptor(grpc.aio.ServerInterceptor):
+    """Metrics, a concurrency bound and an optional bearer-token check.
+
+    Above ``max_concurrent`` in-flight calls a new call fails at once with
+    RESOURCE_EXHAUSTED, so overload sheds load instead of growing a queue
+    that times out for everyone.
+    """
+
+    def __init__(self, service: str, max_concurrent: int, token: str | None):
+        self.service = service
+        self.max_concurrent = max_concurrent
+        self.token = token.encode() if token else None
+        self.in_flight = 0
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(_EXEMPT_PREFIXES):
+            return handler
+        if handler.unary_unary is None:
+            return handler
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        inner = handler.unary_unary
+        short = method.rsplit("/", 1)[-1]
+
+        async def guarded(request, context: grpc.aio.ServicerContext):
+            if self.token is not None:
+                sent = str(metadata.get("authorization", "")).encode()
+                if not hmac.compare_digest(sent, b"Bearer " + self.token):
+                    RPC_REJECTED.labels(self.service, "unauthenticated").inc()
+                    RPC_TOTAL.labels(self.service, short, "UNAUTHENTICATED").inc()
+                    await context.abort(
+                        grpc.StatusCode.UNAUTHENTICATED, "missing or wrong bearer token"
+                    )
+            if self.in_flight >= self.max_concurrent:
+                RPC_REJECTED.labels(self.service, "overload").inc()
+                RPC_TOTAL.labels(self.service, short, "RESOURCE_EXHAUSTED").inc()
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"server busy: {self.in_flight} calls in flight (limit {self.max_concurrent})",
+                )
+            self.in_flight += 1
+            gauge = RPC_IN_FLIGHT.labels(self.service)
+            gauge.inc()
+            start = time.perf_counter()
+            code = "OK"
+            try:
+                return await inner(request, context)
+            except BaseException:
+                code = _code_name(context) or "UNKNOWN"
+                raise
+            finally:
+                self.in_flight -= 1
+                gauge.dec()
+                if code == "OK":
+                    code = _code_name(context) or "OK"
+                RPC_LATENCY.labels(self.service, short).observe(time.perf_counter() - start)
+                RPC_TOTAL.labels(self.service, short, code).inc()
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def _code_name(context: grpc.aio.ServicerContext) -> str | None:
+    with contextlib.suppress(Exception):
+        code = context.code()
+        if code is not None:
+            return code.name if isinstance(code, grpc.StatusCode) else str(code)
+    return None
+
+
+# --- server ------------------------------------------------------------------------
+
+
+def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Channel/server options both sides use (message limits, keepalive)."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+def _read(path: Path | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+def server_credentials(tls: TLSSettings) -> grpc.ServerCredentials:
+    """TLS (or mutual TLS when a CA is set) from PEM paths."""
+    ca = _read(tls.ca_file)
+    return grpc.ssl_server_credentials(
+        [(_read(tls.key_file), _read(tls.cert_file))],
+        root_certificates=ca,
+        require_client_auth=bool(ca) and tls.require_client_cert,
+    )
+
+
+def channel_credentials(tls: TLSSettings) -> grpc.ChannelCredentials:
+    """Client TLS: CA to trust, plus a client cert/key for mutual TLS."""
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(tls.ca_file),
+        private_key=_read(tls.key_file),
+        certificate_chain=_read(tls.cert_file),
+    )
+
+
+@dataclass
+class ServerHandle:
+    """A built, not yet started, server."""
+
+    server: grpc.aio.Server
+    health: grpc_health.aio.HealthServicer
+    port: int
+    service_names: tuple[str, ...]
+    settings: ServerSettings
+
+    async def set_serving(self, serving: bool) -> None:
+        """Flips health for the overall server and every named service."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
+
+
+def create_server(
+    settings: ServerSettings,
+    *,
+    label: str,
+    service_names: Iterable[str],
+    register: Callable[[grpc.aio.Server], None],
+) -> ServerHandle:
+    """Builds a ``grpc.aio`` server with health, reflection and interceptors.
+
+    Args:
+        settings: The service's server settings.
+        label: Metrics/log label (``retrieval`` or ``ranking``).
+        service_names: Full names of the services ``register`` adds.
+        register: Adds the servicers to the server.
+
+    Returns:
+        The handle; health starts NOT_SERVING until a model version is loaded.
+    """
+    token = settings.auth_token.get_secret_value() if settings.auth_token else None
+    server = grpc.aio.server(
+        interceptors=[GuardInterceptor(label, settings.max_concurrent_rpcs, token)],
+        options=grpc_options(settings.max_message_bytes),
+    )
+    register(server)
+    health = grpc_health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    names = tuple(service_names)
+    reflection.enable_server_reflection(
+        (
+            *names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    address = f"{settings.host}:{settings.port}"
+    if settings.tls.enabled:
+        port = server.add_secure_port(address, server_credentials(settings.tls))
+    else:
+        port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind {address}")
+    return ServerHandle(server, health, port, names, settings)
+
+
+async def serve(
+    handle: ServerHandle,
+    *,
+    background: Iterable[Awaitable[None]] = (),
+    on_ready: Callable[[ServerHandle], None] | None = None,
+) -> None:
+    """Runs a server until SIGTERM or SIGINT, then drains it.
+
+    Drain order: health goes NOT_SERVING (readiness probes fail, clients
+    stop picking this replica), new calls are refused and in-flight calls
+    get ``grace_s`` to finish.
+    """
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    await handle.server.start()
+    tasks = [asyncio.ensure_future(b) for b in background]
+    if on_ready is not None:
+        on_ready(handle)
+    log.info("listening", extra={"fields": {"port": handle.port}})
+    await stop.wait()
+    log.info("draining", extra={"fields": {"grace_s": handle.settings.grace_s}})
+    await handle.health.enter_graceful_shutdown()
+    for t in tasks:
+        t.cancel()
+    await handle.server.stop(handle.settings.grace_s)
+    log.info("stopped")
+
+
+def start_metrics(port: int, host: str) -> None:
+    """Serves Prometheus ``/metrics`` on its own port (0 disables it)."""
+    if port:
+        from prometheus_client import start_http_server
+
+        start_http_server(port, addr=host)
+
+
+# --- model versions -----------------------------------------------------------------
+
+
+def async_redis(settings: RecsysSettings):
+    """An asyncio Redis client with bounded pool and timeouts from config."""
+    import redis.asyncio as aioredis
+
+    return aioredis.from_url(
+        settings.redis_url.get_secret_value(),
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        max_connections=settings.redis_max_connections,
+        health_check_interval=15,
+    )
+
+
+class VersionWatcher:
+    """Follows the version to serve and hands new ones to a loader.
+
+    The wanted version is the pinned one if config pins it, else the one the
+    Redis pointer names (``recsys publish``), else the newest complete one on
+    disk (so a lone service still starts when Redis is down). A version the
+    loader rejects (bad checksum, failed warm-up) is remembered and not
+    retried; the previous version keeps serving.
+    """
+
+    def __init__(
+        self,
+        *,
+        label: str,
+        model_dir: Path,
+        load: Callable[[Path], Awaitable[None]],
+        redis=None,
+        pinned: str | None = None,
+        interval_s: float = 2.0,
+    ):
+        self.label = label
+        self.model_dir = Path(model_dir)
+        self.load = load
+        self.redis = redis
+        self.pinned = pinned
+        self.interval_s = interval_s
+        self.current: str | None = None
+        self.rejected: dict[str, str] = {}
+
+    async def wanted(self) -> str | None:
+        """The version that should be served now, or None if there is none."""
+        if self.pinned:
+            return self.pinned
+        if self.redis is not None:
+            try:
+                raw = await self.redis.get(redis_keys.CURRENT_VERSION)
+            except Exception as exc:  # Redis down: keep following the disk
+                log.debug("version pointer unavailable: %s", exc)
+            else:
+                if raw is not None:
+                    v = raw.decode() if isinstance(raw, bytes) else str(raw)
+                    if v in list_versions(self.model_dir):
+                        return v
+        return latest_version(self.model_dir)
+
+    async def poll_once(self) -> bool:
+        """Loads the wanted version if it changed; True when a swap happened."""
+        want = await self.wanted()
+        if want is None or want == self.current or want in self.rejected:
+            return False
+        try:
+            await self.load(self.model_dir / want)
+        except Exception as exc:
+            self.rejected[want] = str(exc)
+            VERSION_REJECTED.labels(self.label).inc()
+            log.error(
+                "version rejected",
+                extra={"fields": {"version": want, "error": str(exc), "serving": self.current}},
+            )
+            return False
+        if self.current is not None:
+            MODEL_VERSION.labels(self.label, self.current).set(0)
+        MODEL_VERSION.labels(self.label, want).set(1)
+        log.info("version loaded", extra={"fields": {"version": want, "previous": self.current}})
+        self.current = want
+        return True
+
+    async def run(self) -> None:
+        """Polls forever (cancel to stop)."""
+        while True:
+            await asyncio.sleep(self.interval_s)
+            with contextlib.suppress(Exception):
+                await self.poll_once()

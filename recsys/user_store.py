@@ -1,0 +1,136 @@
+"""Per-user state in Redis: one reader and one writer for both services.
+
+``load`` fetches everything a request needs about a user (profile and
+feature aggregates, recent history, watched set) in **one pipelined round
+trip**; ``record`` applies one interaction atomically (``MULTI``), so the next
+``load`` sees it. The data lives only in Redis, so it survives service
+restarts (and Redis restarts when Redis persists, as the embedded one does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from recsys import redis_keys
+from recsys.features import (
+    FeatureSpec,
+    UserAggregates,
+    UserProfile,
+    decode_user_state,
+    encode_user_state,
+    interaction_increments,
+)
+
+
+@dataclass
+class StoredUser:
+    """What Redis knows about one user (all empty for an unknown user)."""
+
+    user_id: str
+    known: bool
+    profile: UserProfile = field(default_factory=UserProfile)
+    aggregates: UserAggregates | None = None
+    recent: list[str] = field(default_factory=list)  # newest first
+    watched: set[str] = field(default_factory=set)
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+async def load_user(
+    redis, spec: FeatureSpec, user_id: str, *, recent_n: int, with_watched: bool = True
+) -> StoredUser:
+    """Reads one user's state in a single pipelined round trip.
+
+    Args:
+        redis: ``redis.asyncio.Redis`` client.
+        spec: Feature spec of the serving version (decodes aggregates).
+        user_id: The user.
+        recent_n: How many recent items to read.
+        with_watched: Also read the whole watched set.
+
+    Raises:
+        redis.RedisError: When Redis cannot be reached; callers degrade.
+    """
+    pipe = redis.pipeline(transaction=False)
+    pipe.hgetall(redis_keys.user_state(user_id))
+    pipe.lrange(redis_keys.user_recent(user_id), 0, max(recent_n, 1) - 1)
+    if with_watched:
+        pipe.smembers(redis_keys.user_watched(user_id))
+    results = await pipe.execute()
+    decoded = decode_user_state(spec, results[0])
+    recent = [_s(x) for x in results[1]]
+    watched = {_s(x) for x in results[2]} if with_watched else set()
+    if decoded is None:
+        return StoredUser(user_id, known=bool(recent or watched), recent=recent, watched=watched)
+    profile, agg = decoded
+    return StoredUser(user_id, True, profile, agg, recent, watched)
+
+
+async def record_interaction(
+    redis,
+    spec: FeatureSpec,
+    user_id: str,
+    item_id: str,
+    item_genres: Sequence[str],
+    rating: float | None,
+    *,
+    history_length: int,
+) -> tuple[int, int]:
+    """Applies one interaction atomically.
+
+    Appends to the recent list (capped at ``history_length``), adds to the
+    watched set and increments the feature aggregates exactly as
+    :meth:`recsys.features.UserAggregates.add` would.
+
+    Returns:
+        (recent history length, rated count) after the update.
+    """
+    ints, floats = interaction_increments(spec, item_genres, rating)
+    state = redis_keys.user_state(user_id)
+    recent = redis_keys.user_recent(user_id)
+    pipe = redis.pipeline(transaction=True)
+    # Drop an older occurrence first so the list stays a set of distinct recent items.
+    pipe.lrem(recent, 0, item_id)
+    pipe.lpush(recent, item_id)
+    pipe.ltrim(recent, 0, history_length - 1)
+    pipe.sadd(redis_keys.user_watched(user_id), item_id)
+    for f, v in ints.items():
+        pipe.hincrby(state, f, v)
+    for f, v in floats.items():
+        pipe.hincrbyfloat(state, f, v)
+    pipe.llen(recent)
+    pipe.hget(state, "nr")
+    out = await pipe.execute()
+    return int(out[-2]), int(out[-1] or 0)
+
+
+def seed_user_commands(
+    pipe,
+    spec: FeatureSpec,
+    user_id: str,
+    profile: UserProfile,
+    agg: UserAggregates,
+    history: Sequence[str],
+    *,
+    history_length: int,
+    write_recent: bool,
+) -> None:
+    """Queues the commands that write one user's batch-computed state.
+
+    Used by ``recsys publish``. The aggregates hash is replaced (training
+    data is the source of truth up to its snapshot); the watched set is a
+    union, so interactions recorded online are kept; the recent list is only
+    written when ``write_recent`` (the publisher passes True for users who
+    have no recent list yet, so online history is never overwritten).
+    """
+    state = redis_keys.user_state(user_id)
+    pipe.delete(state)
+    pipe.hset(state, mapping=encode_user_state(spec, profile, agg))
+    if history:
+        pipe.sadd(redis_keys.user_watched(user_id), *history)
+    if history and write_recent:
+        recent = list(reversed(history[-history_length:]))  # newest first
+        pipe.rpush(redis_keys.user_recent(user_id), *recent)

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from recsys.config import ConfigError, load_settings
+
+
+def test_defaults_work_on_one_machine(monkeypatch):
+    for k in list(__import__("os").environ):
+        if k.startswith("RECSYS_"):
+            monkeypatch.delenv(k)
+    s = load_settings()
+    assert s.retrieval.port != s.ranking.port
+    assert s.ranking.retrieval_address.endswith(f":{s.retrieval.port}")
+    assert {src["type"] for src in s.retrieval.sources} == {
+        "annoy_similar",
+        "redis_top_genre",
+        "redis_top_country",
+        "popular",
+    }
+
+
+def test_environment_overrides_file(tmp_path: Path, monkeypatch):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('model_dir = "/from/file"\n[ranking]\nmax_batch_size = 8\n')
+    monkeypatch.setenv("RECSYS_RANKING__MAX_BATCH_SIZE", "32")
+    monkeypatch.setenv("RECSYS_REDIS_URL", "redis://:secret@example:6380/1")
+    s = load_settings(cfg)
+    assert s.model_dir == Path("/from/file")
+    assert s.ranking.max_batch_size == 32
+    assert s.redis_url.get_secret_value() == "redis://:secret@example:6380/1"
+    assert "secret" not in repr(s)
+
+
+def test_flags_override_environment(monkeypatch):
+    monkeypatch.setenv("RECSYS_MODEL_DIR", "/env")
+    assert load_settings(model_dir="/flag").model_dir == Path("/flag")
+
+
+def test_unknown_key_is_named(tmp_path: Path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[retrieval]\nbudgett = 3\n")
+    with pytest.raises(ConfigError, match=r"retrieval\.budgett"):
+        load_settings(cfg)
+
+
+def test_bad_value_is_named(monkeypatch):
+    monkeypatch.setenv("RECSYS_RANKING__DEVICE", "tpu")
+    with pytest.raises(ConfigError, match=r"ranking\.device"):
+        load_settings()
+
+
+def test_missing_file_is_clear(tmp_path: Path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml")

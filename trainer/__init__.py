@@ -1,0 +1,1 @@
+"""Trainer: datasets, the two-tower model, evaluation and versioned export."""

@@ -12,6 +12,7 @@ A model directory holds numbered versions, TF-Serving style::
         item_ids.json        catalogue order (row i of every item array)
         item_vectors.npy     float32 [n_items, D], L2-normalised item-tower outputs
         item_genres.npy      uint8 [n_items, G] multi-hot genres
+        item_features.npy    float32 [n_items, F_item] item-tower inputs (re-embedding, checks)
         items.json           {"title": [...], "year": [...]} in catalogue order
         annoy.ann            Annoy index (angular) over item_vectors, item i = row i
         top_lists.json       {"popular": [[id, score]..], "genre": {g: [..]}, "country": {c: [..]}}
@@ -52,6 +53,7 @@ ITEM_TOWER = "item_tower"
 ITEM_IDS = "item_ids.json"
 ITEM_VECTORS = "item_vectors.npy"
 ITEM_GENRES = "item_genres.npy"
+ITEM_FEATURES = "item_features.npy"
 ITEMS_META = "items.json"
 ANNOY_INDEX = "annoy.ann"
 TOP_LISTS = "top_lists.json"
@@ -59,7 +61,7 @@ USERS = "users.json"
 USER_AGGREGATES = "user_aggregates.npy"
 USER_FEATURES = "user_features.npy"
 REQUIRED_FILES = (
-    ITEM_IDS, ITEM_VECTORS, ITEM_GENRES, ITEMS_META, ANNOY_INDEX,
+    ITEM_IDS, ITEM_VECTORS, ITEM_GENRES, ITEM_FEATURES, ITEMS_META, ANNOY_INDEX,
     TOP_LISTS, USERS, USER_AGGREGATES, USER_FEATURES,
 )  # fmt: skip
 REQUIRED_DIRS = (USER_TOWER, ITEM_TOWER)
@@ -229,6 +231,11 @@ class ModelVersion:
     def item_genres(self) -> np.ndarray:
         """uint8 [n_items, G] multi-hot."""
         return self._npy(ITEM_GENRES, mmap=True)
+
+    @cached_property
+    def item_features(self) -> np.ndarray:
+        """float32 [n_items, F_item], the item-tower inputs, memory-mapped."""
+        return self._npy(ITEM_FEATURES, mmap=True)
 
     @cached_property
     def items_meta(self) -> dict[str, list]:

@@ -1,0 +1,175 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from recsys.features import (
+    FeatureSpec,
+    TargetScale,
+    UserAggregates,
+    UserProfile,
+    aggregates_from_genre_ratings,
+    decode_user_state,
+    default_user_vector,
+    encode_user_state,
+    genre_mask,
+    interaction_increments,
+    item_feature_matrix,
+    top_genres,
+    user_feature_matrix,
+    user_feature_vector,
+)
+
+SPEC = FeatureSpec(
+    genres=("Action", "Comedy", "Drama"),
+    countries=("us", "de"),
+    genders=("M", "F"),
+    occupations=("engineer", "writer"),
+    global_mean=3.5,
+)
+
+
+def _agg(events):
+    agg = UserAggregates.empty(SPEC)
+    for genres, rating in events:
+        agg.add(genre_mask(SPEC, genres), rating)
+    return agg
+
+
+def test_feature_names_match_vector_width():
+    v = default_user_vector(SPEC)
+    assert v.shape == (SPEC.n_user_features,)
+    assert v.dtype == np.float32
+    names = SPEC.user_feature_names
+    assert v[names.index("mean_rating")] == pytest.approx(3.5)
+    assert v[names.index("age_missing")] == 1.0
+
+
+def test_vector_and_matrix_paths_agree():
+    profiles = [UserProfile(30, "F", "writer", "de"), UserProfile(None, None, None, "xx")]
+    aggs = [_agg([(["Action"], 5.0), (["Comedy", "Drama"], 2.0)]), _agg([(["Drama"], None)])]
+    matrix = user_feature_matrix(
+        SPEC,
+        watch_count=np.array([a.watch_count for a in aggs]),
+        rated_count=np.array([a.rated_count for a in aggs]),
+        rating_sum=np.array([a.rating_sum for a in aggs]),
+        genre_watch=np.stack([a.genre_watch for a in aggs]),
+        genre_rated=np.stack([a.genre_rated for a in aggs]),
+        genre_sum=np.stack([a.genre_sum for a in aggs]),
+        age=np.array([30.0, np.nan]),
+        gender=["F", None],
+        occupation=["writer", None],
+        country=["de", "xx"],
+    )
+    for row, (p, a) in enumerate(zip(profiles, aggs, strict=True)):
+        np.testing.assert_array_equal(matrix[row], user_feature_vector(SPEC, p, a))
+    names = SPEC.user_feature_names
+    assert matrix[0, names.index("country:de")] == 1.0
+    assert matrix[1, names.index("country:de")] == matrix[1, names.index("country:us")] == 0.0
+
+
+def test_genre_means_are_shrunk_toward_user_mean():
+    agg = _agg([(["Action"], 5.0)])
+    v = user_feature_vector(SPEC, UserProfile(), agg)
+    names = SPEC.user_feature_names
+    user_mean = v[names.index("mean_rating")]
+    action = v[names.index("genre_mean:Action")]
+    assert user_mean < action < 5.0
+    assert v[names.index("genre_mean:Comedy")] == pytest.approx(user_mean)
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sets(st.sampled_from(SPEC.genres)),
+            st.one_of(st.none(), st.floats(1, 5, allow_nan=False)),
+        ),
+        max_size=20,
+    ),
+    st.one_of(st.none(), st.integers(1, 99)),
+    st.sampled_from([None, "M", "F"]),
+)
+def test_redis_encoding_round_trips(events, age, gender):
+    agg = _agg(events)
+    profile = UserProfile(age, gender, "engineer", "us")
+    decoded = decode_user_state(
+        SPEC, {k.encode(): v.encode() for k, v in encode_user_state(SPEC, profile, agg).items()}
+    )
+    assert decoded is not None
+    p2, a2 = decoded
+    np.testing.assert_array_equal(
+        user_feature_vector(SPEC, profile, agg), user_feature_vector(SPEC, p2, a2)
+    )
+
+
+def test_online_increments_mirror_batch_aggregation():
+    """Applying interaction_increments to a hash equals UserAggregates.add."""
+    events = [(["Action", "Drama"], 4.0), (["Comedy"], None), (["Drama"], 1.5)]
+    state: dict[str, float] = {}
+    for genres, rating in events:
+        ints, floats = interaction_increments(SPEC, genres, rating)
+        for k, v in {**ints, **floats}.items():
+            state[k] = state.get(k, 0) + v
+    hash_form = {
+        k: str(int(v)) if k in ("n", "nr") or k.startswith(("gw:", "gr:")) else repr(v)
+        for k, v in state.items()
+    }
+    _, online = decode_user_state(SPEC, hash_form)
+    batch = _agg(events)
+    np.testing.assert_array_equal(
+        user_feature_vector(SPEC, UserProfile(), online),
+        user_feature_vector(SPEC, UserProfile(), batch),
+    )
+
+
+def test_unknown_user_hash_decodes_to_none():
+    assert decode_user_state(SPEC, {}) is None
+
+
+def test_top_genres_orders_by_watches():
+    agg = _agg([(["Drama"], 3.0), (["Drama"], 3.0), (["Action"], 5.0)])
+    assert top_genres(SPEC, agg, 2) == ["Drama", "Action"]
+    assert top_genres(SPEC, UserAggregates.empty(SPEC), 3) == []
+
+
+def test_cold_start_genre_ratings_ignore_unknown_and_clamp():
+    agg = aggregates_from_genre_ratings(SPEC, {"Comedy": 9.0, "Nope": 4.0, "Drama": float("nan")})
+    assert agg.watch_count == 1
+    assert agg.genre_sum[SPEC.genres.index("Comedy")] == 5.0
+
+
+def test_item_features_missing_year_uses_default():
+    m = item_feature_matrix(
+        SPEC,
+        genre_matrix=np.array([[1, 0, 1], [0, 1, 0]], np.uint8),
+        year=np.array([1995.0, np.nan]),
+        rating_count=np.array([10, 0]),
+        rating_sum=np.array([45.0, 0.0]),
+    )
+    names = SPEC.item_feature_names
+    assert m.shape == (2, SPEC.n_item_features)
+    assert m[1, names.index("year")] == SPEC.default_year
+    assert m[1, names.index("year_missing")] == 1.0
+    assert m[1, names.index("mean_rating")] == pytest.approx(SPEC.global_mean)
+    assert 3.5 < m[0, names.index("mean_rating")] < 4.5
+
+
+def test_spec_round_trip_and_layout_check():
+    d = SPEC.to_dict()
+    assert FeatureSpec.from_dict(d) == SPEC
+    d["user_feature_names"] = d["user_feature_names"][::-1]
+    with pytest.raises(ValueError, match="user_feature_names"):
+        FeatureSpec.from_dict(d)
+
+
+def test_target_scale_round_trip():
+    t = TargetScale("rating", 1.0, 5.0)
+    r = np.array([1.0, 3.0, 5.0])
+    np.testing.assert_allclose(t.from_model(t.to_model(r)), r, atol=1e-6)
+    b = TargetScale("binary", logit_scale=4.0)
+    assert b.to_model(np.array([3.5, 4.0])).tolist() == [0.0, 1.0]
+    p = b.from_model(np.array([-1.0, 0.0, 1.0]))
+    assert p[0] < 0.5 == p[1] < p[2]

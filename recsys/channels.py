@@ -1,0 +1,82 @@
+"""Client channels: one builder for the Python client and the ranking→retrieval hop.
+
+Retries and load balancing come from gRPC's own service config rather than
+hand-written loops: ``UNAVAILABLE`` (and only that) is retried with
+exponential backoff, and ``round_robin`` spreads calls over every address a
+``dns:///`` target resolves to. That matters on Kubernetes: HTTP/2 keeps one
+long-lived connection, so behind a ClusterIP every call would go to the one
+pod the connection landed on; a headless Service plus ``dns:///`` and
+round-robin gives one subchannel per pod.
+"""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+
+from recsys.config import TLSSettings
+from recsys.serving import channel_credentials, grpc_options
+
+SERVICES = ("recsys.v1.RankingService", "recsys.v1.RetrievalService")
+
+
+def service_config(*, max_attempts: int = 4, round_robin: bool = True) -> str:
+    """Service config JSON: retry UNAVAILABLE with backoff; optional round-robin."""
+    cfg: dict = {
+        "methodConfig": [
+            {
+                "name": [{"service": s} for s in SERVICES],
+                "retryPolicy": {
+                    "maxAttempts": max_attempts,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+    if round_robin:
+        cfg["loadBalancingConfig"] = [{"round_robin": {}}]
+    return json.dumps(cfg)
+
+
+def channel_options(
+    max_message_bytes: int = 16 * 1024 * 1024, *, max_attempts: int = 4, round_robin: bool = True
+) -> list[tuple[str, object]]:
+    """Options for a client channel: limits, keepalive, retries, balancing."""
+    return [
+        *grpc_options(max_message_bytes),
+        ("grpc.enable_retries", 1),
+        ("grpc.service_config", service_config(max_attempts=max_attempts, round_robin=round_robin)),
+    ]
+
+
+def create_channel(
+    target: str,
+    *,
+    aio: bool = False,
+    tls: TLSSettings | None = None,
+    max_message_bytes: int = 16 * 1024 * 1024,
+    max_attempts: int = 4,
+    round_robin: bool = True,
+):
+    """Opens a (blocking or asyncio) channel with the project's defaults.
+
+    Args:
+        target: ``host:port`` or ``dns:///name:port`` (round-robin over all
+            resolved addresses, e.g. a Kubernetes headless Service).
+        aio: Return a ``grpc.aio.Channel`` instead of a blocking one.
+        tls: TLS settings; a CA (and for mutual TLS a client cert/key) when
+            enabled. ``None`` or no files means plaintext.
+        max_message_bytes: Largest message either way.
+        max_attempts: Attempts per call for UNAVAILABLE (1 disables retries).
+        round_robin: Balance over all resolved addresses.
+    """
+    options = channel_options(max_message_bytes, max_attempts=max_attempts, round_robin=round_robin)
+    secure = tls is not None and (tls.ca_file is not None or tls.enabled)
+    mod = grpc.aio if aio else grpc
+    if secure:
+        return mod.secure_channel(target, channel_credentials(tls), options=options)
+    return mod.insecure_channel(target, options=options)

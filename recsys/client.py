@@ -1,0 +1,332 @@
+"""A small typed Python client for backend services, and ``recsys recommend``.
+
+Three lines for a backend team::
+
+    from recsys.client import RecommenderClient
+    with RecommenderClient("ranking:50052", "retrieval:50051") as rc:
+        for item in rc.recommend("42", k=10).items: ...
+
+Deadlines on every call, retries with backoff for ``UNAVAILABLE`` only and
+round-robin over every address a ``dns:///`` target resolves to come from
+:mod:`recsys.channels`; TLS and a bearer token are optional.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import grpc
+
+from recsys.channels import create_channel
+from recsys.config import RecsysSettings, TLSSettings
+from recsys.v1 import (
+    common_pb2,
+    ranking_pb2,
+    ranking_pb2_grpc,
+    retrieval_pb2,
+    retrieval_pb2_grpc,
+)
+
+
+@dataclass
+class Reason:
+    """Why an item is recommended."""
+
+    kind: str
+    ref: str
+    text: str
+
+
+@dataclass
+class Recommendation:
+    """One ranked item."""
+
+    item_id: str
+    score: float
+    title: str = ""
+    genres: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+    reasons: list[Reason] = field(default_factory=list)
+    debug: dict[str, Any] | None = None
+
+
+@dataclass
+class SourceReport:
+    """How one retrieval source fared."""
+
+    source: str
+    status: str
+    count: int
+    latency_ms: float
+    message: str = ""
+
+
+@dataclass
+class Recommendations:
+    """The answer of ``recommend``/``rank``."""
+
+    items: list[Recommendation]
+    model_version: str
+    index_version: str = ""
+    source_reports: list[SourceReport] = field(default_factory=list)
+    retrieval_fallback: bool = False
+    fallback_reason: str = ""
+    variant: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return asdict(self)
+
+
+@dataclass
+class SimilarItem:
+    """A neighbour of an item."""
+
+    item_id: str
+    score: float
+
+
+def user_context(
+    user_id: str,
+    *,
+    features: Mapping[str, Any] | None = None,
+    recent: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    variant: str = "",
+) -> common_pb2.UserContext:
+    """Builds a ``UserContext`` (features: age, gender, occupation, country, genre_ratings)."""
+    ctx = common_pb2.UserContext(
+        user_id=user_id,
+        recent_item_ids=list(recent),
+        exclude_item_ids=list(exclude),
+        variant=variant,
+    )
+    if features:
+        f = dict(features)
+        genre_ratings = f.pop("genre_ratings", {}) or {}
+        ctx.features.CopyFrom(common_pb2.UserFeatures(**f))
+        ctx.features.genre_ratings.update({k: float(v) for k, v in genre_ratings.items()})
+    return ctx
+
+
+def _items(msgs) -> list[Recommendation]:
+    out = []
+    for m in msgs:
+        debug = None
+        if m.HasField("debug"):
+            debug = {
+                "sources": list(m.debug.sources),
+                "source_scores": dict(m.debug.source_scores),
+                "raw_score": m.debug.raw_score,
+                "model_version": m.debug.model_version,
+            }
+        out.append(
+            Recommendation(
+                item_id=m.item_id,
+                score=round(float(m.score), 6),
+                title=m.title,
+                genres=list(m.genres),
+                sources=list(m.sources),
+                reasons=[Reason(r.kind, r.ref, r.text) for r in m.reasons],
+                debug=debug,
+            )
+        )
+    return out
+
+
+class RecommenderClient:
+    """Blocking client for the ranking and retrieval services.
+
+    Args:
+        ranking_target: Ranking service address (``host:port`` or ``dns:///name:port``).
+        retrieval_target: Retrieval service address, for ``similar`` and
+            ``record``; None if the caller only ranks.
+        timeout_s: Deadline of each call.
+        tls: Optional TLS/mTLS settings (CA, client cert and key).
+        token: Optional bearer token sent as ``authorization`` metadata.
+        max_attempts: Attempts per call on ``UNAVAILABLE`` (1 = no retries).
+    """
+
+    def __init__(
+        self,
+        ranking_target: str = "127.0.0.1:50052",
+        retrieval_target: str | None = "127.0.0.1:50051",
+        *,
+        timeout_s: float = 2.0,
+        tls: TLSSettings | None = None,
+        token: str | None = None,
+        max_attempts: int = 4,
+    ):
+        self.timeout_s = timeout_s
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._ranking_channel = create_channel(ranking_target, tls=tls, max_attempts=max_attempts)
+        self._ranking = ranking_pb2_grpc.RankingServiceStub(self._ranking_channel)
+        self._retrieval_channel = None
+        self._retrieval = None
+        if retrieval_target:
+            self._retrieval_channel = create_channel(
+                retrieval_target, tls=tls, max_attempts=max_attempts
+            )
+            self._retrieval = retrieval_pb2_grpc.RetrievalServiceStub(self._retrieval_channel)
+
+    @classmethod
+    def from_settings(cls, settings: RecsysSettings, **kwargs: Any) -> RecommenderClient:
+        """Client for the addresses the local config serves on."""
+        r, k = settings.retrieval, settings.ranking
+        host = lambda h: "127.0.0.1" if h in ("0.0.0.0", "::", "[::]") else h  # noqa: E731
+        return cls(f"{host(k.host)}:{k.port}", f"{host(r.host)}:{r.port}", **kwargs)
+
+    def _call(self, method, request):
+        return method(request, timeout=self.timeout_s, metadata=self._metadata)
+
+    def recommend(
+        self,
+        user_id: str,
+        k: int = 10,
+        *,
+        features: Mapping[str, Any] | None = None,
+        recent: Sequence[str] = (),
+        debug: bool = False,
+        sources: Sequence[str] = (),
+        variant: str = "",
+    ) -> Recommendations:
+        """Top-k recommendations for a user (retrieval + ranking in one call)."""
+        req = ranking_pb2.RecommendRequest(
+            user=user_context(user_id, features=features, recent=recent, variant=variant),
+            k=k,
+            debug=debug,
+            sources=list(sources),
+        )
+        resp = self._call(self._ranking.Recommend, req)
+        return Recommendations(
+            items=_items(resp.items),
+            model_version=resp.model_version,
+            index_version=resp.index_version,
+            source_reports=[
+                SourceReport(
+                    r.source,
+                    common_pb2.SourceStatus.Name(r.status).removeprefix("SOURCE_STATUS_"),
+                    r.count,
+                    round(r.latency_ms, 3),
+                    r.message,
+                )
+                for r in resp.source_reports
+            ],
+            retrieval_fallback=resp.retrieval_fallback,
+            fallback_reason=resp.fallback_reason,
+            variant=resp.variant,
+        )
+
+    def rank(
+        self,
+        user_id: str,
+        item_ids: Sequence[str],
+        top_k: int | None = None,
+        *,
+        include_watched: bool = False,
+        features: Mapping[str, Any] | None = None,
+        debug: bool = False,
+    ) -> Recommendations:
+        """Scores the given items for a user and returns the best ``top_k``."""
+        req = ranking_pb2.RankRequest(
+            user=user_context(user_id, features=features),
+            candidate_item_ids=list(item_ids),
+            top_k=top_k or len(item_ids),
+            include_watched=include_watched,
+            debug=debug,
+        )
+        resp = self._call(self._ranking.Rank, req)
+        return Recommendations(
+            items=_items(resp.items), model_version=resp.model_version, variant=resp.variant
+        )
+
+    def similar(self, item_id: str, k: int = 10) -> list[SimilarItem]:
+        """The ``k`` items most similar to ``item_id``."""
+        resp = self._call(
+            self._require_retrieval().SimilarItems,
+            retrieval_pb2.SimilarItemsRequest(item_id=item_id, k=k),
+        )
+        return [SimilarItem(i.item_id, float(i.score)) for i in resp.items]
+
+    def record(self, user_id: str, item_id: str, rating: float | None = None) -> int:
+        """Records a watch (and optional rating); returns the user's history length."""
+        req = retrieval_pb2.RecordInteractionRequest(user_id=user_id, item_id=item_id)
+        if rating is not None:
+            req.rating = rating
+        return self._call(self._require_retrieval().RecordInteraction, req).history_length
+
+    def _require_retrieval(self):
+        if self._retrieval is None:
+            raise ValueError("this client was built without a retrieval_target")
+        return self._retrieval
+
+    def close(self) -> None:
+        """Closes the channels."""
+        self._ranking_channel.close()
+        if self._retrieval_channel is not None:
+            self._retrieval_channel.close()
+
+    def __enter__(self) -> RecommenderClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def format_table(recs: Recommendations, *, title: str = "") -> str:
+    """A readable table: rank, title, genres, predicted score, sources, reason."""
+    rows = [("#", "item", "title", "genres", "score", "sources", "why")]
+    for n, it in enumerate(recs.items, 1):
+        why = it.reasons[0].text if it.reasons else ""
+        rows.append(
+            (
+                str(n),
+                it.item_id,
+                (it.title or "")[:40],
+                ", ".join(it.genres)[:28],
+                f"{it.score:.2f}",
+                ",".join(it.sources),
+                why[:44],
+            )
+        )
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = [title] if title else []
+    for i, r in enumerate(rows):
+        lines.append("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+        if i == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    foot = f"model {recs.model_version}"
+    if recs.index_version:
+        foot += f", index {recs.index_version}"
+    if recs.variant:
+        foot += f", variant {recs.variant}"
+    if recs.retrieval_fallback:
+        foot += f"; retrieval unavailable, popular fallback ({recs.fallback_reason})"
+    degraded = [s for s in recs.source_reports if s.status != "OK"]
+    if degraded:
+        foot += "; degraded sources: " + ", ".join(f"{s.source}={s.status}" for s in degraded)
+    lines.append(foot)
+    return "\n".join(lines)
+
+
+def cli_recommend(args, settings: RecsysSettings) -> int:
+    """``recsys recommend --user ID [--k N] [--json]``."""
+    target = args.target or None
+    client = (
+        RecommenderClient(target, None) if target else RecommenderClient.from_settings(settings)
+    )
+    with client:
+        try:
+            recs = client.recommend(args.user, k=args.k, debug=args.debug)
+        except grpc.RpcError as exc:
+            print(f"recsys recommend: {exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(recs.to_dict(), indent=2))
+    else:
+        print(format_table(recs, title=f"Recommendations for user {args.user}"))
+    return 0

@@ -1,0 +1,244 @@
+"""``recsys up``: the whole system on one machine.
+
+Starts Redis (embedded unless ``RECSYS_REDIS_URL``/``--redis-url`` names
+one), trains on the built-in synthetic dataset when no version exists (or on
+``--data``), publishes it, starts the retrieval and ranking services as
+separate processes, waits for both to report SERVING through the standard
+health service and prints where they listen. ``--demo`` prints
+recommendations for a few users and shuts everything down; otherwise the
+stack runs until Ctrl-C or SIGTERM, and every child is stopped on the way
+out (children also get SIGTERM if this process dies, via
+``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from recsys.artifacts import latest_version, open_version
+from recsys.config import RecsysSettings
+from recsys.embedded_redis import EmbeddedRedis, die_with_parent, free_port
+from recsys.errors import UserFacingError
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _pick_port(preferred: int) -> int:
+    return preferred if preferred and _port_free(preferred) else free_port()
+
+
+def wait_serving(address: str, service: str, timeout_s: float, proc: subprocess.Popen) -> None:
+    """Polls ``grpc.health.v1.Health/Check`` until SERVING, or raises."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise UserFacingError(f"{service} exited with code {proc.returncode}")
+            try:
+                resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise UserFacingError(f"{service} at {address} was not SERVING after {timeout_s:.0f}s")
+
+
+@dataclass
+class Stack:
+    """Running processes of a local stack; ``stop()`` ends all of them."""
+
+    redis_url: str
+    retrieval_address: str
+    ranking_address: str
+    model_dir: Path
+    redis: EmbeddedRedis | None = None
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM every service (they drain), wait, then kill stragglers; stop Redis."""
+        for p in self.procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.procs.clear()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
+
+
+def _recsys(*args: str) -> list[str]:
+    return [sys.executable, "-m", "recsys.cli", *args]
+
+
+def start_stack(
+    settings: RecsysSettings,
+    *,
+    data: str | None = None,
+    retrain: bool = False,
+    redis_url: str | None = None,
+    quiet: bool = False,
+    health_timeout_s: float = 120.0,
+    log_dir: Path | None = None,
+) -> Stack:
+    """Brings the whole system up and returns once both services are SERVING.
+
+    Args:
+        settings: Loaded configuration (model dir, ports).
+        data: Dataset spec for training (default: the built-in synthetic one).
+        retrain: Train even when a version exists.
+        redis_url: External Redis; None starts the embedded one.
+        quiet: Less progress output (tests).
+        health_timeout_s: How long to wait for SERVING.
+        log_dir: Where service logs go (default: a temporary directory).
+    """
+    say = (lambda *_a: None) if quiet else (lambda *a: print(*a, flush=True))
+    model_dir = Path(settings.model_dir).resolve()
+    redis = None
+    if redis_url is None:
+        redis = EmbeddedRedis(data_dir=model_dir.parent / "redis").start()
+        redis_url = redis.url
+        say(f"[1/4] embedded Redis on {redis_url}")
+    else:
+        say("[1/4] using external Redis from RECSYS_REDIS_URL")
+    stack = Stack(redis_url, "", "", model_dir, redis)
+    try:
+        env = {
+            **os.environ,
+            "RECSYS_REDIS_URL": redis_url,
+            "RECSYS_MODEL_DIR": str(model_dir),
+            "RECSYS_LOG_FORMAT": settings.log_format,
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+        }
+        if retrain or latest_version(model_dir) is None:
+            say(f"[2/4] training on {data or 'the built-in synthetic dataset'} → {model_dir}")
+            cmd = _recsys("train", "--data", data or "synthetic", "--no-plots")
+            if quiet:
+                cmd.append("--quiet")
+            subprocess.run(cmd, env=env, check=True)
+        else:
+            say(f"[2/4] using existing version {latest_version(model_dir)} in {model_dir}")
+        say("[3/4] publishing to Redis")
+        subprocess.run(_recsys("publish"), env=env, check=True)
+
+        logs = log_dir or Path(tempfile.mkdtemp(prefix="recsys-logs-"))
+        logs.mkdir(parents=True, exist_ok=True)
+        r_port = _pick_port(settings.retrieval.port)
+        k_port = _pick_port(settings.ranking.port)
+        stack.retrieval_address = f"127.0.0.1:{r_port}"
+        stack.ranking_address = f"127.0.0.1:{k_port}"
+        services = [
+            (
+                "retrieval",
+                "recsys.v1.RetrievalService",
+                stack.retrieval_address,
+                ["--port", str(r_port), "--metrics-port", "0"],
+            ),
+            (
+                "ranking",
+                "recsys.v1.RankingService",
+                stack.ranking_address,
+                [
+                    "--port", str(k_port), "--metrics-port", "0",
+                    "--retrieval-address", stack.retrieval_address,
+                ],
+            ),
+        ]  # fmt: skip
+        say(f"[4/4] starting services (logs in {logs})")
+        started = []
+        for name, service, address, extra in services:
+            log = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
+            proc = subprocess.Popen(
+                _recsys("serve", name, "--host", "127.0.0.1", *extra),
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,
+            )
+            stack.procs.append(proc)
+            started.append((service, address, proc))
+        for service, address, proc in started:
+            wait_serving(address, service, health_timeout_s, proc)
+        say(f"retrieval SERVING on {stack.retrieval_address}")
+        say(f"ranking   SERVING on {stack.ranking_address}")
+        return stack
+    except BaseException:
+        stack.stop()
+        raise
+
+
+def demo_users(model_dir: Path, n: int = 3) -> list[str]:
+    """A few known users to show recommendations for."""
+    users = open_version(model_dir).users.get("user_id", [])
+    return list(users[:n])
+
+
+def run_demo(stack: Stack, n_users: int = 3, k: int = 10) -> None:
+    """Prints recommendations for a few known users and one cold-start user."""
+    from recsys.client import RecommenderClient, format_table
+
+    with RecommenderClient(stack.ranking_address, stack.retrieval_address, timeout_s=10) as rc:
+        for uid in demo_users(stack.model_dir, n_users):
+            print()
+            print(format_table(rc.recommend(uid, k=k), title=f"user {uid}"))
+        print()
+        cold = rc.recommend("new-visitor", k=k)
+        print(format_table(cold, title="a user the system has never seen (cold start)"))
+
+
+def cli_up(args, settings: RecsysSettings) -> int:
+    """``recsys up [--demo] [--data SPEC] [--retrain]``."""
+    redis_url = args.redis_url or os.environ.get("RECSYS_REDIS_URL")
+    try:
+        stack = start_stack(settings, data=args.data, retrain=args.retrain, redis_url=redis_url)
+    except subprocess.CalledProcessError as exc:
+        step = " ".join(exc.cmd[2:])
+        raise UserFacingError(f"step failed: {step} (exit {exc.returncode})") from None
+    try:
+        if args.demo:
+            run_demo(stack)
+            return 0
+        print("stack is up; Ctrl-C stops it")
+        stopped = False
+
+        def _stop(*_a: object) -> None:
+            nonlocal stopped
+            stopped = True
+
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        while not stopped:
+            for p in stack.procs:
+                if p.poll() is not None:
+                    print(f"a service exited with code {p.returncode}; stopping", file=sys.stderr)
+                    return 1
+            time.sleep(0.5)
+        return 0
+    finally:
+        print("stopping services…", flush=True)
+        stack.stop()
+        print("stopped")

@@ -18,7 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-
 _PR_SET_PDEATHSIG = 1
 
 

@@ -31,6 +31,7 @@ from recsys.config import RecsysSettings
 from recsys.embedded_redis import EmbeddedRedis, die_with_parent, free_port
 from recsys.errors import UserFacingError
 
+
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         try:

@@ -48,3 +48,58 @@ def ml_latest_small_dir() -> Path:
     if not (path / "ratings.csv").is_file():
         pytest.skip(f"MovieLens latest-small not found at {path}")
     return path
+
+
+# --- trained model versions (trainer) ------------------------------------------
+
+
+def _train_version(
+    model_dir: Path,
+    *,
+    seed: int = 0,
+    n_users: int = 300,
+    n_items: int = 250,
+    n_ratings: int = 15_000,
+    n_countries: int = 3,
+    epochs: int = 3,
+    data_seed: int = 0,
+    **config,
+) -> Path:
+    """Trains a small two-tower model on synthetic data and exports a version."""
+    from trainer.synthetic import generate
+    from trainer.train import TrainConfig, train
+
+    data = generate(n_users, n_items, n_ratings, n_countries, data_seed)
+    options = {"hidden_units": (64, 32), "annoy_trees": 10, "patience": 0, **config}
+    cfg = TrainConfig(seed=seed, epochs=epochs, **options)
+    return train(data, model_dir, cfg, evaluate=False, quiet=True).version_dir
+
+
+@pytest.fixture(scope="session")
+def train_version():
+    """Callable ``train_version(model_dir, seed=..., epochs=..., **TrainConfig fields) -> Path``.
+
+    Makes a further real version quickly (a few seconds), e.g. for hot-reload tests.
+    """
+    return _train_version
+
+
+@pytest.fixture(scope="session")
+def trained_version(tmp_path_factory) -> Path:
+    """A complete version (300 users, 250 items, 15k ratings) under a session model dir."""
+    return _train_version(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture
+def published_version(redis_url: str, trained_version: Path) -> Path:
+    """``trained_version`` published into the (flushed) test Redis; returns its path."""
+    import redis
+
+    from trainer.publish import publish
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        publish(trained_version, client, quiet=True)
+    finally:
+        client.close()
+    return trained_version

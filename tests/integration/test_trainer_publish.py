@@ -1,0 +1,116 @@
+"""recsys publish against a real Redis: keys, pointer switch, cleanup, parity."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from recsys import redis_keys
+from recsys.artifacts import ModelVersion
+from recsys.features import user_feature_vector
+from recsys.user_store import load_user, record_interaction
+from trainer.publish import publish
+
+
+@pytest.fixture
+def client(redis_url):
+    c = redis.Redis.from_url(redis_url, decode_responses=True)
+    yield c
+    c.close()
+
+
+def test_publish_writes_top_lists_users_and_pointer(published_version, client):
+    mv = ModelVersion.open(published_version)
+    v = mv.version
+    assert client.get(redis_keys.CURRENT_VERSION) == v
+    assert client.zscore(redis_keys.VERSIONS, v) is not None
+    popular = mv.top_lists["popular"]
+    stored = client.zrevrange(redis_keys.top_popular(v), 0, 4)
+    assert stored == [e[0] for e in popular[:5]]
+    for g, entries in mv.top_lists["genre"].items():
+        assert client.zcard(redis_keys.top_genre(v, g)) == len(entries)
+    for c in mv.spec.countries:
+        assert client.zcard(redis_keys.top_country(v, c)) > 0
+    users = mv.users
+    row = int(np.argmax([len(h) for h in users["history"]]))
+    uid = users["user_id"][row]
+    history = users["history"][row]
+    assert client.smembers(redis_keys.user_watched(uid)) == set(history)
+    recent = client.lrange(redis_keys.user_recent(uid), 0, -1)
+    assert recent == list(reversed(history))[: len(recent)]
+    assert recent and recent[0] == history[-1]
+
+
+async def test_serve_time_features_equal_train_time(published_version, redis_url):
+    """The trainer's user_features.npy row equals the vector serving builds from Redis."""
+    mv = ModelVersion.open(published_version)
+    ids = mv.users["user_id"]
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        rows = list(range(0, len(ids), max(1, len(ids) // 25)))
+        for row in rows:
+            stored = await load_user(r, mv.spec, ids[row], recent_n=10)
+            assert stored.known
+            served = user_feature_vector(mv.spec, stored.profile, stored.aggregates)
+            np.testing.assert_array_equal(served, mv.user_features[row])
+    finally:
+        await r.aclose()
+
+
+async def test_republish_keeps_online_interactions(published_version, redis_url, client):
+    mv = ModelVersion.open(published_version)
+    uid = mv.users["user_id"][0]
+    unseen = next(i for i in mv.item_ids if i not in set(mv.users["history"][0]))
+    r = aioredis.Redis.from_url(redis_url)
+    try:
+        await record_interaction(
+            r,
+            mv.spec,
+            uid,
+            unseen,
+            mv.item_genre_names(mv.item_index[unseen]),
+            5.0,
+            history_length=50,
+        )
+    finally:
+        await r.aclose()
+    publish(published_version, client, quiet=True)
+    assert client.lindex(redis_keys.user_recent(uid), 0) == unseen
+    assert unseen in client.smembers(redis_keys.user_watched(uid))
+    # Aggregates go back to the batch values: training data is the source of truth.
+    assert int(client.hget(redis_keys.user_state(uid), "n")) == len(mv.users["history"][0])
+
+
+def test_publish_switches_and_cleans_old_versions(redis_url, client, trained_version, tmp_path):
+    # Copies of one version under new numbers stand in for retrains (same content, new ids).
+    dirs = []
+    for n in (1, 2, 3):
+        d = tmp_path / str(n)
+        shutil.copytree(trained_version, d)
+        m = json.loads((d / "manifest.json").read_text())
+        m["version"] = str(n)
+        (d / "manifest.json").write_text(json.dumps(m))
+        dirs.append(d)
+    for d in dirs:
+        publish(d, client, keep=2, quiet=True)
+        assert client.get(redis_keys.CURRENT_VERSION) == d.name
+    assert client.zrange(redis_keys.VERSIONS, 0, -1) == ["2", "3"]
+    assert not list(client.scan_iter(match=redis_keys.version_pattern("1")))
+    assert client.exists(redis_keys.top_popular("2"))
+    assert client.exists(redis_keys.top_popular("3"))
+
+
+def test_publish_refuses_incomplete_version(redis_url, client, trained_version, tmp_path):
+    broken = tmp_path / "9"
+    shutil.copytree(trained_version, broken)
+    (broken / "top_lists.json").write_text("{}")
+    with pytest.raises(Exception, match=r"top_lists\.json"):
+        publish(broken, client, quiet=True)
+    assert client.get(redis_keys.CURRENT_VERSION) is None
+    with pytest.raises(ValueError, match="keep"):
+        publish(trained_version, client, keep=0, quiet=True)

@@ -1,0 +1,220 @@
+"""``recsys publish``: load a version's Redis part and make it the current version.
+
+Order matters so serving never sees a half-loaded version:
+
+1. top lists go under version-scoped keys, beside the running version's;
+2. user state is seeded (aggregates replaced, watched sets unioned, recent
+   lists written only where a user has none, so online history survives);
+3. ``recsys:current_version`` is switched with one ``SET`` (atomic), and the
+   version is added to ``recsys:versions``;
+4. keys of versions older than the newest ``keep`` are deleted (``SCAN``,
+   never ``KEYS``). Keeping the previous version gives services that have
+   not reloaded yet a grace period.
+
+Every step uses large pipelines rather than one round trip per key.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from recsys import redis_keys
+from recsys.artifacts import ArtifactError, ModelVersion, latest_version
+from recsys.errors import UserFacingError
+from recsys.features import UserProfile
+from recsys.user_store import seed_user_commands
+from trainer.prepare import aggregates_from_row
+
+ZADD_CHUNK = 10_000
+
+
+@dataclass
+class PublishReport:
+    """What a publish did."""
+
+    version: str
+    top_list_keys: int = 0
+    users: int = 0
+    recent_written: int = 0
+    removed_versions: list[str] = field(default_factory=list)
+    removed_keys: int = 0
+    seconds: float = 0.0
+
+
+def _progress(quiet: bool, msg: str) -> None:
+    if not quiet:
+        print(f"publish: {msg}", file=sys.stderr, flush=True)
+
+
+def _top_list_keys(mv: ModelVersion) -> dict[str, list]:
+    lists = mv.top_lists
+    keys = {redis_keys.top_popular(mv.version): lists.get("popular", [])}
+    for g, entries in lists.get("genre", {}).items():
+        keys[redis_keys.top_genre(mv.version, g)] = entries
+    for c, entries in lists.get("country", {}).items():
+        keys[redis_keys.top_country(mv.version, c)] = entries
+    return keys
+
+
+def _profile(users: dict[str, list], row: int) -> UserProfile:
+    age = users["age"][row]
+    return UserProfile(
+        age=float(age) if age is not None and math.isfinite(age) else None,
+        gender=users["gender"][row],
+        occupation=users["occupation"][row],
+        country=users["country"][row],
+    )
+
+
+def cleanup_versions(redis_client, keep: int, *, protect: str | None = None) -> tuple[list, int]:
+    """Deletes the keys of published versions older than the newest ``keep``.
+
+    Returns:
+        (removed versions, number of keys deleted).
+    """
+    published = [
+        v.decode() if isinstance(v, bytes) else v
+        for v in redis_client.zrange(redis_keys.VERSIONS, 0, -1)
+    ]
+    old = [v for v in published[: max(len(published) - keep, 0)] if v != protect]
+    removed_keys = 0
+    for v in old:
+        batch: list = []
+        for key in redis_client.scan_iter(match=redis_keys.version_pattern(v), count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                removed_keys += redis_client.unlink(*batch)
+                batch = []
+        if batch:
+            removed_keys += redis_client.unlink(*batch)
+        redis_client.zrem(redis_keys.VERSIONS, v)
+    return old, removed_keys
+
+
+def publish(
+    version_dir: str | Path,
+    redis_client,
+    *,
+    keep: int = 2,
+    history_length: int = 50,
+    chunk: int = 2000,
+    quiet: bool = False,
+) -> PublishReport:
+    """Loads a version's Redis data and switches the current-version pointer to it.
+
+    Args:
+        version_dir: A complete version directory (verified with ``ModelVersion.open``).
+        redis_client: A synchronous ``redis.Redis``.
+        keep: Published versions whose keys are kept (the new one included).
+        history_length: Cap of each user's recent list (``retrieval.history_length``).
+        chunk: Users per pipeline execution.
+        quiet: No progress output.
+
+    Raises:
+        ArtifactError: The version directory is incomplete or corrupt.
+        ValueError: ``keep`` < 1.
+    """
+    if keep < 1:
+        raise ValueError("keep must be at least 1 (the version being published)")
+    t0 = time.perf_counter()
+    mv = ModelVersion.open(version_dir)
+    report = PublishReport(mv.version)
+
+    pipe = redis_client.pipeline(transaction=False)
+    for key, entries in _top_list_keys(mv).items():
+        pipe.delete(key)
+        for start in range(0, len(entries), ZADD_CHUNK):
+            part = entries[start : start + ZADD_CHUNK]
+            pipe.zadd(key, {str(item): float(score) for item, score in part})
+        report.top_list_keys += 1
+    pipe.execute()
+    _progress(quiet, f"{report.top_list_keys} top lists under version {mv.version}")
+
+    users = mv.users
+    aggs = mv.user_aggregates
+    ids = [str(u) for u in users["user_id"]]
+    n_genres = len(mv.spec.genres)
+    # One round trip tells which users already have online history to keep.
+    check = redis_client.pipeline(transaction=False)
+    for uid in ids:
+        check.exists(redis_keys.user_recent(uid))
+    has_recent = check.execute()
+    for start in range(0, len(ids), chunk):
+        pipe = redis_client.pipeline(transaction=False)
+        for row in range(start, min(start + chunk, len(ids))):
+            write_recent = not has_recent[row]
+            history = users["history"][row]
+            seed_user_commands(
+                pipe,
+                mv.spec,
+                ids[row],
+                _profile(users, row),
+                aggregates_from_row(aggs[row], n_genres),
+                history,
+                history_length=history_length,
+                write_recent=write_recent,
+            )
+            report.recent_written += int(write_recent and bool(history))
+        pipe.execute()
+        done = min(start + chunk, len(ids))
+        if done == len(ids) or (done // chunk) % 10 == 0:
+            _progress(quiet, f"users {done:,}/{len(ids):,}")
+    report.users = len(ids)
+
+    switch = redis_client.pipeline(transaction=True)
+    switch.set(redis_keys.CURRENT_VERSION, mv.version)
+    switch.zadd(redis_keys.VERSIONS, {mv.version: time.time()})
+    switch.execute()
+    _progress(quiet, f"current version is now {mv.version}")
+
+    report.removed_versions, report.removed_keys = cleanup_versions(
+        redis_client, keep, protect=mv.version
+    )
+    if report.removed_versions:
+        _progress(
+            quiet,
+            f"removed versions {', '.join(report.removed_versions)} ({report.removed_keys} keys)",
+        )
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def cli_publish(args: argparse.Namespace, settings) -> int:
+    """``recsys publish [version_dir] [--keep N]``."""
+    import redis
+
+    version_dir = args.version_dir
+    if version_dir is None:
+        latest = latest_version(settings.model_dir)
+        if latest is None:
+            raise UserFacingError(f"no complete model version under {settings.model_dir}")
+        version_dir = Path(settings.model_dir) / latest
+    # Publishing moves much more data than a request: allow long reads.
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=60)
+    try:
+        report = publish(
+            version_dir,
+            client,
+            keep=args.keep,
+            history_length=settings.retrieval.history_length,
+        )
+    except ArtifactError as exc:
+        raise UserFacingError(str(exc)) from exc
+    except ValueError as exc:
+        raise UserFacingError(f"--keep: {exc}") from exc
+    except redis.RedisError as exc:
+        # The URL may carry a password, so only the error class and text are shown.
+        raise UserFacingError(f"Redis failed during publish: {type(exc).__name__}: {exc}") from exc
+    finally:
+        client.close()
+    print(
+        f"published version {report.version}: {report.top_list_keys} top lists, "
+        f"{report.users} users ({report.recent_written} recent lists written), "
+        f"{len(report.removed_versions)} old versions removed, {report.seconds:.1f}s"
+    )
+    return 0

@@ -1,0 +1,237 @@
+"""Training: split, prepare features, fit the two towers, evaluate and export a version."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from trainer.dataset import DataError, Dataset
+from trainer.prepare import Prepared, prepare
+
+# The evaluation split is fixed (seed 0) whatever the model seed, so figures
+# for MovieLens 100K always compare with the published reference numbers.
+SPLIT_SEED = 0
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run (defaults match ``TrainerSettings``)."""
+
+    objective: str = "rating"
+    hidden_units: tuple[int, ...] = (256, 128)
+    embedding_dim: int = 32
+    epochs: int = 30
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    patience: int = 3
+    seed: int = 0
+    test_fraction: float = 0.2
+    annoy_trees: int = 50
+    id_embeddings: bool = False
+    l2: float = 0.0
+    dropout: float = 0.0
+    leave_one_out: bool = True
+    validation_fraction: float = 0.1
+    top_n: int = 1000
+    split_seed: int = SPLIT_SEED
+    data_spec: str | None = None
+
+    @classmethod
+    def from_settings(cls, trainer_settings: Any, **overrides: Any) -> TrainConfig:
+        """From ``settings.trainer``; ``overrides`` that are not None win."""
+        base = {
+            f.name: getattr(trainer_settings, f.name)
+            for f in dataclasses.fields(cls)
+            if hasattr(trainer_settings, f.name)
+        }
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        base["hidden_units"] = tuple(int(u) for u in base.get("hidden_units", (256, 128)))
+        return cls(**base)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form for the manifest."""
+        d = dataclasses.asdict(self)
+        d["hidden_units"] = list(self.hidden_units)
+        return d
+
+
+@dataclass
+class TrainResult:
+    """What a run produced."""
+
+    version_dir: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+    train_seconds: float = 0.0
+    epochs_run: int = 0
+
+
+def set_determinism(seed: int) -> None:
+    """Seeds Python, NumPy and TensorFlow and asks TF for deterministic kernels."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    # Raises if this process already ran ops with other settings; harmless then.
+    with contextlib.suppress(RuntimeError):
+        tf.config.experimental.enable_op_determinism()
+
+
+def fit(p: Prepared, cfg: TrainConfig, *, quiet: bool = False):
+    """Builds the two-tower model under the current ``tf.distribute`` strategy and trains it.
+
+    Returns:
+        ``(TwoTower, history dict, epochs run)``.
+    """
+    import keras
+    import tensorflow as tf
+
+    from recsys.features import TargetScale
+    from trainer.model import build_two_tower
+
+    if cfg.id_embeddings:
+        raise DataError("id embeddings (hybrid mode) are not implemented yet; drop --id-embeddings")
+    set_determinism(cfg.seed)
+    rows = p.train_rows
+    rng = np.random.default_rng(cfg.seed)
+    perm = rng.permutation(len(rows))
+    n_val = round(len(rows) * cfg.validation_fraction) if cfg.patience > 0 else 0
+    val_rows, fit_rows = rows[perm[:n_val]], rows[perm[n_val:]]
+    target = TargetScale(
+        objective=cfg.objective,  # type: ignore[arg-type]
+        rating_min=p.spec.rating_min,
+        rating_max=p.spec.rating_max,
+    )
+
+    def inputs(r: np.ndarray):
+        u, i = p.row_features(r, leave_one_out=cfg.leave_one_out)
+        y = target.to_model(p.dataset.rating[r])[:, None]
+        return (u, i), y
+
+    x_fit, y_fit = inputs(fit_rows)
+    strategy = tf.distribute.get_strategy()
+    with strategy.scope():
+        tt = build_two_tower(
+            p.spec,
+            hidden_units=cfg.hidden_units,
+            embedding_dim=cfg.embedding_dim,
+            objective=cfg.objective,  # type: ignore[arg-type]
+            learning_rate=cfg.learning_rate,
+            l2=cfg.l2,
+            dropout=cfg.dropout,
+            user_sample=x_fit[0],
+            item_sample=x_fit[1],
+        )
+    callbacks = []
+    validation = None
+    if n_val:
+        validation = inputs(val_rows)
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=cfg.patience, restore_best_weights=True
+            )
+        )
+    verbose = 0 if quiet else (1 if sys.stderr.isatty() else 2)
+    hist = tt.model.fit(
+        list(x_fit),
+        y_fit,
+        batch_size=cfg.batch_size,
+        epochs=cfg.epochs,
+        validation_data=(list(validation[0]), validation[1]) if validation else None,
+        callbacks=callbacks,
+        shuffle=True,
+        verbose=verbose,
+    )
+    history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+    return tt, history, len(history.get("loss", []))
+
+
+def dataset_manifest(dataset: Dataset, p: Prepared, cfg: TrainConfig) -> dict[str, Any]:
+    """The manifest's ``dataset`` entry (also what ``recsys evaluate`` reloads from)."""
+    return {
+        "name": dataset.name,
+        "source": dataset.source,
+        "spec": cfg.data_spec,
+        "sha256": dataset.sha256(),
+        "n_users": dataset.n_users,
+        "n_items": dataset.n_items,
+        "n_ratings": dataset.n_ratings,
+        "n_genres": len(dataset.genres),
+        "split": {
+            "test_fraction": cfg.test_fraction,
+            "seed": cfg.split_seed,
+            "n_train": len(p.train_rows),
+            "n_test": len(p.test_rows),
+        },
+    }
+
+
+def train(
+    dataset: Dataset,
+    model_dir: str | Path,
+    cfg: TrainConfig | None = None,
+    *,
+    evaluate: bool = True,
+    plots: bool = True,
+    quiet: bool = False,
+) -> TrainResult:
+    """Trains on ``dataset`` and exports a new version under ``model_dir``.
+
+    Args:
+        dataset: Ratings with side information.
+        model_dir: Root of the numbered versions.
+        cfg: Hyper-parameters (defaults: :class:`TrainConfig`).
+        evaluate: Compute the evaluation report (``metrics.json``, plots).
+        plots: Write PNG plots with the report.
+        quiet: No progress bars or messages.
+
+    Returns:
+        The new version's path, its metrics and timings.
+    """
+    from trainer.export import export_version
+
+    cfg = cfg or TrainConfig()
+    if dataset.n_ratings == 0:
+        raise DataError(f"dataset {dataset.name} ({dataset.source}) has no ratings")
+    train_rows, test_rows = dataset.split(cfg.test_fraction, cfg.split_seed)
+    p = prepare(dataset, train_rows, test_rows)
+    t0 = time.perf_counter()
+    tt, history, epochs_run = fit(p, cfg, quiet=quiet)
+    train_seconds = time.perf_counter() - t0
+    if not quiet:
+        print(f"train: {epochs_run} epochs in {train_seconds:.1f}s", file=sys.stderr, flush=True)
+
+    report = None
+    if evaluate:
+        from trainer.evaluate import evaluate_prepared
+
+        def report(tmp: Path, vectors: np.ndarray) -> dict[str, Any]:
+            return evaluate_prepared(
+                p, tt.user_tower, vectors, tt.target_scale(p.spec), out_dir=tmp, plots=plots
+            )
+
+    manifest = {
+        "dataset": dataset_manifest(dataset, p, cfg),
+        "model": {"epochs_run": epochs_run, "train_seconds": round(train_seconds, 2)},
+        "training": {**cfg.to_dict(), "history": history},
+    }
+    path = export_version(
+        model_dir,
+        p,
+        tt,
+        manifest=manifest,
+        annoy_trees=cfg.annoy_trees,
+        top_n=cfg.top_n,
+        report=report,
+        quiet=quiet,
+    )
+    import json
+
+    metrics = json.loads((path / "manifest.json").read_text()).get("metrics", {})
+    return TrainResult(path, metrics, train_seconds, epochs_run)

@@ -1,0 +1,378 @@
+"""One ``Retrieve`` / ``SimilarItems`` / ``RecordInteraction`` call, in domain types.
+
+The framework owns the stage order of ``Retrieve``::
+
+    validate -> hydrate (1 pipelined Redis round trip)
+             -> sources concurrently, each under min(own timeout, request deadline),
+                their sorted-set reads batched into 1 more round trip
+             -> merge/dedup (attribution) -> filter (watched, excluded, unknown ids)
+             -> fair interleave up to the budget -> refill from the fallback chain
+
+A source that times out or raises is reported (``TIMEOUT``/``ERROR``) and the
+others still answer; the call fails only when every source failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from redis.exceptions import RedisError
+
+from recsys.config import RetrievalSettings
+from recsys.features import UserProfile, aggregates_from_genre_ratings
+from recsys.user_store import StoredUser, load_user, record_interaction
+from retrieval_service import metrics
+from retrieval_service.errors import InvalidArgument, NotFound, Unavailable
+from retrieval_service.merge import Lane, MergedCandidate, filter_lists, merge, select
+from retrieval_service.served import Neighbour, ServedVersion, load_served_version
+from retrieval_service.sources.base import (
+    Candidate,
+    CandidateSource,
+    RedisBatch,
+    RetrievalContext,
+)
+
+log = logging.getLogger("recsys.retrieval")
+
+# A client that sets no deadline still gets an answer in bounded time.
+DEFAULT_DEADLINE_S = 1.0
+_REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+
+
+class SourceStatus(StrEnum):
+    """Outcome of one source in one call (mirrors ``recsys.v1.SourceStatus``)."""
+
+    OK = "OK"
+    TIMEOUT = "TIMEOUT"
+    ERROR = "ERROR"
+
+
+@dataclass(frozen=True)
+class RequestFeatures:
+    """Inline user features from the request; empty fields mean "not given"."""
+
+    age: float | None = None
+    gender: str | None = None
+    occupation: str | None = None
+    country: str | None = None
+    genre_ratings: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RetrieveQuery:
+    """A validated-on-use ``Retrieve`` request.
+
+    ``recent`` is newest first (the servicer reverses the proto's oldest-first list).
+    """
+
+    user_id: str
+    budget: int = 0
+    sources: Sequence[str] = ()
+    recent: Sequence[str] = ()
+    exclude: Sequence[str] = ()
+    features: RequestFeatures = field(default_factory=RequestFeatures)
+
+
+@dataclass
+class SourceReport:
+    """How one source fared."""
+
+    source: str
+    status: SourceStatus
+    count: int
+    latency_ms: float
+    message: str = ""
+
+
+@dataclass
+class RetrieveResult:
+    """Answer of ``Retrieve``."""
+
+    candidates: list[MergedCandidate]
+    reports: list[SourceReport]
+    version: str
+    degraded: bool
+    redis_round_trips: int
+
+
+def _check_id(field_name: str, value: str, limit: int) -> None:
+    if not value:
+        raise InvalidArgument(field_name, "must not be empty")
+    size = len(value.encode())
+    if size > limit:
+        raise InvalidArgument(field_name, f"is {size} bytes, the limit is {limit}")
+
+
+class RetrievalEngine:
+    """Runs retrieval against whichever version is currently loaded.
+
+    Args:
+        settings: The retrieval section of the config.
+        sources: Built sources, in config order (see :mod:`retrieval_service.registry`).
+        redis: ``redis.asyncio`` client (user state and top lists).
+        redis_timeout_s: Longest wait for hydration or a write.
+    """
+
+    def __init__(
+        self,
+        settings: RetrievalSettings,
+        sources: Sequence[CandidateSource],
+        redis: Any,
+        *,
+        redis_timeout_s: float = 0.25,
+    ):
+        self.settings = settings
+        self.sources = list(sources)
+        self.by_name = {s.name: s for s in self.sources}
+        self.redis = redis
+        self.redis_timeout_s = redis_timeout_s
+        self.served: ServedVersion | None = None
+
+    # --- versions -------------------------------------------------------------------
+
+    def load_version(self, path: str | Path) -> ServedVersion:
+        """Opens a version and runs every source's ``prepare`` (blocking; use a thread)."""
+        served = load_served_version(path)
+        for src in self.sources:
+            prepare = getattr(src, "prepare", None)
+            if prepare is not None:
+                served.source_state[src.name] = prepare(served)
+        return served
+
+    def swap(self, served: ServedVersion) -> None:
+        """Makes ``served`` current; calls in flight keep the version they started with."""
+        self.served = served
+
+    def current(self) -> ServedVersion:
+        """The loaded version, or UNAVAILABLE before the first load."""
+        served = self.served
+        if served is None:
+            raise Unavailable("no model version loaded yet")
+        return served
+
+    # --- Retrieve ---------------------------------------------------------------------
+
+    def _validate(self, q: RetrieveQuery) -> tuple[int, list[CandidateSource]]:
+        s = self.settings
+        _check_id("user.user_id", q.user_id, s.max_id_bytes)
+        if q.budget < 0 or q.budget > s.max_budget:
+            raise InvalidArgument("budget", f"{q.budget} is outside 0..{s.max_budget}")
+        for name, ids in (("user.recent_item_ids", q.recent), ("user.exclude_item_ids", q.exclude)):
+            for i, item in enumerate(ids):
+                _check_id(f"{name}[{i}]", item, s.max_id_bytes)
+        if q.sources:
+            chosen: list[CandidateSource] = []
+            for i, name in enumerate(q.sources):
+                src = self.by_name.get(name)
+                if src is None:
+                    raise InvalidArgument(
+                        f"sources[{i}]",
+                        f"unknown source {name!r}; configured: {', '.join(self.by_name)}",
+                    )
+                if src not in chosen:
+                    chosen.append(src)
+        else:
+            chosen = self.sources
+        return q.budget or s.default_budget, chosen
+
+    async def _hydrate(
+        self, served: ServedVersion, q: RetrieveQuery, deadline: float
+    ) -> RetrievalContext:
+        stored: StoredUser | None = None
+        error: str | None = None
+        start = time.perf_counter()
+        try:
+            async with asyncio.timeout(min(self.redis_timeout_s, deadline - time.monotonic())):
+                stored = await load_user(
+                    self.redis,
+                    served.model.spec,
+                    q.user_id,
+                    recent_n=self.settings.history_length,
+                )
+        except _REDIS_ERRORS as exc:
+            error = f"user state unavailable: {type(exc).__name__}"
+            metrics.HYDRATE_FAILURES.inc()
+            log.warning("hydrate failed", extra={"fields": {"user": q.user_id, "error": error}})
+        metrics.HYDRATE_LATENCY.observe(time.perf_counter() - start)
+        if stored is None:
+            stored = StoredUser(q.user_id, known=False)
+        f = q.features
+        p = stored.profile
+        profile = UserProfile(
+            age=f.age if f.age else p.age,
+            gender=f.gender or p.gender,
+            occupation=f.occupation or p.occupation,
+            country=f.country or p.country,
+        )
+        agg = stored.aggregates
+        if (agg is None or agg.watch_count == 0) and f.genre_ratings:
+            agg = aggregates_from_genre_ratings(served.model.spec, f.genre_ratings)
+        batch = RedisBatch(self.redis, available=error is None)
+        batch.round_trips = 1  # the hydration pipeline
+        recent = list(q.recent[: self.settings.history_length]) if q.recent else stored.recent
+        return RetrievalContext(
+            user_id=q.user_id,
+            known=stored.known,
+            profile=profile,
+            aggregates=agg,
+            recent=recent,
+            watched=stored.watched,
+            excluded=set(q.exclude),
+            country=profile.country,
+            served=served,
+            deadline=deadline,
+            redis=batch,
+            hydrate_error=error,
+        )
+
+    async def _run_source(
+        self, src: CandidateSource, ctx: RetrievalContext, k: int
+    ) -> tuple[SourceReport, list[Candidate]]:
+        start = time.perf_counter()
+        limit = min(src.config.timeout_ms / 1000.0, ctx.remaining_s())
+        cands: list[Candidate] = []
+        status, message = SourceStatus.OK, ""
+        try:
+            if limit <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(limit):
+                got = await src.retrieve(ctx, k)
+            cands = list(got)[:k]
+            for c in cands:
+                if not isinstance(c, Candidate) or not isinstance(c.item_id, str):
+                    raise TypeError(f"returned {type(c).__name__}, not Candidate")
+        except TimeoutError:
+            status, cands = SourceStatus.TIMEOUT, []
+            message = f"no answer within {max(limit, 0) * 1e3:.0f} ms"
+        except Exception as exc:  # one broken source must not fail the call
+            status, cands = SourceStatus.ERROR, []
+            message = f"{type(exc).__name__}: {exc}"[:200]
+            log.warning(
+                "source failed",
+                extra={"fields": {"source": src.name, "user": ctx.user_id, "error": message}},
+            )
+        elapsed = time.perf_counter() - start
+        metrics.SOURCE_LATENCY.labels(src.name).observe(elapsed)
+        metrics.SOURCE_STATUS.labels(src.name, status.value).inc()
+        metrics.SOURCE_CANDIDATES.labels(src.name).observe(len(cands))
+        return SourceReport(src.name, status, len(cands), elapsed * 1e3, message), cands
+
+    async def retrieve(self, q: RetrieveQuery, *, timeout_s: float | None = None) -> RetrieveResult:
+        """Runs one ``Retrieve``.
+
+        Args:
+            q: The request.
+            timeout_s: Time left on the caller's deadline (None: no deadline set).
+
+        Raises:
+            InvalidArgument: A field is malformed (the message names it).
+            Unavailable: No version loaded, or every source failed.
+        """
+        budget, chosen = self._validate(q)
+        served = self.current()
+        deadline = time.monotonic() + (DEFAULT_DEADLINE_S if timeout_s is None else timeout_s)
+        ctx = await self._hydrate(served, q, deadline)
+        excluded = ctx.watched | ctx.excluded | set(ctx.recent)
+        n_excluded = len(excluded)
+        # Ask for a little more than the quota when filtering will drop some,
+        # so refill rarely needs the last-resort pad.
+        asks = {}
+        for src in chosen:
+            k = min(src.config.budget, budget)
+            asks[src.name] = k + min(n_excluded, k)
+        runs = await asyncio.gather(*(self._run_source(s, ctx, asks[s.name]) for s in chosen))
+        reports = [r for r, _ in runs]
+        ok = {r.source: c for r, c in runs if r.status is SourceStatus.OK}
+        if not ok:
+            detail = ", ".join(f"{r.source}: {r.status.value} ({r.message})" for r in reports)
+            raise Unavailable(f"every candidate source failed: {detail}")
+        merged = merge(ok)
+        lists = filter_lists(ok, excluded=excluded, catalogue=served.item_index)
+        lanes = [
+            Lane(s.name, s.config.weight, min(s.config.budget, budget), s.config.tier)
+            for s in chosen
+            if s.name in ok
+        ]
+        pad_source = next((s.name for s in chosen if s.config.tier == "popular"), None)
+        pad: Iterator[str] | tuple[()] = ()
+        if pad_source is not None:
+            pad = (i for i, _ in served.popular if i not in excluded and i in served.item_index)
+        order = select(lists, lanes, budget, pad)
+        out = []
+        for item in order:
+            m = merged.get(item)
+            if m is None:  # came from the in-memory popular pad
+                score = served.popular_scores.get(item, 0.0)
+                m = MergedCandidate(item, [pad_source], {pad_source: score}, score)
+            out.append(m)
+        degraded = len(ok) < len(chosen) or ctx.hydrate_error is not None
+        metrics.REDIS_ROUND_TRIPS.observe(ctx.redis.round_trips)
+        metrics.RETURNED.observe(len(out))
+        return RetrieveResult(out, reports, served.version, degraded, ctx.redis.round_trips)
+
+    # --- SimilarItems -------------------------------------------------------------------
+
+    def similar(self, item_id: str, k: int) -> tuple[list[Neighbour], str]:
+        """The ``k`` nearest items to ``item_id`` (itself excluded) and the version used.
+
+        Raises:
+            InvalidArgument: Empty/oversized id or ``k`` outside 1..max_similar_k.
+            NotFound: ``item_id`` is not in the served catalogue.
+        """
+        _check_id("item_id", item_id, self.settings.max_id_bytes)
+        if k <= 0 or k > self.settings.max_similar_k:
+            raise InvalidArgument("k", f"{k} is outside 1..{self.settings.max_similar_k}")
+        served = self.current()
+        if item_id not in served.item_index:
+            raise NotFound(f"item_id {item_id!r} is not in catalogue version {served.version}")
+        return served.similar(item_id, k), served.version
+
+    # --- RecordInteraction -----------------------------------------------------------
+
+    async def record(
+        self, user_id: str, item_id: str, rating: float | None, timestamp: int = 0
+    ) -> tuple[int, int]:
+        """Records one interaction; returns (history length, rated count).
+
+        Raises:
+            InvalidArgument: Bad id, rating outside the version's scale, negative timestamp.
+            NotFound: ``item_id`` is not in the served catalogue.
+            Unavailable: Redis could not be written.
+        """
+        limit = self.settings.max_id_bytes
+        _check_id("user_id", user_id, limit)
+        _check_id("item_id", item_id, limit)
+        if timestamp < 0:
+            raise InvalidArgument("timestamp", f"{timestamp} is negative")
+        served = self.current()
+        spec = served.model.spec
+        if rating is not None and not (
+            math.isfinite(rating) and spec.rating_min <= rating <= spec.rating_max
+        ):
+            raise InvalidArgument(
+                "rating", f"{rating} is outside {spec.rating_min:g}..{spec.rating_max:g}"
+            )
+        row = served.item_index.get(item_id)
+        if row is None:
+            raise NotFound(f"item_id {item_id!r} is not in catalogue version {served.version}")
+        try:
+            async with asyncio.timeout(self.redis_timeout_s * 4):
+                return await record_interaction(
+                    self.redis,
+                    spec,
+                    user_id,
+                    item_id,
+                    served.model.item_genre_names(row),
+                    rating,
+                    history_length=self.settings.history_length,
+                )
+        except _REDIS_ERRORS as exc:
+            raise Unavailable(f"cannot record the interaction: {type(exc).__name__}") from exc

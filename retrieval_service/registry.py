@@ -1,0 +1,107 @@
+"""Finds candidate sources through entry points and builds them from config.
+
+Built-in and third-party sources are loaded the same way: every class is
+registered under the entry-point group :data:`ENTRY_POINT_GROUP`, and a
+``retrieval.sources`` entry names one by ``type``. Each entry is validated
+against that class's ``config_model`` at startup, so a typo fails the start
+with a message naming the source and the key, not the first request.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Mapping, Sequence
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+from pydantic import ValidationError
+
+from retrieval_service.errors import SourceConfigError
+from retrieval_service.sources.base import CandidateSource, SourceConfig
+
+ENTRY_POINT_GROUP = "recsys.candidate_sources"
+
+
+def available_sources() -> dict[str, EntryPoint]:
+    """Installed source types: entry-point name to entry point."""
+    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def load_source_class(ep: EntryPoint) -> type:
+    """Imports one source class and checks it has the shape the framework needs."""
+    try:
+        cls = ep.load()
+    except Exception as exc:  # a broken plugin must not hide behind a generic error
+        raise SourceConfigError(
+            f"source type {ep.name!r} ({ep.value}) failed to import: {exc}"
+        ) from exc
+    model = getattr(cls, "config_model", None)
+    if not (isinstance(model, type) and issubclass(model, SourceConfig)):
+        raise SourceConfigError(
+            f"source type {ep.name!r} ({ep.value}) has no config_model subclassing SourceConfig"
+        )
+    if not inspect.iscoroutinefunction(getattr(cls, "retrieve", None)):
+        raise SourceConfigError(
+            f"source type {ep.name!r} ({ep.value}) needs an 'async def retrieve(ctx, k)'"
+        )
+    return cls
+
+
+def _describe(where: str, exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<entry>"
+        if err["type"] == "extra_forbidden":
+            problems.append(f"unknown key {key!r}")
+        else:
+            problems.append(f"{key}: {err['msg']}")
+    return f"{where}: " + "; ".join(problems)
+
+
+def build_sources(
+    entries: Sequence[Mapping[str, Any]],
+    *,
+    available: Mapping[str, EntryPoint] | None = None,
+) -> list[CandidateSource]:
+    """Validates ``retrieval.sources`` and instantiates every source, in config order.
+
+    Args:
+        entries: The config list, each ``{name, type, budget, weight, timeout_ms, ...}``.
+        available: Entry points to use (default: everything installed).
+
+    Raises:
+        SourceConfigError: Unknown type, unknown or invalid key, duplicate
+            name, or no source at all; the message names the source and key.
+    """
+    found = available_sources() if available is None else dict(available)
+    sources: list[CandidateSource] = []
+    names: set[str] = set()
+    if not entries:
+        raise SourceConfigError("retrieval.sources is empty: configure at least one source")
+    for i, entry in enumerate(entries):
+        where = f"retrieval.sources[{i}]"
+        if not isinstance(entry, Mapping):
+            raise SourceConfigError(f"{where}: expected a table, got {type(entry).__name__}")
+        if "name" in entry:
+            where += f" (name={entry['name']!r})"
+        kind = entry.get("type")
+        if not kind:
+            raise SourceConfigError(f"{where}: missing key 'type'")
+        if kind not in found:
+            raise SourceConfigError(
+                f"{where}: unknown source type {kind!r}; installed types under "
+                f"'{ENTRY_POINT_GROUP}': {', '.join(sorted(found)) or 'none'}"
+            )
+        cls = load_source_class(found[kind])
+        try:
+            config = cls.config_model.model_validate(dict(entry))
+        except ValidationError as exc:
+            raise SourceConfigError(_describe(where, exc)) from exc
+        if config.name in names:
+            raise SourceConfigError(f"{where}: duplicate source name {config.name!r}")
+        names.add(config.name)
+        source = cls(config)
+        if not isinstance(source, CandidateSource):
+            raise SourceConfigError(f"{where}: {cls.__name__} lacks 'name' or 'config'")
+        sources.append(source)
+    return sources

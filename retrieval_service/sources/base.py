@@ -1,0 +1,267 @@
+"""The candidate-source plugin interface.
+
+A source is a class registered under the entry-point group
+``recsys.candidate_sources`` (see ``docs/architecture.md``, "Adding a
+candidate source"). It pairs with a pydantic config model and implements one
+coroutine::
+
+    class MySource:
+        config_model = MyConfig            # subclass of SourceConfig
+
+        def __init__(self, config: MyConfig): ...
+        async def retrieve(self, ctx: RetrievalContext, k: int) -> Sequence[Candidate]: ...
+
+        # optional: per-version precomputation, run in a worker thread at load
+        def prepare(self, served: ServedVersion) -> object: ...
+
+Sources see only plain dataclasses (never protobuf messages). They read the
+user from the hydrated :class:`RetrievalContext` (built once per request) and
+read Redis sorted sets through ``ctx.redis.top(...)``, which batches the reads
+of every source of one request into one pipelined round trip. Filtering,
+deduplication, truncation and timeouts belong to the framework.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from recsys.features import UserAggregates, UserProfile
+from recsys.features import top_genres as _rank_genres
+
+if TYPE_CHECKING:
+    from recsys.artifacts import ModelVersion
+    from retrieval_service.served import ServedVersion
+
+_SNAKE = re.compile(r"^[a-z][a-z0-9_]*$")
+
+# Fallback chain when filtering leaves fewer candidates than the budget:
+# leftovers of personalised sources first, then segment lists (genre,
+# country), then popularity.
+Tier = Literal["personalised", "segment", "popular"]
+TIERS: tuple[Tier, ...] = ("personalised", "segment", "popular")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One item a source proposes.
+
+    Attributes:
+        item_id: Catalogue id.
+        score: Source-specific score, higher is better; None when the source has none.
+        seed_item_id: For similarity sources, the watched item this one is near.
+        genre: For per-genre sources, the genre list it came from.
+    """
+
+    item_id: str
+    score: float | None = None
+    seed_item_id: str | None = None
+    genre: str | None = None
+
+
+class SourceConfig(BaseModel):
+    """Settings every source has; subclasses add their own and narrow ``type``.
+
+    Unknown keys are rejected so a typo in the config fails at startup.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(description="Unique snake_case name: report key, metric label, log field.")
+    type: str = Field(description="Entry-point name of the source class.")
+    budget: int = Field(100, ge=1, description="Most candidates this source contributes.")
+    weight: float = Field(1.0, gt=0, description="Share of interleave turns relative to others.")
+    timeout_ms: float = Field(50.0, gt=0, description="Own deadline (capped by the request's).")
+    tier: Tier = Field(
+        "personalised", description="Place in the refill fallback chain (see TIERS)."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _snake_case(cls, v: str) -> str:
+        if not _SNAKE.match(v):
+            raise ValueError(f"source name {v!r} must be snake_case ([a-z][a-z0-9_]*)")
+        return v
+
+
+@runtime_checkable
+class CandidateSource(Protocol):
+    """What the framework needs from a source (see the module docstring)."""
+
+    name: str
+    config: SourceConfig
+
+    async def retrieve(self, ctx: RetrievalContext, k: int) -> Sequence[Candidate]:
+        """Returns at most ``k`` candidates, best first."""
+        ...
+
+
+class SourceBase:
+    """Convenience base for sources: stores the config and exposes ``name``."""
+
+    config_model: ClassVar[type[SourceConfig]] = SourceConfig
+
+    def __init__(self, config: SourceConfig):
+        self.config = config
+        self.name = config.name
+
+    def prepare(self, served: ServedVersion) -> Any:
+        """Per-version precomputation; the result is ``ctx.state_for(self)``."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"
+
+
+class RedisUnavailable(ConnectionError):
+    """Redis could not be reached for this request; Redis-backed sources report ERROR."""
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+class RedisBatch:
+    """Coalesces the sorted-set reads of one request into one pipelined round trip.
+
+    DataLoader style: the first ``top()`` call in an event-loop tick schedules
+    a flush with ``call_soon``; every source task that starts in the same tick
+    queues its reads before the flush runs, so N concurrent sources cost one
+    round trip. Identical keys are read once.
+    """
+
+    def __init__(self, redis: Any, *, available: bool = True):
+        self._redis = redis
+        self._available = available and redis is not None
+        self._pending: list[tuple[str, int, asyncio.Future]] = []
+        self._tasks: set[asyncio.Task] = set()
+        self.round_trips = 0
+
+    @property
+    def available(self) -> bool:
+        """False when hydration already found Redis unreachable."""
+        return self._available
+
+    def top(self, key: str, n: int) -> asyncio.Future[list[tuple[str, float]]]:
+        """Queues a read of the ``n`` highest-scored members of sorted set ``key``.
+
+        The read is queued when this is *called* (not when awaited), so a
+        source can issue several reads and then await them, one round trip.
+
+        Returns:
+            A future of ``[(member, score), ...]``, best first; it raises
+            :class:`RedisUnavailable` when Redis is down (or was found down
+            during hydration).
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future = loop.create_future()
+        if not self._available:
+            fut.set_exception(RedisUnavailable("redis unavailable"))
+        elif n <= 0:
+            fut.set_result([])
+        else:
+            self._pending.append((key, n, fut))
+            if len(self._pending) == 1:
+                loop.call_soon(self._flush)
+        return fut
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        if not batch:
+            return
+        task = asyncio.get_running_loop().create_task(self._run(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[tuple[str, int, asyncio.Future]]) -> None:
+        widest: dict[str, int] = {}
+        for key, n, _ in batch:
+            widest[key] = max(widest.get(key, 0), n)
+        keys = list(widest)
+        pipe = self._redis.pipeline(transaction=False)
+        for key in keys:
+            pipe.zrevrange(key, 0, widest[key] - 1, withscores=True)
+        self.round_trips += 1
+        try:
+            results = await pipe.execute(raise_on_error=False)
+        except Exception as exc:
+            err = RedisUnavailable(f"redis read failed: {type(exc).__name__}")
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(err)
+            return
+        by_key = dict(zip(keys, results, strict=True))
+        for key, n, fut in batch:
+            if fut.done():  # the waiting source was cancelled (timeout)
+                continue
+            res = by_key[key]
+            if isinstance(res, Exception):
+                fut.set_exception(res)
+            else:
+                fut.set_result([(_s(m), float(sc)) for m, sc in res[:n]])
+
+
+@dataclass
+class RetrievalContext:
+    """Everything a request knows about its user, built once and shared by all sources.
+
+    Attributes:
+        user_id: The requesting user.
+        known: Whether Redis holds any state for the user.
+        profile: Demographics (request overrides applied).
+        aggregates: Running feature aggregates, or None for a user with none.
+        recent: Recent item ids, newest first (the request's override when given).
+        watched: Every item the user interacted with (stored set).
+        excluded: Extra ids the request asked to exclude.
+        country: Country bucket (request first, then profile), or None.
+        served: The loaded version this request runs against.
+        deadline: ``time.monotonic()`` by which the whole request must answer.
+        redis: Batched sorted-set reader (see :class:`RedisBatch`).
+        hydrate_error: Why hydration fell back to an empty user, if it did.
+    """
+
+    user_id: str
+    known: bool
+    profile: UserProfile
+    aggregates: UserAggregates | None
+    recent: list[str]
+    watched: set[str]
+    excluded: set[str]
+    country: str | None
+    served: ServedVersion
+    deadline: float
+    redis: RedisBatch
+    hydrate_error: str | None = None
+    _genres: list[str] | None = field(default=None, repr=False)
+
+    @property
+    def version(self) -> ModelVersion:
+        """The serving model version (feature spec, catalogue, artifacts)."""
+        return self.served.model
+
+    @property
+    def version_id(self) -> str:
+        """Version string, for version-scoped Redis keys."""
+        return self.served.version
+
+    def top_genres(self, n: int) -> list[str]:
+        """The user's ``n`` favourite genres (most watched, ties by mean rating)."""
+        if self._genres is None:
+            agg = self.aggregates
+            spec = self.version.spec
+            self._genres = [] if agg is None else _rank_genres(spec, agg, len(spec.genres))
+        return self._genres[:n]
+
+    def remaining_s(self) -> float:
+        """Seconds left before the request deadline (may be negative)."""
+        return self.deadline - time.monotonic()
+
+    def state_for(self, source: CandidateSource) -> Any:
+        """What ``source.prepare`` computed for the served version (None if nothing)."""
+        return self.served.source_state.get(source.name)

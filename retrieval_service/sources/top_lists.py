@@ -1,0 +1,116 @@
+"""Top-list sources: per genre, per country and overall popularity.
+
+The lists are model outputs published under version-scoped Redis sorted sets
+(``recsys.redis_keys.top_*``). Reads go through ``ctx.redis`` so every source
+of a request shares one pipelined round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Literal
+
+from pydantic import Field
+
+from recsys import redis_keys
+from retrieval_service.sources.base import (
+    Candidate,
+    RedisUnavailable,
+    RetrievalContext,
+    SourceBase,
+    SourceConfig,
+    Tier,
+)
+
+
+class TopGenreConfig(SourceConfig):
+    """Config of :class:`TopGenreSource`."""
+
+    type: Literal["redis_top_genre"] = "redis_top_genre"
+    budget: int = Field(150, ge=1)
+    genres: int = Field(3, ge=1, description="How many of the user's favourite genres to use.")
+    tier: Tier = "segment"
+
+
+class TopGenreSource(SourceBase):
+    """Best items of the user's favourite genres, round-robin across genres (favourite first)."""
+
+    config_model = TopGenreConfig
+    config: TopGenreConfig
+
+    async def retrieve(self, ctx: RetrievalContext, k: int) -> Sequence[Candidate]:
+        genres = ctx.top_genres(self.config.genres)
+        if not genres or k <= 0:
+            return []
+        per = -(-k // len(genres))
+        version = ctx.version_id
+        # Issue every read before awaiting any, so they share one pipeline.
+        lists = await asyncio.gather(
+            *(ctx.redis.top(redis_keys.top_genre(version, g), per) for g in genres)
+        )
+        seen: set[str] = set()
+        out: list[Candidate] = []
+        for rank in range(per):
+            for genre, items in zip(genres, lists, strict=True):
+                if rank < len(items) and items[rank][0] not in seen:
+                    item, score = items[rank]
+                    seen.add(item)
+                    out.append(Candidate(item, score, genre=genre))
+                    if len(out) >= k:
+                        return out
+        return out
+
+
+class TopCountryConfig(SourceConfig):
+    """Config of :class:`TopCountrySource`."""
+
+    type: Literal["redis_top_country"] = "redis_top_country"
+    budget: int = Field(100, ge=1)
+    tier: Tier = "segment"
+
+
+class TopCountrySource(SourceBase):
+    """Best items among users of the request's (or profile's) country."""
+
+    config_model = TopCountryConfig
+    config: TopCountryConfig
+
+    async def retrieve(self, ctx: RetrievalContext, k: int) -> Sequence[Candidate]:
+        if not ctx.country or k <= 0:
+            return []
+        items = await ctx.redis.top(redis_keys.top_country(ctx.version_id, ctx.country), k)
+        return [Candidate(i, s) for i, s in items]
+
+
+class PopularConfig(SourceConfig):
+    """Config of :class:`PopularSource`."""
+
+    type: Literal["popular"] = "popular"
+    budget: int = Field(200, ge=1)
+    tier: Tier = "popular"
+
+
+class PopularSource(SourceBase):
+    """Most popular items: the cold-start answer and the end of the fallback chain.
+
+    Reads the published sorted set; when Redis is down or the version's list
+    was never published it answers from the version's ``top_lists.json``,
+    which is already in memory, so cold-start users still get a list.
+    """
+
+    config_model = PopularConfig
+    config: PopularConfig
+
+    async def retrieve(self, ctx: RetrievalContext, k: int) -> Sequence[Candidate]:
+        if k <= 0:
+            return []
+        items: list[tuple[str, float]] = []
+        if ctx.redis.available:
+            try:
+                items = await ctx.redis.top(redis_keys.top_popular(ctx.version_id), k)
+            except RedisUnavailable:
+                items = []
+        if not items:
+            items = ctx.served.popular[:k]
+        return [Candidate(i, s) for i, s in items]

@@ -1,0 +1,698 @@
+"""gRPC load generator: ``recsys loadtest`` and a library for tests and benchmarks.
+
+Two ways to drive load:
+
+* **Closed loop** (default): ``concurrency`` workers each keep one request in
+  flight; throughput is whatever the server sustains. Latency is measured
+  from the moment a request is sent.
+* **Open loop** (``rate`` set): request ``i`` is *due* at ``start + i / rate`` on a
+  fixed schedule. Up to ``concurrency`` requests are in flight; a request whose
+  due time has passed while every slot was busy is sent late, and its latency
+  is still counted **from its due time**. A slow server therefore shows up
+  as growing latency, not as a politely reduced request rate (the
+  "coordinated omission" that makes many load tools under-report tails).
+
+The loop is bounded by ``duration_s`` and/or ``requests``; no new request is
+started after either bound, and every call carries a deadline
+(``timeout_s``), so a run always ends by itself.
+
+Client cost is kept low and out of the figures' way: requests are built and
+serialised once per user (cached), sent as raw bytes, and responses are not
+parsed. Calls are spread over several channels (one TCP connection each, one
+channel per ``streams_per_channel`` workers). The process CPU time the
+generator used is reported (``client_cpu_s``, ``client_cores``) because on a
+small machine the generator competes with the servers for the same cores;
+benchmarks run it in a process of its own, separate from the servers.
+
+Latency percentiles are exact (all samples kept and sorted, nearest-rank
+definition), which costs 8 bytes per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from recsys.errors import UserFacingError
+
+RPCS = ("Recommend", "Rank", "Retrieve", "SimilarItems")
+# Which service owns each RPC (decides the default target).
+_SERVICE_OF = {
+    "Recommend": "RankingService",
+    "Rank": "RankingService",
+    "Retrieve": "RetrievalService",
+    "SimilarItems": "RetrievalService",
+}
+SYNTHETIC_USERS = 1000
+SYNTHETIC_ITEMS = 1000
+# Requests built and serialised ahead of the run (per user/item index).
+_PREBUILD = 2048
+_CACHE_CAP = 16384
+
+
+class LoadTestError(UserFacingError, ValueError):
+    """A load test that cannot run as configured; the message names the field."""
+
+
+def method_path(rpc: str) -> str:
+    """Full gRPC method path, e.g. ``/recsys.v1.RankingService/Recommend``."""
+    if rpc not in _SERVICE_OF:
+        raise LoadTestError(f"rpc: {rpc!r} is not one of {', '.join(RPCS)}")
+    return f"/recsys.v1.{_SERVICE_OF[rpc]}/{rpc}"
+
+
+# --- configuration and report ------------------------------------------------------
+
+
+@dataclass
+class LoadConfig:
+    """What to send, how hard and for how long.
+
+    Attributes:
+        rpc: ``Recommend``, ``Rank``, ``Retrieve`` or ``SimilarItems``.
+        target: ``host:port`` of the server.
+        concurrency: Closed loop: workers, each with one call in flight. Open
+            loop: the most calls in flight at once.
+        rate: Open loop at this many requests per second; None for closed loop.
+        duration_s: Stop starting requests after this many seconds (None: no limit).
+        requests: Stop after this many requests (None: no limit).
+        warmup_s: Unrecorded load before the measured run (same settings).
+        users: ``uniform`` or ``zipf`` over ``user_ids`` (items for SimilarItems).
+        zipf_exponent: Exponent ``s`` of the Zipf law, P(rank r) ∝ 1 / r^s.
+        user_ids: Known users; synthetic ``"1".."N"`` when empty.
+        item_ids: Catalogue for Rank candidates and SimilarItems; synthetic when empty.
+        candidates: Candidate list size for Rank.
+        k: Items asked for (Recommend, Rank top_k, SimilarItems).
+        budget: Retrieval budget for Recommend and Retrieve (0: server default).
+        streams_per_channel: Workers sharing one channel (TCP connection).
+        timeout_s: Deadline of each call.
+        seed: Seeds user sampling and candidate lists.
+        metadata: Extra call metadata, e.g. ``(("authorization", "Bearer x"),)``.
+        progress: Print a live one-line status to stderr.
+        max_message_bytes: Largest message accepted either way.
+    """
+
+    rpc: str = "Recommend"
+    target: str = "127.0.0.1:50052"
+    concurrency: int = 16
+    rate: float | None = None
+    duration_s: float | None = 10.0
+    requests: int | None = None
+    warmup_s: float = 0.0
+    users: str = "uniform"
+    zipf_exponent: float = 1.1
+    user_ids: Sequence[str] = ()
+    item_ids: Sequence[str] = ()
+    candidates: int = 1000
+    k: int = 20
+    budget: int = 0
+    streams_per_channel: int = 16
+    timeout_s: float = 5.0
+    seed: int = 0
+    metadata: tuple[tuple[str, str], ...] = ()
+    progress: bool = False
+    max_message_bytes: int = 16 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        method_path(self.rpc)
+        checks = [
+            ("concurrency", self.concurrency >= 1, "must be at least 1"),
+            ("rate", self.rate is None or self.rate > 0, "must be positive"),
+            ("duration_s", self.duration_s is None or self.duration_s > 0, "must be positive"),
+            ("requests", self.requests is None or self.requests >= 1, "must be at least 1"),
+            (
+                "duration_s/requests",
+                self.duration_s is not None or self.requests is not None,
+                "set at least one bound so the run ends",
+            ),
+            ("warmup_s", self.warmup_s >= 0, "must not be negative"),
+            ("users", self.users in ("uniform", "zipf"), "must be 'uniform' or 'zipf'"),
+            ("zipf_exponent", self.zipf_exponent > 0, "must be positive"),
+            ("candidates", self.candidates >= 1, "must be at least 1"),
+            ("k", self.k >= 1, "must be at least 1"),
+            ("budget", self.budget >= 0, "must not be negative"),
+            ("streams_per_channel", self.streams_per_channel >= 1, "must be at least 1"),
+            ("timeout_s", self.timeout_s > 0, "must be positive"),
+        ]
+        for name, ok, why in checks:
+            if not ok:
+                raise LoadTestError(f"{name}: {why} (got {getattr(self, name, None)!r})")
+
+    @property
+    def mode(self) -> str:
+        """``open`` (fixed rate) or ``closed`` (fixed concurrency)."""
+        return "open" if self.rate is not None else "closed"
+
+    @property
+    def channels(self) -> int:
+        """Number of client channels: one per ``streams_per_channel`` workers."""
+        return max(1, math.ceil(self.concurrency / self.streams_per_channel))
+
+
+def percentile(sorted_samples: np.ndarray | Sequence[float], p: float) -> float:
+    """Nearest-rank percentile of already sorted samples (NaN when empty).
+
+    The smallest sample such that at least ``p`` percent of samples are less
+    than or equal to it: no interpolation, so the answer is always a latency
+    that was actually observed, and ``p = 100`` is the maximum.
+    """
+    if not 0 <= p <= 100:
+        raise ValueError(f"percentile {p} is outside [0, 100]")
+    n = len(sorted_samples)
+    if n == 0:
+        return float("nan")
+    rank = max(1, math.ceil(p / 100.0 * n))
+    return float(sorted_samples[min(rank, n) - 1])
+
+
+@dataclass
+class LatencySummary:
+    """Latency distribution in milliseconds."""
+
+    count: int
+    mean_ms: float
+    min_ms: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    p999_ms: float
+    max_ms: float
+
+    @classmethod
+    def from_seconds(cls, samples: Sequence[float] | np.ndarray) -> LatencySummary:
+        """Summarises raw samples given in seconds."""
+        s = np.sort(np.asarray(samples, dtype=np.float64)) * 1000.0
+        if s.size == 0:
+            nan = float("nan")
+            return cls(0, nan, nan, nan, nan, nan, nan, nan)
+        return cls(
+            count=int(s.size),
+            mean_ms=float(s.mean()),
+            min_ms=float(s[0]),
+            p50_ms=percentile(s, 50),
+            p90_ms=percentile(s, 90),
+            p99_ms=percentile(s, 99),
+            p999_ms=percentile(s, 99.9),
+            max_ms=float(s[-1]),
+        )
+
+
+@dataclass
+class LoadReport:
+    """Outcome of one run (the warm-up excluded).
+
+    ``sent`` counts every completed call; ``ok + sum(errors.values()) == sent``.
+    ``latency`` covers successful calls only, so fast failures cannot flatter
+    the percentiles; in open loop it is measured from each call's due time.
+    ``send_lag`` (open loop) is how late calls left compared with the schedule.
+    """
+
+    rpc: str
+    target: str
+    mode: str
+    concurrency: int
+    rate: float | None
+    channels: int
+    users: str
+    n_users: int
+    elapsed_s: float
+    sent: int
+    ok: int
+    errors: dict[str, int]
+    qps: float
+    ok_qps: float
+    latency: LatencySummary
+    send_lag: LatencySummary | None
+    client_cpu_s: float
+    client_cores: float
+    warmup_s: float = 0.0
+    error_examples: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def error_count(self) -> int:
+        """Calls that did not return OK."""
+        return sum(self.errors.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (NaN becomes None)."""
+        return _clean(asdict(self))
+
+    def table(self) -> str:
+        """A human-readable summary."""
+        lat = self.latency
+        mode = f"open loop at {self.rate:g}/s" if self.rate else "closed loop"
+        lines = [
+            f"{self.rpc} -> {self.target}: {mode}, concurrency {self.concurrency}, "
+            f"{self.channels} channel(s), users {self.users} over {self.n_users}",
+            f"  duration     {self.elapsed_s:10.2f} s  (warm-up {self.warmup_s:g} s excluded)",
+            f"  requests     {self.sent:10d}  ok {self.ok}  errors {self.error_count}",
+            f"  throughput   {self.qps:10.1f} req/s  ({self.ok_qps:.1f} ok/s)",
+            "  latency (ms)      p50      p90      p99    p99.9      max     mean",
+            f"  {'':12s}{lat.p50_ms:9.2f}{lat.p90_ms:9.2f}{lat.p99_ms:9.2f}"
+            f"{lat.p999_ms:9.2f}{lat.max_ms:9.2f}{lat.mean_ms:9.2f}",
+        ]
+        if self.send_lag is not None:
+            lag = self.send_lag
+            lines.append(
+                f"  send lag     p50 {lag.p50_ms:.2f} ms  p99 {lag.p99_ms:.2f} ms  "
+                f"max {lag.max_ms:.2f} ms (behind schedule; counted in latency)"
+            )
+        lines.append(
+            f"  client CPU   {self.client_cpu_s:10.2f} s  ({self.client_cores:.2f} cores busy "
+            f"of {os.cpu_count()})"
+        )
+        for code, n in sorted(self.errors.items(), key=lambda kv: -kv[1]):
+            example = self.error_examples.get(code, "")
+            lines.append(f"  error {code:20s} {n:8d}  {example[:80]}")
+        return "\n".join(lines)
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+# --- sampling ------------------------------------------------------------------------
+
+
+class IndexSampler:
+    """Draws indices in ``[0, n)``: uniform, or Zipf with index 0 the most popular.
+
+    Zipf here is the finite law P(i) = (i + 1)^-s / H(n, s), which is what
+    "a few users send most requests" looks like, and unlike
+    ``numpy.random.zipf`` it never draws outside the known population.
+    """
+
+    def __init__(self, n: int, dist: str = "uniform", exponent: float = 1.1, seed: int = 0):
+        if n < 1:
+            raise LoadTestError(f"users: need at least one id to sample from (got {n})")
+        if dist not in ("uniform", "zipf"):
+            raise LoadTestError(f"users: {dist!r} is not 'uniform' or 'zipf'")
+        self.n = n
+        self.dist = dist
+        self.rng = np.random.default_rng(seed)
+        self._cdf: np.ndarray | None = None
+        if dist == "zipf":
+            self._cdf = np.cumsum(self.probabilities(n, exponent))
+            self._cdf[-1] = 1.0  # guard the last bucket against rounding
+        self._block = np.empty(0, np.int64)
+        self._pos = 0
+
+    @staticmethod
+    def probabilities(n: int, exponent: float) -> np.ndarray:
+        """The Zipf probabilities of indices ``0..n-1``."""
+        w = np.arange(1, n + 1, dtype=np.float64) ** -float(exponent)
+        return w / w.sum()
+
+    def sample(self, size: int) -> np.ndarray:
+        """``size`` indices at once."""
+        if self._cdf is None:
+            return self.rng.integers(0, self.n, size=size)
+        return np.searchsorted(self._cdf, self.rng.random(size), side="right").clip(0, self.n - 1)
+
+    def __call__(self) -> int:
+        """One index (drawn from a pre-sampled block, which is much cheaper)."""
+        if self._pos >= self._block.size:
+            self._block = self.sample(4096)
+            self._pos = 0
+        v = int(self._block[self._pos])
+        self._pos += 1
+        return v
+
+
+# --- requests ------------------------------------------------------------------------
+
+
+class RequestFactory:
+    """Serialised requests for one RPC, built once per user (or item) index."""
+
+    def __init__(self, config: LoadConfig):
+        self.config = config
+        self.user_ids = list(config.user_ids) or [str(i) for i in range(1, SYNTHETIC_USERS + 1)]
+        self.item_ids = list(config.item_ids) or [str(i) for i in range(1, SYNTHETIC_ITEMS + 1)]
+        # SimilarItems is keyed by item, every other RPC by user.
+        self.population = self.item_ids if config.rpc == "SimilarItems" else self.user_ids
+        self._cache: dict[int, bytes] = {}
+
+    def prebuild(self, order: Sequence[int] | None = None) -> None:
+        """Builds the first requests ahead of time so the run measures the server."""
+        for i in order if order is not None else range(min(_PREBUILD, len(self.population))):
+            self.payload(i)
+
+    def payload(self, index: int) -> bytes:
+        """The serialised request for population member ``index``."""
+        cached = self._cache.get(index)
+        if cached is not None:
+            return cached
+        data = self.build(index).SerializeToString()
+        if len(self._cache) < _CACHE_CAP:
+            self._cache[index] = data
+        return data
+
+    def build(self, index: int):  # -> a generated request message
+        """The request message for population member ``index``."""
+        from recsys.v1 import common_pb2, ranking_pb2, retrieval_pb2
+
+        c = self.config
+        if c.rpc == "SimilarItems":
+            return retrieval_pb2.SimilarItemsRequest(item_id=self.item_ids[index], k=c.k)
+        user = common_pb2.UserContext(user_id=self.user_ids[index])
+        if c.rpc == "Recommend":
+            return ranking_pb2.RecommendRequest(user=user, k=c.k, retrieval_budget=c.budget)
+        if c.rpc == "Retrieve":
+            return retrieval_pb2.RetrieveRequest(user=user, budget=c.budget)
+        n = len(self.item_ids)
+        rng = np.random.default_rng((c.seed, index))
+        rows = rng.choice(n, size=min(c.candidates, n), replace=False)
+        return ranking_pb2.RankRequest(
+            user=user, candidate_item_ids=[self.item_ids[r] for r in rows], top_k=c.k
+        )
+
+
+# --- the engine ------------------------------------------------------------------------
+
+# A call takes the request's sequence number and returns its status code name
+# ("OK", "UNAVAILABLE", ...). Keeping gRPC out of the engine lets tests drive
+# the scheduling logic directly.
+CallFn = Callable[[int], Awaitable[str]]
+
+
+@dataclass
+class _Recorder:
+    latencies: list[float] = field(default_factory=list)
+    lags: list[float] = field(default_factory=list)
+    codes: Counter = field(default_factory=Counter)
+    examples: dict[str, str] = field(default_factory=dict)
+    sent: int = 0
+    issued: int = 0
+    last_done: float = 0.0
+
+
+async def _phase(
+    config: LoadConfig,
+    call: CallFn,
+    duration_s: float | None,
+    requests: int | None,
+    rec: _Recorder,
+    start: float,
+) -> None:
+    """Runs workers until the bounds are reached and every call has returned."""
+    deadline = start + duration_s if duration_s is not None else math.inf
+    interval = 1.0 / config.rate if config.rate else 0.0
+    clock = time.perf_counter
+
+    def ticket() -> tuple[int, float] | None:
+        seq = rec.issued
+        if requests is not None and seq >= requests:
+            return None
+        if config.rate:
+            due = start + seq * interval
+            if due >= deadline:
+                return None
+        else:
+            due = clock()
+            if due >= deadline:
+                return None
+        rec.issued += 1
+        return seq, due
+
+    async def worker() -> None:
+        while (t := ticket()) is not None:
+            seq, due = t
+            if config.rate:
+                delay = due - clock()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            sent = clock()
+            try:
+                code = await call(seq)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a broken call is a result, not a crash
+                code = _code_of(exc)
+                rec.examples.setdefault(code, _details(exc))
+            done = clock()
+            rec.sent += 1
+            rec.codes[code] += 1
+            rec.last_done = max(rec.last_done, done)
+            if code == "OK":
+                # Open loop: from the due time, so waiting for a free slot counts.
+                rec.latencies.append(done - due)
+            if config.rate:
+                rec.lags.append(max(0.0, sent - due))
+
+    await asyncio.gather(*(worker() for _ in range(config.concurrency)))
+
+
+def _code_of(exc: BaseException) -> str:
+    code = getattr(exc, "code", None)
+    if callable(code):
+        with contextlib.suppress(Exception):
+            c = code()
+            return getattr(c, "name", str(c))
+    return f"CLIENT_{type(exc).__name__}"
+
+
+def _details(exc: BaseException) -> str:
+    details = getattr(exc, "details", None)
+    if callable(details):
+        with contextlib.suppress(Exception):
+            return str(details())
+    return str(exc)
+
+
+async def _progress(rec: _Recorder, start: float, stream: TextIO, config: LoadConfig) -> None:
+    last_sent, last_t, seen = 0, start, 0
+    while True:
+        await asyncio.sleep(0.5)
+        now = time.perf_counter()
+        window = np.sort(np.asarray(rec.latencies[seen:])) * 1000.0
+        seen = len(rec.latencies)
+        rate = (rec.sent - last_sent) / max(now - last_t, 1e-9)
+        last_sent, last_t = rec.sent, now
+        errors = rec.sent - rec.codes.get("OK", 0)
+        total = f"/{config.requests}" if config.requests else ""
+        stream.write(
+            f"\r{config.rpc} {now - start:6.1f}s  sent {rec.sent}{total}  errors {errors}  "
+            f"{rate:8.1f} req/s  p50 {percentile(window, 50):7.2f} ms  "
+            f"p99 {percentile(window, 99):7.2f} ms   "
+        )
+        stream.flush()
+
+
+async def drive(
+    config: LoadConfig,
+    call: CallFn,
+    *,
+    n_users: int = 0,
+    progress_stream: TextIO | None = None,
+) -> LoadReport:
+    """Runs the warm-up and the measured phase against ``call`` and reports.
+
+    Args:
+        config: Load settings (rate, bounds, concurrency).
+        call: Sends request ``seq`` and returns its status code name.
+        n_users: Size of the sampled population, for the report.
+        progress_stream: Where the live progress line goes (when enabled).
+
+    Returns:
+        The report of the measured phase.
+    """
+    if config.warmup_s > 0:
+        warm = _Recorder()
+        await _phase(config, call, config.warmup_s, None, warm, time.perf_counter())
+    rec = _Recorder()
+    cpu0 = time.process_time()
+    start = time.perf_counter()
+    ticker = None
+    if config.progress and progress_stream is not None:
+        ticker = asyncio.ensure_future(_progress(rec, start, progress_stream, config))
+    try:
+        await _phase(config, call, config.duration_s, config.requests, rec, start)
+    finally:
+        if ticker is not None:
+            ticker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await ticker
+            progress_stream.write("\r" + " " * 100 + "\r")
+            progress_stream.flush()
+    end = max(rec.last_done, start)
+    elapsed = max(end - start, 1e-9)
+    cpu = time.process_time() - cpu0
+    ok = rec.codes.get("OK", 0)
+    return LoadReport(
+        rpc=config.rpc,
+        target=config.target,
+        mode=config.mode,
+        concurrency=config.concurrency,
+        rate=config.rate,
+        channels=config.channels,
+        users=config.users,
+        n_users=n_users,
+        elapsed_s=elapsed,
+        sent=rec.sent,
+        ok=ok,
+        errors={k: v for k, v in sorted(rec.codes.items()) if k != "OK"},
+        qps=rec.sent / elapsed,
+        ok_qps=ok / elapsed,
+        latency=LatencySummary.from_seconds(rec.latencies),
+        send_lag=LatencySummary.from_seconds(rec.lags) if config.rate else None,
+        client_cpu_s=cpu,
+        client_cores=cpu / elapsed,
+        warmup_s=config.warmup_s,
+        error_examples=dict(rec.examples),
+    )
+
+
+def _channel_options(config: LoadConfig) -> list[tuple[str, Any]]:
+    from recsys.serving import grpc_options
+
+    return [
+        *grpc_options(config.max_message_bytes),
+        # A private subchannel pool gives every channel its own TCP connection
+        # (otherwise equal channels share one and the client is the bottleneck).
+        ("grpc.use_local_subchannel_pool", 1),
+        # A load test reports what the server answered, so no transparent retries.
+        ("grpc.enable_retries", 0),
+    ]
+
+
+async def run_load(config: LoadConfig, *, progress_stream: TextIO | None = None) -> LoadReport:
+    """Drives ``config.rpc`` at ``config.target`` over real gRPC channels.
+
+    Args:
+        config: What to send, how hard and for how long.
+        progress_stream: Stream for the live progress line (``config.progress``).
+
+    Returns:
+        The report of the measured phase.
+    """
+    import grpc
+
+    factory = RequestFactory(config)
+    sampler = IndexSampler(
+        len(factory.population), config.users, config.zipf_exponent, seed=config.seed
+    )
+    factory.prebuild()
+    channels = [
+        grpc.aio.insecure_channel(config.target, options=_channel_options(config))
+        for _ in range(config.channels)
+    ]
+    path = method_path(config.rpc)
+    # No (de)serialisers: requests go out pre-serialised and responses stay bytes.
+    stubs = [ch.unary_unary(path) for ch in channels]
+    metadata = tuple(config.metadata) or None
+    n_ch = len(stubs)
+
+    async def call(seq: int) -> str:
+        payload = factory.payload(sampler())
+        try:
+            await stubs[seq % n_ch](payload, timeout=config.timeout_s, metadata=metadata)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code().name
+            examples.setdefault(code, exc.details() or "")
+            return code
+        return "OK"
+
+    examples: dict[str, str] = {}
+    try:
+        await asyncio.gather(
+            *(asyncio.wait_for(ch.channel_ready(), timeout=config.timeout_s) for ch in channels),
+            return_exceptions=True,
+        )
+        report = await drive(
+            config, call, n_users=len(factory.population), progress_stream=progress_stream
+        )
+    finally:
+        await asyncio.gather(*(ch.close() for ch in channels), return_exceptions=True)
+    report.error_examples = {**examples, **report.error_examples}
+    return report
+
+
+# --- known users ------------------------------------------------------------------------
+
+
+def known_ids(model_dir: str | Path) -> tuple[list[str], list[str], str | None]:
+    """User ids and item ids of the latest version under ``model_dir``.
+
+    Returns:
+        ``(user_ids, item_ids, version)``; empty lists and None when there is
+        no readable version (the caller falls back to synthetic ids).
+    """
+    from recsys.artifacts import ArtifactError, open_version
+
+    try:
+        mv = open_version(model_dir)
+        users = mv.users
+        user_ids = [str(u) for u in users.get("user_id", [])] if isinstance(users, dict) else []
+        return user_ids, list(mv.item_ids), mv.version
+    except (ArtifactError, OSError):
+        return [], [], None
+
+
+# --- CLI ----------------------------------------------------------------------------------
+
+
+def _default_target(rpc: str, settings) -> str:
+    server = settings.ranking if _SERVICE_OF[rpc] == "RankingService" else settings.retrieval
+    host = server.host
+    if host in ("0.0.0.0", "", "::", "[::]"):  # a wildcard bind is reached on loopback
+        host = "127.0.0.1"
+    return f"{host}:{server.port}"
+
+
+def cli_loadtest(args, settings) -> int:
+    """``recsys loadtest``: runs one load test and prints a table or JSON."""
+    rpc = args.rpc
+    target = args.target or _default_target(rpc, settings)
+    server = settings.ranking if _SERVICE_OF[rpc] == "RankingService" else settings.retrieval
+    metadata: tuple[tuple[str, str], ...] = ()
+    if server.auth_token is not None:
+        metadata = (("authorization", f"Bearer {server.auth_token.get_secret_value()}"),)
+    user_ids, item_ids, version = known_ids(settings.model_dir)
+    if not user_ids:
+        print(
+            f"recsys loadtest: no model version under {settings.model_dir}; "
+            f"using synthetic user ids 1..{SYNTHETIC_USERS}",
+            file=sys.stderr,
+        )
+    config = LoadConfig(
+        rpc=rpc,
+        target=target,
+        concurrency=args.concurrency,
+        rate=args.rate,
+        duration_s=args.duration,
+        requests=args.requests,
+        users=args.users,
+        user_ids=user_ids,
+        item_ids=item_ids,
+        candidates=args.candidates,
+        k=args.k,
+        metadata=metadata,
+        progress=sys.stderr.isatty() and not args.json,
+    )
+    report = asyncio.run(run_load(config, progress_stream=sys.stderr))
+    if args.json:
+        doc = report.to_dict()
+        doc["model_version"] = version
+        print(json.dumps(doc, indent=2))
+    else:
+        print(report.table())
+    return 0 if report.ok > 0 else 1

@@ -1,0 +1,224 @@
+"""The ranking service's domain logic, free of gRPC types at its interface.
+
+:class:`Ranker` turns a validated query into ranked items: it pins the
+model version at the start of the request (a swap mid-request does not
+affect it), reads the user in one Redis round trip, maps ids to rows,
+drops unknown and watched items, and hands the rest to the micro-batcher.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ranking_service import metrics as M
+from ranking_service.batcher import MicroBatcher
+from ranking_service.model import LoadedModel, ScoreRequest, ScoreResult, score_batch
+from ranking_service.retrieval_client import (
+    RetrievalAnswer,
+    RetrievalClient,
+    RetrievalUnavailable,
+)
+from ranking_service.users import UserQuery, fetch_user, resolve_features
+from ranking_service.validation import RankQuery, RecommendQuery
+
+log = logging.getLogger("ranking_service.core")
+
+
+class NoModel(RuntimeError):
+    """No version is loaded yet (the RPC answers UNAVAILABLE)."""
+
+
+@dataclass
+class RankedItem:
+    """One ranked item: catalogue row, score on the target scale and raw dot."""
+
+    row: int
+    item_id: str
+    score: float
+    raw: float
+    candidate: Any = None  # recsys.v1.Candidate from retrieval (Recommend only)
+
+
+@dataclass
+class RankOutcome:
+    """The answer to a Rank or Recommend, with the version that produced it."""
+
+    model: LoadedModel
+    items: list[RankedItem]
+    unknown_dropped: int = 0
+    watched_dropped: int = 0
+    feature_source: str = "default"
+    reports: Sequence[Any] = field(default_factory=list)
+    index_version: str = ""
+    fallback_reason: str = ""
+
+
+class Ranker:
+    """Scores candidates for users with the current model version.
+
+    Args:
+        batcher: Micro-batcher whose function is :func:`score_batch`.
+        redis: ``redis.asyncio`` client for user state, or None.
+        retrieval: Client for Recommend, or None (Recommend then always
+            answers from the popular list).
+    """
+
+    def __init__(
+        self,
+        batcher: MicroBatcher[ScoreRequest, ScoreResult],
+        *,
+        redis=None,
+        retrieval: RetrievalClient | None = None,
+    ):
+        self.batcher = batcher
+        self.redis = redis
+        self.retrieval = retrieval
+        self.model: LoadedModel | None = None
+
+    @classmethod
+    def with_batcher(cls, *, max_batch_size: int, batch_timeout_ms: float, **kwargs: Any) -> Ranker:
+        """A ranker with its own micro-batcher from config values."""
+        batcher: MicroBatcher[ScoreRequest, ScoreResult] = MicroBatcher(
+            score_batch,
+            max_batch_size=max_batch_size,
+            max_wait_s=batch_timeout_ms / 1000.0,
+            on_batch=M.BATCH_SIZE.observe,
+        )
+        return cls(batcher, **kwargs)
+
+    def swap(self, model: LoadedModel) -> None:
+        """Makes ``model`` current with one reference assignment."""
+        self.model = model
+        M.CATALOGUE_ITEMS.set(len(model.index))
+        M.MODEL_LOAD_SECONDS.set(model.load_seconds)
+
+    def require_model(self) -> LoadedModel:
+        """The current model, pinned by the caller for the whole request."""
+        model = self.model
+        if model is None:
+            raise NoModel("no model version loaded yet")
+        return model
+
+    async def rank(self, query: RankQuery) -> RankOutcome:
+        """Answers a Rank request."""
+        model = self.require_model()
+        rows = model.index.lookup(query.candidates)
+        return await self._rank_rows(model, query.user, rows, query.k, query.include_watched)
+
+    async def recommend(self, query: RecommendQuery, time_remaining: float | None) -> RankOutcome:
+        """Answers a Recommend request; retrieval failing falls back to the popular list.
+
+        Raises:
+            RetrievalRejected: Retrieval found the request invalid.
+            NoModel: Nothing to rank with.
+        """
+        model = self.require_model()
+        answer: RetrievalAnswer | None = None
+        reason = ""
+        if self.retrieval is None:
+            reason = "no retrieval service configured"
+        else:
+            try:
+                answer = await self.retrieval.retrieve(
+                    query.raw_user, query.budget, query.sources, time_remaining
+                )
+            except RetrievalUnavailable as exc:
+                reason = exc.reason
+                M.RETRIEVAL_FALLBACK.labels(exc.code).inc()
+            else:
+                if len(answer.candidates) == 0:
+                    reason = "retrieval returned no candidates"
+                    M.RETRIEVAL_FALLBACK.labels("EMPTY").inc()
+        if reason:
+            log.warning("recommend falls back to the popular list: %s", reason)
+            limit = query.budget or len(model.popular_rows)
+            rows = model.popular_rows[:limit]
+            out = await self._rank_rows(model, query.user, rows, query.k, False)
+            scores = dict(
+                zip(model.popular_rows.tolist(), model.popular_scores.tolist(), strict=True)
+            )
+            for item in out.items:
+                item.candidate = _popular_candidate(item.item_id, scores.get(item.row, 0.0))
+            out.fallback_reason = reason
+            return out
+        assert answer is not None
+        cands = answer.candidates
+        ids = np.asarray([c.item_id for c in cands], dtype=np.str_)
+        rows = model.index.lookup(ids)
+        out = await self._rank_rows(model, query.user, rows, query.k, False)
+        # Provenance of the winners: position of each top row among the candidates.
+        if out.items:
+            order = np.argsort(rows, kind="stable")
+            top = np.array([it.row for it in out.items], np.int64)
+            pos = order[np.searchsorted(rows[order], top)]
+            for it, p in zip(out.items, pos.tolist(), strict=True):
+                it.candidate = cands[p]
+        out.reports = answer.reports
+        out.index_version = answer.index_version
+        return out
+
+    async def _rank_rows(
+        self,
+        model: LoadedModel,
+        user: UserQuery,
+        rows: np.ndarray,
+        k: int,
+        include_watched: bool,
+    ) -> RankOutcome:
+        known = rows >= 0
+        unknown = int(rows.shape[0] - np.count_nonzero(known))
+        if unknown:
+            M.UNKNOWN_IDS.inc(unknown)
+        rows = rows[known]
+        # Duplicates would be scored twice and could fill top-k with one item.
+        _, first = np.unique(rows, return_index=True)
+        if first.shape[0] != rows.shape[0]:
+            rows = rows[np.sort(first)]
+        stored, redis_failed = await fetch_user(
+            self.redis, model.version.spec, user.user_id, with_watched=not include_watched
+        )
+        if redis_failed:
+            M.REDIS_ERRORS.inc()
+        drop: list[str] = list(user.exclude_item_ids)
+        if stored is not None and not include_watched:
+            drop.extend(stored.watched)
+        watched = 0
+        if drop and rows.size:
+            mask = np.isin(rows, model.index.lookup(drop))
+            watched = int(np.count_nonzero(mask))
+            if watched:
+                rows = rows[~mask]
+                M.WATCHED_DROPPED.inc(watched)
+        features, source = resolve_features(
+            model.version.spec, stored, user, model.default_features
+        )
+        M.USER_FEATURES.labels(source).inc()
+        out = RankOutcome(model, [], unknown, watched, source)
+        if rows.size == 0:
+            return out
+        res = await self.batcher.submit(ScoreRequest(model, features, rows, k))
+        scores = model.version.target.from_model(res.dots)
+        out.items = [
+            RankedItem(row=r, item_id=model.item_id(r), score=s, raw=d)
+            for r, s, d in zip(res.rows.tolist(), scores.tolist(), res.dots.tolist(), strict=True)
+        ]
+        return out
+
+    async def close(self) -> None:
+        """Stops the batcher and closes clients."""
+        await self.batcher.close()
+        if self.retrieval is not None:
+            await self.retrieval.close()
+
+
+def _popular_candidate(item_id: str, score: float):
+    from recsys.v1 import common_pb2
+
+    return common_pb2.Candidate(
+        item_id=item_id, sources=["popular"], score=score, source_scores={"popular": score}
+    )

@@ -1,0 +1,40 @@
+"""Prometheus metrics of the ranking service (per-RPC latency lives in the interceptor)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+BATCH_SIZE = Histogram(
+    "recsys_ranking_batch_size",
+    "Requests coalesced into one user-tower call.",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
+BATCH_CANDIDATES = Histogram(
+    "recsys_ranking_batch_candidates",
+    "Candidates scored in one batched gather/dot.",
+    buckets=(10, 100, 1_000, 10_000, 50_000, 100_000, 500_000),
+)
+DEVICE = Gauge("recsys_ranking_device_info", "Where item vectors live (value 1).", ["device"])
+UNKNOWN_IDS = Counter(
+    "recsys_ranking_unknown_ids_total", "Candidate ids the serving version does not know."
+)
+WATCHED_DROPPED = Counter(
+    "recsys_ranking_watched_dropped_total", "Candidates dropped as watched or excluded."
+)
+USER_FEATURES = Counter(
+    "recsys_ranking_user_features_total",
+    "Where each request's user features came from.",
+    ["source"],
+)
+REDIS_ERRORS = Counter(
+    "recsys_ranking_redis_errors_total", "User reads that failed and fell back to defaults."
+)
+RETRIEVAL_FALLBACK = Counter(
+    "recsys_ranking_retrieval_fallback_total",
+    "Recommend calls answered from the popular list.",
+    ["reason"],
+)
+MODEL_LOAD_SECONDS = Gauge(
+    "recsys_ranking_model_load_seconds", "Time to open, verify, load and warm the version."
+)
+CATALOGUE_ITEMS = Gauge("recsys_ranking_catalogue_items", "Items in the serving version.")

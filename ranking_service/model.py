@@ -1,0 +1,278 @@
+"""A loaded, warmed model version: user tower, resident item vectors, id index.
+
+Scoring of a micro-batch is :func:`score_batch`: one user-tower call for all
+requests of a version, one gather of every candidate's vector, one dot
+product per candidate, then a per-request top-k.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from ranking_service.catalogue import IdIndex
+from recsys.artifacts import ArtifactError, ModelVersion
+from recsys.errors import UserFacingError
+from recsys.features import default_user_vector
+
+log = logging.getLogger("ranking_service.model")
+
+Device = Literal["cpu", "gpu"]
+
+
+def resolve_device(setting: str) -> Device:
+    """Turns ``auto|cpu|gpu`` into the device to use.
+
+    Raises:
+        UserFacingError: ``gpu`` was asked for and TensorFlow sees none.
+    """
+    if setting == "cpu":
+        return "cpu"
+    import tensorflow as tf
+
+    has_gpu = bool(tf.config.list_physical_devices("GPU"))
+    if setting == "gpu" and not has_gpu:
+        raise UserFacingError("--device gpu: TensorFlow sees no GPU on this machine")
+    if setting not in ("auto", "gpu"):
+        raise UserFacingError(f"device must be auto, cpu or gpu, not {setting!r}")
+    return "gpu" if has_gpu else "cpu"
+
+
+class HostVectors:
+    """Item vectors in host memory, memory-mapped (one copy in the page cache)."""
+
+    kind = "host"
+
+    def __init__(self, vectors: np.ndarray):
+        self.vectors = vectors
+        self.dim = int(vectors.shape[1])
+
+    def dots(self, users: np.ndarray, rows: np.ndarray, segment: np.ndarray) -> np.ndarray:
+        """``users[segment[j]] · vectors[rows[j]]`` for every j, float32."""
+        gathered = self.vectors[rows]
+        return np.einsum("nd,nd->n", gathered, users[segment], dtype=np.float32)
+
+
+class TensorVectors:
+    """Item vectors as a TensorFlow constant on a device (the GPU when serving).
+
+    Gather and dot run on that device; only the [n] dot products come back.
+    """
+
+    def __init__(self, vectors: np.ndarray, device: str):
+        import tensorflow as tf
+
+        self.kind = device
+        self.dim = int(vectors.shape[1])
+        with tf.device(device):
+            self.vectors = tf.constant(np.asarray(vectors, np.float32))
+        spec = (
+            tf.TensorSpec([None, self.dim], tf.float32),
+            tf.TensorSpec([None], tf.int64),
+            tf.TensorSpec([None], tf.int64),
+        )
+        table = self.vectors
+
+        @tf.function(input_signature=spec, jit_compile=False)
+        def _dots(users, rows, segment):
+            with tf.device(device):
+                g = tf.gather(table, rows)
+                u = tf.gather(users, segment)
+                return tf.reduce_sum(g * u, axis=1)
+
+        self._fn = _dots
+
+    def dots(self, users: np.ndarray, rows: np.ndarray, segment: np.ndarray) -> np.ndarray:
+        """``users[segment[j]] · vectors[rows[j]]`` for every j, float32."""
+        return self._fn(users, rows, segment).numpy()
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """Everything needed to score candidates with one model version."""
+
+    version: ModelVersion
+    device: Device
+    index: IdIndex
+    vectors: HostVectors | TensorVectors
+    tower: Any  # the user tower's serving signature
+    popular_rows: np.ndarray
+    popular_scores: np.ndarray
+    default_features: np.ndarray
+    load_seconds: float = 0.0
+    _genre_cache: dict[int, tuple[str, ...]] = field(default_factory=dict, repr=False)
+
+    @property
+    def name(self) -> str:
+        """The version string (directory name)."""
+        return self.version.version
+
+    @classmethod
+    def load(cls, path: str | Path, device: Device, *, warm_up: bool = True) -> LoadedModel:
+        """Opens (checksums verified), loads and warms a version.
+
+        Raises:
+            ArtifactError: Bad checksum, missing file, a tower that does not
+                fit the feature spec, or a failed warm-up.
+        """
+        start = time.perf_counter()
+        mv = ModelVersion.open(path)
+        signature = _serving_signature(mv)
+        index = IdIndex(mv.item_ids)
+        if device == "gpu":
+            vectors: HostVectors | TensorVectors = TensorVectors(mv.item_vectors, "/GPU:0")
+        else:
+            vectors = HostVectors(mv.item_vectors)
+        popular = mv.top_lists.get("popular", [])
+        pop_ids = [str(p[0]) for p in popular]
+        pop_rows = index.lookup(pop_ids) if pop_ids else np.zeros(0, np.int64)
+        pop_scores = np.asarray([float(p[1]) for p in popular], np.float32)
+        keep = pop_rows >= 0
+        model = cls(
+            version=mv,
+            device=device,
+            index=index,
+            vectors=vectors,
+            tower=signature,
+            popular_rows=pop_rows[keep],
+            popular_scores=pop_scores[keep],
+            default_features=default_user_vector(mv.spec),
+        )
+        if warm_up:
+            model.warm_up()
+        model.load_seconds = time.perf_counter() - start
+        return model
+
+    def embed(self, features: np.ndarray) -> np.ndarray:
+        """User tower on float32 ``[B, F_user]`` → float32 ``[B, D]``."""
+        import tensorflow as tf
+
+        out = self.tower(features=tf.constant(features, tf.float32))
+        return np.asarray(out["embedding"], np.float32)
+
+    def warm_up(self) -> None:
+        """Runs the whole scoring path once; a version that fails is rejected.
+
+        The first call of a SavedModel pays for graph set-up (hundreds of
+        ms); doing it here keeps that off the first user request and proves
+        the tower's output fits the item vectors.
+        """
+        feats = np.repeat(self.default_features[None, :], 2, axis=0)
+        try:
+            users = self.embed(feats)
+        except Exception as exc:
+            raise ArtifactError(f"{self.version.path}: user tower warm-up failed: {exc}") from exc
+        if users.shape != (2, self.vectors.dim):
+            raise ArtifactError(
+                f"{self.version.path}: user tower returns shape {users.shape}, item vectors "
+                f"have width {self.vectors.dim}"
+            )
+        if not np.all(np.isfinite(users)):
+            raise ArtifactError(f"{self.version.path}: user tower returns non-finite values")
+        n = min(len(self.index), 8)
+        rows = np.arange(n, dtype=np.int64)
+        dots = self.vectors.dots(users, np.concatenate([rows, rows]), np.repeat([0, 1], n))
+        if not np.all(np.isfinite(dots)):
+            raise ArtifactError(f"{self.version.path}: warm-up scores are not finite")
+
+    def genres(self, row: int) -> tuple[str, ...]:
+        """Genre names of the item at ``row`` (cached per model)."""
+        got = self._genre_cache.get(row)
+        if got is None:
+            got = tuple(self.version.item_genre_names(row))
+            self._genre_cache[row] = got
+        return got
+
+    def title(self, row: int) -> str:
+        """Display title of the item at ``row`` (empty when absent)."""
+        titles = self.version.items_meta.get("title") or []
+        return str(titles[row]) if row < len(titles) else ""
+
+    def item_id(self, row: int) -> str:
+        """Item id of ``row``."""
+        return self.version.item_ids[row]
+
+
+def _serving_signature(mv: ModelVersion):
+    from recsys.artifacts import SIGNATURE, USER_TOWER
+
+    loaded = mv.load_tower(USER_TOWER)
+    try:
+        sig = loaded.signatures[SIGNATURE]
+    except (KeyError, AttributeError) as exc:
+        raise ArtifactError(f"{mv.path}: user tower has no '{SIGNATURE}' signature") from exc
+    # Keep the loaded object alive: the signature's variables belong to it.
+    sig._recsys_owner = loaded
+    width = mv.spec.n_user_features
+    spec = sig.structured_input_signature[1].get("features")
+    if spec is None:
+        raise ArtifactError(f"{mv.path}: user tower signature has no 'features' input")
+    if spec.shape.rank != 2 or spec.shape[1] not in (None, width):
+        raise ArtifactError(
+            f"{mv.path}: user tower expects features of shape {spec.shape}, "
+            f"the feature spec has {width} columns"
+        )
+    return sig
+
+
+@dataclass
+class ScoreRequest:
+    """One request's share of a micro-batch."""
+
+    model: LoadedModel
+    features: np.ndarray  # float32 [F_user]
+    rows: np.ndarray  # int64 [n] candidate rows (known, deduplicated, filtered)
+    k: int
+
+
+@dataclass
+class ScoreResult:
+    """Top-k rows of one request, best first, with their raw dot products."""
+
+    rows: np.ndarray
+    dots: np.ndarray
+
+
+def top_k(dots: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the ``k`` largest entries, largest first (stable on ties)."""
+    n = dots.shape[0]
+    if k <= 0 or n == 0:
+        return np.zeros(0, np.int64)
+    if k < n:
+        part = np.argpartition(-dots, k - 1)[:k]
+        # lexsort: by score descending, then by position for a deterministic order.
+        return part[np.lexsort((part, -dots[part]))]
+    return np.lexsort((np.arange(n), -dots))
+
+
+def score_batch(requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+    """Scores a micro-batch: per model version one tower call and one gather/dot."""
+    results: list[ScoreResult | None] = [None] * len(requests)
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(requests):
+        groups.setdefault(id(r.model), []).append(i)
+    for idx in groups.values():
+        model = requests[idx[0]].model
+        feats = np.stack([requests[i].features for i in idx]).astype(np.float32, copy=False)
+        users = model.embed(feats)
+        counts = np.array([requests[i].rows.shape[0] for i in idx], np.int64)
+        rows = (
+            np.concatenate([requests[i].rows for i in idx])
+            if counts.sum()
+            else np.zeros(0, np.int64)
+        )
+        segment = np.repeat(np.arange(len(idx), dtype=np.int64), counts)
+        dots = model.vectors.dots(users, rows, segment) if rows.size else np.zeros(0, np.float32)
+        bounds = np.concatenate([[0], np.cumsum(counts)])
+        for j, i in enumerate(idx):
+            d = dots[bounds[j] : bounds[j + 1]]
+            r = rows[bounds[j] : bounds[j + 1]]
+            best = top_k(d, requests[i].k)
+            results[i] = ScoreResult(rows=r[best], dots=d[best])
+    return [r for r in results if r is not None]

@@ -1,0 +1,90 @@
+"""Client of ``RetrievalService.Retrieve`` used by ``Recommend``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from recsys.config import RankingSettings
+from recsys.serving import channel_credentials, grpc_options
+from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
+
+
+class RetrievalUnavailable(Exception):
+    """Retrieval could not answer; ``reason`` is safe to show a client."""
+
+    def __init__(self, reason: str, code: str):
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+class RetrievalRejected(Exception):
+    """Retrieval refused the request itself (INVALID_ARGUMENT): the caller's fault."""
+
+
+@dataclass
+class RetrievalAnswer:
+    """Candidates with provenance (``recsys.v1.Candidate``) and per-source reports."""
+
+    candidates: Sequence[Any]
+    reports: Sequence[Any]
+    index_version: str
+
+
+class RetrievalClient:
+    """One long-lived ``grpc.aio`` channel to the retrieval service."""
+
+    def __init__(self, settings: RankingSettings):
+        self.address = settings.retrieval_address
+        self.timeout_s = settings.retrieval_timeout_s
+        options = grpc_options(settings.max_message_bytes)
+        tls = settings.retrieval_tls
+        if tls.enabled or tls.ca_file is not None:
+            self.channel = grpc.aio.secure_channel(
+                self.address, channel_credentials(tls), options=options
+            )
+        else:
+            self.channel = grpc.aio.insecure_channel(self.address, options=options)
+        token = settings.retrieval_auth_token
+        self.metadata = (
+            (("authorization", f"Bearer {token.get_secret_value()}"),) if token else None
+        )
+        self.stub = retrieval_pb2_grpc.RetrievalServiceStub(self.channel)
+
+    async def retrieve(
+        self, user: Any, budget: int, sources: Sequence[str], time_remaining: float | None
+    ) -> RetrievalAnswer:
+        """Calls Retrieve with ``min(time remaining, retrieval_timeout_s)`` as deadline.
+
+        Raises:
+            RetrievalUnavailable: Down, timed out, overloaded or failing.
+            RetrievalRejected: Retrieval found the request invalid.
+        """
+        timeout = self.timeout_s
+        if time_remaining is not None:
+            timeout = max(min(timeout, time_remaining), 0.001)
+        request = retrieval_pb2.RetrieveRequest(user=user, budget=budget, sources=list(sources))
+        try:
+            resp = await self.stub.Retrieve(request, timeout=timeout, metadata=self.metadata)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise RetrievalRejected(exc.details() or "invalid request") from exc
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                reason = f"retrieval did not answer within {timeout * 1000:.0f} ms"
+            else:
+                reason = f"retrieval unavailable ({code.name})"
+            raise RetrievalUnavailable(reason, code.name) from exc
+        return RetrievalAnswer(
+            candidates=resp.candidates,
+            reports=resp.source_reports,
+            index_version=resp.index_version,
+        )
+
+    async def close(self) -> None:
+        """Closes the channel."""
+        await self.channel.close()

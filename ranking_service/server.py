@@ -1,0 +1,189 @@
+"""``recsys serve ranking``: building, running and draining the ranking server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from ranking_service import metrics as M
+from ranking_service.core import Ranker
+from ranking_service.model import Device, LoadedModel, resolve_device
+from ranking_service.retrieval_client import RetrievalClient
+from ranking_service.servicer import RankingServicer
+from recsys.config import RankingSettings, RecsysSettings
+from recsys.errors import UserFacingError
+from recsys.serving import (
+    ServerHandle,
+    VersionWatcher,
+    async_redis,
+    configure_logging,
+    create_server,
+    serve,
+    start_metrics,
+)
+from recsys.v1 import ranking_pb2, ranking_pb2_grpc
+
+log = logging.getLogger("ranking_service.server")
+
+SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
+
+
+@dataclass
+class RankingServer:
+    """A built ranking server: gRPC handle, ranker and version watcher."""
+
+    handle: ServerHandle
+    ranker: Ranker
+    watcher: VersionWatcher
+    device: Device
+    redis: Any = None
+    _background: asyncio.Task | None = None
+
+    @property
+    def port(self) -> int:
+        """The bound gRPC port."""
+        return self.handle.port
+
+    async def load(self, path: Path) -> None:
+        """Loads, verifies and warms a version off the event loop, then swaps it in.
+
+        Raises:
+            ArtifactError: The version is rejected; the old one keeps serving.
+        """
+        model = await asyncio.to_thread(LoadedModel.load, path, self.device)
+        self.ranker.swap(model)
+        log.info(
+            "model ready",
+            extra={
+                "fields": {
+                    "version": model.name,
+                    "device": model.device,
+                    "items": len(model.index),
+                    "load_s": round(model.load_seconds, 3),
+                }
+            },
+        )
+        await self.handle.set_serving(True)
+
+    async def follow_versions(self) -> None:
+        """Loads the wanted version now, then keeps following it."""
+        with contextlib.suppress(Exception):
+            await self.watcher.poll_once()
+        await self.watcher.run()
+
+    async def start(self) -> None:
+        """Starts serving and following versions (tests; the CLI uses ``serve``)."""
+        await self.handle.server.start()
+        self._background = asyncio.ensure_future(self.follow_versions())
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stops following versions, drains the server and releases clients."""
+        if self._background is not None:
+            self._background.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._background
+        await self.handle.health.enter_graceful_shutdown()
+        await self.handle.server.stop(grace)
+        await self.close()
+
+    async def close(self) -> None:
+        """Releases the batcher, the retrieval channel and Redis."""
+        await self.ranker.close()
+        if self.redis is not None:
+            with contextlib.suppress(Exception):
+                await self.redis.aclose()
+
+
+def build_server(settings: RecsysSettings) -> RankingServer:
+    """Builds (does not start) the ranking server from config.
+
+    Health stays NOT_SERVING until the first version is loaded and warmed.
+
+    Raises:
+        UserFacingError: ``device = "gpu"`` without a GPU.
+    """
+    cfg = settings.ranking
+    device = resolve_device(cfg.device)
+    M.DEVICE.labels(device).set(1)
+    log.info("item vectors placement", extra={"fields": {"device": device}})
+    redis = async_redis(settings)
+    ranker = Ranker.with_batcher(
+        max_batch_size=cfg.max_batch_size,
+        batch_timeout_ms=cfg.batch_timeout_ms,
+        redis=redis,
+        retrieval=RetrievalClient(cfg),
+    )
+    servicer = RankingServicer(ranker, cfg)
+    handle = create_server(
+        cfg,
+        label="ranking",
+        service_names=[SERVICE_NAME],
+        register=lambda s: ranking_pb2_grpc.add_RankingServiceServicer_to_server(servicer, s),
+    )
+    srv = RankingServer(handle=handle, ranker=ranker, watcher=None, device=device, redis=redis)  # type: ignore[arg-type]
+    srv.watcher = VersionWatcher(
+        label="ranking",
+        model_dir=settings.model_dir,
+        load=srv.load,
+        redis=redis,
+        pinned=cfg.pinned_version,
+        interval_s=cfg.reload_interval_s,
+    )
+    return srv
+
+
+def _apply_flags(args: argparse.Namespace, settings: RecsysSettings) -> RecsysSettings:
+    flags = {
+        "host": getattr(args, "host", None),
+        "port": getattr(args, "port", None),
+        "metrics_port": getattr(args, "metrics_port", None),
+        "device": getattr(args, "device", None),
+        "retrieval_address": getattr(args, "retrieval_address", None),
+    }
+    updates = {k: v for k, v in flags.items() if v is not None}
+    if not updates:
+        return settings
+    try:
+        ranking = RankingSettings.model_validate({**dict(settings.ranking), **updates})
+    except ValidationError as exc:
+        raise UserFacingError(f"invalid flag: {exc.errors()[0]['loc'][0]}: {exc}") from exc
+    return settings.model_copy(update={"ranking": ranking})
+
+
+def _write_port_file(path: Path, port: int) -> None:
+    # Written then renamed, so a reader never sees a partial number.
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(f"{port}\n")
+    tmp.replace(path)
+
+
+def cli_serve(args: argparse.Namespace, settings: RecsysSettings) -> int:
+    """``recsys serve ranking``: serves until SIGTERM/SIGINT, then drains."""
+    settings = _apply_flags(args, settings)
+    configure_logging(settings)
+    cfg = settings.ranking
+    start_metrics(cfg.metrics_port, cfg.host)
+    port_file: Path | None = getattr(args, "port_file", None)
+
+    async def main() -> None:
+        srv = build_server(settings)
+
+        def ready(handle: ServerHandle) -> None:
+            if port_file is not None:
+                _write_port_file(port_file, handle.port)
+
+        try:
+            await serve(srv.handle, background=[srv.follow_versions()], on_ready=ready)
+        finally:
+            await srv.close()
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,85 @@
+"""gRPC edge of the ranking service: pb2 ↔ domain, errors → status codes."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from ranking_service.batcher import BatcherClosed
+from ranking_service.core import NoModel, RankedItem, Ranker, RankOutcome
+from ranking_service.retrieval_client import RetrievalRejected
+from ranking_service.validation import InvalidArgument, parse_rank, parse_recommend
+from recsys.config import RankingSettings
+from recsys.v1 import ranking_pb2, ranking_pb2_grpc
+
+log = logging.getLogger("ranking_service.servicer")
+
+
+class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
+    """Implements ``recsys.v1.RankingService`` on top of :class:`Ranker`."""
+
+    def __init__(self, ranker: Ranker, settings: RankingSettings):
+        self.ranker = ranker
+        self.settings = settings
+
+    async def Rank(self, request, context: grpc.aio.ServicerContext):
+        try:
+            query = parse_rank(request, self.settings)
+            out = await self.ranker.rank(query)
+        except Exception as exc:
+            await _abort(context, exc)
+            raise  # unreachable: abort raises
+        return ranking_pb2.RankResponse(
+            items=[_scored(out, it, query.debug) for it in out.items],
+            model_version=out.model.name,
+            unknown_dropped=out.unknown_dropped,
+            watched_dropped=out.watched_dropped,
+        )
+
+    async def Recommend(self, request, context: grpc.aio.ServicerContext):
+        try:
+            query = parse_recommend(request, self.settings)
+            out = await self.ranker.recommend(query, context.time_remaining())
+        except Exception as exc:
+            await _abort(context, exc)
+            raise
+        return ranking_pb2.RecommendResponse(
+            items=[_scored(out, it, query.debug) for it in out.items],
+            model_version=out.model.name,
+            index_version=out.index_version,
+            source_reports=list(out.reports),
+            retrieval_fallback=bool(out.fallback_reason),
+            fallback_reason=out.fallback_reason,
+        )
+
+
+def _scored(out: RankOutcome, it: RankedItem, debug: bool) -> ranking_pb2.ScoredItem:
+    model = out.model
+    sources = list(it.candidate.sources) if it.candidate is not None else []
+    item = ranking_pb2.ScoredItem(
+        item_id=it.item_id,
+        score=it.score,
+        sources=sources,
+        title=model.title(it.row),
+        genres=model.genres(it.row),
+    )
+    if debug:
+        item.debug.raw_score = it.raw
+        item.debug.model_version = model.name
+        if it.candidate is not None:
+            item.debug.sources.extend(sources)
+            item.debug.source_scores.update(dict(it.candidate.source_scores))
+    return item
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
+    if isinstance(exc, InvalidArgument | RetrievalRejected):
+        msg = str(exc) if isinstance(exc, InvalidArgument) else f"retrieval: {exc}"
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, msg)
+    if isinstance(exc, NoModel | BatcherClosed):
+        await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+    if isinstance(exc, grpc.aio.AbortError | grpc.RpcError):
+        raise exc
+    log.exception("ranking failed")
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error while ranking")

@@ -1,0 +1,174 @@
+"""Request checks and pb2 → domain conversion (INVALID_ARGUMENT names the field)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ranking_service.users import UserQuery
+from recsys.config import RankingSettings
+
+
+class InvalidArgument(ValueError):
+    """A request field that cannot be served; ``str()`` starts with the field name."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+@dataclass
+class RankQuery:
+    """A validated Rank request."""
+
+    user: UserQuery
+    candidates: np.ndarray  # unicode item ids, request order
+    k: int
+    include_watched: bool
+    debug: bool
+
+
+@dataclass
+class RecommendQuery:
+    """A validated Recommend request (``raw_user`` passes through to retrieval)."""
+
+    user: UserQuery
+    raw_user: object
+    k: int
+    budget: int
+    sources: list[str]
+    debug: bool
+
+
+def check_id(value: str, field: str, max_bytes: int) -> None:
+    """One id: non-empty, at most ``max_bytes`` UTF-8 bytes, no NUL."""
+    if not value:
+        raise InvalidArgument(field, "must not be empty")
+    n = len(value.encode("utf-8", "surrogatepass"))
+    if n > max_bytes:
+        raise InvalidArgument(field, f"is {n} bytes long, at most {max_bytes} allowed")
+    if "\x00" in value:
+        raise InvalidArgument(field, "contains a NUL character")
+
+
+def id_array(ids: Sequence[str], field: str, max_bytes: int) -> np.ndarray:
+    """Checks a list of ids and returns it as a unicode numpy array.
+
+    Vectorised: the per-id Python check only runs for the few ids whose
+    length the array's bounds cannot settle (long ones, possibly over the
+    byte limit) or when the array lost characters (a NUL, which numpy
+    strips from the end of fixed-width strings).
+    """
+    arr = np.asarray(list(ids), dtype=np.str_)
+    if arr.size == 0:
+        return arr
+    lengths = np.strings.str_len(arr)
+    empty = np.flatnonzero(lengths == 0)
+    if empty.size:
+        raise InvalidArgument(f"{field}[{int(empty[0])}]", "must not be empty")
+    # A code point is 1..4 UTF-8 bytes: ids of at most max_bytes/4 characters
+    # are always short enough, and more than max_bytes characters never are.
+    suspect = np.flatnonzero(lengths * 4 > max_bytes)
+    for i in suspect.tolist():
+        check_id(ids[i], f"{field}[{i}]", max_bytes)
+    if int(lengths.sum()) != sum(map(len, ids)):
+        for i, v in enumerate(ids):
+            check_id(v, f"{field}[{i}]", max_bytes)
+    return arr
+
+
+def _k(value: int, field: str, limits: RankingSettings) -> int:
+    if value < 0:
+        raise InvalidArgument(field, f"must be positive, got {value}")
+    if value == 0:
+        return limits.default_k
+    if value > limits.max_k:
+        raise InvalidArgument(field, f"{value} is more than the maximum {limits.max_k}")
+    return value
+
+
+def parse_user(ctx, limits: RankingSettings, field: str = "user") -> UserQuery:
+    """``recsys.v1.UserContext`` → :class:`UserQuery`."""
+    if ctx.user_id:
+        check_id(ctx.user_id, f"{field}.user_id", limits.max_id_bytes)
+    f = ctx.features
+    age: float | None = None
+    if f.HasField("age") and f.age != 0:
+        if f.age < 0 or f.age > 150:
+            raise InvalidArgument(f"{field}.features.age", f"{f.age} is not an age in years")
+        age = float(f.age)
+    ratings: dict[str, float] = {}
+    for genre, r in f.genre_ratings.items():
+        if not math.isfinite(r):
+            raise InvalidArgument(f"{field}.features.genre_ratings[{genre}]", "is not a number")
+        ratings[genre] = float(r)
+    if len(ctx.exclude_item_ids) > limits.max_candidates:
+        raise InvalidArgument(
+            f"{field}.exclude_item_ids",
+            f"{len(ctx.exclude_item_ids)} ids, at most {limits.max_candidates} allowed",
+        )
+    exclude = list(ctx.exclude_item_ids)
+    if exclude:
+        id_array(exclude, f"{field}.exclude_item_ids", limits.max_id_bytes)
+    for i, v in enumerate(ctx.recent_item_ids):
+        check_id(v, f"{field}.recent_item_ids[{i}]", limits.max_id_bytes)
+    return UserQuery(
+        user_id=ctx.user_id,
+        age=age,
+        gender=f.gender or None,
+        occupation=f.occupation or None,
+        country=f.country or None,
+        genre_ratings=ratings,
+        exclude_item_ids=exclude,
+    )
+
+
+def parse_rank(request, limits: RankingSettings) -> RankQuery:
+    """``recsys.v1.RankRequest`` → :class:`RankQuery`.
+
+    Raises:
+        InvalidArgument: Empty or oversized candidate list, a bad id, or a
+            ``top_k`` outside 0..max_k (0 means the configured default).
+    """
+    ids = request.candidate_item_ids
+    if len(ids) == 0:
+        raise InvalidArgument("candidate_item_ids", "must not be empty")
+    if len(ids) > limits.max_candidates:
+        raise InvalidArgument(
+            "candidate_item_ids",
+            f"{len(ids)} candidates, at most {limits.max_candidates} allowed",
+        )
+    k = _k(request.top_k, "top_k", limits)
+    user = parse_user(request.user, limits)
+    return RankQuery(
+        user=user,
+        candidates=id_array(ids, "candidate_item_ids", limits.max_id_bytes),
+        k=k,
+        include_watched=request.include_watched,
+        debug=request.debug,
+    )
+
+
+def parse_recommend(request, limits: RankingSettings) -> RecommendQuery:
+    """``recsys.v1.RecommendRequest`` → :class:`RecommendQuery`."""
+    k = _k(request.k, "k", limits)
+    budget = request.retrieval_budget
+    if budget < 0:
+        raise InvalidArgument("retrieval_budget", f"must not be negative, got {budget}")
+    if budget > limits.max_candidates:
+        raise InvalidArgument(
+            "retrieval_budget", f"{budget} is more than the maximum {limits.max_candidates}"
+        )
+    for i, s in enumerate(request.sources):
+        check_id(s, f"sources[{i}]", limits.max_id_bytes)
+    return RecommendQuery(
+        user=parse_user(request.user, limits),
+        raw_user=request.user,
+        k=k,
+        budget=budget,
+        sources=list(request.sources),
+        debug=request.debug,
+    )

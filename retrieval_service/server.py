@@ -1,0 +1,170 @@
+"""``recsys serve retrieval``: builds and runs the retrieval gRPC server.
+
+The server comes from :func:`recsys.serving.create_server` (health,
+reflection, metrics/concurrency/auth interceptor), the candidate sources from
+the entry-point registry, and the served version from a
+:class:`recsys.serving.VersionWatcher`: a new version is opened, verified
+and indexed in a worker thread, then swapped in with one reference
+assignment, so calls in flight finish on the version they started with.
+Health is NOT_SERVING until the first version is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from recsys.config import RecsysSettings
+from recsys.errors import UserFacingError
+from recsys.serving import (
+    ServerHandle,
+    VersionWatcher,
+    async_redis,
+    configure_logging,
+    create_server,
+    serve,
+    start_metrics,
+)
+from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
+from retrieval_service.engine import RetrievalEngine
+from retrieval_service.errors import SourceConfigError
+from retrieval_service.registry import build_sources
+from retrieval_service.servicer import RetrievalServicer
+
+log = logging.getLogger("recsys.retrieval")
+
+SERVICE_NAME = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name
+
+
+@dataclass
+class RetrievalApp:
+    """The running parts behind one server: engine, version watcher, Redis client."""
+
+    settings: RecsysSettings
+    engine: RetrievalEngine
+    handle: ServerHandle
+    redis: Any
+    watcher: VersionWatcher | None = None
+    _task: asyncio.Task | None = field(default=None, repr=False)
+
+    async def load(self, path: Path) -> None:
+        """Loads ``path`` off the event loop, swaps it in and reports SERVING."""
+        served = await asyncio.to_thread(self.engine.load_version, path)
+        self.engine.swap(served)
+        await self.handle.set_serving(True)
+
+    async def run(self) -> None:
+        """Loads the wanted version now, then follows new ones until cancelled."""
+        if self.watcher is None:
+            raise RuntimeError("RetrievalApp has no version watcher")
+        await self.watcher.poll_once()
+        await self.watcher.run()
+
+    async def start(self) -> None:
+        """Starts serving in the current event loop (tests and embedding)."""
+        await self.handle.set_serving(False)
+        await self.handle.server.start()
+        self._task = asyncio.get_running_loop().create_task(self.run())
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stops a server started with :meth:`start` and closes Redis."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.handle.server.stop(grace)
+        await self.close()
+
+    async def close(self) -> None:
+        """Releases the Redis connection pool."""
+        with contextlib.suppress(Exception):
+            await self.redis.aclose()
+
+
+def build_server(
+    settings: RecsysSettings, *, redis: Any = None
+) -> tuple[ServerHandle, RetrievalApp]:
+    """Builds the retrieval server (call inside the event loop that will run it).
+
+    Args:
+        settings: Full config; ``settings.retrieval`` holds the server settings and sources.
+        redis: ``redis.asyncio`` client to use (default: one from ``settings.redis_url``).
+
+    Returns:
+        The unstarted server handle and the app that loads versions into it.
+
+    Raises:
+        SourceConfigError: A ``retrieval.sources`` entry is invalid (names the source and key).
+    """
+    rs = settings.retrieval
+    sources = build_sources(rs.sources)
+    client = redis if redis is not None else async_redis(settings)
+    engine = RetrievalEngine(rs, sources, client, redis_timeout_s=settings.redis_timeout_s)
+    servicer = RetrievalServicer(engine)
+    handle = create_server(
+        rs,
+        label="retrieval",
+        service_names=[SERVICE_NAME],
+        register=lambda s: retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(servicer, s),
+    )
+    app = RetrievalApp(settings, engine, handle, client)
+    app.watcher = VersionWatcher(
+        label="retrieval",
+        model_dir=settings.model_dir,
+        load=app.load,
+        redis=client,
+        pinned=rs.pinned_version,
+        interval_s=rs.reload_interval_s,
+    )
+    log.info(
+        "retrieval built",
+        extra={"fields": {"port": handle.port, "sources": [s.name for s in sources]}},
+    )
+    return handle, app
+
+
+def _write_port_file(path: Path, port: int) -> None:
+    # Write-then-rename so a reader polling the file never sees it half written.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(f"{port}\n")
+    tmp.replace(path)
+
+
+async def _main(settings: RecsysSettings, port_file: Path | None) -> None:
+    handle, app = build_server(settings)
+    await handle.set_serving(False)
+
+    def ready(h: ServerHandle) -> None:
+        if port_file is not None:
+            _write_port_file(port_file, h.port)
+
+    try:
+        await serve(handle, background=[app.run()], on_ready=ready)
+    finally:
+        await app.close()
+
+
+def cli_serve(args: argparse.Namespace, settings: RecsysSettings) -> int:
+    """``recsys serve retrieval``: runs until SIGTERM/SIGINT, then drains."""
+    update = {
+        key: getattr(args, key)
+        for key in ("host", "port", "metrics_port")
+        if getattr(args, key, None) is not None
+    }
+    if update:
+        settings = settings.model_copy(
+            update={"retrieval": settings.retrieval.model_copy(update=update)}
+        )
+    configure_logging(settings)
+    start_metrics(settings.retrieval.metrics_port, settings.retrieval.host)
+    try:
+        asyncio.run(_main(settings, getattr(args, "port_file", None)))
+    except SourceConfigError as exc:
+        raise UserFacingError(str(exc)) from exc
+    return 0

@@ -173,7 +173,8 @@ def percentile(sorted_samples: np.ndarray | Sequence[float], p: float) -> float:
     n = len(sorted_samples)
     if n == 0:
         return float("nan")
-    rank = max(1, math.ceil(p / 100.0 * n))
+    # Rounding first keeps 99.9% of 1000 at rank 999, not 1000 (0.999 is inexact in binary).
+    rank = max(1, math.ceil(round(p / 100.0 * n, 9)))
     return float(sorted_samples[min(rank, n) - 1])
 
 

@@ -1,0 +1,299 @@
+"""Load generator logic: percentiles, sampling, scheduling and bounds (no network)."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from recsys.loadtest import (
+    IndexSampler,
+    LatencySummary,
+    LoadConfig,
+    LoadTestError,
+    RequestFactory,
+    drive,
+    method_path,
+    percentile,
+)
+from recsys.v1 import ranking_pb2, retrieval_pb2
+
+# --- percentiles ------------------------------------------------------------------------
+
+
+def test_percentile_nearest_rank_on_1_to_100():
+    s = np.arange(1, 101, dtype=float)
+    assert percentile(s, 50) == 50
+    assert percentile(s, 90) == 90
+    assert percentile(s, 99) == 99
+    assert percentile(s, 99.9) == 100
+    assert percentile(s, 100) == 100
+    assert percentile(s, 0) == 1
+
+
+def test_percentile_of_nothing_is_nan_and_bad_p_is_refused():
+    assert math.isnan(percentile([], 50))
+    with pytest.raises(ValueError, match="outside"):
+        percentile([1.0], 101)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(0, 1e6, allow_nan=False), min_size=1, max_size=300),
+    st.floats(0.1, 100),
+)
+def test_percentile_matches_its_definition(samples, p):
+    s = np.sort(np.asarray(samples))
+    v = percentile(s, p)
+    n = len(s)
+    assert v in s
+    # At least p% of samples are <= v, and fewer than p% are strictly below it.
+    assert np.count_nonzero(s <= v) >= p / 100 * n - 1e-9
+    assert np.count_nonzero(s < v) < p / 100 * n + 1e-9
+
+
+def test_latency_summary_converts_seconds_to_ms():
+    lat = LatencySummary.from_seconds([0.001 * i for i in range(1, 1001)])
+    assert lat.count == 1000
+    assert lat.p50_ms == pytest.approx(500.0)
+    assert lat.p99_ms == pytest.approx(990.0)
+    assert lat.p999_ms == pytest.approx(999.0)
+    assert lat.max_ms == pytest.approx(1000.0)
+    assert lat.min_ms == pytest.approx(1.0)
+    assert lat.mean_ms == pytest.approx(500.5)
+    assert LatencySummary.from_seconds([]).count == 0
+
+
+# --- sampling -------------------------------------------------------------------------
+
+
+def test_zipf_frequencies_follow_the_law():
+    n, s = 50, 1.2
+    draws = IndexSampler(n, "zipf", s, seed=1).sample(200_000)
+    assert draws.min() >= 0 and draws.max() < n
+    freq = np.bincount(draws, minlength=n) / draws.size
+    expected = IndexSampler.probabilities(n, s)
+    np.testing.assert_allclose(freq[:10], expected[:10], rtol=0.05)
+    # Rank 1 is drawn 2^s times as often as rank 2.
+    assert freq[0] / freq[1] == pytest.approx(2**s, rel=0.05)
+    assert np.all(np.diff(freq[:5]) < 0)
+
+
+def test_uniform_is_flat_and_seeded():
+    a = IndexSampler(20, "uniform", seed=3).sample(100_000)
+    freq = np.bincount(a, minlength=20) / a.size
+    np.testing.assert_allclose(freq, 1 / 20, rtol=0.08)
+    np.testing.assert_array_equal(IndexSampler(20, seed=3).sample(50), a[:50])
+
+
+def test_sampler_one_at_a_time_stays_in_range_and_skews():
+    sampler = IndexSampler(1000, "zipf", 1.1, seed=0)
+    draws = [sampler() for _ in range(10_000)]
+    assert min(draws) >= 0 and max(draws) < 1000
+    assert draws.count(0) > draws.count(500) * 20
+
+
+def test_sampler_refuses_empty_population_and_unknown_law():
+    with pytest.raises(LoadTestError, match="users"):
+        IndexSampler(0)
+    with pytest.raises(LoadTestError, match="users"):
+        IndexSampler(10, "pareto")
+
+
+# --- configuration and requests -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"rpc": "Nope"}, "rpc"),
+        ({"concurrency": 0}, "concurrency"),
+        ({"rate": 0.0}, "rate"),
+        ({"duration_s": None, "requests": None}, "duration_s/requests"),
+        ({"users": "pareto"}, "users"),
+        ({"candidates": 0}, "candidates"),
+        ({"timeout_s": 0}, "timeout_s"),
+    ],
+)
+def test_config_errors_name_the_field(kwargs, field):
+    with pytest.raises(LoadTestError, match=field.replace("/", ".")):
+        LoadConfig(**kwargs)
+
+
+def test_channels_one_per_16_streams_and_method_paths():
+    assert LoadConfig(concurrency=64).channels == 4
+    assert LoadConfig(concurrency=65).channels == 5
+    assert LoadConfig(concurrency=1).channels == 1
+    assert method_path("Rank") == "/recsys.v1.RankingService/Rank"
+    assert method_path("SimilarItems") == "/recsys.v1.RetrievalService/SimilarItems"
+
+
+def test_rank_requests_carry_distinct_candidates_from_the_catalogue():
+    items = [f"i{k}" for k in range(300)]
+    f = RequestFactory(
+        LoadConfig(rpc="Rank", user_ids=["a", "b"], item_ids=items, candidates=100, k=7)
+    )
+    req = ranking_pb2.RankRequest.FromString(f.payload(1))
+    assert req.user.user_id == "b"
+    assert req.top_k == 7
+    assert len(req.candidate_item_ids) == 100
+    assert len(set(req.candidate_item_ids)) == 100
+    assert set(req.candidate_item_ids) <= set(items)
+    # Built once and cached: the same bytes come back.
+    assert f.payload(1) is f.payload(1)
+    # More candidates than items: the whole catalogue.
+    small = RequestFactory(LoadConfig(rpc="Rank", item_ids=items[:5], candidates=100))
+    assert len(ranking_pb2.RankRequest.FromString(small.payload(0)).candidate_item_ids) == 5
+
+
+def test_other_rpcs_build_their_requests():
+    cfg = {"user_ids": ["u1", "u2"], "item_ids": ["x", "y", "z"], "k": 20, "budget": 500}
+    rec = ranking_pb2.RecommendRequest.FromString(
+        RequestFactory(LoadConfig(rpc="Recommend", **cfg)).payload(0)
+    )
+    assert (rec.user.user_id, rec.k, rec.retrieval_budget) == ("u1", 20, 500)
+    ret = retrieval_pb2.RetrieveRequest.FromString(
+        RequestFactory(LoadConfig(rpc="Retrieve", **cfg)).payload(1)
+    )
+    assert (ret.user.user_id, ret.budget) == ("u2", 500)
+    f = RequestFactory(LoadConfig(rpc="SimilarItems", **cfg))
+    assert f.population == ["x", "y", "z"]
+    sim = retrieval_pb2.SimilarItemsRequest.FromString(f.payload(2))
+    assert (sim.item_id, sim.k) == ("z", 20)
+
+
+def test_synthetic_ids_when_nothing_is_known():
+    f = RequestFactory(LoadConfig(rpc="Recommend"))
+    assert f.population[0] == "1" and len(f.population) == 1000
+
+
+# --- the engine ----------------------------------------------------------------------------
+
+
+def _slow_serial_server(service_s: float):
+    """A call that holds one lock for ``service_s``: capacity 1 / service_s per second."""
+    lock = asyncio.Lock()
+
+    async def call(seq: int) -> str:
+        async with lock:
+            await asyncio.sleep(service_s)
+        return "OK"
+
+    return call
+
+
+async def test_open_loop_counts_queueing_from_the_intended_send_time():
+    # 200/s against a server that manages 50/s, with a single worker: a
+    # coordinated-omission generator would report ~20 ms for every call.
+    service, interval, n = 0.020, 0.005, 20
+    cfg = LoadConfig(rate=1 / interval, concurrency=1, requests=n, duration_s=None)
+    report = await drive(cfg, _slow_serial_server(service))
+    assert report.sent == n and report.ok == n
+    # Call i is due at i*5 ms and finishes at about (i+1)*20 ms.
+    expected = np.array([(i + 1) * service - i * interval for i in range(n)]) * 1000
+    assert report.latency.max_ms >= 0.9 * expected[-1]
+    assert report.latency.p50_ms >= 0.9 * percentile(expected, 50)
+    assert report.latency.p50_ms > 5 * service * 1000
+    assert report.send_lag is not None
+    assert report.send_lag.max_ms >= 0.9 * (expected[-1] - service * 1000)
+
+
+async def test_open_loop_wait_for_a_free_slot_is_counted_too():
+    # Many slots but a serial server: calls queue inside the server instead.
+    cfg = LoadConfig(rate=200, concurrency=32, requests=20, duration_s=None)
+    report = await drive(cfg, _slow_serial_server(0.020))
+    assert report.latency.max_ms >= 0.9 * (20 * 20 - 19 * 5)
+
+
+async def test_closed_loop_measures_from_the_send_time():
+    cfg = LoadConfig(concurrency=1, requests=10, duration_s=None)
+    report = await drive(cfg, _slow_serial_server(0.010))
+    assert report.mode == "closed" and report.send_lag is None
+    assert 9.0 <= report.latency.p50_ms < 40.0
+
+
+async def test_open_loop_keeps_the_schedule_against_a_fast_server():
+    async def fast(seq: int) -> str:
+        return "OK"
+
+    cfg = LoadConfig(rate=100, concurrency=4, duration_s=0.5)
+    t0 = time.perf_counter()
+    report = await drive(cfg, fast)
+    # Calls due at 0, 10, ..., 490 ms: exactly 50 fit before the deadline.
+    assert report.sent == 50
+    assert 0.45 <= time.perf_counter() - t0 < 1.0
+    assert report.qps == pytest.approx(100, rel=0.15)
+
+
+async def test_stops_after_the_request_count():
+    seen = []
+
+    async def call(seq: int) -> str:
+        seen.append(seq)
+        await asyncio.sleep(0.001)
+        return "OK"
+
+    report = await drive(LoadConfig(concurrency=8, requests=37, duration_s=None), call)
+    assert report.sent == 37 and sorted(seen) == list(range(37))
+    assert report.latency.count == 37
+
+
+async def test_stops_after_the_duration():
+    async def call(seq: int) -> str:
+        await asyncio.sleep(0.010)
+        return "OK"
+
+    t0 = time.perf_counter()
+    report = await drive(LoadConfig(concurrency=4, duration_s=0.3), call)
+    took = time.perf_counter() - t0
+    assert 0.3 <= took < 0.6
+    # Four workers at ~10 ms per call for 0.3 s (timer slack allows fewer).
+    assert 40 <= report.sent <= 4 * 31
+    assert report.elapsed_s == pytest.approx(took, abs=0.05)
+
+
+async def test_errors_are_counted_by_code_and_add_up():
+    async def call(seq: int) -> str:
+        if seq % 5 == 0:
+            return "UNAVAILABLE"
+        if seq % 7 == 0:
+            raise RuntimeError("broken client")
+        return "OK"
+
+    report = await drive(LoadConfig(concurrency=3, requests=70, duration_s=None), call)
+    unavailable = len([s for s in range(70) if s % 5 == 0])
+    broken = len([s for s in range(70) if s % 5 and s % 7 == 0])
+    assert report.errors == {"UNAVAILABLE": unavailable, "CLIENT_RuntimeError": broken}
+    assert report.ok + report.error_count == report.sent == 70
+    assert report.latency.count == report.ok
+    assert "broken client" in report.error_examples["CLIENT_RuntimeError"]
+
+
+async def test_warmup_is_not_in_the_report():
+    calls = 0
+
+    async def call(seq: int) -> str:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.002)
+        return "OK"
+
+    report = await drive(LoadConfig(concurrency=2, requests=10, warmup_s=0.1), call)
+    assert report.sent == 10 and calls > 10
+
+
+async def test_report_json_and_table():
+    async def call(seq: int) -> str:
+        return "OK" if seq % 2 else "DEADLINE_EXCEEDED"
+
+    report = await drive(LoadConfig(concurrency=1, requests=4, duration_s=None), call)
+    doc = report.to_dict()
+    assert doc["sent"] == 4 and doc["errors"] == {"DEADLINE_EXCEEDED": 2}
+    assert doc["latency"]["count"] == 2
+    text = report.table()
+    assert "DEADLINE_EXCEEDED" in text and "p99.9" in text

@@ -1,0 +1,104 @@
+"""``recsys train`` and ``recsys evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from recsys.artifacts import latest_version
+from recsys.config import RecsysSettings
+from recsys.errors import UserFacingError
+
+
+def _hidden_units(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        units = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        units = ()
+    if not units or any(u < 1 for u in units):
+        raise UserFacingError(
+            f"--hidden-units must be comma-separated positive integers, e.g. 256,128 (got {text!r})"
+        )
+    return units
+
+
+def _positive(name: str, value: float | None) -> None:
+    if value is not None and value <= 0:
+        raise UserFacingError(f"{name} must be positive (got {value})")
+
+
+def cli_train(args: argparse.Namespace, settings: RecsysSettings) -> int:
+    """Trains on ``--data``, exports a version under the model dir and prints the report."""
+    from trainer.evaluate import format_report
+    from trainer.loaders import load_dataset
+    from trainer.train import TrainConfig, train
+
+    for flag in ("epochs", "batch_size", "learning_rate", "embedding_dim", "annoy_trees"):
+        _positive("--" + flag.replace("_", "-"), getattr(args, flag, None))
+    cfg = TrainConfig.from_settings(
+        settings.trainer,
+        objective=args.objective,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        hidden_units=_hidden_units(args.hidden_units),
+        embedding_dim=args.embedding_dim,
+        id_embeddings=True if args.id_embeddings else None,
+        annoy_trees=args.annoy_trees,
+        seed=args.seed,
+        data_spec=args.data,
+    )
+    dataset = load_dataset(args.data)
+    if not args.quiet:
+        print(
+            f"train: {dataset.name} from {dataset.source}: {dataset.n_users:,} users, "
+            f"{dataset.n_items:,} items, {dataset.n_ratings:,} ratings",
+            file=sys.stderr,
+        )
+    result = train(
+        dataset, settings.model_dir, cfg, evaluate=True, plots=not args.no_plots, quiet=args.quiet
+    )
+    print(format_report(result.metrics))
+    print(f"\nversion {result.version_dir.name} written to {result.version_dir}")
+    if args.publish:
+        import redis
+
+        from trainer.publish import publish
+
+        client = redis.Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=60)
+        try:
+            rep = publish(
+                result.version_dir,
+                client,
+                history_length=settings.retrieval.history_length,
+                quiet=args.quiet,
+            )
+        except redis.RedisError as exc:
+            raise UserFacingError(f"publish failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            client.close()
+        print(f"published version {rep.version}")
+    return 0
+
+
+def cli_evaluate(args: argparse.Namespace, settings: RecsysSettings) -> int:
+    """Re-evaluates a version (default: the latest) on its held-out split."""
+    from trainer.evaluate import evaluate_version, format_report
+
+    if args.compare:
+        raise UserFacingError("--compare is not implemented yet (planned with bootstrap CIs)")
+    version = args.version or latest_version(settings.model_dir)
+    if version is None:
+        raise UserFacingError(f"no complete model version under {settings.model_dir}")
+    path = Path(version) if Path(version).is_dir() else Path(settings.model_dir) / version
+    metrics = evaluate_version(path, args.data)
+    if args.json:
+        print(json.dumps(metrics, indent=2, sort_keys=True))
+    else:
+        print(f"version {metrics['version']} ({path})")
+        print(format_report(metrics))
+    return 0

@@ -1,0 +1,158 @@
+"""The load generator against a real gRPC echo server in a separate process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.echo import EchoProcess
+from recsys.cli import main as recsys_main
+from recsys.loadtest import LoadConfig, known_ids, run_load
+from recsys.v1 import ranking_pb2
+
+
+@pytest.fixture(scope="module")
+def echo():
+    with EchoProcess() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def failing_echo():
+    with EchoProcess(fail_every=3, fail_code="RESOURCE_EXHAUSTED") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def slow_echo():
+    # 20 ms per call, one call at a time: at most 50 calls per second.
+    with EchoProcess(delay_ms=20, serial=True) as server:
+        yield server
+
+
+async def test_closed_loop_against_echo(echo):
+    cfg = LoadConfig(
+        rpc="Recommend", target=echo.address, concurrency=20, duration_s=1.0, warmup_s=0.2
+    )
+    report = await run_load(cfg)
+    assert report.errors == {}
+    assert report.sent > 50 and report.qps > 0
+    assert report.ok == report.sent == report.latency.count
+    assert report.qps == pytest.approx(report.sent / report.elapsed_s)
+    assert report.channels == 2
+    assert 0 < report.latency.p50_ms <= report.latency.p99_ms <= report.latency.max_ms
+    assert report.client_cpu_s > 0
+
+
+@pytest.mark.parametrize("rpc", ["Rank", "Retrieve", "SimilarItems"])
+async def test_every_rpc_reaches_echo(echo, rpc):
+    report = await run_load(
+        LoadConfig(rpc=rpc, target=echo.address, concurrency=4, requests=40, duration_s=None)
+    )
+    assert report.sent == report.ok == 40
+
+
+async def test_error_codes_are_counted(failing_echo):
+    # The server fails every third call it sees; with a count bound it sees exactly 30.
+    cfg = LoadConfig(
+        rpc="Rank", target=failing_echo.address, concurrency=4, requests=30, duration_s=None
+    )
+    report = await run_load(cfg)
+    assert report.sent == 30
+    assert report.errors == {"RESOURCE_EXHAUSTED": 10}
+    assert report.ok == 20 == report.latency.count
+    assert "fails on purpose" in report.error_examples["RESOURCE_EXHAUSTED"]
+
+
+async def test_no_coordinated_omission_against_a_slow_server(slow_echo):
+    # Open loop at 100/s for 40 calls against a 50/s server: the schedule ends
+    # at 0.39 s but the server needs about 0.8 s, so the last calls wait ~0.4 s.
+    open_loop = await run_load(
+        LoadConfig(
+            rpc="Recommend",
+            target=slow_echo.address,
+            rate=100,
+            concurrency=64,
+            requests=40,
+            duration_s=None,
+        )
+    )
+    assert open_loop.ok == 40
+    assert open_loop.latency.max_ms > 300
+    assert open_loop.latency.p90_ms > 200
+    # The same server measured closed loop with one worker: just the service time.
+    closed = await run_load(
+        LoadConfig(
+            rpc="Recommend", target=slow_echo.address, concurrency=1, requests=10, duration_s=None
+        )
+    )
+    assert 15 < closed.latency.p50_ms < 100
+    assert open_loop.latency.p90_ms > 2 * closed.latency.p99_ms
+
+
+async def test_open_loop_holds_the_rate_against_echo(echo):
+    report = await run_load(
+        LoadConfig(rpc="Recommend", target=echo.address, rate=200, concurrency=8, duration_s=1.0)
+    )
+    assert report.sent == 200 and report.errors == {}
+    assert report.qps == pytest.approx(200, rel=0.2)
+    assert report.send_lag is not None
+
+
+async def test_unreachable_target_reports_unavailable():
+    from recsys.embedded_redis import free_port
+
+    cfg = LoadConfig(
+        target=f"127.0.0.1:{free_port()}", concurrency=2, requests=4, duration_s=None, timeout_s=1
+    )
+    report = await run_load(cfg)
+    assert report.ok == 0 and report.sent == 4
+    assert set(report.errors) <= {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
+
+
+def test_cli_json(echo, capsys, tmp_path):
+    code = recsys_main(
+        [
+            "loadtest", "--rpc", "SimilarItems", "--target", echo.address, "--requests", "25",
+            "--concurrency", "5", "--json", "--model-dir", str(tmp_path / "none"),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr()
+    doc = json.loads(out.out)
+    assert doc["sent"] == 25 and doc["ok"] == 25 and doc["rpc"] == "SimilarItems"
+    assert doc["latency"]["p99_ms"] > 0
+    assert "synthetic user ids" in out.err
+
+
+def test_cli_table_with_known_users(echo, trained_version, capsys):
+    users, items, version = known_ids(trained_version.parent)
+    assert version == trained_version.name
+    assert len(users) == 300 and len(items) == 250
+    code = recsys_main(
+        [
+            "loadtest", "--rpc", "Rank", "--target", echo.address, "--requests", "20",
+            "--concurrency", "2", "--users", "zipf", "--candidates", "100",
+            "--model-dir", str(trained_version.parent),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "users zipf over 300" in text and "requests" in text and "p99.9" in text
+
+
+def test_echo_answers_at_the_real_size(echo):
+    import grpc
+
+    from recsys.v1 import ranking_pb2_grpc
+
+    with grpc.insecure_channel(echo.address) as ch:
+        stub = ranking_pb2_grpc.RankingServiceStub(ch)
+        resp = stub.Recommend(ranking_pb2.RecommendRequest(k=20), timeout=5)
+        assert len(resp.items) == 20 and len(resp.source_reports) == 4
+        assert all(i.title and i.reasons for i in resp.items)
+        ranked = stub.Rank(
+            ranking_pb2.RankRequest(candidate_item_ids=["a", "b", "c"], top_k=20), timeout=5
+        )
+        assert len(ranked.items) == 3

@@ -246,9 +246,16 @@ def top_k(dots: np.ndarray, k: int) -> np.ndarray:
         return np.zeros(0, np.int64)
     if k < n:
         part = np.argpartition(-dots, k - 1)[:k]
-        # lexsort: by score descending, then by position for a deterministic order.
-        return part[np.lexsort((part, -dots[part]))]
-    return np.lexsort((np.arange(n), -dots))
+        # argpartition picks arbitrary members of a tie at the cut; take the
+        # earliest ones so the answer does not depend on the batch layout.
+        cut = dots[part].min()
+        above = np.flatnonzero(dots > cut)
+        tied = np.flatnonzero(dots == cut)[: k - above.size]
+        sel = np.concatenate([above, tied])
+    else:
+        sel = np.arange(n)
+    # By score descending, then by position.
+    return sel[np.lexsort((sel, -dots[sel]))]
 
 
 def score_batch(requests: Sequence[ScoreRequest]) -> list[ScoreResult]:

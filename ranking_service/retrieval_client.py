@@ -8,8 +8,8 @@ from typing import Any
 
 import grpc
 
+from recsys.channels import create_channel
 from recsys.config import RankingSettings
-from recsys.serving import channel_credentials, grpc_options
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
 
 
@@ -41,14 +41,15 @@ class RetrievalClient:
     def __init__(self, settings: RankingSettings):
         self.address = settings.retrieval_address
         self.timeout_s = settings.retrieval_timeout_s
-        options = grpc_options(settings.max_message_bytes)
-        tls = settings.retrieval_tls
-        if tls.enabled or tls.ca_file is not None:
-            self.channel = grpc.aio.secure_channel(
-                self.address, channel_credentials(tls), options=options
-            )
-        else:
-            self.channel = grpc.aio.insecure_channel(self.address, options=options)
+        # One retry of UNAVAILABLE (a dropped connection) is worth it; more would
+        # only spend the deadline that the popular-list fallback needs.
+        self.channel = create_channel(
+            self.address,
+            aio=True,
+            tls=settings.retrieval_tls,
+            max_message_bytes=settings.max_message_bytes,
+            max_attempts=2,
+        )
         token = settings.retrieval_auth_token
         self.metadata = (
             (("authorization", f"Bearer {token.get_secret_value()}"),) if token else None

@@ -1,0 +1,155 @@
+import asyncio
+import threading
+import time
+
+import pytest
+
+from ranking_service.batcher import BatcherClosed, MicroBatcher
+
+
+class Recorder:
+    """A batch function that records what it was given and where it ran."""
+
+    def __init__(self, sleep_s: float = 0.0, fail_on: object = None):
+        self.batches: list[list] = []
+        self.threads: set[str] = set()
+        self.sleep_s = sleep_s
+        self.fail_on = fail_on
+
+    def __call__(self, batch):
+        self.batches.append(list(batch))
+        self.threads.add(threading.current_thread().name)
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
+        if self.fail_on is not None and self.fail_on in batch:
+            raise ValueError(f"bad request {self.fail_on}")
+        return [("answer", x, len(batch)) for x in batch]
+
+
+async def test_each_caller_gets_its_own_result_under_concurrency():
+    fn = Recorder(sleep_s=0.002)
+    b = MicroBatcher(fn, max_batch_size=16, max_wait_s=0.002)
+    try:
+        results = await asyncio.gather(*(b.submit(i) for i in range(200)))
+    finally:
+        await b.close()
+    assert [r[1] for r in results] == list(range(200))
+    assert all(len(batch) <= 16 for batch in fn.batches)
+    assert sorted(x for batch in fn.batches for x in batch) == list(range(200))
+    # Coalescing happened: far fewer calls than requests.
+    assert len(fn.batches) <= 200 // 4
+
+
+async def test_fills_a_batch_within_the_wait_and_runs_a_lone_request_after_it():
+    fn = Recorder()
+    b = MicroBatcher(fn, max_batch_size=8, max_wait_s=0.05)
+    try:
+        first = asyncio.ensure_future(b.submit("a"))
+        await asyncio.sleep(0.005)
+        second = asyncio.ensure_future(b.submit("b"))
+        assert await first == ("answer", "a", 2)
+        assert await second == ("answer", "b", 2)
+        t0 = time.monotonic()
+        assert await b.submit("c") == ("answer", "c", 1)
+        waited = time.monotonic() - t0
+    finally:
+        await b.close()
+    assert fn.batches == [["a", "b"], ["c"]]
+    assert waited >= 0.04  # the lone request waited for company, then ran anyway
+
+
+async def test_full_batch_does_not_wait():
+    fn = Recorder()
+    b = MicroBatcher(fn, max_batch_size=3, max_wait_s=5.0)
+    try:
+        t0 = time.monotonic()
+        out = await asyncio.wait_for(asyncio.gather(*(b.submit(i) for i in range(3))), 2.0)
+    finally:
+        await b.close()
+    assert time.monotonic() - t0 < 1.0
+    assert [r[2] for r in out] == [3, 3, 3]
+
+
+async def test_batches_grow_while_the_worker_is_busy():
+    """Throughput grows with concurrency: requests queue while a batch runs."""
+    fn = Recorder(sleep_s=0.02)
+    b = MicroBatcher(fn, max_batch_size=64, max_wait_s=0.0)
+    try:
+        t0 = time.monotonic()
+        for _ in range(10):
+            await b.submit(0)
+        serial = time.monotonic() - t0
+        t0 = time.monotonic()
+        await asyncio.gather(*(b.submit(i) for i in range(320)))
+        concurrent = time.monotonic() - t0
+    finally:
+        await b.close()
+    # 10 serial requests cost ~10 calls; 320 concurrent ones fit in far fewer calls.
+    assert len(fn.batches) - 10 <= 320 // 16
+    assert concurrent / 320 < (serial / 10) / 5
+
+
+async def test_a_failing_batch_fails_its_callers_only():
+    fn = Recorder(fail_on="bad")
+    b = MicroBatcher(fn, max_batch_size=2, max_wait_s=0.05)
+    try:
+        r = await asyncio.gather(b.submit("bad"), b.submit("ok1"), return_exceptions=True)
+        assert all(isinstance(x, ValueError) for x in r)
+        assert await b.submit("ok2") == ("answer", "ok2", 1)
+    finally:
+        await b.close()
+
+
+async def test_cancelled_callers_cost_no_model_time():
+    fn = Recorder()
+    b = MicroBatcher(fn, max_batch_size=8, max_wait_s=0.05)
+    try:
+        gone = asyncio.ensure_future(b.submit("gone"))
+        await asyncio.sleep(0)
+        gone.cancel()
+        assert await b.submit("kept") == ("answer", "kept", 1)
+    finally:
+        await b.close()
+    assert fn.batches == [["kept"]]
+
+
+async def test_runs_off_the_event_loop_which_stays_responsive():
+    fn = Recorder(sleep_s=0.2)
+    b = MicroBatcher(fn, max_batch_size=4, max_wait_s=0.0, name="score-worker")
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    t = asyncio.ensure_future(ticker())
+    try:
+        await b.submit(1)
+    finally:
+        t.cancel()
+        await b.close()
+    assert fn.threads and all(name.startswith("score-worker") for name in fn.threads)
+    assert ticks >= 5
+
+
+async def test_close_fails_pending_and_later_requests():
+    fn = Recorder(sleep_s=0.1)
+    b = MicroBatcher(fn, max_batch_size=1, max_wait_s=0.0)
+    running = asyncio.ensure_future(b.submit(1))
+    queued = asyncio.ensure_future(b.submit(2))
+    await asyncio.sleep(0.02)
+    await b.close()
+    for fut in (running, queued):
+        with pytest.raises(BatcherClosed):
+            await fut
+    with pytest.raises(BatcherClosed):
+        await b.submit(3)
+
+
+def test_rejects_bad_settings():
+    with pytest.raises(ValueError, match="max_batch_size"):
+        MicroBatcher(lambda b: b, max_batch_size=0, max_wait_s=0.0)
+    with pytest.raises(ValueError, match="max_wait_s"):
+        MicroBatcher(lambda b: b, max_batch_size=1, max_wait_s=-1.0)

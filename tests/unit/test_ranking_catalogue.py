@@ -1,0 +1,36 @@
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from ranking_service.catalogue import IdIndex
+
+ids_st = st.lists(
+    st.text(alphabet=st.characters(blacklist_characters="\x00"), min_size=1, max_size=8),
+    unique=True,
+    max_size=60,
+)
+
+
+@given(catalogue=ids_st, extra=st.lists(st.text(min_size=1, max_size=8), max_size=20))
+def test_lookup_matches_a_dictionary(catalogue, extra):
+    index = IdIndex(catalogue)
+    reference = {iid: row for row, iid in enumerate(catalogue)}
+    query = [*catalogue[::2], *[e.replace("\x00", "") or "x" for e in extra]]
+    rows = index.lookup(query)
+    assert rows.dtype == np.int64
+    assert rows.tolist() == [reference.get(q, -1) for q in query]
+
+
+def test_unknown_ids_are_minus_one_and_order_is_kept():
+    index = IdIndex(["b", "a", "c10", "c2"])
+    assert index.lookup(["c2", "zz", "a", "", "c1", "b"]).tolist() == [3, -1, 1, -1, -1, 0]
+
+
+def test_empty_catalogue_and_empty_query():
+    assert IdIndex([]).lookup(["a", "b"]).tolist() == [-1, -1]
+    assert IdIndex(["a"]).lookup([]).shape == (0,)
+
+
+def test_accepts_numpy_queries_and_unicode():
+    index = IdIndex(["amélie", "東京", "x"])
+    assert index.lookup(np.array(["東京", "amélie", "y"])).tolist() == [1, 0, -1]

@@ -1,0 +1,131 @@
+import shutil
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from ranking_service.model import (
+    HostVectors,
+    LoadedModel,
+    ScoreRequest,
+    TensorVectors,
+    resolve_device,
+    score_batch,
+    top_k,
+)
+from ranking_service.testing import embed, write_synthetic_version
+from recsys.artifacts import USER_TOWER, ArtifactError
+from recsys.errors import UserFacingError
+
+
+@pytest.fixture(scope="module")
+def version_dir(tmp_path_factory):
+    return write_synthetic_version(tmp_path_factory.mktemp("models"), n_items=300, dim=8)
+
+
+@pytest.fixture(scope="module")
+def model(version_dir):
+    return LoadedModel.load(version_dir, "cpu")
+
+
+@given(
+    dots=arrays(np.float32, st.integers(0, 60), elements=st.floats(-1, 1, width=32)),
+    k=st.integers(0, 80),
+)
+def test_top_k_matches_a_full_stable_sort(dots, k):
+    expected = np.argsort(-dots, kind="stable")[:k]
+    assert top_k(dots, k).tolist() == expected.tolist()
+
+
+def test_top_k_breaks_ties_by_position():
+    assert top_k(np.array([0.5, 0.9, 0.5, 0.9, 0.1], np.float32), 3).tolist() == [1, 3, 0]
+
+
+def _user_vectors(version_dir, feats):
+    return embed(version_dir / USER_TOWER, np.asarray(feats, np.float32))
+
+
+def test_batch_scores_equal_one_request_at_a_time(model, version_dir):
+    rng = np.random.default_rng(1)
+    spec = model.version.spec
+    requests = []
+    for n, k in ((300, 10), (1, 5), (57, 57), (120, 200)):
+        feats = rng.normal(0, 3, spec.n_user_features).astype(np.float32)
+        rows = rng.choice(300, size=n, replace=False).astype(np.int64)
+        requests.append(ScoreRequest(model, feats, rows, k))
+    results = score_batch(requests)
+    vectors = np.asarray(model.version.item_vectors)
+    users = _user_vectors(version_dir, np.stack([r.features for r in requests]))
+    for req, res, u in zip(requests, results, users, strict=True):
+        full = vectors[req.rows] @ u
+        pos = {int(r): j for j, r in enumerate(req.rows)}
+        assert len(res.rows) == min(req.k, len(req.rows))
+        assert len(set(res.rows.tolist())) == len(res.rows)
+        # Each returned dot is that row's own score, and they are the k best.
+        np.testing.assert_allclose(res.dots, full[[pos[r] for r in res.rows.tolist()]], atol=1e-5)
+        np.testing.assert_allclose(res.dots, np.sort(full)[::-1][: req.k], atol=1e-5)
+        assert np.all(np.diff(res.dots) <= 0)
+    # Different users really got different answers (the batch did not share one user).
+    assert not np.allclose(users[0], users[1])
+
+
+def test_requests_of_two_versions_in_one_batch_use_their_own(model, tmp_path):
+    other_dir = write_synthetic_version(tmp_path, n_items=300, dim=8, seed=7)
+    other = LoadedModel.load(other_dir, "cpu")
+    feats = model.default_features
+    rows = np.arange(50, dtype=np.int64)
+    a, b = score_batch([ScoreRequest(model, feats, rows, 5), ScoreRequest(other, feats, rows, 5)])
+    (a_alone,) = score_batch([ScoreRequest(model, feats, rows, 5)])
+    (b_alone,) = score_batch([ScoreRequest(other, feats, rows, 5)])
+    np.testing.assert_array_equal(a.dots, a_alone.dots)
+    np.testing.assert_array_equal(b.dots, b_alone.dots)
+    assert not np.allclose(a.dots, b.dots)
+
+
+def test_tensor_vectors_agree_with_host_vectors(model):
+    rng = np.random.default_rng(2)
+    vec = np.asarray(model.version.item_vectors)
+    users = rng.normal(size=(3, vec.shape[1])).astype(np.float32)
+    rows = rng.integers(0, vec.shape[0], 40).astype(np.int64)
+    seg = np.repeat(np.arange(3, dtype=np.int64), [10, 25, 5])
+    host = HostVectors(vec).dots(users, rows, seg)
+    dev = TensorVectors(vec, "/CPU:0").dots(users, rows, seg)
+    np.testing.assert_allclose(host, dev, atol=1e-6)
+    np.testing.assert_allclose(host[:10], vec[rows[:10]] @ users[0], atol=1e-6)
+
+
+def test_host_vectors_stay_memory_mapped(model):
+    assert isinstance(model.vectors, HostVectors)
+    assert isinstance(model.vectors.vectors, np.memmap)
+
+
+def test_load_rejects_a_corrupt_version(version_dir, tmp_path):
+    bad = tmp_path / "9"
+    shutil.copytree(version_dir, bad)
+    vec = bad / "item_vectors.npy"
+    data = bytearray(vec.read_bytes())
+    data[-1] ^= 0xFF
+    vec.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="checksum"):
+        LoadedModel.load(bad, "cpu")
+
+
+def test_popular_rows_and_metadata(model):
+    popular = model.version.top_lists["popular"]
+    assert model.popular_rows.tolist()[:5] == [int(p[0][1:]) for p in popular[:5]]
+    assert model.title(3) == "Item 3"
+    assert list(model.genres(3)) == model.version.item_genre_names(3)
+
+
+def test_device_resolution():
+    import tensorflow as tf
+
+    assert resolve_device("cpu") == "cpu"
+    if tf.config.list_physical_devices("GPU"):
+        assert resolve_device("auto") == "gpu"
+    else:
+        assert resolve_device("auto") == "cpu"
+        with pytest.raises(UserFacingError, match="no GPU"):
+            resolve_device("gpu")

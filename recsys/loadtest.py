@@ -102,6 +102,9 @@ class LoadConfig:
         metadata: Extra call metadata, e.g. ``(("authorization", "Bearer x"),)``.
         progress: Print a live one-line status to stderr.
         max_message_bytes: Largest message accepted either way.
+        inspect: Optional check of each OK response's bytes; a returned label
+            (e.g. ``"retrieval_fallback"``) is counted in ``LoadReport.flagged``.
+            It parses responses, so it costs client CPU; None skips it.
     """
 
     rpc: str = "Recommend"
@@ -124,6 +127,7 @@ class LoadConfig:
     metadata: tuple[tuple[str, str], ...] = ()
     progress: bool = False
     max_message_bytes: int = 16 * 1024 * 1024
+    inspect: Callable[[bytes], str | None] | None = None
 
     def __post_init__(self) -> None:
         method_path(self.rpc)
@@ -218,6 +222,7 @@ class LoadReport:
     ``latency`` covers successful calls only, so fast failures cannot flatter
     the percentiles; in open loop it is measured from each call's due time.
     ``send_lag`` (open loop) is how late calls left compared with the schedule.
+    ``flagged`` counts OK responses that ``LoadConfig.inspect`` labelled.
     """
 
     rpc: str
@@ -240,6 +245,7 @@ class LoadReport:
     client_cores: float
     warmup_s: float = 0.0
     error_examples: dict[str, str] = field(default_factory=dict)
+    flagged: dict[str, int] = field(default_factory=dict)
 
     @property
     def error_count(self) -> int:
@@ -274,6 +280,8 @@ class LoadReport:
             f"  client CPU   {self.client_cpu_s:10.2f} s  ({self.client_cores:.2f} cores busy "
             f"of {os.cpu_count()})"
         )
+        for label, n in sorted(self.flagged.items()):
+            lines.append(f"  flagged {label:18s} {n:8d}  (OK responses)")
         for code, n in sorted(self.errors.items(), key=lambda kv: -kv[1]):
             example = self.error_examples.get(code, "")
             lines.append(f"  error {code:20s} {n:8d}  {example[:80]}")
@@ -504,6 +512,7 @@ async def drive(
     *,
     n_users: int = 0,
     progress_stream: TextIO | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> LoadReport:
     """Runs the warm-up and the measured phase against ``call`` and reports.
 
@@ -512,6 +521,7 @@ async def drive(
         call: Sends request ``seq`` and returns its status code name.
         n_users: Size of the sampled population, for the report.
         progress_stream: Where the live progress line goes (when enabled).
+        on_start: Called after the warm-up, just before the measured phase.
 
     Returns:
         The report of the measured phase.
@@ -519,6 +529,8 @@ async def drive(
     if config.warmup_s > 0:
         warm = _Recorder()
         await _phase(config, call, config.warmup_s, None, warm, time.perf_counter())
+    if on_start is not None:
+        on_start()
     rec = _Recorder()
     cpu0 = time.process_time()
     start = time.perf_counter()
@@ -605,25 +617,39 @@ async def run_load(config: LoadConfig, *, progress_stream: TextIO | None = None)
     async def call(seq: int) -> str:
         payload = factory.payload(sampler())
         try:
-            await stubs[seq % n_ch](payload, timeout=config.timeout_s, metadata=metadata)
+            resp = await stubs[seq % n_ch](payload, timeout=config.timeout_s, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             code = exc.code().name
             examples.setdefault(code, exc.details() or "")
             return code
+        if inspect is not None and (label := inspect(resp)):
+            flagged[label] += 1
         return "OK"
 
     examples: dict[str, str] = {}
+    flagged: Counter = Counter()
+    inspect = config.inspect
+
+    def measured_phase_starts() -> None:
+        examples.clear()
+        flagged.clear()
+
     try:
         await asyncio.gather(
             *(asyncio.wait_for(ch.channel_ready(), timeout=config.timeout_s) for ch in channels),
             return_exceptions=True,
         )
         report = await drive(
-            config, call, n_users=len(factory.population), progress_stream=progress_stream
+            config,
+            call,
+            n_users=len(factory.population),
+            progress_stream=progress_stream,
+            on_start=measured_phase_starts,
         )
     finally:
         await asyncio.gather(*(ch.close() for ch in channels), return_exceptions=True)
     report.error_examples = {**examples, **report.error_examples}
+    report.flagged = dict(sorted(flagged.items()))
     return report
 
 

@@ -156,3 +156,15 @@ def test_echo_answers_at_the_real_size(echo):
             ranking_pb2.RankRequest(candidate_item_ids=["a", "b", "c"], top_k=20), timeout=5
         )
         assert len(ranked.items) == 3
+
+
+async def test_inspect_flags_responses_in_the_measured_phase_only(echo):
+    def short(resp: bytes) -> str | None:
+        items = ranking_pb2.RecommendResponse.FromString(resp).items
+        return "short" if len(items) < 20 else None
+
+    common = {"rpc": "Recommend", "target": echo.address, "concurrency": 2, "inspect": short}
+    few = await run_load(LoadConfig(k=10, requests=30, duration_s=None, warmup_s=0.2, **common))
+    assert few.flagged == {"short": 30} and few.ok == 30
+    full = await run_load(LoadConfig(k=20, requests=30, duration_s=None, **common))
+    assert full.flagged == {} and full.ok == 30

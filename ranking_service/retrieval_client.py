@@ -12,6 +12,9 @@ from recsys.channels import create_channel
 from recsys.config import RankingSettings
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
 
+# Share of the client's remaining deadline kept back from the retrieval call.
+DEADLINE_RESERVE = 0.2
+
 
 class RetrievalUnavailable(Exception):
     """Retrieval could not answer; ``reason`` is safe to show a client."""
@@ -59,7 +62,11 @@ class RetrievalClient:
     async def retrieve(
         self, user: Any, budget: int, sources: Sequence[str], time_remaining: float | None
     ) -> RetrievalAnswer:
-        """Calls Retrieve with ``min(time remaining, retrieval_timeout_s)`` as deadline.
+        """Calls Retrieve with the caller's deadline propagated.
+
+        The deadline is ``min(retrieval_timeout_s, 80% of the time the caller
+        has left)``; the rest is kept to rank the popular list if retrieval
+        does not answer.
 
         Raises:
             RetrievalUnavailable: Down, timed out, overloaded or failing.
@@ -67,7 +74,9 @@ class RetrievalClient:
         """
         timeout = self.timeout_s
         if time_remaining is not None:
-            timeout = max(min(timeout, time_remaining), 0.001)
+            # Keep a share of the caller's deadline to rank the fallback list
+            # if retrieval does not answer in time.
+            timeout = max(min(timeout, time_remaining * (1.0 - DEADLINE_RESERVE)), 0.001)
         request = retrieval_pb2.RetrieveRequest(user=user, budget=budget, sources=list(sources))
         try:
             resp = await self.stub.Retrieve(request, timeout=timeout, metadata=self.metadata)

@@ -8,12 +8,17 @@ is tested against versions the trainer produced.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import numpy as np
 
 from recsys import artifacts as A
+from recsys.config import RankingSettings, RecsysSettings
+from recsys.embedded_redis import free_port
 from recsys.features import FeatureSpec, TargetScale, item_feature_matrix
+
+SERVICE = "recsys.v1.RankingService"
 
 GENRES = ("Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi")
 COUNTRIES = ("us-east", "us-west", "eu")
@@ -128,3 +133,92 @@ def write_synthetic_version(
                 "metrics": {},
             }
         )
+
+
+# --- integration-test helpers ----------------------------------------------------
+
+
+def ranking_settings(model_dir: Path, redis_url: str, **ranking) -> RecsysSettings:
+    """Settings for a test server: loopback, free port, no metrics, CPU, fast reloads."""
+    cfg = {
+        "host": "127.0.0.1",
+        "port": 0,
+        "metrics_port": 0,
+        "reload_interval_s": 0.2,
+        "device": "cpu",
+        "retrieval_address": f"127.0.0.1:{free_port()}",  # closed unless a test says otherwise
+        **ranking,
+    }
+    return RecsysSettings(
+        model_dir=model_dir,
+        redis_url=redis_url,
+        log_format="text",
+        ranking=RankingSettings(**cfg),
+    )
+
+
+class Reference:
+    """The full two-tower model computed independently from the version's files."""
+
+    def __init__(self, version_dir: Path):
+        import tensorflow as tf
+
+        self.mv = A.ModelVersion.open(version_dir)
+        self._user = tf.saved_model.load(str(version_dir / A.USER_TOWER)).signatures[
+            "serving_default"
+        ]
+        item = tf.saved_model.load(str(version_dir / A.ITEM_TOWER)).signatures["serving_default"]
+        feats = tf.constant(np.asarray(self.mv.item_features, np.float32))
+        # Item tower recomputed from item_features.npy, not read from item_vectors.npy.
+        self.items = item(features=feats)["embedding"].numpy()
+        self.row = {iid: i for i, iid in enumerate(self.mv.item_ids)}
+
+    def user_vector(self, features: np.ndarray) -> np.ndarray:
+        """User tower on one feature vector."""
+        import tensorflow as tf
+
+        out = self._user(features=tf.constant(np.asarray(features, np.float32)[None, :]))
+        return out["embedding"].numpy()[0]
+
+    def scores(self, features: np.ndarray, item_ids: list[str]) -> np.ndarray:
+        """Target-scale predictions for one user and the given items."""
+        u = self.user_vector(features)
+        rows = [self.row[i] for i in item_ids]
+        return self.mv.target.from_model(self.items[rows] @ u)
+
+    def known_user_features(self, user_id: str) -> np.ndarray:
+        """The features the trainer fed the user tower for a known user."""
+        row = self.mv.users["user_id"].index(user_id)
+        return np.asarray(self.mv.user_features[row])
+
+
+async def wait_serving(address: str, timeout_s: float = 60.0) -> None:
+    """Waits until the ranking service at ``address`` reports SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while True:
+            try:
+                r = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=1)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"{address} not SERVING after {timeout_s} s")
+            await asyncio.sleep(0.05)
+
+
+async def health(address: str) -> int:
+    """Health status of the ranking service at ``address``."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async with grpc.aio.insecure_channel(address) as ch:
+        r = await health_pb2_grpc.HealthStub(ch).Check(
+            health_pb2.HealthCheckRequest(service=SERVICE), timeout=2
+        )
+        return r.status

@@ -1,0 +1,322 @@
+"""Ranking service end to end: real trained version, real Redis, real gRPC servers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from ranking_service.server import build_server
+from ranking_service.testing import Reference, ranking_settings, wait_serving
+from recsys.config import RetrievalSettings
+from recsys.embedded_redis import free_port
+from recsys.features import (
+    UserProfile,
+    aggregates_from_genre_ratings,
+    default_user_vector,
+    user_feature_vector,
+)
+from recsys.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def reference(trained_version) -> Reference:
+    return Reference(trained_version)
+
+
+@pytest.fixture(scope="module")
+async def retrieval(trained_version, redis_server):
+    from retrieval_service.server import build_server as build_retrieval
+
+    settings = ranking_settings(trained_version.parent, redis_server.url)
+    settings = settings.model_copy(
+        update={"retrieval": RetrievalSettings(host="127.0.0.1", port=0, metrics_port=0)}
+    )
+    handle, app = build_retrieval(settings)
+    await app.start()
+    address = f"127.0.0.1:{handle.port}"
+    yield address
+    await app.stop(0)
+
+
+@pytest.fixture(scope="module")
+async def server(trained_version, redis_server, retrieval):
+    settings = ranking_settings(
+        trained_version.parent,
+        redis_server.url,
+        retrieval_address=retrieval,
+        max_candidates=2000,
+        batch_timeout_ms=2.0,
+        retrieval_timeout_s=2.0,
+    )
+    srv = build_server(settings)
+    await srv.start()
+    await wait_serving(f"127.0.0.1:{srv.port}")
+    yield srv
+    await srv.stop(0)
+
+
+@pytest.fixture(scope="module")
+async def stub(server):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as ch:
+        yield ranking_pb2_grpc.RankingServiceStub(ch)
+
+
+def user_ctx(uid: str = "", **features) -> common_pb2.UserContext:
+    return common_pb2.UserContext(user_id=uid, features=common_pb2.UserFeatures(**features))
+
+
+def rank_request(uid, items, k, **kw) -> ranking_pb2.RankRequest:
+    user = kw.pop("user", None) or user_ctx(uid)
+    return ranking_pb2.RankRequest(user=user, candidate_item_ids=items, top_k=k, **kw)
+
+
+def check_against_reference(resp, reference, features, candidates):
+    """Scores equal the full model; the order is the model's order."""
+    ids = [it.item_id for it in resp.items]
+    got = np.array([it.score for it in resp.items])
+    np.testing.assert_allclose(got, reference.scores(features, ids), atol=TOL)
+    full = np.sort(reference.scores(features, list(candidates)))[::-1]
+    np.testing.assert_allclose(got, full[: len(got)], atol=TOL)
+
+
+async def test_scores_equal_the_full_two_tower_model(stub, published_version, reference):
+    mv = reference.mv
+    rng = np.random.default_rng(0)
+    for uid in mv.users["user_id"][:6]:
+        cands = [mv.item_ids[r] for r in rng.choice(len(mv.item_ids), 120, replace=False)]
+        resp = await stub.Rank(rank_request(uid, cands, 120, include_watched=True), timeout=10)
+        assert resp.model_version == mv.version
+        assert len(resp.items) == 120 and resp.unknown_dropped == 0
+        check_against_reference(resp, reference, reference.known_user_features(uid), cands)
+
+
+async def test_watched_items_are_dropped_unless_asked(stub, published_version, reference):
+    mv = reference.mv
+    row = int(np.argmax([len(h) for h in mv.users["history"]]))
+    uid, history = mv.users["user_id"][row], mv.users["history"][row]
+    unseen = [i for i in mv.item_ids if i not in set(history)][:30]
+    cands = history[:20] + unseen
+    resp = await stub.Rank(rank_request(uid, cands, 100), timeout=10)
+    assert resp.watched_dropped == len(set(history[:20]))
+    assert {it.item_id for it in resp.items} == set(unseen)
+    resp = await stub.Rank(rank_request(uid, cands, 100, include_watched=True), timeout=10)
+    assert resp.watched_dropped == 0 and len(resp.items) == len(cands)
+    # Explicit exclusions apply even with include_watched.
+    user = common_pb2.UserContext(user_id=uid, exclude_item_ids=unseen[:5])
+    resp = await stub.Rank(
+        rank_request(uid, cands, 100, include_watched=True, user=user), timeout=10
+    )
+    assert not {it.item_id for it in resp.items} & set(unseen[:5])
+
+
+async def test_unknown_and_duplicate_ids(stub, published_version, reference):
+    mv = reference.mv
+    cands = [mv.item_ids[0], "no-such-item", mv.item_ids[1], mv.item_ids[0], "nope"]
+    resp = await stub.Rank(rank_request("", cands, 10), timeout=10)
+    assert resp.unknown_dropped == 2
+    assert sorted(it.item_id for it in resp.items) == sorted(mv.item_ids[:2])
+    resp = await stub.Rank(rank_request("", ["x1", "x2"], 10), timeout=10)
+    assert resp.unknown_dropped == 2 and len(resp.items) == 0
+
+
+async def test_cold_start_users_get_ranked_results(stub, published_version, reference):
+    mv = reference.mv
+    spec = mv.spec
+    cands = list(mv.item_ids[:200])
+    genres = {spec.genres[0]: 5.0, spec.genres[1]: 1.5}
+    country = spec.countries[0]
+    user = user_ctx("never-seen-before", age=33, country=country, genre_ratings=genres)
+    resp = await stub.Rank(rank_request("", cands, 15, user=user), timeout=10)
+    assert len(resp.items) == 15
+    expected = user_feature_vector(
+        spec, UserProfile(age=33, country=country), aggregates_from_genre_ratings(spec, genres)
+    )
+    check_against_reference(resp, reference, expected, cands)
+    # Nothing known at all: the default features, still an answer.
+    resp = await stub.Rank(rank_request("brand-new", cands, 15), timeout=10)
+    assert len(resp.items) == 15
+    check_against_reference(resp, reference, default_user_vector(spec), cands)
+
+
+async def test_debug_titles_and_genres(stub, published_version, reference):
+    mv = reference.mv
+    resp = await stub.Rank(rank_request("", list(mv.item_ids[:50]), 5, debug=True), timeout=10)
+    for it in resp.items:
+        row = reference.row[it.item_id]
+        assert it.title == mv.items_meta["title"][row]
+        assert list(it.genres) == mv.item_genre_names(row)
+        assert it.debug.model_version == mv.version
+        assert mv.target.from_model(np.float32(it.debug.raw_score)) == pytest.approx(
+            it.score, abs=TOL
+        )
+    plain = await stub.Rank(rank_request("", list(mv.item_ids[:50]), 5), timeout=10)
+    assert not plain.items[0].HasField("debug")
+
+
+async def test_concurrent_callers_each_get_their_own_answer(
+    stub, server, published_version, reference
+):
+    mv = reference.mv
+    rng = np.random.default_rng(3)
+    users = mv.users["user_id"][:50]
+    reqs = [
+        rank_request(
+            uid,
+            [mv.item_ids[r] for r in rng.choice(len(mv.item_ids), int(n), replace=False)],
+            10,
+        )
+        for uid, n in zip(users, rng.integers(20, 240, len(users)), strict=True)
+    ]
+    alone = [await stub.Rank(r, timeout=10) for r in reqs]
+    batches_before = server.ranker.batcher.batches
+    together = await asyncio.gather(*(stub.Rank(r, timeout=10) for r in reqs))
+    batches = server.ranker.batcher.batches - batches_before
+    for a, b in zip(alone, together, strict=True):
+        assert [i.item_id for i in a.items] == [i.item_id for i in b.items]
+        np.testing.assert_allclose([i.score for i in a.items], [i.score for i in b.items], 1e-5)
+    # Users differ, so answers differ: a mix-up inside a batch would show.
+    assert len({tuple(i.item_id for i in r.items) for r in together}) > 40
+    assert batches < len(reqs)  # requests were coalesced
+
+
+BAD_RANK = [
+    ("empty candidates", {"candidate_item_ids": []}, "candidate_item_ids"),
+    ("too many", {"candidate_item_ids": [f"i{k}" for k in range(2001)]}, "candidate_item_ids"),
+    ("empty id", {"candidate_item_ids": ["1", ""]}, "candidate_item_ids[1]"),
+    ("long id", {"candidate_item_ids": ["x" * 300]}, "candidate_item_ids[0]"),
+    ("negative top_k", {"top_k": -1}, "top_k"),
+    ("huge top_k", {"top_k": 5000}, "top_k"),
+    ("long user", {"user": common_pb2.UserContext(user_id="u" * 300)}, "user.user_id"),
+    ("bad age", {"user": user_ctx("", age=-4)}, "user.features.age"),
+]
+
+
+@pytest.mark.parametrize(("name", "kw", "field"), BAD_RANK, ids=[b[0] for b in BAD_RANK])
+async def test_bad_rank_input_is_invalid_argument(stub, name, kw, field):
+    kw = {"candidate_item_ids": ["1", "2"], **kw}
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Rank(ranking_pb2.RankRequest(**kw), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(field + ":")
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [({"k": -1}, "k"), ({"k": 1001}, "k"), ({"retrieval_budget": -5}, "retrieval_budget"),
+     ({"retrieval_budget": 2001}, "retrieval_budget"), ({"sources": [""]}, "sources[0]")],
+)  # fmt: skip
+async def test_bad_recommend_input_is_invalid_argument(stub, kw, field):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Recommend(ranking_pb2.RecommendRequest(**kw), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(field + ":")
+
+
+async def test_recommend_ranks_what_retrieval_returns(stub, published_version, reference):
+    mv = reference.mv
+    uid = mv.users["user_id"][7]
+    resp = await stub.Recommend(
+        ranking_pb2.RecommendRequest(user=user_ctx(uid), k=10, debug=True), timeout=10
+    )
+    assert not resp.retrieval_fallback and resp.fallback_reason == ""
+    assert resp.index_version == mv.version and resp.model_version == mv.version
+    assert resp.source_reports and all(r.source for r in resp.source_reports)
+    assert len(resp.items) == 10
+    for it in resp.items:
+        assert it.sources and list(it.debug.sources) == list(it.sources)
+        assert set(it.debug.source_scores) <= set(it.sources)
+    ids = [it.item_id for it in resp.items]
+    np.testing.assert_allclose(
+        [it.score for it in resp.items],
+        reference.scores(reference.known_user_features(uid), ids),
+        atol=TOL,
+    )
+    assert np.all(np.diff([it.score for it in resp.items]) <= TOL)
+    watched = set(mv.users["history"][7])
+    assert not watched & set(ids)
+
+
+async def test_recommend_falls_back_to_popular_when_retrieval_is_down(
+    trained_version, redis_server, published_version, reference
+):
+    closed = f"127.0.0.1:{free_port()}"
+    srv = build_server(
+        ranking_settings(trained_version.parent, redis_server.url, retrieval_address=closed)
+    )
+    await srv.start()
+    try:
+        await wait_serving(f"127.0.0.1:{srv.port}")
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            s = ranking_pb2_grpc.RankingServiceStub(ch)
+            resp = await s.Recommend(
+                ranking_pb2.RecommendRequest(user=user_ctx("cold"), k=8, debug=True), timeout=10
+            )
+    finally:
+        await srv.stop(0)
+    assert resp.retrieval_fallback and "retrieval" in resp.fallback_reason
+    assert resp.index_version == "" and len(resp.source_reports) == 0
+    popular = {p[0] for p in reference.mv.top_lists["popular"]}
+    assert len(resp.items) == 8 and {it.item_id for it in resp.items} <= popular
+    assert all(list(it.sources) == ["popular"] for it in resp.items)
+    ids = [it.item_id for it in resp.items]
+    np.testing.assert_allclose(
+        [it.score for it in resp.items],
+        reference.scores(default_user_vector(reference.mv.spec), ids),
+        atol=TOL,
+    )
+
+
+async def test_recommend_propagates_the_deadline_and_still_answers(
+    trained_version, redis_server, published_version
+):
+    from bench.echo import EchoProcess
+
+    with EchoProcess(delay_ms=3000) as echo:
+        srv = build_server(
+            ranking_settings(
+                trained_version.parent,
+                redis_server.url,
+                retrieval_address=echo.address,
+                retrieval_timeout_s=30.0,
+            )
+        )
+        await srv.start()
+        try:
+            await wait_serving(f"127.0.0.1:{srv.port}")
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+                s = ranking_pb2_grpc.RankingServiceStub(ch)
+                t0 = time.monotonic()
+                resp = await s.Recommend(
+                    ranking_pb2.RecommendRequest(user=user_ctx("u"), k=5), timeout=1.0
+                )
+                elapsed = time.monotonic() - t0
+        finally:
+            await srv.stop(0)
+    # Retrieval got (most of) the client's 1 s, not its own 30 s, and the
+    # popular list was ranked in the time kept back.
+    assert resp.retrieval_fallback and "did not answer within" in resp.fallback_reason
+    assert len(resp.items) == 5
+    assert elapsed < 1.0
+
+
+async def test_redis_down_degrades_to_request_features(trained_version, reference):
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    srv = build_server(ranking_settings(trained_version.parent, dead))
+    await srv.start()
+    try:
+        await wait_serving(f"127.0.0.1:{srv.port}")
+        mv = reference.mv
+        uid = mv.users["user_id"][0]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+            s = ranking_pb2_grpc.RankingServiceStub(ch)
+            resp = await s.Rank(rank_request(uid, list(mv.item_ids[:100]), 10), timeout=10)
+    finally:
+        await srv.stop(0)
+    assert len(resp.items) == 10
+    check_against_reference(resp, reference, default_user_vector(mv.spec), list(mv.item_ids[:100]))

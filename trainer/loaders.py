@@ -126,7 +126,7 @@ class _Table:
 
     path: Path
     rows: list[list[str]]
-    lines: list[int]
+    lines: Sequence[int]  # a range when every row is one line
 
     def error(self, row: int, message: str) -> DataError:
         """A DataError for data row ``row`` (0-based)."""
@@ -150,14 +150,19 @@ def _read(
     try:
         with open(path, encoding=encoding, newline="") as f:
             reader = csv.reader(f, delimiter=delimiter, quoting=quoting, strict=True)
-            rows: list[list[str]] = []
-            lines: list[int] = []
-            start = 1
-            for row in reader:
-                if row:
-                    rows.append(row)
-                    lines.append(start)
-                start = reader.line_num + 1
+            rows: list[list[str]] = list(reader)
+            lines: Sequence[int] = range(1, len(rows) + 1)
+            if reader.line_num != len(rows) or not all(rows):
+                # Blank lines or quoted newlines: track where each row starts (slower).
+                f.seek(0)
+                reader = csv.reader(f, delimiter=delimiter, quoting=quoting, strict=True)
+                rows, lines = [], []
+                start = 1
+                for row in reader:
+                    if row:
+                        rows.append(row)
+                        lines.append(start)
+                    start = reader.line_num + 1
     except UnicodeDecodeError as exc:
         line = _line_of_byte(path, exc, encoding)
         raise DataError(f"{path}, line {line}: not {encoding} text") from None

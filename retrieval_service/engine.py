@@ -183,9 +183,15 @@ class RetrievalEngine:
             chosen = self.sources
         return q.budget or s.default_budget, chosen
 
-    async def _hydrate(
+    async def hydrate(
         self, served: ServedVersion, q: RetrieveQuery, deadline: float
     ) -> RetrievalContext:
+        """Builds the request's context: one pipelined Redis read, then request overrides.
+
+        Redis trouble never fails the call: the context then describes an
+        unknown user (plus whatever the request carries) with
+        ``hydrate_error`` set, and Redis-backed sources report ERROR.
+        """
         stored: StoredUser | None = None
         error: str | None = None
         start = time.perf_counter()
@@ -279,7 +285,7 @@ class RetrievalEngine:
         budget, chosen = self._validate(q)
         served = self.current()
         deadline = time.monotonic() + (DEFAULT_DEADLINE_S if timeout_s is None else timeout_s)
-        ctx = await self._hydrate(served, q, deadline)
+        ctx = await self.hydrate(served, q, deadline)
         excluded = ctx.watched | ctx.excluded | set(ctx.recent)
         n_excluded = len(excluded)
         # Ask for a little more than the quota when filtering will drop some,

@@ -17,6 +17,9 @@ from typing import Any
 
 from recsys.artifacts import ArtifactError, ModelVersion
 
+# Nodes inspected per tree, at least, by SimilarItems (see ServedVersion.similar).
+SIMILAR_MIN_SEARCH = 20
+
 
 @dataclass(frozen=True)
 class Neighbour:
@@ -68,8 +71,16 @@ class ServedVersion:
         return out[:k]
 
     def similar(self, item_id: str, k: int) -> list[Neighbour]:
-        """Neighbours of ``item_id``; raises KeyError for an id outside the catalogue."""
-        return self.neighbours_of_row(self.item_index[item_id], k)
+        """Neighbours of ``item_id``; raises KeyError for an id outside the catalogue.
+
+        Annoy's default search (``(k + 1) * n_trees`` nodes) misses a few true
+        neighbours at small ``k``; a user-facing "more like this" list
+        searches at least ``SIMILAR_MIN_SEARCH`` nodes per tree.
+        """
+        search_k = self.search_k
+        if search_k < 0:
+            search_k = max(k + 1, SIMILAR_MIN_SEARCH) * self.annoy.get_n_trees()
+        return self.neighbours_of_row(self.item_index[item_id], k, search_k)
 
 
 def load_served_version(path: str | Path, *, search_k: int = -1) -> ServedVersion:

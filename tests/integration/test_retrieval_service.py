@@ -1,0 +1,456 @@
+"""Retrieval service end to end: real Redis, a real published trained version, real gRPC."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import pytest_asyncio
+import redis
+import redis.asyncio as aioredis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from recsys import redis_keys
+from recsys.artifacts import ModelVersion
+from recsys.config import load_settings
+from recsys.embedded_redis import free_port
+from recsys.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
+from retrieval_service.server import SERVICE_NAME, build_server
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+OK = common_pb2.SOURCE_STATUS_OK
+TIMEOUT = common_pb2.SOURCE_STATUS_TIMEOUT
+ERROR = common_pb2.SOURCE_STATUS_ERROR
+
+
+class CountingConnection(aioredis.Connection):
+    """A real connection that counts socket writes: one per command or pipeline."""
+
+    writes = 0
+
+    async def send_packed_command(self, command, check_health=True):
+        type(self).writes += 1
+        return await super().send_packed_command(command, check_health)
+
+
+def counting_client(url: str) -> aioredis.Redis:
+    pool = aioredis.ConnectionPool.from_url(url, connection_class=CountingConnection)
+    return aioredis.Redis(connection_pool=pool)
+
+
+def default_sources(timeout_ms: float = 1000.0) -> list[dict]:
+    """The default source set with generous timeouts: a loaded CI box must not flake."""
+    from recsys.config import _default_sources
+
+    return [{**s, "timeout_ms": timeout_ms} for s in _default_sources()]
+
+
+def settings_for(model_dir: Path, redis_url: str, **retrieval):
+    rs = {
+        "port": 0,
+        "metrics_port": 0,
+        "reload_interval_s": 3600.0,
+        "sources": default_sources(),
+        **retrieval,
+    }
+    return load_settings(model_dir=model_dir, redis_url=redis_url, retrieval=rs)
+
+
+async def wait_serving(channel: grpc.aio.Channel, timeout: float = 20.0) -> None:
+    stub = health_pb2_grpc.HealthStub(channel)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        res = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+        if res.status == health_pb2.HealthCheckResponse.SERVING:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("retrieval server never became SERVING")
+
+
+class Running:
+    """A started server plus a client stub."""
+
+    def __init__(self, settings, client=None):
+        self.settings = settings
+        self.client = client
+
+    async def __aenter__(self) -> Running:
+        self.handle, self.app = build_server(self.settings, redis=self.client)
+        await self.app.start()
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{self.handle.port}")
+        self.stub = retrieval_pb2_grpc.RetrievalServiceStub(self.channel)
+        await wait_serving(self.channel)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.channel.close()
+        await self.app.stop(0)
+
+
+@pytest.fixture(scope="module")
+def published(redis_server, trained_version: Path) -> Path:
+    """The trained version published once for this module (tests use distinct user ids)."""
+    from trainer.publish import publish
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    publish(trained_version, client, quiet=True)
+    client.close()
+    return trained_version
+
+
+@pytest.fixture(scope="module")
+def mv(published: Path) -> ModelVersion:
+    return ModelVersion.open(published)
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def server(published: Path, redis_server):
+    settings = settings_for(published.parent, redis_server.url)
+    async with Running(settings, counting_client(redis_server.url)) as running:
+        yield running
+
+
+def heavy_user(mv: ModelVersion) -> tuple[str, list[str]]:
+    """The user with the longest training history."""
+    users = mv.users
+    row = max(range(len(users["user_id"])), key=lambda r: len(users["history"][r]))
+    return str(users["user_id"][row]), [str(i) for i in users["history"][row]]
+
+
+def typical_user(mv: ModelVersion) -> tuple[str, list[str]]:
+    """A user with a median-length training history."""
+    users = mv.users
+    rows = sorted(range(len(users["user_id"])), key=lambda r: len(users["history"][r]))
+    row = rows[len(rows) // 2]
+    return str(users["user_id"][row]), [str(i) for i in users["history"][row]]
+
+
+def request(user_id: str, budget: int = 0, **user) -> retrieval_pb2.RetrieveRequest:
+    return retrieval_pb2.RetrieveRequest(
+        user=common_pb2.UserContext(user_id=user_id, **user), budget=budget
+    )
+
+
+async def test_health_and_version(server: Running, mv: ModelVersion):
+    res = await server.stub.Retrieve(request(heavy_user(mv)[0], 10), timeout=5)
+    assert res.index_version == mv.version
+    assert len(res.candidates) == 10
+
+
+async def test_known_user_dedup_attribution_and_watched_filter(server: Running, mv: ModelVersion):
+    user, history = typical_user(mv)
+    r = redis.Redis.from_url(server.settings.redis_url.get_secret_value())
+    watched = {m.decode() for m in r.smembers(redis_keys.user_watched(user))}
+    assert set(history) <= watched
+    res = await server.stub.Retrieve(request(user, 120), timeout=5)
+    ids = [c.item_id for c in res.candidates]
+    assert len(ids) == 120 and len(set(ids)) == 120
+    assert not set(ids) & watched, "watched items must be filtered"
+    assert set(ids) <= set(mv.item_ids)
+    assert {r.source: r.status for r in res.source_reports} == {
+        "similar_to_recent": OK, "top_genre": OK, "top_country": OK, "popular": OK,
+    }  # fmt: skip
+    assert not res.degraded
+    multi = [c for c in res.candidates if len(c.sources) > 1]
+    assert multi, "a 250-item catalogue must give overlapping sources"
+    for c in res.candidates:
+        assert len(set(c.sources)) == len(c.sources)
+        assert set(c.source_scores) <= set(c.sources)
+        if c.source_scores:
+            assert c.score == pytest.approx(max(c.source_scores.values()))
+    # Attribution is true: every item credited to a source is in that source's own
+    # answer (asked with a larger budget, so its list is a superset of the first one).
+    for name in ("similar_to_recent", "top_genre", "top_country", "popular"):
+        own = await server.stub.Retrieve(
+            retrieval_pb2.RetrieveRequest(
+                user=common_pb2.UserContext(user_id=user), budget=5000, sources=[name]
+            ),
+            timeout=5,
+        )
+        credited = {c.item_id for c in res.candidates if name in c.sources}
+        assert credited <= {c.item_id for c in own.candidates}, name
+        assert all(c.sources == [name] for c in own.candidates)
+    similar = [c for c in res.candidates if "similar_to_recent" in c.sources]
+    assert similar and all(c.seed_item_id in watched for c in similar)
+    genre = [c for c in res.candidates if "top_genre" in c.sources]
+    assert genre and all(c.genre in mv.spec.genres for c in genre)
+
+
+async def test_heavy_watcher_still_gets_a_full_list(server: Running, mv: ModelVersion):
+    user, history = heavy_user(mv)
+    unwatched = len(mv.item_ids) - len(set(history))
+    res = await server.stub.Retrieve(request(user, 500), timeout=5)
+    # Budget 500 over a 250-item catalogue: every unwatched item, via the fallback chain.
+    assert len(res.candidates) == unwatched
+
+
+async def test_record_interaction_is_seen_by_next_retrieve(server: Running, mv: ModelVersion):
+    user = "new-user-record"
+    first = await server.stub.Retrieve(request(user, 50), timeout=5)
+    assert first.candidates
+    item = first.candidates[0].item_id
+    res = await server.stub.RecordInteraction(
+        retrieval_pb2.RecordInteractionRequest(user_id=user, item_id=item, rating=5.0), timeout=5
+    )
+    assert (res.history_length, res.rating_count) == (1, 1)
+    second = await server.stub.Retrieve(request(user, 50), timeout=5)
+    ids = [c.item_id for c in second.candidates]
+    assert item not in ids
+    # The new history seeds the similarity source and the genre source.
+    assert any(c.seed_item_id == item for c in second.candidates)
+    assert any("top_genre" in c.sources for c in second.candidates)
+    r = redis.Redis.from_url(server.settings.redis_url.get_secret_value())
+    assert r.lrange(redis_keys.user_recent(user), 0, -1) == [item.encode()]
+    assert r.hget(redis_keys.user_state(user), "nr") == b"1"
+
+
+async def test_request_overrides_history_and_excludes(server: Running, mv: ModelVersion):
+    seeds = mv.item_ids[:3]
+    exclude = [mv.item_ids[10], mv.item_ids[11]]
+    res = await server.stub.Retrieve(
+        request("cold-override", 100, recent_item_ids=seeds, exclude_item_ids=exclude),
+        timeout=5,
+    )
+    ids = {c.item_id for c in res.candidates}
+    assert not ids & (set(seeds) | set(exclude))
+    seeds_used = {c.seed_item_id for c in res.candidates if c.seed_item_id}
+    assert seeds_used and seeds_used <= set(seeds)
+
+
+async def test_cold_start_user(server: Running, mv: ModelVersion):
+    country = mv.spec.countries[0]
+    res = await server.stub.Retrieve(
+        retrieval_pb2.RetrieveRequest(
+            user=common_pb2.UserContext(
+                user_id="never-seen", features=common_pb2.UserFeatures(country=country)
+            ),
+            budget=40,
+        ),
+        timeout=5,
+    )
+    counts = {r.source: (r.status, r.count) for r in res.source_reports}
+    assert counts["similar_to_recent"] == (OK, 0)
+    assert counts["top_genre"] == (OK, 0)
+    assert counts["top_country"][0] == OK and counts["top_country"][1] > 0
+    assert len(res.candidates) == 40 and not res.degraded
+    popular_top = [i for i, _ in mv.top_lists["popular"][:5]]
+    assert popular_top[0] in {c.item_id for c in res.candidates}
+
+
+async def test_similar_items_match_brute_force(server: Running, mv: ModelVersion):
+    vec = np.asarray(mv.item_vectors, np.float64)
+    vec /= np.linalg.norm(vec, axis=1, keepdims=True)
+    recalls = []
+    for row in range(0, len(mv.item_ids), 25):
+        item = mv.item_ids[row]
+        res = await server.stub.SimilarItems(
+            retrieval_pb2.SimilarItemsRequest(item_id=item, k=10), timeout=5
+        )
+        got = [n.item_id for n in res.items]
+        assert len(got) == 10 and item not in got
+        cos = vec @ vec[row]
+        cos[row] = -np.inf
+        exact = {mv.item_ids[i] for i in np.argsort(-cos)[:10]}
+        recalls.append(len(exact & set(got)) / 10)
+        for n in res.items:
+            assert n.score == pytest.approx(cos[mv.item_index[n.item_id]], abs=1e-3)
+        assert [n.score for n in res.items] == sorted((n.score for n in res.items), reverse=True)
+    assert np.mean(recalls) >= 0.95
+
+
+@pytest.mark.parametrize(
+    ("rpc", "req", "field"),
+    [
+        ("Retrieve", retrieval_pb2.RetrieveRequest(), "user.user_id"),
+        ("Retrieve", request("x" * 257), "user.user_id"),
+        ("Retrieve", request("u", -1), "budget"),
+        ("Retrieve", request("u", 5001), "budget"),
+        (
+            "Retrieve",
+            retrieval_pb2.RetrieveRequest(
+                user=common_pb2.UserContext(user_id="u"), sources=["popular", "nope"]
+            ),
+            "sources[1]",
+        ),
+        ("Retrieve", request("u", exclude_item_ids=["1", ""]), "user.exclude_item_ids[1]"),
+        ("Retrieve", request("u", recent_item_ids=["y" * 300]), "user.recent_item_ids[0]"),
+        ("SimilarItems", retrieval_pb2.SimilarItemsRequest(item_id="", k=5), "item_id"),
+        ("SimilarItems", retrieval_pb2.SimilarItemsRequest(item_id="z" * 257, k=5), "item_id"),
+        ("SimilarItems", retrieval_pb2.SimilarItemsRequest(item_id="1", k=0), "k"),
+        ("SimilarItems", retrieval_pb2.SimilarItemsRequest(item_id="1", k=1001), "k"),
+        ("RecordInteraction", retrieval_pb2.RecordInteractionRequest(item_id="1"), "user_id"),
+        (
+            "RecordInteraction",
+            retrieval_pb2.RecordInteractionRequest(user_id="u", item_id="1", rating=9.0),
+            "rating",
+        ),
+        (
+            "RecordInteraction",
+            retrieval_pb2.RecordInteractionRequest(user_id="u", item_id="1", rating=float("nan")),
+            "rating",
+        ),
+    ],
+)
+async def test_bad_input_is_invalid_argument(server: Running, rpc, req, field):
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await getattr(server.stub, rpc)(req, timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith(field + ":"), err.value.details()
+
+
+@pytest.mark.parametrize("rpc", ["SimilarItems", "RecordInteraction"])
+async def test_unknown_item_is_not_found(server: Running, rpc):
+    req = (
+        retrieval_pb2.SimilarItemsRequest(item_id="no-such-item", k=5)
+        if rpc == "SimilarItems"
+        else retrieval_pb2.RecordInteractionRequest(user_id="u", item_id="no-such-item")
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await getattr(server.stub, rpc)(req, timeout=5)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no-such-item" in err.value.details()
+
+
+async def test_at_most_two_redis_round_trips_per_retrieve(server: Running, mv: ModelVersion):
+    user, _ = heavy_user(mv)
+    sync = redis.Redis.from_url(server.settings.redis_url.get_secret_value())
+    await server.stub.Retrieve(request(user, 500), timeout=5)  # warm the pool
+    sync.config_resetstat()
+    before = CountingConnection.writes
+    n = 20
+    for _ in range(n):
+        res = await server.stub.Retrieve(request(user, 500), timeout=5)
+        assert all(r.status == OK for r in res.source_reports), res.source_reports
+    per_call = (CountingConnection.writes - before) / n
+    assert per_call <= 2, per_call
+    stats = sync.info("commandstats")
+    # Cross-check from the server's side: the sorted-set reads really happened, batched.
+    assert stats["cmdstat_hgetall"]["calls"] == n
+    assert stats["cmdstat_zrevrange"]["calls"] >= 3 * n
+
+
+# --- third-party sources through a real entry point ------------------------------
+
+PLUGIN = textwrap.dedent(
+    """
+    import asyncio
+    from typing import Literal
+    from retrieval_service.sources.base import Candidate, SourceBase, SourceConfig
+
+    class SlowConfig(SourceConfig):
+        type: Literal["test_slow"] = "test_slow"
+        sleep_s: float = 5.0
+
+    class SlowSource(SourceBase):
+        config_model = SlowConfig
+        async def retrieve(self, ctx, k):
+            await asyncio.sleep(self.config.sleep_s)
+            return [Candidate(ctx.served.item_ids[0])]
+
+    class BrokenConfig(SourceConfig):
+        type: Literal["test_broken"] = "test_broken"
+
+    class BrokenSource(SourceBase):
+        config_model = BrokenConfig
+        async def retrieve(self, ctx, k):
+            raise RuntimeError("plugin exploded")
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def plugin_path(tmp_path_factory):
+    """Installs a test-only distribution (dist-info + entry points) on sys.path."""
+    root = tmp_path_factory.mktemp("site")
+    (root / "recsys_test_plugin.py").write_text(PLUGIN)
+    info = root / "recsys_test_plugin-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: recsys-test-plugin\nVersion: 0.1\n"
+    )
+    (info / "entry_points.txt").write_text(
+        "[recsys.candidate_sources]\n"
+        "test_slow = recsys_test_plugin:SlowSource\n"
+        "test_broken = recsys_test_plugin:BrokenSource\n"
+    )
+    sys.path.insert(0, str(root))
+    yield root
+    sys.path.remove(str(root))
+    sys.modules.pop("recsys_test_plugin", None)
+
+
+async def test_slow_and_broken_plugins_degrade_not_fail(
+    plugin_path, published: Path, redis_server, mv: ModelVersion
+):
+    sources = [
+        *default_sources(),
+        {"name": "slow", "type": "test_slow", "timeout_ms": 40, "budget": 10},
+        {"name": "broken", "type": "test_broken"},
+    ]
+    settings = settings_for(published.parent, redis_server.url, sources=sources)
+    async with Running(settings) as srv:
+        start = time.perf_counter()
+        res = await srv.stub.Retrieve(request(heavy_user(mv)[0], 100), timeout=5)
+        elapsed = time.perf_counter() - start
+        reports = {r.source: r for r in res.source_reports}
+        assert reports["slow"].status == TIMEOUT
+        assert 30 <= reports["slow"].latency_ms < 1000
+        assert reports["broken"].status == ERROR
+        assert "plugin exploded" in reports["broken"].message
+        for name in ("similar_to_recent", "top_genre", "top_country", "popular"):
+            assert reports[name].status == OK
+        assert res.degraded and len(res.candidates) == 100
+        assert elapsed < 1.0
+        # The request deadline caps a source's own timeout.
+        slow_only = retrieval_pb2.RetrieveRequest(
+            user=common_pb2.UserContext(user_id="u"), sources=["slow", "broken"]
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await srv.stub.Retrieve(slow_only, timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "slow: TIMEOUT" in err.value.details() and "broken: ERROR" in err.value.details()
+
+
+async def test_unknown_config_key_is_rejected_at_startup(plugin_path, published, redis_server):
+    from retrieval_service.errors import SourceConfigError
+
+    bad = [{"name": "slow", "type": "test_slow", "sleep_seconds": 1}]
+    with pytest.raises(SourceConfigError, match=r"name='slow'.*unknown key 'sleep_seconds'"):
+        build_server(settings_for(published.parent, redis_server.url, sources=bad))
+
+
+async def test_redis_down_degrades_to_memory_sources(published: Path, mv: ModelVersion):
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    settings = load_settings(
+        model_dir=published.parent,
+        redis_url=dead,
+        redis_timeout_s=0.05,
+        retrieval={
+            "port": 0,
+            "metrics_port": 0,
+            "reload_interval_s": 3600.0,
+            "sources": default_sources(),
+        },
+    )
+    async with Running(settings) as srv:
+        start = time.perf_counter()
+        res = await srv.stub.Retrieve(request("u", 50, recent_item_ids=mv.item_ids[:2]), timeout=2)
+        assert time.perf_counter() - start < 1.0
+        reports = {r.source: r.status for r in res.source_reports}
+        assert reports["similar_to_recent"] == OK and reports["popular"] == OK
+        assert reports["top_country"] == OK  # no country known: nothing to read
+        assert res.degraded and len(res.candidates) == 50
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await srv.stub.RecordInteraction(
+                retrieval_pb2.RecordInteractionRequest(user_id="u", item_id=mv.item_ids[0]),
+                timeout=2,
+            )
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE

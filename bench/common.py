@@ -311,7 +311,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             lines.append("")
             continue
         lines += ["| figure | value |", "|---|---|"]
-        for key, value in _flatten({k: v for k, v in res.items() if k not in ("targets",)}):
+        # Raw per-run detail ("runs") stays in the JSON; the table shows the summaries.
+        shown = {k: v for k, v in res.items() if k not in ("targets", "runs")}
+        for key, value in _flatten(shown):
             lines.append(f"| {key} | {_fmt(value)} |")
         lines.append("")
     return "\n".join(lines) + "\n"

@@ -1,0 +1,226 @@
+"""End-to-end benchmark: ``Recommend`` through both real services vs a bare echo server.
+
+Setup, all on this machine: an embedded Redis, a two-tower model trained on
+the built-in synthetic dataset (2,000 users, 1,500 items, 100k ratings) and
+published, and the retrieval and ranking services started as separate
+processes with ``recsys serve`` (through :func:`recsys.stack.start_stack`,
+the code behind ``recsys up``). The request is the issue's: every configured
+retrieval source (4), budget 500, top 20, users drawn uniformly from the
+known ones.
+
+The baseline is :mod:`bench.echo` in its own process, answering with the
+bytes of a real ``Recommend`` response captured first, so both runs move the
+same bytes through the same gRPC stack. Runs alternate echo/real (twice in
+the full run) and the figure that counts is throughput real / echo, which
+cancels most of the machine's speed and noise.
+
+The load generator runs in this process, separate from every server; its
+CPU time and that of each server process (from ``/proc``) are reported, so a
+reader can see how the machine's cores were shared.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import header, ratio, target
+from bench.echo import EchoProcess
+from recsys.loadtest import LoadConfig, LoadReport, known_ids, run_load
+from recsys.v1 import ranking_pb2
+
+CONCURRENCY = 64
+BUDGET = 500
+K = 20
+TARGET_RATIO = 0.25
+TARGET_P99_MS = 50.0
+
+
+def _proc_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process, from /proc (None when gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # After the command name: state is field 3, utime 14 and stime 15 (1-based).
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _inspect(resp: bytes) -> str | None:
+    """Labels answers that are OK on the wire but not the full path."""
+    r = ranking_pb2.RecommendResponse.FromString(resp)
+    if r.retrieval_fallback:
+        return "retrieval_fallback"
+    if len(r.items) < K:
+        return "fewer_than_k"
+    if any(s.status != 1 for s in r.source_reports):  # 1 = SOURCE_STATUS_OK
+        return "source_degraded"
+    return None
+
+
+def _train(model_dir: Path, epochs: int, log: Path) -> float:
+    """Trains the built-in synthetic dataset with ``recsys train`` in a child process."""
+    env = {**os.environ, "RECSYS_MODEL_DIR": str(model_dir), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    cmd = [sys.executable, "-m", "recsys.cli", "train", "--data", "synthetic"]
+    cmd += ["--epochs", str(epochs), "--no-plots", "--quiet"]
+    t0 = time.perf_counter()
+    with open(log, "wb") as out:
+        subprocess.run(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, check=True)
+    return time.perf_counter() - t0
+
+
+async def _load(cfg: LoadConfig) -> LoadReport:
+    return await run_load(cfg)
+
+
+def _measure(
+    label: str, cfg: LoadConfig, pids: dict[str, int]
+) -> tuple[LoadReport, dict[str, float]]:
+    before = {name: _proc_cpu_s(pid) for name, pid in pids.items()}
+    report = asyncio.run(_load(cfg))
+    cpu = {}
+    for name, pid in pids.items():
+        after = _proc_cpu_s(pid)
+        if after is not None and before[name] is not None:
+            # Warm-up included: the server cannot tell the phases apart.
+            cpu[name] = round(after - before[name], 2)
+    cpu["load_generator"] = round(report.client_cpu_s, 2)
+    lat = report.latency
+    print(
+        f"  {label:5s} {report.qps:8.1f} req/s  p50 {lat.p50_ms:6.2f}  p99 {lat.p99_ms:6.2f}  "
+        f"p99.9 {lat.p999_ms:6.2f}  max {lat.max_ms:7.2f} ms  errors {report.error_count}  "
+        f"flagged {sum(report.flagged.values())}  cpu s {cpu}",
+        flush=True,
+    )
+    return report, cpu
+
+
+def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "qps": statistics.fmean(r["qps"] for r in runs),
+        "p50_ms": statistics.fmean(r["latency"]["p50_ms"] for r in runs),
+        "p99_ms": max(r["latency"]["p99_ms"] for r in runs),  # worst round counts
+        "p999_ms": max(r["latency"]["p999_ms"] or 0.0 for r in runs),
+        "max_ms": max(r["latency"]["max_ms"] for r in runs),
+        "requests": sum(r["sent"] for r in runs),
+        "errors": sum(sum(r["errors"].values()) for r in runs),
+        "flagged": sum(sum(r["flagged"].values()) for r in runs),
+    }
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    from recsys.config import load_settings
+    from recsys.stack import start_stack
+
+    print(header("end-to-end Recommend vs echo", "e2e", quick), flush=True)
+    rounds, duration, warmup, epochs = (1, 4.0, 1.5, 3) if quick else (2, 15.0, 3.0, 10)
+    out: dict[str, Any] = {
+        "setup": {
+            "dataset": "synthetic (2000 users, 1500 items, 100k ratings)",
+            "request": f"Recommend, all configured sources, budget {BUDGET}, k {K}",
+            "concurrency": CONCURRENCY,
+            "rounds": rounds,
+            "duration_s": duration,
+            "warmup_s": warmup,
+            "epochs": epochs,
+            "client": "recsys.loadtest closed loop, in the benchmark process (servers are "
+            "separate processes); latency over OK responses",
+        }
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
+        root = Path(tmp)
+        model_dir = root / "models"
+        out["setup"]["train_s"] = round(_train(model_dir, epochs, root / "train.log"), 1)
+        settings = load_settings(
+            model_dir=model_dir,
+            log_format="text",
+            log_level="WARNING",
+            retrieval={"port": 0, "metrics_port": 0},
+            ranking={"port": 0, "metrics_port": 0},
+        )
+        stack = start_stack(settings, quiet=True, log_dir=root / "logs")
+        try:
+            users, _items, version = known_ids(model_dir)
+            out["setup"]["model_version"] = version
+            out["setup"]["users"] = len(users)
+            pids = {"ranking": stack.procs[1].pid, "retrieval": stack.procs[0].pid}
+            if stack.redis is not None and stack.redis.proc is not None:
+                pids["redis"] = stack.redis.proc.pid
+            sample = _capture(stack.ranking_address, users[0])
+            out["setup"]["response_bytes"] = len(sample)
+            out["setup"]["sample_flag"] = _inspect(sample)
+            base = {
+                "rpc": "Recommend",
+                "concurrency": CONCURRENCY,
+                "duration_s": duration,
+                "warmup_s": warmup,
+                "budget": BUDGET,
+                "k": K,
+                "user_ids": users,
+                "inspect": _inspect,
+                "timeout_s": 2.0,
+            }
+            echo_runs, real_runs, cpu_log = [], [], []
+            with EchoProcess(fixed={"Recommend": sample}) as echo:
+                for i in range(rounds):
+                    print(f"round {i + 1}/{rounds}", flush=True)
+                    rep, cpu = _measure(
+                        "echo",
+                        LoadConfig(target=echo.address, seed=i, **base),
+                        {"echo": echo.proc.pid},
+                    )
+                    echo_runs.append(rep.to_dict())
+                    cpu_log.append({"run": f"echo{i + 1}", **cpu})
+                    rep, cpu = _measure(
+                        "real", LoadConfig(target=stack.ranking_address, seed=i, **base), pids
+                    )
+                    real_runs.append(rep.to_dict())
+                    cpu_log.append({"run": f"real{i + 1}", **cpu})
+        finally:
+            stack.stop()
+    echo_s, real_s = _summary(echo_runs), _summary(real_runs)
+    rel = ratio(real_s["qps"], echo_s["qps"], unit="req/s")
+    out["recommend"] = {"echo": echo_s, "real": real_s, "cpu_s": cpu_log}
+    out["ratios"] = {"recommend_qps_vs_echo": rel}
+    out["targets"] = [
+        target("recommend_qps_vs_echo", rel["ratio"], ">=", TARGET_RATIO),
+        target(f"recommend_p99_ms_at_{CONCURRENCY}_streams", real_s["p99_ms"], "<=", TARGET_P99_MS),
+        target("recommend_errors_and_degraded", real_s["errors"] + real_s["flagged"], "==", 0),
+    ]
+    out["runs"] = {"echo": echo_runs, "real": real_runs}
+    print(
+        f"Recommend: real {real_s['qps']:.1f} req/s vs echo {echo_s['qps']:.1f} req/s = "
+        f"{rel['ratio']:.1%} (target >= {TARGET_RATIO:.0%}); real p99 {real_s['p99_ms']:.2f} ms "
+        f"(target <= {TARGET_P99_MS:g}); errors {real_s['errors']}, degraded {real_s['flagged']}",
+        flush=True,
+    )
+    return out
+
+
+def _capture(address: str, user_id: str) -> bytes:
+    """One real Recommend answer, serialised (the echo server replays it)."""
+    import grpc
+
+    from recsys.v1 import common_pb2
+
+    req = ranking_pb2.RecommendRequest(
+        user=common_pb2.UserContext(user_id=user_id), k=K, retrieval_budget=BUDGET
+    )
+    with grpc.insecure_channel(address) as ch:
+        call = ch.unary_unary("/recsys.v1.RankingService/Recommend")
+        # A first call may pay for lazy initialisation; the second is the sample.
+        call(req.SerializeToString(), timeout=30)
+        return call(req.SerializeToString(), timeout=10)
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=2, default=str))

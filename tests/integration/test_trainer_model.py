@@ -1,0 +1,169 @@
+"""Two-tower model, SavedModel export and a real (short) training run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from recsys import artifacts as A
+from recsys.artifacts import ArtifactError, ModelVersion
+from recsys.features import FeatureSpec
+
+SPEC = FeatureSpec(genres=("a", "b", "c"), countries=("us", "de"), genders=("F", "M"))
+
+
+def _samples(n: int = 64, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    u = rng.normal(3, 2, (n, SPEC.n_user_features)).astype(np.float32)
+    i = rng.normal(1990, 20, (n, SPEC.n_item_features)).astype(np.float32)
+    return u, i
+
+
+def test_towers_give_unit_vectors_and_dot_predictions():
+    from trainer.model import build_two_tower
+
+    u, i = _samples()
+    tt = build_two_tower(SPEC, hidden_units=(16, 8), embedding_dim=6, user_sample=u, item_sample=i)
+    ue = np.asarray(tt.user_tower(u))
+    ie = np.asarray(tt.item_tower(i))
+    assert ue.shape == (64, 6) and ie.shape == (64, 6)
+    np.testing.assert_allclose(np.linalg.norm(ue, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(ie, axis=1), 1.0, atol=1e-5)
+    pred = tt.model.predict([u, i], verbose=0)
+    assert pred.shape == (64, 1)
+    np.testing.assert_allclose(pred[:, 0], np.sum(ue * ie, axis=1), atol=1e-5)
+    assert tt.embedding_dim == 6
+    with pytest.raises(ValueError, match="objective"):
+        build_two_tower(SPEC, objective="ranking")  # type: ignore[arg-type]
+
+
+def test_binary_head_matches_target_scale():
+    from trainer.model import build_two_tower
+
+    u, i = _samples(seed=1)
+    y = (np.arange(64) % 2).astype(np.float32)[:, None]
+    tt = build_two_tower(
+        SPEC, hidden_units=(8,), embedding_dim=4, objective="binary", user_sample=u, item_sample=i
+    )
+    tt.model.fit([u, i], y, epochs=2, verbose=0)
+    target = tt.target_scale(SPEC)
+    assert target.objective == "binary" and target.logit_scale != 1.0
+    dots = np.sum(np.asarray(tt.user_tower(u)) * np.asarray(tt.item_tower(i)), axis=1)
+    np.testing.assert_allclose(
+        target.from_model(dots), tt.model.predict([u, i], verbose=0)[:, 0], atol=1e-5
+    )
+
+
+def test_saved_model_equals_keras_tower(tmp_path):
+    import tensorflow as tf
+
+    from trainer.export import save_tower
+    from trainer.model import build_two_tower
+
+    u, i = _samples(seed=2)
+    tt = build_two_tower(SPEC, hidden_units=(16,), embedding_dim=5, user_sample=u, item_sample=i)
+    save_tower(tt.user_tower, tmp_path / "user")
+    fn = tf.saved_model.load(str(tmp_path / "user")).signatures[A.SIGNATURE]
+    assert fn.structured_input_signature[1][A.INPUT_KEY].shape.as_list() == [
+        None, SPEC.n_user_features,
+    ]  # fmt: skip
+    # Raw (unnormalised) features go in: the normalisation is inside the graph.
+    out = fn(**{A.INPUT_KEY: tf.constant(u)})[A.OUTPUT_KEY].numpy()
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, np.asarray(tt.user_tower(u)), atol=1e-5)
+
+
+def test_exported_version_is_complete_and_consistent(trained_version):
+    import tensorflow as tf
+
+    mv = ModelVersion.open(trained_version)
+    for rel in A.REQUIRED_FILES:
+        assert (trained_version / rel).is_file()
+    n_users = len(mv.users["user_id"])
+    assert mv.user_features.shape == (n_users, mv.spec.n_user_features)
+    assert mv.user_aggregates.shape == (n_users, len(A.aggregate_columns(mv.spec)))
+    assert mv.item_features.shape == (len(mv.item_ids), mv.spec.n_item_features)
+    np.testing.assert_allclose(np.linalg.norm(mv.item_vectors, axis=1), 1.0, atol=1e-5)
+    # The item SavedModel reproduces item_vectors.npy (computed by the Keras tower).
+    fn = mv.load_tower(A.ITEM_TOWER).signatures[A.SIGNATURE]
+    out = fn(**{A.INPUT_KEY: tf.constant(np.asarray(mv.item_features))})[A.OUTPUT_KEY].numpy()
+    np.testing.assert_allclose(out, mv.item_vectors, atol=1e-5)
+    # Annoy row i is item i: its nearest neighbour is itself.
+    index = mv.annoy_index()
+    for row in (0, len(mv.item_ids) // 2, len(mv.item_ids) - 1):
+        assert index.get_nns_by_item(row, 1)[0] == row
+    m = mv.manifest
+    assert m["target"]["objective"] == "rating"
+    assert m["dataset"]["sha256"] and m["dataset"]["split"]["seed"] == 0
+    assert m["annoy"] == {"metric": "angular", "trees": 10, "seed": 0}
+    assert m["model"]["hidden_units"] == [64, 32]
+    assert not [p for p in trained_version.parent.iterdir() if p.name.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncate", "no_manifest"])
+def test_damaged_version_is_refused(trained_version, tmp_path, damage):
+    broken = tmp_path / "7"
+    shutil.copytree(trained_version, broken)
+    if damage == "corrupt":
+        arr = np.load(broken / A.ITEM_VECTORS)
+        arr[0, 0] += 1.0
+        np.save(broken / A.ITEM_VECTORS, arr)
+        match = "checksum mismatch for item_vectors.npy"
+    elif damage == "truncate":
+        data = (broken / A.USERS).read_bytes()
+        (broken / A.USERS).write_bytes(data[: len(data) // 2])
+        match = "users.json has"
+    else:
+        (broken / A.MANIFEST).unlink()
+        match = "no manifest.json"
+    with pytest.raises(ArtifactError, match=match):
+        ModelVersion.open(broken)
+
+
+def test_same_seed_same_model_other_seed_differs(trained_version, train_version, tmp_path):
+    again = train_version(tmp_path / "a", seed=0)
+    other = train_version(tmp_path / "b", seed=1)
+    base = ModelVersion.open(trained_version)
+    np.testing.assert_array_equal(ModelVersion.open(again).item_vectors, base.item_vectors)
+    assert (again / A.TOP_LISTS).read_bytes() == (trained_version / A.TOP_LISTS).read_bytes()
+    assert not np.allclose(ModelVersion.open(other).item_vectors, base.item_vectors)
+
+
+@pytest.fixture(scope="module")
+def evaluated_version(tmp_path_factory):
+    from trainer.synthetic import generate
+    from trainer.train import TrainConfig, train
+
+    data = generate(600, 400, 30_000, 3, 1)
+    cfg = TrainConfig(
+        epochs=6, hidden_units=(64, 32), annoy_trees=5, patience=2, data_spec="synthetic:test"
+    )
+    return train(data, tmp_path_factory.mktemp("eval_models"), cfg, quiet=True)
+
+
+def test_short_training_run_beats_global_mean(evaluated_version):
+    m = evaluated_version.metrics
+    assert m["model"]["rmse"] < m["baselines"]["global_mean"]["rmse"]
+    assert m["model"]["rmse"] < 1.0
+    curve = m["retrieval_curve"]
+    assert [c["budget"] for c in curve] == [50, 100, 200, 500, 1000]
+    recalls = [c["retrieval_recall"] for c in curve]
+    assert recalls == sorted(recalls) and recalls[-1] > recalls[0]
+    assert 0 < m["top10"]["model"]["recall@10"] <= 1
+
+
+def test_report_files_are_checksummed(evaluated_version):
+    from trainer.evaluate import format_report
+
+    path = evaluated_version.version_dir
+    manifest = json.loads((path / A.MANIFEST).read_text())
+    for name in ("metrics.json", "retrieval_curve.png", "baselines.png"):
+        assert name in manifest["files"]
+        assert (path / name).stat().st_size > 0
+    assert (path / "retrieval_curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((path / "metrics.json").read_text()) == manifest["metrics"]
+    table = format_report(manifest["metrics"])
+    assert "user/item bias" in table and f"{manifest['metrics']['model']['rmse']:.4f}" in table

@@ -44,17 +44,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def module_name(area: str) -> str:
+    """``bench.<area>`` for an area name; a dotted name is taken as a module path."""
+    return area if "." in area else f"bench.{area}"
+
+
 def area_exists(area: str) -> bool:
-    """True when ``bench/<area>.py`` is there to run."""
-    return importlib.util.find_spec(f"bench.{area}") is not None
+    """True when the area's module is there to run."""
+    try:
+        return importlib.util.find_spec(module_name(area)) is not None
+    except ModuleNotFoundError:
+        return False
 
 
 def run_area(area: str, quick: bool) -> dict[str, Any]:
-    """Imports ``bench.<area>`` and calls its ``run``; the result must be a dict."""
-    module = importlib.import_module(f"bench.{area}")
+    """Imports the area's module and calls its ``run``; the result must be a dict."""
+    module = importlib.import_module(module_name(area))
     result = module.run(quick=quick)
     if not isinstance(result, dict):
-        raise TypeError(f"bench.{area}.run returned {type(result).__name__}, not a dict")
+        raise TypeError(f"{module_name(area)}.run returned {type(result).__name__}, not a dict")
     return result
 
 
@@ -86,6 +94,42 @@ def _in_child(area: str, quick: bool, timeout: float) -> tuple[dict[str, Any] | 
     return doc["result"], None
 
 
+def run_all(
+    names: list[str], *, quick: bool, in_process: bool = False, timeout: float = 3600.0
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """Runs areas one after another; a failing area is recorded and the rest still run.
+
+    Returns:
+        ``(results, areas)``: each area's figures, and each area's
+        ``{"status": "ok"|"failed"|"missing", "seconds", "error"}``.
+    """
+    results: dict[str, Any] = {}
+    areas: dict[str, dict[str, Any]] = {}
+    for area in names:
+        if not area_exists(area):
+            areas[area] = {"status": "missing", "seconds": 0.0}
+            print(f"-- {area}: no {module_name(area)} module, skipped", flush=True)
+            continue
+        print(f"-- {area}: running", flush=True)
+        a0 = time.perf_counter()
+        if in_process:
+            try:
+                result, error = run_area(area, quick), None
+            except Exception:
+                result, error = None, traceback.format_exc()
+        else:
+            result, error = _in_child(area, quick, timeout)
+        seconds = time.perf_counter() - a0
+        if error is not None:
+            areas[area] = {"status": "failed", "seconds": seconds, "error": error}
+            print(f"-- {area}: FAILED after {seconds:.1f} s\n{error}", file=sys.stderr, flush=True)
+        else:
+            areas[area] = {"status": "ok", "seconds": seconds}
+            results[area] = result
+            print(f"-- {area}: done in {seconds:.1f} s", flush=True)
+    return results, areas
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.child:
@@ -96,30 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     machine = common.machine_info()
     print(f"machine: {common.describe_machine(machine)}\ncommand: {command}\n", flush=True)
     t0 = time.perf_counter()
-    results: dict[str, Any] = {}
-    areas: dict[str, dict[str, Any]] = {}
-    for area in args.only or AREAS:
-        if not area_exists(area):
-            areas[area] = {"status": "missing", "seconds": 0.0}
-            print(f"-- {area}: no bench/{area}.py, skipped", flush=True)
-            continue
-        print(f"-- {area}: running", flush=True)
-        a0 = time.perf_counter()
-        if args.in_process:
-            try:
-                result, error = run_area(area, args.quick), None
-            except Exception:
-                result, error = None, traceback.format_exc()
-        else:
-            result, error = _in_child(area, args.quick, args.timeout)
-        seconds = time.perf_counter() - a0
-        if error is not None:
-            areas[area] = {"status": "failed", "seconds": seconds, "error": error}
-            print(f"-- {area}: FAILED after {seconds:.1f} s\n{error}", file=sys.stderr, flush=True)
-        else:
-            areas[area] = {"status": "ok", "seconds": seconds}
-            results[area] = result
-            print(f"-- {area}: done in {seconds:.1f} s", flush=True)
+    results, areas = run_all(
+        args.only or list(AREAS),
+        quick=args.quick,
+        in_process=args.in_process,
+        timeout=args.timeout,
+    )
     md, js = common.write_results(
         results,
         areas,

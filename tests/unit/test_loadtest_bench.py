@@ -1,0 +1,81 @@
+"""Benchmark report helpers: targets, ratios, machine description, results files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+
+import pytest
+
+from bench import common
+
+
+def test_target_comparisons():
+    assert common.target("qps", 0.3, ">=", 0.25)["met"] is True
+    assert common.target("qps", 0.2, ">=", 0.25)["met"] is False
+    assert common.target("p99", 49.0, "<=", 50)["met"] is True
+    assert common.target("errors", 0, "==", 0)["met"] is True
+    assert common.target("errors", 3, "==", 0)["met"] is False
+    assert common.target("x", None, ">=", 1)["met"] is False
+    assert common.target("x", math.nan, "<=", 1)["met"] is False
+    with pytest.raises(ValueError, match="comparison"):
+        common.target("x", 1, "=>", 1)
+
+
+def test_ratio_keeps_both_sides():
+    r = common.ratio(30.0, 120.0, unit="req/s")
+    assert r == {"ratio": 0.25, "value": 30.0, "baseline": 120.0, "unit": "req/s"}
+    assert math.isnan(common.ratio(1.0, 0.0)["ratio"])
+
+
+def test_machine_info_describes_this_machine():
+    m = common.machine_info()
+    assert m["cores"] >= 1 and m["cpu_model"]
+    assert m["versions"]["numpy"] and m["python"].count(".") == 2
+    line = common.describe_machine(m)
+    assert f"{m['cores']} cores" in line and "device:" in line
+
+
+def test_reproduce_command():
+    assert common.reproduce_command() == "python -m bench"
+    assert common.reproduce_command("e2e", quick=True) == "python -m bench --only e2e --quick"
+
+
+def test_results_files(tmp_path):
+    results = {
+        "e2e": {
+            "qps": 123.4,
+            "ratios": {"qps_vs_echo": common.ratio(100.0, 400.0)},
+            "targets": [
+                common.target("qps_vs_echo", 0.25, ">=", 0.25),
+                common.target("p99_ms", 80.0, "<=", 50.0),
+            ],
+            "runs": {"real": [{"huge": "detail"}]},
+            "nan": math.nan,
+        }
+    }
+    areas = {
+        "e2e": {"status": "ok", "seconds": 3.0},
+        "data": {"status": "failed", "seconds": 1.0, "error": "Traceback: boom"},
+        "training": {"status": "missing", "seconds": 0.0},
+    }
+    started = dt.datetime(2025, 3, 4, 5, 6, 7, tzinfo=dt.UTC)
+    machine = {**common.machine_info(), "host": "my host/1"}
+    md, js = common.write_results(
+        results, areas, command="python -m bench", started_at=started, duration_s=4.0,
+        machine=machine, out_dir=tmp_path,
+    )  # fmt: skip
+    assert md.name == "2025-03-04-my-host-1.md" and js.name == "2025-03-04-my-host-1.json"
+    doc = json.loads(js.read_text())
+    assert doc["command"] == "python -m bench" and doc["machine"]["host"] == "my host/1"
+    assert [t["met"] for t in doc["targets"]] == [True, False]
+    assert doc["targets"][0]["area"] == "e2e"
+    assert doc["ratios"][0]["ratio"] == 0.25 and doc["ratios"][0]["name"] == "qps_vs_echo"
+    assert doc["results"]["e2e"]["nan"] is None  # strict JSON: no NaN
+    text = md.read_text()
+    assert "| e2e | p99_ms | 80 | <= 50 | NO |" in text
+    assert "| e2e | qps_vs_echo | 0.25 | >= 0.25 | yes |" in text
+    assert "Traceback: boom" in text and "training: missing" in text
+    assert "| qps | 123.4 |" in text
+    assert "huge" not in text  # per-run detail only in the JSON

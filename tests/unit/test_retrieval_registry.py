@@ -1,0 +1,115 @@
+"""Source registry (entry points + config validation) and request validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from recsys.config import RetrievalSettings, _default_sources
+from retrieval_service.engine import RetrievalEngine, RetrieveQuery
+from retrieval_service.errors import InvalidArgument, NotFound, SourceConfigError, Unavailable
+from retrieval_service.registry import ENTRY_POINT_GROUP, available_sources, build_sources
+from retrieval_service.sources.annoy_similar import AnnoySimilarConfig, AnnoySimilarSource
+from retrieval_service.sources.base import CandidateSource
+from retrieval_service.sources.top_lists import PopularSource, TopCountrySource, TopGenreSource
+
+
+def test_builtins_are_registered_through_entry_points():
+    found = available_sources()
+    assert ENTRY_POINT_GROUP == "recsys.candidate_sources"
+    expected = {
+        "annoy_similar": AnnoySimilarSource,
+        "redis_top_genre": TopGenreSource,
+        "redis_top_country": TopCountrySource,
+        "popular": PopularSource,
+    }
+    for name, cls in expected.items():
+        assert found[name].load() is cls
+
+
+def test_default_config_builds_every_builtin():
+    sources = build_sources(_default_sources())
+    assert [s.name for s in sources] == [
+        "similar_to_recent", "top_genre", "top_country", "popular",
+    ]  # fmt: skip
+    assert all(isinstance(s, CandidateSource) for s in sources)
+    sim = sources[0]
+    assert isinstance(sim.config, AnnoySimilarConfig)
+    assert sim.config.budget == 200 and sim.config.timeout_ms == 50
+    assert sources[1].config.tier == "segment" and sources[3].config.tier == "popular"
+
+
+@pytest.mark.parametrize(
+    ("entries", "match"),
+    [
+        (
+            [{"name": "a", "type": "annoy_similar", "seedz": 3}],
+            r"\[0\] \(name='a'\): unknown key 'seedz'",
+        ),
+        (
+            [{"name": "a", "type": "no_such"}],
+            r"unknown source type 'no_such'; installed .*annoy_similar",
+        ),
+        ([{"name": "a"}], r"missing key 'type'"),
+        ([{"name": "Bad-Name", "type": "popular"}], r"name: .*snake_case"),
+        ([{"name": "a", "type": "popular", "budget": 0}], r"budget: .*greater than or equal to 1"),
+        ([{"name": "a", "type": "popular", "weight": -1}], r"weight"),
+        (
+            [{"name": "a", "type": "popular"}, {"name": "a", "type": "redis_top_country"}],
+            r"\[1\] \(name='a'\): duplicate source name 'a'",
+        ),
+        ([], r"retrieval.sources is empty"),
+        (["popular"], r"expected a table"),
+    ],
+)
+def test_bad_source_config_names_source_and_key(entries, match):
+    with pytest.raises(SourceConfigError, match=match):
+        build_sources(entries)
+
+
+def _engine(**overrides) -> RetrievalEngine:
+    settings = RetrievalSettings(**overrides)
+    return RetrievalEngine(settings, build_sources(_default_sources()), redis=None)
+
+
+@pytest.mark.parametrize(
+    ("query", "field"),
+    [
+        (RetrieveQuery(""), "user.user_id"),
+        (RetrieveQuery("é" * 129), "user.user_id"),  # 258 bytes in UTF-8
+        (RetrieveQuery("u", budget=-1), "budget"),
+        (RetrieveQuery("u", budget=5001), "budget"),
+        (RetrieveQuery("u", sources=("popular", "nope")), "sources[1]"),
+        (RetrieveQuery("u", recent=("a", "")), "user.recent_item_ids[1]"),
+        (RetrieveQuery("u", exclude=("x" * 257,)), "user.exclude_item_ids[0]"),
+    ],
+)
+async def test_retrieve_validation_happens_before_anything_else(query, field):
+    with pytest.raises(InvalidArgument) as err:
+        await _engine().retrieve(query)
+    assert err.value.field == field
+    assert str(err.value).startswith(field + ": ")
+
+
+async def test_valid_query_without_a_version_is_unavailable():
+    with pytest.raises(Unavailable, match="no model version loaded"):
+        await _engine().retrieve(RetrieveQuery("u", budget=10, sources=("popular",)))
+
+
+@pytest.mark.parametrize(
+    ("item", "k", "field"), [("", 5, "item_id"), ("1", 0, "k"), ("1", 11, "k")]
+)
+def test_similar_validation(item, k, field):
+    with pytest.raises(InvalidArgument) as err:
+        _engine(max_similar_k=10).similar(item, k)
+    assert err.value.field == field
+
+
+async def test_record_validation():
+    engine = _engine()
+    with pytest.raises(InvalidArgument, match=r"^user_id: must not be empty"):
+        await engine.record("", "1", None)
+    with pytest.raises(InvalidArgument, match=r"^timestamp"):
+        await engine.record("u", "1", None, timestamp=-5)
+    with pytest.raises(Unavailable):
+        await engine.record("u", "1", 4.0)
+    assert NotFound.code == "NOT_FOUND" and InvalidArgument.code == "INVALID_ARGUMENT"

@@ -1,4 +1,4 @@
-"""End-to-end benchmark: ``Recommend`` through both real services vs a bare echo server.
+"""End-to-end benchmark: ``Recommend`` and ``Rank`` on the real services vs a bare echo server.
 
 Setup, all on this machine: an embedded Redis, a two-tower model trained on
 the built-in synthetic dataset (2,000 users, 1,500 items, 100k ratings) and
@@ -6,10 +6,11 @@ published, and the retrieval and ranking services started as separate
 processes with ``recsys serve`` (through :func:`recsys.stack.start_stack`,
 the code behind ``recsys up``). The request is the issue's: every configured
 retrieval source (4), budget 500, top 20, users drawn uniformly from the
-known ones.
+known ones. ``Rank`` sends 1,000 candidates from the catalogue per request (the
+ranking service alone; bench/ranking.py measures its internals, not this).
 
 The baseline is :mod:`bench.echo` in its own process, answering with the
-bytes of a real ``Recommend`` response captured first, so both runs move the
+bytes of a real response captured first, so both runs move the
 same bytes through the same gRPC stack. Runs alternate echo/real (twice in
 the full run) and the figure that counts is throughput real / echo, which
 cancels most of the machine's speed and noise.
@@ -39,8 +40,9 @@ from recsys.v1 import ranking_pb2
 CONCURRENCY = 64
 BUDGET = 500
 K = 20
-TARGET_RATIO = 0.25
-TARGET_P99_MS = 50.0
+RANK_CANDIDATES = 1000
+# (throughput vs echo at least, p99 at most in ms) per RPC, from the issues.
+TARGETS = {"Recommend": (0.25, 50.0), "Rank": (0.40, 25.0)}
 
 
 def _proc_cpu_s(pid: int) -> float | None:
@@ -53,8 +55,13 @@ def _proc_cpu_s(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def _inspect_rank(resp: bytes) -> str | None:
+    """Labels Rank answers that are short of k items."""
+    return "fewer_than_k" if len(ranking_pb2.RankResponse.FromString(resp).items) < K else None
+
+
 def _inspect(resp: bytes) -> str | None:
-    """Labels answers that are OK on the wire but not the full path."""
+    """Labels Recommend answers that are OK on the wire but not the full path."""
     r = ranking_pb2.RecommendResponse.FromString(resp)
     if r.retrieval_fallback:
         return "retrieval_fallback"
@@ -115,16 +122,64 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _compare(
+    rpc: str,
+    stack,
+    base: dict[str, Any],
+    sample: bytes,
+    rounds: int,
+    pids: dict[str, int],
+) -> dict[str, Any]:
+    """Alternates echo and real runs of one RPC and checks the targets."""
+    min_ratio, max_p99 = TARGETS[rpc]
+    echo_runs, real_runs, cpu_log = [], [], []
+    with EchoProcess(fixed={rpc: sample}) as echo:
+        for i in range(rounds):
+            print(f"{rpc} round {i + 1}/{rounds}", flush=True)
+            for label, address, watched in (
+                ("echo", echo.address, {"echo": echo.proc.pid}),
+                ("real", stack.ranking_address, pids),
+            ):
+                rep, cpu = _measure(label, LoadConfig(target=address, seed=i, **base), watched)
+                (echo_runs if label == "echo" else real_runs).append(rep.to_dict())
+                cpu_log.append({"run": f"{label}{i + 1}", **cpu})
+    echo_s, real_s = _summary(echo_runs), _summary(real_runs)
+    rel = ratio(real_s["qps"], echo_s["qps"], unit="req/s")
+    name = rpc.lower()
+    print(
+        f"{rpc}: real {real_s['qps']:.1f} req/s vs echo {echo_s['qps']:.1f} req/s = "
+        f"{rel['ratio']:.1%} (target >= {min_ratio:.0%}); real p99 {real_s['p99_ms']:.2f} ms "
+        f"(target <= {max_p99:g}); errors {real_s['errors']}, degraded {real_s['flagged']}",
+        flush=True,
+    )
+    return {
+        "summary": {
+            "echo": echo_s,
+            "real": real_s,
+            "cpu_s": cpu_log,
+            "response_bytes": len(sample),
+        },
+        "ratio": (f"{name}_qps_vs_echo", rel),
+        "targets": [
+            target(f"{name}_qps_vs_echo", rel["ratio"], ">=", min_ratio),
+            target(f"{name}_p99_ms_at_{CONCURRENCY}_streams", real_s["p99_ms"], "<=", max_p99),
+            target(f"{name}_errors_and_degraded", real_s["errors"] + real_s["flagged"], "==", 0),
+        ],
+        "runs": {"echo": echo_runs, "real": real_runs},
+    }
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     from recsys.config import load_settings
     from recsys.stack import start_stack
 
-    print(header("end-to-end Recommend vs echo", "e2e", quick), flush=True)
+    print(header("end-to-end Recommend and Rank vs echo", "e2e", quick), flush=True)
     rounds, duration, warmup, epochs = (1, 4.0, 1.5, 3) if quick else (2, 15.0, 3.0, 10)
     out: dict[str, Any] = {
         "setup": {
             "dataset": "synthetic (2000 users, 1500 items, 100k ratings)",
-            "request": f"Recommend, all configured sources, budget {BUDGET}, k {K}",
+            "recommend": f"all configured sources, budget {BUDGET}, k {K}",
+            "rank": f"{RANK_CANDIDATES} candidates, top {K}",
             "concurrency": CONCURRENCY,
             "rounds": rounds,
             "duration_s": duration,
@@ -132,7 +187,10 @@ def run(quick: bool = False) -> dict[str, Any]:
             "epochs": epochs,
             "client": "recsys.loadtest closed loop, in the benchmark process (servers are "
             "separate processes); latency over OK responses",
-        }
+        },
+        "ratios": {},
+        "targets": [],
+        "runs": {},
     }
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
         root = Path(tmp)
@@ -147,77 +205,52 @@ def run(quick: bool = False) -> dict[str, Any]:
         )
         stack = start_stack(settings, quiet=True, log_dir=root / "logs")
         try:
-            users, _items, version = known_ids(model_dir)
+            users, items, version = known_ids(model_dir)
             out["setup"]["model_version"] = version
             out["setup"]["users"] = len(users)
+            out["setup"]["items"] = len(items)
             pids = {"ranking": stack.procs[1].pid, "retrieval": stack.procs[0].pid}
             if stack.redis is not None and stack.redis.proc is not None:
                 pids["redis"] = stack.redis.proc.pid
-            sample = _capture(stack.ranking_address, users[0])
-            out["setup"]["response_bytes"] = len(sample)
-            out["setup"]["sample_flag"] = _inspect(sample)
-            base = {
-                "rpc": "Recommend",
+            common = {
                 "concurrency": CONCURRENCY,
                 "duration_s": duration,
                 "warmup_s": warmup,
-                "budget": BUDGET,
                 "k": K,
                 "user_ids": users,
-                "inspect": _inspect,
+                "item_ids": items,
                 "timeout_s": 2.0,
             }
-            echo_runs, real_runs, cpu_log = [], [], []
-            with EchoProcess(fixed={"Recommend": sample}) as echo:
-                for i in range(rounds):
-                    print(f"round {i + 1}/{rounds}", flush=True)
-                    rep, cpu = _measure(
-                        "echo",
-                        LoadConfig(target=echo.address, seed=i, **base),
-                        {"echo": echo.proc.pid},
-                    )
-                    echo_runs.append(rep.to_dict())
-                    cpu_log.append({"run": f"echo{i + 1}", **cpu})
-                    rep, cpu = _measure(
-                        "real", LoadConfig(target=stack.ranking_address, seed=i, **base), pids
-                    )
-                    real_runs.append(rep.to_dict())
-                    cpu_log.append({"run": f"real{i + 1}", **cpu})
+            plans = {
+                "Recommend": {"rpc": "Recommend", "budget": BUDGET, "inspect": _inspect},
+                "Rank": {"rpc": "Rank", "candidates": RANK_CANDIDATES, "inspect": _inspect_rank},
+            }
+            for rpc, plan in plans.items():
+                base = {**common, **plan}
+                sample = _capture(stack.ranking_address, LoadConfig(**base))
+                out["setup"][f"{rpc.lower()}_sample_flag"] = plan["inspect"](sample)
+                res = _compare(rpc, stack, base, sample, rounds, pids)
+                out[rpc.lower()] = res["summary"]
+                out["ratios"][res["ratio"][0]] = res["ratio"][1]
+                out["targets"] += res["targets"]
+                out["runs"][rpc.lower()] = res["runs"]
         finally:
             stack.stop()
-    echo_s, real_s = _summary(echo_runs), _summary(real_runs)
-    rel = ratio(real_s["qps"], echo_s["qps"], unit="req/s")
-    out["recommend"] = {"echo": echo_s, "real": real_s, "cpu_s": cpu_log}
-    out["ratios"] = {"recommend_qps_vs_echo": rel}
-    out["targets"] = [
-        target("recommend_qps_vs_echo", rel["ratio"], ">=", TARGET_RATIO),
-        target(f"recommend_p99_ms_at_{CONCURRENCY}_streams", real_s["p99_ms"], "<=", TARGET_P99_MS),
-        target("recommend_errors_and_degraded", real_s["errors"] + real_s["flagged"], "==", 0),
-    ]
-    out["runs"] = {"echo": echo_runs, "real": real_runs}
-    print(
-        f"Recommend: real {real_s['qps']:.1f} req/s vs echo {echo_s['qps']:.1f} req/s = "
-        f"{rel['ratio']:.1%} (target >= {TARGET_RATIO:.0%}); real p99 {real_s['p99_ms']:.2f} ms "
-        f"(target <= {TARGET_P99_MS:g}); errors {real_s['errors']}, degraded {real_s['flagged']}",
-        flush=True,
-    )
     return out
 
 
-def _capture(address: str, user_id: str) -> bytes:
-    """One real Recommend answer, serialised (the echo server replays it)."""
+def _capture(address: str, cfg: LoadConfig) -> bytes:
+    """One real answer to the first user's request, serialised (the echo server replays it)."""
     import grpc
 
-    from recsys.v1 import common_pb2
+    from recsys.loadtest import RequestFactory, method_path
 
-    req = ranking_pb2.RecommendRequest(
-        user=common_pb2.UserContext(user_id=user_id), k=K, retrieval_budget=BUDGET
-    )
+    payload = RequestFactory(cfg).payload(0)
     with grpc.insecure_channel(address) as ch:
-        call = ch.unary_unary("/recsys.v1.RankingService/Recommend")
+        call = ch.unary_unary(method_path(cfg.rpc))
         # A first call may pay for lazy initialisation; the second is the sample.
-        call(req.SerializeToString(), timeout=30)
-        return call(req.SerializeToString(), timeout=10)
+        call(payload, timeout=30)
+        return call(payload, timeout=10)
 
 
 if __name__ == "__main__":

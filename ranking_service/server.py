@@ -81,6 +81,7 @@ class RankingServer:
 
     async def start(self) -> None:
         """Starts serving and following versions (tests; the CLI uses ``serve``)."""
+        await self.handle.set_serving(False)
         await self.handle.server.start()
         self._background = asyncio.ensure_future(self.follow_versions())
 
@@ -180,6 +181,8 @@ def cli_serve(args: argparse.Namespace, settings: RecsysSettings) -> int:
             if port_file is not None:
                 _write_port_file(port_file, handle.port)
 
+        # Health answers NOT_SERVING (not NOT_FOUND) until a version is warm.
+        await srv.handle.set_serving(False)
         try:
             await serve(srv.handle, background=[srv.follow_versions()], on_ready=ready)
         finally:

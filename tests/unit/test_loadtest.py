@@ -297,3 +297,32 @@ async def test_report_json_and_table():
     assert doc["latency"]["count"] == 2
     text = report.table()
     assert "DEADLINE_EXCEEDED" in text and "p99.9" in text
+
+
+async def test_progress_line_is_live_and_cleared():
+    import io
+
+    async def call(seq: int) -> str:
+        await asyncio.sleep(0.005)
+        return "OK"
+
+    stream = io.StringIO()
+    cfg = LoadConfig(concurrency=2, duration_s=0.7, progress=True)
+    report = await drive(cfg, call, progress_stream=stream)
+    text = stream.getvalue()
+    assert "req/s" in text and "p99" in text and text.startswith("\r")
+    assert text.endswith("\r")  # the line is wiped at the end
+    assert report.sent > 0
+
+
+def test_default_targets_follow_the_owning_service():
+    from recsys.config import load_settings
+    from recsys.loadtest import _default_target
+
+    s = load_settings(
+        retrieval={"host": "0.0.0.0", "port": 6001}, ranking={"host": "127.0.0.2", "port": 6002}
+    )
+    assert _default_target("Recommend", s) == "127.0.0.2:6002"
+    assert _default_target("Rank", s) == "127.0.0.2:6002"
+    assert _default_target("Retrieve", s) == "127.0.0.1:6001"
+    assert _default_target("SimilarItems", s) == "127.0.0.1:6001"

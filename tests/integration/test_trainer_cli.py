@@ -1,0 +1,71 @@
+"""``recsys train`` / ``recsys evaluate`` / ``recsys publish`` through the real CLI entry point."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import redis
+
+from recsys import redis_keys
+from recsys.artifacts import ModelVersion, list_versions
+from recsys.cli import main
+
+DATA = "synthetic:users=300,items=250,ratings=15000,seed=3"
+
+
+@pytest.fixture(scope="module")
+def cli_model_dir(tmp_path_factory):
+    model_dir = tmp_path_factory.mktemp("cli_models")
+    rc = main(
+        ["train", "--data", DATA, "--model-dir", str(model_dir), "--epochs", "2",
+         "--hidden-units", "32,16", "--annoy-trees", "3", "--quiet", "--no-plots"]
+    )  # fmt: skip
+    assert rc == 0
+    return model_dir
+
+
+def test_train_writes_a_version_and_prints_the_report(cli_model_dir, capsys):
+    assert list_versions(cli_model_dir) == ["1"]
+    mv = ModelVersion.open(cli_model_dir / "1")
+    assert mv.manifest["dataset"]["spec"] == DATA
+    assert mv.manifest["model"]["hidden_units"] == [32, 16]
+    assert not (cli_model_dir / "1" / "retrieval_curve.png").exists()
+
+
+def test_evaluate_reproduces_the_training_report(cli_model_dir, capsys):
+    capsys.readouterr()
+    assert main(["evaluate", "--model-dir", str(cli_model_dir), "--json"]) == 0
+    again = json.loads(capsys.readouterr().out)
+    stored = ModelVersion.open(cli_model_dir / "1").manifest["metrics"]
+    # SavedModel + exported vectors give the same figures as the in-memory model did.
+    assert again["model"]["rmse"] == pytest.approx(stored["model"]["rmse"], abs=1e-5)
+    for name, v in stored["top10"].items():
+        assert again["top10"][name]["recall@10"] == pytest.approx(v["recall@10"], abs=1e-6)
+    assert again["version"] == "1"
+
+
+def test_evaluate_refuses_other_data(cli_model_dir, capsys):
+    rc = main(["evaluate", "--model-dir", str(cli_model_dir), "--data", "synthetic:users=300,"
+               "items=250,ratings=15000,seed=4"])  # fmt: skip
+    assert rc == 2
+    assert "not the data version 1 was trained on" in capsys.readouterr().err
+
+
+def test_bad_flags_are_clear_errors(tmp_path, capsys):
+    rc = main(["train", "--data", DATA, "--model-dir", str(tmp_path), "--hidden-units", "64,x"])
+    assert rc == 2
+    assert "--hidden-units" in capsys.readouterr().err
+    rc = main(["evaluate", "--model-dir", str(tmp_path / "empty")])
+    assert rc == 2
+    assert "no complete model version" in capsys.readouterr().err
+
+
+def test_publish_cli_makes_latest_current(cli_model_dir, redis_url, capsys):
+    assert main(["publish", "--model-dir", str(cli_model_dir), "--redis-url", redis_url]) == 0
+    assert "published version 1" in capsys.readouterr().out
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        assert client.get(redis_keys.CURRENT_VERSION) == "1"
+    finally:
+        client.close()

@@ -69,7 +69,7 @@ def csv_dir(tmp_path: Path, **overrides: str | None) -> Path:
     files = {"ratings.csv": RATINGS, "movies.csv": MOVIES, "users.csv": USERS}
     files.update(overrides)
     d = tmp_path / "data"
-    d.mkdir(exist_ok=True)
+    d.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
         if text is not None:
             (d / name).write_text(text, encoding="utf-8")
@@ -287,3 +287,20 @@ def test_bad_ml100k_input_names_file_and_line(tmp_path, overrides, file, line, m
     assert message in text, text
     if line is not None:
         assert f"{file}, line {line}:" in text, text
+
+
+def test_windows_line_endings_and_bom_parse_the_same(tmp_path):
+    plain = load_dataset(f"csv:{csv_dir(tmp_path / 'a')}")
+    crlf = {
+        name: "\ufeff" + text.replace("\n", "\r\n")
+        for name, text in {"ratings.csv": RATINGS, "movies.csv": MOVIES, "users.csv": USERS}.items()
+    }
+    other = load_dataset(f"csv:{csv_dir(tmp_path / 'b', **crlf)}")
+    assert other.sha256() == plain.sha256()
+    assert other.item_title == plain.item_title
+
+
+def test_quoted_file_with_blank_lines_keeps_line_numbers(tmp_path):
+    movies = HEAD_M + '10,"A, B (1990)",Drama\n\n20,"C\nD (1991)",Drama\n\n30,E,Drama,extra\n'
+    with pytest.raises(DataError, match=r"movies\.csv, line 7: expected 3 columns"):
+        load_dataset(f"csv:{csv_dir(tmp_path, **{'movies.csv': movies})}")

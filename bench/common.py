@@ -312,7 +312,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             continue
         lines += ["| figure | value |", "|---|---|"]
         # Raw per-run detail ("runs") stays in the JSON; the table shows the summaries.
-        shown = {k: v for k, v in res.items() if k not in ("targets", "runs")}
+        shown = {k: v for k, v in res.items() if k not in ("targets", "ratios", "runs")}
         for key, value in _flatten(shown):
             lines.append(f"| {key} | {_fmt(value)} |")
         lines.append("")

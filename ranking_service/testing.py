@@ -22,6 +22,9 @@ SERVICE = "recsys.v1.RankingService"
 
 GENRES = ("Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi")
 COUNTRIES = ("us-east", "us-west", "eu")
+SPEC = FeatureSpec(
+    genres=GENRES, countries=COUNTRIES, genders=("F", "M"), occupations=("other", "student")
+)
 
 
 def _save_tower(path: Path, n_in: int, dim: int, seed: int) -> None:
@@ -65,14 +68,27 @@ def write_synthetic_version(
     seed: int = 0,
     annoy_trees: int = 2,
     objective: str = "rating",
+    two_tower=None,
 ) -> Path:
-    """Writes one synthetic version under ``model_dir`` and returns its path."""
-    from annoy import AnnoyIndex
+    """Writes one synthetic version under ``model_dir`` and returns its path.
+
+    Args:
+        model_dir: Root of numbered versions.
+        n_items: Catalogue size.
+        n_users: Known users (all without history).
+        dim: Embedding width of the random towers.
+        seed: Seeds the catalogue and the random towers.
+        annoy_trees: Trees of the Annoy index (few: only retrieval reads it).
+        objective: Target scale of the manifest.
+        two_tower: A ``trainer.model.TwoTower`` built on :data:`SPEC`; when
+            given, its towers are exported (with the trainer's exporter)
+            instead of random ones, so a benchmark can compare the served
+            path with the full Keras model on the same weights.
+    """
+    from trainer.export import build_annoy
 
     rng = np.random.default_rng(seed)
-    spec = FeatureSpec(
-        genres=GENRES, countries=COUNTRIES, genders=("F", "M"), occupations=("other", "student")
-    )
+    spec = SPEC
     g = len(GENRES)
     item_ids = [f"i{k}" for k in range(n_items)]
     genres = (rng.random((n_items, g)) < 0.3).astype(np.uint8)
@@ -86,21 +102,24 @@ def write_synthetic_version(
     agg = np.zeros((n_users, 3 + 3 * g))
     target = TargetScale(objective=objective)  # type: ignore[arg-type]
     with A.VersionWriter(model_dir) as w:
-        _save_tower(w.path / A.USER_TOWER, spec.n_user_features, dim, seed + 1)
-        _save_tower(w.path / A.ITEM_TOWER, spec.n_item_features, dim, seed + 2)
-        vectors = embed(w.path / A.ITEM_TOWER, item_feats)
+        if two_tower is None:
+            _save_tower(w.path / A.USER_TOWER, spec.n_user_features, dim, seed + 1)
+            _save_tower(w.path / A.ITEM_TOWER, spec.n_item_features, dim, seed + 2)
+            vectors = embed(w.path / A.ITEM_TOWER, item_feats)
+        else:
+            from trainer.export import save_tower
+            from trainer.model import embed as embed_keras
+
+            save_tower(two_tower.user_tower, w.path / A.USER_TOWER)
+            save_tower(two_tower.item_tower, w.path / A.ITEM_TOWER)
+            vectors = embed_keras(two_tower.item_tower, item_feats)
         w.write_json(A.ITEM_IDS, item_ids)
         w.write_npy(A.ITEM_VECTORS, vectors)
         w.write_npy(A.ITEM_GENRES, genres)
         w.write_npy(A.ITEM_FEATURES, item_feats)
         w.write_json(A.ITEMS_META, {"title": [f"Item {k}" for k in range(n_items)],
                                     "year": years.astype(int).tolist()})  # fmt: skip
-        index = AnnoyIndex(dim, "angular")
-        for row in range(n_items):
-            index.add_item(row, vectors[row])
-        index.build(annoy_trees, n_jobs=1)
-        index.save(str(w.path / A.ANNOY_INDEX))
-        index.unload()
+        build_annoy(vectors, w.path / A.ANNOY_INDEX, trees=annoy_trees, n_jobs=1)
         order = np.argsort(-counts)[: min(n_items, 200)]
         w.write_json(
             A.TOP_LISTS,

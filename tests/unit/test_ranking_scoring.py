@@ -2,7 +2,7 @@ import shutil
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
@@ -30,6 +30,7 @@ def model(version_dir):
     return LoadedModel.load(version_dir, "cpu")
 
 
+@settings(deadline=None)  # timing-free: the machine is shared
 @given(
     dots=arrays(np.float32, st.integers(0, 60), elements=st.floats(-1, 1, width=32)),
     k=st.integers(0, 80),

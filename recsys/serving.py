@@ -250,7 +250,14 @@ def create_server(
     token = settings.auth_token.get_secret_value() if settings.auth_token else None
     server = grpc.aio.server(
         interceptors=[GuardInterceptor(label, settings.max_concurrent_rpcs, token)],
-        options=grpc_options(settings.max_message_bytes),
+        options=[
+            *grpc_options(settings.max_message_bytes),
+            # Closing connections after a few minutes (gracefully: in-flight
+            # calls finish) makes round-robin clients re-resolve DNS, so pods
+            # added by an autoscaler start receiving traffic.
+            ("grpc.max_connection_age_ms", 300_000),
+            ("grpc.max_connection_age_grace_ms", 30_000),
+        ],
     )
     register(server)
     health = grpc_health.aio.HealthServicer()

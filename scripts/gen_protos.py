@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import subprocess
 import sys
 import tempfile
 from importlib.metadata import version
@@ -29,26 +30,33 @@ GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 
 
 def generate(out_root: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
-    """Compiles every proto under ``<proto_root>/recsys/v1`` into ``out_root``."""
-    from grpc_tools import protoc  # imported late: only needed for codegen
+    """Compiles every proto under ``<proto_root>/recsys/v1`` into ``out_root``.
 
+    protoc runs in a child process: loading grpc_tools' bundled protobuf into
+    a process that already imported TensorFlow (as a test session does)
+    crashes the interpreter.
+    """
     protos = sorted((proto_root / PACKAGE_DIR).glob("*.proto"))
     if not protos:
         raise SystemExit(f"no .proto files under {proto_root / PACKAGE_DIR}")
-    include = Path(protoc.__file__).parent / "_proto"
+    (out_root / PACKAGE_DIR).mkdir(parents=True, exist_ok=True)
+    script = (
+        "import sys, pathlib\n"
+        "from grpc_tools import protoc\n"
+        "include = pathlib.Path(protoc.__file__).parent / '_proto'\n"
+        "sys.exit(protoc.main(['grpc_tools.protoc', f'-I{include}', *sys.argv[1:]]))\n"
+    )
     args = [
-        "grpc_tools.protoc",
         f"-I{proto_root}",
-        f"-I{include}",
         f"--python_out={out_root}",
         f"--pyi_out={out_root}",
         f"--grpc_python_out={out_root}",
         *[str(p.relative_to(proto_root)) for p in protos],
     ]
-    (out_root / PACKAGE_DIR).mkdir(parents=True, exist_ok=True)
     # protoc resolves relative proto paths against -I roots, not the cwd.
-    if protoc.main(args) != 0:
-        raise SystemExit("protoc failed")
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"protoc failed: {done.stderr.strip()}")
     return sorted(
         p for p in (out_root / PACKAGE_DIR).iterdir() if p.name.endswith(GENERATED_SUFFIXES)
     )

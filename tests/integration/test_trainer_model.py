@@ -23,9 +23,9 @@ def _samples(n: int = 64, seed: int = 0):
 
 
 def test_towers_give_unit_vectors_and_dot_predictions():
-    from trainer.model import build_two_tower
-
     import keras
+
+    from trainer.model import build_two_tower
 
     # Seeded: with a tiny random tower some row could hit all-dead ReLUs (a zero vector).
     keras.utils.set_random_seed(0)

@@ -289,18 +289,18 @@ class RetrievalEngine:
         excluded = ctx.watched | ctx.excluded | set(ctx.recent)
         n_excluded = len(excluded)
         # Ask for a little more than the quota when filtering will drop some,
-        # so refill rarely needs the last-resort pad.
+        # so refill rarely needs the last-resort pad (but not so much more that
+        # reading and parsing the extra doubles the cost of a heavy watcher).
         asks = {}
         for src in chosen:
             k = min(src.config.budget, budget)
-            asks[src.name] = k + min(n_excluded, k)
+            asks[src.name] = k + min(n_excluded, k // 2)
         runs = await asyncio.gather(*(self._run_source(s, ctx, asks[s.name]) for s in chosen))
         reports = [r for r, _ in runs]
         ok = {r.source: c for r, c in runs if r.status is SourceStatus.OK}
         if not ok:
             detail = ", ".join(f"{r.source}: {r.status.value} ({r.message})" for r in reports)
             raise Unavailable(f"every candidate source failed: {detail}")
-        merged = merge(ok)
         lists = filter_lists(ok, excluded=excluded, catalogue=served.item_index)
         lanes = [
             Lane(s.name, s.config.weight, min(s.config.budget, budget), s.config.tier)
@@ -312,6 +312,7 @@ class RetrievalEngine:
         if pad_source is not None:
             pad = (i for i, _ in served.popular if i not in excluded and i in served.item_index)
         order = select(lists, lanes, budget, pad)
+        merged = merge(ok, only=set(order))
         out = []
         for item in order:
             m = merged.get(item)

@@ -45,11 +45,21 @@ class MergedCandidate:
             self.genre = cand.genre
 
 
-def merge(results: Mapping[str, Sequence[Candidate]]) -> dict[str, MergedCandidate]:
-    """Deduplicates candidates across sources, in source order then rank order."""
+def merge(
+    results: Mapping[str, Sequence[Candidate]], only: Container[str] | None = None
+) -> dict[str, MergedCandidate]:
+    """Deduplicates candidates across sources, in source order then rank order.
+
+    Args:
+        results: Each source's candidates, best first, in source order.
+        only: When given, merge just these ids (the ones already selected),
+            which skips the attribution work for candidates that were dropped.
+    """
     merged: dict[str, MergedCandidate] = {}
     for source, cands in results.items():
         for c in cands:
+            if only is not None and c.item_id not in only:
+                continue
             m = merged.get(c.item_id)
             if m is None:
                 m = merged[c.item_id] = MergedCandidate(c.item_id)

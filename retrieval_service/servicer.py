@@ -44,35 +44,31 @@ def query_from_pb(request: retrieval_pb2.RetrieveRequest) -> RetrieveQuery:
 
 def result_to_pb(result: RetrieveResult, variant: str = "") -> retrieval_pb2.RetrieveResponse:
     """``RetrieveResponse`` from a domain result."""
-    Cand = common_pb2.Candidate
-    candidates = [
-        Cand(
+    response = retrieval_pb2.RetrieveResponse(
+        index_version=result.version, degraded=result.degraded, variant=variant
+    )
+    # add() + map update is measurably cheaper than constructing each message
+    # with a map keyword (500 candidates per call).
+    add = response.candidates.add
+    for m in result.candidates:
+        c = add(
             item_id=m.item_id,
             sources=m.sources,
             score=m.score or 0.0,
-            source_scores=m.source_scores,
             seed_item_id=m.seed_item_id or "",
             genre=m.genre or "",
         )
-        for m in result.candidates
-    ]
-    reports = [
-        common_pb2.SourceReport(
+        if m.source_scores:
+            c.source_scores.update(m.source_scores)
+    for r in result.reports:
+        response.source_reports.add(
             source=r.source,
             status=_STATUS[r.status],
             count=r.count,
             latency_ms=r.latency_ms,
             message=r.message,
         )
-        for r in result.reports
-    ]
-    return retrieval_pb2.RetrieveResponse(
-        candidates=candidates,
-        source_reports=reports,
-        index_version=result.version,
-        degraded=result.degraded,
-        variant=variant,
-    )
+    return response
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: RetrievalError) -> None:

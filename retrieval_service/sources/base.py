@@ -48,9 +48,9 @@ Tier = Literal["personalised", "segment", "popular"]
 TIERS: tuple[Tier, ...] = ("personalised", "segment", "popular")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Candidate:
-    """One item a source proposes.
+    """One item a source proposes (treat as immutable once returned).
 
     Attributes:
         item_id: Catalogue id.

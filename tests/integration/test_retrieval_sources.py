@@ -126,3 +126,23 @@ async def test_top_genre_uses_the_users_favourite_genres(engine, mv: ModelVersio
     first_list = mv.top_lists["genre"][favourite[0]]
     assert got[0].item_id == str(first_list[0][0])
     assert got[0].score == pytest.approx(float(first_list[0][1]))
+
+
+async def test_popular_from_redis_matches_memory_and_falls_back(engine, mv: ModelVersion):
+    from retrieval_service.sources.top_lists import PopularConfig, PopularSource
+
+    ctx = await _context(engine, _users(mv)["unknown"])
+    memory = await engine.by_name["src_popular"].retrieve(ctx, 25)
+    redis_backed = PopularSource(PopularConfig(name="pop_redis", from_redis=True))
+    ctx = await _context(engine, _users(mv)["unknown"])
+    got = await redis_backed.retrieve(ctx, 25)
+    assert ctx.redis.round_trips == 2, "the Redis-backed variant really read Redis"
+    # Same list; Redis orders equal scores by member, so compare scores, then ids per score.
+    assert [c.score for c in got] == pytest.approx([c.score for c in memory])
+    everything = dict(engine.current().popular)
+    assert all(everything[c.item_id] == pytest.approx(c.score) for c in got)
+    # Hydration found Redis down: straight to memory, no read attempted.
+    ctx.redis._available = False
+    fallback = await redis_backed.retrieve(ctx, 25)
+    assert [c.item_id for c in fallback] == [c.item_id for c in memory]
+    assert ctx.redis.round_trips == 2

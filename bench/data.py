@@ -57,7 +57,9 @@ def _pair_floor(n_users: int, n_items: int, n_ratings: int, seed: int = 0) -> No
     items = np.searchsorted(item_cdf, np.sort(rng.random(m)) * item_cdf[-1])
     rng.shuffle(users)
     rng.shuffle(items)
-    np.unique(users.astype(np.int64) * n_items + items)
+    # Sort-based: plain np.unique on int64 takes a much slower hashing path in numpy 2.4.
+    codes = np.sort(users.astype(np.int64) * n_items + items)
+    codes[np.concatenate(([True], codes[1:] != codes[:-1]))]
 
 
 def _read_raw(paths: list[Path], delimiter: str) -> int:

@@ -393,7 +393,8 @@ def _draw_pairs(
         need = n_ratings - kept.shape[0]
         if need <= 0 or stalled >= 2:
             break
-        m = int(min(need * 4 + 1024, 4 * n_ratings + 1024))
+        # About 45% of draws survive the taste filter; later rounds top up.
+        m = int(min(need * 2.5 + 1024, 4 * n_ratings + 1024))
         users = _sample_cdf(rng, user_cdf, m)
         forced = np.zeros(m, bool)
         if round_ == 0 and n_ratings >= n_users and m >= n_users:
@@ -401,10 +402,11 @@ def _draw_pairs(
             users[:n_users] = np.arange(n_users)
             forced[:n_users] = True
         items = _sample_cdf(rng, pop_cdf, m)
-        at_home = rng.random(m) < 1.0 / 3.0
+        at_home = np.flatnonzero(rng.random(m) < 1.0 / 3.0)
+        home_country = user_country[users[at_home]]
         for k in range(n_countries):
             lo, hi = bounds[k], bounds[k + 1]
-            sel = np.flatnonzero(at_home & (user_country[users] == k))
+            sel = at_home[home_country == k]
             if hi <= lo or sel.size == 0:
                 continue
             base = home_cdf[lo - 1] if lo > 0 else 0.0

@@ -1,4 +1,4 @@
-"""End-to-end benchmark: ``Recommend`` and ``Rank`` on the real services vs a bare echo server.
+"""End-to-end benchmark: ``Recommend`` through both real services vs a bare echo server.
 
 Setup, all on this machine: an embedded Redis, a two-tower model trained on
 the built-in synthetic dataset (2,000 users, 1,500 items, 100k ratings) and
@@ -6,8 +6,8 @@ published, and the retrieval and ranking services started as separate
 processes with ``recsys serve`` (through :func:`recsys.stack.start_stack`,
 the code behind ``recsys up``). The request is the issue's: every configured
 retrieval source (4), budget 500, top 20, users drawn uniformly from the
-known ones. ``Rank`` sends 1,000 candidates from the catalogue per request (the
-ranking service alone; bench/ranking.py measures its internals, not this).
+known ones. (``Rank`` alone against the echo server, 64 streams of 1,000
+candidates, is measured in ``bench/ranking.py``; it is not repeated here.)
 
 The baseline is :mod:`bench.echo` in its own process, answering with the
 bytes of a real response captured first, so both runs move the
@@ -40,9 +40,8 @@ from recsys.v1 import ranking_pb2
 CONCURRENCY = 64
 BUDGET = 500
 K = 20
-RANK_CANDIDATES = 1000
-# (throughput vs echo at least, p99 at most in ms) per RPC, from the issues.
-TARGETS = {"Recommend": (0.25, 50.0), "Rank": (0.40, 25.0)}
+# (throughput vs echo at least, p99 at most in ms) per RPC, from the issue.
+TARGETS = {"Recommend": (0.25, 50.0)}
 
 
 def _proc_cpu_s(pid: int) -> float | None:
@@ -53,11 +52,6 @@ def _proc_cpu_s(pid: int) -> float | None:
         return None
     # After the command name: state is field 3, utime 14 and stime 15 (1-based).
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _inspect_rank(resp: bytes) -> str | None:
-    """Labels Rank answers that are short of k items."""
-    return "fewer_than_k" if len(ranking_pb2.RankResponse.FromString(resp).items) < K else None
 
 
 def _inspect(resp: bytes) -> str | None:
@@ -173,13 +167,12 @@ def run(quick: bool = False) -> dict[str, Any]:
     from recsys.config import load_settings
     from recsys.stack import start_stack
 
-    print(header("end-to-end Recommend and Rank vs echo", "e2e", quick), flush=True)
+    print(header("end-to-end Recommend vs echo", "e2e", quick), flush=True)
     rounds, duration, warmup, epochs = (1, 4.0, 1.5, 3) if quick else (2, 15.0, 3.0, 10)
     out: dict[str, Any] = {
         "setup": {
             "dataset": "synthetic (2000 users, 1500 items, 100k ratings)",
             "recommend": f"all configured sources, budget {BUDGET}, k {K}",
-            "rank": f"{RANK_CANDIDATES} candidates, top {K}",
             "concurrency": CONCURRENCY,
             "rounds": rounds,
             "duration_s": duration,
@@ -205,10 +198,9 @@ def run(quick: bool = False) -> dict[str, Any]:
         )
         stack = start_stack(settings, quiet=True, log_dir=root / "logs")
         try:
-            users, items, version = known_ids(model_dir)
+            users, _items, version = known_ids(model_dir)
             out["setup"]["model_version"] = version
             out["setup"]["users"] = len(users)
-            out["setup"]["items"] = len(items)
             pids = {"ranking": stack.procs[1].pid, "retrieval": stack.procs[0].pid}
             if stack.redis is not None and stack.redis.proc is not None:
                 pids["redis"] = stack.redis.proc.pid
@@ -218,12 +210,10 @@ def run(quick: bool = False) -> dict[str, Any]:
                 "warmup_s": warmup,
                 "k": K,
                 "user_ids": users,
-                "item_ids": items,
                 "timeout_s": 2.0,
             }
             plans = {
                 "Recommend": {"rpc": "Recommend", "budget": BUDGET, "inspect": _inspect},
-                "Rank": {"rpc": "Rank", "candidates": RANK_CANDIDATES, "inspect": _inspect_rank},
             }
             for rpc, plan in plans.items():
                 base = {**common, **plan}

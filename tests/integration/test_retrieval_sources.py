@@ -146,3 +146,27 @@ async def test_popular_from_redis_matches_memory_and_falls_back(engine, mv: Mode
     fallback = await redis_backed.retrieve(ctx, 25)
     assert [c.item_id for c in fallback] == [c.item_id for c in memory]
     assert ctx.redis.round_trips == 2
+
+
+async def test_top_list_reads_survive_a_script_flush(engine, mv: ModelVersion, redis_server):
+    sync = redis.Redis.from_url(redis_server.url)
+    sync.script_flush()
+    ctx = await _context(engine, _users(mv)["known"])
+    got = await engine.by_name["src_redis_top_genre"].retrieve(ctx, 30)
+    assert got
+    assert ctx.redis.round_trips == 4  # hydrate, NOSCRIPT, SCRIPT LOAD, retry
+    ctx = await _context(engine, _users(mv)["known"])
+    again = await engine.by_name["src_redis_top_genre"].retrieve(ctx, 30)
+    assert [c.item_id for c in again] == [c.item_id for c in got]
+    assert ctx.redis.round_trips == 2
+
+
+async def test_missing_and_wrong_type_keys(engine, mv: ModelVersion, redis_server):
+    sync = redis.Redis.from_url(redis_server.url)
+    sync.set("not-a-zset", "x")
+    ctx = await _context(engine, _users(mv)["unknown"])
+    missing, wrong = ctx.redis.top("no-such-key", 5), ctx.redis.top("not-a-zset", 5)
+    assert await missing == []
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        await wrong
+    sync.delete("not-a-zset")

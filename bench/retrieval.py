@@ -182,6 +182,7 @@ async def _retrieve_figures(version_dir: Path, redis_url: str, quick: bool) -> d
     times, sizes, statuses = [], [], {}
     writes["n"] = 0
     trips = 0
+    cpu0 = time.process_time()
     for u in sample:
         t = time.perf_counter()
         result = await engine.retrieve(RetrieveQuery(u, budget=500))
@@ -191,6 +192,7 @@ async def _retrieve_figures(version_dir: Path, redis_url: str, quick: bool) -> d
         trips += result.redis_round_trips
         for r in result.reports:
             statuses[r.status.value] = statuses.get(r.status.value, 0) + 1
+    cpu_ms = (time.process_time() - cpu0) / n_calls * 1e3
     socket_trips = writes["n"] / n_calls
 
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}")
@@ -208,7 +210,8 @@ async def _retrieve_figures(version_dir: Path, redis_url: str, quick: bool) -> d
     rtt_p50 = _pct(rtt, 50) * 1e3
     print(
         f"  Retrieve (4 sources, budget 500, {n_calls} calls): server-side p50 {p50:.2f} ms, "
-        f"p99 {p99:.2f} ms; mean candidates {np.mean(sizes):.0f}; source outcomes {statuses}"
+        f"p99 {p99:.2f} ms; CPU {cpu_ms:.2f} ms/request; mean candidates {np.mean(sizes):.0f}; "
+        f"source outcomes {statuses}; load average {os.getloadavg()[0]:.1f}"
     )
     print(
         f"  Redis round trips/request: {socket_trips:.2f} (socket writes), "
@@ -222,6 +225,8 @@ async def _retrieve_figures(version_dir: Path, redis_url: str, quick: bool) -> d
         "calls": n_calls,
         "server_p50_ms": p50,
         "server_p99_ms": p99,
+        "server_cpu_ms_per_request": cpu_ms,
+        "load_avg_1m_after": os.getloadavg()[0],
         "mean_candidates": float(np.mean(sizes)),
         "source_outcomes": statuses,
         "redis_round_trips_per_request": socket_trips,

@@ -132,7 +132,8 @@ class RedisBatch:
     DataLoader style: the first ``top()`` call in an event-loop tick schedules
     a flush with ``call_soon``; every source task that starts in the same tick
     queues its reads before the flush runs, so N concurrent sources cost one
-    round trip. Identical keys are read once.
+    round trip. Identical keys are read once. Each range comes back as one
+    JSON string from a tiny server-side script (see ``_read``).
     """
 
     def __init__(self, redis: Any, *, available: bool = True):

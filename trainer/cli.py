@@ -85,16 +85,29 @@ def cli_train(args: argparse.Namespace, settings: RecsysSettings) -> int:
     return 0
 
 
+def _version_path(version: str, settings: RecsysSettings) -> Path:
+    """A version named by number (under the model dir) or by its directory."""
+    path = Path(version) if Path(version).is_dir() else Path(settings.model_dir) / version
+    if not path.is_dir():
+        raise UserFacingError(f"version {version} not found (no directory {path})")
+    return path
+
+
 def cli_evaluate(args: argparse.Namespace, settings: RecsysSettings) -> int:
-    """Re-evaluates a version (default: the latest) on its held-out split."""
+    """Re-evaluates a version (default: the latest), or compares it with ``--compare``."""
     from trainer.evaluate import evaluate_version, format_report
 
-    if args.compare:
-        raise UserFacingError("--compare is not implemented yet (planned with bootstrap CIs)")
     version = args.version or latest_version(settings.model_dir)
     if version is None:
         raise UserFacingError(f"no complete model version under {settings.model_dir}")
-    path = Path(version) if Path(version).is_dir() else Path(settings.model_dir) / version
+    path = _version_path(version, settings)
+    if args.compare:
+        from trainer.compare import compare_versions, format_comparison
+
+        result = compare_versions(path, _version_path(args.compare, settings), data_spec=args.data)
+        text = json.dumps(result, indent=2, sort_keys=True) if args.json else None
+        print(text or format_comparison(result))
+        return 0
     metrics = evaluate_version(path, args.data)
     if args.json:
         print(json.dumps(metrics, indent=2, sort_keys=True))

@@ -155,6 +155,31 @@ def _interleave(arrays: list[np.ndarray]) -> np.ndarray:
     return np.asarray(out, np.int64)
 
 
+def ranking_users(
+    p: Prepared, like_threshold: float, *, max_users: int = 2000, seed: int = 0
+) -> tuple[np.ndarray, dict[int, set[int]]]:
+    """Users whose top-10 is scored, and each one's held-out liked items.
+
+    A user counts when at least one held-out rating reaches ``like_threshold``;
+    above ``max_users`` such users a seeded sample is taken.
+
+    Returns:
+        ``(sorted user rows, {user row: set of liked item rows})``.
+    """
+    d = p.dataset
+    test = p.test_rows
+    liked_rows = test[d.rating[test] >= like_threshold]
+    relevant: dict[int, set[int]] = {}
+    for u, i in zip(
+        d.rating_user[liked_rows].tolist(), d.rating_item[liked_rows].tolist(), strict=True
+    ):
+        relevant.setdefault(u, set()).add(i)
+    users = np.array(sorted(relevant), np.int64)
+    if len(users) > max_users:
+        users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
+    return users, relevant
+
+
 def evaluate_prepared(
     p: Prepared,
     user_embed: Callable[[np.ndarray], np.ndarray] | Any,
@@ -213,15 +238,7 @@ def evaluate_prepared(
         }
 
     # --- top-10 over all unseen items, and the retrieval budget curve ------------
-    liked_rows = test[truth >= target.like_threshold]
-    relevant: dict[int, set[int]] = {}
-    for u, i in zip(
-        d.rating_user[liked_rows].tolist(), d.rating_item[liked_rows].tolist(), strict=True
-    ):
-        relevant.setdefault(u, set()).add(i)
-    users = np.array(sorted(relevant), np.int64)
-    if len(users) > max_users:
-        users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
+    users, relevant = ranking_users(p, target.like_threshold, max_users=max_users, seed=seed)
     histories = p.histories
     popularity = p.item_count + 1e-9 * -np.arange(d.n_items)  # ties: catalogue order
     bias_score = bi
@@ -363,13 +380,24 @@ def format_report(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def evaluate_version(version_dir: str | Path, data_spec: str | None = None) -> dict[str, Any]:
-    """Re-evaluates an exported version on its dataset's held-out split.
+def load_for_evaluation(
+    version_dir: str | Path, data_spec: str | None = None, *, prepared: Prepared | None = None
+) -> tuple[Any, Prepared, np.ndarray]:
+    """Opens a version, rebuilds its held-out split and embeds every known user.
 
-    The dataset is reloaded from the spec in the manifest (or ``data_spec``),
-    re-split with the stored fraction and seed, and the exported user tower
-    SavedModel and item vectors are scored, so this checks the artifacts
-    serving will load, not the in-memory Keras model.
+    The dataset is reloaded from the spec in the manifest (or ``data_spec``)
+    and re-split with the stored fraction and seed; users are embedded by the
+    exported user-tower SavedModel, so figures describe the artifacts serving
+    loads, not an in-memory Keras model.
+
+    Args:
+        version_dir: The version directory.
+        data_spec: Dataset spec overriding the manifest's.
+        prepared: An already rebuilt split to reuse (another version's); its data
+            and feature spec must be the ones this version was trained on.
+
+    Returns:
+        ``(ModelVersion, Prepared, user vectors float32 [n_users, D])``.
 
     Raises:
         UserFacingError: No dataset spec is known, or the data differs from
@@ -387,32 +415,50 @@ def evaluate_version(version_dir: str | Path, data_spec: str | None = None) -> d
         raise UserFacingError(str(exc)) from exc
     info = mv.manifest.get("dataset", {})
     spec = data_spec or info.get("spec")
-    if not spec:
+    if prepared is not None:
+        p = prepared
+        dataset = p.dataset
+    elif not spec:
         raise UserFacingError(f"version {mv.version} does not record its dataset spec; pass --data")
-    from trainer.loaders import load_dataset
+    else:
+        from trainer.loaders import load_dataset
 
-    dataset = load_dataset(spec)
+        dataset = load_dataset(spec)
     if info.get("sha256") and dataset.sha256() != info["sha256"]:
         raise UserFacingError(
             f"dataset {spec!r} is not the data version {mv.version} was trained on "
             "(sha256 differs), so its held-out split would not be held out"
         )
-    split = info.get("split", {})
-    train_rows, test_rows = dataset.split(split.get("test_fraction", 0.2), split.get("seed", 0))
-    p = prepare(dataset, train_rows, test_rows)
+    if prepared is None:
+        split = info.get("split", {})
+        train_rows, test_rows = dataset.split(split.get("test_fraction", 0.2), split.get("seed", 0))
+        p = prepare(dataset, train_rows, test_rows)
     if p.spec.to_dict() != mv.spec.to_dict():
         raise UserFacingError(
             f"feature spec rebuilt from {spec!r} differs from version {mv.version}"
         )
     serve = mv.load_tower(A.USER_TOWER).signatures[A.SIGNATURE]
+    x = p.user_features
+    parts = [
+        serve(**{A.INPUT_KEY: tf.constant(x[s : s + 65_536])})[A.OUTPUT_KEY].numpy()
+        for s in range(0, len(x), 65_536)
+    ]
+    users = np.concatenate(parts) if parts else np.zeros((0, mv.dim), np.float32)
+    return mv, p, users
 
-    def user_embed(x: np.ndarray) -> np.ndarray:
-        parts = [
-            serve(**{A.INPUT_KEY: tf.constant(x[s : s + 65_536])})[A.OUTPUT_KEY].numpy()
-            for s in range(0, len(x), 65_536)
-        ]
-        return np.concatenate(parts) if parts else np.zeros((0, mv.dim), np.float32)
 
-    metrics = evaluate_prepared(p, user_embed, np.asarray(mv.item_vectors), mv.target)
+def evaluate_version(version_dir: str | Path, data_spec: str | None = None) -> dict[str, Any]:
+    """Re-evaluates an exported version on its dataset's held-out split.
+
+    See :func:`load_for_evaluation` for how the split and user vectors are rebuilt.
+
+    Raises:
+        UserFacingError: No dataset spec is known, or the data differs from
+            what the version was trained on.
+    """
+    mv, p, user_vectors = load_for_evaluation(version_dir, data_spec)
+    metrics = evaluate_prepared(
+        p, lambda _: user_vectors, np.asarray(mv.item_vectors), mv.target, plots=False
+    )
     metrics["version"] = mv.version
     return metrics

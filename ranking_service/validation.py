@@ -62,7 +62,9 @@ def id_array(ids: Sequence[str], field: str, max_bytes: int) -> np.ndarray:
     byte limit) or when the array lost characters (a NUL, which numpy
     strips from the end of fixed-width strings).
     """
-    arr = np.asarray(list(ids), dtype=np.str_)
+    # One materialisation of the protobuf strings, reused by every check below.
+    ids = ids if isinstance(ids, list) else list(ids)
+    arr = np.asarray(ids, dtype=np.str_)
     if arr.size == 0:
         return arr
     lengths = np.strings.str_len(arr)

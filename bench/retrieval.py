@@ -143,11 +143,24 @@ async def _retrieve_figures(version_dir: Path, redis_url: str, quick: bool) -> d
     from retrieval_service.server import build_server
     from retrieval_service.servicer import result_to_pb
 
-    writes = {"n": 0}
+    writes = {"n": 0, "connections": 0}
 
     class Counting(aioredis.Connection):
+        """Counts request writes; a new connection's handshake is counted apart."""
+
+        _handshake = False
+
+        async def on_connect(self) -> None:
+            writes["connections"] += 1
+            self._handshake = True
+            try:
+                await super().on_connect()
+            finally:
+                self._handshake = False
+
         async def send_packed_command(self, command, check_health=True):
-            writes["n"] += 1
+            if not self._handshake:
+                writes["n"] += 1
             return await super().send_packed_command(command, check_health)
 
     client = aioredis.Redis(
@@ -180,7 +193,7 @@ async def _retrieve_figures(version_dir: Path, redis_url: str, quick: bool) -> d
         rtt.append(time.perf_counter() - t)
 
     times, sizes, statuses = [], [], {}
-    writes["n"] = 0
+    writes["n"] = writes["connections"] = 0
     trips = 0
     cpu0 = time.process_time()
     for u in sample:
@@ -194,6 +207,7 @@ async def _retrieve_figures(version_dir: Path, redis_url: str, quick: bool) -> d
             statuses[r.status.value] = statuses.get(r.status.value, 0) + 1
     cpu_ms = (time.process_time() - cpu0) / n_calls * 1e3
     socket_trips = writes["n"] / n_calls
+    new_connections = writes["connections"]
 
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}")
     stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
@@ -215,7 +229,8 @@ async def _retrieve_figures(version_dir: Path, redis_url: str, quick: bool) -> d
     )
     print(
         f"  Redis round trips/request: {socket_trips:.2f} (socket writes), "
-        f"{trips / n_calls:.2f} (engine count); one pipelined round trip p50 {rtt_p50:.3f} ms"
+        f"{trips / n_calls:.2f} (engine count), {new_connections} connections opened; "
+        f"one pipelined round trip p50 {rtt_p50:.3f} ms"
     )
     print(
         f"  gRPC end to end over loopback (client in the same process): "
@@ -231,6 +246,7 @@ async def _retrieve_figures(version_dir: Path, redis_url: str, quick: bool) -> d
         "source_outcomes": statuses,
         "redis_round_trips_per_request": socket_trips,
         "engine_round_trips_per_request": trips / n_calls,
+        "redis_connections_opened": new_connections,
         "redis_rtt_p50_ms": rtt_p50,
         "grpc_e2e_p50_ms": _pct(e2e, 50) * 1e3,
         "grpc_e2e_p99_ms": _pct(e2e, 99) * 1e3,

@@ -44,6 +44,10 @@ log = logging.getLogger("recsys.retrieval")
 
 # A client that sets no deadline still gets an answer in bounded time.
 DEFAULT_DEADLINE_S = 1.0
+# Time kept back from the sources for merging and answering: 10% of what is
+# left on the deadline, within these bounds.
+MIN_RESERVE_S = 0.002
+MAX_RESERVE_S = 0.02
 _REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 
 
@@ -240,10 +244,10 @@ class RetrievalEngine:
         )
 
     async def _run_source(
-        self, src: CandidateSource, ctx: RetrievalContext, k: int
+        self, src: CandidateSource, ctx: RetrievalContext, k: int, stop_at: float
     ) -> tuple[SourceReport, list[Candidate]]:
         start = time.perf_counter()
-        limit = min(src.config.timeout_ms / 1000.0, ctx.remaining_s())
+        limit = min(src.config.timeout_ms / 1000.0, stop_at - time.monotonic())
         cands: list[Candidate] = []
         status, message = SourceStatus.OK, ""
         try:
@@ -295,7 +299,13 @@ class RetrievalEngine:
         for src in chosen:
             k = min(src.config.budget, budget)
             asks[src.name] = k + min(n_excluded, k // 2)
-        runs = await asyncio.gather(*(self._run_source(s, ctx, asks[s.name]) for s in chosen))
+        # Sources stop a little before the caller's deadline so the merge and
+        # the response still arrive in time.
+        total = deadline - time.monotonic()
+        stop_at = deadline - min(MAX_RESERVE_S, max(MIN_RESERVE_S, 0.1 * total))
+        runs = await asyncio.gather(
+            *(self._run_source(s, ctx, asks[s.name], stop_at) for s in chosen)
+        )
         reports = [r for r, _ in runs]
         ok = {r.source: c for r, c in runs if r.status is SourceStatus.OK}
         if not ok:

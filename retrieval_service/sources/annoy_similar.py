@@ -75,7 +75,10 @@ class AnnoySimilarSource(SourceBase):
                 cut = rows.index(-1)
                 rows, scores = rows[:cut], scores[:cut]
             return rows, scores
-        nn, dist = served.annoy.get_nns_by_item(row, n + 1, self.config.search_k, True)
+        # Same query as prepare() (per_seed, not n): Annoy's answer depends on
+        # how many neighbours are asked for, and cached and live seeds must agree.
+        per_seed = self.config.per_seed
+        nn, dist = served.annoy.get_nns_by_item(row, per_seed + 1, self.config.search_k, True)
         kept = [(r, d) for r, d in zip(nn, dist, strict=True) if r != row][:n]
         return [r for r, _ in kept], [cosine_from_angular(d) for _, d in kept]
 

@@ -393,12 +393,23 @@ async def test_slow_and_broken_plugins_degrade_not_fail(
     sources = [
         *default_sources(),
         {"name": "slow", "type": "test_slow", "timeout_ms": 40, "budget": 10},
+        {"name": "slow_long", "type": "test_slow", "timeout_ms": 5000},
         {"name": "broken", "type": "test_broken"},
     ]
     settings = settings_for(published.parent, redis_server.url, sources=sources)
     async with Running(settings) as srv:
         start = time.perf_counter()
-        res = await srv.stub.Retrieve(request(heavy_user(mv)[0], 100), timeout=5)
+        everything_but_slow_long = [
+            "similar_to_recent", "top_genre", "top_country", "popular", "slow", "broken",
+        ]  # fmt: skip
+        res = await srv.stub.Retrieve(
+            retrieval_pb2.RetrieveRequest(
+                user=common_pb2.UserContext(user_id=heavy_user(mv)[0]),
+                budget=100,
+                sources=everything_but_slow_long,
+            ),
+            timeout=5,
+        )
         elapsed = time.perf_counter() - start
         reports = {r.source: r for r in res.source_reports}
         assert reports["slow"].status == TIMEOUT
@@ -409,7 +420,16 @@ async def test_slow_and_broken_plugins_degrade_not_fail(
             assert reports[name].status == OK
         assert res.degraded and len(res.candidates) == 100
         assert elapsed < 1.0
-        # The request deadline caps a source's own timeout.
+        # The request deadline caps a source's own timeout, with time left to answer.
+        res = await srv.stub.Retrieve(
+            retrieval_pb2.RetrieveRequest(
+                user=common_pb2.UserContext(user_id="u"), sources=["slow_long", "popular"]
+            ),
+            timeout=0.3,
+        )
+        reports = {r.source: r for r in res.source_reports}
+        assert reports["slow_long"].status == TIMEOUT and reports["slow_long"].latency_ms < 300
+        assert reports["popular"].status == OK and res.candidates
         slow_only = retrieval_pb2.RetrieveRequest(
             user=common_pb2.UserContext(user_id="u"), sources=["slow", "broken"]
         )

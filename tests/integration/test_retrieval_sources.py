@@ -170,3 +170,21 @@ async def test_missing_and_wrong_type_keys(engine, mv: ModelVersion, redis_serve
     with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
         await wrong
     sync.delete("not-a-zset")
+
+
+async def test_precomputed_hot_neighbours_match_the_index(engine, mv: ModelVersion):
+    from retrieval_service.sources.annoy_similar import AnnoySimilarConfig, AnnoySimilarSource
+
+    served = engine.current()
+    cached = AnnoySimilarSource(AnnoySimilarConfig(name="cached", hot_items=len(mv.item_ids)))
+    direct = AnnoySimilarSource(AnnoySimilarConfig(name="direct", hot_items=0))
+    state = cached.prepare(served)
+    assert state is not None and len(state.slot) == len({i for i, _ in served.popular})
+    assert direct.prepare(served) is None
+    served.source_state.update(cached=state)
+    ctx = await _context(engine, _users(mv)["known"])
+    a = await cached.retrieve(ctx, 60)
+    b = await direct.retrieve(ctx, 60)
+    assert [c.item_id for c in a] == [c.item_id for c in b]
+    assert [c.score for c in a] == pytest.approx([c.score for c in b], abs=1e-6)
+    assert {c.seed_item_id for c in a} <= set(ctx.recent[:10])

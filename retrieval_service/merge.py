@@ -30,20 +30,6 @@ class MergedCandidate:
     seed_item_id: str | None = None
     genre: str | None = None
 
-    def add(self, source: str, cand: Candidate) -> None:
-        """Folds in one source's proposal (the first proposal per source wins)."""
-        if source in self.sources:
-            return
-        self.sources.append(source)
-        if cand.score is not None:
-            self.source_scores[source] = cand.score
-            if self.score is None or cand.score > self.score:
-                self.score = cand.score
-        if self.seed_item_id is None and cand.seed_item_id:
-            self.seed_item_id = cand.seed_item_id
-        if self.genre is None and cand.genre:
-            self.genre = cand.genre
-
 
 def merge(
     results: Mapping[str, Sequence[Candidate]], only: Container[str] | None = None
@@ -56,14 +42,37 @@ def merge(
             which skips the attribution work for candidates that were dropped.
     """
     merged: dict[str, MergedCandidate] = {}
+    get = merged.get
+    # The loop body is MergedCandidate.add inlined: this runs for every
+    # candidate of every source on every request.
     for source, cands in results.items():
         for c in cands:
-            if only is not None and c.item_id not in only:
+            iid = c.item_id
+            if only is not None and iid not in only:
                 continue
-            m = merged.get(c.item_id)
+            m = get(iid)
+            score = c.score
             if m is None:
-                m = merged[c.item_id] = MergedCandidate(c.item_id)
-            m.add(source, c)
+                merged[iid] = MergedCandidate(
+                    iid,
+                    [source],
+                    {} if score is None else {source: score},
+                    score,
+                    c.seed_item_id or None,
+                    c.genre or None,
+                )
+                continue
+            if source in m.sources:
+                continue
+            m.sources.append(source)
+            if score is not None:
+                m.source_scores[source] = score
+                if m.score is None or score > m.score:
+                    m.score = score
+            if m.seed_item_id is None and c.seed_item_id:
+                m.seed_item_id = c.seed_item_id
+            if m.genre is None and c.genre:
+                m.genre = c.genre
     return merged
 
 
@@ -115,7 +124,8 @@ def _fair_pass(
         for li, lane in enumerate(lanes)
         for j, item in enumerate(lists.get(lane.name, ()))
     ]
-    entries.sort(key=lambda e: (e[0], e[1]))
+    # (virtual time, lane) is unique per entry, so the item is never compared.
+    entries.sort()
     placed = [0] * len(lanes)
     for _, li, item in entries:
         if len(out) >= budget:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +44,24 @@ class UserQuery:
         )
 
 
+_LOG_EVERY_S = 10.0
+_last_log = [0.0, 0]  # monotonic time of the last warning, failures since
+
+
+def _log_degraded(exc: Exception) -> None:
+    # Redis down means every request fails the same way: one line per
+    # interval (with a count) instead of one per request.
+    _last_log[1] += 1
+    now = time.monotonic()
+    if now - _last_log[0] >= _LOG_EVERY_S:
+        log.warning(
+            "user reads failing, ranking with request/default features: %s (%d since last report)",
+            exc,
+            _last_log[1],
+        )
+        _last_log[0], _last_log[1] = now, 0
+
+
 async def fetch_user(
     redis, spec: FeatureSpec, user_id: str, *, with_watched: bool
 ) -> tuple[StoredUser | None, bool]:
@@ -56,7 +75,7 @@ async def fetch_user(
     try:
         return await load_user(redis, spec, user_id, recent_n=1, with_watched=with_watched), False
     except Exception as exc:  # redis.RedisError, OSError, timeouts: all degrade the same way
-        log.warning("user read failed, using request/default features: %s", exc)
+        _log_degraded(exc)
         return None, True
 
 

@@ -241,6 +241,7 @@ class RetrievalEngine:
             deadline=deadline,
             redis=batch,
             hydrate_error=error,
+            recent_from_request=bool(q.recent),
         )
 
     async def _run_source(

@@ -10,7 +10,13 @@ import numpy as np
 from pydantic import Field
 
 from retrieval_service.served import ServedVersion, cosine_from_angular
-from retrieval_service.sources.base import Candidate, RetrievalContext, SourceBase, SourceConfig
+from retrieval_service.sources.base import (
+    Candidate,
+    RedisUnavailable,
+    RetrievalContext,
+    SourceBase,
+    SourceConfig,
+)
 
 
 class AnnoySimilarConfig(SourceConfig):
@@ -83,6 +89,10 @@ class AnnoySimilarSource(SourceBase):
         return [r for r, _ in kept], [cosine_from_angular(d) for _, d in kept]
 
     async def retrieve(self, ctx: RetrievalContext, k: int) -> Sequence[Candidate]:
+        if ctx.hydrate_error and not ctx.recent_from_request:
+            # No stored history could be read: an empty answer would look like
+            # a user with no history, so say what happened instead.
+            raise RedisUnavailable(ctx.hydrate_error)
         served = ctx.served
         index = served.item_index
         seeds = [i for i in ctx.recent if i in index][: self.config.seeds]

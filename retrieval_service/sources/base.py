@@ -253,6 +253,8 @@ class RetrievalContext:
         deadline: ``time.monotonic()`` by which the whole request must answer.
         redis: Batched sorted-set reader (see :class:`RedisBatch`).
         hydrate_error: Why hydration fell back to an empty user, if it did.
+        recent_from_request: True when ``recent`` is the request's override
+            (so it is valid even when hydration failed).
     """
 
     user_id: str
@@ -267,6 +269,7 @@ class RetrievalContext:
     deadline: float
     redis: RedisBatch
     hydrate_error: str | None = None
+    recent_from_request: bool = False
     _genres: list[str] | None = field(default=None, repr=False)
 
     @property

@@ -40,6 +40,8 @@ class TopGenreSource(SourceBase):
     config: TopGenreConfig
 
     async def retrieve(self, ctx: RetrievalContext, k: int) -> Sequence[Candidate]:
+        if not ctx.redis.available:  # neither the user's genres nor the lists are readable
+            raise RedisUnavailable(ctx.hydrate_error or "redis unavailable")
         genres = ctx.top_genres(self.config.genres)
         if not genres or k <= 0:
             return []
@@ -77,6 +79,8 @@ class TopCountrySource(SourceBase):
     config: TopCountryConfig
 
     async def retrieve(self, ctx: RetrievalContext, k: int) -> Sequence[Candidate]:
+        if not ctx.redis.available:
+            raise RedisUnavailable(ctx.hydrate_error or "redis unavailable")
         if not ctx.country or k <= 0:
             return []
         items = await ctx.redis.top(redis_keys.top_country(ctx.version_id, ctx.country), k)

@@ -464,10 +464,18 @@ async def test_redis_down_degrades_to_memory_sources(published: Path, mv: ModelV
         start = time.perf_counter()
         res = await srv.stub.Retrieve(request("u", 50, recent_item_ids=mv.item_ids[:2]), timeout=2)
         assert time.perf_counter() - start < 1.0
-        reports = {r.source: r.status for r in res.source_reports}
-        assert reports["similar_to_recent"] == OK and reports["popular"] == OK
-        assert reports["top_country"] == OK  # no country known: nothing to read
+        reports = {r.source: r for r in res.source_reports}
+        # The request's history override and the in-memory popular list still answer.
+        assert reports["similar_to_recent"].status == OK and reports["popular"].status == OK
+        assert reports["similar_to_recent"].count > 0
+        for name in ("top_genre", "top_country"):
+            assert reports[name].status == ERROR
+            assert "user state unavailable" in reports[name].message
         assert res.degraded and len(res.candidates) == 50
+        # Without an override the similarity source has no history: ERROR, not "empty".
+        res = await srv.stub.Retrieve(request("u", 50), timeout=2)
+        reports = {r.source: r.status for r in res.source_reports}
+        assert reports["similar_to_recent"] == ERROR and reports["popular"] == OK
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await srv.stub.RecordInteraction(
                 retrieval_pb2.RecordInteractionRequest(user_id="u", item_id=mv.item_ids[0]),

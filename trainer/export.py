@@ -18,7 +18,7 @@ import numpy as np
 
 from recsys import artifacts as A
 from recsys.features import ITEM_PRIOR
-from trainer.model import TwoTower, embed
+from trainer.model import TwoTower
 from trainer.prepare import Prepared
 
 # Pseudo-count of the damped mean that ranks top lists: an item needs tens of
@@ -174,7 +174,8 @@ def export_version(
         save_tower(tt.item_tower, w.path / A.ITEM_TOWER)
         _log(quiet, f"export: towers saved ({time.perf_counter() - t0:.1f}s)")
         item_features = p.item_features
-        vectors = embed(tt.item_tower, item_features)
+        # Hybrid: items without training ratings keep their content vector.
+        vectors = tt.item_vectors(item_features, known=p.item_count > 0)
         w.write_npy(A.ITEM_VECTORS, vectors)
         w.write_npy(A.ITEM_FEATURES, item_features)
         w.write_npy(A.ITEM_GENRES, np.asarray(d.item_genres, np.uint8))

@@ -14,6 +14,15 @@ Prediction is the dot of the two embeddings, which lies in ``[-1, 1]``:
   ``a`` and bias ``b``, trained with binary cross-entropy on "liked"
   (rating >= 4). ``a`` and ``b`` are exported in the manifest's target so
   serving maps dots to probabilities the same way.
+
+Hybrid mode (``n_items > 0``, ``--id-embeddings``) gives every catalogue
+item a learned id embedding, added to its content vector before a second L2
+normalisation: ``v_i = normalize(tower(x_i) + e_i)``. The offsets start at
+zero and carry an L2 penalty, so an item with few ratings stays close to its
+content vector. They cost nothing at serving time, because the trainer bakes
+them into ``item_vectors.npy``; the exported item-tower SavedModel stays the
+content-only tower, i.e. what a new item (no id yet) would get. The user
+tower is unchanged in both modes, so the serving contract is the same.
 """
 
 from __future__ import annotations
@@ -38,9 +47,11 @@ class TwoTower:
         user_tower: Keras model, user features ``[n, F_user]`` -> ``[n, D]`` unit vectors.
         item_tower: Keras model, item features ``[n, F_item]`` -> ``[n, D]`` unit vectors.
         model: Keras model with inputs ``[user_features, item_features]`` (row-aligned
-            pairs) and output ``[n, 1]``: the dot (rating) or the like probability (binary).
+            pairs; hybrid adds ``item_index``) and output ``[n, 1]``: the dot (rating) or
+            the like probability (binary).
         objective: ``"rating"`` or ``"binary"``.
         config: The hyper-parameters it was built with (JSON-ready, for the manifest).
+        item_id_embedding: Hybrid mode's item id offsets ``[n_items, D]``, else None.
     """
 
     user_tower: keras.Model
@@ -48,6 +59,38 @@ class TwoTower:
     model: keras.Model
     objective: Objective
     config: dict[str, Any] = field(default_factory=dict)
+    item_id_embedding: keras.layers.Embedding | None = None
+
+    @property
+    def hybrid(self) -> bool:
+        """True when items have learned id embeddings (the model takes item rows as a 3rd input)."""
+        return self.item_id_embedding is not None
+
+    def item_vectors(self, features: np.ndarray, known: np.ndarray | None = None) -> np.ndarray:
+        """Catalogue item vectors float32 ``[n, D]``: what ``item_vectors.npy`` holds.
+
+        Args:
+            features: Item features ``[n, F_item]`` in catalogue order (row = item index).
+            known: Optional bool ``[n]``; in hybrid mode, items where it is False (no
+                training ratings) keep their content vector, as a brand-new item would.
+
+        Returns:
+            The content tower's unit vectors, or in hybrid mode
+            ``normalize(content + id offset)``.
+        """
+        vectors = embed(self.item_tower, features)
+        if self.item_id_embedding is None:
+            return vectors
+        offsets = np.asarray(self.item_id_embedding.embeddings, np.float32)
+        if offsets.shape != vectors.shape:
+            raise ValueError(
+                f"item id embeddings cover {offsets.shape[0]} items, catalogue has {len(vectors)}"
+            )
+        if known is not None:
+            offsets = np.where(np.asarray(known, bool)[:, None], offsets, 0.0)
+        out = vectors + offsets
+        out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+        return out.astype(np.float32)
 
     @property
     def embedding_dim(self) -> int:
@@ -119,6 +162,8 @@ def build_two_tower(
     dropout: float = 0.0,
     user_sample: np.ndarray | None = None,
     item_sample: np.ndarray | None = None,
+    n_items: int = 0,
+    id_l2: float = 1e-5,
 ) -> TwoTower:
     """Builds and compiles the two-tower model.
 
@@ -135,6 +180,9 @@ def build_two_tower(
         dropout: Dropout after each hidden layer (0 = none).
         user_sample: Training user features ``[n, F_user]`` to adapt the normalisation on.
         item_sample: Training item features ``[n, F_item]`` to adapt the normalisation on.
+        n_items: Catalogue size; above 0 turns on hybrid mode (item id embeddings) and
+            the model takes item rows (int32 ``[n]``) as a third input.
+        id_l2: L2 penalty on the item id embeddings (hybrid mode).
 
     Returns:
         The compiled :class:`TwoTower`.
@@ -148,7 +196,25 @@ def build_two_tower(
     item = _tower("item", spec.n_item_features, hidden, embedding_dim, item_sample, l2, dropout)
     u_in = keras.Input((spec.n_user_features,), dtype="float32", name="user_features")
     i_in = keras.Input((spec.n_item_features,), dtype="float32", name="item_features")
-    dot = keras.layers.Dot(axes=1, name="dot")([user(u_in), item(i_in)])
+    inputs = [u_in, i_in]
+    item_vec = item(i_in)
+    id_embedding = None
+    if n_items > 0:
+        idx = keras.Input((), dtype="int32", name="item_index")
+        inputs.append(idx)
+        # Zero start: an item begins at its content vector and moves away only as
+        # far as its own ratings justify against the L2 pull back.
+        id_embedding = keras.layers.Embedding(
+            n_items,
+            embedding_dim,
+            embeddings_initializer="zeros",
+            embeddings_regularizer=keras.regularizers.L2(id_l2) if id_l2 > 0 else None,
+            name="item_id_embedding",
+        )
+        item_vec = keras.layers.UnitNormalization(name="item_hybrid_l2")(
+            keras.layers.Add(name="item_id_offset")([item_vec, id_embedding(idx)])
+        )
+    dot = keras.layers.Dot(axes=1, name="dot")([user(u_in), item_vec])
     if objective == "binary":
         # A learned affine map on the dot: cosine similarity alone cannot
         # reach confident probabilities, sigmoid(1) is only 0.73.
@@ -164,7 +230,7 @@ def build_two_tower(
         out = dot
         loss = keras.losses.MeanSquaredError()
         metrics = [keras.metrics.RootMeanSquaredError(name="rmse")]
-    model = keras.Model([u_in, i_in], out, name="two_tower")
+    model = keras.Model(inputs, out, name="two_tower")
     model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=metrics)
     config = {
         "hidden_units": hidden,
@@ -173,8 +239,11 @@ def build_two_tower(
         "learning_rate": float(learning_rate),
         "l2": float(l2),
         "dropout": float(dropout),
+        "id_embeddings": n_items > 0,
     }
-    return TwoTower(user, item, model, objective, config)
+    if n_items > 0:
+        config.update(id_l2=float(id_l2), n_items=int(n_items))
+    return TwoTower(user, item, model, objective, config, id_embedding)
 
 
 def embed(tower: keras.Model, features: np.ndarray, batch_size: int = 65_536) -> np.ndarray:

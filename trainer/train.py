@@ -35,6 +35,7 @@ class TrainConfig:
     test_fraction: float = 0.2
     annoy_trees: int = 50
     id_embeddings: bool = False
+    id_l2: float = 1e-5
     l2: float = 0.0
     dropout: float = 0.0
     leave_one_out: bool = True
@@ -95,8 +96,6 @@ def fit(p: Prepared, cfg: TrainConfig, *, quiet: bool = False):
     from recsys.features import TargetScale
     from trainer.model import build_two_tower
 
-    if cfg.id_embeddings:
-        raise DataError("id embeddings (hybrid mode) are not implemented yet; drop --id-embeddings")
     set_determinism(cfg.seed)
     rows = p.train_rows
     rng = np.random.default_rng(cfg.seed)
@@ -110,9 +109,11 @@ def fit(p: Prepared, cfg: TrainConfig, *, quiet: bool = False):
     )
 
     def inputs(r: np.ndarray):
-        u, i = p.row_features(r, leave_one_out=cfg.leave_one_out)
+        x: tuple[np.ndarray, ...] = p.row_features(r, leave_one_out=cfg.leave_one_out)
+        if cfg.id_embeddings:
+            x = (*x, p.dataset.rating_item[r].astype(np.int32))
         y = target.to_model(p.dataset.rating[r])[:, None]
-        return (u, i), y
+        return x, y
 
     x_fit, y_fit = inputs(fit_rows)
     strategy = tf.distribute.get_strategy()
@@ -127,6 +128,8 @@ def fit(p: Prepared, cfg: TrainConfig, *, quiet: bool = False):
             dropout=cfg.dropout,
             user_sample=x_fit[0],
             item_sample=x_fit[1],
+            n_items=p.dataset.n_items if cfg.id_embeddings else 0,
+            id_l2=cfg.id_l2,
         )
     callbacks = []
     validation = None

@@ -171,3 +171,83 @@ def test_report_files_are_checksummed(evaluated_version):
     assert json.loads((path / "metrics.json").read_text()) == manifest["metrics"]
     table = format_report(manifest["metrics"])
     assert "user/item bias" in table and f"{manifest['metrics']['model']['rmse']:.4f}" in table
+
+
+# --- hybrid mode (item id embeddings) --------------------------------------------
+
+
+def test_hybrid_item_vectors_add_id_offsets_to_the_content_tower():
+    import keras
+
+    from trainer.model import build_two_tower
+
+    keras.utils.set_random_seed(0)
+    u, i = _samples(seed=3)
+    tt = build_two_tower(
+        SPEC, hidden_units=(16,), embedding_dim=4, user_sample=u, item_sample=i, n_items=64
+    )
+    assert tt.hybrid and [x.name for x in tt.model.inputs][-1] == "item_index"
+    assert tt.config["id_embeddings"] is True and tt.config["n_items"] == 64
+    rows = np.arange(64, dtype=np.int32)
+    y = np.linspace(-0.9, 0.9, 64, dtype=np.float32)[:, None]
+    tt.model.fit([u, i, rows], y, epochs=3, verbose=0)
+    content = np.asarray(tt.item_tower(i))
+    known = np.arange(64) % 2 == 0
+    vectors = tt.item_vectors(i, known=known)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    # Items without training ratings keep the content vector; the others moved.
+    np.testing.assert_allclose(vectors[~known], content[~known], atol=1e-6)
+    assert np.abs(vectors[known] - content[known]).max() > 1e-3
+    # The trained model scores with exactly these vectors.
+    pred = tt.model.predict([u, i, rows], verbose=0)[:, 0]
+    all_known = tt.item_vectors(i)
+    np.testing.assert_allclose(pred, np.sum(np.asarray(tt.user_tower(u)) * all_known, 1), atol=1e-5)
+    with pytest.raises(ValueError, match="catalogue has 63"):
+        tt.item_vectors(i[:63])
+
+
+@pytest.fixture(scope="module")
+def hybrid_pair(tmp_path_factory):
+    """Content-only and hybrid versions trained identically on the same synthetic data."""
+    from trainer.synthetic import generate
+    from trainer.train import TrainConfig, train
+
+    data = generate(600, 400, 40_000, 3, 2)
+    out = {}
+    for hybrid in (False, True):
+        cfg = TrainConfig(
+            epochs=8, hidden_units=(64, 32), annoy_trees=5, patience=2, dropout=0.1,
+            id_embeddings=hybrid, data_spec="synthetic:users=600,items=400,ratings=40000,"
+            "countries=3,seed=2",
+        )  # fmt: skip
+        out[hybrid] = train(data, tmp_path_factory.mktemp("hybrid"), cfg, plots=False, quiet=True)
+    return out
+
+
+def test_hybrid_version_keeps_the_serving_contract(hybrid_pair):
+    import tensorflow as tf
+
+    path = hybrid_pair[True].version_dir
+    mv = ModelVersion.open(path)
+    assert mv.manifest["model"]["id_embeddings"] is True
+    assert mv.manifest["training"]["id_embeddings"] is True
+    user = mv.load_tower(A.USER_TOWER).signatures[A.SIGNATURE]
+    got = user(**{A.INPUT_KEY: tf.constant(np.asarray(mv.user_features[:5]))})[A.OUTPUT_KEY]
+    assert got.shape == (5, mv.dim)
+    np.testing.assert_allclose(np.linalg.norm(mv.item_vectors, axis=1), 1.0, atol=1e-5)
+    # The item SavedModel is the content tower (what a new item gets): rated catalogue
+    # items differ from it by their id offsets, unrated ones do not.
+    item = mv.load_tower(A.ITEM_TOWER).signatures[A.SIGNATURE]
+    content = item(**{A.INPUT_KEY: tf.constant(np.asarray(mv.item_features))})[A.OUTPUT_KEY]
+    rated = np.asarray(mv.item_features)[:, mv.spec.item_feature_names.index("log_rating_count")]
+    gap = np.abs(content.numpy() - mv.item_vectors).max(axis=1)
+    assert gap[rated > 0].max() > 1e-3
+    np.testing.assert_allclose(gap[rated == 0], 0.0, atol=1e-5)
+    assert mv.annoy_index().get_nns_by_item(0, 1)[0] == 0
+
+
+def test_hybrid_beats_content_only_on_synthetic_data(hybrid_pair):
+    # Synthetic items have latent tastes beyond their genres, which only an id can learn.
+    content = hybrid_pair[False].metrics["model"]["rmse"]
+    hybrid = hybrid_pair[True].metrics["model"]["rmse"]
+    assert hybrid < content - 0.005, (hybrid, content)

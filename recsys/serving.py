@@ -120,8 +120,12 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         metadata = dict(handler_call_details.invocation_metadata or ())
         inner = handler.unary_unary
         short = method.rsplit("/", 1)[-1]
+        # Parsing happens here rather than in gRPC's own deserializer hook, so a
+        # corrupt message or a non-UTF-8 string field becomes INVALID_ARGUMENT
+        # instead of gRPC's generic UNKNOWN, and only after auth and the bound.
+        parse = handler.request_deserializer
 
-        async def guarded(request, context: grpc.aio.ServicerContext):
+        async def guarded(raw, context: grpc.aio.ServicerContext):
             if self.token is not None:
                 sent = str(metadata.get("authorization", "")).encode()
                 if not hmac.compare_digest(sent, b"Bearer " + self.token):
@@ -143,6 +147,14 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             start = time.perf_counter()
             code = "OK"
             try:
+                request = raw
+                if parse is not None:
+                    try:
+                        request = parse(raw)
+                    except Exception as exc:
+                        await context.abort(
+                            grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {exc}"
+                        )
                 return await inner(request, context)
             except BaseException:
                 code = _code_name(context) or "UNKNOWN"
@@ -157,7 +169,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
 
         return grpc.unary_unary_rpc_method_handler(
             guarded,
-            request_deserializer=handler.request_deserializer,
+            request_deserializer=None,
             response_serializer=handler.response_serializer,
         )
 

@@ -15,7 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -135,6 +135,68 @@ class TrainerSettings(_Strict):
     id_embeddings: bool = Field(False, description="Hybrid mode: add user/item id embeddings.")
 
 
+# --- experiments and tracing ----------------------------------------------------------
+
+CURRENT_VERSION = "current"
+
+
+class SourceOverride(_Strict):
+    """A variant's change to one ``retrieval.sources`` entry (matched by name)."""
+
+    enabled: bool = Field(True, description="False drops the source from the variant.")
+    budget: int | None = Field(None, ge=1, description="Most candidates the source contributes.")
+    weight: float | None = Field(None, gt=0, description="Share of interleave turns.")
+    timeout_ms: float | None = Field(None, gt=0, description="The source's own deadline.")
+
+
+class VariantSettings(_Strict):
+    """One arm of an A/B experiment."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_-]*$", description="Label on responses and metrics.")
+    share: float = Field(ge=0, le=1, description="Fraction of users bucketed into this variant.")
+    model_version: str = Field(
+        CURRENT_VERSION,
+        min_length=1,
+        description="'current' follows the served version; anything else pins that version.",
+    )
+    sources: dict[str, SourceOverride] = Field(
+        default_factory=dict, description="Overrides of retrieval.sources entries, by name."
+    )
+
+
+class ExperimentSettings(_Strict):
+    """An A/B experiment; no variants means everyone gets variant ``default``."""
+
+    name: str = Field("default", min_length=1, description="Salt of the bucketing hash.")
+    variants: list[VariantSettings] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _check_variants(self) -> ExperimentSettings:
+        if not self.variants:
+            return self
+        seen: set[str] = set()
+        for i, v in enumerate(self.variants):
+            if v.name in seen:
+                raise ValueError(f"variants[{i}].name: duplicate variant name {v.name!r}")
+            seen.add(v.name)
+        total = sum(v.share for v in self.variants)
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"variants[*].share: shares sum to {total:g}, they must sum to 1")
+        return self
+
+
+class TracingSettings(_Strict):
+    """OpenTelemetry tracing; off by default, and then no span is created at all."""
+
+    enabled: bool = False
+    exporter: Literal["otlp", "console"] = "otlp"
+    endpoint: str | None = Field(
+        None, description="OTLP gRPC endpoint; default $OTEL_EXPORTER_OTLP_ENDPOINT or :4317."
+    )
+    insecure: bool = Field(True, description="Plaintext to the collector (a sidecar).")
+    sample_ratio: float = Field(1.0, ge=0, le=1, description="Share of new traces recorded.")
+
+
 class RecsysSettings(BaseSettings):
     """Root configuration for every ``recsys`` component."""
 
@@ -154,6 +216,8 @@ class RecsysSettings(BaseSettings):
     retrieval: RetrievalSettings = RetrievalSettings()
     ranking: RankingSettings = RankingSettings()
     trainer: TrainerSettings = TrainerSettings()
+    experiments: ExperimentSettings = ExperimentSettings()
+    tracing: TracingSettings = TracingSettings()
 
     @field_validator("log_level")
     @classmethod

@@ -1,0 +1,202 @@
+"""OpenTelemetry tracing for both services, off by default.
+
+Each service holds one :class:`Tracing`. When ``tracing.enabled`` is false
+it is :data:`NOOP`: :meth:`Tracing.span` hands back one shared, do-nothing
+context manager, no span object is created, nothing is exported and no
+context is attached, so the instrumented code costs an attribute read and a
+call per stage (``bench/tracing.py`` measures it).
+
+When enabled, every ``Tracing`` owns its own ``TracerProvider`` rather than
+installing a global one, so two services (or tests) in one process keep
+their exporters apart. Trace context crosses the ranking → retrieval hop as
+a W3C ``traceparent`` in gRPC metadata, through the OpenTelemetry
+propagation API (:func:`opentelemetry.propagate.inject` / ``extract``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from opentelemetry import propagate
+from opentelemetry.context import Context
+from opentelemetry.trace import INVALID_SPAN, Span, SpanKind
+
+from recsys.config import TracingSettings
+
+log = logging.getLogger("recsys.tracing")
+
+INSTRUMENTATION = "recsys"
+
+
+class _NullSpan:
+    """The context manager :data:`NOOP` returns: enters to a non-recording span."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> Span:
+        return INVALID_SPAN
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+_NULL = _NullSpan()
+
+
+class Tracing:
+    """A service's tracer; the disabled one (:data:`NOOP`) does nothing.
+
+    Args:
+        provider: An SDK ``TracerProvider`` with its span processors, or None
+            for the disabled tracer.
+        service: ``service.name`` of the spans (``ranking``/``retrieval``).
+    """
+
+    def __init__(self, provider: Any = None, service: str = ""):
+        self.provider = provider
+        self.service = service
+        self.enabled = provider is not None
+        self._tracer = provider.get_tracer(INSTRUMENTATION) if provider is not None else None
+
+    @classmethod
+    def from_settings(
+        cls, settings: TracingSettings, service: str, *, exporter: Any = None
+    ) -> Tracing:
+        """Builds the tracer config asks for.
+
+        Args:
+            settings: The ``[tracing]`` section.
+            service: ``service.name`` resource attribute.
+            exporter: A span exporter to use instead of the configured one
+                (tests pass an ``InMemorySpanExporter``; it is flushed per span).
+
+        Returns:
+            :data:`NOOP` when tracing is disabled (and no exporter is given).
+        """
+        if not settings.enabled and exporter is None:
+            return NOOP
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+        provider = TracerProvider(
+            resource=Resource.create({"service.name": f"recsys-{service}"}),
+            sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)),
+        )
+        if exporter is not None:
+            provider.add_span_processor(SimpleSpanProcessor(exporter))
+        elif settings.exporter == "console":
+            from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+            provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
+        else:
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            kwargs: dict[str, Any] = {"insecure": settings.insecure}
+            if settings.endpoint:
+                kwargs["endpoint"] = settings.endpoint
+            # Batched off the request path: export never adds latency to a call.
+            provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(**kwargs)))
+        log.info(
+            "tracing on",
+            extra={"fields": {"service": service, "exporter": settings.exporter}},
+        )
+        return cls(provider, service)
+
+    # --- spans -------------------------------------------------------------------------
+
+    def span(
+        self,
+        name: str,
+        *,
+        parent: Context | None = None,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: Mapping[str, Any] | None = None,
+    ) -> contextlib.AbstractContextManager[Span]:
+        """A span made current for the ``with`` block (a shared no-op when disabled).
+
+        Args:
+            name: Span name, ``<service>.<stage>``.
+            parent: Explicit parent context (an extracted ``traceparent``);
+                default: the current span.
+            kind: SERVER for an RPC's root span, CLIENT for an outgoing call.
+            attributes: Initial attributes (counts, names).
+        """
+        if self._tracer is None:
+            return _NULL
+        return self._tracer.start_as_current_span(
+            name, context=parent, kind=kind, attributes=attributes
+        )
+
+    def record(
+        self,
+        name: str,
+        start_ns: int,
+        end_ns: int,
+        *,
+        parent: Context | None = None,
+        attributes: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Records a finished stage with known times (work done on another thread).
+
+        The micro-batcher runs the towers for many requests at once on a
+        worker thread; the stage times are taken there and turned into a
+        span in each request's own trace afterwards.
+        """
+        if self._tracer is None:
+            return
+        span = self._tracer.start_span(
+            name, context=parent, start_time=start_ns, attributes=attributes
+        )
+        span.end(end_time=end_ns)
+
+    def current_context(self) -> Context | None:
+        """The active context to hand to :meth:`record` later (None when disabled)."""
+        if self._tracer is None:
+            return None
+        from opentelemetry.context import get_current
+
+        return get_current()
+
+    # --- propagation -----------------------------------------------------------------
+
+    def extract(self, metadata: Iterable[tuple[str, Any]] | None) -> Context | None:
+        """The caller's trace context from gRPC invocation metadata (None when disabled).
+
+        Without a ``traceparent`` it is an empty context, so the RPC starts
+        a new trace instead of joining whatever happens to be current.
+        """
+        if self._tracer is None:
+            return None
+        carrier = {str(k).lower(): v for k, v in (metadata or ()) if isinstance(v, str)}
+        return propagate.extract(carrier, context=Context())
+
+    def inject(
+        self, metadata: tuple[tuple[str, str], ...] | None
+    ) -> tuple[tuple[str, str], ...] | None:
+        """``metadata`` plus the current span's ``traceparent`` (unchanged when disabled)."""
+        if self._tracer is None:
+            return metadata
+        carrier: dict[str, str] = {}
+        propagate.inject(carrier)
+        if not carrier:
+            return metadata
+        return (*(metadata or ()), *carrier.items())
+
+    def shutdown(self) -> None:
+        """Flushes and stops the exporter."""
+        if self.provider is not None:
+            self.provider.shutdown()
+
+
+NOOP = Tracing()
+
+
+def now_ns() -> int:
+    """Wall-clock time in ns, the clock OpenTelemetry timestamps use."""
+    return time.time_ns()

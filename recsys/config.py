@@ -91,6 +91,9 @@ class RetrievalSettings(ServerSettings):
     max_budget: int = Field(5000, ge=1)
     max_similar_k: int = Field(1000, ge=1)
     max_id_bytes: int = Field(256, ge=1, description="Longest accepted user or item id.")
+    max_request_ids: int = Field(
+        10_000, ge=1, description="Most ids in one request list (recent, exclude, sources)."
+    )
     history_length: int = Field(50, ge=1, description="Recent-history entries kept per user.")
     sources: list[dict[str, Any]] = Field(
         default_factory=_default_sources,

@@ -27,7 +27,9 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from recsys.config import RetrievalSettings
+from recsys.experiments import Experiment, UnknownVariant, Variant
 from recsys.features import UserProfile, aggregates_from_genre_ratings
+from recsys.tracing import NOOP, Tracing
 from recsys.user_store import StoredUser, load_user, record_interaction
 from retrieval_service import metrics
 from retrieval_service.errors import InvalidArgument, NotFound, Unavailable
@@ -83,6 +85,7 @@ class RetrieveQuery:
     recent: Sequence[str] = ()
     exclude: Sequence[str] = ()
     features: RequestFeatures = field(default_factory=RequestFeatures)
+    variant: str = ""  # forced experiment variant; empty: bucket by user id
 
 
 @dataclass
@@ -105,6 +108,7 @@ class RetrieveResult:
     version: str
     degraded: bool
     redis_round_trips: int
+    variant: str = ""
 
 
 def _check_id(field_name: str, value: str, limit: int) -> None:
@@ -123,6 +127,10 @@ class RetrievalEngine:
         sources: Built sources, in config order (see :mod:`retrieval_service.registry`).
         redis: ``redis.asyncio`` client (user state and top lists).
         redis_timeout_s: Longest wait for hydration or a write.
+        experiment: A/B variants (default: none, every call is variant ``default``).
+        variant_sources: Per variant, its sources with the variant's overrides
+            applied; a variant missing here uses ``sources`` as they are.
+        tracing: Span per stage and per source (default: off).
     """
 
     def __init__(
@@ -132,6 +140,9 @@ class RetrievalEngine:
         redis: Any,
         *,
         redis_timeout_s: float = 0.25,
+        experiment: Experiment | None = None,
+        variant_sources: Mapping[str, Sequence[CandidateSource]] | None = None,
+        tracing: Tracing = NOOP,
     ):
         self.settings = settings
         self.sources = list(sources)
@@ -139,6 +150,9 @@ class RetrievalEngine:
         self.redis = redis
         self.redis_timeout_s = redis_timeout_s
         self.served: ServedVersion | None = None
+        self.experiment = experiment or Experiment()
+        self.plans = {v: {s.name: s for s in srcs} for v, srcs in (variant_sources or {}).items()}
+        self.tracing = tracing
 
     # --- versions -------------------------------------------------------------------
 
@@ -169,7 +183,18 @@ class RetrievalEngine:
         _check_id("user.user_id", q.user_id, s.max_id_bytes)
         if q.budget < 0 or q.budget > s.max_budget:
             raise InvalidArgument("budget", f"{q.budget} is outside 0..{s.max_budget}")
-        for name, ids in (("user.recent_item_ids", q.recent), ("user.exclude_item_ids", q.exclude)):
+        lists = (
+            ("user.recent_item_ids", q.recent),
+            ("user.exclude_item_ids", q.exclude),
+            ("sources", q.sources),
+        )
+        for name, values in lists:
+            # Checked before any per-id work so a huge list costs nothing to refuse.
+            if len(values) > s.max_request_ids:
+                raise InvalidArgument(
+                    name, f"{len(values)} entries, at most {s.max_request_ids} allowed"
+                )
+        for name, ids in lists[:2]:
             for i, item in enumerate(ids):
                 _check_id(f"{name}[{i}]", item, s.max_id_bytes)
         if q.sources:
@@ -245,7 +270,12 @@ class RetrievalEngine:
         )
 
     async def _run_source(
-        self, src: CandidateSource, ctx: RetrievalContext, k: int, stop_at: float
+        self,
+        src: CandidateSource,
+        ctx: RetrievalContext,
+        k: int,
+        stop_at: float,
+        variant: str = "default",
     ) -> tuple[SourceReport, list[Candidate]]:
         start = time.perf_counter()
         limit = min(src.config.timeout_ms / 1000.0, stop_at - time.monotonic())
@@ -271,9 +301,9 @@ class RetrievalEngine:
                 extra={"fields": {"source": src.name, "user": ctx.user_id, "error": message}},
             )
         elapsed = time.perf_counter() - start
-        metrics.SOURCE_LATENCY.labels(src.name).observe(elapsed)
-        metrics.SOURCE_STATUS.labels(src.name, status.value).inc()
-        metrics.SOURCE_CANDIDATES.labels(src.name).observe(len(cands))
+        metrics.SOURCE_LATENCY.labels(src.name, variant).observe(elapsed)
+        metrics.SOURCE_STATUS.labels(src.name, status.value, variant).inc()
+        metrics.SOURCE_CANDIDATES.labels(src.name, variant).observe(len(cands))
         return SourceReport(src.name, status, len(cands), elapsed * 1e3, message), cands
 
     async def retrieve(self, q: RetrieveQuery, *, timeout_s: float | None = None) -> RetrieveResult:
@@ -288,9 +318,22 @@ class RetrievalEngine:
             Unavailable: No version loaded, or every source failed.
         """
         budget, chosen = self._validate(q)
+        variant = self._variant(q)
+        chosen = self._for_variant(chosen, variant)
         served = self.current()
         deadline = time.monotonic() + (DEFAULT_DEADLINE_S if timeout_s is None else timeout_s)
-        ctx = await self.hydrate(served, q, deadline)
+        tr = self.tracing
+        with tr.span("retrieval.hydrate") as span:
+            ctx = await self.hydrate(served, q, deadline)
+            if tr.enabled:
+                span.set_attributes(
+                    {
+                        "recsys.user.known": ctx.known,
+                        "recsys.recent": len(ctx.recent),
+                        "recsys.watched": len(ctx.watched),
+                        "recsys.degraded": ctx.hydrate_error is not None,
+                    }
+                )
         excluded = ctx.watched | ctx.excluded | set(ctx.recent)
         n_excluded = len(excluded)
         # Ask for a little more than the quota when filtering will drop some,
@@ -304,15 +347,25 @@ class RetrievalEngine:
         # the response still arrive in time.
         total = deadline - time.monotonic()
         stop_at = deadline - min(MAX_RESERVE_S, max(MIN_RESERVE_S, 0.1 * total))
+        run = self._traced_source if tr.enabled else self._run_source
         runs = await asyncio.gather(
-            *(self._run_source(s, ctx, asks[s.name], stop_at) for s in chosen)
+            *(run(s, ctx, asks[s.name], stop_at, variant.name) for s in chosen)
         )
         reports = [r for r, _ in runs]
         ok = {r.source: c for r, c in runs if r.status is SourceStatus.OK}
         if not ok:
             detail = ", ".join(f"{r.source}: {r.status.value} ({r.message})" for r in reports)
             raise Unavailable(f"every candidate source failed: {detail}")
-        lists = filter_lists(ok, excluded=excluded, catalogue=served.item_index)
+        with tr.span("retrieval.filter") as span:
+            lists = filter_lists(ok, excluded=excluded, catalogue=served.item_index)
+            if tr.enabled:
+                span.set_attributes(
+                    {
+                        "recsys.candidates_in": sum(len(c) for c in ok.values()),
+                        "recsys.candidates_kept": sum(len(v) for v in lists.values()),
+                        "recsys.excluded": n_excluded,
+                    }
+                )
         lanes = [
             Lane(s.name, s.config.weight, min(s.config.budget, budget), s.config.tier)
             for s in chosen
@@ -322,19 +375,59 @@ class RetrievalEngine:
         pad: Iterator[str] | tuple[()] = ()
         if pad_source is not None:
             pad = (i for i, _ in served.popular if i not in excluded and i in served.item_index)
-        order = select(lists, lanes, budget, pad)
-        merged = merge(ok, only=set(order))
-        out = []
-        for item in order:
-            m = merged.get(item)
-            if m is None:  # came from the in-memory popular pad
-                score = served.popular_scores.get(item, 0.0)
-                m = MergedCandidate(item, [pad_source], {pad_source: score}, score)
-            out.append(m)
+        with tr.span("retrieval.merge") as span:
+            order = select(lists, lanes, budget, pad)
+            merged = merge(ok, only=set(order))
+            out = []
+            for item in order:
+                m = merged.get(item)
+                if m is None:  # came from the in-memory popular pad
+                    score = served.popular_scores.get(item, 0.0)
+                    m = MergedCandidate(item, [pad_source], {pad_source: score}, score)
+                out.append(m)
+            if tr.enabled:
+                span.set_attributes({"recsys.budget": budget, "recsys.returned": len(out)})
         degraded = len(ok) < len(chosen) or ctx.hydrate_error is not None
         metrics.REDIS_ROUND_TRIPS.observe(ctx.redis.round_trips)
         metrics.RETURNED.observe(len(out))
-        return RetrieveResult(out, reports, served.version, degraded, ctx.redis.round_trips)
+        return RetrieveResult(
+            out, reports, served.version, degraded, ctx.redis.round_trips, variant.name
+        )
+
+    def _variant(self, q: RetrieveQuery) -> Variant:
+        try:
+            return self.experiment.resolve(q.user_id, q.variant)
+        except UnknownVariant as exc:
+            raise InvalidArgument(exc.field, str(exc).split(": ", 1)[1]) from exc
+
+    def _for_variant(
+        self, chosen: list[CandidateSource], variant: Variant
+    ) -> list[CandidateSource]:
+        """The chosen sources as the variant configures them (overrides, some disabled)."""
+        plan = self.plans.get(variant.name)
+        if plan is None:
+            return chosen
+        picked = [plan[s.name] for s in chosen if s.name in plan]
+        if not picked:
+            raise InvalidArgument(
+                "sources", f"none of the requested sources is enabled in variant {variant.name!r}"
+            )
+        return picked
+
+    async def _traced_source(
+        self, src: CandidateSource, ctx: RetrievalContext, k: int, stop_at: float, variant: str
+    ) -> tuple[SourceReport, list[Candidate]]:
+        with self.tracing.span(f"retrieval.source.{src.name}") as span:
+            report, cands = await self._run_source(src, ctx, k, stop_at, variant)
+            span.set_attributes(
+                {
+                    "recsys.source": src.name,
+                    "recsys.asked": k,
+                    "recsys.count": report.count,
+                    "recsys.status": report.status.value,
+                }
+            )
+            return report, cands
 
     # --- SimilarItems -------------------------------------------------------------------
 

@@ -181,3 +181,20 @@ def source_entries(
     if not out:
         raise ConfigError(f"{where}.sources: the variant disables every retrieval source")
     return out
+
+
+_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+
+
+def observe_request(service: str, method: str, variant: str, seconds: float) -> None:
+    """Counts one served request and its handling time under its variant label."""
+    key = (service, method, variant)
+    child = _children.get(key)
+    if child is None:  # label lookups are slow enough to matter per request: cache them
+        child = (
+            VARIANT_REQUESTS.labels(service, method, variant),
+            VARIANT_LATENCY.labels(service, method, variant),
+        )
+        _children[key] = child
+    child[0].inc()
+    child[1].observe(seconds)

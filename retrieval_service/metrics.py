@@ -9,17 +9,17 @@ _FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0
 SOURCE_LATENCY = Histogram(
     "recsys_retrieval_source_latency_seconds",
     "Wall time of one candidate source in one Retrieve call.",
-    ["source"],
+    ["source", "variant"],
     buckets=_FAST,
 )
 SOURCE_CANDIDATES = Histogram(
     "recsys_retrieval_source_candidates",
     "Candidates a source returned before merging and filtering.",
-    ["source"],
+    ["source", "variant"],
     buckets=(0, 1, 5, 10, 25, 50, 100, 200, 500, 1000, 2000),
 )
 SOURCE_STATUS = Counter(
-    "recsys_retrieval_source_total", "Source runs by outcome.", ["source", "status"]
+    "recsys_retrieval_source_total", "Source runs by outcome.", ["source", "status", "variant"]
 )
 HYDRATE_LATENCY = Histogram(
     "recsys_retrieval_hydrate_latency_seconds",

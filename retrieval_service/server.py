@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recsys.config import RecsysSettings
+from recsys.config import ConfigError, RecsysSettings
 from recsys.errors import UserFacingError
+from recsys.experiments import Experiment, source_entries
 from recsys.serving import (
     ServerHandle,
     VersionWatcher,
@@ -32,6 +33,7 @@ from recsys.serving import (
     serve,
     start_metrics,
 )
+from recsys.tracing import Tracing
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
 from retrieval_service.engine import RetrievalEngine
 from retrieval_service.errors import SourceConfigError
@@ -93,14 +95,36 @@ class RetrievalApp:
             await self.redis.aclose()
 
 
+def variant_sources(settings: RecsysSettings, experiment: Experiment) -> dict[str, list[Any]]:
+    """Builds each variant's sources with its overrides (variants without overrides: none).
+
+    Raises:
+        SourceConfigError: An override names an unknown source or makes an entry invalid.
+    """
+    plans: dict[str, list[Any]] = {}
+    for i, variant in enumerate(experiment.variants if experiment.active else ()):
+        if not variant.sources:
+            continue
+        where = f"experiments.variants[{i}] (name={variant.name!r})"
+        try:
+            entries = source_entries(settings.retrieval.sources, variant, where=where)
+            plans[variant.name] = build_sources(entries)
+        except ConfigError as exc:
+            raise SourceConfigError(str(exc)) from exc
+        except SourceConfigError as exc:
+            raise SourceConfigError(f"{where}: {exc}") from exc
+    return plans
+
+
 def build_server(
-    settings: RecsysSettings, *, redis: Any = None
+    settings: RecsysSettings, *, redis: Any = None, tracing: Tracing | None = None
 ) -> tuple[ServerHandle, RetrievalApp]:
     """Builds the retrieval server (call inside the event loop that will run it).
 
     Args:
         settings: Full config; ``settings.retrieval`` holds the server settings and sources.
         redis: ``redis.asyncio`` client to use (default: one from ``settings.redis_url``).
+        tracing: Tracer to use (default: from ``settings.tracing``, off unless enabled).
 
     Returns:
         The unstarted server handle and the app that loads versions into it.
@@ -111,7 +135,18 @@ def build_server(
     rs = settings.retrieval
     sources = build_sources(rs.sources)
     client = redis if redis is not None else async_redis(settings)
-    engine = RetrievalEngine(rs, sources, client, redis_timeout_s=settings.redis_timeout_s)
+    experiment = Experiment(settings.experiments)
+    if tracing is None:
+        tracing = Tracing.from_settings(settings.tracing, "retrieval")
+    engine = RetrievalEngine(
+        rs,
+        sources,
+        client,
+        redis_timeout_s=settings.redis_timeout_s,
+        experiment=experiment,
+        variant_sources=variant_sources(settings, experiment),
+        tracing=tracing,
+    )
     servicer = RetrievalServicer(engine)
     handle = create_server(
         rs,
@@ -154,6 +189,7 @@ async def _main(settings: RecsysSettings, port_file: Path | None) -> None:
         await serve(handle, background=[app.run()], on_ready=ready)
     finally:
         await app.close()
+        app.engine.tracing.shutdown()  # flushes spans still queued for export
 
 
 def cli_serve(args: argparse.Namespace, settings: RecsysSettings) -> int:

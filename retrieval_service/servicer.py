@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-import grpc
+import time
 
+import grpc
+from opentelemetry.trace import SpanKind
+
+from recsys.experiments import observe_request
 from recsys.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
 from retrieval_service.engine import (
     RequestFeatures,
@@ -39,6 +43,7 @@ def query_from_pb(request: retrieval_pb2.RetrieveRequest) -> RetrieveQuery:
         recent=tuple(reversed(user.recent_item_ids)),
         exclude=tuple(user.exclude_item_ids),
         features=features,
+        variant=user.variant,
     )
 
 
@@ -82,13 +87,29 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         self.engine = engine
 
     async def Retrieve(self, request, context):
-        try:
-            result = await self.engine.retrieve(
-                query_from_pb(request), timeout_s=context.time_remaining()
-            )
-        except RetrievalError as exc:
-            await _abort(context, exc)
-        return result_to_pb(result, request.user.variant)
+        start = time.perf_counter()
+        tr = self.engine.tracing
+        # Joins the caller's trace (ranking's traceparent) or starts a new one.
+        parent = tr.extract(context.invocation_metadata()) if tr.enabled else None
+        with tr.span("retrieval.Retrieve", parent=parent, kind=SpanKind.SERVER) as span:
+            try:
+                result = await self.engine.retrieve(
+                    query_from_pb(request), timeout_s=context.time_remaining()
+                )
+            except RetrievalError as exc:
+                await _abort(context, exc)
+            if tr.enabled:
+                span.set_attributes(
+                    {
+                        "recsys.variant": result.variant,
+                        "recsys.index_version": result.version,
+                        "recsys.candidates": len(result.candidates),
+                        "recsys.degraded": result.degraded,
+                    }
+                )
+            response = result_to_pb(result, result.variant)
+        observe_request("retrieval", "Retrieve", result.variant, time.perf_counter() - start)
+        return response
 
     async def SimilarItems(self, request, context):
         try:

@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 _PR_SET_PDEATHSIG = 1
 
@@ -65,20 +66,30 @@ class EmbeddedRedis:
             default. Reuse a directory to keep data across restarts.
         persist: Turn on appendonly (fsync every second) so data survives a
             restart of the server, which tests of durability rely on.
+        password: Require this password (``--requirepass``); it then appears
+            in :attr:`url`, so treat the URL as a secret.
     """
 
-    def __init__(self, port: int = 0, data_dir: str | Path | None = None, persist: bool = True):
+    def __init__(
+        self,
+        port: int = 0,
+        data_dir: str | Path | None = None,
+        persist: bool = True,
+        password: str | None = None,
+    ):
         self.port = port or free_port()
         self._tmp = None if data_dir else tempfile.TemporaryDirectory(prefix="recsys-redis-")
         self.data_dir = Path(data_dir or self._tmp.name)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.persist = persist
+        self.password = password
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        """``redis://`` URL of the server."""
-        return f"redis://127.0.0.1:{self.port}/0"
+        """``redis://`` URL of the server (with the password when one is set)."""
+        auth = f":{quote(self.password, safe='')}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
         """Starts the server and waits until it answers PING."""
@@ -94,6 +105,8 @@ class EmbeddedRedis:
             "--daemonize", "no",
             "--loglevel", "warning",
         ]  # fmt: skip
+        if self.password:
+            args += ["--requirepass", self.password]
         self.proc = subprocess.Popen(
             args,
             stdout=subprocess.DEVNULL,
@@ -116,6 +129,11 @@ class EmbeddedRedis:
         """True when the server answers PING."""
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                if self.password:
+                    pw = self.password.encode()
+                    s.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(pw), pw))
+                    if not s.recv(16).startswith(b"+OK"):
+                        return False
                 s.sendall(b"PING\r\n")
                 return s.recv(16).startswith(b"+PONG")
         except OSError:

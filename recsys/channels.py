@@ -22,21 +22,21 @@ SERVICES = ("recsys.v1.RankingService", "recsys.v1.RetrievalService")
 
 
 def service_config(*, max_attempts: int = 4, round_robin: bool = True) -> str:
-    """Service config JSON: retry UNAVAILABLE with backoff; optional round-robin."""
-    cfg: dict = {
-        "methodConfig": [
-            {
-                "name": [{"service": s} for s in SERVICES],
-                "retryPolicy": {
-                    "maxAttempts": max_attempts,
-                    "initialBackoff": "0.05s",
-                    "maxBackoff": "1s",
-                    "backoffMultiplier": 2,
-                    "retryableStatusCodes": ["UNAVAILABLE"],
-                },
-            }
-        ]
-    }
+    """Service config JSON: retry UNAVAILABLE with backoff; optional round-robin.
+
+    ``max_attempts`` below 2 leaves the retry policy out (gRPC rejects a
+    policy with fewer than two attempts, failing every call on the channel).
+    """
+    method: dict = {"name": [{"service": s} for s in SERVICES]}
+    if max_attempts >= 2:
+        method["retryPolicy"] = {
+            "maxAttempts": max_attempts,
+            "initialBackoff": "0.05s",
+            "maxBackoff": "1s",
+            "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"],
+        }
+    cfg: dict = {"methodConfig": [method]}
     if round_robin:
         cfg["loadBalancingConfig"] = [{"round_robin": {}}]
     return json.dumps(cfg)

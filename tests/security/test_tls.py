@@ -1,0 +1,133 @@
+"""TLS and mutual TLS for both services and the ranking→retrieval hop, with a throwaway CA."""
+
+from __future__ import annotations
+
+import contextlib
+
+import grpc
+import pytest
+
+from ranking_service.server import build_server as build_ranking
+from ranking_service.testing import ranking_settings
+from recsys.channels import create_channel
+from recsys.config import load_settings
+from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
+from retrieval_service.server import build_server as build_retrieval
+
+from .conftest import wait_serving
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+RETRIEVAL = "recsys.v1.RetrievalService"
+RANKING = "recsys.v1.RankingService"
+
+
+@contextlib.asynccontextmanager
+async def retrieval_server(model_dir, redis_url, tls, client_tls):
+    settings = load_settings(
+        model_dir=model_dir,
+        redis_url=redis_url,
+        log_format="text",
+        retrieval={"port": 0, "metrics_port": 0, "reload_interval_s": 3600.0, "tls": tls},
+    )
+    handle, app = build_retrieval(settings)
+    await app.start()
+    address = f"127.0.0.1:{handle.port}"
+    try:
+        await wait_serving(address, RETRIEVAL, client_tls)
+        yield address
+    finally:
+        await app.stop(0)
+
+
+@contextlib.asynccontextmanager
+async def ranking_server(model_dir, redis_url, client_tls, **cfg):
+    srv = build_ranking(ranking_settings(model_dir, redis_url, retrieval_timeout_s=3.0, **cfg))
+    await srv.start()
+    address = f"127.0.0.1:{srv.port}"
+    try:
+        await wait_serving(address, RANKING, client_tls)
+        yield address
+    finally:
+        await srv.stop(0)
+
+
+async def similar(address: str, tls) -> retrieval_pb2.SimilarItemsResponse:
+    async with create_channel(address, aio=True, tls=tls, max_attempts=1) as ch:
+        stub = retrieval_pb2_grpc.RetrievalServiceStub(ch)
+        return await stub.SimilarItems(
+            retrieval_pb2.SimilarItemsRequest(item_id="1", k=3), timeout=5
+        )
+
+
+async def refused(address: str, tls) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await similar(address, tls)
+    return err.value
+
+
+async def test_tls_retrieval_serves_tls_clients_and_refuses_plaintext(
+    pki, published_version, redis_url
+):
+    client = pki.client_tls(with_cert=False)
+    async with retrieval_server(
+        published_version.parent, redis_url, pki.server_tls(mutual=False), client
+    ) as address:
+        assert len((await similar(address, client)).items) == 3
+        # A plaintext client never gets an answer from a TLS port.
+        assert (await refused(address, None)).code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_mutual_tls_refuses_clients_without_a_valid_cert(pki, published_version, redis_url):
+    async with retrieval_server(
+        published_version.parent, redis_url, pki.server_tls(mutual=True), pki.client_tls()
+    ) as address:
+        assert len((await similar(address, pki.client_tls())).items) == 3
+        for tls in (pki.client_tls(with_cert=False), pki.client_tls(rogue=True), None):
+            assert (await refused(address, tls)).code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_recommend_end_to_end_over_mutual_tls(pki, published_version, redis_url):
+    model_dir = published_version.parent
+    client = pki.client_tls()
+    async with retrieval_server(
+        model_dir, redis_url, pki.server_tls(mutual=True), client
+    ) as r_addr:
+        # The hop presents the ranking service's client certificate to retrieval.
+        async with ranking_server(
+            model_dir,
+            redis_url,
+            client,
+            retrieval_address=r_addr,
+            retrieval_tls=client,
+            tls=pki.server_tls(mutual=True),
+        ) as k_addr:
+            async with create_channel(k_addr, aio=True, tls=client) as ch:
+                stub = ranking_pb2_grpc.RankingServiceStub(ch)
+                resp = await stub.Recommend(
+                    ranking_pb2.RecommendRequest(user={"user_id": "1"}, k=5), timeout=10
+                )
+            assert not resp.retrieval_fallback, resp.fallback_reason
+            assert len(resp.items) == 5 and resp.index_version == published_version.name
+            assert {s.source for s in resp.source_reports} >= {"popular"}
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async with create_channel(
+                    k_addr, aio=True, tls=pki.client_tls(with_cert=False), max_attempts=1
+                ) as ch:
+                    await ranking_pb2_grpc.RankingServiceStub(ch).Recommend(
+                        ranking_pb2.RecommendRequest(user={"user_id": "1"}, k=5), timeout=5
+                    )
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        # A hop without the client certificate is refused by retrieval: ranking says so.
+        async with ranking_server(
+            model_dir,
+            redis_url,
+            None,
+            retrieval_address=r_addr,
+            retrieval_tls=pki.client_tls(with_cert=False),
+        ) as k_addr:
+            async with grpc.aio.insecure_channel(k_addr) as ch:
+                resp = await ranking_pb2_grpc.RankingServiceStub(ch).Recommend(
+                    ranking_pb2.RecommendRequest(user={"user_id": "1"}, k=5), timeout=10
+                )
+            assert resp.retrieval_fallback and "UNAVAILABLE" in resp.fallback_reason

@@ -112,7 +112,7 @@ def test_damaged_version_is_refused(trained_version, tmp_path, damage):
     broken = tmp_path / "7"
     shutil.copytree(trained_version, broken)
     if damage == "corrupt":
-        arr = np.load(broken / A.ITEM_VECTORS)
+        arr = np.load(broken / A.ITEM_VECTORS, allow_pickle=False)
         arr[0, 0] += 1.0
         np.save(broken / A.ITEM_VECTORS, arr)
         match = "checksum mismatch for item_vectors.npy"

@@ -125,7 +125,11 @@ class Ranker:
         else:
             try:
                 answer = await self.retrieval.retrieve(
-                    query.raw_user, query.budget, query.sources, time_remaining
+                    query.raw_user,
+                    query.budget,
+                    query.sources,
+                    time_remaining,
+                    source_scores=query.debug,
                 )
             except RetrievalUnavailable as exc:
                 reason = exc.reason
@@ -150,7 +154,9 @@ class Ranker:
         cands = answer.candidates
         ids = np.asarray([c.item_id for c in cands], dtype=np.str_)
         rows = model.index.lookup(ids)
-        out = await self._rank_rows(model, query.user, rows, query.k, False)
+        # Retrieval already dropped the stored watched set, so only the
+        # request's own exclusions are applied here (no SMEMBERS per request).
+        out = await self._rank_rows(model, query.user, rows, query.k, False, read_watched=False)
         # Provenance of the winners: position of each top row among the candidates.
         if out.items:
             order = np.argsort(rows, kind="stable")
@@ -169,6 +175,8 @@ class Ranker:
         rows: np.ndarray,
         k: int,
         include_watched: bool,
+        *,
+        read_watched: bool = True,
     ) -> RankOutcome:
         known = rows >= 0
         unknown = int(rows.shape[0] - np.count_nonzero(known))
@@ -179,13 +187,14 @@ class Ranker:
         _, first = np.unique(rows, return_index=True)
         if first.shape[0] != rows.shape[0]:
             rows = rows[np.sort(first)]
+        with_watched = read_watched and not include_watched
         stored, redis_failed = await fetch_user(
-            self.redis, model.version.spec, user.user_id, with_watched=not include_watched
+            self.redis, model.version.spec, user.user_id, with_watched=with_watched
         )
         if redis_failed:
             M.REDIS_ERRORS.inc()
         drop: list[str] = list(user.exclude_item_ids)
-        if stored is not None and not include_watched:
+        if stored is not None and with_watched:
             drop.extend(stored.watched)
         watched = 0
         if drop and rows.size:

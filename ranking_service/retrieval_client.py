@@ -60,13 +60,20 @@ class RetrievalClient:
         self.stub = retrieval_pb2_grpc.RetrievalServiceStub(self.channel)
 
     async def retrieve(
-        self, user: Any, budget: int, sources: Sequence[str], time_remaining: float | None
+        self,
+        user: Any,
+        budget: int,
+        sources: Sequence[str],
+        time_remaining: float | None,
+        *,
+        source_scores: bool = True,
     ) -> RetrievalAnswer:
         """Calls Retrieve with the caller's deadline propagated.
 
         The deadline is ``min(retrieval_timeout_s, 80% of the time the caller
         has left)``; the rest is kept to rank the popular list if retrieval
-        does not answer.
+        does not answer. ``source_scores=False`` asks retrieval to leave the
+        per-candidate score maps out (only debug output shows them).
 
         Raises:
             RetrievalUnavailable: Down, timed out, overloaded or failing.
@@ -77,7 +84,12 @@ class RetrievalClient:
             # Keep a share of the caller's deadline to rank the fallback list
             # if retrieval does not answer in time.
             timeout = max(min(timeout, time_remaining * (1.0 - DEADLINE_RESERVE)), 0.001)
-        request = retrieval_pb2.RetrieveRequest(user=user, budget=budget, sources=list(sources))
+        request = retrieval_pb2.RetrieveRequest(
+            user=user,
+            budget=budget,
+            sources=list(sources),
+            omit_source_scores=not source_scores,
+        )
         try:
             resp = await self.stub.Retrieve(request, timeout=timeout, metadata=self.metadata)
         except grpc.aio.AioRpcError as exc:

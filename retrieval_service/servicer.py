@@ -47,8 +47,17 @@ def query_from_pb(request: retrieval_pb2.RetrieveRequest) -> RetrieveQuery:
     )
 
 
-def result_to_pb(result: RetrieveResult, variant: str = "") -> retrieval_pb2.RetrieveResponse:
-    """``RetrieveResponse`` from a domain result."""
+def result_to_pb(
+    result: RetrieveResult, variant: str = "", *, scores: bool = True
+) -> retrieval_pb2.RetrieveResponse:
+    """``RetrieveResponse`` from a domain result.
+
+    Args:
+        result: The engine's answer.
+        variant: Experiment variant that served it.
+        scores: Fill each candidate's ``source_scores`` map (the request's
+            ``omit_source_scores`` turns it off).
+    """
     response = retrieval_pb2.RetrieveResponse(
         index_version=result.version, degraded=result.degraded, variant=variant
     )
@@ -63,7 +72,7 @@ def result_to_pb(result: RetrieveResult, variant: str = "") -> retrieval_pb2.Ret
             seed_item_id=m.seed_item_id or "",
             genre=m.genre or "",
         )
-        if m.source_scores:
+        if scores and m.source_scores:
             c.source_scores.update(m.source_scores)
     for r in result.reports:
         response.source_reports.add(
@@ -107,7 +116,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
                         "recsys.degraded": result.degraded,
                     }
                 )
-            response = result_to_pb(result, result.variant)
+            response = result_to_pb(result, result.variant, scores=not request.omit_source_scores)
         observe_request("retrieval", "Retrieve", result.variant, time.perf_counter() - start)
         return response
 

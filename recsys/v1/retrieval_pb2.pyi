@@ -8,14 +8,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RetrieveRequest(_message.Message):
-    __slots__ = ("user", "budget", "sources")
+    __slots__ = ("user", "budget", "sources", "omit_source_scores")
     USER_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
+    OMIT_SOURCE_SCORES_FIELD_NUMBER: _ClassVar[int]
     user: _common_pb2.UserContext
     budget: int
     sources: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, user: _Optional[_Union[_common_pb2.UserContext, _Mapping]] = ..., budget: _Optional[int] = ..., sources: _Optional[_Iterable[str]] = ...) -> None: ...
+    omit_source_scores: bool
+    def __init__(self, user: _Optional[_Union[_common_pb2.UserContext, _Mapping]] = ..., budget: _Optional[int] = ..., sources: _Optional[_Iterable[str]] = ..., omit_source_scores: _Optional[bool] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
     __slots__ = ("candidates", "source_reports", "index_version", "degraded", "variant")

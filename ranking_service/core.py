@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from opentelemetry.trace import SpanKind
 
 from ranking_service import metrics as M
 from ranking_service.batcher import MicroBatcher
@@ -25,6 +26,10 @@ from ranking_service.retrieval_client import (
 )
 from ranking_service.users import UserQuery, fetch_user, resolve_features
 from ranking_service.validation import RankQuery, RecommendQuery
+from recsys.config import CURRENT_VERSION
+from recsys.experiments import Experiment, Variant
+from recsys.explain import Reason, explain, source_kinds
+from recsys.tracing import NOOP, Tracing
 
 log = logging.getLogger("ranking_service.core")
 
@@ -42,6 +47,7 @@ class RankedItem:
     score: float
     raw: float
     candidate: Any = None  # recsys.v1.Candidate from retrieval (Recommend only)
+    reasons: list[Reason] = field(default_factory=list)  # Recommend only
 
 
 @dataclass
@@ -56,6 +62,8 @@ class RankOutcome:
     reports: Sequence[Any] = field(default_factory=list)
     index_version: str = ""
     fallback_reason: str = ""
+    variant: str = ""
+    country: str = ""  # the user's, for a regional reason
 
 
 class Ranker:
@@ -66,6 +74,9 @@ class Ranker:
         redis: ``redis.asyncio`` client for user state, or None.
         retrieval: Client for Recommend, or None (Recommend then always
             answers from the popular list).
+        experiment: A/B variants (default: none; everything is variant ``default``).
+        kinds: Retrieval source name -> reason kind (:func:`recsys.explain.source_kinds`).
+        tracing: Spans per stage (default: off).
     """
 
     def __init__(
@@ -74,10 +85,20 @@ class Ranker:
         *,
         redis=None,
         retrieval: RetrievalClient | None = None,
+        experiment: Experiment | None = None,
+        kinds: dict[str, str] | None = None,
+        tracing: Tracing = NOOP,
     ):
         self.batcher = batcher
         self.redis = redis
         self.retrieval = retrieval
+        self.experiment = experiment or Experiment()
+        self.kinds = kinds if kinds is not None else source_kinds(())
+        self.tracing = tracing
+        # One loaded model per model track ("current" or a pinned version);
+        # ``model`` is the default variant's, the one callers without a variant get.
+        self.models: dict[str, LoadedModel] = {}
+        self.default_track = self.experiment.default.model_version
         self.model: LoadedModel | None = None
 
     @classmethod
@@ -91,24 +112,44 @@ class Ranker:
         )
         return cls(batcher, **kwargs)
 
-    def swap(self, model: LoadedModel) -> None:
-        """Makes ``model`` current with one reference assignment."""
-        self.model = model
-        M.CATALOGUE_ITEMS.set(len(model.index))
-        M.MODEL_LOAD_SECONDS.set(model.load_seconds)
+    def swap(self, model: LoadedModel, track: str = CURRENT_VERSION) -> None:
+        """Makes ``model`` the one of ``track`` with one reference assignment."""
+        self.models[track] = model
+        if track == self.default_track:
+            self.model = model
+            M.CATALOGUE_ITEMS.set(len(model.index))
+            M.MODEL_LOAD_SECONDS.set(model.load_seconds)
 
-    def require_model(self) -> LoadedModel:
-        """The current model, pinned by the caller for the whole request."""
-        model = self.model
+    def ready(self) -> bool:
+        """True when every variant's model track has a model loaded."""
+        return all(t in self.models for t in self.experiment.model_tracks())
+
+    def variant_for(self, user: UserQuery) -> Variant:
+        """The request's variant: forced by the request, else the user's bucket.
+
+        Raises:
+            UnknownVariant: The request forces a variant that is not configured.
+        """
+        return self.experiment.resolve(user.user_id, user.variant)
+
+    def require_model(self, variant: Variant | None = None) -> LoadedModel:
+        """The variant's current model, pinned by the caller for the whole request."""
+        model = self.model if variant is None else self.models.get(variant.model_version)
         if model is None:
-            raise NoModel("no model version loaded yet")
+            which = f" for variant {variant.name!r}" if variant is not None else ""
+            raise NoModel(f"no model version loaded yet{which}")
         return model
 
     async def rank(self, query: RankQuery) -> RankOutcome:
         """Answers a Rank request."""
-        model = self.require_model()
+        variant = self.variant_for(query.user)
+        model = self.require_model(variant)
         rows = model.index.lookup(query.candidates)
-        return await self._rank_rows(model, query.user, rows, query.k, query.include_watched)
+        out = await self._rank_rows(
+            model, query.user, rows, query.k, query.include_watched, variant=variant.name
+        )
+        out.variant = variant.name
+        return out
 
     async def recommend(self, query: RecommendQuery, time_remaining: float | None) -> RankOutcome:
         """Answers a Recommend request; retrieval failing falls back to the popular list.
@@ -116,39 +157,57 @@ class Ranker:
         Raises:
             RetrievalRejected: Retrieval found the request invalid.
             NoModel: Nothing to rank with.
+            UnknownVariant: The request forces a variant that is not configured.
         """
-        model = self.require_model()
+        variant = self.variant_for(query.user)
+        model = self.require_model(variant)
         answer: RetrievalAnswer | None = None
         reason = ""
+        tr = self.tracing
         if self.retrieval is None:
             reason = "no retrieval service configured"
         else:
+            user = query.raw_user
+            if self.experiment.active and user.variant != variant.name:  # type: ignore[attr-defined]
+                # Retrieval applies the same variant's sources and budgets.
+                user = type(user)()
+                user.CopyFrom(query.raw_user)  # type: ignore[attr-defined]
+                user.variant = variant.name
             try:
-                answer = await self.retrieval.retrieve(
-                    query.raw_user,
-                    query.budget,
-                    query.sources,
-                    time_remaining,
-                    source_scores=query.debug,
-                )
+                with tr.span("ranking.retrieve", kind=SpanKind.CLIENT) as span:
+                    answer = await self.retrieval.retrieve(
+                        user,
+                        query.budget,
+                        query.sources,
+                        time_remaining,
+                        source_scores=query.debug,
+                        # The retrieval span joins this trace through a traceparent.
+                        trace_metadata=tr.inject(None) or (),
+                    )
+                    if tr.enabled:
+                        span.set_attribute("recsys.candidates", len(answer.candidates))
             except RetrievalUnavailable as exc:
                 reason = exc.reason
-                M.RETRIEVAL_FALLBACK.labels(exc.code).inc()
+                M.RETRIEVAL_FALLBACK.labels(exc.code, variant.name).inc()
             else:
                 if len(answer.candidates) == 0:
                     reason = "retrieval returned no candidates"
-                    M.RETRIEVAL_FALLBACK.labels("EMPTY").inc()
+                    M.RETRIEVAL_FALLBACK.labels("EMPTY", variant.name).inc()
         if reason:
             log.warning("recommend falls back to the popular list: %s", reason)
             limit = query.budget or len(model.popular_rows)
             rows = model.popular_rows[:limit]
-            out = await self._rank_rows(model, query.user, rows, query.k, False)
+            out = await self._rank_rows(
+                model, query.user, rows, query.k, False, variant=variant.name
+            )
             scores = dict(
                 zip(model.popular_rows.tolist(), model.popular_scores.tolist(), strict=True)
             )
             for item in out.items:
                 item.candidate = _popular_candidate(item.item_id, scores.get(item.row, 0.0))
             out.fallback_reason = reason
+            out.variant = variant.name
+            self._explain(out)
             return out
         assert answer is not None
         cands = answer.candidates
@@ -156,7 +215,9 @@ class Ranker:
         rows = model.index.lookup(ids)
         # Retrieval already dropped the stored watched set, so only the
         # request's own exclusions are applied here (no SMEMBERS per request).
-        out = await self._rank_rows(model, query.user, rows, query.k, False, read_watched=False)
+        out = await self._rank_rows(
+            model, query.user, rows, query.k, False, read_watched=False, variant=variant.name
+        )
         # Provenance of the winners: position of each top row among the candidates.
         if out.items:
             order = np.argsort(rows, kind="stable")
@@ -166,7 +227,23 @@ class Ranker:
                 it.candidate = cands[p]
         out.reports = answer.reports
         out.index_version = answer.index_version
+        out.variant = variant.name
+        self._explain(out)
         return out
+
+    def _explain(self, out: RankOutcome) -> None:
+        """Attaches reasons to the winners, from their retrieval provenance."""
+        model = out.model
+        seeds = list({c.seed_item_id for it in out.items if (c := it.candidate) and c.seed_item_id})
+        titles: dict[str, str] = {}
+        if seeds:  # one vectorised lookup for every seed of the answer
+            for seed, row in zip(seeds, model.index.lookup(seeds).tolist(), strict=True):
+                titles[seed] = model.title(row) if row >= 0 else ""
+        for it in out.items:
+            if it.candidate is not None:
+                it.reasons = explain(
+                    it.candidate, kinds=self.kinds, title_of=titles.get, country=out.country
+                )
 
     async def _rank_rows(
         self,
@@ -177,6 +254,7 @@ class Ranker:
         include_watched: bool,
         *,
         read_watched: bool = True,
+        variant: str = "default",
     ) -> RankOutcome:
         known = rows >= 0
         unknown = int(rows.shape[0] - np.count_nonzero(known))
@@ -188,29 +266,55 @@ class Ranker:
         if first.shape[0] != rows.shape[0]:
             rows = rows[np.sort(first)]
         with_watched = read_watched and not include_watched
-        stored, redis_failed = await fetch_user(
-            self.redis, model.version.spec, user.user_id, with_watched=with_watched
-        )
-        if redis_failed:
-            M.REDIS_ERRORS.inc()
-        drop: list[str] = list(user.exclude_item_ids)
-        if stored is not None and with_watched:
-            drop.extend(stored.watched)
-        watched = 0
-        if drop and rows.size:
-            mask = np.isin(rows, model.index.lookup(drop))
-            watched = int(np.count_nonzero(mask))
-            if watched:
-                rows = rows[~mask]
-                M.WATCHED_DROPPED.inc(watched)
-        features, source = resolve_features(
-            model.version.spec, stored, user, model.default_features
-        )
-        M.USER_FEATURES.labels(source).inc()
+        tr = self.tracing
+        with tr.span("ranking.hydrate") as span:
+            stored, redis_failed = await fetch_user(
+                self.redis, model.version.spec, user.user_id, with_watched=with_watched
+            )
+            if redis_failed:
+                M.REDIS_ERRORS.inc()
+            drop: list[str] = list(user.exclude_item_ids)
+            if stored is not None and with_watched:
+                drop.extend(stored.watched)
+            watched = 0
+            if drop and rows.size:
+                mask = np.isin(rows, model.index.lookup(drop))
+                watched = int(np.count_nonzero(mask))
+                if watched:
+                    rows = rows[~mask]
+                    M.WATCHED_DROPPED.inc(watched)
+            features, source = resolve_features(
+                model.version.spec, stored, user, model.default_features
+            )
+            if tr.enabled:
+                span.set_attributes(
+                    {
+                        "recsys.feature_source": source,
+                        "recsys.unknown_dropped": unknown,
+                        "recsys.watched_dropped": watched,
+                        "recsys.candidates": int(rows.size),
+                        "recsys.redis_failed": redis_failed,
+                    }
+                )
+        M.USER_FEATURES.labels(source, variant).inc()
         out = RankOutcome(model, [], unknown, watched, source)
+        out.country = user.country or (
+            (stored.profile.country or "") if stored is not None and stored.known else ""
+        )
         if rows.size == 0:
             return out
-        res = await self.batcher.submit(ScoreRequest(model, features, rows, k))
+        trace: dict[str, Any] | None = {} if tr.enabled else None
+        res = await self.batcher.submit(ScoreRequest(model, features, rows, k, trace))
+        if trace:
+            # The batch ran on the worker thread; its stage times become spans here.
+            for stage, attrs in (
+                ("user_tower", {"recsys.batch_size": trace["batch_size"]}),
+                ("score", {"recsys.candidates": trace["candidates"],
+                           "recsys.batch_candidates": trace["batch_candidates"]}),
+                ("top_k", {"recsys.k": k, "recsys.returned": int(res.rows.size)}),
+            ):  # fmt: skip
+                start, end = trace[stage]
+                tr.record(f"ranking.{stage}", start, end, attributes=attrs)
         scores = model.version.target.from_model(res.dots)
         out.items = [
             RankedItem(row=r, item_id=model.item_id(r), score=s, raw=d)

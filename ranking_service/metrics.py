@@ -24,7 +24,7 @@ WATCHED_DROPPED = Counter(
 USER_FEATURES = Counter(
     "recsys_ranking_user_features_total",
     "Where each request's user features came from.",
-    ["source"],
+    ["source", "variant"],
 )
 REDIS_ERRORS = Counter(
     "recsys_ranking_redis_errors_total", "User reads that failed and fell back to defaults."
@@ -32,7 +32,7 @@ REDIS_ERRORS = Counter(
 RETRIEVAL_FALLBACK = Counter(
     "recsys_ranking_retrieval_fallback_total",
     "Recommend calls answered from the popular list.",
-    ["reason"],
+    ["reason", "variant"],
 )
 MODEL_LOAD_SECONDS = Gauge(
     "recsys_ranking_model_load_seconds", "Time to open, verify, load and warm the version."

@@ -229,6 +229,8 @@ class ScoreRequest:
     features: np.ndarray  # float32 [F_user]
     rows: np.ndarray  # int64 [n] candidate rows (known, deduplicated, filtered)
     k: int
+    # When tracing, score_batch fills in stage times (epoch ns) for the request's spans.
+    trace: dict[str, Any] | None = None
 
 
 @dataclass
@@ -266,8 +268,12 @@ def score_batch(requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         groups.setdefault(id(r.model), []).append(i)
     for idx in groups.values():
         model = requests[idx[0]].model
+        # The clock is read only when a request of the group is traced.
+        timed = any(requests[i].trace is not None for i in idx)
+        t0 = time.time_ns() if timed else 0
         feats = np.stack([requests[i].features for i in idx]).astype(np.float32, copy=False)
         users = model.embed(feats)
+        t1 = time.time_ns() if timed else 0
         counts = np.array([requests[i].rows.shape[0] for i in idx], np.int64)
         rows = (
             np.concatenate([requests[i].rows for i in idx])
@@ -276,10 +282,22 @@ def score_batch(requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         )
         segment = np.repeat(np.arange(len(idx), dtype=np.int64), counts)
         dots = model.vectors.dots(users, rows, segment) if rows.size else np.zeros(0, np.float32)
+        t2 = time.time_ns() if timed else 0
         bounds = np.concatenate([[0], np.cumsum(counts)])
         for j, i in enumerate(idx):
             d = dots[bounds[j] : bounds[j + 1]]
             r = rows[bounds[j] : bounds[j + 1]]
+            trace = requests[i].trace
+            t3 = time.time_ns() if trace is not None else 0
             best = top_k(d, requests[i].k)
             results[i] = ScoreResult(rows=r[best], dots=d[best])
+            if trace is not None:
+                trace.update(
+                    user_tower=(t0, t1),
+                    score=(t1, t2),
+                    top_k=(t3, time.time_ns()),
+                    batch_size=len(idx),
+                    batch_candidates=int(rows.size),
+                    candidates=int(d.shape[0]),
+                )
     return [r for r in results if r is not None]

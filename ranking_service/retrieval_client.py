@@ -67,6 +67,7 @@ class RetrievalClient:
         time_remaining: float | None,
         *,
         source_scores: bool = True,
+        trace_metadata: Sequence[tuple[str, str]] = (),
     ) -> RetrievalAnswer:
         """Calls Retrieve with the caller's deadline propagated.
 
@@ -74,6 +75,7 @@ class RetrievalClient:
         has left)``; the rest is kept to rank the popular list if retrieval
         does not answer. ``source_scores=False`` asks retrieval to leave the
         per-candidate score maps out (only debug output shows them).
+        ``trace_metadata`` (a W3C ``traceparent``) goes out with the call.
 
         Raises:
             RetrievalUnavailable: Down, timed out, overloaded or failing.
@@ -91,7 +93,10 @@ class RetrievalClient:
             omit_source_scores=not source_scores,
         )
         try:
-            resp = await self.stub.Retrieve(request, timeout=timeout, metadata=self.metadata)
+            metadata = self.metadata
+            if trace_metadata:
+                metadata = (*(metadata or ()), *trace_metadata)
+            resp = await self.stub.Retrieve(request, timeout=timeout, metadata=metadata)
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             if code == grpc.StatusCode.INVALID_ARGUMENT:

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,10 @@ from ranking_service.core import Ranker
 from ranking_service.model import Device, LoadedModel, resolve_device
 from ranking_service.retrieval_client import RetrievalClient
 from ranking_service.servicer import RankingServicer
-from recsys.config import RankingSettings, RecsysSettings
+from recsys.config import CURRENT_VERSION, RankingSettings, RecsysSettings
 from recsys.errors import UserFacingError
+from recsys.experiments import Experiment
+from recsys.explain import source_kinds
 from recsys.serving import (
     ServerHandle,
     VersionWatcher,
@@ -29,6 +31,7 @@ from recsys.serving import (
     serve,
     start_metrics,
 )
+from recsys.tracing import Tracing
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc
 
 log = logging.getLogger("ranking_service.server")
@@ -38,7 +41,14 @@ SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_na
 
 @dataclass
 class RankingServer:
-    """A built ranking server: gRPC handle, ranker and version watcher."""
+    """A built ranking server: gRPC handle, ranker and version watchers.
+
+    With A/B variants there is one watcher per model track: ``current``
+    (pinned / published / newest, as without variants) and one per version
+    a variant pins. Each swaps its track independently; tracks that want
+    the same version share one loaded model. ``watcher`` is the default
+    variant's.
+    """
 
     handle: ServerHandle
     ranker: Ranker
@@ -46,20 +56,27 @@ class RankingServer:
     device: Device
     redis: Any = None
     _background: asyncio.Task | None = None
+    watchers: dict[str, VersionWatcher] = field(default_factory=dict)
 
     @property
     def port(self) -> int:
         """The bound gRPC port."""
         return self.handle.port
 
-    async def load(self, path: Path) -> None:
+    async def load(self, path: Path, track: str = CURRENT_VERSION) -> None:
         """Loads, verifies and warms a version off the event loop, then swaps it in.
+
+        Args:
+            path: The version directory.
+            track: Which model track it serves (``current`` or a pinned version).
 
         Raises:
             ArtifactError: The version is rejected; the old one keeps serving.
         """
-        model = await asyncio.to_thread(LoadedModel.load, path, self.device)
-        self.ranker.swap(model)
+        model = next((m for m in self.ranker.models.values() if m.name == Path(path).name), None)
+        if model is None:  # not loaded for another track already
+            model = await asyncio.to_thread(LoadedModel.load, path, self.device)
+        self.ranker.swap(model, track)
         log.info(
             "model ready",
             extra={
@@ -68,16 +85,20 @@ class RankingServer:
                     "device": model.device,
                     "items": len(model.index),
                     "load_s": round(model.load_seconds, 3),
+                    "track": track,
                 }
             },
         )
-        await self.handle.set_serving(True)
+        if self.ranker.ready():  # every variant has its model
+            await self.handle.set_serving(True)
 
     async def follow_versions(self) -> None:
-        """Loads the wanted version now, then keeps following it."""
-        with contextlib.suppress(Exception):
-            await self.watcher.poll_once()
-        await self.watcher.run()
+        """Loads the wanted versions now, then keeps following them."""
+        watchers = list(self.watchers.values()) or [self.watcher]
+        for w in watchers:
+            with contextlib.suppress(Exception):
+                await w.poll_once()
+        await asyncio.gather(*(w.run() for w in watchers))
 
     async def start(self) -> None:
         """Starts serving and following versions (tests; the CLI uses ``serve``)."""
@@ -103,10 +124,14 @@ class RankingServer:
                 await self.redis.aclose()
 
 
-def build_server(settings: RecsysSettings) -> RankingServer:
+def build_server(settings: RecsysSettings, *, tracing: Tracing | None = None) -> RankingServer:
     """Builds (does not start) the ranking server from config.
 
-    Health stays NOT_SERVING until the first version is loaded and warmed.
+    Health stays NOT_SERVING until every variant's version is loaded and warmed.
+
+    Args:
+        settings: Full config.
+        tracing: Tracer to use (default: from ``settings.tracing``, off unless enabled).
 
     Raises:
         UserFacingError: ``device = "gpu"`` without a GPU.
@@ -121,6 +146,9 @@ def build_server(settings: RecsysSettings) -> RankingServer:
         batch_timeout_ms=cfg.batch_timeout_ms,
         redis=redis,
         retrieval=RetrievalClient(cfg),
+        experiment=Experiment(settings.experiments),
+        kinds=source_kinds(settings.retrieval.sources),
+        tracing=tracing or Tracing.from_settings(settings.tracing, "ranking"),
     )
     servicer = RankingServicer(ranker, cfg)
     handle = create_server(
@@ -130,14 +158,21 @@ def build_server(settings: RecsysSettings) -> RankingServer:
         register=lambda s: ranking_pb2_grpc.add_RankingServiceServicer_to_server(servicer, s),
     )
     srv = RankingServer(handle=handle, ranker=ranker, watcher=None, device=device, redis=redis)  # type: ignore[arg-type]
-    srv.watcher = VersionWatcher(
-        label="ranking",
-        model_dir=settings.model_dir,
-        load=srv.load,
-        redis=redis,
-        pinned=cfg.pinned_version,
-        interval_s=cfg.reload_interval_s,
-    )
+    for track in ranker.experiment.model_tracks():
+        current = track == CURRENT_VERSION
+
+        async def load(path: Path, track: str = track) -> None:
+            await srv.load(path, track)
+
+        srv.watchers[track] = VersionWatcher(
+            label="ranking" if current else f"ranking@{track}",
+            model_dir=settings.model_dir,
+            load=load,
+            redis=redis,
+            pinned=cfg.pinned_version if current else track,
+            interval_s=cfg.reload_interval_s,
+        )
+    srv.watcher = srv.watchers[ranker.default_track]
     return srv
 
 
@@ -187,6 +222,7 @@ def cli_serve(args: argparse.Namespace, settings: RecsysSettings) -> int:
             await serve(srv.handle, background=[srv.follow_versions()], on_ready=ready)
         finally:
             await srv.close()
+            srv.ranker.tracing.shutdown()  # flushes spans still queued for export
 
     asyncio.run(main())
     return 0

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import grpc
+from opentelemetry.trace import SpanKind
 
 from ranking_service.batcher import BatcherClosed
 from ranking_service.core import NoModel, RankedItem, Ranker, RankOutcome
 from ranking_service.retrieval_client import RetrievalRejected
 from ranking_service.validation import InvalidArgument, parse_rank, parse_recommend
 from recsys.config import RankingSettings
-from recsys.v1 import ranking_pb2, ranking_pb2_grpc
+from recsys.experiments import UnknownVariant, observe_request
+from recsys.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc
 
 log = logging.getLogger("ranking_service.servicer")
 
@@ -23,35 +26,64 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         self.ranker = ranker
         self.settings = settings
 
+    def _root_span(self, method: str, context: grpc.aio.ServicerContext):
+        tr = self.ranker.tracing
+        # Joins a caller's traceparent when one was sent, else starts a trace.
+        parent = tr.extract(context.invocation_metadata()) if tr.enabled else None
+        return tr.span(f"ranking.{method}", parent=parent, kind=SpanKind.SERVER)
+
     async def Rank(self, request, context: grpc.aio.ServicerContext):
-        try:
-            query = parse_rank(request, self.settings)
-            out = await self.ranker.rank(query)
-        except Exception as exc:
-            await _abort(context, exc)
-            raise  # unreachable: abort raises
-        return ranking_pb2.RankResponse(
+        start = time.perf_counter()
+        with self._root_span("Rank", context) as span:
+            try:
+                query = parse_rank(request, self.settings)
+                out = await self.ranker.rank(query)
+            except Exception as exc:
+                await _abort(context, exc)
+                raise  # unreachable: abort raises
+            if self.ranker.tracing.enabled:
+                span.set_attributes(_span_attributes(out))
+        response = ranking_pb2.RankResponse(
             items=[_scored(out, it, query.debug) for it in out.items],
             model_version=out.model.name,
             unknown_dropped=out.unknown_dropped,
             watched_dropped=out.watched_dropped,
+            variant=out.variant,
         )
+        observe_request("ranking", "Rank", out.variant, time.perf_counter() - start)
+        return response
 
     async def Recommend(self, request, context: grpc.aio.ServicerContext):
-        try:
-            query = parse_recommend(request, self.settings)
-            out = await self.ranker.recommend(query, context.time_remaining())
-        except Exception as exc:
-            await _abort(context, exc)
-            raise
-        return ranking_pb2.RecommendResponse(
+        start = time.perf_counter()
+        with self._root_span("Recommend", context) as span:
+            try:
+                query = parse_recommend(request, self.settings)
+                out = await self.ranker.recommend(query, context.time_remaining())
+            except Exception as exc:
+                await _abort(context, exc)
+                raise
+            if self.ranker.tracing.enabled:
+                span.set_attributes(_span_attributes(out))
+        response = ranking_pb2.RecommendResponse(
             items=[_scored(out, it, query.debug) for it in out.items],
             model_version=out.model.name,
             index_version=out.index_version,
             source_reports=list(out.reports),
             retrieval_fallback=bool(out.fallback_reason),
             fallback_reason=out.fallback_reason,
+            variant=out.variant,
         )
+        observe_request("ranking", "Recommend", out.variant, time.perf_counter() - start)
+        return response
+
+
+def _span_attributes(out: RankOutcome) -> dict[str, str | int | bool]:
+    return {
+        "recsys.variant": out.variant,
+        "recsys.model_version": out.model.name,
+        "recsys.returned": len(out.items),
+        "recsys.retrieval_fallback": bool(out.fallback_reason),
+    }
 
 
 def _scored(out: RankOutcome, it: RankedItem, debug: bool) -> ranking_pb2.ScoredItem:
@@ -64,6 +96,10 @@ def _scored(out: RankOutcome, it: RankedItem, debug: bool) -> ranking_pb2.Scored
         title=model.title(it.row),
         genres=model.genres(it.row),
     )
+    if it.reasons:
+        item.reasons.extend(
+            common_pb2.Reason(kind=r.kind, ref=r.ref, text=r.text) for r in it.reasons
+        )
     if debug:
         item.debug.raw_score = it.raw
         item.debug.model_version = model.name
@@ -74,8 +110,8 @@ def _scored(out: RankOutcome, it: RankedItem, debug: bool) -> ranking_pb2.Scored
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
-    if isinstance(exc, InvalidArgument | RetrievalRejected):
-        msg = str(exc) if isinstance(exc, InvalidArgument) else f"retrieval: {exc}"
+    if isinstance(exc, InvalidArgument | RetrievalRejected | UnknownVariant):
+        msg = f"retrieval: {exc}" if isinstance(exc, RetrievalRejected) else str(exc)
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, msg)
     if isinstance(exc, NoModel | BatcherClosed):
         await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))

@@ -31,6 +31,7 @@ class UserQuery:
     country: str | None = None
     genre_ratings: dict[str, float] = field(default_factory=dict)
     exclude_item_ids: list[str] = field(default_factory=list)
+    variant: str = ""  # forced experiment variant; empty: bucketed by user id
 
     @property
     def has_inline(self) -> bool:

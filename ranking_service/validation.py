@@ -125,6 +125,7 @@ def parse_user(ctx, limits: RankingSettings, field: str = "user") -> UserQuery:
         country=f.country or None,
         genre_ratings=ratings,
         exclude_item_ids=exclude,
+        variant=ctx.variant,
     )
 
 

@@ -1,4 +1,4 @@
-""" "Why recommended": reasons derived from the retrieval sources of an item.
+"""Reasons ("why recommended") derived from the retrieval sources of an item.
 
 One pure function, :func:`explain`, turns a candidate's provenance (which
 sources proposed it, the seed item of a similarity source, the genre of a

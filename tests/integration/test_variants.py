@@ -1,0 +1,204 @@
+"""A/B variants end to end: two trained versions served side by side, real gRPC and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+import redis as redis_sync
+
+from ranking_service.server import build_server
+from ranking_service.testing import ranking_settings, wait_serving
+from recsys.artifacts import ModelVersion
+from recsys.config import ExperimentSettings, RetrievalSettings
+from recsys.experiments import Experiment
+from recsys.v1 import (
+    common_pb2,
+    ranking_pb2,
+    ranking_pb2_grpc,
+    retrieval_pb2,
+    retrieval_pb2_grpc,
+)
+from trainer.publish import publish
+
+EXPERIMENT = {
+    "name": "test-ab",
+    "variants": [
+        {"name": "control", "share": 0.5},
+        {
+            "name": "pinned",
+            "share": 0.5,
+            "model_version": "1",
+            "sources": {"top_country": {"enabled": False}, "popular": {"weight": 20.0}},
+        },
+    ],
+}
+
+
+def _publish(version_dir, url: str) -> None:
+    client = redis_sync.Redis.from_url(url)
+    try:
+        publish(version_dir, client, quiet=True)
+    finally:
+        client.close()
+
+
+@pytest.fixture(scope="module")
+def versions(tmp_path_factory, train_version, redis_server):
+    model_dir = tmp_path_factory.mktemp("ab-models")
+    v1 = train_version(model_dir, seed=0, epochs=1)
+    v2 = train_version(model_dir, seed=1, epochs=1)
+    assert (v1.name, v2.name) == ("1", "2")
+    _publish(v1, redis_server.url)
+    _publish(v2, redis_server.url)  # current pointer -> 2
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+async def stack(versions, redis_server):
+    from retrieval_service.server import build_server as build_retrieval
+
+    base = ranking_settings(versions, redis_server.url, retrieval_timeout_s=2.0)
+    settings = base.model_copy(
+        update={
+            "experiments": ExperimentSettings(**EXPERIMENT),
+            "retrieval": RetrievalSettings(
+                host="127.0.0.1", port=0, metrics_port=0, reload_interval_s=0.2
+            ),
+        }
+    )
+    handle, app = build_retrieval(settings)
+    await app.start()
+    ranking_cfg = settings.ranking.model_copy(
+        update={"retrieval_address": f"127.0.0.1:{handle.port}"}
+    )
+    srv = build_server(settings.model_copy(update={"ranking": ranking_cfg}))
+    await srv.start()
+    await wait_serving(f"127.0.0.1:{srv.port}")
+    async with (
+        grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as rch,
+        grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as tch,
+    ):
+        yield (
+            srv,
+            ranking_pb2_grpc.RankingServiceStub(rch),
+            retrieval_pb2_grpc.RetrievalServiceStub(tch),
+        )
+    await srv.stop(0)
+    await app.stop(0)
+
+
+def users_by_variant(model_dir) -> dict[str, list[str]]:
+    exp = Experiment(ExperimentSettings(**EXPERIMENT))
+    mv = ModelVersion.open(model_dir / "2")
+    out: dict[str, list[str]] = {"control": [], "pinned": []}
+    for uid in mv.users["user_id"]:
+        out[exp.assign(uid).name].append(uid)
+    return out
+
+
+async def test_two_variants_serve_two_model_versions_at_once(stack, versions):
+    srv, ranking, _ = stack
+    assert set(srv.ranker.models) == {"current", "1"}
+    assert srv.ranker.models["current"].name == "2"
+    groups = users_by_variant(versions)
+    expected = {"control": "2", "pinned": "1"}
+    # Interleaved concurrent calls: both versions answer in the same moment.
+    calls, want = [], []
+    for variant, users in groups.items():
+        assert len(users) >= 5, "both buckets must have users"
+        for uid in users[:5]:
+            req = ranking_pb2.RecommendRequest(
+                user=common_pb2.UserContext(user_id=uid), k=5, debug=True
+            )
+            calls.append(ranking.Recommend(req, timeout=10))
+            want.append((variant, expected[variant]))
+    answers = await asyncio.gather(*calls)
+    for resp, (variant, version) in zip(answers, want, strict=True):
+        assert resp.variant == variant
+        assert resp.model_version == version
+        assert not resp.retrieval_fallback
+        assert resp.items and all(it.debug.model_version == version for it in resp.items)
+        names = {r.source for r in resp.source_reports}
+        # Retrieval applied the same variant's sources: "pinned" drops top_country.
+        assert ("top_country" in names) == (variant == "control")
+
+
+async def test_rank_reports_the_variant_and_its_model(stack, versions):
+    _, ranking, _ = stack
+    groups = users_by_variant(versions)
+    mv = ModelVersion.open(versions / "1")
+    items = list(mv.item_ids[:50])
+    for variant, version in (("control", "2"), ("pinned", "1")):
+        uid = groups[variant][0]
+        resp = await ranking.Rank(
+            ranking_pb2.RankRequest(
+                user=common_pb2.UserContext(user_id=uid), candidate_item_ids=items, top_k=5
+            ),
+            timeout=10,
+        )
+        assert (resp.variant, resp.model_version) == (variant, version)
+
+
+async def test_forced_variant_wins_over_the_bucket(stack, versions):
+    _, ranking, retrieval = stack
+    uid = users_by_variant(versions)["control"][0]
+    user = common_pb2.UserContext(user_id=uid, variant="pinned")
+    resp = await ranking.Recommend(ranking_pb2.RecommendRequest(user=user, k=3), timeout=10)
+    assert (resp.variant, resp.model_version) == ("pinned", "1")
+    # The pinned variant's popular weight (20) gives that source most interleave turns.
+    popular_only = {}
+    for variant in ("pinned", "control"):
+        user.variant = variant
+        got = await retrieval.Retrieve(
+            retrieval_pb2.RetrieveRequest(user=user, budget=60), timeout=10
+        )
+        assert got.variant == variant and len(got.candidates) == 60
+        popular_only[variant] = sum(list(c.sources) == ["popular"] for c in got.candidates)
+    assert popular_only["pinned"] > 2 * popular_only["control"]
+
+
+async def test_retrieve_alone_buckets_like_ranking(stack, versions):
+    _, _, retrieval = stack
+    for variant, users in users_by_variant(versions).items():
+        for uid in users[:3]:
+            req = retrieval_pb2.RetrieveRequest(user=common_pb2.UserContext(user_id=uid))
+            resp = await retrieval.Retrieve(req, timeout=10)
+            assert resp.variant == variant
+
+
+@pytest.mark.parametrize("rpc", ["Recommend", "Rank", "Retrieve"])
+async def test_unknown_variant_is_invalid_argument(stack, rpc):
+    _, ranking, retrieval = stack
+    user = common_pb2.UserContext(user_id="u1", variant="nope")
+    if rpc == "Recommend":
+        call = ranking.Recommend(ranking_pb2.RecommendRequest(user=user, k=3), timeout=10)
+    elif rpc == "Rank":
+        call = ranking.Rank(
+            ranking_pb2.RankRequest(user=user, candidate_item_ids=["x"], top_k=1), timeout=10
+        )
+    else:
+        call = retrieval.Retrieve(retrieval_pb2.RetrieveRequest(user=user), timeout=10)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "user.variant" in err.value.details() and "nope" in err.value.details()
+
+
+async def test_tracks_swap_independently(stack, versions, train_version, redis_server):
+    srv, ranking, _ = stack
+    pinned_before = srv.ranker.models["1"]
+    v3 = train_version(versions, seed=2, epochs=1)
+    _publish(v3, redis_server.url)  # the current pointer moves to 3
+    for _ in range(300):
+        if srv.ranker.models["current"].name == "3":
+            break
+        await asyncio.sleep(0.1)
+    assert srv.ranker.models["current"].name == "3"
+    assert srv.ranker.models["1"] is pinned_before  # the pinned track did not move
+    groups = users_by_variant(versions)
+    for variant, version in (("control", "3"), ("pinned", "1")):
+        req = ranking_pb2.RecommendRequest(user=common_pb2.UserContext(user_id=groups[variant][0]))
+        resp = await ranking.Recommend(req, timeout=10)
+        assert (resp.variant, resp.model_version) == (variant, version)

@@ -48,6 +48,12 @@ def channel_options(
     """Options for a client channel: limits, keepalive, retries, balancing."""
     return [
         *grpc_options(max_message_bytes),
+        # gRPC's default reconnect backoff grows to minutes; a replica restarted
+        # in a rolling update would sit unused that long, and once the other
+        # replica drains every call fails. Reconnect at least every second.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.min_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
         ("grpc.enable_retries", 1),
         ("grpc.service_config", service_config(max_attempts=max_attempts, round_robin=round_robin)),
     ]

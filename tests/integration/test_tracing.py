@@ -1,0 +1,139 @@
+"""One Recommend traced across both services (each with its own in-memory exporter)."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from ranking_service.server import build_server
+from ranking_service.testing import ranking_settings, wait_serving
+from recsys.artifacts import ModelVersion
+from recsys.config import RetrievalSettings, TracingSettings
+from recsys.tracing import NOOP, Tracing
+from recsys.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc
+
+ON = TracingSettings(enabled=True)
+
+
+@pytest.fixture(scope="module")
+async def traced(trained_version, redis_server):
+    from retrieval_service.server import build_server as build_retrieval
+
+    # Each service gets its own provider and exporter, as two processes would:
+    # spans can only share a trace id through the traceparent on the wire.
+    exporters = {"ranking": InMemorySpanExporter(), "retrieval": InMemorySpanExporter()}
+    base = ranking_settings(trained_version.parent, redis_server.url, retrieval_timeout_s=2.0)
+    settings = base.model_copy(
+        update={"retrieval": RetrievalSettings(host="127.0.0.1", port=0, metrics_port=0)}
+    )
+    handle, app = build_retrieval(
+        settings, tracing=Tracing.from_settings(ON, "retrieval", exporter=exporters["retrieval"])
+    )
+    await app.start()
+    cfg = settings.ranking.model_copy(update={"retrieval_address": f"127.0.0.1:{handle.port}"})
+    srv = build_server(
+        settings.model_copy(update={"ranking": cfg}),
+        tracing=Tracing.from_settings(ON, "ranking", exporter=exporters["ranking"]),
+    )
+    await srv.start()
+    await wait_serving(f"127.0.0.1:{srv.port}")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+        yield ranking_pb2_grpc.RankingServiceStub(ch), exporters
+    await srv.stop(0)
+    await app.stop(0)
+
+
+def by_name(spans) -> dict[str, object]:
+    out = {}
+    for s in spans:
+        assert s.name not in out, f"span {s.name} twice"
+        out[s.name] = s
+    return out
+
+
+async def test_one_recommend_is_one_trace_across_both_services(traced, published_version):
+    stub, exporters = traced
+    for e in exporters.values():
+        e.clear()
+    mv = ModelVersion.open(published_version)
+    uid = mv.users["user_id"][0]
+    resp = await stub.Recommend(
+        ranking_pb2.RecommendRequest(user=common_pb2.UserContext(user_id=uid), k=7), timeout=10
+    )
+    assert len(resp.items) == 7 and not resp.retrieval_fallback
+    ranking = by_name(exporters["ranking"].get_finished_spans())
+    retrieval = by_name(exporters["retrieval"].get_finished_spans())
+    assert set(ranking) == {
+        "ranking.Recommend",
+        "ranking.retrieve",
+        "ranking.hydrate",
+        "ranking.user_tower",
+        "ranking.score",
+        "ranking.top_k",
+    }
+    sources = {f"retrieval.source.{r.source}" for r in resp.source_reports}
+    assert len(sources) == 4
+    assert set(retrieval) == {
+        "retrieval.Retrieve",
+        "retrieval.hydrate",
+        "retrieval.filter",
+        "retrieval.merge",
+        *sources,
+    }
+    root = ranking["ranking.Recommend"]
+    trace_ids = {s.context.trace_id for s in (*ranking.values(), *retrieval.values())}
+    assert trace_ids == {root.context.trace_id}
+    assert root.parent is None
+    # Parentage: every ranking stage under the root; retrieval's server span
+    # under ranking's client span (through the traceparent); its stages under it.
+    for name, span in ranking.items():
+        if name != "ranking.Recommend":
+            assert span.parent.span_id == root.context.span_id, name
+    server = retrieval["retrieval.Retrieve"]
+    assert server.parent.span_id == ranking["ranking.retrieve"].context.span_id
+    assert server.parent.is_remote
+    for name, span in retrieval.items():
+        if name != "retrieval.Retrieve":
+            assert span.parent.span_id == server.context.span_id, name
+    # Counts on the spans match the response.
+    for r in resp.source_reports:
+        attrs = retrieval[f"retrieval.source.{r.source}"].attributes
+        assert attrs["recsys.count"] == r.count
+    assert ranking["ranking.top_k"].attributes["recsys.returned"] == 7
+    assert root.attributes["recsys.variant"] == resp.variant == "default"
+    n = ranking["ranking.retrieve"].attributes["recsys.candidates"]
+    assert server.attributes["recsys.candidates"] == n > 0
+    # The batched stages happened inside the request, in order.
+    tower, score, top = (ranking[f"ranking.{s}"] for s in ("user_tower", "score", "top_k"))
+    assert root.start_time <= tower.start_time <= tower.end_time <= score.end_time
+    assert score.end_time <= top.start_time <= top.end_time <= root.end_time
+
+
+async def test_a_callers_traceparent_is_joined(traced, published_version):
+    stub, exporters = traced
+    for e in exporters.values():
+        e.clear()
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    parent = "00f067aa0ba902b7"
+    await stub.Recommend(
+        ranking_pb2.RecommendRequest(user=common_pb2.UserContext(user_id="nobody"), k=3),
+        timeout=10,
+        metadata=(("traceparent", f"00-{trace_id}-{parent}-01"),),
+    )
+    spans = [
+        *exporters["ranking"].get_finished_spans(),
+        *exporters["retrieval"].get_finished_spans(),
+    ]
+    assert spans and {format(s.context.trace_id, "032x") for s in spans} == {trace_id}
+    root = by_name(exporters["ranking"].get_finished_spans())["ranking.Recommend"]
+    assert format(root.parent.span_id, "016x") == parent
+
+
+def test_tracing_is_off_by_default(trained_version, redis_server):
+    settings = ranking_settings(trained_version.parent, redis_server.url)
+    assert settings.tracing.enabled is False
+    assert Tracing.from_settings(settings.tracing, "ranking") is NOOP
+    with NOOP.span("x") as span:
+        assert not span.is_recording()
+    assert NOOP.inject(None) is None and NOOP.extract([("traceparent", "x")]) is None

@@ -1,0 +1,175 @@
+"""Broken model versions are refused at load, with a message naming the problem, and the
+running version keeps serving (both services, real trained version, real servers).
+
+``tests/integration/test_ranking_reload.py`` already covers a flipped byte
+under load for ranking; this adds the other kinds of damage, for both services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from ranking_service.server import build_server as build_ranking
+from ranking_service.testing import ranking_settings
+from recsys import artifacts as A
+from recsys.embedded_redis import free_port
+from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
+from retrieval_service.server import build_server as build_retrieval
+
+from .conftest import RANKING, RETRIEVAL, retrieval_settings, wait_serving
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+def _rewrite_manifest(root: Path, rel: str) -> None:
+    """Makes the manifest agree with a replaced file (only the content is wrong)."""
+    manifest = json.loads((root / A.MANIFEST).read_text())
+    manifest["files"][rel] = {
+        "sha256": A.sha256_file(root / rel),
+        "bytes": (root / rel).stat().st_size,
+    }
+    (root / A.MANIFEST).write_text(json.dumps(manifest))
+
+
+def truncate_savedmodel(root: Path) -> None:
+    pb = root / "user_tower" / "saved_model.pb"
+    pb.write_bytes(pb.read_bytes()[: pb.stat().st_size // 2])
+
+
+def truncate_savedmodel_resummed(root: Path) -> None:
+    rel = "user_tower/variables/variables.data-00000-of-00001"
+    data = root / rel
+    data.write_bytes(data.read_bytes()[:16])
+    _rewrite_manifest(root, rel)
+
+
+def wrong_checksum(root: Path) -> None:
+    vec = root / A.ITEM_VECTORS
+    data = bytearray(vec.read_bytes())
+    data[-5] ^= 0x33
+    vec.write_bytes(bytes(data))
+
+
+def missing_file(root: Path) -> None:
+    (root / "items.json").unlink()
+
+
+def foreign_annoy(root: Path) -> None:
+    from annoy import AnnoyIndex
+
+    dim = np.load(root / A.ITEM_VECTORS, mmap_mode="r", allow_pickle=False).shape[1]
+    index = AnnoyIndex(dim, "angular")
+    rng = np.random.default_rng(1)
+    for i in range(100):
+        index.add_item(i, rng.normal(size=dim).tolist())
+    index.build(2)
+    index.save(str(root / A.ANNOY_INDEX))
+    _rewrite_manifest(root, A.ANNOY_INDEX)
+
+
+def newer_schema(root: Path) -> None:
+    manifest = json.loads((root / A.MANIFEST).read_text())
+    manifest["schema_version"] = A.SCHEMA_VERSION + 1
+    (root / A.MANIFEST).write_text(json.dumps(manifest))
+
+
+COMMON: list[tuple[str, Callable[[Path], None], str]] = [
+    ("truncated SavedModel", truncate_savedmodel, "user_tower/saved_model.pb has"),
+    ("wrong checksum", wrong_checksum, "checksum mismatch for item_vectors.npy"),
+    ("missing file", missing_file, "file items.json is missing"),
+    ("newer schema", newer_schema, "newer than this code supports"),
+]
+# Retrieval reads the Annoy index, ranking the towers: each checks what it loads.
+RETRIEVAL_ONLY = [
+    ("Annoy index from another version", foreign_annoy, "holds 100 items, catalogue has"),
+]
+RANKING_ONLY = [
+    ("SavedModel truncated, manifest re-summed", truncate_savedmodel_resummed, "SavedModel"),
+]
+
+
+def install(src: Path, model_dir: Path, name: str, damage: Callable[[Path], None] | None) -> None:
+    tmp = model_dir / f".tmp-{name}"
+    shutil.copytree(src, tmp)
+    if damage is not None:
+        damage(tmp)
+    os.rename(tmp, model_dir / name)  # appears whole, as the trainer's writer does
+
+
+async def reject_each(watcher, model_dir: Path, src: Path, cases, still_serving) -> None:
+    for n, (label, damage, expected) in enumerate(cases, start=2):
+        install(src, model_dir, str(n), damage)
+        deadline = time.monotonic() + 60
+        while str(n) not in watcher.rejected:
+            assert time.monotonic() < deadline, f"{label}: version {n} never rejected"
+            await asyncio.sleep(0.05)
+        message = watcher.rejected[str(n)]
+        assert expected in message, f"{label}: {message}"
+        assert watcher.current == "1", label
+        assert await still_serving() == "1", label
+
+
+async def test_retrieval_refuses_broken_versions_and_keeps_serving(trained_version, tmp_path):
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    install(trained_version, model_dir, "1", None)
+    # No Redis pointer (a closed port): the watcher follows the newest version on disk.
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    handle, app = build_retrieval(retrieval_settings(model_dir, dead, reload_interval_s=0.1))
+    await app.start()
+    address = f"127.0.0.1:{handle.port}"
+    try:
+        await wait_serving(address, RETRIEVAL)
+        async with grpc.aio.insecure_channel(address) as ch:
+            stub = retrieval_pb2_grpc.RetrievalServiceStub(ch)
+
+            async def serving() -> str:
+                r = await stub.SimilarItems(
+                    retrieval_pb2.SimilarItemsRequest(item_id="1", k=3), timeout=5
+                )
+                assert len(r.items) == 3
+                return r.index_version
+
+            await reject_each(
+                app.watcher, model_dir, trained_version, COMMON + RETRIEVAL_ONLY, serving
+            )
+    finally:
+        await app.stop(0)
+
+
+async def test_ranking_refuses_broken_versions_and_keeps_serving(trained_version, tmp_path):
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    install(trained_version, model_dir, "1", None)
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    srv = build_ranking(ranking_settings(model_dir, dead, reload_interval_s=0.1))
+    await srv.start()
+    address = f"127.0.0.1:{srv.port}"
+    try:
+        await wait_serving(address, RANKING)
+        async with grpc.aio.insecure_channel(address) as ch:
+            stub = ranking_pb2_grpc.RankingServiceStub(ch)
+
+            async def serving() -> str:
+                r = await stub.Rank(
+                    ranking_pb2.RankRequest(candidate_item_ids=["1", "2", "3"], top_k=2),
+                    timeout=5,
+                )
+                assert len(r.items) == 2
+                return r.model_version
+
+            await reject_each(
+                srv.watcher, model_dir, trained_version, COMMON + RANKING_ONLY, serving
+            )
+    finally:
+        await srv.stop(0)

@@ -42,6 +42,7 @@ BUDGET = 500
 K = 20
 # (throughput vs echo at least, p99 at most in ms) per RPC, from the issue.
 TARGETS = {"Recommend": (0.25, 50.0)}
+TOP_LIST_CACHE_ENV = "RECSYS_RETRIEVAL__TOP_LIST_CACHE"
 
 
 def _proc_cpu_s(pid: int) -> float | None:
@@ -196,6 +197,11 @@ def run(quick: bool = False) -> dict[str, Any]:
             retrieval={"port": 0, "metrics_port": 0},
             ranking={"port": 0, "metrics_port": 0},
         )
+        # The services inherit this environment: serve the version's top lists
+        # from the in-process copy after their first Redis read (the deploy
+        # docs recommend it; it is off by default).
+        os.environ.setdefault(TOP_LIST_CACHE_ENV, "true")
+        out["setup"]["retrieval_top_list_cache"] = os.environ[TOP_LIST_CACHE_ENV]
         stack = start_stack(settings, quiet=True, log_dir=root / "logs")
         try:
             users, _items, version = known_ids(model_dir)

@@ -99,6 +99,11 @@ class RetrievalSettings(ServerSettings):
         default_factory=_default_sources,
         description="Candidate sources, each {name, type, budget, weight, timeout_ms, ...}.",
     )
+    top_list_cache: bool = Field(
+        False,
+        description="Keep the served version's top lists in process after their first Redis "
+        "read (they never change within a version), saving the second round trip.",
+    )
 
 
 class RankingSettings(ServerSettings):

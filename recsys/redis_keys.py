@@ -33,6 +33,11 @@ def _version_prefix(version: str) -> str:
     return f"{PREFIX}:v:{version}"
 
 
+def version_prefix(version: str) -> str:
+    """Prefix (with the trailing ``:``) shared by every key of one version."""
+    return f"{_version_prefix(version)}:"
+
+
 def top_genre(version: str, genre: str) -> str:
     """Sorted set of the best items in one genre."""
     return f"{_version_prefix(version)}:top:genre:{genre}"

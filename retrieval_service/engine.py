@@ -250,7 +250,8 @@ class RetrievalEngine:
         agg = stored.aggregates
         if (agg is None or agg.watch_count == 0) and f.genre_ratings:
             agg = aggregates_from_genre_ratings(served.model.spec, f.genre_ratings)
-        batch = RedisBatch(self.redis, available=error is None)
+        cache = served.top_cache if self.settings.top_list_cache else None
+        batch = RedisBatch(self.redis, available=error is None, cache=cache)
         batch.round_trips = 1  # the hydration pipeline
         recent = list(q.recent[: self.settings.history_length]) if q.recent else stored.recent
         return RetrievalContext(

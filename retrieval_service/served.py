@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys.artifacts import ArtifactError, ModelVersion
+from retrieval_service.sources.base import TopListCache
 
 # Nodes inspected per tree, at least, by SimilarItems (see ServedVersion.similar).
 SIMILAR_MIN_SEARCH = 20
@@ -46,9 +47,12 @@ class ServedVersion:
     search_k: int = -1
     source_state: dict[str, Any] = field(default_factory=dict)
     popular_scores: dict[str, float] = field(init=False, repr=False)
+    # Copies of this version's Redis top lists (used when retrieval.top_list_cache is on).
+    top_cache: TopListCache = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.popular_scores = dict(self.popular)
+        self.top_cache = TopListCache(self.model.version)
 
     @property
     def version(self) -> str:

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_chec
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from redis.exceptions import NoScriptError
 
+from recsys import redis_keys
 from recsys.features import UserAggregates, UserProfile
 from recsys.features import top_genres as _rank_genres
 
@@ -126,6 +127,66 @@ class RedisUnavailable(ConnectionError):
     """Redis could not be reached for this request; Redis-backed sources report ERROR."""
 
 
+class TopListCache:
+    """Sorted-set ranges of one served version, kept in process after their first read.
+
+    Only keys under the version's own prefix (``recsys:v:<version>:``) are
+    kept. Those are model outputs that ``recsys publish`` writes once, before
+    it moves the version pointer, and never rewrites, so a copy cannot go
+    stale while its version is served; the cache lives on the
+    :class:`~retrieval_service.served.ServedVersion` and is dropped with it
+    on the next swap. Redis stays the source: every entry is filled from a
+    real read. An empty reply (a list not published yet, a segment with no
+    list) is not kept, so it is read again next time. Bounded by key count;
+    past the bound, reads simply go to Redis.
+
+    Args:
+        version: The served version; only its keys are cached.
+        max_keys: Most keys kept.
+        min_width: Entries fetched on a miss, at least, so the slightly
+            different ``n`` of later requests are served from the copy.
+    """
+
+    def __init__(self, version: str, *, max_keys: int = 4096, min_width: int = 1000):
+        self.prefix = redis_keys.version_prefix(version)
+        self.max_keys = max_keys
+        self.min_width = min_width
+        # key -> (entries best first, how many were asked for)
+        self._lists: dict[str, tuple[list[tuple[str, float]], int]] = {}
+
+    def cacheable(self, key: str) -> bool:
+        """True for keys of this version's model outputs."""
+        return key.startswith(self.prefix)
+
+    def width(self, n: int) -> int:
+        """How many entries to read for a request of ``n`` on a miss."""
+        return max(n, self.min_width)
+
+    def get(self, key: str, n: int) -> list[tuple[str, float]] | None:
+        """The top ``n`` entries of ``key`` if the copy covers them, else None."""
+        got = self._lists.get(key)
+        if got is None:
+            return None
+        entries, asked = got
+        # Fewer entries than asked for means the copy is the whole list.
+        if n <= asked or len(entries) < asked:
+            return entries[:n]
+        return None
+
+    def put(self, key: str, entries: list[tuple[str, float]], asked: int) -> None:
+        """Keeps a reply of ``asked`` entries (no-op for other versions' or empty replies)."""
+        if not entries or not self.cacheable(key):
+            return
+        old = self._lists.get(key)
+        if old is None and len(self._lists) >= self.max_keys:
+            return
+        if old is None or asked > old[1]:
+            self._lists[key] = (entries, asked)
+
+    def __len__(self) -> int:
+        return len(self._lists)
+
+
 class RedisBatch:
     """Coalesces the sorted-set reads of one request into one pipelined round trip.
 
@@ -133,12 +194,15 @@ class RedisBatch:
     a flush with ``call_soon``; every source task that starts in the same tick
     queues its reads before the flush runs, so N concurrent sources cost one
     round trip. Identical keys are read once. Each range comes back as one
-    JSON string from a tiny server-side script (see ``_read``).
+    JSON string from a tiny server-side script (see ``_read``). With a
+    :class:`TopListCache`, ranges already copied from Redis for the served
+    version are answered without a round trip.
     """
 
-    def __init__(self, redis: Any, *, available: bool = True):
+    def __init__(self, redis: Any, *, available: bool = True, cache: TopListCache | None = None):
         self._redis = redis
         self._available = available and redis is not None
+        self._cache = cache
         self._pending: list[tuple[str, int, asyncio.Future]] = []
         self._tasks: set[asyncio.Task] = set()
         self.round_trips = 0
@@ -165,6 +229,8 @@ class RedisBatch:
             fut.set_exception(RedisUnavailable("redis unavailable"))
         elif n <= 0:
             fut.set_result([])
+        elif self._cache is not None and (hit := self._cache.get(key, n)) is not None:
+            fut.set_result(hit)
         else:
             self._pending.append((key, n, fut))
             if len(self._pending) == 1:
@@ -180,8 +246,11 @@ class RedisBatch:
         task.add_done_callback(self._tasks.discard)
 
     async def _run(self, batch: list[tuple[str, int, asyncio.Future]]) -> None:
+        cache = self._cache
         widest: dict[str, int] = {}
         for key, n, _ in batch:
+            if cache is not None and cache.cacheable(key):
+                n = cache.width(n)
             widest[key] = max(widest.get(key, 0), n)
         keys = list(widest)
         try:
@@ -193,6 +262,10 @@ class RedisBatch:
                     fut.set_exception(err)
             return
         by_key = dict(zip(keys, results, strict=True))
+        if cache is not None:
+            for key, res in by_key.items():
+                if not isinstance(res, Exception):
+                    cache.put(key, res, widest[key])
         for key, n, fut in batch:
             if fut.done():  # the waiting source was cancelled (timeout)
                 continue

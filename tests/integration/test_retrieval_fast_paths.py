@@ -1,0 +1,156 @@
+"""The hot-path options of Retrieve (real Redis, a real published version, real gRPC).
+
+``retrieval.top_list_cache`` answers a version's top lists from a copy after
+the first Redis read; ``RetrieveRequest.omit_source_scores`` leaves the
+per-candidate score maps out. Both must give the same answer as the plain path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import redis
+import redis.asyncio as aioredis
+
+from recsys import redis_keys
+from recsys.artifacts import ModelVersion
+from recsys.config import RetrievalSettings, load_settings
+from recsys.v1 import common_pb2, retrieval_pb2
+from retrieval_service.engine import RetrievalEngine, RetrieveQuery
+from retrieval_service.registry import build_sources
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+@pytest.fixture(scope="module")
+def published(redis_server, trained_version: Path) -> Path:
+    from trainer.publish import publish
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    publish(trained_version, client, quiet=True)
+    client.close()
+    return trained_version
+
+
+@pytest.fixture(scope="module")
+def users(published: Path) -> list[str]:
+    return [str(u) for u in ModelVersion.open(published).users["user_id"][:12]]
+
+
+def _sources() -> list[dict]:
+    from recsys.config import _default_sources
+
+    # Generous timeouts: a busy shared test machine must not turn a read into TIMEOUT.
+    return [{**s, "timeout_ms": 2000.0} for s in _default_sources()]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def engines(published: Path, redis_server):
+    client = aioredis.Redis.from_url(redis_server.url)
+    built = {}
+    for cached in (False, True):
+        settings = RetrievalSettings(sources=_sources(), top_list_cache=cached)
+        eng = RetrievalEngine(settings, build_sources(settings.sources), client)
+        eng.swap(await asyncio.to_thread(eng.load_version, published))
+        built[cached] = eng
+    yield built
+    await client.aclose()
+
+
+def _answer(result) -> list[tuple]:
+    return [
+        (m.item_id, tuple(m.sources), m.score, m.seed_item_id, m.genre) for m in result.candidates
+    ]
+
+
+async def test_cache_gives_the_same_answers_with_one_round_trip(engines, users):
+    plain, cached = engines[False], engines[True]
+    want = [await plain.retrieve(RetrieveQuery(u, budget=200)) for u in users]
+    assert [r.redis_round_trips for r in want[1:]] == [2] * (len(users) - 1)
+    first = [await cached.retrieve(RetrieveQuery(u, budget=200)) for u in users]
+    # The first request of the version filled the copy from Redis.
+    assert first[0].redis_round_trips == 2
+    assert len(cached.current().top_cache) > 0
+    for u, got, exp in zip(users, first, want, strict=True):
+        assert _answer(got) == _answer(exp), u
+        assert not got.degraded
+    again = [await cached.retrieve(RetrieveQuery(u, budget=200)) for u in users]
+    assert [r.redis_round_trips for r in again] == [1] * len(users), "hydration only"
+    assert [_answer(r) for r in again] == [_answer(r) for r in first]
+
+
+async def test_cache_belongs_to_one_version_and_redis_down_still_errors(
+    engines, users, published: Path
+):
+    cached = engines[True]
+    await cached.retrieve(RetrieveQuery(users[0], budget=50))
+    old = cached.current()
+    assert len(old.top_cache) > 0
+    fresh = await asyncio.to_thread(cached.load_version, published)
+    assert len(fresh.top_cache) == 0, "a loaded version starts with no copies"
+    # Hydration finding Redis down wins over the copy: Redis-backed sources say ERROR.
+    ctx = await cached.hydrate(old, RetrieveQuery(users[0]), time.monotonic() + 5)
+    ctx.redis._available = False
+    with pytest.raises(ConnectionError):
+        await cached.by_name["top_genre"].retrieve(ctx, 30)
+
+
+async def test_cache_only_keeps_the_served_versions_keys(engines, redis_server, users):
+    cached = engines[True]
+    sync = redis.Redis.from_url(redis_server.url)
+    other = redis_keys.top_genre("elsewhere", "x")
+    sync.zadd(other, {"a": 2.0, "b": 1.0})
+    try:
+        ctx = await cached.hydrate(cached.current(), RetrieveQuery(users[0]), time.monotonic() + 5)
+        assert await ctx.redis.top(other, 5) == [("a", 2.0), ("b", 1.0)]
+        sync.zadd(other, {"c": 3.0})
+        # Not this version's key: read from Redis every time, so the change shows.
+        assert (await ctx.redis.top(other, 1)) == [("c", 3.0)]
+        assert ctx.redis.round_trips == 3
+    finally:
+        sync.delete(other)
+
+
+async def test_omit_source_scores_drops_only_the_maps(published: Path, redis_server, users):
+    from retrieval_service.server import build_server
+
+    settings = load_settings(
+        model_dir=published.parent,
+        redis_url=redis_server.url,
+        retrieval={
+            "port": 0,
+            "metrics_port": 0,
+            "reload_interval_s": 3600.0,
+            "sources": _sources(),
+        },
+    )
+    handle, app = build_server(settings)
+    await app.start()
+    import grpc
+
+    from recsys.v1 import retrieval_pb2_grpc
+
+    try:
+        while app.engine.served is None:
+            await asyncio.sleep(0.05)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as ch:
+            stub = retrieval_pb2_grpc.RetrievalServiceStub(ch)
+            for u in users[:4]:
+                ctx = common_pb2.UserContext(user_id=u)
+                full = await stub.Retrieve(retrieval_pb2.RetrieveRequest(user=ctx, budget=100))
+                lean = await stub.Retrieve(
+                    retrieval_pb2.RetrieveRequest(user=ctx, budget=100, omit_source_scores=True)
+                )
+                assert any(c.source_scores for c in full.candidates)
+                assert not any(c.source_scores for c in lean.candidates)
+                assert lean.ByteSize() < full.ByteSize()
+                for c in full.candidates:
+                    c.ClearField("source_scores")
+                assert list(lean.candidates) == list(full.candidates)
+    finally:
+        await app.stop(0)

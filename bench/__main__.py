@@ -24,7 +24,7 @@ from typing import Any
 
 from bench import common
 
-AREAS = ("data", "training", "retrieval", "ranking", "e2e")
+AREAS = ("data", "training", "retrieval", "ranking", "e2e", "tracing")
 
 
 def _parser() -> argparse.ArgumentParser:

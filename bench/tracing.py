@@ -1,0 +1,125 @@
+"""Tracing cost: the disabled path against the work of one request, and the enabled SDK.
+
+Measured in one process:
+
+* ``off``: one stage wrapped by the disabled tracer (``NOOP.span`` enter/exit
+  plus the ``enabled`` check that guards attribute building), times the
+  number of stages a Recommend crosses in both services;
+* ``baseline``: ``score_batch`` for one request of 500 candidates on a
+  synthetic version, the ranking work a request does anyway (tower + dot + top-k);
+* ``on``: the same stages as recording SDK spans into an in-memory exporter.
+
+The ratio ``off / baseline`` is the share of a request the instrumentation
+costs when tracing is off.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import common
+
+# Stages one Recommend crosses: ranking (root, retrieve, hydrate, tower, score,
+# top-k) and retrieval (root, hydrate, 4 sources, filter, merge).
+STAGES_PER_RECOMMEND = 14
+
+
+def _per_call_ns(fn, n: int) -> float:
+    best = float("inf")
+    for _ in range(5):  # best of 5 rounds: the least disturbed by other load
+        start = time.perf_counter_ns()
+        fn(n)
+        best = min(best, (time.perf_counter_ns() - start) / n)
+    return best
+
+
+def _stages(tr, n: int) -> None:
+    for _ in range(n):
+        with tr.span("stage") as span:
+            if tr.enabled:
+                span.set_attribute("recsys.count", 1)
+
+
+def _empty(n: int) -> None:
+    for _ in range(n):
+        pass
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from ranking_service.model import LoadedModel, ScoreRequest, score_batch
+    from ranking_service.testing import write_synthetic_version
+    from recsys.config import TracingSettings
+    from recsys.tracing import NOOP, Tracing
+
+    print(common.header("Tracing overhead", "tracing", quick))
+    n = 20_000 if quick else 200_000
+    # The bare loop is subtracted: only what the instrumentation adds is counted.
+    loop_ns = _per_call_ns(_empty, n)
+    off_ns = max(_per_call_ns(lambda k: _stages(NOOP, k), n) - loop_ns, 0.0)
+    exporter = InMemorySpanExporter()
+    on = Tracing.from_settings(TracingSettings(enabled=True), "bench", exporter=exporter)
+
+    def traced(k: int) -> None:
+        _stages(on, k)
+        exporter.clear()
+
+    on_ns = _per_call_ns(traced, max(n // 20, 1000)) - loop_ns
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_synthetic_version(Path(tmp), n_items=5000, dim=32)
+        model = LoadedModel.load(path, "cpu")
+        rng = np.random.default_rng(0)
+        rows = rng.choice(5000, 500, replace=False).astype(np.int64)
+        feats = model.default_features
+
+        def plain(k: int) -> None:
+            for _ in range(k):
+                score_batch([ScoreRequest(model, feats, rows, 20)])
+
+        def clocked(k: int) -> None:
+            for _ in range(k):
+                score_batch([ScoreRequest(model, feats, rows, 20, {})])
+
+        reps = 50 if quick else 300
+        base_ns = _per_call_ns(plain, reps)
+        clocked_ns = _per_call_ns(clocked, reps)
+
+    off_request_ns = off_ns * STAGES_PER_RECOMMEND
+    out = {
+        "machine": common.machine_info(),
+        "command": common.reproduce_command("tracing", quick),
+        "off_ns_per_stage": round(off_ns, 1),
+        "on_ns_per_stage": round(on_ns, 1),
+        "off_us_per_recommend": round(off_request_ns / 1e3, 3),
+        "score_batch_us_per_request": round(base_ns / 1e3, 1),
+        "score_batch_traced_us_per_request": round(clocked_ns / 1e3, 1),
+        "ratios": {
+            "tracing_off_share_of_request_work": common.ratio(
+                off_request_ns, base_ns, unit="ns", what="14 disabled stages / score_batch(500)"
+            ),
+            "tracing_on_vs_off_per_stage": common.ratio(on_ns, off_ns, unit="ns"),
+        },
+        "targets": [
+            common.target(
+                "tracing off costs < 1% of a request's scoring", off_request_ns / base_ns, "<", 0.01
+            ),
+        ],
+    }
+    print(
+        f"disabled stage: {off_ns:.0f} ns; {STAGES_PER_RECOMMEND} stages per Recommend: "
+        f"{off_request_ns / 1e3:.2f} us = {off_request_ns / base_ns:.2%} of score_batch "
+        f"for 500 candidates ({base_ns / 1e3:.0f} us; with stage clocks {clocked_ns / 1e3:.0f} us)"
+    )
+    print(f"recording SDK span: {on_ns:.0f} ns per stage ({on_ns / off_ns:.0f}x the disabled path)")
+    return out
+
+
+if __name__ == "__main__":
+    run()

@@ -94,7 +94,14 @@ async def _wait_serving(channel: grpc.aio.Channel) -> None:
     health = health_pb2_grpc.HealthStub(channel)
     check = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
     deadline = time.monotonic() + 20
-    while (await health.Check(check)).status != health_pb2.HealthCheckResponse.SERVING:
+    while True:
+        # Every call carries a deadline: a lost call must fail the test, not hang it.
+        try:
+            status = (await health.Check(check, timeout=2)).status
+        except grpc.aio.AioRpcError:
+            status = None
+        if status == health_pb2.HealthCheckResponse.SERVING:
+            return
         assert time.monotonic() < deadline, "never became SERVING"
         await asyncio.sleep(0.05)
 
@@ -121,7 +128,8 @@ async def test_not_serving_until_a_version_exists(redis_url, trained_version, tm
     check = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
     try:
         await asyncio.sleep(0.2)
-        assert (await health.Check(check)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (await health.Check(check, timeout=5)).status
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.Retrieve(_req(), timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE

@@ -67,7 +67,10 @@ async def wait_serving(channel: grpc.aio.Channel, timeout: float = 20.0) -> None
     stub = health_pb2_grpc.HealthStub(channel)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        res = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+        try:
+            res = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=2)
+        except grpc.aio.AioRpcError:
+            continue  # a lost call is retried until the deadline, never awaited forever
         if res.status == health_pb2.HealthCheckResponse.SERVING:
             return
         await asyncio.sleep(0.05)

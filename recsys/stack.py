@@ -133,7 +133,9 @@ def start_stack(
             "RECSYS_REDIS_URL": redis_url,
             "RECSYS_MODEL_DIR": str(model_dir),
             "RECSYS_LOG_FORMAT": settings.log_format,
-            "TF_CPP_MIN_LOG_LEVEL": "2",
+            # TensorFlow's C++ start-up chatter (CUDA probing on CPU-only
+            # machines, oneDNN notices) drowns the progress lines otherwise.
+            "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
         }
         if retrain or latest_version(model_dir) is None:
             say(f"[2/4] training on {data or 'the built-in synthetic dataset'} → {model_dir}")

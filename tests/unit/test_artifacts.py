@@ -89,7 +89,7 @@ def test_annoy_index_from_another_version_is_refused(tmp_path: Path):
     good = _write_version(tmp_path / "a", n_items=5)
     other = _write_version(tmp_path / "b", n_items=5, annoy_items=7)
     shutil.copy(other / A.ANNOY_INDEX, good / A.ANNOY_INDEX)
-    with pytest.raises(A.ArtifactError, match="annoy.ann"):
+    with pytest.raises(A.ArtifactError, match=r"annoy\.ann"):
         A.ModelVersion.open(good)
     # Even when the manifest is rewritten to bless the foreign file, the
     # item-count check catches the mismatch at load.

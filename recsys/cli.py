@@ -149,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="ranking service address (default from config)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--debug", action="store_true", help="include per-item debug scores")
+    p.add_argument("--variant", default="", help="force an experiment variant (debugging)")
 
     p = sub.add_parser(
         "loadtest",

@@ -321,7 +321,9 @@ def cli_recommend(args, settings: RecsysSettings) -> int:
     )
     with client:
         try:
-            recs = client.recommend(args.user, k=args.k, debug=args.debug)
+            recs = client.recommend(
+                args.user, k=args.k, debug=args.debug, variant=getattr(args, "variant", "")
+            )
         except grpc.RpcError as exc:
             print(f"recsys recommend: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1

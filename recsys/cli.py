@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--hidden-units", help="comma-separated hidden layer sizes, e.g. 256,128")
     p.add_argument("--embedding-dim", type=int)
-    p.add_argument("--id-embeddings", action="store_true", help="hybrid: add id embeddings")
+    p.add_argument("--id-embeddings", action="store_true", help="hybrid: add item id embeddings")
     p.add_argument("--annoy-trees", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--publish", action="store_true", help="publish to Redis when done")

@@ -140,7 +140,7 @@ class TrainerSettings(_Strict):
     seed: int = 0
     test_fraction: float = Field(0.2, gt=0, lt=1)
     annoy_trees: int = Field(50, ge=1)
-    id_embeddings: bool = Field(False, description="Hybrid mode: add user/item id embeddings.")
+    id_embeddings: bool = Field(False, description="Hybrid mode: add item id embeddings.")
 
 
 # --- experiments and tracing ----------------------------------------------------------

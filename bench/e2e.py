@@ -15,6 +15,12 @@ same bytes through the same gRPC stack. Runs alternate echo/real (twice in
 the full run) and the figure that counts is throughput real / echo, which
 cancels most of the machine's speed and noise.
 
+Both services run first with one process each, then with ``WORKERS``
+processes each (``RECSYS_RETRIEVAL__WORKERS`` / ``RECSYS_RANKING__WORKERS``,
+the supervisor in :func:`recsys.serving.run_service`), each against the echo
+server in the same run; the targets are checked on the multi-process run,
+the deployment default.
+
 The load generator runs in this process, separate from every server; its
 CPU time and that of each server process (from ``/proc``) are reported, so a
 reader can see how the machine's cores were shared.
@@ -43,16 +49,27 @@ K = 20
 # (throughput vs echo at least, p99 at most in ms) per RPC, from the issue.
 TARGETS = {"Recommend": (0.25, 50.0)}
 TOP_LIST_CACHE_ENV = "RECSYS_RETRIEVAL__TOP_LIST_CACHE"
+# Server processes per service in the compared runs; the last one is the default
+# the deploy docs recommend, and the one the targets are checked on.
+WORKERS = (1, 2)
+WORKER_ENVS = ("RECSYS_RETRIEVAL__WORKERS", "RECSYS_RANKING__WORKERS")
 
 
 def _proc_cpu_s(pid: int) -> float | None:
-    """User + system CPU seconds of a process, from /proc (None when gone)."""
+    """User + system CPU seconds of a process and its live descendants (None when gone)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
     # After the command name: state is field 3, utime 14 and stime 15 (1-based).
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    try:  # a multi-worker service is a supervisor plus its worker processes
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        children = []
+    for child in children:
+        total += _proc_cpu_s(int(child)) or 0.0
+    return total
 
 
 def _inspect(resp: bytes) -> str | None:
@@ -198,40 +215,69 @@ def run(quick: bool = False) -> dict[str, Any]:
             ranking={"port": 0, "metrics_port": 0},
         )
         # The services inherit this environment: serve the version's top lists
-        # from the in-process copy after their first Redis read (the deploy
-        # docs recommend it; it is off by default).
+        # from the in-process copy after their first Redis read.
         os.environ.setdefault(TOP_LIST_CACHE_ENV, "true")
         out["setup"]["retrieval_top_list_cache"] = os.environ[TOP_LIST_CACHE_ENV]
-        stack = start_stack(settings, quiet=True, log_dir=root / "logs")
+        out["setup"]["workers_compared"] = list(WORKERS)
+        users, _items, version = known_ids(model_dir)
+        out["setup"]["model_version"] = version
+        out["setup"]["users"] = len(users)
+        common = {
+            "concurrency": CONCURRENCY,
+            "duration_s": duration,
+            "warmup_s": warmup,
+            "k": K,
+            "user_ids": users,
+            "timeout_s": 2.0,
+        }
+        plans = {
+            "Recommend": {"rpc": "Recommend", "budget": BUDGET, "inspect": _inspect},
+        }
+        by_workers: dict[int, dict[str, Any]] = {}
+        saved = {name: os.environ.get(name) for name in WORKER_ENVS}
         try:
-            users, _items, version = known_ids(model_dir)
-            out["setup"]["model_version"] = version
-            out["setup"]["users"] = len(users)
-            pids = {"ranking": stack.procs[1].pid, "retrieval": stack.procs[0].pid}
-            if stack.redis is not None and stack.redis.proc is not None:
-                pids["redis"] = stack.redis.proc.pid
-            common = {
-                "concurrency": CONCURRENCY,
-                "duration_s": duration,
-                "warmup_s": warmup,
-                "k": K,
-                "user_ids": users,
-                "timeout_s": 2.0,
-            }
-            plans = {
-                "Recommend": {"rpc": "Recommend", "budget": BUDGET, "inspect": _inspect},
-            }
-            for rpc, plan in plans.items():
-                base = {**common, **plan}
-                sample = _capture(stack.ranking_address, LoadConfig(**base))
-                out["setup"][f"{rpc.lower()}_sample_flag"] = plan["inspect"](sample)
-                res = _compare(rpc, stack, base, sample, rounds, pids)
-                out[rpc.lower()] = res["summary"]
-                out["ratios"][res["ratio"][0]] = res["ratio"][1]
-                out["targets"] += res["targets"]
-                out["runs"][rpc.lower()] = res["runs"]
+            for workers in WORKERS:
+                for name in WORKER_ENVS:
+                    os.environ[name] = str(workers)
+                print(f"--- {workers} process(es) per service", flush=True)
+                stack = start_stack(settings, quiet=True, log_dir=root / f"logs-w{workers}")
+                try:
+                    pids = {"ranking": stack.procs[1].pid, "retrieval": stack.procs[0].pid}
+                    if stack.redis is not None and stack.redis.proc is not None:
+                        pids["redis"] = stack.redis.proc.pid
+                    for rpc, plan in plans.items():
+                        base = {**common, **plan}
+                        sample = _capture(stack.ranking_address, LoadConfig(**base))
+                        flag = plan["inspect"](sample)
+                        out["setup"][f"{rpc.lower()}_sample_flag_w{workers}"] = flag
+                        by_workers[workers] = _compare(rpc, stack, base, sample, rounds, pids)
+                finally:
+                    stack.stop()
         finally:
-            stack.stop()
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+    default = by_workers[WORKERS[-1]]
+    out["recommend"] = default["summary"]
+    out["ratios"][default["ratio"][0]] = default["ratio"][1]
+    out["targets"] += default["targets"]
+    out["runs"]["recommend"] = default["runs"]
+    out["by_workers"] = {
+        str(w): {"summary": r["summary"], "ratio_vs_echo": r["ratio"][1]}
+        for w, r in by_workers.items()
+    }
+    one, many = by_workers[WORKERS[0]]["summary"], default["summary"]
+    out["ratios"][f"recommend_qps_{WORKERS[-1]}_workers_vs_{WORKERS[0]}"] = ratio(
+        many["real"]["qps"], one["real"]["qps"], unit="req/s"
+    )
+    print(
+        f"Recommend with {WORKERS[-1]} processes per service vs {WORKERS[0]}: "
+        f"{many['real']['qps']:.1f} vs {one['real']['qps']:.1f} req/s; p99 "
+        f"{many['real']['p99_ms']:.1f} vs {one['real']['p99_ms']:.1f} ms",
+        flush=True,
+    )
     return out
 
 

@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +18,7 @@ from ranking_service.core import Ranker
 from ranking_service.model import Device, LoadedModel, resolve_device
 from ranking_service.retrieval_client import RetrievalClient
 from ranking_service.servicer import RankingServicer
-from recsys.config import CURRENT_VERSION, RankingSettings, RecsysSettings
+from recsys.config import CURRENT_VERSION, RankingSettings, RecsysSettings, ServerSettings
 from recsys.errors import UserFacingError
 from recsys.experiments import Experiment
 from recsys.explain import source_kinds
@@ -28,8 +28,8 @@ from recsys.serving import (
     async_redis,
     configure_logging,
     create_server,
+    run_service,
     serve,
-    start_metrics,
 )
 from recsys.tracing import Tracing
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc
@@ -183,6 +183,7 @@ def _apply_flags(args: argparse.Namespace, settings: RecsysSettings) -> RecsysSe
         "metrics_port": getattr(args, "metrics_port", None),
         "device": getattr(args, "device", None),
         "retrieval_address": getattr(args, "retrieval_address", None),
+        "workers": getattr(args, "workers", None),
     }
     updates = {k: v for k, v in flags.items() if v is not None}
     if not updates:
@@ -194,35 +195,30 @@ def _apply_flags(args: argparse.Namespace, settings: RecsysSettings) -> RecsysSe
     return settings.model_copy(update={"ranking": ranking})
 
 
-def _write_port_file(path: Path, port: int) -> None:
-    # Written then renamed, so a reader never sees a partial number.
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(f"{port}\n")
-    tmp.replace(path)
-
-
 def cli_serve(args: argparse.Namespace, settings: RecsysSettings) -> int:
     """``recsys serve ranking``: serves until SIGTERM/SIGINT, then drains."""
     settings = _apply_flags(args, settings)
     configure_logging(settings)
-    cfg = settings.ranking
-    start_metrics(cfg.metrics_port, cfg.host)
-    port_file: Path | None = getattr(args, "port_file", None)
 
-    async def main() -> None:
+    async def main(settings: RecsysSettings, ready: Callable[[int], None]) -> None:
         srv = build_server(settings)
-
-        def ready(handle: ServerHandle) -> None:
-            if port_file is not None:
-                _write_port_file(port_file, handle.port)
-
         # Health answers NOT_SERVING (not NOT_FOUND) until a version is warm.
         await srv.handle.set_serving(False)
         try:
-            await serve(srv.handle, background=[srv.follow_versions()], on_ready=ready)
+            await serve(
+                srv.handle, background=[srv.follow_versions()], on_ready=lambda h: ready(h.port)
+            )
         finally:
             await srv.close()
             srv.ranker.tracing.shutdown()  # flushes spans still queued for export
 
-    asyncio.run(main())
-    return 0
+    def serve_one(server: ServerSettings, ready: Callable[[int], None]) -> None:
+        asyncio.run(main(settings.model_copy(update={"ranking": server}), ready))
+
+    return run_service(
+        settings.ranking,
+        serve_one,
+        label="ranking",
+        argv=getattr(args, "argv", None),
+        port_file=getattr(args, "port_file", None),
+    )

@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--port", type=int, help="gRPC port (0 = any free port)")
         sp.add_argument("--metrics-port", type=int, help="Prometheus port (0 = off)")
         sp.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+        sp.add_argument("--workers", type=int, help="server processes sharing the port (default 1)")
         if name == "ranking":
             sp.add_argument("--device", choices=["auto", "cpu", "gpu"])
             sp.add_argument("--retrieval-address", help="host:port of the retrieval service")
@@ -191,6 +192,8 @@ def _resolve(key: str) -> Callable[[argparse.Namespace, RecsysSettings], int]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``recsys`` script."""
     args = build_parser().parse_args(argv)
+    # Kept so a multi-worker service can start its workers with the same command line.
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     key = args.command if args.command != "serve" else f"serve {args.service}"
     try:
         settings = _settings_for(args)

@@ -71,6 +71,13 @@ class ServerSettings(_Strict):
     pinned_version: str | None = Field(
         None, description="Serve exactly this version instead of following the published one."
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Server processes sharing the port (SO_REUSEPORT); worker i serves "
+        "metrics on metrics_port + i.",
+    )
 
 
 def _default_sources() -> list[dict[str, Any]]:

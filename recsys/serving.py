@@ -6,7 +6,9 @@ interceptors (metrics, bounded concurrency, optional bearer token), message
 size limits and TLS from config; :func:`serve` runs it until SIGTERM/SIGINT
 and drains it (health NOT_SERVING first, so load balancers stop sending,
 then ``server.stop(grace)``). :class:`VersionWatcher` follows the published
-model version for both.
+model version for both. :func:`run_service` runs one server process, or
+``workers`` of them sharing one port through ``SO_REUSEPORT`` under a small
+supervisor process.
 """
 
 from __future__ import annotations
@@ -16,11 +18,15 @@ import contextlib
 import hmac
 import json
 import logging
+import os
+import select
 import signal
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -32,6 +38,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from recsys import redis_keys
 from recsys.artifacts import latest_version, list_versions
 from recsys.config import RecsysSettings, ServerSettings, TLSSettings
+from recsys.embedded_redis import die_with_parent
 
 log = logging.getLogger("recsys.serving")
 
@@ -229,6 +236,8 @@ class ServerHandle:
     port: int
     service_names: tuple[str, ...]
     settings: ServerSettings
+    _serving: bool = field(default=False, repr=False)
+    _when_serving: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     async def set_serving(self, serving: bool) -> None:
         """Flips health for the overall server and every named service."""
@@ -239,6 +248,18 @@ class ServerHandle:
         )
         for name in ("", *self.service_names):
             await self.health.set(name, status)
+        self._serving = serving
+        if serving:
+            pending, self._when_serving = self._when_serving, []
+            for callback in pending:
+                callback()
+
+    def when_serving(self, callback: Callable[[], None]) -> None:
+        """Calls ``callback`` once health first reports SERVING (now, if it does)."""
+        if self._serving:
+            callback()
+        else:
+            self._when_serving.append(callback)
 
 
 def create_server(
@@ -260,16 +281,21 @@ def create_server(
         The handle; health starts NOT_SERVING until a model version is loaded.
     """
     token = settings.auth_token.get_secret_value() if settings.auth_token else None
+    options: list[tuple[str, int]] = [
+        *grpc_options(settings.max_message_bytes),
+        # Closing connections after a few minutes (gracefully: in-flight
+        # calls finish) makes round-robin clients re-resolve DNS, so pods
+        # added by an autoscaler start receiving traffic.
+        ("grpc.max_connection_age_ms", 300_000),
+        ("grpc.max_connection_age_grace_ms", 30_000),
+    ]
+    if settings.workers > 1:
+        # Every worker binds the same port; the kernel spreads new
+        # connections over them (see run_service).
+        options.append(("grpc.so_reuseport", 1))
     server = grpc.aio.server(
         interceptors=[GuardInterceptor(label, settings.max_concurrent_rpcs, token)],
-        options=[
-            *grpc_options(settings.max_message_bytes),
-            # Closing connections after a few minutes (gracefully: in-flight
-            # calls finish) makes round-robin clients re-resolve DNS, so pods
-            # added by an autoscaler start receiving traffic.
-            ("grpc.max_connection_age_ms", 300_000),
-            ("grpc.max_connection_age_grace_ms", 30_000),
-        ],
+        options=options,
     )
     register(server)
     health = grpc_health.aio.HealthServicer()
@@ -303,7 +329,8 @@ async def serve(
 
     Drain order: health goes NOT_SERVING (readiness probes fail, clients
     stop picking this replica), new calls are refused and in-flight calls
-    get ``grace_s`` to finish.
+    get ``grace_s`` to finish. ``on_ready`` runs once the server listens
+    (in a worker of a multi-process service: once health is SERVING).
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -313,7 +340,12 @@ async def serve(
     await handle.server.start()
     tasks = [asyncio.ensure_future(b) for b in background]
     if on_ready is not None:
-        on_ready(handle)
+        if _ready_when_serving:
+            # A worker of several: its supervisor reports the port only once every
+            # worker has a version, so no caller meets a sibling still loading.
+            handle.when_serving(lambda: on_ready(handle))
+        else:
+            on_ready(handle)
     log.info("listening", extra={"fields": {"port": handle.port}})
     await stop.wait()
     log.info("draining", extra={"fields": {"grace_s": handle.settings.grace_s}})
@@ -330,6 +362,208 @@ def start_metrics(port: int, host: str) -> None:
         from prometheus_client import start_http_server
 
         start_http_server(port, addr=host)
+
+
+# --- worker processes ---------------------------------------------------------------
+
+# Set by the supervisor in each worker's environment: "<index>:<count>:<port>:<fd>".
+WORKER_ENV = "RECSYS_WORKER"
+# True in a worker process: serve() reports ready on SERVING instead of on listening.
+_ready_when_serving = False
+
+
+@dataclass(frozen=True)
+class WorkerSlot:
+    """Where one worker process of a multi-process service stands."""
+
+    index: int
+    count: int
+    port: int
+    notify_fd: int
+
+    @classmethod
+    def from_env(cls) -> WorkerSlot | None:
+        """The slot the supervisor gave this process, or None outside a supervisor."""
+        raw = os.environ.get(WORKER_ENV)
+        if not raw:
+            return None
+        try:
+            index, count, port, fd = (int(x) for x in raw.split(":"))
+        except ValueError:
+            raise ValueError(f"{WORKER_ENV}={raw!r}: expected index:count:port:fd") from None
+        return cls(index, count, port, fd)
+
+    def notify_ready(self) -> None:
+        """Tells the supervisor this worker's server has started."""
+        with contextlib.suppress(OSError):
+            os.write(self.notify_fd, f"{self.index} {os.getpid()}\n".encode())
+            os.close(self.notify_fd)
+
+
+@contextlib.contextmanager
+def reserve_port(host: str, port: int):
+    """Binds (without listening) ``host:port`` with SO_REUSEPORT and yields the port.
+
+    Port 0 becomes one free port that every worker then binds; holding the
+    socket open keeps any other program from taking the port meanwhile. A
+    socket that does not listen receives no connections.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+def run_service(
+    server: ServerSettings,
+    serve_one: Callable[[ServerSettings, Callable[[int], None]], None],
+    *,
+    label: str,
+    argv: list[str] | None,
+    port_file: Path | None = None,
+) -> int:
+    """Runs a service as one process, or as ``server.workers`` processes on one port.
+
+    With one worker, ``serve_one`` runs here. With more, this process becomes
+    a supervisor: it reserves the port (a free one when ``port`` is 0),
+    starts ``workers`` copies of the same command line (``recsys`` ``argv``)
+    that each build their own server, event loop, health servicer and
+    version watcher and bind that port with SO_REUSEPORT, writes
+    ``port_file`` once every worker serves, forwards SIGTERM/SIGINT to all
+    of them (each drains as a single process would) and exits when they
+    have. ``port_file`` is written once every worker's health is SERVING
+    (one worker: once it listens, as before). A worker that dies stops the
+    others, so the orchestrator restarts the whole pod rather than run it
+    short-handed. Worker ``i`` serves
+    Prometheus metrics on ``metrics_port + i``.
+
+    Args:
+        server: The service's server settings.
+        serve_one: Runs one server until it is drained; gets the settings to
+            use (port and metrics port filled in) and a callback to call with
+            the bound port once it listens.
+        label: Service name for logs.
+        argv: The ``recsys`` command-line arguments that started this process.
+        port_file: Written with the bound port once serving.
+
+    Returns:
+        The process exit code.
+    """
+    slot = WorkerSlot.from_env()
+    if slot is not None:
+        global _ready_when_serving
+        _ready_when_serving = True
+        die_with_parent()
+        metrics = server.metrics_port + slot.index if server.metrics_port else 0
+        mine = server.model_copy(update={"port": slot.port, "metrics_port": metrics})
+        start_metrics(mine.metrics_port, mine.host)
+        serve_one(mine, lambda _port: slot.notify_ready())
+        return 0
+    if server.workers <= 1:
+        start_metrics(server.metrics_port, server.host)
+
+        def ready(port: int) -> None:
+            if port_file is not None:
+                write_port_file(port_file, port)
+
+        serve_one(server, ready)
+        return 0
+    if argv is None:
+        raise RuntimeError(f"{label}: {server.workers} workers need the command line to re-run")
+    return _supervise(server, label=label, argv=argv, port_file=port_file)
+
+
+def write_port_file(path: Path, port: int) -> None:
+    """Writes the port then renames, so a reader never sees a partial number."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(f"{port}\n")
+    tmp.replace(path)
+
+
+def _supervise(
+    server: ServerSettings, *, label: str, argv: list[str], port_file: Path | None
+) -> int:
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    procs: list[subprocess.Popen] = []
+    code = 0
+    try:
+        with reserve_port(server.host, server.port) as port:
+            read_fd, write_fd = os.pipe()
+            try:
+                for i in range(server.workers):
+                    env = {**os.environ, WORKER_ENV: f"{i}:{server.workers}:{port}:{write_fd}"}
+                    procs.append(
+                        subprocess.Popen(
+                            [sys.executable, "-m", "recsys.cli", *argv],
+                            env=env,
+                            pass_fds=(write_fd,),
+                            preexec_fn=die_with_parent,
+                        )
+                    )
+            finally:
+                os.close(write_fd)
+            log.info(
+                "workers started",
+                extra={"fields": {"service": label, "port": port, "pids": [p.pid for p in procs]}},
+            )
+            ready: set[int] = set()
+            buffer = b""
+            with os.fdopen(read_fd, "rb", buffering=0) as pipe:
+                while len(ready) < len(procs) and not stopping:
+                    if any(p.poll() is not None for p in procs):
+                        break
+                    readable, _, _ = select.select([pipe], [], [], 0.2)
+                    if readable:
+                        chunk = pipe.read(4096)
+                        if not chunk:  # every worker closed its end
+                            break
+                        buffer += chunk
+                        *lines, buffer = buffer.split(b"\n")
+                        ready.update(int(line.split()[0]) for line in lines if line.strip())
+            if len(ready) == len(procs):
+                if port_file is not None:
+                    write_port_file(port_file, port)
+                log.info(
+                    "all workers listening", extra={"fields": {"service": label, "port": port}}
+                )
+                while not stopping and all(p.poll() is None for p in procs):
+                    time.sleep(0.2)
+            if not stopping:
+                code = 1
+                log.error(
+                    "a worker exited; stopping the others", extra={"fields": {"service": label}}
+                )
+            _stop_all(procs, server.grace_s + 5.0)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        _stop_all(procs, 0.0)
+    return code
+
+
+def _stop_all(procs: list[subprocess.Popen], wait_s: float) -> None:
+    """SIGTERM every live worker, waits up to ``wait_s``, then kills stragglers."""
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + wait_s
+    for p in procs:
+        try:
+            p.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 # --- model versions -----------------------------------------------------------------

@@ -63,6 +63,16 @@ def wait_serving(address: str, service: str, timeout_s: float, proc: subprocess.
     raise UserFacingError(f"{service} at {address} was not SERVING after {timeout_s:.0f}s")
 
 
+def _wait_file(path: Path, timeout_s: float, proc: subprocess.Popen, service: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if proc.poll() is not None:
+            raise UserFacingError(f"{service} exited with code {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise UserFacingError(f"{service} did not report its port after {timeout_s:.0f}s")
+        time.sleep(0.1)
+
+
 @dataclass
 class Stack:
     """Running processes of a local stack; ``stop()`` ends all of them."""
@@ -175,16 +185,22 @@ def start_stack(
         started = []
         for name, service, address, extra in services:
             log = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
+            port_file = logs / f"{name}.port"
+            port_file.unlink(missing_ok=True)
+            cmd = _recsys("serve", name, "--host", "127.0.0.1", *extra)
             proc = subprocess.Popen(
-                _recsys("serve", name, "--host", "127.0.0.1", *extra),
+                [*cmd, "--port-file", str(port_file)],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 preexec_fn=die_with_parent,
             )
             stack.procs.append(proc)
-            started.append((service, address, proc))
-        for service, address, proc in started:
+            started.append((service, address, proc, port_file))
+        for service, address, proc, port_file in started:
+            # With several workers per service the port file appears only once
+            # every worker is SERVING; a health check reaches just one of them.
+            _wait_file(port_file, health_timeout_s, proc, service)
             wait_serving(address, service, health_timeout_s, proc)
         say(f"retrieval SERVING on {stack.retrieval_address}")
         say(f"ranking   SERVING on {stack.ranking_address}")

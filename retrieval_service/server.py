@@ -16,12 +16,12 @@ import asyncio
 import contextlib
 import gc
 import logging
-import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recsys.config import ConfigError, RecsysSettings
+from recsys.config import ConfigError, RecsysSettings, ServerSettings
 from recsys.errors import UserFacingError
 from recsys.experiments import Experiment, source_entries
 from recsys.serving import (
@@ -30,8 +30,8 @@ from recsys.serving import (
     async_redis,
     configure_logging,
     create_server,
+    run_service,
     serve,
-    start_metrics,
 )
 from recsys.tracing import Tracing
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
@@ -170,23 +170,15 @@ def build_server(
     return handle, app
 
 
-def _write_port_file(path: Path, port: int) -> None:
-    # Write-then-rename so a reader polling the file never sees it half written.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(f"{port}\n")
-    tmp.replace(path)
-
-
-async def _main(settings: RecsysSettings, port_file: Path | None) -> None:
+async def _main(settings: RecsysSettings, ready: Callable[[int], None] | None = None) -> None:
     handle, app = build_server(settings)
     await handle.set_serving(False)
-
-    def ready(h: ServerHandle) -> None:
-        if port_file is not None:
-            _write_port_file(port_file, h.port)
-
     try:
-        await serve(handle, background=[app.run()], on_ready=ready)
+        await serve(
+            handle,
+            background=[app.run()],
+            on_ready=None if ready is None else (lambda h: ready(h.port)),
+        )
     finally:
         await app.close()
         app.engine.tracing.shutdown()  # flushes spans still queued for export
@@ -196,7 +188,7 @@ def cli_serve(args: argparse.Namespace, settings: RecsysSettings) -> int:
     """``recsys serve retrieval``: runs until SIGTERM/SIGINT, then drains."""
     update = {
         key: getattr(args, key)
-        for key in ("host", "port", "metrics_port")
+        for key in ("host", "port", "metrics_port", "workers")
         if getattr(args, key, None) is not None
     }
     if update:
@@ -204,9 +196,18 @@ def cli_serve(args: argparse.Namespace, settings: RecsysSettings) -> int:
             update={"retrieval": settings.retrieval.model_copy(update=update)}
         )
     configure_logging(settings)
-    start_metrics(settings.retrieval.metrics_port, settings.retrieval.host)
+
+    def serve_one(server: ServerSettings, ready: Callable[[int], None]) -> None:
+        mine = settings.model_copy(update={"retrieval": server})
+        asyncio.run(_main(mine, ready))
+
     try:
-        asyncio.run(_main(settings, getattr(args, "port_file", None)))
+        return run_service(
+            settings.retrieval,
+            serve_one,
+            label="retrieval",
+            argv=getattr(args, "argv", None),
+            port_file=getattr(args, "port_file", None),
+        )
     except SourceConfigError as exc:
         raise UserFacingError(str(exc)) from exc
-    return 0

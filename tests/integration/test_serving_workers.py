@@ -1,0 +1,141 @@
+"""Multi-process serving: ``--workers 2`` shares one port, both workers answer, SIGTERM stops all."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from recsys.serving import reserve_port
+from recsys.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
+from retrieval_service.server import SERVICE_NAME
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(x) for x in text.split()]
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    found = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            found.add(target[8:-1])
+    return found
+
+
+def _established_server_inodes(port: int) -> set[str]:
+    """Inodes of accepted connections on ``port`` (server side, ESTABLISHED)."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            local_port = int(cols[1].rsplit(":", 1)[1], 16)
+            if local_port == port and cols[3] == "01":
+                found.add(cols[9])
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_reserve_port_shares_a_free_port():
+    with reserve_port("127.0.0.1", 0) as port:
+        assert port > 0
+        other = socket.socket()
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", port))  # a worker can bind it too
+        other.listen()
+        other.close()
+        plain = socket.socket()  # but a program without SO_REUSEPORT cannot
+        with pytest.raises(OSError):
+            plain.bind(("127.0.0.1", port))
+        plain.close()
+
+
+def test_two_workers_both_answer_and_sigterm_stops_all(
+    published_version: Path, redis_url: str, tmp_path: Path
+):
+    port_file = tmp_path / "port"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
+    env["RECSYS_RETRIEVAL__WORKERS"] = "2"
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "recsys.cli", "serve", "retrieval",
+            "--model-dir", str(published_version.parent), "--redis-url", redis_url,
+            "--port", "0", "--metrics-port", "0", "--port-file", str(port_file),
+        ],
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    workers: list[int] = []
+    channels: list[grpc.Channel] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not port_file.exists():
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "no port file"
+            time.sleep(0.05)
+        port = int(port_file.read_text())
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        # Each channel gets its own connection, which the kernel hands to one
+        # of the listening workers; 24 of them all landing on one is ~1e-7.
+        for _ in range(24):
+            ch = grpc.insecure_channel(
+                f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
+            )
+            channels.append(ch)
+            health = health_pb2_grpc.HealthStub(ch)
+            check = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+            while health.Check(check, timeout=5).status != health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() < deadline, "never SERVING"
+                time.sleep(0.05)
+            res = retrieval_pb2_grpc.RetrievalServiceStub(ch).Retrieve(
+                retrieval_pb2.RetrieveRequest(
+                    user=common_pb2.UserContext(user_id="worker-user"), budget=10
+                ),
+                timeout=5,
+            )
+            assert res.index_version == published_version.name and len(res.candidates) == 10
+        accepted = _established_server_inodes(port)
+        per_worker = {pid: len(_socket_inodes(pid) & accepted) for pid in workers}
+        assert all(n > 0 for n in per_worker.values()), per_worker
+        assert sum(per_worker.values()) == 24, per_worker
+        for ch in channels:
+            ch.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        gone = time.monotonic() + 10
+        while any(_alive(pid) for pid in workers) and time.monotonic() < gone:
+            time.sleep(0.05)
+        assert not any(_alive(pid) for pid in workers), "a worker outlived its supervisor"
+        logs = proc.stderr.read()
+        assert logs.count('"msg": "stopped"') == 2, logs[-2000:]
+    finally:
+        for ch in channels:
+            ch.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in workers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)

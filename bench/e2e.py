@@ -214,10 +214,8 @@ def run(quick: bool = False) -> dict[str, Any]:
             retrieval={"port": 0, "metrics_port": 0},
             ranking={"port": 0, "metrics_port": 0},
         )
-        # The services inherit this environment: serve the version's top lists
-        # from the in-process copy after their first Redis read.
-        os.environ.setdefault(TOP_LIST_CACHE_ENV, "true")
-        out["setup"]["retrieval_top_list_cache"] = os.environ[TOP_LIST_CACHE_ENV]
+        # On by default; an inherited RECSYS_RETRIEVAL__TOP_LIST_CACHE overrides it.
+        out["setup"]["retrieval_top_list_cache"] = os.environ.get(TOP_LIST_CACHE_ENV, "default")
         out["setup"]["workers_compared"] = list(WORKERS)
         users, _items, version = known_ids(model_dir)
         out["setup"]["model_version"] = version

@@ -107,7 +107,7 @@ class RetrievalSettings(ServerSettings):
         description="Candidate sources, each {name, type, budget, weight, timeout_ms, ...}.",
     )
     top_list_cache: bool = Field(
-        False,
+        True,
         description="Keep the served version's top lists in process after their first Redis "
         "read (they never change within a version), saving the second round trip.",
     )

@@ -46,7 +46,8 @@ async def engine(published: Path, redis_server):
         cls = load_source_class(available_sources()[kind])
         entries.append(cls.config_model(name=f"src_{kind}", type=kind, budget=30).model_dump())
     client = aioredis.Redis.from_url(redis_server.url)
-    eng = RetrievalEngine(RetrievalSettings(), build_sources(entries), client)
+    # Off explicitly: tests here count the Redis round trips of the uncached path.
+    eng = RetrievalEngine(RetrievalSettings(top_list_cache=False), build_sources(entries), client)
     eng.swap(await asyncio.to_thread(eng.load_version, published))
     yield eng
     await client.aclose()

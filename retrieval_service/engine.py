@@ -302,9 +302,10 @@ class RetrievalEngine:
                 extra={"fields": {"source": src.name, "user": ctx.user_id, "error": message}},
             )
         elapsed = time.perf_counter() - start
-        metrics.SOURCE_LATENCY.labels(src.name, variant).observe(elapsed)
-        metrics.SOURCE_STATUS.labels(src.name, status.value, variant).inc()
-        metrics.SOURCE_CANDIDATES.labels(src.name, variant).observe(len(cands))
+        latency, counts = metrics.source_children(src.name, variant)
+        latency.observe(elapsed)
+        metrics.source_status(src.name, status.value, variant).inc()
+        counts.observe(len(cands))
         return SourceReport(src.name, status, len(cands), elapsed * 1e3, message), cands
 
     async def retrieve(self, q: RetrieveQuery, *, timeout_s: float | None = None) -> RetrieveResult:

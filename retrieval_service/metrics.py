@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from prometheus_client import Counter, Histogram
 
 _FAST = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -39,3 +42,20 @@ RETURNED = Histogram(
     "Candidates returned per Retrieve call.",
     buckets=(0, 10, 50, 100, 200, 500, 1000, 2000, 5000),
 )
+
+
+@functools.cache
+def source_children(source: str, variant: str) -> tuple[Any, Any]:
+    """(latency, candidates) histogram children of one source and variant.
+
+    ``labels()`` hashes the values and takes a lock on every call; label
+    values here come from config (source names, variants), so the set is
+    bounded and each child is looked up once per process.
+    """
+    return SOURCE_LATENCY.labels(source, variant), SOURCE_CANDIDATES.labels(source, variant)
+
+
+@functools.cache
+def source_status(source: str, status: str, variant: str) -> Any:
+    """The status counter child of one source, status and variant (cached, see above)."""
+    return SOURCE_STATUS.labels(source, status, variant)

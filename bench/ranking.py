@@ -219,6 +219,10 @@ def _scrape_batch_sizes(metrics_port: int) -> dict[str, float]:
     return {"batches": count, "mean_batch_size": total / count if count else 0.0}
 
 
+# Server processes compared for Rank; the figures and targets below are the one-process run's.
+RANK_WORKERS = (1, 2)
+
+
 def rpc_load(version: Path, quick: bool) -> dict[str, Any]:
     from bench.echo import EchoProcess
     from ranking_service.testing import wait_serving
@@ -238,31 +242,53 @@ def rpc_load(version: Path, quick: bool) -> dict[str, Any]:
         )  # fmt: skip
 
     out: dict[str, Any] = {}
+    by_workers: dict[int, Any] = {}
     with EmbeddedRedis() as redis, tempfile.TemporaryDirectory() as tmp:
-        port_file = Path(tmp) / "port"
-        metrics_port = free_port()
-        env = {**os.environ, "RECSYS_REDIS_URL": redis.url, "RECSYS_LOG_LEVEL": "WARNING"}
-        cmd = [
-            sys.executable, "-m", "recsys.cli", "serve", "ranking", "--model-dir",
-            str(version.parent), "--host", "127.0.0.1", "--port", "0", "--metrics-port",
-            str(metrics_port), "--port-file", str(port_file),
-        ]  # fmt: skip
-        proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
-        try:
-            deadline = time.monotonic() + 180
-            while not port_file.is_file():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("ranking server did not start")
-                time.sleep(0.1)
-            address = f"127.0.0.1:{int(port_file.read_text())}"
-            asyncio.run(wait_serving(address, timeout_s=180))
-            rank = asyncio.run(run_load(config(address)))
-            out["batching_under_load"] = _scrape_batch_sizes(metrics_port)
-        finally:
-            proc.terminate()
-            proc.wait(30)
+        # One server process, then RANK_WORKERS on one port (recsys.serving.run_service).
+        for workers in RANK_WORKERS:
+            port_file = Path(tmp) / f"port-{workers}"
+            # Worker i serves metrics on metrics_port + i.
+            metrics_port = free_port()
+            env = {**os.environ, "RECSYS_REDIS_URL": redis.url, "RECSYS_LOG_LEVEL": "WARNING"}
+            cmd = [
+                sys.executable, "-m", "recsys.cli", "serve", "ranking", "--model-dir",
+                str(version.parent), "--host", "127.0.0.1", "--port", "0", "--metrics-port",
+                str(metrics_port), "--port-file", str(port_file), "--workers", str(workers),
+            ]  # fmt: skip
+            proc = subprocess.Popen(cmd, env=env, stderr=subprocess.DEVNULL)
+            try:
+                deadline = time.monotonic() + 180
+                while not port_file.is_file():
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise RuntimeError("ranking server did not start")
+                    time.sleep(0.1)
+                address = f"127.0.0.1:{int(port_file.read_text())}"
+                asyncio.run(wait_serving(address, timeout_s=180))
+                by_workers[workers] = asyncio.run(run_load(config(address)))
+                if workers == 1:
+                    out["batching_under_load"] = _scrape_batch_sizes(metrics_port)
+            finally:
+                proc.terminate()
+                proc.wait(30)
     with EchoProcess() as echo:
         base = asyncio.run(run_load(config(echo.address)))
+    out["by_workers"] = {
+        str(w): {
+            "rank_qps": r.ok_qps,
+            "rank_p50_ms": r.latency.p50_ms,
+            "rank_p99_ms": r.latency.p99_ms,
+            "rank_errors": r.error_count,
+            "rank_vs_echo": r.ok_qps / base.ok_qps if base.ok_qps else float("nan"),
+        }
+        for w, r in by_workers.items()
+    }
+    for w, r in by_workers.items():
+        print(
+            f"Rank with {w} server process(es): {r.ok_qps:.0f} req/s, p99 "
+            f"{r.latency.p99_ms:.1f} ms, {r.error_count} errors",
+            flush=True,
+        )
+    rank = by_workers[1]
     out.update(
         {
             "streams": 64,
@@ -425,6 +451,9 @@ def run(quick: bool = False) -> dict:
             s["b_tf_function_ms"], s["c_tower_once_cached_vectors_ms"], unit="ms/ms (speed-up)"
         ),
         "rank_vs_echo_qps": common.ratio(r["rank_qps"], r["echo_qps"], unit="req/s"),
+        "rank_2_workers_vs_1_qps": common.ratio(
+            r["by_workers"]["2"]["rank_qps"], r["rank_qps"], unit="req/s"
+        ),
         "batching_growth_64_vs_1": common.ratio(
             b["rps_concurrency_64"], b["rps_concurrency_1"], unit="req/s"
         ),

@@ -23,12 +23,26 @@ _PR_SET_PDEATHSIG = 1
 
 
 def die_with_parent() -> None:
-    """Asks Linux to SIGTERM this process when its parent dies (a ``preexec_fn``).
+    """Asks Linux to SIGTERM this process when its parent dies.
 
-    So a killed ``recsys up`` or test run leaves no orphaned servers behind.
+    Call it in the child itself (e.g. first thing in a worker). Never pass it
+    as ``preexec_fn``: Python code between fork and exec in a process with
+    gRPC threads can crash the child; use :func:`die_with_parent_prefix`.
     """
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def die_with_parent_prefix() -> list[str]:
+    """Command prefix that makes a child get SIGTERM when its parent dies.
+
+    ``setpriv --pdeathsig`` (util-linux) sets the signal and execs the real
+    command, so a killed ``recsys up`` or test run leaves no orphaned
+    servers, without running Python in a forked child. Empty where setpriv
+    is missing (the child then simply has no parent-death signal).
+    """
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", "--"] if setpriv else []
 
 
 def free_port() -> int:
@@ -94,6 +108,7 @@ class EmbeddedRedis:
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
         """Starts the server and waits until it answers PING."""
         args = [
+            *die_with_parent_prefix(),
             redis_server_binary(),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
@@ -112,7 +127,6 @@ class EmbeddedRedis:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,
-            preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsys.artifacts import latest_version, open_version
 from recsys.config import RecsysSettings
-from recsys.embedded_redis import EmbeddedRedis, die_with_parent, free_port
+from recsys.embedded_redis import EmbeddedRedis, die_with_parent_prefix, free_port
 from recsys.errors import UserFacingError
 
 
@@ -189,11 +189,10 @@ def start_stack(
             port_file.unlink(missing_ok=True)
             cmd = _recsys("serve", name, "--host", "127.0.0.1", *extra)
             proc = subprocess.Popen(
-                [*cmd, "--port-file", str(port_file)],
+                [*die_with_parent_prefix(), *cmd, "--port-file", str(port_file)],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent,
             )
             stack.procs.append(proc)
             started.append((service, address, proc, port_file))

@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from ranking_service.server import build_server as build_ranking
 from ranking_service.testing import ranking_settings
 from recsys.config import load_settings
-from recsys.embedded_redis import EmbeddedRedis, die_with_parent
+from recsys.embedded_redis import EmbeddedRedis, die_with_parent_prefix
 from retrieval_service.server import build_server as build_retrieval
 
 RETRIEVAL = "recsys.v1.RetrievalService"
@@ -161,11 +161,10 @@ class ServiceProcess:
         cmd = [sys.executable, "-m", "recsys.cli", "serve", name, "--host", "127.0.0.1"]
         cmd += ["--metrics-port", "0", "--port-file", str(self.port_file), *args]
         self.proc = subprocess.Popen(
-            cmd,
+            [*die_with_parent_prefix(), *cmd],
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **env},
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
         )
 
     async def address(self, timeout_s: float = 120.0) -> str:

@@ -19,7 +19,7 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from recsys.embedded_redis import EmbeddedRedis, die_with_parent
+from recsys.embedded_redis import EmbeddedRedis, die_with_parent_prefix
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 
 from .conftest import wait_serving
@@ -39,11 +39,10 @@ def serve(name: str, env: dict[str, str], log: Path, *args: str) -> tuple[subpro
            "--port", "0", "--metrics-port", "0", "--port-file", str(port_file), *args]  # fmt: skip
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            cmd,
+            [*die_with_parent_prefix(), *cmd],
             env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **env},
             stdout=out,
             stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent,
         )
     return proc, port_file
 

@@ -39,6 +39,12 @@ def service_config(*, max_attempts: int = 4, round_robin: bool = True) -> str:
     cfg: dict = {"methodConfig": [method]}
     if round_robin:
         cfg["loadBalancingConfig"] = [{"round_robin": {}}]
+        # Client-side health checking (gRPC A17): each subchannel watches the
+        # backend's grpc.health.v1 status, so a replica that goes NOT_SERVING
+        # (draining on SIGTERM, or still loading a model) gets no new calls
+        # while its in-flight calls finish. Backends without a health service
+        # count as healthy.
+        cfg["healthCheckConfig"] = {"serviceName": ""}
     return json.dumps(cfg)
 
 

@@ -57,6 +57,12 @@ class ServerSettings(_Strict):
         9091, ge=0, le=65535, description="Prometheus /metrics port; 0 disables it."
     )
     grace_s: float = Field(10.0, ge=0, description="Drain time on SIGTERM.")
+    drain_delay_s: float = Field(
+        0.5,
+        ge=0,
+        description="On SIGTERM, keep accepting calls this long after health goes NOT_SERVING "
+        "so health-checking clients move away before the server stops taking calls.",
+    )
     max_concurrent_rpcs: int = Field(
         512, ge=1, description="Above this, new calls fail fast with RESOURCE_EXHAUSTED."
     )

@@ -38,7 +38,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from recsys import redis_keys
 from recsys.artifacts import latest_version, list_versions
 from recsys.config import RecsysSettings, ServerSettings, TLSSettings
-from recsys.embedded_redis import die_with_parent
+from recsys.embedded_redis import die_with_parent, die_with_parent_prefix
 
 log = logging.getLogger("recsys.serving")
 
@@ -350,6 +350,10 @@ async def serve(
     await stop.wait()
     log.info("draining", extra={"fields": {"grace_s": handle.settings.grace_s}})
     await handle.health.enter_graceful_shutdown()
+    # Calls already on the wire when stop() begins can be cancelled by gRPC
+    # (CANCELLED is not retried), so first let clients that watch health see
+    # NOT_SERVING and route elsewhere; this process still serves meanwhile.
+    await asyncio.sleep(handle.settings.drain_delay_s)
     for t in tasks:
         t.cancel()
     await handle.server.stop(handle.settings.grace_s)
@@ -504,10 +508,9 @@ def _supervise(
                     env = {**os.environ, WORKER_ENV: f"{i}:{server.workers}:{port}:{write_fd}"}
                     procs.append(
                         subprocess.Popen(
-                            [sys.executable, "-m", "recsys.cli", *argv],
+                            [*die_with_parent_prefix(), sys.executable, "-m", "recsys.cli", *argv],
                             env=env,
                             pass_fds=(write_fd,),
-                            preexec_fn=die_with_parent,
                         )
                     )
             finally:

@@ -111,6 +111,9 @@ async def test_sigterm_lets_in_flight_calls_finish_and_refuses_new_ones(
     env = {
         **env_for(rel_redis.url, rel_published.parent),
         "RECSYS_RANKING__RETRIEVAL_TIMEOUT_S": "10",
+        # This client does not watch health, so skip the pause that lets
+        # health-watching clients move away; refusal is then immediate.
+        "RECSYS_RANKING__DRAIN_DELAY_S": "0",
     }
     # A slow retrieval that answers with real catalogue ids, so the calls in
     # flight rank what it returns (a fallback would hide an aborted hop).

@@ -1,4 +1,4 @@
-"""Multi-process serving: ``--workers 2`` shares one port, both workers answer, SIGTERM stops all."""
+"""Multi-process serving: ``--workers 2`` share one port, both answer, SIGTERM stops all."""
 
 from __future__ import annotations
 

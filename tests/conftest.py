@@ -103,3 +103,31 @@ def published_version(redis_url: str, trained_version: Path) -> Path:
     finally:
         client.close()
     return trained_version
+
+
+@pytest.fixture(scope="module")
+def published(redis_server, trained_version: Path) -> Path:
+    """``trained_version`` published once per test module into a flushed Redis.
+
+    Cheaper than ``published_version`` for modules whose tests use distinct
+    user ids and so need no flush between tests.
+    """
+    import redis
+
+    from trainer.publish import publish
+
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        client.flushall()
+        publish(trained_version, client, quiet=True)
+    finally:
+        client.close()
+    return trained_version
+
+
+@pytest.fixture(scope="module")
+def mv(published: Path):
+    """The ``published`` version opened through the verifying reader."""
+    from recsys.artifacts import ModelVersion
+
+    return ModelVersion.open(published)

@@ -27,17 +27,6 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
 @pytest.fixture(scope="module")
-def published(redis_server, trained_version: Path) -> Path:
-    from trainer.publish import publish
-
-    client = redis.Redis.from_url(redis_server.url)
-    client.flushall()
-    publish(trained_version, client, quiet=True)
-    client.close()
-    return trained_version
-
-
-@pytest.fixture(scope="module")
 def users(published: Path) -> list[str]:
     return [str(u) for u in ModelVersion.open(published).users["user_id"][:12]]
 

@@ -97,23 +97,6 @@ class Running:
         await self.app.stop(0)
 
 
-@pytest.fixture(scope="module")
-def published(redis_server, trained_version: Path) -> Path:
-    """The trained version published once for this module (tests use distinct user ids)."""
-    from trainer.publish import publish
-
-    client = redis.Redis.from_url(redis_server.url)
-    client.flushall()
-    publish(trained_version, client, quiet=True)
-    client.close()
-    return trained_version
-
-
-@pytest.fixture(scope="module")
-def mv(published: Path) -> ModelVersion:
-    return ModelVersion.open(published)
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def server(published: Path, redis_server):
     settings = settings_for(published.parent, redis_server.url)

@@ -23,22 +23,6 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 SOURCE_TYPES = sorted(available_sources())
 
 
-@pytest.fixture(scope="module")
-def published(redis_server, trained_version: Path) -> Path:
-    from trainer.publish import publish
-
-    client = redis.Redis.from_url(redis_server.url)
-    client.flushall()
-    publish(trained_version, client, quiet=True)
-    client.close()
-    return trained_version
-
-
-@pytest.fixture(scope="module")
-def mv(published: Path) -> ModelVersion:
-    return ModelVersion.open(published)
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="session")
 async def engine(published: Path, redis_server):
     entries = []

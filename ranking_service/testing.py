@@ -8,7 +8,6 @@ is tested against versions the trainer produced.
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 
 import numpy as np
@@ -213,22 +212,9 @@ class Reference:
 
 async def wait_serving(address: str, timeout_s: float = 60.0) -> None:
     """Waits until the ranking service at ``address`` reports SERVING."""
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from recsys.channels import wait_serving as wait_for
 
-    async with grpc.aio.insecure_channel(address) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        deadline = asyncio.get_running_loop().time() + timeout_s
-        while True:
-            try:
-                r = await stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=1)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            if asyncio.get_running_loop().time() > deadline:
-                raise TimeoutError(f"{address} not SERVING after {timeout_s} s")
-            await asyncio.sleep(0.05)
+    await wait_for(address, SERVICE, timeout_s=timeout_s)
 
 
 async def health(address: str) -> int:

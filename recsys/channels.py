@@ -11,7 +11,9 @@ round-robin gives one subchannel per pod.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 import grpc
 
@@ -92,3 +94,33 @@ def create_channel(
     if secure:
         return mod.secure_channel(target, channel_credentials(tls), options=options)
     return mod.insecure_channel(target, options=options)
+
+
+async def wait_serving(
+    address: str, service: str, *, tls: TLSSettings | None = None, timeout_s: float = 60.0
+) -> None:
+    """Polls ``grpc.health.v1.Health/Check`` until ``service`` at ``address`` is SERVING.
+
+    Tolerates a server that is not listening yet; every call carries a
+    deadline, so a lost call is retried rather than awaited forever.
+
+    Raises:
+        TimeoutError: Not SERVING within ``timeout_s``.
+    """
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    # A plain channel: a health-watching one would hold the Check itself back
+    # until the backend is already SERVING.
+    async with create_channel(address, aio=True, tls=tls, round_robin=False) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while True:
+            try:
+                r = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+                if r.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.aio.AioRpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{service} at {address} not SERVING after {timeout_s} s")
+            await asyncio.sleep(0.05)

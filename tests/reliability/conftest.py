@@ -25,6 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ranking_service.server import build_server as build_ranking
 from ranking_service.testing import ranking_settings
+from recsys import channels
 from recsys.config import load_settings
 from recsys.embedded_redis import EmbeddedRedis, die_with_parent_prefix
 from retrieval_service.server import build_server as build_retrieval
@@ -73,14 +74,7 @@ async def health_status(address: str, service: str, timeout: float = 2.0) -> int
 
 async def wait_serving(address: str, service: str, timeout_s: float = 60.0) -> None:
     """Polls health until SERVING (tolerating a server that is not listening yet)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            if await health_status(address, service, 1.0) == health_pb2.HealthCheckResponse.SERVING:
-                return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{service} at {address} not SERVING after {timeout_s} s")
-        await asyncio.sleep(0.05)
+    await channels.wait_serving(address, service, timeout_s=timeout_s)
 
 
 @dataclass

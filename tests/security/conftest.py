@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import ipaddress
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from recsys.channels import create_channel
+from recsys import channels
 from recsys.config import TLSSettings
 
 
@@ -104,16 +100,4 @@ async def wait_serving(
     address: str, service: str, tls: TLSSettings | None = None, timeout_s: float = 60.0
 ) -> None:
     """Polls ``Health/Check`` (over TLS when given) until SERVING."""
-    deadline = time.monotonic() + timeout_s
-    async with create_channel(address, aio=True, tls=tls) as ch:
-        stub = health_pb2_grpc.HealthStub(ch)
-        while True:
-            try:
-                r = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.aio.AioRpcError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{service} at {address} not SERVING after {timeout_s} s")
-            await asyncio.sleep(0.05)
+    await channels.wait_serving(address, service, tls=tls, timeout_s=timeout_s)

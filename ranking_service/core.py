@@ -144,7 +144,7 @@ class Ranker:
         """Answers a Rank request."""
         variant = self.variant_for(query.user)
         model = self.require_model(variant)
-        rows = model.index.lookup(query.candidates)
+        rows = query.rows(model.index)
         out = await self._rank_rows(
             model, query.user, rows, query.k, query.include_watched, variant=variant.name
         )

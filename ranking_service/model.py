@@ -124,7 +124,7 @@ class LoadedModel:
         start = time.perf_counter()
         mv = ModelVersion.open(path)
         signature = _serving_signature(mv)
-        index = IdIndex(mv.item_ids)
+        index = IdIndex(mv.item_ids, mv.item_index)
         if device == "gpu":
             vectors: HostVectors | TensorVectors = TensorVectors(mv.item_vectors, "/GPU:0")
         else:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ranking_service.catalogue import IdIndex
 from ranking_service.users import UserQuery
 from recsys.config import RankingSettings
 
@@ -22,13 +23,33 @@ class InvalidArgument(ValueError):
 
 @dataclass
 class RankQuery:
-    """A validated Rank request."""
+    """A validated Rank request.
+
+    The candidate ids stay in the request's own ``repeated string`` field
+    until :meth:`rows` maps them: materialising 1,000 strings into a list or
+    a numpy array first would cost more than the lookup itself.
+    """
 
     user: UserQuery
-    candidates: np.ndarray  # unicode item ids, request order
+    candidates: Sequence[str]  # item ids, request order (the protobuf field)
     k: int
     include_watched: bool
     debug: bool
+    max_id_bytes: int = 128
+
+    def rows(self, index: IdIndex) -> np.ndarray:
+        """Catalogue rows of the candidates (-1 = unknown), after checking the unknown ones.
+
+        A known id is well-formed by construction (the catalogue was checked
+        at export), so only misses need the per-id checks: usually none.
+
+        Raises:
+            InvalidArgument: An unknown id is empty, too long or contains NUL.
+        """
+        rows = index.lookup(self.candidates)
+        check_ids_at(self.candidates, np.flatnonzero(rows < 0), "candidate_item_ids",
+                     self.max_id_bytes)  # fmt: skip
+        return rows
 
 
 @dataclass
@@ -52,6 +73,12 @@ def check_id(value: str, field: str, max_bytes: int) -> None:
         raise InvalidArgument(field, f"is {n} bytes long, at most {max_bytes} allowed")
     if "\x00" in value:
         raise InvalidArgument(field, "contains a NUL character")
+
+
+def check_ids_at(ids: Sequence[str], positions: np.ndarray, field: str, max_bytes: int) -> None:
+    """Checks ``ids[i]`` for each ``i`` in ``positions`` (a Python loop over those only)."""
+    for i in positions.tolist():
+        check_id(ids[i], f"{field}[{i}]", max_bytes)
 
 
 def id_array(ids: Sequence[str], field: str, max_bytes: int) -> np.ndarray:
@@ -148,10 +175,11 @@ def parse_rank(request, limits: RankingSettings) -> RankQuery:
     user = parse_user(request.user, limits)
     return RankQuery(
         user=user,
-        candidates=id_array(ids, "candidate_item_ids", limits.max_id_bytes),
+        candidates=ids,
         k=k,
         include_watched=request.include_watched,
         debug=request.debug,
+        max_id_bytes=limits.max_id_bytes,
     )
 
 

@@ -2,11 +2,13 @@ import math
 
 import pytest
 
+from ranking_service.catalogue import IdIndex
 from ranking_service.validation import InvalidArgument, parse_rank, parse_recommend
 from recsys.config import RankingSettings
 from recsys.v1 import common_pb2, ranking_pb2
 
 LIMITS = RankingSettings(max_candidates=5, max_id_bytes=8, default_k=3, max_k=4)
+CATALOGUE = IdIndex(["a", "b", "éé", "東京"])
 
 
 def rank(**kw) -> ranking_pb2.RankRequest:
@@ -28,7 +30,8 @@ def test_a_good_rank_request_parses():
         ),
         LIMITS,
     )
-    assert q.candidates.tolist() == ["a", "é", "b"]
+    assert list(q.candidates) == ["a", "é", "b"]
+    assert q.rows(IdIndex(["b", "a"])).tolist() == [1, -1, 0]
     assert q.k == 3  # 0 means the default
     assert q.user.age == 30 and q.user.country == "eu" and q.user.genre_ratings == {"x": 4.0}
     assert q.user.exclude_item_ids == ["c"]
@@ -71,13 +74,15 @@ def test_a_good_rank_request_parses():
 )
 def test_bad_rank_requests_name_the_field(request_kw, field):
     with pytest.raises(InvalidArgument) as err:
-        parse_rank(rank(**request_kw), LIMITS)
+        # Malformed candidate ids are found when the catalogue does not know them.
+        parse_rank(rank(**request_kw), LIMITS).rows(CATALOGUE)
     assert err.value.field == field
     assert str(err.value).startswith(field + ":")
 
 
 def test_a_multibyte_id_within_the_byte_limit_is_accepted():
-    assert parse_rank(rank(candidate_item_ids=["éé", "東京"]), LIMITS).candidates.size == 2
+    q = parse_rank(rank(candidate_item_ids=["éé", "東京", "zz"]), LIMITS)
+    assert q.rows(CATALOGUE).tolist() == [2, 3, -1]
 
 
 @pytest.mark.parametrize(

@@ -52,3 +52,42 @@ class IdIndex:
         except TypeError:
             return np.fromiter(map(get, ids, repeat(-1)), np.int64)
         return np.fromiter(map(get, ids, repeat(-1)), np.int64, count=count)
+
+
+class RowScratch:
+    """Per-catalogue scratch arrays for O(n) dedup and membership on row ids.
+
+    ``np.unique`` (a sort) and ``np.isin`` (a sort or a table built per call)
+    cost tens of microseconds for 1,000 candidates; writing into a
+    catalogue-sized array and reading it back costs a few. The arrays'
+    contents carry no meaning between calls, so every method writes the
+    cells it reads first. Not thread-safe: one per event loop.
+    """
+
+    def __init__(self, n_items: int):
+        self._pos = np.zeros(max(n_items, 1), np.int64)
+        self._flag = np.zeros(max(n_items, 1), bool)
+
+    def first_occurrences(self, rows: np.ndarray) -> np.ndarray:
+        """``rows`` without repeats, keeping each row's first position (rows must be ≥ 0)."""
+        n = rows.shape[0]
+        if n < 2:
+            return rows
+        pos = np.arange(n)
+        self._pos[rows] = pos
+        # With a repeated row, whichever write landed, the other positions
+        # of that row read back a different index: no repeat, no mismatch.
+        if np.array_equal(self._pos[rows], pos):
+            return rows
+        _, first = np.unique(rows, return_index=True)  # rare: fall back to a sort
+        return rows[np.sort(first)]
+
+    def member_mask(self, rows: np.ndarray, members: np.ndarray) -> np.ndarray:
+        """Boolean mask of ``rows`` that appear in ``members`` (negative members ignored)."""
+        members = members[members >= 0]
+        flag = self._flag
+        flag[members] = True
+        try:
+            return flag[rows]
+        finally:
+            flag[members] = False  # leave the scratch clean for the next call

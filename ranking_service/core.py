@@ -102,13 +102,21 @@ class Ranker:
         self.model: LoadedModel | None = None
 
     @classmethod
-    def with_batcher(cls, *, max_batch_size: int, batch_timeout_ms: float, **kwargs: Any) -> Ranker:
+    def with_batcher(
+        cls,
+        *,
+        max_batch_size: int,
+        batch_timeout_ms: float,
+        inline: bool = False,
+        **kwargs: Any,
+    ) -> Ranker:
         """A ranker with its own micro-batcher from config values."""
         batcher: MicroBatcher[ScoreRequest, ScoreResult] = MicroBatcher(
             score_batch,
             max_batch_size=max_batch_size,
             max_wait_s=batch_timeout_ms / 1000.0,
             on_batch=M.BATCH_SIZE.observe,
+            inline=inline,
         )
         return cls(batcher, **kwargs)
 
@@ -262,9 +270,7 @@ class Ranker:
             M.UNKNOWN_IDS.inc(unknown)
         rows = rows[known]
         # Duplicates would be scored twice and could fill top-k with one item.
-        _, first = np.unique(rows, return_index=True)
-        if first.shape[0] != rows.shape[0]:
-            rows = rows[np.sort(first)]
+        rows = model.scratch.first_occurrences(rows)
         with_watched = read_watched and not include_watched
         tr = self.tracing
         with tr.span("ranking.hydrate") as span:
@@ -278,7 +284,7 @@ class Ranker:
                 drop.extend(stored.watched)
             watched = 0
             if drop and rows.size:
-                mask = np.isin(rows, model.index.lookup(drop))
+                mask = model.scratch.member_mask(rows, model.index.lookup(drop))
                 watched = int(np.count_nonzero(mask))
                 if watched:
                     rows = rows[~mask]

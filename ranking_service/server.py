@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from ranking_service import metrics as M
 from ranking_service.core import Ranker
-from ranking_service.model import Device, LoadedModel, resolve_device
+from ranking_service.model import Device, LoadedModel, TowerRuntime, resolve_device
 from ranking_service.retrieval_client import RetrievalClient
 from ranking_service.servicer import RankingServicer
 from recsys.config import CURRENT_VERSION, RankingSettings, RecsysSettings, ServerSettings
@@ -55,6 +55,7 @@ class RankingServer:
     watcher: VersionWatcher
     device: Device
     redis: Any = None
+    tower_runtime: TowerRuntime = "session"
     _background: asyncio.Task | None = None
     watchers: dict[str, VersionWatcher] = field(default_factory=dict)
 
@@ -75,7 +76,9 @@ class RankingServer:
         """
         model = next((m for m in self.ranker.models.values() if m.name == Path(path).name), None)
         if model is None:  # not loaded for another track already
-            model = await asyncio.to_thread(LoadedModel.load, path, self.device)
+            model = await asyncio.to_thread(
+                LoadedModel.load, path, self.device, runtime=self.tower_runtime
+            )
         self.ranker.swap(model, track)
         log.info(
             "model ready",
@@ -83,6 +86,7 @@ class RankingServer:
                 "fields": {
                     "version": model.name,
                     "device": model.device,
+                    "tower_runtime": model.runtime,
                     "items": len(model.index),
                     "load_s": round(model.load_seconds, 3),
                     "track": track,
@@ -144,6 +148,7 @@ def build_server(settings: RecsysSettings, *, tracing: Tracing | None = None) ->
     ranker = Ranker.with_batcher(
         max_batch_size=cfg.max_batch_size,
         batch_timeout_ms=cfg.batch_timeout_ms,
+        inline=cfg.batch_runner == "loop" or (cfg.batch_runner == "auto" and device == "cpu"),
         redis=redis,
         retrieval=RetrievalClient(cfg),
         experiment=Experiment(settings.experiments),
@@ -157,7 +162,14 @@ def build_server(settings: RecsysSettings, *, tracing: Tracing | None = None) ->
         service_names=[SERVICE_NAME],
         register=lambda s: ranking_pb2_grpc.add_RankingServiceServicer_to_server(servicer, s),
     )
-    srv = RankingServer(handle=handle, ranker=ranker, watcher=None, device=device, redis=redis)  # type: ignore[arg-type]
+    srv = RankingServer(
+        handle=handle,
+        ranker=ranker,
+        watcher=None,  # type: ignore[arg-type]
+        device=device,
+        redis=redis,
+        tower_runtime=cfg.tower_runtime,
+    )
     for track in ranker.experiment.model_tracks():
         current = track == CURRENT_VERSION
 

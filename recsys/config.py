@@ -134,6 +134,17 @@ class RankingSettings(ServerSettings):
     device: Literal["auto", "cpu", "gpu"] = "auto"
     max_batch_size: int = Field(64, ge=1, description="Requests coalesced into one tower call.")
     batch_timeout_ms: float = Field(1.0, ge=0, description="Longest wait to fill a batch.")
+    batch_runner: Literal["auto", "loop", "thread"] = Field(
+        "auto",
+        description="Where a micro-batch is scored: on the event loop (cheapest on a CPU), "
+        "on a worker thread (keeps the loop free while a GPU works), or auto: loop on CPU, "
+        "thread on GPU.",
+    )
+    tower_runtime: Literal["session", "eager"] = Field(
+        "session",
+        description="session: the user tower as a frozen graph run by a TF Session (CPU); "
+        "eager: call the SavedModel signature.",
+    )
     max_candidates: int = Field(10_000, ge=1)
     max_id_bytes: int = Field(256, ge=1)
     default_k: int = Field(20, ge=1)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -336,27 +337,62 @@ def encode_user_state(
     return out
 
 
+@lru_cache(maxsize=32)
+def _state_number_keys(spec: FeatureSpec) -> tuple[tuple[bytes, ...], tuple[str, ...]]:
+    """Numeric hash fields in decode order, as bytes and as str keys."""
+    names = [
+        "n",
+        "nr",
+        "sum",
+        *(f"gw:{g}" for g in spec.genres),
+        *(f"gr:{g}" for g in spec.genres),
+        *(f"gs:{g}" for g in spec.genres),
+    ]
+    return tuple(n.encode() for n in names), tuple(names)
+
+
 def decode_user_state(
     spec: FeatureSpec, fields: Mapping[bytes | str, bytes | str]
 ) -> tuple[UserProfile, UserAggregates] | None:
-    """Inverse of :func:`encode_user_state`; None for an empty hash (unknown user)."""
+    """Inverse of :func:`encode_user_state`; None for an empty hash (unknown user).
+
+    Runs on every request of both services, so the numeric fields are read
+    by a fixed key list and parsed in one numpy conversion instead of being
+    decoded and converted one by one.
+    """
     if not fields:
         return None
-    d = {_s(k): _s(v) for k, v in fields.items()}
-    agg = UserAggregates.empty(spec)
-    agg.watch_count = int(d.get("n", 0))
-    agg.rated_count = int(d.get("nr", 0))
-    agg.rating_sum = float(d.get("sum", 0.0))
-    for i, g in enumerate(spec.genres):
-        agg.genre_watch[i] = int(d.get(f"gw:{g}", 0))
-        agg.genre_rated[i] = int(d.get(f"gr:{g}", 0))
-        agg.genre_sum[i] = float(d.get(f"gs:{g}", 0.0))
-    age = d.get("age")
+    as_bytes = isinstance(next(iter(fields)), bytes)
+    byte_keys, str_keys = _state_number_keys(spec)
+    get = fields.get
+    if as_bytes:
+        raw: list = [get(k, b"0") for k in byte_keys]
+    else:
+        raw = [get(k, "0") for k in str_keys]
+    try:
+        nums = np.array(raw).astype(np.float64)
+    except ValueError as exc:
+        raise ValueError(f"user state hash has a non-numeric aggregate: {exc}") from exc
+    g = len(spec.genres)
+    agg = UserAggregates(
+        watch_count=int(nums[0]),
+        rated_count=int(nums[1]),
+        rating_sum=float(nums[2]),
+        genre_watch=nums[3 : 3 + g].astype(np.int64),
+        genre_rated=nums[3 + g : 3 + 2 * g].astype(np.int64),
+        genre_sum=nums[3 + 2 * g : 3 + 3 * g].copy(),
+    )
+
+    def text(key: str) -> str | None:
+        v = get(key.encode() if as_bytes else key)  # type: ignore[call-overload]
+        return None if v is None else _s(v)
+
+    age = text("age")
     profile = UserProfile(
         age=float(age) if age is not None else None,
-        gender=d.get("gender"),
-        occupation=d.get("occupation"),
-        country=d.get("country"),
+        gender=text("gender"),
+        occupation=text("occupation"),
+        country=text("country"),
     )
     return profile, agg
 

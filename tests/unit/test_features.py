@@ -173,3 +173,8 @@ def test_target_scale_round_trip():
     assert b.to_model(np.array([3.5, 4.0])).tolist() == [0.0, 1.0]
     p = b.from_model(np.array([-1.0, 0.0, 1.0]))
     assert p[0] < 0.5 == p[1] < p[2]
+
+
+def test_a_corrupt_aggregate_is_a_clear_error():
+    with pytest.raises(ValueError, match="non-numeric aggregate"):
+        decode_user_state(SPEC, {b"n": b"three", b"gender": b"F"})

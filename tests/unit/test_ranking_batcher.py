@@ -26,9 +26,10 @@ class Recorder:
         return [("answer", x, len(batch)) for x in batch]
 
 
-async def test_each_caller_gets_its_own_result_under_concurrency():
+@pytest.mark.parametrize("inline", [False, True])
+async def test_each_caller_gets_its_own_result_under_concurrency(inline):
     fn = Recorder(sleep_s=0.002)
-    b = MicroBatcher(fn, max_batch_size=16, max_wait_s=0.002)
+    b = MicroBatcher(fn, max_batch_size=16, max_wait_s=0.002, inline=inline)
     try:
         results = await asyncio.gather(*(b.submit(i) for i in range(200)))
     finally:
@@ -40,9 +41,10 @@ async def test_each_caller_gets_its_own_result_under_concurrency():
     assert len(fn.batches) <= 200 // 4
 
 
-async def test_fills_a_batch_within_the_wait_and_runs_a_lone_request_after_it():
+@pytest.mark.parametrize("inline", [False, True])
+async def test_fills_a_batch_within_the_wait_and_runs_a_lone_request_after_it(inline):
     fn = Recorder()
-    b = MicroBatcher(fn, max_batch_size=8, max_wait_s=0.05)
+    b = MicroBatcher(fn, max_batch_size=8, max_wait_s=0.05, inline=inline)
     try:
         first = asyncio.ensure_future(b.submit("a"))
         await asyncio.sleep(0.005)
@@ -58,9 +60,10 @@ async def test_fills_a_batch_within_the_wait_and_runs_a_lone_request_after_it():
     assert waited >= 0.04  # the lone request waited for company, then ran anyway
 
 
-async def test_full_batch_does_not_wait():
+@pytest.mark.parametrize("inline", [False, True])
+async def test_full_batch_does_not_wait(inline):
     fn = Recorder()
-    b = MicroBatcher(fn, max_batch_size=3, max_wait_s=5.0)
+    b = MicroBatcher(fn, max_batch_size=3, max_wait_s=5.0, inline=inline)
     try:
         t0 = time.monotonic()
         out = await asyncio.wait_for(asyncio.gather(*(b.submit(i) for i in range(3))), 2.0)
@@ -70,10 +73,11 @@ async def test_full_batch_does_not_wait():
     assert [r[2] for r in out] == [3, 3, 3]
 
 
-async def test_batches_grow_while_the_worker_is_busy():
+@pytest.mark.parametrize("inline", [False, True])
+async def test_batches_grow_while_the_worker_is_busy(inline):
     """Throughput grows with concurrency: requests queue while a batch runs."""
     fn = Recorder(sleep_s=0.02)
-    b = MicroBatcher(fn, max_batch_size=64, max_wait_s=0.0)
+    b = MicroBatcher(fn, max_batch_size=64, max_wait_s=0.0, inline=inline)
     try:
         t0 = time.monotonic()
         for _ in range(10):
@@ -89,9 +93,10 @@ async def test_batches_grow_while_the_worker_is_busy():
     assert concurrent / 320 < (serial / 10) / 5
 
 
-async def test_a_failing_batch_fails_its_callers_only():
+@pytest.mark.parametrize("inline", [False, True])
+async def test_a_failing_batch_fails_its_callers_only(inline):
     fn = Recorder(fail_on="bad")
-    b = MicroBatcher(fn, max_batch_size=2, max_wait_s=0.05)
+    b = MicroBatcher(fn, max_batch_size=2, max_wait_s=0.05, inline=inline)
     try:
         r = await asyncio.gather(b.submit("bad"), b.submit("ok1"), return_exceptions=True)
         assert all(isinstance(x, ValueError) for x in r)
@@ -100,9 +105,10 @@ async def test_a_failing_batch_fails_its_callers_only():
         await b.close()
 
 
-async def test_cancelled_callers_cost_no_model_time():
+@pytest.mark.parametrize("inline", [False, True])
+async def test_cancelled_callers_cost_no_model_time(inline):
     fn = Recorder()
-    b = MicroBatcher(fn, max_batch_size=8, max_wait_s=0.05)
+    b = MicroBatcher(fn, max_batch_size=8, max_wait_s=0.05, inline=inline)
     try:
         gone = asyncio.ensure_future(b.submit("gone"))
         await asyncio.sleep(0)
@@ -153,3 +159,29 @@ def test_rejects_bad_settings():
         MicroBatcher(lambda b: b, max_batch_size=0, max_wait_s=0.0)
     with pytest.raises(ValueError, match="max_wait_s"):
         MicroBatcher(lambda b: b, max_batch_size=1, max_wait_s=-1.0)
+
+
+async def test_inline_runs_on_the_loop_thread_and_coalesces_one_loop_turn():
+    fn = Recorder()
+    b = MicroBatcher(fn, max_batch_size=64, max_wait_s=0.0, inline=True)
+    try:
+        # Submitted in one loop turn: one batch even with no wait at all.
+        out = await asyncio.gather(*(b.submit(i) for i in range(10)))
+        alone = await b.submit("x")
+    finally:
+        await b.close()
+    assert [r[2] for r in out] == [10] * 10 and alone == ("answer", "x", 1)
+    assert fn.threads == {threading.current_thread().name}
+
+
+async def test_inline_close_fails_queued_and_later_requests():
+    fn = Recorder()
+    b = MicroBatcher(fn, max_batch_size=8, max_wait_s=5.0, inline=True)
+    queued = asyncio.ensure_future(b.submit(1))
+    await asyncio.sleep(0.01)
+    await b.close()
+    with pytest.raises(BatcherClosed):
+        await queued
+    with pytest.raises(BatcherClosed):
+        await b.submit(2)
+    assert fn.batches == []

@@ -130,3 +130,25 @@ def test_device_resolution():
         assert resolve_device("auto") == "cpu"
         with pytest.raises(UserFacingError, match="no GPU"):
             resolve_device("gpu")
+
+
+def test_the_frozen_session_tower_reproduces_the_signature(model, version_dir):
+    assert model.runtime == "session" and model.session_tower is not None
+    feats = np.random.default_rng(5).normal(0, 2, (33, model.version.spec.n_user_features))
+    feats = feats.astype(np.float32)
+    expected = _user_vectors(version_dir, feats)
+    np.testing.assert_allclose(model.embed(feats), expected, atol=1e-6)
+    # The eager path stays available and agrees.
+    eager = LoadedModel.load(version_dir, "cpu", runtime="eager")
+    assert eager.runtime == "eager" and eager.session_tower is None
+    np.testing.assert_allclose(eager.embed(feats), expected, atol=1e-6)
+
+
+def test_a_frozen_tower_that_disagrees_falls_back_to_eager(version_dir, monkeypatch, caplog):
+    import ranking_service.model as model_module
+
+    # Any real gap exceeds a negative tolerance: the check must reject the freeze.
+    monkeypatch.setattr(model_module, "FROZEN_TOLERANCE", -1.0)
+    loaded = LoadedModel.load(version_dir, "cpu")
+    assert loaded.runtime == "eager" and loaded.session_tower is None
+    assert "calling it eagerly" in caplog.text

@@ -27,7 +27,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -62,6 +62,11 @@ class MicroBatcher(Generic[Req, Res]):
         on_batch: Called on the loop with each batch's size (metrics).
         name: Worker thread name (``inline=False``).
         inline: Run ``fn`` on the event loop rather than on a worker thread.
+        adaptive: (inline) Hold a partial batch only while requests
+            announced with :meth:`expecting` are still on their way, for at
+            most ``max_wait_s``; with none on the way it runs at once, so a
+            lone request pays no batching delay while a busy server still
+            gathers the requests it is hydrating into one batch.
     """
 
     def __init__(
@@ -73,6 +78,7 @@ class MicroBatcher(Generic[Req, Res]):
         on_batch: Callable[[int], None] | None = None,
         name: str = "ranking-batch",
         inline: bool = False,
+        adaptive: bool = False,
     ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
@@ -83,6 +89,8 @@ class MicroBatcher(Generic[Req, Res]):
         self.max_wait_s = max_wait_s
         self.on_batch = on_batch
         self.inline = inline
+        self.adaptive = adaptive and inline
+        self._expected = 0
         self._executor = (
             None if inline else ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         )
@@ -99,6 +107,17 @@ class MicroBatcher(Generic[Req, Res]):
         if self._task is None:
             self._wake = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
+
+    @contextlib.contextmanager
+    def expecting(self) -> Iterator[None]:
+        """Announces a request that will be submitted after the block (while it hydrates)."""
+        self._expected += 1
+        try:
+            yield
+        finally:
+            self._expected -= 1
+            if self.adaptive and self._expected == 0 and self._pending and not self._closed:
+                self._schedule(asyncio.get_running_loop())
 
     async def submit(self, request: Req) -> Res:
         """Queues one request and waits for its own result."""
@@ -121,13 +140,15 @@ class MicroBatcher(Generic[Req, Res]):
         """Arms the one flush callback: now if a batch is full, else when the oldest is due."""
         if not self._pending:
             return
-        full = len(self._pending) >= self.max_batch_size
+        now = len(self._pending) >= self.max_batch_size or (
+            self.adaptive and self._expected == 0
+        )
         if self._timer is not None:
-            if self._immediate or not full:
+            if self._immediate or not now:
                 return  # already armed early enough
             self._timer.cancel()
         due = self._pending[0].enqueued + self.max_wait_s - time.monotonic()
-        self._immediate = full or due <= 0
+        self._immediate = now or due <= 0
         if self._immediate:
             self._timer = loop.call_soon(self._flush_inline)
         else:

@@ -117,6 +117,7 @@ class Ranker:
             max_wait_s=batch_timeout_ms / 1000.0,
             on_batch=M.BATCH_SIZE.observe,
             inline=inline,
+            adaptive=inline,
         )
         return cls(batcher, **kwargs)
 
@@ -273,7 +274,8 @@ class Ranker:
         rows = model.scratch.first_occurrences(rows)
         with_watched = read_watched and not include_watched
         tr = self.tracing
-        with tr.span("ranking.hydrate") as span:
+        # Announced while hydrating, so a batch being gathered waits for this request.
+        with self.batcher.expecting(), tr.span("ranking.hydrate") as span:
             stored, redis_failed = await fetch_user(
                 self.redis, model.version.spec, user.user_id, with_watched=with_watched
             )

@@ -133,7 +133,12 @@ class RankingSettings(ServerSettings):
     retrieval_auth_token: SecretStr | None = None
     device: Literal["auto", "cpu", "gpu"] = "auto"
     max_batch_size: int = Field(64, ge=1, description="Requests coalesced into one tower call.")
-    batch_timeout_ms: float = Field(1.0, ge=0, description="Longest wait to fill a batch.")
+    batch_timeout_ms: float = Field(
+        5.0,
+        ge=0,
+        description="Longest wait to fill a batch; only taken while other requests are "
+        "on their way (a lone request runs at once).",
+    )
     batch_runner: Literal["auto", "loop", "thread"] = Field(
         "auto",
         description="Where a micro-batch is scored: on the event loop (cheapest on a CPU), "

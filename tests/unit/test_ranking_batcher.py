@@ -185,3 +185,46 @@ async def test_inline_close_fails_queued_and_later_requests():
     with pytest.raises(BatcherClosed):
         await b.submit(2)
     assert fn.batches == []
+
+
+async def test_adaptive_runs_a_lone_request_at_once_and_waits_for_announced_ones():
+    fn = Recorder()
+    b = MicroBatcher(fn, max_batch_size=8, max_wait_s=5.0, inline=True, adaptive=True)
+    try:
+        t0 = time.monotonic()
+        assert await b.submit("alone") == ("answer", "alone", 1)
+        assert time.monotonic() - t0 < 1.0  # nothing announced: no 5 s wait
+
+        async def hydrating_then_submit(x, delay):
+            with b.expecting():
+                await asyncio.sleep(delay)
+            return await b.submit(x)
+
+        out = await asyncio.wait_for(
+            asyncio.gather(hydrating_then_submit("a", 0.0), hydrating_then_submit("b", 0.05)),
+            2.0,
+        )
+    finally:
+        await b.close()
+    # "a" was submitted first but waited for the announced "b": one batch of two.
+    assert out == [("answer", "a", 2), ("answer", "b", 2)]
+
+
+async def test_adaptive_stops_waiting_when_an_announced_request_drops_out():
+    fn = Recorder()
+    b = MicroBatcher(fn, max_batch_size=8, max_wait_s=5.0, inline=True, adaptive=True)
+
+    async def drops_out():
+        with b.expecting():
+            await asyncio.sleep(0.05)
+        # e.g. every candidate was filtered: nothing to submit
+
+    try:
+        with b.expecting():
+            pass
+        t0 = time.monotonic()
+        out, _ = await asyncio.wait_for(asyncio.gather(b.submit("x"), drops_out()), 2.0)
+    finally:
+        await b.close()
+    assert out == ("answer", "x", 1)
+    assert time.monotonic() - t0 < 1.0

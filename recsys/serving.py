@@ -28,6 +28,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health as grpc_health
@@ -116,6 +117,8 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         self.max_concurrent = max_concurrent
         self.token = token.encode() if token else None
         self.in_flight = 0
+        # Wrapped handler per method (with the handler it wraps): built once, not per call.
+        self._wrapped: dict[str, tuple[Any, Any]] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -124,7 +127,13 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             return handler
         if handler.unary_unary is None:
             return handler
-        metadata = dict(handler_call_details.invocation_metadata or ())
+        cached = self._wrapped.get(method)
+        if cached is None or cached[0] is not handler.unary_unary:
+            cached = self._wrapped[method] = (handler.unary_unary, self._wrap(method, handler))
+        return cached[1]
+
+    def _wrap(self, method: str, handler):
+        """The guarded version of one unary-unary method handler."""
         inner = handler.unary_unary
         short = method.rsplit("/", 1)[-1]
         # Parsing happens here rather than in gRPC's own deserializer hook, so a
@@ -134,6 +143,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
 
         async def guarded(raw, context: grpc.aio.ServicerContext):
             if self.token is not None:
+                metadata = dict(context.invocation_metadata() or ())
                 sent = str(metadata.get("authorization", "")).encode()
                 if not hmac.compare_digest(sent, b"Bearer " + self.token):
                     RPC_REJECTED.labels(self.service, "unauthenticated").inc()

@@ -1,0 +1,62 @@
+"""GuardInterceptor on a real grpc.aio server: parsing, auth, and one wrapper per method."""
+
+import grpc
+import pytest
+
+from bench.echo import EchoServicer
+from recsys.serving import GuardInterceptor, grpc_options
+from recsys.v1 import ranking_pb2, ranking_pb2_grpc
+
+
+@pytest.fixture
+async def guarded():
+    guard = GuardInterceptor("ranking", max_concurrent=8, token="s3cret")
+    server = grpc.aio.server(interceptors=[guard], options=grpc_options(4 << 20))
+    ranking_pb2_grpc.add_RankingServiceServicer_to_server(EchoServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield guard, channel
+    finally:
+        await channel.close()
+        await server.stop(0)
+
+
+async def test_each_method_is_wrapped_once_and_reused(guarded):
+    guard, channel = guarded
+    stub = ranking_pb2_grpc.RankingServiceStub(channel)
+    auth = (("authorization", "Bearer s3cret"),)
+    request = ranking_pb2.RankRequest(candidate_item_ids=["a"], top_k=1)
+    for _ in range(3):
+        await stub.Rank(request, metadata=auth)
+    await stub.Recommend(ranking_pb2.RecommendRequest(k=1), metadata=auth)
+    assert set(guard._wrapped) == {
+        "/recsys.v1.RankingService/Rank",
+        "/recsys.v1.RankingService/Recommend",
+    }
+    wrapper = guard._wrapped["/recsys.v1.RankingService/Rank"][1]
+    await stub.Rank(request, metadata=auth)
+    assert guard._wrapped["/recsys.v1.RankingService/Rank"][1] is wrapper
+    assert guard.in_flight == 0
+
+
+async def test_token_is_read_per_call_not_from_the_cached_wrapper(guarded):
+    _, channel = guarded
+    stub = ranking_pb2_grpc.RankingServiceStub(channel)
+    request = ranking_pb2.RankRequest(candidate_item_ids=["a"], top_k=1)
+    await stub.Rank(request, metadata=(("authorization", "Bearer s3cret"),))
+    for metadata in ((("authorization", "Bearer wrong"),), None):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Rank(request, metadata=metadata)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    await stub.Rank(request, metadata=(("authorization", "Bearer s3cret"),))
+
+
+async def test_a_corrupt_message_is_invalid_argument(guarded):
+    _, channel = guarded
+    raw = channel.unary_unary("/recsys.v1.RankingService/Rank")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await raw(b"\x12\x05ab", metadata=(("authorization", "Bearer s3cret"),))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed request" in (err.value.details() or "")

@@ -10,6 +10,7 @@ import grpc
 
 from recsys.channels import create_channel
 from recsys.config import RankingSettings
+from recsys.packed import candidates_of
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
 
 # Share of the client's remaining deadline kept back from the retrieval call.
@@ -31,11 +32,22 @@ class RetrievalRejected(Exception):
 
 @dataclass
 class RetrievalAnswer:
-    """Candidates with provenance (``recsys.v1.Candidate``) and per-source reports."""
+    """Candidates with provenance and per-source reports.
+
+    Attributes:
+        candidates: Supports ``len()`` and ``candidates[p]``, which gives an
+            object with ``item_id``, ``sources``, ``score``, ``source_scores``,
+            ``seed_item_id`` and ``genre`` (``recsys.packed.PackedCandidate``,
+            decoded on access, or ``recsys.v1.Candidate`` from an older server).
+        item_ids: Candidate ids in retrieval order (no per-candidate decoding).
+        reports: ``recsys.v1.SourceReport`` per source.
+        index_version: Version that produced the answer.
+    """
 
     candidates: Sequence[Any]
     reports: Sequence[Any]
     index_version: str
+    item_ids: Sequence[str] = ()
 
 
 class RetrievalClient:
@@ -73,8 +85,9 @@ class RetrievalClient:
 
         The deadline is ``min(retrieval_timeout_s, 80% of the time the caller
         has left)``; the rest is kept to rank the popular list if retrieval
-        does not answer. ``source_scores=False`` asks retrieval to leave the
-        per-candidate score maps out (only debug output shows them).
+        does not answer. The answer comes packed (parallel arrays, see
+        :mod:`recsys.packed`). ``source_scores=False`` asks retrieval to leave
+        the per-source scores out (only debug output shows them).
         ``trace_metadata`` (a W3C ``traceparent``) goes out with the call.
 
         Raises:
@@ -91,6 +104,7 @@ class RetrievalClient:
             budget=budget,
             sources=list(sources),
             omit_source_scores=not source_scores,
+            packed=True,
         )
         try:
             metadata = self.metadata
@@ -106,10 +120,15 @@ class RetrievalClient:
             else:
                 reason = f"retrieval unavailable ({code.name})"
             raise RetrievalUnavailable(reason, code.name) from exc
+        try:
+            candidates, item_ids = candidates_of(resp)
+        except ValueError as exc:  # a malformed packed answer: treat as retrieval failing
+            raise RetrievalUnavailable("retrieval sent a malformed answer", "INTERNAL") from exc
         return RetrievalAnswer(
-            candidates=resp.candidates,
+            candidates=candidates,
             reports=resp.source_reports,
             index_version=resp.index_version,
+            item_ids=item_ids,
         )
 
     async def close(self) -> None:

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -33,10 +33,10 @@ from recsys.tracing import NOOP, Tracing
 from recsys.user_store import StoredUser, load_user, record_interaction
 from retrieval_service import metrics
 from retrieval_service.errors import InvalidArgument, NotFound, Unavailable
-from retrieval_service.merge import Lane, MergedCandidate, filter_lists, merge, select
+from retrieval_service.merge import Lane, MergedCandidate, Selection, assemble, filter_blocks
 from retrieval_service.served import Neighbour, ServedVersion, load_served_version
 from retrieval_service.sources.base import (
-    Candidate,
+    CandidateBlock,
     CandidateSource,
     RedisBatch,
     RetrievalContext,
@@ -101,14 +101,40 @@ class SourceReport:
 
 @dataclass
 class RetrieveResult:
-    """Answer of ``Retrieve``."""
+    """Answer of ``Retrieve``.
 
-    candidates: list[MergedCandidate]
+    ``selection`` holds the candidates as arrays (what the servicer packs);
+    ``candidates`` gives the same answer as :class:`MergedCandidate` objects,
+    built on first access.
+    """
+
+    selection: Selection
+    item_ids: Sequence[str]  # the served catalogue the selection's rows index
     reports: list[SourceReport]
     version: str
     degraded: bool
     redis_round_trips: int
     variant: str = ""
+    _merged: list[MergedCandidate] | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def candidates(self) -> list[MergedCandidate]:
+        """The candidates in answer order, with attribution (built once, on demand)."""
+        if self._merged is None:
+            self._merged = self.selection.merged(self.item_ids)
+        return self._merged
+
+
+def _as_block(got: Sequence[Any], k: int, served: ServedVersion) -> CandidateBlock:
+    """A source's answer, cut to ``k``, as a block over ``served``'s catalogue."""
+    if isinstance(got, CandidateBlock) and got.item_ids is served.item_ids:
+        block = got[:k]
+        rows = block.rows
+        if rows.shape[0] and (rows.min() < 0 or rows.max() >= len(served.item_ids)):
+            raise ValueError("returned a CandidateBlock with rows outside the catalogue")
+        return block
+    # A plain list (plugins), or a block over another catalogue: one object per candidate.
+    return CandidateBlock.from_candidates(list(got)[:k], served.item_ids, served.item_index)
 
 
 def _check_id(field_name: str, value: str, limit: int) -> None:
@@ -277,25 +303,24 @@ class RetrievalEngine:
         k: int,
         stop_at: float,
         variant: str = "default",
-    ) -> tuple[SourceReport, list[Candidate]]:
+    ) -> tuple[SourceReport, CandidateBlock | None]:
         start = time.perf_counter()
         limit = min(src.config.timeout_ms / 1000.0, stop_at - time.monotonic())
-        cands: list[Candidate] = []
+        block: CandidateBlock | None = None
+        count = 0
         status, message = SourceStatus.OK, ""
         try:
             if limit <= 0:
                 raise TimeoutError
             async with asyncio.timeout(limit):
                 got = await src.retrieve(ctx, k)
-            cands = list(got)[:k]
-            for c in cands:
-                if not isinstance(c, Candidate) or not isinstance(c.item_id, str):
-                    raise TypeError(f"returned {type(c).__name__}, not Candidate")
+            block = _as_block(got, k, ctx.served)
+            count = min(len(got), k)
         except TimeoutError:
-            status, cands = SourceStatus.TIMEOUT, []
+            status, block = SourceStatus.TIMEOUT, None
             message = f"no answer within {max(limit, 0) * 1e3:.0f} ms"
         except Exception as exc:  # one broken source must not fail the call
-            status, cands = SourceStatus.ERROR, []
+            status, block = SourceStatus.ERROR, None
             message = f"{type(exc).__name__}: {exc}"[:200]
             log.warning(
                 "source failed",
@@ -305,8 +330,8 @@ class RetrievalEngine:
         latency, counts = metrics.source_children(src.name, variant)
         latency.observe(elapsed)
         metrics.source_status(src.name, status.value, variant).inc()
-        counts.observe(len(cands))
-        return SourceReport(src.name, status, len(cands), elapsed * 1e3, message), cands
+        counts.observe(count)
+        return SourceReport(src.name, status, count, elapsed * 1e3, message), block
 
     async def retrieve(self, q: RetrieveQuery, *, timeout_s: float | None = None) -> RetrieveResult:
         """Runs one ``Retrieve``.
@@ -354,46 +379,60 @@ class RetrievalEngine:
             *(run(s, ctx, asks[s.name], stop_at, variant.name) for s in chosen)
         )
         reports = [r for r, _ in runs]
-        ok = {r.source: c for r, c in runs if r.status is SourceStatus.OK}
+        ok = [(src, b) for src, (r, b) in zip(chosen, runs, strict=True) if b is not None]
         if not ok:
             detail = ", ".join(f"{r.source}: {r.status.value} ({r.message})" for r in reports)
             raise Unavailable(f"every candidate source failed: {detail}")
-        with tr.span("retrieval.filter") as span:
-            lists = filter_lists(ok, excluded=excluded, catalogue=served.item_index)
-            if tr.enabled:
-                span.set_attributes(
-                    {
-                        "recsys.candidates_in": sum(len(c) for c in ok.values()),
-                        "recsys.candidates_kept": sum(len(v) for v in lists.values()),
-                        "recsys.excluded": n_excluded,
-                    }
+        blocks = [b for _, b in ok]
+        # One scratch for filter and merge: the excluded set marked by the
+        # filter is read again by the merge's last-resort pad.
+        with served.marks() as marks:
+            with tr.span("retrieval.filter") as span:
+                kept, excluded_mark = filter_blocks(
+                    blocks, served.rows_of(excluded, n_excluded), marks
                 )
-        lanes = [
-            Lane(s.name, s.config.weight, min(s.config.budget, budget), s.config.tier)
-            for s in chosen
-            if s.name in ok
-        ]
-        pad_source = next((s.name for s in chosen if s.config.tier == "popular"), None)
-        pad: Iterator[str] | tuple[()] = ()
-        if pad_source is not None:
-            pad = (i for i, _ in served.popular if i not in excluded and i in served.item_index)
-        with tr.span("retrieval.merge") as span:
-            order = select(lists, lanes, budget, pad)
-            merged = merge(ok, only=set(order))
-            out = []
-            for item in order:
-                m = merged.get(item)
-                if m is None:  # came from the in-memory popular pad
-                    score = served.popular_scores.get(item, 0.0)
-                    m = MergedCandidate(item, [pad_source], {pad_source: score}, score)
-                out.append(m)
-            if tr.enabled:
-                span.set_attributes({"recsys.budget": budget, "recsys.returned": len(out)})
+                if tr.enabled:
+                    span.set_attributes(
+                        {
+                            "recsys.candidates_in": sum(len(b) for b in blocks),
+                            "recsys.candidates_kept": sum(k.shape[0] for k in kept),
+                            "recsys.excluded": n_excluded,
+                        }
+                    )
+            with tr.span("retrieval.merge") as span:
+                lanes = [
+                    Lane(s.name, s.config.weight, min(s.config.budget, budget), s.config.tier)
+                    for s, _ in ok
+                ]
+                pad_source = next((s.name for s in chosen if s.config.tier == "popular"), None)
+                pad = None
+                if pad_source is not None:
+                    pad = (pad_source, served.popular_rows, served.popular_row_scores)
+                selection = assemble(
+                    blocks,
+                    kept,
+                    lanes,
+                    [s.name for s in chosen],
+                    budget,
+                    marks,
+                    excluded=excluded_mark,
+                    pad=pad,
+                )
+                if tr.enabled:
+                    span.set_attributes(
+                        {"recsys.budget": budget, "recsys.returned": len(selection)}
+                    )
         degraded = len(ok) < len(chosen) or ctx.hydrate_error is not None
         metrics.REDIS_ROUND_TRIPS.observe(ctx.redis.round_trips)
-        metrics.RETURNED.observe(len(out))
+        metrics.RETURNED.observe(len(selection))
         return RetrieveResult(
-            out, reports, served.version, degraded, ctx.redis.round_trips, variant.name
+            selection,
+            served.item_ids,
+            reports,
+            served.version,
+            degraded,
+            ctx.redis.round_trips,
+            variant.name,
         )
 
     def _variant(self, q: RetrieveQuery) -> Variant:
@@ -418,7 +457,7 @@ class RetrievalEngine:
 
     async def _traced_source(
         self, src: CandidateSource, ctx: RetrievalContext, k: int, stop_at: float, variant: str
-    ) -> tuple[SourceReport, list[Candidate]]:
+    ) -> tuple[SourceReport, CandidateBlock | None]:
         with self.tracing.span(f"retrieval.source.{src.name}") as span:
             report, cands = await self._run_source(src, ctx, k, stop_at, variant)
             span.set_attributes(

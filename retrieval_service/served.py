@@ -10,13 +10,17 @@ started on the old version keeps a consistent view to the end.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from recsys.artifacts import ArtifactError, ModelVersion
-from retrieval_service.sources.base import TopListCache
+from retrieval_service.sources.base import RowMarks, TopListCache
 
 # Nodes inspected per tree, at least, by SimilarItems (see ServedVersion.similar).
 SIMILAR_MIN_SEARCH = 20
@@ -49,15 +53,55 @@ class ServedVersion:
     popular_scores: dict[str, float] = field(init=False, repr=False)
     # Copies of this version's Redis top lists (used when retrieval.top_list_cache is on).
     top_cache: TopListCache = field(init=False, repr=False)
+    # The popular list as catalogue rows (unknown and repeated ids left out) and scores.
+    popular_rows: np.ndarray = field(init=False, repr=False)
+    popular_row_scores: np.ndarray = field(init=False, repr=False)
+    # Scratch arrays lent to one request at a time (see marks()).
+    _marks: list[RowMarks] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.popular_scores = dict(self.popular)
-        self.top_cache = TopListCache(self.model.version)
+        self.top_cache = TopListCache(self.model.version, index=self.item_index)
+        rows, scores, seen = [], [], set()
+        for item, score in self.popular:
+            row = self.item_index.get(item)
+            if row is not None and row not in seen:
+                seen.add(row)
+                rows.append(row)
+                scores.append(score)
+        self.popular_rows = np.asarray(rows, np.int64)
+        self.popular_row_scores = np.asarray(scores, np.float64)
+        self._marks = []
 
     @property
     def version(self) -> str:
         """The version string (directory name)."""
         return self.model.version
+
+    def rows_of(self, ids: Iterable[str], n: int = -1) -> np.ndarray:
+        """Catalogue rows of ``ids``, ids outside the catalogue left out.
+
+        ``n`` is the number of ids when known (saves growing the array).
+        """
+        rows = np.fromiter(map(self.item_index.get, ids, repeat(-1)), np.int64, n)
+        return rows if not rows.shape[0] or rows.min() >= 0 else rows[rows >= 0]
+
+    @contextmanager
+    def marks(self) -> Iterator[RowMarks]:
+        """Lends a :class:`RowMarks` over this catalogue to one caller.
+
+        Synchronous code between two awaits holds it, so one event loop needs
+        one; a second is made only when another thread holds the first.
+        """
+        pool = self._marks
+        try:
+            marks = pool.pop()  # atomic under the GIL
+        except IndexError:
+            marks = RowMarks(len(self.item_ids))
+        try:
+            yield marks
+        finally:
+            pool.append(marks)
 
     def neighbours_of_row(self, row: int, k: int, search_k: int | None = None) -> list[Neighbour]:
         """The ``k`` nearest items to catalogue row ``row``, itself excluded, best first."""

@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 
 import grpc
+import numpy as np
 from opentelemetry.trace import SpanKind
 
 from recsys.experiments import observe_request
+from recsys.packed import pack
 from recsys.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
 from retrieval_service.engine import (
     RequestFeatures,
@@ -17,6 +19,7 @@ from retrieval_service.engine import (
     SourceStatus,
 )
 from retrieval_service.errors import RetrievalError
+from retrieval_service.merge import Selection
 
 _STATUS = {
     SourceStatus.OK: common_pb2.SOURCE_STATUS_OK,
@@ -48,32 +51,39 @@ def query_from_pb(request: retrieval_pb2.RetrieveRequest) -> RetrieveQuery:
 
 
 def result_to_pb(
-    result: RetrieveResult, variant: str = "", *, scores: bool = True
+    result: RetrieveResult, variant: str = "", *, scores: bool = True, packed: bool = False
 ) -> retrieval_pb2.RetrieveResponse:
     """``RetrieveResponse`` from a domain result.
 
     Args:
         result: The engine's answer.
         variant: Experiment variant that served it.
-        scores: Fill each candidate's ``source_scores`` map (the request's
+        scores: Include the per-source scores (the request's
             ``omit_source_scores`` turns it off).
+        packed: Fill ``packed`` (parallel arrays) instead of one ``Candidate``
+            per item (the request's ``packed``).
     """
     response = retrieval_pb2.RetrieveResponse(
         index_version=result.version, degraded=result.degraded, variant=variant
     )
-    # add() + map update is measurably cheaper than constructing each message
-    # with a map keyword (500 candidates per call).
-    add = response.candidates.add
-    for m in result.candidates:
-        c = add(
-            item_id=m.item_id,
-            sources=m.sources,
-            score=m.score or 0.0,
-            seed_item_id=m.seed_item_id or "",
-            genre=m.genre or "",
+    sel = result.selection
+    ids = result.item_ids
+    item_ids = [ids[r] for r in sel.rows.tolist()]
+    if packed:
+        pack(
+            response.packed,
+            item_ids=item_ids,
+            scores=sel.scores,
+            source_names=sel.source_names,
+            source_mask=sel.source_mask,
+            seeds=sel.seeds,
+            seed_ids=sel.seed_ids,
+            genres=sel.genres,
+            genre_names=sel.genre_names,
+            source_scores=sel.source_scores if scores else None,
         )
-        if scores and m.source_scores:
-            c.source_scores.update(m.source_scores)
+    else:
+        _add_candidates(response, sel, item_ids, scores)
     for r in result.reports:
         response.source_reports.add(
             source=r.source,
@@ -83,6 +93,37 @@ def result_to_pb(
             message=r.message,
         )
     return response
+
+
+def _add_candidates(
+    response: retrieval_pb2.RetrieveResponse, sel: Selection, item_ids: list[str], scores: bool
+) -> None:
+    """The per-candidate form, for clients that do not ask for ``packed``."""
+    names = sel.source_names
+    by_mask: dict[int, list[str]] = {}  # few distinct masks per answer: decode each once
+    seeds, genres = sel.seeds.tolist(), sel.genres.tolist()
+    per_source = sel.source_scores.T.tolist() if scores else None
+    # add() + map update is measurably cheaper than constructing each message
+    # with a map keyword (500 candidates per call).
+    add = response.candidates.add
+    for i, (mask, best) in enumerate(
+        zip(sel.source_mask.tolist(), np.nan_to_num(sel.scores, nan=0.0).tolist(), strict=True)
+    ):
+        srcs = by_mask.get(mask)
+        if srcs is None:
+            srcs = by_mask[mask] = [n for b, n in enumerate(names) if mask >> b & 1]
+        c = add(
+            item_id=item_ids[i],
+            sources=srcs,
+            score=best,
+            seed_item_id=sel.seed_ids[seeds[i]] if seeds[i] >= 0 else "",
+            genre=sel.genre_names[genres[i]] if genres[i] >= 0 else "",
+        )
+        if per_source is not None:
+            row = per_source[i]
+            got = {n: row[b] for b, n in enumerate(names) if mask >> b & 1 and row[b] == row[b]}
+            if got:
+                c.source_scores.update(got)
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: RetrievalError) -> None:
@@ -116,7 +157,12 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
                         "recsys.degraded": result.degraded,
                     }
                 )
-            response = result_to_pb(result, result.variant, scores=not request.omit_source_scores)
+            response = result_to_pb(
+                result,
+                result.variant,
+                scores=not request.omit_source_scores,
+                packed=request.packed,
+            )
         observe_request("retrieval", "Retrieve", result.variant, time.perf_counter() - start)
         return response
 

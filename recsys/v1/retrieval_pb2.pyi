@@ -8,30 +8,62 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RetrieveRequest(_message.Message):
-    __slots__ = ("user", "budget", "sources", "omit_source_scores")
+    __slots__ = ("user", "budget", "sources", "omit_source_scores", "packed")
     USER_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     OMIT_SOURCE_SCORES_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     user: _common_pb2.UserContext
     budget: int
     sources: _containers.RepeatedScalarFieldContainer[str]
     omit_source_scores: bool
-    def __init__(self, user: _Optional[_Union[_common_pb2.UserContext, _Mapping]] = ..., budget: _Optional[int] = ..., sources: _Optional[_Iterable[str]] = ..., omit_source_scores: _Optional[bool] = ...) -> None: ...
+    packed: bool
+    def __init__(self, user: _Optional[_Union[_common_pb2.UserContext, _Mapping]] = ..., budget: _Optional[int] = ..., sources: _Optional[_Iterable[str]] = ..., omit_source_scores: _Optional[bool] = ..., packed: _Optional[bool] = ...) -> None: ...
+
+class SourceScores(_message.Message):
+    __slots__ = ("scores",)
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, scores: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class PackedCandidates(_message.Message):
+    __slots__ = ("item_ids", "scores", "source_names", "source_mask", "seeds", "seed_index", "genres", "genre_index", "source_scores")
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_NAMES_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_MASK_FIELD_NUMBER: _ClassVar[int]
+    SEEDS_FIELD_NUMBER: _ClassVar[int]
+    SEED_INDEX_FIELD_NUMBER: _ClassVar[int]
+    GENRES_FIELD_NUMBER: _ClassVar[int]
+    GENRE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_SCORES_FIELD_NUMBER: _ClassVar[int]
+    item_ids: _containers.RepeatedScalarFieldContainer[str]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    source_names: _containers.RepeatedScalarFieldContainer[str]
+    source_mask: _containers.RepeatedScalarFieldContainer[int]
+    seeds: _containers.RepeatedScalarFieldContainer[str]
+    seed_index: _containers.RepeatedScalarFieldContainer[int]
+    genres: _containers.RepeatedScalarFieldContainer[str]
+    genre_index: _containers.RepeatedScalarFieldContainer[int]
+    source_scores: _containers.RepeatedCompositeFieldContainer[SourceScores]
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., source_names: _Optional[_Iterable[str]] = ..., source_mask: _Optional[_Iterable[int]] = ..., seeds: _Optional[_Iterable[str]] = ..., seed_index: _Optional[_Iterable[int]] = ..., genres: _Optional[_Iterable[str]] = ..., genre_index: _Optional[_Iterable[int]] = ..., source_scores: _Optional[_Iterable[_Union[SourceScores, _Mapping]]] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
-    __slots__ = ("candidates", "source_reports", "index_version", "degraded", "variant")
+    __slots__ = ("candidates", "source_reports", "index_version", "degraded", "variant", "packed")
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     SOURCE_REPORTS_FIELD_NUMBER: _ClassVar[int]
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     candidates: _containers.RepeatedCompositeFieldContainer[_common_pb2.Candidate]
     source_reports: _containers.RepeatedCompositeFieldContainer[_common_pb2.SourceReport]
     index_version: str
     degraded: bool
     variant: str
-    def __init__(self, candidates: _Optional[_Iterable[_Union[_common_pb2.Candidate, _Mapping]]] = ..., source_reports: _Optional[_Iterable[_Union[_common_pb2.SourceReport, _Mapping]]] = ..., index_version: _Optional[str] = ..., degraded: _Optional[bool] = ..., variant: _Optional[str] = ...) -> None: ...
+    packed: PackedCandidates
+    def __init__(self, candidates: _Optional[_Iterable[_Union[_common_pb2.Candidate, _Mapping]]] = ..., source_reports: _Optional[_Iterable[_Union[_common_pb2.SourceReport, _Mapping]]] = ..., index_version: _Optional[str] = ..., degraded: _Optional[bool] = ..., variant: _Optional[str] = ..., packed: _Optional[_Union[PackedCandidates, _Mapping]] = ...) -> None: ...
 
 class SimilarItemsRequest(_message.Message):
     __slots__ = ("item_id", "k")

@@ -12,10 +12,12 @@ from pydantic import Field
 from retrieval_service.served import ServedVersion, cosine_from_angular
 from retrieval_service.sources.base import (
     Candidate,
+    CandidateBlock,
     RedisUnavailable,
     RetrievalContext,
     SourceBase,
     SourceConfig,
+    round_robin,
 )
 
 
@@ -30,8 +32,9 @@ class AnnoySimilarConfig(SourceConfig):
     hot_items: int = Field(
         2000,
         ge=0,
-        description="Precompute neighbour lists for this many of the most popular items at "
-        "version load (0 turns it off); seeds among them skip the index.",
+        description="Precompute neighbour lists for this many items at version load, the "
+        "most popular first, then the rest of the catalogue in row order (0 turns it off); "
+        "seeds among them skip the index.",
     )
 
 
@@ -59,8 +62,12 @@ class AnnoySimilarSource(SourceBase):
         cfg = self.config
         if cfg.hot_items == 0:
             return None
-        hot = [served.item_index[i] for i, _ in served.popular if i in served.item_index]
-        hot = list(dict.fromkeys(hot))[: cfg.hot_items]
+        hot = served.popular_rows.tolist()[: cfg.hot_items]
+        if len(hot) < cfg.hot_items:
+            # A catalogue of a few thousand items is cheap to precompute entirely.
+            known = set(hot)
+            rest = [r for r in range(len(served.item_ids)) if r not in known]
+            hot.extend(rest[: cfg.hot_items - len(hot)])
         rows = np.full((len(hot), cfg.per_seed), -1, np.int32)
         scores = np.zeros((len(hot), cfg.per_seed), np.float32)
         for slot, row in enumerate(hot):
@@ -70,23 +77,41 @@ class AnnoySimilarSource(SourceBase):
             scores[slot, : len(kept)] = [cosine_from_angular(d) for _, d in kept]
         return HotNeighbours({row: slot for slot, row in enumerate(hot)}, rows, scores)
 
-    def _neighbours(
-        self, served: ServedVersion, hot: HotNeighbours | None, row: int, n: int
-    ) -> tuple[list[int], list[float]]:
-        if hot is not None and n <= hot.rows.shape[1] and row in hot.slot:
-            s = hot.slot[row]
-            rows = hot.rows[s, :n].tolist()
-            scores = hot.scores[s, :n].tolist()
-            if rows and rows[-1] == -1:  # catalogue smaller than per_seed
-                cut = rows.index(-1)
-                rows, scores = rows[:cut], scores[:cut]
-            return rows, scores
+    def _live(self, served: ServedVersion, row: int, n: int) -> tuple[np.ndarray, np.ndarray]:
         # Same query as prepare() (per_seed, not n): Annoy's answer depends on
         # how many neighbours are asked for, and cached and live seeds must agree.
-        per_seed = self.config.per_seed
-        nn, dist = served.annoy.get_nns_by_item(row, per_seed + 1, self.config.search_k, True)
-        kept = [(r, d) for r, d in zip(nn, dist, strict=True) if r != row][:n]
-        return [r for r, _ in kept], [cosine_from_angular(d) for _, d in kept]
+        nn, dist = served.annoy.get_nns_by_item(
+            row, self.config.per_seed + 1, self.config.search_k, True
+        )
+        rows = np.asarray(nn, np.int64)
+        keep = rows != row
+        rows = rows[keep][:n]
+        d = np.asarray(dist, np.float64)[keep][:n]
+        return rows, 1.0 - d * d / 2.0  # cosine_from_angular, vectorised
+
+    def _neighbours(
+        self, served: ServedVersion, hot: HotNeighbours | None, seed_rows: list[int], n: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``[n, len(seeds)]`` neighbour rows (-1 padded) and cosine scores, rank-major."""
+        if hot is not None and n <= hot.rows.shape[1]:
+            slots = [hot.slot.get(r) for r in seed_rows]
+            if None not in slots:  # every seed precomputed: two gathers
+                return hot.rows[slots, :n].T.astype(np.int64), hot.scores[slots, :n].T.astype(
+                    np.float64
+                )
+        else:
+            slots = [None] * len(seed_rows)
+        rows = np.full((n, len(seed_rows)), -1, np.int64)
+        scores = np.zeros((n, len(seed_rows)), np.float64)
+        for col, (row, slot) in enumerate(zip(seed_rows, slots, strict=True)):
+            if slot is not None:
+                rows[:, col] = hot.rows[slot, :n]  # type: ignore[union-attr]
+                scores[:, col] = hot.scores[slot, :n]  # type: ignore[union-attr]
+            else:
+                got, cos = self._live(served, row, n)
+                rows[: got.shape[0], col] = got
+                scores[: got.shape[0], col] = cos
+        return rows, scores
 
     async def retrieve(self, ctx: RetrievalContext, k: int) -> Sequence[Candidate]:
         if ctx.hydrate_error and not ctx.recent_from_request:
@@ -98,18 +123,18 @@ class AnnoySimilarSource(SourceBase):
         seeds = [i for i in ctx.recent if i in index][: self.config.seeds]
         if not seeds or k <= 0:
             return []
-        hot = ctx.state_for(self)
         # Enough per seed that a round-robin over the seeds can reach k.
         n = min(self.config.per_seed, -(-k // len(seeds)) * 2)
-        lists = [(seed, *self._neighbours(served, hot, index[seed], n)) for seed in seeds]
-        ids = served.item_ids
-        seen: set[int] = {index[s] for s in seeds}
-        out: list[Candidate] = []
-        for rank in range(n):
-            for seed, rows, scores in lists:
-                if rank < len(rows) and rows[rank] not in seen:
-                    seen.add(rows[rank])
-                    out.append(Candidate(ids[rows[rank]], scores[rank], seed_item_id=seed))
-                    if len(out) >= k:
-                        return out
-        return out
+        seed_rows = [index[s] for s in seeds]
+        rows, scores = self._neighbours(served, ctx.state_for(self), seed_rows, n)
+        # Newest seed first at each rank; an item near several seeds keeps the
+        # first, and the seeds themselves are never proposed.
+        with served.marks() as marks:
+            take = round_robin(rows, k, marks, exclude=seed_rows)
+        return CandidateBlock(
+            served.item_ids,
+            rows.ravel()[take],
+            scores.ravel()[take],
+            seeds=take % len(seeds),
+            seed_ids=seeds,
+        )

@@ -19,6 +19,12 @@ user from the hydrated :class:`RetrievalContext` (built once per request) and
 read Redis sorted sets through ``ctx.redis.top(...)``, which batches the reads
 of every source of one request into one pipelined round trip. Filtering,
 deduplication, truncation and timeouts belong to the framework.
+
+A source may return a plain list of :class:`Candidate` or a
+:class:`CandidateBlock`: the same answer held as numpy arrays over the served
+catalogue's rows, which still reads as a ``Sequence[Candidate]``. The
+built-in sources return blocks, so the engine merges, filters and
+interleaves their answers without a Python object per candidate.
 """
 
 from __future__ import annotations
@@ -26,12 +32,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
+from itertools import repeat
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, overload, runtime_checkable
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from redis.exceptions import NoScriptError
 
@@ -67,6 +76,244 @@ class Candidate:
     score: float | None = None
     seed_item_id: str | None = None
     genre: str | None = None
+
+
+_NO_NAMES: tuple[str, ...] = ()
+
+
+class CandidateBlock(Sequence[Candidate]):
+    """Candidates as parallel arrays over one served version's catalogue, best first.
+
+    Indexing or iterating yields :class:`Candidate` objects built on access,
+    so a block is a valid answer wherever ``Sequence[Candidate]`` is
+    expected; the engine reads the arrays instead and never builds them.
+
+    Args:
+        item_ids: The served catalogue (``ServedVersion.item_ids``); ``rows`` index it.
+        rows: int64 [n] catalogue rows, each at most once, all ``>= 0``.
+        scores: float64 [n] scores, NaN where there is none; None: no scores at all.
+        seeds: int64 [n] index into ``seed_ids`` (-1: no seed item), or None.
+        seed_ids: The seed item ids ``seeds`` refers to.
+        genres: int64 [n] index into ``genre_names`` (-1: no genre), or None.
+        genre_names: The genres ``genres`` refers to.
+    """
+
+    __slots__ = ("genre_names", "genres", "item_ids", "rows", "scores", "seed_ids", "seeds")
+
+    def __init__(
+        self,
+        item_ids: Sequence[str],
+        rows: np.ndarray,
+        scores: np.ndarray | None = None,
+        *,
+        seeds: np.ndarray | None = None,
+        seed_ids: Sequence[str] = _NO_NAMES,
+        genres: np.ndarray | None = None,
+        genre_names: Sequence[str] = _NO_NAMES,
+    ):
+        self.item_ids = item_ids
+        self.rows = rows
+        self.scores = scores
+        self.seeds = seeds
+        self.seed_ids = seed_ids
+        self.genres = genres
+        self.genre_names = genre_names
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+    @overload
+    def __getitem__(self, i: int) -> Candidate: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> CandidateBlock: ...
+
+    def __getitem__(self, i: int | slice) -> Candidate | CandidateBlock:
+        if isinstance(i, slice):
+            return CandidateBlock(
+                self.item_ids,
+                self.rows[i],
+                None if self.scores is None else self.scores[i],
+                seeds=None if self.seeds is None else self.seeds[i],
+                seed_ids=self.seed_ids,
+                genres=None if self.genres is None else self.genres[i],
+                genre_names=self.genre_names,
+            )
+        row = int(self.rows[i])  # raises IndexError past the end, as a list would
+        score = None if self.scores is None else float(self.scores[i])
+        seed = -1 if self.seeds is None else int(self.seeds[i])
+        genre = -1 if self.genres is None else int(self.genres[i])
+        return Candidate(
+            self.item_ids[row],
+            None if score is None or math.isnan(score) else score,
+            self.seed_ids[seed] if seed >= 0 else None,
+            self.genre_names[genre] if genre >= 0 else None,
+        )
+
+    def __iter__(self) -> Iterator[Candidate]:
+        for i in range(len(self)):
+            yield self[i]
+
+    @classmethod
+    def from_candidates(
+        cls, cands: Sequence[Candidate], item_ids: Sequence[str], index: Mapping[str, int]
+    ) -> CandidateBlock:
+        """The block form of a plain candidate list (a plugin's answer).
+
+        Ids outside the catalogue and repeats of an id (the first proposal
+        wins) are left out, as the engine's filter would drop them anyway.
+
+        Raises:
+            TypeError: An entry is not a :class:`Candidate` with a string id and
+                a numeric score.
+        """
+        rows: list[int] = []
+        scores: list[float] = []
+        seeds: list[int] = []
+        genres: list[int] = []
+        seed_ids: dict[str, int] = {}
+        genre_names: dict[str, int] = {}
+        seen: set[int] = set()
+        get = index.get
+        for c in cands:
+            if not isinstance(c, Candidate) or not isinstance(c.item_id, str):
+                raise TypeError(f"returned {type(c).__name__}, not Candidate")
+            row = get(c.item_id, -1)
+            if row < 0 or row in seen:
+                continue
+            seen.add(row)
+            rows.append(row)
+            score = c.score
+            if score is not None and not isinstance(score, int | float | np.number):
+                raise TypeError(f"score of {c.item_id!r} is {type(score).__name__}, not a number")
+            scores.append(math.nan if score is None else float(score))
+            seeds.append(
+                seed_ids.setdefault(c.seed_item_id, len(seed_ids)) if c.seed_item_id else -1
+            )
+            genres.append(genre_names.setdefault(c.genre, len(genre_names)) if c.genre else -1)
+        return cls(
+            item_ids,
+            np.asarray(rows, np.int64),
+            np.asarray(scores, np.float64),
+            seeds=np.asarray(seeds, np.int64) if seed_ids else None,
+            seed_ids=list(seed_ids),
+            genres=np.asarray(genres, np.int64) if genre_names else None,
+            genre_names=list(genre_names),
+        )
+
+
+@dataclass(frozen=True)
+class TopRows:
+    """A top list as arrays over the served catalogue: ids outside it are left out."""
+
+    rows: np.ndarray  # int64, best first
+    scores: np.ndarray  # float64
+
+
+_EMPTY_ROWS = TopRows(np.zeros(0, np.int64), np.zeros(0, np.float64))
+
+
+def top_rows(entries: Sequence[tuple[str, float]], index: Mapping[str, int]) -> TopRows:
+    """``[(member, score), ...]`` as catalogue rows and scores, unknown members dropped."""
+    if not entries:
+        return _EMPTY_ROWS
+    n = len(entries)
+    members = (m for m, _ in entries)
+    rows = np.fromiter(map(index.get, members, repeat(-1)), np.int64, n)
+    scores = np.fromiter((s for _, s in entries), np.float64, n)
+    known = rows >= 0
+    if not known.all():
+        rows, scores = rows[known], scores[known]
+    return TopRows(rows, scores)
+
+
+class RowMarks:
+    """Scratch arrays over catalogue rows: set operations on rows without sorting.
+
+    numpy's set routines (``unique``, ``isin``) sort, and on the few hundred
+    rows of one request their fixed cost dominates. Here a set of rows is a
+    *stamp* written into a catalogue-sized array (``stamp[rows] = g``), so
+    marking and testing are single fancy-indexing steps. Each marking takes
+    a fresh generation ``g``, so nothing is ever cleared. ``SLOTS`` sets can
+    be live at once (one array each).
+
+    Not thread-safe: :meth:`ServedVersion.marks` lends one to one caller at
+    a time.
+
+    Args:
+        n: Catalogue size.
+    """
+
+    SLOTS = 3
+
+    def __init__(self, n: int):
+        self._stamps = [np.zeros(n, np.int32) for _ in range(self.SLOTS)]
+        self._pos = np.zeros(n, np.int64)
+        self._gen = 0
+
+    def _next(self) -> int:
+        self._gen += 1
+        if self._gen >= 2**31 - 1:  # int32 stamps: start over from clean arrays
+            for st in self._stamps:
+                st.fill(0)
+            self._gen = 1
+        return self._gen
+
+    def mark(self, slot: int, rows: np.ndarray) -> int:
+        """Makes ``rows`` the set in ``slot``; returns its generation for :meth:`has`."""
+        g = self._next()
+        self._stamps[slot][rows] = g
+        return g
+
+    def add(self, slot: int, g: int, rows: np.ndarray) -> None:
+        """Adds ``rows`` to the set of generation ``g`` in ``slot``."""
+        self._stamps[slot][rows] = g
+
+    def has(self, slot: int, g: int, rows: np.ndarray) -> np.ndarray:
+        """Boolean mask: which ``rows`` are in the set of generation ``g`` in ``slot``."""
+        return self._stamps[slot][rows] == g
+
+    def first(self, rows: np.ndarray) -> np.ndarray:
+        """Boolean mask of the first occurrence of each distinct value in ``rows``."""
+        n = rows.shape[0]
+        idx = np.arange(n)
+        pos = self._pos
+        pos[rows] = n
+        np.minimum.at(pos, rows, idx)  # ufunc.at: defined for repeated indices
+        return pos[rows] == idx
+
+    def positions(self, rows: np.ndarray) -> int:
+        """Remembers where each of the distinct ``rows`` is; see :meth:`position`.
+
+        Returns the generation of ``rows`` as a set in slot ``SLOTS - 1``.
+        """
+        self._pos[rows] = np.arange(rows.shape[0])
+        return self.mark(self.SLOTS - 1, rows)
+
+    def position(self, rows: np.ndarray) -> np.ndarray:
+        """Positions, in the last :meth:`positions` call, of ``rows`` that were in it."""
+        return self._pos[rows]
+
+
+def round_robin(
+    rows: np.ndarray, k: int, marks: RowMarks, exclude: Sequence[int] = ()
+) -> np.ndarray:
+    """Round-robin over the columns of a ``[rank, list]`` matrix of rows, each row once.
+
+    Reads rank 0 of every list (in column order), then rank 1, and so on,
+    skipping ``-1`` padding, rows in ``exclude`` and rows already taken.
+
+    Returns:
+        At most ``k`` flat indices into ``rows`` (``index % n_columns`` is the list).
+    """
+    flat = rows.ravel()
+    at = np.flatnonzero(flat >= 0)
+    vals = flat[at]
+    if len(exclude):
+        g = marks.mark(0, np.asarray(exclude, np.int64))
+        keep = ~marks.has(0, g, vals)
+        at, vals = at[keep], vals[keep]
+    return at[marks.first(vals)][:k]
 
 
 class SourceConfig(BaseModel):
@@ -147,12 +394,23 @@ class TopListCache:
             different ``n`` of later requests are served from the copy.
     """
 
-    def __init__(self, version: str, *, max_keys: int = 4096, min_width: int = 1000):
+    def __init__(
+        self,
+        version: str,
+        *,
+        max_keys: int = 4096,
+        min_width: int = 1000,
+        index: Mapping[str, int] | None = None,
+    ):
         self.prefix = redis_keys.version_prefix(version)
         self.max_keys = max_keys
         self.min_width = min_width
+        self.index = index
         # key -> (entries best first, how many were asked for)
         self._lists: dict[str, tuple[list[tuple[str, float]], int]] = {}
+        # key -> the same entries as catalogue rows (-1: unknown id) and scores,
+        # converted once on first use instead of once per request.
+        self._arrays: dict[str, tuple[np.ndarray, np.ndarray, bool]] = {}
 
     def cacheable(self, key: str) -> bool:
         """True for keys of this version's model outputs."""
@@ -172,6 +430,30 @@ class TopListCache:
         if n <= asked or len(entries) < asked:
             return entries[:n]
         return None
+
+    def get_rows(self, key: str, n: int) -> TopRows | None:
+        """The top ``n`` entries of ``key`` as catalogue rows, if the copy covers them.
+
+        Needs the catalogue ``index``; ids outside it are left out.
+        """
+        if self.index is None or self.get(key, n) is None:
+            return None
+        arrays = self._arrays.get(key)
+        if arrays is None or arrays[0].shape[0] != len(self._lists[key][0]):
+            entries = self._lists[key][0]
+            m = len(entries)
+            rows = np.fromiter(
+                map(self.index.get, (e for e, _ in entries), repeat(-1)), np.int64, m
+            )
+            scores = np.fromiter((sc for _, sc in entries), np.float64, m)
+            arrays = (rows, scores, bool((rows >= 0).all()))
+            self._arrays[key] = arrays
+        rows, scores, all_known = arrays
+        rows, scores = rows[:n], scores[:n]
+        if not all_known:
+            known = rows >= 0
+            rows, scores = rows[known], scores[known]
+        return TopRows(rows, scores)
 
     def put(self, key: str, entries: list[tuple[str, float]], asked: int) -> None:
         """Keeps a reply of ``asked`` entries (no-op for other versions' or empty replies)."""
@@ -236,6 +518,43 @@ class RedisBatch:
             if len(self._pending) == 1:
                 loop.call_soon(self._flush)
         return fut
+
+    def top_rows(self, key: str, n: int, index: Mapping[str, int]) -> asyncio.Future[TopRows]:
+        """:meth:`top` as catalogue rows and scores (ids outside ``index`` left out).
+
+        Queued the same way as :meth:`top` (shares its round trip). A range
+        already copied for the served version is answered from arrays
+        converted once per version, so a cached read costs no per-entry work.
+        """
+        loop = asyncio.get_running_loop()
+        cache = self._cache
+        if (
+            self._available
+            and n > 0
+            and cache is not None
+            and cache.index is index
+            and (hit := cache.get_rows(key, n)) is not None
+        ):
+            fut: asyncio.Future[TopRows] = loop.create_future()
+            fut.set_result(hit)
+            return fut
+        inner = self.top(key, n)
+        out: asyncio.Future[TopRows] = loop.create_future()
+
+        def convert(done: asyncio.Future) -> None:
+            if done.cancelled():
+                out.cancel()
+                return
+            exc = done.exception()  # read even when unused: no "never retrieved" warning
+            if out.done():  # the reading source was cancelled
+                return
+            if exc is not None:
+                out.set_exception(exc)
+            else:
+                out.set_result(top_rows(done.result(), index))
+
+        inner.add_done_callback(convert)
+        return out
 
     def _flush(self) -> None:
         batch, self._pending = self._pending, []
@@ -370,3 +689,7 @@ class RetrievalContext:
     def state_for(self, source: CandidateSource) -> Any:
         """What ``source.prepare`` computed for the served version (None if nothing)."""
         return self.served.source_state.get(source.name)
+
+    def top_rows(self, key: str, n: int) -> asyncio.Future[TopRows]:
+        """``ctx.redis.top`` as rows of the served catalogue (see :meth:`RedisBatch.top_rows`)."""
+        return self.redis.top_rows(key, n, self.served.item_index)

@@ -7,20 +7,23 @@ of a request shares one pipelined round trip.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from typing import Literal
 
+import numpy as np
 from pydantic import Field
 
 from recsys import redis_keys
 from retrieval_service.sources.base import (
     Candidate,
+    CandidateBlock,
     RedisUnavailable,
     RetrievalContext,
     SourceBase,
     SourceConfig,
     Tier,
+    TopRows,
+    round_robin,
 )
 
 
@@ -48,20 +51,24 @@ class TopGenreSource(SourceBase):
         per = -(-k // len(genres))
         version = ctx.version_id
         # Issue every read before awaiting any, so they share one pipeline.
-        lists = await asyncio.gather(
-            *(ctx.redis.top(redis_keys.top_genre(version, g), per) for g in genres)
+        pending = [ctx.top_rows(redis_keys.top_genre(version, g), per) for g in genres]
+        lists: list[TopRows] = [await f for f in pending]
+        # Rank-major matrix: row r holds rank r of every genre list (-1: list too short).
+        rows = np.full((per, len(genres)), -1, np.int64)
+        scores = np.zeros((per, len(genres)), np.float64)
+        for g, got in enumerate(lists):
+            m = min(per, got.rows.shape[0])
+            rows[:m, g] = got.rows[:m]
+            scores[:m, g] = got.scores[:m]
+        with ctx.served.marks() as marks:
+            take = round_robin(rows, k, marks)
+        return CandidateBlock(
+            ctx.served.item_ids,
+            rows.ravel()[take],
+            scores.ravel()[take],
+            genres=take % len(genres),
+            genre_names=genres,
         )
-        seen: set[str] = set()
-        out: list[Candidate] = []
-        for rank in range(per):
-            for genre, items in zip(genres, lists, strict=True):
-                if rank < len(items) and items[rank][0] not in seen:
-                    item, score = items[rank]
-                    seen.add(item)
-                    out.append(Candidate(item, score, genre=genre))
-                    if len(out) >= k:
-                        return out
-        return out
 
 
 class TopCountryConfig(SourceConfig):
@@ -83,8 +90,8 @@ class TopCountrySource(SourceBase):
             raise RedisUnavailable(ctx.hydrate_error or "redis unavailable")
         if not ctx.country or k <= 0:
             return []
-        items = await ctx.redis.top(redis_keys.top_country(ctx.version_id, ctx.country), k)
-        return [Candidate(i, s) for i, s in items]
+        got = await ctx.top_rows(redis_keys.top_country(ctx.version_id, ctx.country), k)
+        return CandidateBlock(ctx.served.item_ids, got.rows, got.scores)
 
 
 class PopularConfig(SourceConfig):
@@ -116,12 +123,16 @@ class PopularSource(SourceBase):
     async def retrieve(self, ctx: RetrievalContext, k: int) -> Sequence[Candidate]:
         if k <= 0:
             return []
-        items: list[tuple[str, float]] = []
+        served = ctx.served
         if self.config.from_redis and ctx.redis.available:
             try:
-                items = await ctx.redis.top(redis_keys.top_popular(ctx.version_id), k)
+                got = await ctx.top_rows(redis_keys.top_popular(ctx.version_id), k)
             except RedisUnavailable:
-                items = []
-        if not items:
-            items = ctx.served.popular[:k]
-        return [Candidate(i, s) for i, s in items]
+                pass
+            else:
+                if got.rows.shape[0]:
+                    return CandidateBlock(served.item_ids, got.rows, got.scores)
+        # Precomputed per version: slicing two arrays, no object per candidate.
+        return CandidateBlock(
+            served.item_ids, served.popular_rows[:k], served.popular_row_scores[:k]
+        )

@@ -143,3 +143,57 @@ async def test_omit_source_scores_drops_only_the_maps(published: Path, redis_ser
                 assert list(lean.candidates) == list(full.candidates)
     finally:
         await app.stop(0)
+
+
+async def test_packed_answer_carries_the_same_candidates(published: Path, redis_server, users):
+    from recsys.packed import candidates_of
+    from retrieval_service.server import build_server
+
+    settings = load_settings(
+        model_dir=published.parent,
+        redis_url=redis_server.url,
+        retrieval={
+            "port": 0,
+            "metrics_port": 0,
+            "reload_interval_s": 3600.0,
+            "sources": _sources(),
+        },
+    )
+    handle, app = build_server(settings)
+    await app.start()
+    import grpc
+
+    from recsys.v1 import retrieval_pb2_grpc
+
+    try:
+        while app.engine.served is None:
+            await asyncio.sleep(0.05)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as ch:
+            stub = retrieval_pb2_grpc.RetrievalServiceStub(ch)
+            for u in users[:4]:
+                for omit in (False, True):
+                    ctx = common_pb2.UserContext(user_id=u)
+                    plain = await stub.Retrieve(
+                        retrieval_pb2.RetrieveRequest(user=ctx, budget=150, omit_source_scores=omit)
+                    )
+                    packed = await stub.Retrieve(
+                        retrieval_pb2.RetrieveRequest(
+                            user=ctx, budget=150, omit_source_scores=omit, packed=True
+                        )
+                    )
+                    assert not packed.candidates and packed.HasField("packed")
+                    assert not plain.HasField("packed")
+                    cands, ids = candidates_of(packed)
+                    assert ids == [c.item_id for c in plain.candidates]
+                    assert [c.to_pb() for c in cands] == list(plain.candidates)
+                    assert any(c.seed_item_id for c in plain.candidates)
+                    assert any(c.genre for c in plain.candidates)
+
+                    def outcome(res):
+                        return [(r.source, r.status, r.count) for r in res.source_reports]
+
+                    assert outcome(packed) == outcome(plain)
+                    # The point of packing: fewer bytes for the same answer.
+                    assert packed.ByteSize() < plain.ByteSize()
+    finally:
+        await app.stop(0)

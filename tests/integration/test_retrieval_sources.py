@@ -164,7 +164,9 @@ async def test_precomputed_hot_neighbours_match_the_index(engine, mv: ModelVersi
     cached = AnnoySimilarSource(AnnoySimilarConfig(name="cached", hot_items=len(mv.item_ids)))
     direct = AnnoySimilarSource(AnnoySimilarConfig(name="direct", hot_items=0))
     state = cached.prepare(served)
-    assert state is not None and len(state.slot) == len({i for i, _ in served.popular})
+    assert state is not None and len(state.slot) == len(mv.item_ids)
+    popular = AnnoySimilarSource(AnnoySimilarConfig(name="top3", hot_items=3)).prepare(served)
+    assert popular is not None and list(popular.slot) == served.popular_rows[:3].tolist()
     assert direct.prepare(served) is None
     served.source_state.update(cached=state)
     ctx = await _context(engine, _users(mv)["known"])

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -55,6 +56,8 @@ class MicroBatcher(Generic[Req, Res]):
     Args:
         fn: Takes a list of requests and returns one result per request, in
             order. If it raises, every request of that batch gets the error.
+            With ``inline=True`` it may be a coroutine function: each batch
+            then runs as a task, and the next batch gathers while it awaits.
         max_batch_size: Most requests in one call of ``fn``.
         max_wait_s: Longest time the oldest queued request waits for the
             batch to fill before it is run anyway (0: run whatever is
@@ -62,11 +65,12 @@ class MicroBatcher(Generic[Req, Res]):
         on_batch: Called on the loop with each batch's size (metrics).
         name: Worker thread name (``inline=False``).
         inline: Run ``fn`` on the event loop rather than on a worker thread.
-        adaptive: (inline) Hold a partial batch only while requests
-            announced with :meth:`expecting` are still on their way, for at
-            most ``max_wait_s``; with none on the way it runs at once, so a
-            lone request pays no batching delay while a busy server still
-            gathers the requests it is hydrating into one batch.
+        adaptive: (inline) Hold a partial batch for up to ``max_wait_s``
+            only while it pays off: while another batch is still running
+            (awaiting its I/O), or when the previous batch had more than one
+            request. Otherwise a batch starts at once, so a lone request on a
+            quiet server pays no batching delay, while a busy server keeps
+            gathering full windows of requests per tower call.
     """
 
     def __init__(
@@ -89,8 +93,12 @@ class MicroBatcher(Generic[Req, Res]):
         self.max_wait_s = max_wait_s
         self.on_batch = on_batch
         self.inline = inline
+        self._async_fn = inspect.iscoroutinefunction(fn)
+        if self._async_fn and not inline:
+            raise ValueError("an async batch function needs inline=True")
+        self._batch_tasks: set[asyncio.Task] = set()
         self.adaptive = adaptive and inline
-        self._expected = 0
+        self._last_size = 0
         self._executor = (
             None if inline else ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         )
@@ -107,17 +115,6 @@ class MicroBatcher(Generic[Req, Res]):
         if self._task is None:
             self._wake = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run(), name="micro-batcher")
-
-    @contextlib.contextmanager
-    def expecting(self) -> Iterator[None]:
-        """Announces a request that will be submitted after the block (while it hydrates)."""
-        self._expected += 1
-        try:
-            yield
-        finally:
-            self._expected -= 1
-            if self.adaptive and self._expected == 0 and self._pending and not self._closed:
-                self._schedule(asyncio.get_running_loop())
 
     async def submit(self, request: Req) -> Res:
         """Queues one request and waits for its own result."""
@@ -141,7 +138,10 @@ class MicroBatcher(Generic[Req, Res]):
         if not self._pending:
             return
         now = len(self._pending) >= self.max_batch_size or (
-            self.adaptive and self._expected == 0
+            # Adaptive: wait only when waiting has been paying off (the last
+            # batch had company) or a batch is running (whose arrivals queue
+            # anyway); a lone request on a quiet server runs at once.
+            self.adaptive and not self._batch_tasks and self._last_size <= 1
         )
         if self._timer is not None:
             if self._immediate or not now:
@@ -158,26 +158,62 @@ class MicroBatcher(Generic[Req, Res]):
         self._timer = None
         batch = self._take()
         if batch:
-            self._execute(batch)
+            self._count(batch)
+            if self._async_fn:
+                # The batch awaits I/O (e.g. one Redis read for all its users);
+                # the next batch gathers meanwhile.
+                task = asyncio.get_running_loop().create_task(self._execute_async(batch))
+                self._batch_tasks.add(task)
+                task.add_done_callback(self._batch_done)
+            else:
+                try:
+                    results = self.fn([p.request for p in batch])
+                except Exception as exc:
+                    self._fail(batch, exc)
+                else:
+                    self._deliver(batch, results)
         if self._pending and not self._closed:
             self._schedule(asyncio.get_running_loop())
 
-    def _execute(self, batch: list[_Pending[Req, Res]]) -> None:
+    def _batch_done(self, task: asyncio.Task) -> None:
+        self._batch_tasks.discard(task)
+        # What queued while this batch awaited is the next batch (adaptive).
+        if self._pending and not self._closed:
+            self._schedule(asyncio.get_running_loop())
+
+    async def _execute_async(self, batch: list[_Pending[Req, Res]]) -> None:
+        try:
+            results = await self.fn([p.request for p in batch])  # type: ignore[misc]
+        except asyncio.CancelledError:
+            self._fail(batch, BatcherClosed("the scoring queue is shut down"), quiet=True)
+            raise
+        except Exception as exc:
+            self._fail(batch, exc)
+        else:
+            self._deliver(batch, results)
+
+    def _count(self, batch: list[_Pending[Req, Res]]) -> None:
+        self._last_size = len(batch)
         self.batches += 1
         self.requests += len(batch)
         if self.on_batch is not None:
             self.on_batch(len(batch))
-        try:
-            results = self.fn([p.request for p in batch])
-            if len(results) != len(batch):
-                raise RuntimeError(
+
+    def _fail(self, batch: list[_Pending[Req, Res]], exc: BaseException, quiet: bool = False):
+        if not quiet:
+            log.error("batch of %d failed", len(batch), exc_info=exc)
+        for p in batch:
+            if not p.future.done():
+                p.future.set_exception(exc)
+
+    def _deliver(self, batch: list[_Pending[Req, Res]], results: Sequence[Res]) -> None:
+        if len(results) != len(batch):
+            self._fail(
+                batch,
+                RuntimeError(
                     f"batch function returned {len(results)} results for {len(batch)} requests"
-                )
-        except Exception as exc:
-            log.exception("batch of %d failed", len(batch))
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(exc)
+                ),
+            )
             return
         for p, r in zip(batch, results, strict=True):
             if not p.future.done():
@@ -252,6 +288,10 @@ class MicroBatcher(Generic[Req, Res]):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        for task in list(self._batch_tasks):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -8,8 +8,11 @@ drops unknown and watched items, and hands the rest to the micro-batcher.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,12 +27,13 @@ from ranking_service.retrieval_client import (
     RetrievalClient,
     RetrievalUnavailable,
 )
-from ranking_service.users import UserQuery, fetch_user, resolve_features
+from ranking_service.users import UserQuery, feature_rows, fetch_users, resolve_inputs
 from ranking_service.validation import RankQuery, RecommendQuery
 from recsys.config import CURRENT_VERSION
 from recsys.experiments import Experiment, Variant
 from recsys.explain import Reason, explain, source_kinds
 from recsys.tracing import NOOP, Tracing
+from recsys.user_store import StoredUser
 
 log = logging.getLogger("ranking_service.core")
 
@@ -48,6 +52,24 @@ class RankedItem:
     raw: float
     candidate: Any = None  # recsys.v1.Candidate from retrieval (Recommend only)
     reasons: list[Reason] = field(default_factory=list)  # Recommend only
+
+
+@dataclass
+class RankJob:
+    """One request's share of a micro-batch; the batch fills in the outputs."""
+
+    model: LoadedModel
+    user: UserQuery
+    rows: np.ndarray  # known, deduplicated candidate rows; watched ones removed by the batch
+    k: int
+    with_watched: bool
+    trace: dict[str, Any] | None = None  # stage times (epoch ns) when tracing
+    # Outputs.
+    stored: StoredUser | None = None
+    redis_failed: bool = False
+    watched: int = 0
+    source: str = "default"
+    result: ScoreResult | None = None
 
 
 @dataclass
@@ -81,15 +103,33 @@ class Ranker:
 
     def __init__(
         self,
-        batcher: MicroBatcher[ScoreRequest, ScoreResult],
         *,
+        max_batch_size: int = 64,
+        batch_timeout_ms: float = 5.0,
+        score_in_thread: bool = False,
         redis=None,
         retrieval: RetrievalClient | None = None,
         experiment: Experiment | None = None,
         kinds: dict[str, str] | None = None,
         tracing: Tracing = NOOP,
     ):
-        self.batcher = batcher
+        # One micro-batch = one Redis read for its users, one feature matrix,
+        # one tower call per model version and one gather/dot (_run_jobs).
+        self.batcher: MicroBatcher[RankJob, RankJob] = MicroBatcher(
+            self._run_jobs,
+            max_batch_size=max_batch_size,
+            max_wait_s=batch_timeout_ms / 1000.0,
+            on_batch=M.BATCH_SIZE.observe,
+            inline=True,
+            adaptive=True,
+        )
+        # On a GPU the scoring waits on the device: a worker thread keeps the
+        # loop serving meanwhile. On a CPU it would only add hand-offs.
+        self._executor = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="ranking-score")
+            if score_in_thread
+            else None
+        )
         self.redis = redis
         self.retrieval = retrieval
         self.experiment = experiment or Experiment()
@@ -100,26 +140,6 @@ class Ranker:
         self.models: dict[str, LoadedModel] = {}
         self.default_track = self.experiment.default.model_version
         self.model: LoadedModel | None = None
-
-    @classmethod
-    def with_batcher(
-        cls,
-        *,
-        max_batch_size: int,
-        batch_timeout_ms: float,
-        inline: bool = False,
-        **kwargs: Any,
-    ) -> Ranker:
-        """A ranker with its own micro-batcher from config values."""
-        batcher: MicroBatcher[ScoreRequest, ScoreResult] = MicroBatcher(
-            score_batch,
-            max_batch_size=max_batch_size,
-            max_wait_s=batch_timeout_ms / 1000.0,
-            on_batch=M.BATCH_SIZE.observe,
-            inline=inline,
-            adaptive=inline,
-        )
-        return cls(batcher, **kwargs)
 
     def swap(self, model: LoadedModel, track: str = CURRENT_VERSION) -> None:
         """Makes ``model`` the one of ``track`` with one reference assignment."""
@@ -274,55 +294,46 @@ class Ranker:
         rows = model.scratch.first_occurrences(rows)
         with_watched = read_watched and not include_watched
         tr = self.tracing
-        # Announced while hydrating, so a batch being gathered waits for this request.
-        with self.batcher.expecting(), tr.span("ranking.hydrate") as span:
-            stored, redis_failed = await fetch_user(
-                self.redis, model.version.spec, user.user_id, with_watched=with_watched
-            )
-            if redis_failed:
-                M.REDIS_ERRORS.inc()
-            drop: list[str] = list(user.exclude_item_ids)
-            if stored is not None and with_watched:
-                drop.extend(stored.watched)
-            watched = 0
-            if drop and rows.size:
-                mask = model.scratch.member_mask(rows, model.index.lookup(drop))
-                watched = int(np.count_nonzero(mask))
-                if watched:
-                    rows = rows[~mask]
-                    M.WATCHED_DROPPED.inc(watched)
-            features, source = resolve_features(
-                model.version.spec, stored, user, model.default_features
-            )
-            if tr.enabled:
-                span.set_attributes(
-                    {
-                        "recsys.feature_source": source,
-                        "recsys.unknown_dropped": unknown,
-                        "recsys.watched_dropped": watched,
-                        "recsys.candidates": int(rows.size),
-                        "recsys.redis_failed": redis_failed,
-                    }
-                )
-        M.USER_FEATURES.labels(source, variant).inc()
-        out = RankOutcome(model, [], unknown, watched, source)
+        job = RankJob(model, user, rows, k, with_watched, {} if tr.enabled else None)
+        await self.batcher.submit(job)
+        if job.redis_failed:
+            M.REDIS_ERRORS.inc()
+        if job.watched:
+            M.WATCHED_DROPPED.inc(job.watched)
+        M.USER_FEATURES.labels(job.source, variant).inc()
+        out = RankOutcome(model, [], unknown, job.watched, job.source)
+        stored = job.stored
         out.country = user.country or (
             (stored.profile.country or "") if stored is not None and stored.known else ""
         )
-        if rows.size == 0:
-            return out
-        trace: dict[str, Any] | None = {} if tr.enabled else None
-        res = await self.batcher.submit(ScoreRequest(model, features, rows, k, trace))
+        trace = job.trace
         if trace:
-            # The batch ran on the worker thread; its stage times become spans here.
-            for stage, attrs in (
-                ("user_tower", {"recsys.batch_size": trace["batch_size"]}),
-                ("score", {"recsys.candidates": trace["candidates"],
-                           "recsys.batch_candidates": trace["batch_candidates"]}),
-                ("top_k", {"recsys.k": k, "recsys.returned": int(res.rows.size)}),
-            ):  # fmt: skip
-                start, end = trace[stage]
-                tr.record(f"ranking.{stage}", start, end, attributes=attrs)
+            # The batch ran outside this request's span; its stage times become spans here.
+            tr.record(
+                "ranking.hydrate",
+                *trace["hydrate"],
+                attributes={
+                    "recsys.feature_source": job.source,
+                    "recsys.unknown_dropped": unknown,
+                    "recsys.watched_dropped": job.watched,
+                    "recsys.candidates": int(job.rows.size),
+                    "recsys.redis_failed": job.redis_failed,
+                    "recsys.batch_size": trace["batch_size"],
+                },
+            )
+            if "user_tower" in trace:
+                for stage, attrs in (
+                    ("user_tower", {"recsys.batch_size": trace["batch_size"]}),
+                    ("score", {"recsys.candidates": trace["candidates"],
+                               "recsys.batch_candidates": trace["batch_candidates"]}),
+                    ("top_k", {"recsys.k": k, "recsys.returned": int(job.result.rows.size)
+                               if job.result is not None else 0}),
+                ):  # fmt: skip
+                    start, end = trace[stage]
+                    tr.record(f"ranking.{stage}", start, end, attributes=attrs)
+        res = job.result
+        if res is None:
+            return out
         scores = model.version.target.from_model(res.dots)
         out.items = [
             RankedItem(row=r, item_id=model.item_id(r), score=s, raw=d)
@@ -330,9 +341,62 @@ class Ranker:
         ]
         return out
 
+    async def _run_jobs(self, jobs: list[RankJob]) -> list[RankJob]:
+        """One micro-batch: hydrate every user in one round trip, featurise, score."""
+        traced = any(j.trace is not None for j in jobs)
+        t0 = time.time_ns() if traced else 0
+        got = await fetch_users(
+            self.redis,
+            [(j.model.version.spec, j.user.user_id, j.with_watched) for j in jobs],
+        )
+        inputs = []
+        for j, (stored, failed) in zip(jobs, got, strict=True):
+            j.stored, j.redis_failed = stored, failed
+            drop: list[str] = list(j.user.exclude_item_ids)
+            if stored is not None and j.with_watched:
+                drop.extend(stored.watched)
+            if drop and j.rows.size:
+                mask = j.model.scratch.member_mask(j.rows, j.model.index.lookup(drop))
+                j.watched = int(np.count_nonzero(mask))
+                if j.watched:
+                    j.rows = j.rows[~mask]
+            inputs.append(resolve_inputs(j.model.version.spec, stored, j.user))
+        # One feature matrix per model version in the batch.
+        by_model: dict[int, list[int]] = {}
+        for i, j in enumerate(jobs):
+            by_model.setdefault(id(j.model), []).append(i)
+        requests: list[ScoreRequest] = []
+        owners: list[RankJob] = []
+        for idx in by_model.values():
+            model = jobs[idx[0]].model
+            feats = feature_rows(
+                model.version.spec, [inputs[i] for i in idx], model.default_features
+            )
+            for row, i in enumerate(idx):
+                j = jobs[i]
+                j.source = inputs[i][2] if inputs[i] is not None else "default"
+                if j.rows.size:
+                    requests.append(ScoreRequest(model, feats[row], j.rows, j.k, j.trace))
+                    owners.append(j)
+        t1 = time.time_ns() if traced else 0
+        for j in jobs:
+            if j.trace is not None:
+                j.trace.update(hydrate=(t0, t1), batch_size=len(jobs))
+        if requests:
+            if self._executor is not None:
+                loop = asyncio.get_running_loop()
+                results = await loop.run_in_executor(self._executor, score_batch, requests)
+            else:
+                results = score_batch(requests)
+            for j, r in zip(owners, results, strict=True):
+                j.result = r
+        return jobs
+
     async def close(self) -> None:
         """Stops the batcher and closes clients."""
         await self.batcher.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
         if self.retrieval is not None:
             await self.retrieval.close()
 

@@ -145,10 +145,11 @@ def build_server(settings: RecsysSettings, *, tracing: Tracing | None = None) ->
     M.DEVICE.labels(device).set(1)
     log.info("item vectors placement", extra={"fields": {"device": device}})
     redis = async_redis(settings)
-    ranker = Ranker.with_batcher(
+    ranker = Ranker(
         max_batch_size=cfg.max_batch_size,
         batch_timeout_ms=cfg.batch_timeout_ms,
-        inline=cfg.batch_runner == "loop" or (cfg.batch_runner == "auto" and device == "cpu"),
+        score_in_thread=cfg.batch_runner == "thread"
+        or (cfg.batch_runner == "auto" and device == "gpu"),
         redis=redis,
         retrieval=RetrievalClient(cfg),
         experiment=Experiment(settings.experiments),

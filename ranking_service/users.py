@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,9 +14,10 @@ from recsys.features import (
     UserAggregates,
     UserProfile,
     aggregates_from_genre_ratings,
+    user_feature_matrix,
     user_feature_vector,
 )
-from recsys.user_store import StoredUser, load_user
+from recsys.user_store import StoredUser, UserRead, load_users
 
 log = logging.getLogger("ranking_service.users")
 
@@ -63,42 +65,59 @@ def _log_degraded(exc: Exception) -> None:
         _last_log[0], _last_log[1] = now, 0
 
 
-async def fetch_user(
-    redis, spec: FeatureSpec, user_id: str, *, with_watched: bool
-) -> tuple[StoredUser | None, bool]:
-    """Reads a user's stored state in one round trip; ``(None, True)`` when Redis failed.
+async def fetch_users(
+    redis, spec_and_ids: Sequence[tuple[FeatureSpec, str, bool] | None]
+) -> list[tuple[StoredUser | None, bool]]:
+    """Reads several users' stored state in one round trip (a micro-batch's users).
 
-    Redis being down must not fail a request: the caller ranks with the
-    request's inline features or the defaults instead.
+    Args:
+        redis: ``redis.asyncio`` client, or None (nothing is read).
+        spec_and_ids: Per request ``(spec, user_id, with_watched)``, or None
+            for a request without a user id.
+
+    Returns:
+        Per request ``(stored, redis_failed)``; ``(None, True)`` when Redis
+        failed for it. Redis being down must not fail a request: the caller
+        ranks with the request's inline features or the defaults instead.
     """
-    if redis is None or not user_id:
-        return None, False
+    out: list[tuple[StoredUser | None, bool]] = [(None, False)] * len(spec_and_ids)
+    if redis is None:
+        return out
+    wanted = [i for i, r in enumerate(spec_and_ids) if r is not None and r[1]]
+    if not wanted:
+        return out
+    reads = []
+    for i in wanted:
+        spec, user_id, with_watched = spec_and_ids[i]  # type: ignore[misc]
+        reads.append(UserRead(spec, user_id, recent_n=1, with_watched=with_watched))
     try:
-        return await load_user(redis, spec, user_id, recent_n=1, with_watched=with_watched), False
+        got = await load_users(redis, reads)
     except Exception as exc:  # redis.RedisError, OSError, timeouts: all degrade the same way
         _log_degraded(exc)
-        return None, True
+        for i in wanted:
+            out[i] = (None, True)
+        return out
+    for i, stored in zip(wanted, got, strict=True):
+        if isinstance(stored, Exception):
+            _log_degraded(stored)
+            out[i] = (None, True)
+        else:
+            out[i] = (stored, False)
+    return out
 
 
-def resolve_features(
-    spec: FeatureSpec,
-    stored: StoredUser | None,
-    query: UserQuery,
-    default: np.ndarray,
-) -> tuple[np.ndarray, str]:
-    """Feature vector for the request and where it came from.
+def resolve_inputs(
+    spec: FeatureSpec, stored: StoredUser | None, query: UserQuery
+) -> tuple[UserProfile, UserAggregates, str] | None:
+    """The profile and aggregates to featurise and where they came from; None: use defaults.
 
     Stored profile fields are overridden by the request's where the request
     sets them. Stored aggregates win over the request's genre ratings: those
     describe a user with no history (the proto's cold-start contract).
-
-    Returns:
-        ``(float32 [F_user], source)`` with source ``stored``, ``inline`` or
-        ``default``.
     """
     known = stored is not None and stored.known
     if not known and not query.has_inline:
-        return default, "default"
+        return None
     base = stored.profile if known and stored is not None else UserProfile()
     profile = UserProfile(
         age=query.age if query.age is not None else base.age,
@@ -113,4 +132,55 @@ def resolve_features(
         source = "inline"
     if agg is None:
         agg = UserAggregates.empty(spec)
+    return profile, agg, source
+
+
+def feature_rows(
+    spec: FeatureSpec,
+    inputs: Sequence[tuple[UserProfile, UserAggregates, str] | None],
+    default: np.ndarray,
+) -> np.ndarray:
+    """float32 ``[n, F_user]``: one :func:`user_feature_matrix` call for every resolved user.
+
+    Rows whose input is None get ``default``.
+    """
+    out = np.repeat(default[None, :].astype(np.float32), len(inputs), axis=0)
+    idx = [i for i, x in enumerate(inputs) if x is not None]
+    if not idx:
+        return out
+    chosen = [inputs[i] for i in idx]
+    profiles = [c[0] for c in chosen]  # type: ignore[index]
+    aggs = [c[1] for c in chosen]  # type: ignore[index]
+    out[idx] = user_feature_matrix(
+        spec,
+        watch_count=np.array([a.watch_count for a in aggs]),
+        rated_count=np.array([a.rated_count for a in aggs]),
+        rating_sum=np.array([a.rating_sum for a in aggs]),
+        genre_watch=np.stack([a.genre_watch for a in aggs]),
+        genre_rated=np.stack([a.genre_rated for a in aggs]),
+        genre_sum=np.stack([a.genre_sum for a in aggs]),
+        age=np.array([np.nan if p.age is None else p.age for p in profiles], np.float64),
+        gender=[p.gender for p in profiles],
+        occupation=[p.occupation for p in profiles],
+        country=[p.country for p in profiles],
+    )
+    return out
+
+
+def resolve_features(
+    spec: FeatureSpec,
+    stored: StoredUser | None,
+    query: UserQuery,
+    default: np.ndarray,
+) -> tuple[np.ndarray, str]:
+    """Feature vector for one request and where it came from (:func:`resolve_inputs`).
+
+    Returns:
+        ``(float32 [F_user], source)`` with source ``stored``, ``inline`` or
+        ``default``.
+    """
+    inputs = resolve_inputs(spec, stored, query)
+    if inputs is None:
+        return default, "default"
+    profile, agg, source = inputs
     return user_feature_vector(spec, profile, agg), source

@@ -136,8 +136,8 @@ class RankingSettings(ServerSettings):
     batch_timeout_ms: float = Field(
         5.0,
         ge=0,
-        description="Longest wait to fill a batch; only taken while other requests are "
-        "on their way (a lone request runs at once).",
+        description="Longest wait to fill a batch; only taken while another batch runs or "
+        "the last one had company (a lone request on a quiet server runs at once).",
     )
     batch_runner: Literal["auto", "loop", "thread"] = Field(
         "auto",

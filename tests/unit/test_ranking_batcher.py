@@ -187,44 +187,78 @@ async def test_inline_close_fails_queued_and_later_requests():
     assert fn.batches == []
 
 
-async def test_adaptive_runs_a_lone_request_at_once_and_waits_for_announced_ones():
-    fn = Recorder()
+async def test_adaptive_runs_a_lone_request_at_once_and_gathers_behind_a_running_batch():
+    calls: list[list] = []
+    release = asyncio.Event()
+
+    async def fn(batch):
+        calls.append(list(batch))
+        if len(calls) == 1:
+            await release.wait()  # the first batch "awaits Redis" for a while
+        return [("answer", x, len(batch)) for x in batch]
+
     b = MicroBatcher(fn, max_batch_size=8, max_wait_s=5.0, inline=True, adaptive=True)
     try:
         t0 = time.monotonic()
-        assert await b.submit("alone") == ("answer", "alone", 1)
-        assert time.monotonic() - t0 < 1.0  # nothing announced: no 5 s wait
-
-        async def hydrating_then_submit(x, delay):
-            with b.expecting():
-                await asyncio.sleep(delay)
-            return await b.submit(x)
-
-        out = await asyncio.wait_for(
-            asyncio.gather(hydrating_then_submit("a", 0.0), hydrating_then_submit("b", 0.05)),
-            2.0,
-        )
+        first = asyncio.ensure_future(b.submit("first"))
+        await asyncio.sleep(0.01)
+        assert calls == [["first"]]  # nothing running: it started at once, no 5 s wait
+        later = [asyncio.ensure_future(b.submit(x)) for x in ("a", "b", "c")]
+        await asyncio.sleep(0.01)
+        assert calls == [["first"]]  # held while the first batch runs
+        release.set()
+        out = await asyncio.wait_for(asyncio.gather(first, *later), 2.0)
+        assert time.monotonic() - t0 < 1.0
     finally:
         await b.close()
-    # "a" was submitted first but waited for the announced "b": one batch of two.
-    assert out == [("answer", "a", 2), ("answer", "b", 2)]
+    assert calls == [["first"], ["a", "b", "c"]]
+    assert out[0] == ("answer", "first", 1) and out[1] == ("answer", "a", 3)
 
 
-async def test_adaptive_stops_waiting_when_an_announced_request_drops_out():
-    fn = Recorder()
-    b = MicroBatcher(fn, max_batch_size=8, max_wait_s=5.0, inline=True, adaptive=True)
+async def test_adaptive_does_not_hold_past_the_max_wait():
+    release = asyncio.Event()
+    calls: list[list] = []
 
-    async def drops_out():
-        with b.expecting():
-            await asyncio.sleep(0.05)
-        # e.g. every candidate was filtered: nothing to submit
+    async def fn(batch):
+        calls.append(list(batch))
+        if len(calls) == 1:
+            await release.wait()
+        return list(batch)
 
+    b = MicroBatcher(fn, max_batch_size=8, max_wait_s=0.05, inline=True, adaptive=True)
     try:
-        with b.expecting():
-            pass
-        t0 = time.monotonic()
-        out, _ = await asyncio.wait_for(asyncio.gather(b.submit("x"), drops_out()), 2.0)
+        stuck = asyncio.ensure_future(b.submit("stuck"))
+        await asyncio.sleep(0.01)
+        # The running batch never finishes by itself; the next one starts after max_wait.
+        assert await asyncio.wait_for(b.submit("next"), 2.0) == "next"
+        release.set()
+        assert await stuck == "stuck"
     finally:
         await b.close()
-    assert out == ("answer", "x", 1)
-    assert time.monotonic() - t0 < 1.0
+
+
+async def test_async_batches_fail_alone_and_close_fails_running_ones():
+    async def fn(batch):
+        if "bad" in batch:
+            raise ValueError("bad batch")
+        if "hang" in batch:
+            await asyncio.sleep(60)
+        return list(batch)
+
+    b = MicroBatcher(fn, max_batch_size=1, max_wait_s=0.0, inline=True, adaptive=True)
+    with pytest.raises(ValueError, match="bad batch"):
+        await b.submit("bad")
+    assert await b.submit("ok") == "ok"
+    hang = asyncio.ensure_future(b.submit("hang"))
+    await asyncio.sleep(0.01)
+    await b.close()
+    with pytest.raises(BatcherClosed):
+        await hang
+
+
+def test_an_async_function_needs_inline():
+    async def fn(batch):
+        return batch
+
+    with pytest.raises(ValueError, match="inline"):
+        MicroBatcher(fn, max_batch_size=1, max_wait_s=0.0)

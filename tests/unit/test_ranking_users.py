@@ -1,6 +1,6 @@
 import numpy as np
 
-from ranking_service.users import UserQuery, resolve_features
+from ranking_service.users import UserQuery, feature_rows, resolve_features, resolve_inputs
 from recsys.features import (
     FeatureSpec,
     UserAggregates,
@@ -69,3 +69,18 @@ def test_known_user_without_history_takes_inline_genre_ratings():
     )
     assert source == "inline"
     np.testing.assert_array_equal(vec, expected)
+
+
+def test_feature_rows_equal_one_vector_per_user():
+    cases = [
+        (None, UserQuery(user_id="new")),
+        (stored(), UserQuery(user_id="u1")),
+        (stored("us", 0), UserQuery(user_id="u1", genre_ratings={"Comedy": 4.5}, age=22)),
+        (None, UserQuery(country="us", gender="M")),
+        (stored(watch=7), UserQuery(user_id="u1", country="us")),
+    ]
+    rows = feature_rows(SPEC, [resolve_inputs(SPEC, st, q) for st, q in cases], DEFAULT)
+    assert rows.shape == (len(cases), DEFAULT.shape[0]) and rows.dtype == np.float32
+    for row, (st, q) in zip(rows, cases, strict=True):
+        vec, _ = resolve_features(SPEC, st, q, DEFAULT)
+        np.testing.assert_allclose(row, vec, rtol=1e-6, atol=1e-6)

@@ -240,8 +240,9 @@ class Ranker:
             return out
         assert answer is not None
         cands = answer.candidates
-        ids = np.asarray([c.item_id for c in cands], dtype=np.str_)
-        rows = model.index.lookup(ids)
+        # The packed id list maps straight to rows; provenance is only built
+        # for the winners below.
+        rows = model.index.lookup(answer.item_ids)
         # Retrieval already dropped the stored watched set, so only the
         # request's own exclusions are applied here (no SMEMBERS per request).
         out = await self._rank_rows(

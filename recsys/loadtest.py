@@ -96,6 +96,9 @@ class LoadConfig:
         candidates: Candidate list size for Rank.
         k: Items asked for (Recommend, Rank top_k, SimilarItems).
         budget: Retrieval budget for Recommend and Retrieve (0: server default).
+        retrieve_packed: Retrieve asks for the packed answer without per-source
+            scores, as the ranking service does; False asks for one
+            ``Candidate`` message per item with score maps (an older client).
         streams_per_channel: Workers sharing one channel (TCP connection).
         timeout_s: Deadline of each call.
         seed: Seeds user sampling and candidate lists.
@@ -121,6 +124,7 @@ class LoadConfig:
     candidates: int = 1000
     k: int = 20
     budget: int = 0
+    retrieve_packed: bool = True
     streams_per_channel: int = 16
     timeout_s: float = 5.0
     seed: int = 0
@@ -386,7 +390,12 @@ class RequestFactory:
         if c.rpc == "Recommend":
             return ranking_pb2.RecommendRequest(user=user, k=c.k, retrieval_budget=c.budget)
         if c.rpc == "Retrieve":
-            return retrieval_pb2.RetrieveRequest(user=user, budget=c.budget)
+            return retrieval_pb2.RetrieveRequest(
+                user=user,
+                budget=c.budget,
+                packed=c.retrieve_packed,
+                omit_source_scores=c.retrieve_packed,
+            )
         n = len(self.item_ids)
         rng = np.random.default_rng((c.seed, index))
         rows = rng.choice(n, size=min(c.candidates, n), replace=False)
@@ -712,6 +721,7 @@ def cli_loadtest(args, settings) -> int:
         item_ids=item_ids,
         candidates=args.candidates,
         k=args.k,
+        retrieve_packed=not getattr(args, "unpacked", False),
         metadata=metadata,
         progress=sys.stderr.isatty() and not args.json,
     )

@@ -26,16 +26,18 @@ from recsys.v1 import common_pb2, retrieval_pb2
 
 def _compact(index: np.ndarray, table: Sequence[str]) -> tuple[list[str], list[int]]:
     """Drops unused and repeated strings from ``table``; returns it and the remapped index."""
-    used = index >= 0
-    if not used.any():
+    if not len(table):
         return [], []
-    ids, inverse = np.unique(index[used], return_inverse=True)
+    used = np.zeros(len(table) + 1, bool)
+    used[index] = True  # -1 lands on the spare last slot
     names: dict[str, int] = {}
+    slot = np.full(len(table) + 1, -1, np.int64)
     # Two sources may name the same seed; one table entry each is enough.
-    slot = np.asarray([names.setdefault(table[i], len(names)) for i in ids.tolist()], np.int64)
-    out = np.full(index.shape[0], -1, np.int64)
-    out[used] = slot[inverse]
-    return list(names), out.tolist()
+    for i in np.flatnonzero(used[:-1]).tolist():
+        slot[i] = names.setdefault(table[i], len(names))
+    if not names:
+        return [], []
+    return list(names), slot[index].tolist()
 
 
 def pack(

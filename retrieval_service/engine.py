@@ -18,7 +18,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -123,6 +123,45 @@ class RetrieveResult:
         if self._merged is None:
             self._merged = self.selection.merged(self.item_ids)
         return self._merged
+
+
+class _Resumed:
+    """Awaitable that continues a coroutine already run up to its first suspension.
+
+    ``yielded`` is what the coroutine handed to the event loop (the future it
+    waits on); the task awaiting this object receives it and resumes the
+    coroutine when it is done, as if the task had run it from the start.
+    """
+
+    __slots__ = ("_coro", "_yielded")
+
+    def __init__(self, coro: Coroutine[Any, Any, Any], yielded: Any):
+        self._coro = coro
+        self._yielded = yielded
+
+    def __await__(self) -> Generator[Any, Any, Any]:
+        coro, yielded = self._coro, self._yielded
+        while True:
+            try:
+                sent = yield yielded
+            except GeneratorExit:
+                coro.close()
+                raise
+            except BaseException as exc:  # cancellation (timeout) goes into the source
+                try:
+                    yielded = coro.throw(exc)
+                except StopIteration as done:
+                    return done.value
+            else:
+                try:
+                    yielded = coro.send(sent)
+                except StopIteration as done:
+                    return done.value
+
+
+async def _within(work: Awaitable[Any], limit: float) -> Any:
+    async with asyncio.timeout(limit):
+        return await work
 
 
 def _as_block(got: Sequence[Any], k: int, served: ServedVersion) -> CandidateBlock:
@@ -296,30 +335,31 @@ class RetrievalEngine:
             recent_from_request=bool(q.recent),
         )
 
-    async def _run_source(
+    def _report(
         self,
         src: CandidateSource,
         ctx: RetrievalContext,
         k: int,
-        stop_at: float,
-        variant: str = "default",
+        start: float,
+        limit: float,
+        variant: str,
+        got: Sequence[Any] | None = None,
+        exc: BaseException | None = None,
     ) -> tuple[SourceReport, CandidateBlock | None]:
-        start = time.perf_counter()
-        limit = min(src.config.timeout_ms / 1000.0, stop_at - time.monotonic())
+        """Report, metrics and block of one finished source run (``got`` or ``exc``)."""
         block: CandidateBlock | None = None
         count = 0
         status, message = SourceStatus.OK, ""
-        try:
-            if limit <= 0:
-                raise TimeoutError
-            async with asyncio.timeout(limit):
-                got = await src.retrieve(ctx, k)
-            block = _as_block(got, k, ctx.served)
-            count = min(len(got), k)
-        except TimeoutError:
+        if exc is None:
+            try:
+                block = _as_block(got or (), k, ctx.served)
+                count = min(len(got or ()), k)
+            except Exception as bad:
+                exc = bad
+        if isinstance(exc, TimeoutError):
             status, block = SourceStatus.TIMEOUT, None
             message = f"no answer within {max(limit, 0) * 1e3:.0f} ms"
-        except Exception as exc:  # one broken source must not fail the call
+        elif exc is not None:
             status, block = SourceStatus.ERROR, None
             message = f"{type(exc).__name__}: {exc}"[:200]
             log.warning(
@@ -332,6 +372,81 @@ class RetrievalEngine:
         metrics.source_status(src.name, status.value, variant).inc()
         counts.observe(count)
         return SourceReport(src.name, status, count, elapsed * 1e3, message), block
+
+    async def _run_source(
+        self,
+        src: CandidateSource,
+        ctx: RetrievalContext,
+        k: int,
+        stop_at: float,
+        variant: str = "default",
+    ) -> tuple[SourceReport, CandidateBlock | None]:
+        start = time.perf_counter()
+        limit = min(src.config.timeout_ms / 1000.0, stop_at - time.monotonic())
+        try:
+            if limit <= 0:
+                raise TimeoutError
+            async with asyncio.timeout(limit):
+                got = await src.retrieve(ctx, k)
+        except Exception as exc:  # one broken source must not fail the call
+            return self._report(src, ctx, k, start, limit, variant, exc=exc)
+        return self._report(src, ctx, k, start, limit, variant, got=got)
+
+    async def _run_sources(
+        self,
+        chosen: Sequence[CandidateSource],
+        ctx: RetrievalContext,
+        asks: Mapping[str, int],
+        stop_at: float,
+        variant: str,
+    ) -> list[tuple[SourceReport, CandidateBlock | None]]:
+        """Runs the sources concurrently, each under its own deadline.
+
+        A source whose class sets ``eager`` runs inline, in the request's
+        task, up to its first suspension: the built-ins usually never suspend
+        (in-memory lists, Annoy, top lists already copied), so they cost no
+        task and no timer. Only a source that does suspend (a Redis read)
+        continues in a task of its own under its deadline, which it joins
+        having already queued its reads, so every source's reads still share
+        one pipeline.
+        """
+        out: list[tuple[SourceReport, CandidateBlock | None] | None] = [None] * len(chosen)
+        waiting: list[tuple[int, CandidateSource, float, float, asyncio.Task]] = []
+        for i, src in enumerate(chosen):
+            k = asks[src.name]
+            start = time.perf_counter()
+            limit = min(src.config.timeout_ms / 1000.0, stop_at - time.monotonic())
+            if limit <= 0:
+                out[i] = self._report(src, ctx, k, start, limit, variant, exc=TimeoutError())
+                continue
+            work: Awaitable[Any]
+            if getattr(src, "eager", False):
+                coro = src.retrieve(ctx, k)
+                try:
+                    yielded = coro.send(None)
+                except StopIteration as done:
+                    out[i] = self._report(src, ctx, k, start, limit, variant, got=done.value)
+                    continue
+                except Exception as exc:
+                    out[i] = self._report(src, ctx, k, start, limit, variant, exc=exc)
+                    continue
+                work = _Resumed(coro, yielded)
+                left = limit - (time.perf_counter() - start)
+            else:
+                work, left = src.retrieve(ctx, k), limit
+            task = asyncio.get_running_loop().create_task(_within(work, left))
+            waiting.append((i, src, start, limit, task))
+        if waiting:
+            done = await asyncio.gather(*(w[-1] for w in waiting), return_exceptions=True)
+            for (i, src, start, limit, _), got in zip(waiting, done, strict=True):
+                k = asks[src.name]
+                if isinstance(got, asyncio.CancelledError):
+                    raise got  # the request itself was cancelled
+                if isinstance(got, BaseException):
+                    out[i] = self._report(src, ctx, k, start, limit, variant, exc=got)
+                else:
+                    out[i] = self._report(src, ctx, k, start, limit, variant, got=got)
+        return out  # type: ignore[return-value]
 
     async def retrieve(self, q: RetrieveQuery, *, timeout_s: float | None = None) -> RetrieveResult:
         """Runs one ``Retrieve``.
@@ -374,10 +489,12 @@ class RetrievalEngine:
         # the response still arrive in time.
         total = deadline - time.monotonic()
         stop_at = deadline - min(MAX_RESERVE_S, max(MIN_RESERVE_S, 0.1 * total))
-        run = self._traced_source if tr.enabled else self._run_source
-        runs = await asyncio.gather(
-            *(run(s, ctx, asks[s.name], stop_at, variant.name) for s in chosen)
-        )
+        if tr.enabled:  # a span per source: each in a task of its own
+            runs = await asyncio.gather(
+                *(self._traced_source(s, ctx, asks[s.name], stop_at, variant.name) for s in chosen)
+            )
+        else:
+            runs = await self._run_sources(chosen, ctx, asks, stop_at, variant.name)
         reports = [r for r, _ in runs]
         ok = [(src, b) for src, (r, b) in zip(chosen, runs, strict=True) if b is not None]
         if not ok:

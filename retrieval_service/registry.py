@@ -20,6 +20,7 @@ from retrieval_service.errors import SourceConfigError
 from retrieval_service.sources.base import CandidateSource, SourceConfig
 
 ENTRY_POINT_GROUP = "recsys.candidate_sources"
+MAX_SOURCES = 64
 
 
 def available_sources() -> dict[str, EntryPoint]:
@@ -78,6 +79,11 @@ def build_sources(
     names: set[str] = set()
     if not entries:
         raise SourceConfigError("retrieval.sources is empty: configure at least one source")
+    if len(entries) > MAX_SOURCES:
+        # A candidate's sources travel as one bit each of a uint64 (PackedCandidates).
+        raise SourceConfigError(
+            f"retrieval.sources: {len(entries)} sources configured, at most {MAX_SOURCES}"
+        )
     for i, entry in enumerate(entries):
         where = f"retrieval.sources[{i}]"
         if not isinstance(entry, Mapping):

@@ -354,9 +354,19 @@ class CandidateSource(Protocol):
 
 
 class SourceBase:
-    """Convenience base for sources: stores the config and exposes ``name``."""
+    """Convenience base for sources: stores the config and exposes ``name``.
+
+    Attributes:
+        eager: Lets the engine run ``retrieve`` inline in the request's task
+            until it first suspends (and skip the task and timer altogether
+            when it never does). Only for sources that neither enter
+            ``asyncio.timeout``/``TaskGroup`` nor use ``current_task()``
+            before their first ``await``: the rest of the call may run in
+            another task. Off by default; the built-ins set it.
+    """
 
     config_model: ClassVar[type[SourceConfig]] = SourceConfig
+    eager: ClassVar[bool] = False
 
     def __init__(self, config: SourceConfig):
         self.config = config

@@ -39,6 +39,7 @@ class TopGenreConfig(SourceConfig):
 class TopGenreSource(SourceBase):
     """Best items of the user's favourite genres, round-robin across genres (favourite first)."""
 
+    eager = True
     config_model = TopGenreConfig
     config: TopGenreConfig
 
@@ -82,6 +83,7 @@ class TopCountryConfig(SourceConfig):
 class TopCountrySource(SourceBase):
     """Best items among users of the request's (or profile's) country."""
 
+    eager = True
     config_model = TopCountryConfig
     config: TopCountryConfig
 
@@ -117,6 +119,7 @@ class PopularSource(SourceBase):
     memory when Redis is down or the list was never published.
     """
 
+    eager = True
     config_model = PopularConfig
     config: PopularConfig
 

@@ -59,6 +59,14 @@ def test_default_config_builds_every_builtin():
         ),
         ([], r"retrieval.sources is empty"),
         (["popular"], r"expected a table"),
+        (
+            [{"name": "a", "type": "annoy_similar", "per_seed": 60, "search_k": 50}],
+            r"search_k 50 must be -1 or more than per_seed \(60\)",
+        ),
+        (
+            [{"name": f"p{i}", "type": "popular"} for i in range(65)],
+            r"65 sources configured, at most 64",
+        ),
     ],
 )
 def test_bad_source_config_names_source_and_key(entries, match):

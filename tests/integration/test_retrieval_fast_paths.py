@@ -197,3 +197,57 @@ async def test_packed_answer_carries_the_same_candidates(published: Path, redis_
                     assert packed.ByteSize() < plain.ByteSize()
     finally:
         await app.stop(0)
+
+
+class _Sleepy:
+    """An eager source that suspends (like a Redis read) before answering or failing."""
+
+    eager = True
+
+    def __init__(self, name: str, delay_s: float, fail: bool = False):
+        from retrieval_service.sources.base import SourceConfig
+
+        self.name = name
+        self.config = SourceConfig(name=name, type="sleepy", timeout_ms=40.0, tier="segment")
+        self.delay_s, self.fail = delay_s, fail
+
+    async def retrieve(self, ctx, k):
+        from retrieval_service.sources.base import Candidate
+
+        first = ctx.served.item_ids[-1]  # work before the first suspension runs inline
+        await asyncio.sleep(self.delay_s)
+        if self.fail:
+            raise RuntimeError("lost the connection")
+        return [Candidate(first, 9.5)]
+
+
+async def test_eager_sources_that_suspend_keep_deadlines_and_errors(published: Path, redis_server):
+    client = aioredis.Redis.from_url(redis_server.url)
+    settings = RetrievalSettings(sources=_sources())
+    sources = [
+        *build_sources(settings.sources),
+        _Sleepy("quick", 0.001),
+        _Sleepy("stuck", 5.0),
+        _Sleepy("broken", 0.001, fail=True),
+    ]
+    engine = RetrievalEngine(settings, sources, client)
+    engine.swap(await asyncio.to_thread(engine.load_version, published))
+    try:
+        start = time.perf_counter()
+        res = await engine.retrieve(RetrieveQuery("cold-user", budget=50), timeout_s=2.0)
+        assert time.perf_counter() - start < 1.0, "the stuck source was cut at its 40 ms"
+        status = {r.source: r.status.value for r in res.reports}
+        assert status["stuck"] == "TIMEOUT" and status["broken"] == "ERROR"
+        assert status["quick"] == "OK" and status["popular"] == "OK"
+        assert res.degraded
+        last = engine.current().item_ids[-1]
+        quick = [m for m in res.candidates if "quick" in m.sources]
+        assert [m.item_id for m in quick] == [last] and quick[0].source_scores["quick"] == 9.5
+        # A cancelled request takes its suspended sources down with it.
+        task = asyncio.create_task(engine.retrieve(RetrieveQuery("cold-user"), timeout_s=2.0))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    finally:
+        await client.aclose()

@@ -42,7 +42,6 @@ class AnnoySimilarConfig(SourceConfig):
         "seeds among them skip the index.",
     )
 
-
     @model_validator(mode="after")
     def _enough_search(self) -> AnnoySimilarConfig:
         if self.search_k != -1 and self.search_k <= self.per_seed:

@@ -17,7 +17,7 @@ from ranking_service.retrieval_client import RetrievalRejected
 from ranking_service.validation import InvalidArgument, parse_rank, parse_recommend
 from recsys.config import RankingSettings
 from recsys.experiments import UnknownVariant, observe_request
-from recsys.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc
+from recsys.v1 import ranking_pb2, ranking_pb2_grpc
 
 log = logging.getLogger("ranking_service.servicer")
 
@@ -125,9 +125,9 @@ def _provenance(item: ranking_pb2.ScoredItem, it: RankedItem, model: LoadedModel
     if sources:
         item.sources.extend(sources)
     if it.reasons:
-        item.reasons.extend(
-            common_pb2.Reason(kind=r.kind, ref=r.ref, text=r.text) for r in it.reasons
-        )
+        add = item.reasons.add  # in place: no temporary message to copy
+        for r in it.reasons:
+            add(kind=r.kind, ref=r.ref, text=r.text)
     if debug:
         item.debug.raw_score = it.raw
         item.debug.model_version = model.name

@@ -352,8 +352,10 @@ class RetrievalEngine:
         status, message = SourceStatus.OK, ""
         if exc is None:
             try:
-                block = _as_block(got or (), k, ctx.served)
-                count = min(len(got or ()), k)
+                if not isinstance(got, CandidateBlock):
+                    got = list(got)  # type: ignore[arg-type]  # any iterable; None is an error
+                block = _as_block(got, k, ctx.served)
+                count = min(len(got), k)
             except Exception as bad:
                 exc = bad
         if isinstance(exc, TimeoutError):

@@ -50,7 +50,6 @@ class ServedVersion:
     popular: list[tuple[str, float]]
     search_k: int = -1
     source_state: dict[str, Any] = field(default_factory=dict)
-    popular_scores: dict[str, float] = field(init=False, repr=False)
     # Copies of this version's Redis top lists (used when retrieval.top_list_cache is on).
     top_cache: TopListCache = field(init=False, repr=False)
     # The popular list as catalogue rows (unknown and repeated ids left out) and scores.
@@ -60,7 +59,6 @@ class ServedVersion:
     _marks: list[RowMarks] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.popular_scores = dict(self.popular)
         self.top_cache = TopListCache(self.model.version, index=self.item_index)
         rows, scores, seen = [], [], set()
         for item, score in self.popular:

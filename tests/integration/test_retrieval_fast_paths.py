@@ -251,3 +251,39 @@ async def test_eager_sources_that_suspend_keep_deadlines_and_errors(published: P
             await task
     finally:
         await client.aclose()
+
+
+class _Odd:
+    """A plain (not eager) plugin source answering with a generator, or with None."""
+
+    def __init__(self, name: str, answer_none: bool):
+        from retrieval_service.sources.base import SourceConfig
+
+        self.name = name
+        self.config = SourceConfig(name=name, type="odd", timeout_ms=500.0)
+        self.answer_none = answer_none
+
+    async def retrieve(self, ctx, k):
+        from retrieval_service.sources.base import Candidate
+
+        if self.answer_none:
+            return None
+        return (Candidate(i, float(n)) for n, i in enumerate(ctx.served.item_ids[:3]))
+
+
+async def test_plugin_answers_any_iterable_and_none_is_an_error(published: Path, redis_server):
+    client = aioredis.Redis.from_url(redis_server.url)
+    settings = RetrievalSettings(sources=_sources())
+    sources = [*build_sources(settings.sources), _Odd("gen", False), _Odd("nothing", True)]
+    engine = RetrievalEngine(settings, sources, client)
+    engine.swap(await asyncio.to_thread(engine.load_version, published))
+    try:
+        res = await engine.retrieve(RetrieveQuery("cold-user", budget=50), timeout_s=2.0)
+        reports = {r.source: r for r in res.reports}
+        assert reports["gen"].status.value == "OK" and reports["gen"].count == 3
+        assert reports["nothing"].status.value == "ERROR"
+        assert "TypeError" in reports["nothing"].message
+        got = {m.item_id for m in res.candidates if "gen" in m.sources}
+        assert got == set(engine.current().item_ids[:3])
+    finally:
+        await client.aclose()

@@ -160,8 +160,8 @@ async def _closed_loop(batcher, request, concurrency: int, seconds: float) -> fl
 
 
 def batching(version: Path, quick: bool) -> dict[str, Any]:
-    from ranking_service.batcher import MicroBatcher
     from ranking_service.model import LoadedModel, ScoreRequest, score_batch
+    from recsys.batching import MicroBatcher
 
     model = LoadedModel.load(version, _device())
     rows = np.random.default_rng(1).choice(len(model.index), N_CANDIDATES, replace=False)

@@ -20,7 +20,6 @@ import numpy as np
 from opentelemetry.trace import SpanKind
 
 from ranking_service import metrics as M
-from ranking_service.batcher import MicroBatcher
 from ranking_service.model import LoadedModel, ScoreRequest, ScoreResult, score_batch
 from ranking_service.retrieval_client import (
     RetrievalAnswer,
@@ -29,6 +28,7 @@ from ranking_service.retrieval_client import (
 )
 from ranking_service.users import UserQuery, feature_rows, fetch_users, resolve_inputs
 from ranking_service.validation import RankQuery, RecommendQuery
+from recsys.batching import MicroBatcher
 from recsys.config import CURRENT_VERSION
 from recsys.experiments import Experiment, Variant
 from recsys.explain import Reason, explain, source_kinds

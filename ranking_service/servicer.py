@@ -10,11 +10,11 @@ from typing import Any
 import grpc
 from opentelemetry.trace import SpanKind
 
-from ranking_service.batcher import BatcherClosed
 from ranking_service.core import NoModel, RankedItem, Ranker, RankOutcome
 from ranking_service.model import LoadedModel
 from ranking_service.retrieval_client import RetrievalRejected
 from ranking_service.validation import InvalidArgument, parse_rank, parse_recommend
+from recsys.batching import BatcherClosed
 from recsys.config import RankingSettings
 from recsys.experiments import UnknownVariant, observe_request
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc

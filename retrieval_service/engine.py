@@ -26,11 +26,12 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
+from recsys.batching import MicroBatcher
 from recsys.config import RetrievalSettings
 from recsys.experiments import Experiment, UnknownVariant, Variant
 from recsys.features import UserProfile, aggregates_from_genre_ratings
 from recsys.tracing import NOOP, Tracing
-from recsys.user_store import StoredUser, load_user, record_interaction
+from recsys.user_store import StoredUser, UserRead, load_users, record_interaction
 from retrieval_service import metrics
 from retrieval_service.errors import InvalidArgument, NotFound, Unavailable
 from retrieval_service.merge import Lane, MergedCandidate, Selection, assemble, filter_blocks
@@ -218,6 +219,20 @@ class RetrievalEngine:
         self.experiment = experiment or Experiment()
         self.plans = {v: {s.name: s for s in srcs} for v, srcs in (variant_sources or {}).items()}
         self.tracing = tracing
+        # Concurrent calls' user reads share one pipeline. The adaptive batch
+        # waits (at most 1 ms) only while the server is busy, so a lone call
+        # pays nothing; under load redis-py's fixed cost per pipeline is paid
+        # once per batch instead of once per call.
+        self._user_reads: MicroBatcher[UserRead, StoredUser | Exception] = MicroBatcher(
+            self._read_users,
+            max_batch_size=64,
+            max_wait_s=0.001,
+            inline=True,
+            adaptive=True,
+        )
+
+    async def _read_users(self, reads: list[UserRead]) -> list[StoredUser | Exception]:
+        return await load_users(self.redis, reads)
 
     # --- versions -------------------------------------------------------------------
 
@@ -291,12 +306,12 @@ class RetrievalEngine:
         start = time.perf_counter()
         try:
             async with asyncio.timeout(min(self.redis_timeout_s, deadline - time.monotonic())):
-                stored = await load_user(
-                    self.redis,
-                    served.model.spec,
-                    q.user_id,
-                    recent_n=self.settings.history_length,
+                got = await self._user_reads.submit(
+                    UserRead(served.model.spec, q.user_id, recent_n=self.settings.history_length)
                 )
+                if isinstance(got, Exception):  # this user's own read failed
+                    raise got
+                stored = got
         except _REDIS_ERRORS as exc:
             error = f"user state unavailable: {type(exc).__name__}"
             metrics.HYDRATE_FAILURES.inc()

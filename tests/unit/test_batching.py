@@ -4,7 +4,7 @@ import time
 
 import pytest
 
-from ranking_service.batcher import BatcherClosed, MicroBatcher
+from recsys.batching import BatcherClosed, MicroBatcher
 
 
 class Recorder:

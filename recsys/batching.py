@@ -1,4 +1,7 @@
-"""Micro-batching: coalesce concurrent requests into one model call.
+"""Micro-batching: coalesce concurrent requests into one call (a model, a Redis read).
+
+Shared by both services: ranking batches the whole hydrate-and-score step,
+retrieval batches the user reads of concurrent ``Retrieve`` calls.
 
 Like TensorFlow Serving's batching: requests queue up; a batch is cut when
 it reaches ``max_batch_size`` or when its oldest request has waited
@@ -33,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-log = logging.getLogger("ranking_service.batcher")
+log = logging.getLogger("recsys.batching")
 
 Req = TypeVar("Req")
 Res = TypeVar("Res")

@@ -8,6 +8,7 @@ per-candidate score maps out. Both must give the same answer as the plain path.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
@@ -105,12 +106,17 @@ async def test_cache_only_keeps_the_served_versions_keys(engines, redis_server, 
         sync.delete(other)
 
 
-async def test_omit_source_scores_drops_only_the_maps(published: Path, redis_server, users):
+@contextlib.asynccontextmanager
+async def _retrieval_stub(published: Path, redis_url: str):
+    """A real retrieval server on port 0 with the version loaded, and a stub to it."""
+    import grpc
+
+    from recsys.v1 import retrieval_pb2_grpc
     from retrieval_service.server import build_server
 
     settings = load_settings(
         model_dir=published.parent,
-        redis_url=redis_server.url,
+        redis_url=redis_url,
         retrieval={
             "port": 0,
             "metrics_port": 0,
@@ -120,83 +126,60 @@ async def test_omit_source_scores_drops_only_the_maps(published: Path, redis_ser
     )
     handle, app = build_server(settings)
     await app.start()
-    import grpc
-
-    from recsys.v1 import retrieval_pb2_grpc
-
     try:
         while app.engine.served is None:
             await asyncio.sleep(0.05)
         async with grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as ch:
-            stub = retrieval_pb2_grpc.RetrievalServiceStub(ch)
-            for u in users[:4]:
-                ctx = common_pb2.UserContext(user_id=u)
-                full = await stub.Retrieve(retrieval_pb2.RetrieveRequest(user=ctx, budget=100))
-                lean = await stub.Retrieve(
-                    retrieval_pb2.RetrieveRequest(user=ctx, budget=100, omit_source_scores=True)
-                )
-                assert any(c.source_scores for c in full.candidates)
-                assert not any(c.source_scores for c in lean.candidates)
-                assert lean.ByteSize() < full.ByteSize()
-                for c in full.candidates:
-                    c.ClearField("source_scores")
-                assert list(lean.candidates) == list(full.candidates)
+            yield retrieval_pb2_grpc.RetrievalServiceStub(ch)
     finally:
         await app.stop(0)
+
+
+async def test_omit_source_scores_drops_only_the_maps(published: Path, redis_server, users):
+    async with _retrieval_stub(published, redis_server.url) as stub:
+        for u in users[:4]:
+            ctx = common_pb2.UserContext(user_id=u)
+            full = await stub.Retrieve(retrieval_pb2.RetrieveRequest(user=ctx, budget=100))
+            lean = await stub.Retrieve(
+                retrieval_pb2.RetrieveRequest(user=ctx, budget=100, omit_source_scores=True)
+            )
+            assert any(c.source_scores for c in full.candidates)
+            assert not any(c.source_scores for c in lean.candidates)
+            assert lean.ByteSize() < full.ByteSize()
+            for c in full.candidates:
+                c.ClearField("source_scores")
+            assert list(lean.candidates) == list(full.candidates)
 
 
 async def test_packed_answer_carries_the_same_candidates(published: Path, redis_server, users):
     from recsys.packed import candidates_of
-    from retrieval_service.server import build_server
 
-    settings = load_settings(
-        model_dir=published.parent,
-        redis_url=redis_server.url,
-        retrieval={
-            "port": 0,
-            "metrics_port": 0,
-            "reload_interval_s": 3600.0,
-            "sources": _sources(),
-        },
-    )
-    handle, app = build_server(settings)
-    await app.start()
-    import grpc
-
-    from recsys.v1 import retrieval_pb2_grpc
-
-    try:
-        while app.engine.served is None:
-            await asyncio.sleep(0.05)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as ch:
-            stub = retrieval_pb2_grpc.RetrievalServiceStub(ch)
-            for u in users[:4]:
-                for omit in (False, True):
-                    ctx = common_pb2.UserContext(user_id=u)
-                    plain = await stub.Retrieve(
-                        retrieval_pb2.RetrieveRequest(user=ctx, budget=150, omit_source_scores=omit)
+    async with _retrieval_stub(published, redis_server.url) as stub:
+        for u in users[:4]:
+            for omit in (False, True):
+                ctx = common_pb2.UserContext(user_id=u)
+                plain = await stub.Retrieve(
+                    retrieval_pb2.RetrieveRequest(user=ctx, budget=150, omit_source_scores=omit)
+                )
+                packed = await stub.Retrieve(
+                    retrieval_pb2.RetrieveRequest(
+                        user=ctx, budget=150, omit_source_scores=omit, packed=True
                     )
-                    packed = await stub.Retrieve(
-                        retrieval_pb2.RetrieveRequest(
-                            user=ctx, budget=150, omit_source_scores=omit, packed=True
-                        )
-                    )
-                    assert not packed.candidates and packed.HasField("packed")
-                    assert not plain.HasField("packed")
-                    cands, ids = candidates_of(packed)
-                    assert ids == [c.item_id for c in plain.candidates]
-                    assert [c.to_pb() for c in cands] == list(plain.candidates)
-                    assert any(c.seed_item_id for c in plain.candidates)
-                    assert any(c.genre for c in plain.candidates)
+                )
+                assert not packed.candidates and packed.HasField("packed")
+                assert not plain.HasField("packed")
+                cands, ids = candidates_of(packed)
+                assert ids == [c.item_id for c in plain.candidates]
+                assert [c.to_pb() for c in cands] == list(plain.candidates)
+                assert any(c.seed_item_id for c in plain.candidates)
+                assert any(c.genre for c in plain.candidates)
 
-                    def outcome(res):
-                        return [(r.source, r.status, r.count) for r in res.source_reports]
+                def outcome(res):
+                    return [(r.source, r.status, r.count) for r in res.source_reports]
 
-                    assert outcome(packed) == outcome(plain)
-                    # The point of packing: fewer bytes for the same answer.
-                    assert packed.ByteSize() < plain.ByteSize()
-    finally:
-        await app.stop(0)
+                assert outcome(packed) == outcome(plain)
+                # The point of packing: fewer bytes for the same answer.
+                assert packed.ByteSize() < plain.ByteSize()
 
 
 class _Sleepy:

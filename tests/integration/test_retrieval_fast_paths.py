@@ -270,3 +270,20 @@ async def test_plugin_answers_any_iterable_and_none_is_an_error(published: Path,
         assert got == set(engine.current().item_ids[:3])
     finally:
         await client.aclose()
+
+
+async def test_concurrent_calls_share_one_user_read(engines, users):
+    cached = engines[True]
+    served = cached.current()
+    deadline = time.monotonic() + 5
+    alone = [await cached.hydrate(served, RetrieveQuery(u), deadline) for u in users[:6]]
+    before = (cached._user_reads.batches, cached._user_reads.requests)
+    together = await asyncio.gather(
+        *(cached.hydrate(served, RetrieveQuery(u), deadline) for u in users[:6])
+    )
+    # Six calls hydrating in one loop turn: one pipelined read for all of them.
+    assert cached._user_reads.batches - before[0] == 1
+    assert cached._user_reads.requests - before[1] == 6
+    for a, b in zip(alone, together, strict=True):
+        assert (a.user_id, a.recent, a.watched) == (b.user_id, b.recent, b.watched)
+        assert a.hydrate_error is None and b.hydrate_error is None

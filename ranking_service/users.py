@@ -89,7 +89,9 @@ async def fetch_users(
     reads = []
     for i in wanted:
         spec, user_id, with_watched = spec_and_ids[i]  # type: ignore[misc]
-        reads.append(UserRead(spec, user_id, recent_n=1, with_watched=with_watched))
+        # Ranking needs no history list: the profile hash and (for Rank) the
+        # watched set. One command less per user in the batch's pipeline.
+        reads.append(UserRead(spec, user_id, recent_n=0, with_watched=with_watched))
     try:
         got = await load_users(redis, reads)
     except Exception as exc:  # redis.RedisError, OSError, timeouts: all degrade the same way

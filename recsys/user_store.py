@@ -43,18 +43,27 @@ def _s(v: bytes | str) -> str:
 def _queue_reads(pipe, user_id: str, recent_n: int, with_watched: bool) -> int:
     """Adds one user's reads to a pipeline; returns how many commands it added."""
     pipe.hgetall(redis_keys.user_state(user_id))
-    pipe.lrange(redis_keys.user_recent(user_id), 0, max(recent_n, 1) - 1)
+    n = 1
+    if recent_n > 0:
+        pipe.lrange(redis_keys.user_recent(user_id), 0, recent_n - 1)
+        n += 1
     if with_watched:
         pipe.smembers(redis_keys.user_watched(user_id))
-        return 3
-    return 2
+        n += 1
+    return n
 
 
-def _decode(spec: FeatureSpec, user_id: str, replies: Sequence, with_watched: bool) -> StoredUser:
+def _decode(
+    spec: FeatureSpec, user_id: str, replies: Sequence, recent_n: int, with_watched: bool
+) -> StoredUser:
     """One user's replies, in ``_queue_reads`` order → StoredUser."""
     decoded = decode_user_state(spec, replies[0])
-    recent = [_s(x) for x in replies[1]]
-    watched = {_s(x) for x in replies[2]} if with_watched else set()
+    at = 1
+    recent: list[str] = []
+    if recent_n > 0:
+        recent = [_s(x) for x in replies[at]]
+        at += 1
+    watched = {_s(x) for x in replies[at]} if with_watched else set()
     if decoded is None:
         return StoredUser(user_id, known=bool(recent or watched), recent=recent, watched=watched)
     profile, agg = decoded
@@ -70,7 +79,7 @@ async def load_user(
         redis: ``redis.asyncio.Redis`` client.
         spec: Feature spec of the serving version (decodes aggregates).
         user_id: The user.
-        recent_n: How many recent items to read.
+        recent_n: How many recent items to read (0: skip the list).
         with_watched: Also read the whole watched set.
 
     Raises:
@@ -78,7 +87,7 @@ async def load_user(
     """
     pipe = redis.pipeline(transaction=False)
     _queue_reads(pipe, user_id, recent_n, with_watched)
-    return _decode(spec, user_id, await pipe.execute(), with_watched)
+    return _decode(spec, user_id, await pipe.execute(), recent_n, with_watched)
 
 
 @dataclass(frozen=True)
@@ -120,7 +129,7 @@ async def load_users(redis, reads: Sequence[UserRead]) -> list[StoredUser | Exce
             out.append(failed)
             continue
         try:
-            out.append(_decode(r.spec, r.user_id, mine, r.with_watched))
+            out.append(_decode(r.spec, r.user_id, mine, r.recent_n, r.with_watched))
         except Exception as exc:  # a corrupt hash fails its own user only
             out.append(exc)
     return out

@@ -31,9 +31,11 @@ async def test_batch_read_matches_single_reads_and_isolates_a_corrupt_user(redis
         assert got[2] == (None, True)  # its own failure only
         for i, (user, with_watched) in ((0, ("a", True)), (3, ("b", False))):
             stored, failed = got[i]
-            alone = await load_user(client, SPEC, user, recent_n=1, with_watched=with_watched)
+            alone = await load_user(client, SPEC, user, recent_n=0, with_watched=with_watched)
             assert not failed and stored is not None and stored.known
-            assert (stored.recent, stored.watched) == (alone.recent, alone.watched)
+            assert stored.recent == [] == alone.recent  # ranking reads no history list
+            assert stored.watched == alone.watched
+            assert stored.watched == ({"item0", "item1"} if user == "a" else set())
             np.testing.assert_array_equal(
                 stored.aggregates.genre_watch, alone.aggregates.genre_watch
             )

@@ -292,7 +292,7 @@ class Ranker:
             M.UNKNOWN_IDS.inc(unknown)
         rows = rows[known]
         # Duplicates would be scored twice and could fill top-k with one item.
-        rows = model.scratch.first_occurrences(rows)
+        rows = rows[model.marks.first(rows)]
         with_watched = read_watched and not include_watched
         tr = self.tracing
         job = RankJob(model, user, rows, k, with_watched, {} if tr.enabled else None)
@@ -357,7 +357,10 @@ class Ranker:
             if stored is not None and j.with_watched:
                 drop.extend(stored.watched)
             if drop and j.rows.size:
-                mask = j.model.scratch.member_mask(j.rows, j.model.index.lookup(drop))
+                dropped = j.model.index.lookup(drop)
+                marks = j.model.marks
+                g = marks.mark(0, dropped[dropped >= 0])
+                mask = marks.has(0, g, j.rows)
                 j.watched = int(np.count_nonzero(mask))
                 if j.watched:
                     j.rows = j.rows[~mask]

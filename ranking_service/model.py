@@ -16,10 +16,11 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ranking_service.catalogue import IdIndex, RowScratch
+from ranking_service.catalogue import IdIndex
 from recsys.artifacts import ArtifactError, ModelVersion
 from recsys.errors import UserFacingError
 from recsys.features import default_user_vector
+from recsys.rows import RowMarks
 
 log = logging.getLogger("ranking_service.model")
 
@@ -169,10 +170,11 @@ class LoadedModel:
     load_seconds: float = 0.0
     runtime: TowerRuntime = "eager"
     session_tower: SessionTower | None = None
-    scratch: RowScratch = field(init=False, repr=False)
+    # Dedup and watched filtering on rows; used on the event loop only.
+    marks: RowMarks = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.scratch = RowScratch(len(self.index))
+        self.marks = RowMarks(len(self.index))
 
     _genre_cache: dict[int, tuple[str, ...]] = field(default_factory=dict, repr=False)
 

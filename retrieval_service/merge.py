@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from retrieval_service.sources.base import TIERS, Candidate, CandidateBlock, RowMarks, Tier
+from recsys.rows import RowMarks
+from retrieval_service.sources.base import TIERS, Candidate, CandidateBlock, Tier
 
 
 @dataclass

@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from recsys.artifacts import ArtifactError, ModelVersion
-from retrieval_service.sources.base import RowMarks, TopListCache
+from recsys.rows import RowMarks
+from retrieval_service.sources.base import TopListCache
 
 # Nodes inspected per tree, at least, by SimilarItems (see ServedVersion.similar).
 SIMILAR_MIN_SEARCH = 20

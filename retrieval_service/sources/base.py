@@ -47,6 +47,7 @@ from redis.exceptions import NoScriptError
 from recsys import redis_keys
 from recsys.features import UserAggregates, UserProfile
 from recsys.features import top_genres as _rank_genres
+from recsys.rows import RowMarks
 
 if TYPE_CHECKING:
     from recsys.artifacts import ModelVersion
@@ -225,74 +226,6 @@ def top_rows(entries: Sequence[tuple[str, float]], index: Mapping[str, int]) -> 
     if not known.all():
         rows, scores = rows[known], scores[known]
     return TopRows(rows, scores)
-
-
-class RowMarks:
-    """Scratch arrays over catalogue rows: set operations on rows without sorting.
-
-    numpy's set routines (``unique``, ``isin``) sort, and on the few hundred
-    rows of one request their fixed cost dominates. Here a set of rows is a
-    *stamp* written into a catalogue-sized array (``stamp[rows] = g``), so
-    marking and testing are single fancy-indexing steps. Each marking takes
-    a fresh generation ``g``, so nothing is ever cleared. ``SLOTS`` sets can
-    be live at once (one array each).
-
-    Not thread-safe: :meth:`ServedVersion.marks` lends one to one caller at
-    a time.
-
-    Args:
-        n: Catalogue size.
-    """
-
-    SLOTS = 3
-
-    def __init__(self, n: int):
-        self._stamps = [np.zeros(n, np.int32) for _ in range(self.SLOTS)]
-        self._pos = np.zeros(n, np.int64)
-        self._gen = 0
-
-    def _next(self) -> int:
-        self._gen += 1
-        if self._gen >= 2**31 - 1:  # int32 stamps: start over from clean arrays
-            for st in self._stamps:
-                st.fill(0)
-            self._gen = 1
-        return self._gen
-
-    def mark(self, slot: int, rows: np.ndarray) -> int:
-        """Makes ``rows`` the set in ``slot``; returns its generation for :meth:`has`."""
-        g = self._next()
-        self._stamps[slot][rows] = g
-        return g
-
-    def add(self, slot: int, g: int, rows: np.ndarray) -> None:
-        """Adds ``rows`` to the set of generation ``g`` in ``slot``."""
-        self._stamps[slot][rows] = g
-
-    def has(self, slot: int, g: int, rows: np.ndarray) -> np.ndarray:
-        """Boolean mask: which ``rows`` are in the set of generation ``g`` in ``slot``."""
-        return self._stamps[slot][rows] == g
-
-    def first(self, rows: np.ndarray) -> np.ndarray:
-        """Boolean mask of the first occurrence of each distinct value in ``rows``."""
-        n = rows.shape[0]
-        idx = np.arange(n)
-        pos = self._pos
-        pos[rows] = n
-        np.minimum.at(pos, rows, idx)  # ufunc.at: defined for repeated indices
-        return pos[rows] == idx
-
-    def positions(self, rows: np.ndarray) -> int:
-        """Remembers where each of the distinct ``rows`` is; see :meth:`position`.
-
-        Returns the generation of ``rows`` as a set in slot ``SLOTS - 1``.
-        """
-        self._pos[rows] = np.arange(rows.shape[0])
-        return self.mark(self.SLOTS - 1, rows)
-
-    def position(self, rows: np.ndarray) -> np.ndarray:
-        """Positions, in the last :meth:`positions` call, of ``rows`` that were in it."""
-        return self._pos[rows]
 
 
 def round_robin(

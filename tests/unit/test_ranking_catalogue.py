@@ -3,7 +3,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ranking_service.catalogue import IdIndex, RowScratch
+from ranking_service.catalogue import IdIndex
 from recsys.v1 import ranking_pb2
 
 ids_st = st.lists(st.text(min_size=1, max_size=8), unique=True, max_size=60)
@@ -45,18 +45,3 @@ def test_shares_a_given_mapping_and_rejects_duplicates():
     assert index.lookup(["c"]).tolist() == [2]
     with pytest.raises(ValueError, match="unique"):
         IdIndex(["a", "a"])
-
-
-@settings(deadline=None)
-@given(
-    rows=st.lists(st.integers(0, 29), max_size=80),
-    members=st.lists(st.integers(-3, 29), max_size=20),
-)
-def test_row_scratch_matches_unique_and_isin(rows, members):
-    scratch = RowScratch(30)
-    arr = np.asarray(rows, np.int64)
-    firsts = [r for i, r in enumerate(rows) if r not in rows[:i]]
-    for _ in range(2):  # a second call must not see the first one's leftovers
-        assert scratch.first_occurrences(arr).tolist() == firsts
-        mask = scratch.member_mask(arr, np.asarray(members, np.int64))
-        assert mask.tolist() == [r in members for r in rows]

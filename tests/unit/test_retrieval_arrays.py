@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from recsys.rows import RowMarks
 from retrieval_service.merge import (
     Lane,
     MergedCandidate,
@@ -26,7 +27,7 @@ from retrieval_service.merge import (
     merge,
     select,
 )
-from retrieval_service.sources.base import Candidate, CandidateBlock, RowMarks, round_robin
+from retrieval_service.sources.base import Candidate, CandidateBlock, round_robin
 
 N_ITEMS = 40
 IDS = [f"i{n}" for n in range(N_ITEMS)]

@@ -14,8 +14,7 @@ from recsys.features import (
     UserAggregates,
     UserProfile,
     aggregates_from_genre_ratings,
-    user_feature_matrix,
-    user_feature_vector,
+    user_feature_rows,
 )
 from recsys.user_store import StoredUser, UserRead, load_users
 
@@ -151,38 +150,9 @@ def feature_rows(
     if not idx:
         return out
     chosen = [inputs[i] for i in idx]
-    profiles = [c[0] for c in chosen]  # type: ignore[index]
-    aggs = [c[1] for c in chosen]  # type: ignore[index]
-    out[idx] = user_feature_matrix(
+    out[idx] = user_feature_rows(
         spec,
-        watch_count=np.array([a.watch_count for a in aggs]),
-        rated_count=np.array([a.rated_count for a in aggs]),
-        rating_sum=np.array([a.rating_sum for a in aggs]),
-        genre_watch=np.stack([a.genre_watch for a in aggs]),
-        genre_rated=np.stack([a.genre_rated for a in aggs]),
-        genre_sum=np.stack([a.genre_sum for a in aggs]),
-        age=np.array([np.nan if p.age is None else p.age for p in profiles], np.float64),
-        gender=[p.gender for p in profiles],
-        occupation=[p.occupation for p in profiles],
-        country=[p.country for p in profiles],
+        [c[0] for c in chosen],  # type: ignore[index]
+        [c[1] for c in chosen],  # type: ignore[index]
     )
     return out
-
-
-def resolve_features(
-    spec: FeatureSpec,
-    stored: StoredUser | None,
-    query: UserQuery,
-    default: np.ndarray,
-) -> tuple[np.ndarray, str]:
-    """Feature vector for one request and where it came from (:func:`resolve_inputs`).
-
-    Returns:
-        ``(float32 [F_user], source)`` with source ``stored``, ``inline`` or
-        ``default``.
-    """
-    inputs = resolve_inputs(spec, stored, query)
-    if inputs is None:
-        return default, "default"
-    profile, agg, source = inputs
-    return user_feature_vector(spec, profile, agg), source

@@ -201,21 +201,28 @@ def user_feature_matrix(
     return np.concatenate(cols, axis=1).astype(np.float32)
 
 
-def user_feature_vector(spec: FeatureSpec, profile: UserProfile, agg: UserAggregates) -> np.ndarray:
-    """Feature vector of one user: float32 ``[spec.n_user_features]``."""
+def user_feature_rows(
+    spec: FeatureSpec, profiles: Sequence[UserProfile], aggs: Sequence[UserAggregates]
+) -> np.ndarray:
+    """Feature vectors of several users: float32 ``[n, spec.n_user_features]``."""
     return user_feature_matrix(
         spec,
-        watch_count=np.array([agg.watch_count]),
-        rated_count=np.array([agg.rated_count]),
-        rating_sum=np.array([agg.rating_sum]),
-        genre_watch=agg.genre_watch[None, :],
-        genre_rated=agg.genre_rated[None, :],
-        genre_sum=agg.genre_sum[None, :],
-        age=np.array([np.nan if profile.age is None else profile.age], np.float64),
-        gender=[profile.gender],
-        occupation=[profile.occupation],
-        country=[profile.country],
-    )[0]
+        watch_count=np.array([a.watch_count for a in aggs]),
+        rated_count=np.array([a.rated_count for a in aggs]),
+        rating_sum=np.array([a.rating_sum for a in aggs]),
+        genre_watch=np.stack([a.genre_watch for a in aggs]),
+        genre_rated=np.stack([a.genre_rated for a in aggs]),
+        genre_sum=np.stack([a.genre_sum for a in aggs]),
+        age=np.array([np.nan if p.age is None else p.age for p in profiles], np.float64),
+        gender=[p.gender for p in profiles],
+        occupation=[p.occupation for p in profiles],
+        country=[p.country for p in profiles],
+    )
+
+
+def user_feature_vector(spec: FeatureSpec, profile: UserProfile, agg: UserAggregates) -> np.ndarray:
+    """Feature vector of one user: float32 ``[spec.n_user_features]``."""
+    return user_feature_rows(spec, [profile], [agg])[0]
 
 
 def default_user_vector(spec: FeatureSpec) -> np.ndarray:

@@ -1,6 +1,6 @@
 import numpy as np
 
-from ranking_service.users import UserQuery, feature_rows, resolve_features, resolve_inputs
+from ranking_service.users import UserQuery, feature_rows, resolve_inputs
 from recsys.features import (
     FeatureSpec,
     UserAggregates,
@@ -13,6 +13,13 @@ from recsys.user_store import StoredUser
 
 SPEC = FeatureSpec(genres=("Action", "Comedy", "Drama"), countries=("eu", "us"), genders=("F", "M"))
 DEFAULT = default_user_vector(SPEC)
+
+
+def resolve_features(spec, stored, query, default):
+    """One request's feature vector and its source, the way a batch of one builds it."""
+    inputs = resolve_inputs(spec, stored, query)
+    source = inputs[2] if inputs is not None else "default"
+    return feature_rows(spec, [inputs], default)[0], source
 
 
 def stored(country="eu", watch=3) -> StoredUser:
@@ -82,5 +89,6 @@ def test_feature_rows_equal_one_vector_per_user():
     rows = feature_rows(SPEC, [resolve_inputs(SPEC, st, q) for st, q in cases], DEFAULT)
     assert rows.shape == (len(cases), DEFAULT.shape[0]) and rows.dtype == np.float32
     for row, (st, q) in zip(rows, cases, strict=True):
-        vec, _ = resolve_features(SPEC, st, q, DEFAULT)
+        inputs = resolve_inputs(SPEC, st, q)
+        vec = DEFAULT if inputs is None else user_feature_vector(SPEC, inputs[0], inputs[1])
         np.testing.assert_allclose(row, vec, rtol=1e-6, atol=1e-6)

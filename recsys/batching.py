@@ -11,16 +11,16 @@ of paying the per-call overhead of TensorFlow for every request.
 
 Two ways to run a batch:
 
-* ``inline=True`` (the CPU default): on the event loop itself, from a
-  timer callback. On a CPU the batch is a few hundred microseconds of
-  mostly GIL-holding numpy and one ``Session.run``; a worker thread would
-  add a thread wake-up, a cross-thread future and GIL hand-offs to every
-  batch (measured at ~250 µs of CPU per batch, as much as the scoring)
-  and buy no parallelism. Requests that arrive while it runs wait in
-  gRPC's buffers and form the next batch.
-* ``inline=False``: on one worker thread, so the event loop keeps
-  accepting requests while a long batch runs (a GPU, where the batch
-  mostly waits on the device with the GIL released).
+* ``inline=True`` (both services use it): on the event loop itself, from a
+  timer callback; ``fn`` may be a coroutine function, and a batch that
+  awaits I/O then runs as a task while the next one gathers. On a CPU a
+  ranking batch is a few hundred microseconds of mostly GIL-holding numpy
+  and one ``Session.run``; a worker thread would add a thread wake-up, a
+  cross-thread future and GIL hand-offs to every batch (measured at ~250
+  µs of CPU per batch, as much as the scoring) and buy no parallelism.
+* ``inline=False`` (the constructor's default): a synchronous ``fn`` on one
+  worker thread, so the event loop keeps accepting requests while a long
+  batch runs.
 """
 
 from __future__ import annotations
@@ -258,32 +258,18 @@ class MicroBatcher(Generic[Req, Res]):
             batch = self._take()
             if not batch:
                 continue
-            self.batches += 1
-            self.requests += len(batch)
-            if self.on_batch is not None:
-                self.on_batch(len(batch))
+            self._count(batch)
             try:
                 results = await loop.run_in_executor(
                     self._executor, self.fn, [p.request for p in batch]
                 )
-                if len(results) != len(batch):
-                    raise RuntimeError(
-                        f"batch function returned {len(results)} results for {len(batch)} requests"
-                    )
             except asyncio.CancelledError:
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(BatcherClosed("the scoring queue is shut down"))
+                self._fail(batch, BatcherClosed("the scoring queue is shut down"), quiet=True)
                 raise
             except Exception as exc:
-                log.exception("batch of %d failed", len(batch))
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                continue
-            for p, r in zip(batch, results, strict=True):
-                if not p.future.done():
-                    p.future.set_result(r)
+                self._fail(batch, exc)
+            else:
+                self._deliver(batch, results)
 
     async def close(self) -> None:
         """Stops the worker; queued and later requests fail with BatcherClosed."""

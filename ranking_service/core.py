@@ -212,6 +212,7 @@ class Ranker:
                         source_scores=query.debug,
                         # The retrieval span joins this trace through a traceparent.
                         trace_metadata=tr.inject(None) or (),
+                        catalogue=model.version,
                     )
                     if tr.enabled:
                         span.set_attribute("recsys.candidates", len(answer.candidates))
@@ -240,9 +241,13 @@ class Ranker:
             return out
         assert answer is not None
         cands = answer.candidates
-        # The packed id list maps straight to rows; provenance is only built
-        # for the winners below.
-        rows = model.index.lookup(answer.item_ids)
+        # Rows come straight off the wire when retrieval shares the model's
+        # catalogue, else the packed id list maps to rows; provenance is only
+        # built for the winners below.
+        if answer.rows is not None:
+            rows = answer.rows.astype(np.int64)
+        else:
+            rows = model.index.lookup(answer.item_ids)
         # Retrieval already dropped the stored watched set, so only the
         # request's own exclusions are applied here (no SMEMBERS per request).
         out = await self._rank_rows(

@@ -211,6 +211,7 @@ class LoadedModel:
         mv = ModelVersion.open(path)
         signature = _serving_signature(mv)
         index = IdIndex(mv.item_ids, mv.item_index)
+        _ = mv.catalogue_id  # hashed at load, off the request path
         if device == "gpu":
             vectors: HostVectors | TensorVectors = TensorVectors(mv.item_vectors, "/GPU:0")
         else:

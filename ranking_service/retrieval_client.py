@@ -7,10 +7,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+import numpy as np
 
 from recsys.channels import create_channel
 from recsys.config import RankingSettings
-from recsys.packed import candidates_of
+from recsys.packed import Catalogue, candidates_of
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
 
 # Share of the client's remaining deadline kept back from the retrieval call.
@@ -39,7 +40,10 @@ class RetrievalAnswer:
             object with ``item_id``, ``sources``, ``score``, ``source_scores``,
             ``seed_item_id`` and ``genre`` (``recsys.packed.PackedCandidate``,
             decoded on access, or ``recsys.v1.Candidate`` from an older server).
-        item_ids: Candidate ids in retrieval order (no per-candidate decoding).
+        item_ids: Candidate ids in retrieval order (no per-candidate decoding);
+            empty when the answer came by rows.
+        rows: The candidates' rows in the caller's catalogue when retrieval
+            shares it and answered by rows (then no ids were sent), else None.
         reports: ``recsys.v1.SourceReport`` per source.
         index_version: Version that produced the answer.
     """
@@ -48,6 +52,7 @@ class RetrievalAnswer:
     reports: Sequence[Any]
     index_version: str
     item_ids: Sequence[str] = ()
+    rows: np.ndarray | None = None
 
 
 class RetrievalClient:
@@ -80,6 +85,7 @@ class RetrievalClient:
         *,
         source_scores: bool = True,
         trace_metadata: Sequence[tuple[str, str]] = (),
+        catalogue: Catalogue | None = None,
     ) -> RetrievalAnswer:
         """Calls Retrieve with the caller's deadline propagated.
 
@@ -89,6 +95,8 @@ class RetrievalClient:
         :mod:`recsys.packed`). ``source_scores=False`` asks retrieval to leave
         the per-source scores out (only debug output shows them).
         ``trace_metadata`` (a W3C ``traceparent``) goes out with the call.
+        With ``catalogue`` (the caller's model version), retrieval names the
+        candidates by row when it serves the same catalogue.
 
         Raises:
             RetrievalUnavailable: Down, timed out, overloaded or failing.
@@ -105,6 +113,7 @@ class RetrievalClient:
             sources=list(sources),
             omit_source_scores=not source_scores,
             packed=True,
+            catalogue=catalogue.catalogue_id if catalogue is not None else "",
         )
         try:
             metadata = self.metadata
@@ -121,14 +130,15 @@ class RetrievalClient:
                 reason = f"retrieval unavailable ({code.name})"
             raise RetrievalUnavailable(reason, code.name) from exc
         try:
-            candidates, item_ids = candidates_of(resp)
+            candidates, item_ids, rows = candidates_of(resp, catalogue)
         except ValueError as exc:  # a malformed packed answer: treat as retrieval failing
             raise RetrievalUnavailable("retrieval sent a malformed answer", "INTERNAL") from exc
         return RetrievalAnswer(
             candidates=candidates,
             reports=resp.source_reports,
             index_version=resp.index_version,
-            item_ids=item_ids,
+            item_ids=item_ids or (),
+            rows=rows,
         )
 
     async def close(self) -> None:

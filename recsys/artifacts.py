@@ -213,6 +213,18 @@ class ModelVersion:
         return list(self._json(ITEM_IDS))
 
     @cached_property
+    def catalogue_id(self) -> str:
+        """Fingerprint of the catalogue: hex sha256 of the item ids in row order.
+
+        Two versions with the same fingerprint number their items the same
+        way, so a row from one names the same item in the other; the
+        services use it to pass candidates by row (``RetrieveRequest.catalogue``).
+        """
+        # Canonical JSON: no two id lists serialise alike, and it runs in C.
+        text = json.dumps(self.item_ids, ensure_ascii=False, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    @cached_property
     def item_index(self) -> dict[str, int]:
         """Item id to row."""
         return {iid: i for i, iid in enumerate(self.item_ids)}

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from typing import Any, overload
+from typing import Any, Protocol, overload
 
 import numpy as np
 
 from recsys.v1 import common_pb2, retrieval_pb2
+
+# PackedCandidates.rows on the wire: little-endian int32.
+ROW_DTYPE = np.dtype("<i4")
 
 
 def _compact(index: np.ndarray, table: Sequence[str]) -> tuple[list[str], list[int]]:
@@ -43,7 +46,9 @@ def _compact(index: np.ndarray, table: Sequence[str]) -> tuple[list[str], list[i
 def pack(
     msg: retrieval_pb2.PackedCandidates,
     *,
-    item_ids: Sequence[str],
+    item_ids: Sequence[str] | None = None,
+    rows: np.ndarray | None = None,
+    catalogue: str = "",
     scores: np.ndarray,
     source_names: Sequence[str],
     source_mask: np.ndarray,
@@ -57,7 +62,10 @@ def pack(
 
     Args:
         msg: The (empty) message to fill.
-        item_ids: Candidate ids in answer order.
+        item_ids: Candidate ids in answer order; or
+        rows: Their catalogue rows, with
+        catalogue: The fingerprint of the catalogue the rows index (the
+            caller's, which it sent in ``RetrieveRequest.catalogue``).
         scores: float [m] best score, NaN when none (sent as 0, like ``Candidate.score``).
         source_names: The request's sources; bit ``i`` of a mask is ``source_names[i]``.
         source_mask: unsigned [m] sources that produced each candidate.
@@ -69,7 +77,13 @@ def pack(
             None to leave them out (``omit_source_scores``).
     """
     msg.SetInParent()  # present even with no candidates, so clients know it was packed
-    msg.item_ids.extend(item_ids)
+    if rows is not None:
+        if not catalogue:
+            raise ValueError("rows need the catalogue they index")
+        msg.rows = np.ascontiguousarray(rows, ROW_DTYPE).tobytes()
+        msg.catalogue = catalogue
+    else:
+        msg.item_ids.extend(item_ids or ())
     msg.scores.extend(np.nan_to_num(scores, nan=0.0).tolist())
     msg.source_names.extend(source_names)
     msg.source_mask.extend(source_mask.tolist())
@@ -103,7 +117,7 @@ class PackedCandidate:
     @property
     def item_id(self) -> str:
         """Catalogue id."""
-        return self._list.item_ids[self._i]
+        return self._list.item_id_of(self._i)
 
     @property
     def sources(self) -> list[str]:
@@ -155,19 +169,62 @@ class PackedCandidate:
         return f"PackedCandidate({self.item_id!r}, sources={self.sources}, score={self.score:g})"
 
 
+class Catalogue(Protocol):
+    """What a client needs to read rows: the fingerprint and the ids in row order.
+
+    ``recsys.artifacts.ModelVersion`` is one.
+    """
+
+    @property
+    def catalogue_id(self) -> str: ...
+
+    @property
+    def item_ids(self) -> Sequence[str]: ...
+
+
 class PackedCandidateList(Sequence[PackedCandidate]):
     """``PackedCandidates`` read as a sequence of candidates, each decoded on access.
 
-    ``item_ids`` is the whole id list (one copy out of the message); the
-    other fields of a candidate are read only when asked, so a caller that
-    ranks 500 candidates and shows 10 decodes 10.
+    Candidates come named by ``item_ids`` (one copy out of the message) or,
+    when the request sent the caller's catalogue fingerprint and the server
+    shares it, by ``rows`` (read straight from the bytes, no string per
+    candidate; ``item_ids`` is then built only if asked for). The other
+    fields of a candidate are read only when asked, so a caller that ranks
+    500 candidates and shows 10 decodes 10.
+
+    Sizes are checked here; a seed or genre index outside its table reads as
+    none when accessed (a provenance detail must not cost the candidate).
+
+    Args:
+        msg: The message.
+        catalogue: The caller's catalogue, needed to read an answer by rows.
+
+    Raises:
+        ValueError: Field sizes disagree, or rows index a catalogue other
+            than ``catalogue`` or fall outside it.
     """
 
-    def __init__(self, msg: retrieval_pb2.PackedCandidates):
+    def __init__(self, msg: retrieval_pb2.PackedCandidates, catalogue: Catalogue | None = None):
         self.msg = msg
-        self.item_ids: list[str] = list(msg.item_ids)
         self.source_names: list[str] = list(msg.source_names)
-        n = len(self.item_ids)
+        self.rows: np.ndarray | None = None
+        self._ids: list[str] | None = None
+        self._catalogue_ids: Sequence[str] = ()
+        if msg.rows or msg.catalogue:
+            if catalogue is None or msg.catalogue != catalogue.catalogue_id:
+                raise ValueError("PackedCandidates.rows index a catalogue the client lacks")
+            if len(msg.rows) % ROW_DTYPE.itemsize:
+                raise ValueError("PackedCandidates.rows is not a whole number of int32 rows")
+            rows = np.frombuffer(msg.rows, ROW_DTYPE)
+            self._catalogue_ids = catalogue.item_ids
+            if rows.size and not (rows.min() >= 0 and rows.max() < len(self._catalogue_ids)):
+                raise ValueError("PackedCandidates.rows points outside the catalogue")
+            self.rows = rows
+            n = int(rows.size)
+        else:
+            self._ids = list(msg.item_ids)
+            n = len(self._ids)
+        self._n = n
         for field, size in (
             ("scores", len(msg.scores)),
             ("source_mask", len(msg.source_mask)),
@@ -175,18 +232,28 @@ class PackedCandidateList(Sequence[PackedCandidate]):
             ("genre_index", len(msg.genre_index) or n),
         ):
             if size != n:
-                raise ValueError(f"PackedCandidates.{field} has {size} entries for {n} item_ids")
+                raise ValueError(f"PackedCandidates.{field} has {size} entries for {n} candidates")
         if msg.source_scores and len(msg.source_scores) != len(self.source_names):
             raise ValueError("PackedCandidates.source_scores does not match source_names")
-        for field, index, table in (
-            ("seed_index", msg.seed_index, msg.seeds),
-            ("genre_index", msg.genre_index, msg.genres),
-        ):
-            if index and not -1 <= min(index) <= max(index) < len(table):
-                raise ValueError(f"PackedCandidates.{field} points outside its table")
+
+    @property
+    def item_ids(self) -> list[str]:
+        """Every candidate's id in answer order (built from the rows on first use)."""
+        if self._ids is None:
+            assert self.rows is not None
+            ids = self._catalogue_ids
+            self._ids = [ids[r] for r in self.rows.tolist()]
+        return self._ids
+
+    def item_id_of(self, i: int) -> str:
+        """Id of candidate ``i``."""
+        if self._ids is not None:
+            return self._ids[i]
+        assert self.rows is not None
+        return self._catalogue_ids[int(self.rows[i])]
 
     def __len__(self) -> int:
-        return len(self.item_ids)
+        return self._n
 
     @overload
     def __getitem__(self, i: int) -> PackedCandidate: ...
@@ -197,14 +264,14 @@ class PackedCandidateList(Sequence[PackedCandidate]):
     def __getitem__(self, i: int | slice) -> PackedCandidate | list[PackedCandidate]:
         if isinstance(i, slice):
             return [PackedCandidate(self, j) for j in range(*i.indices(len(self)))]
-        n = len(self.item_ids)
+        n = self._n
         j = int(i) + n if i < 0 else int(i)
         if not 0 <= j < n:
             raise IndexError(f"candidate {i} of {n}")
         return PackedCandidate(self, j)
 
     def __iter__(self) -> Iterator[PackedCandidate]:
-        for j in range(len(self.item_ids)):
+        for j in range(self._n):
             yield PackedCandidate(self, j)
 
     def sources_of(self, i: int) -> list[str]:
@@ -223,22 +290,45 @@ class PackedCandidateList(Sequence[PackedCandidate]):
 
     def seed_of(self, i: int) -> str:
         """Seed item id of candidate ``i``, or ""."""
-        idx = self.msg.seed_index
-        return self.msg.seeds[idx[i]] if idx and idx[i] >= 0 else ""
+        return _entry(self.msg.seed_index, self.msg.seeds, i)
 
     def genre_of(self, i: int) -> str:
         """Genre of candidate ``i``, or ""."""
-        idx = self.msg.genre_index
-        return self.msg.genres[idx[i]] if idx and idx[i] >= 0 else ""
+        return _entry(self.msg.genre_index, self.msg.genres, i)
 
 
-def candidates_of(response: Any) -> tuple[Sequence[Any], list[str]]:
-    """A ``RetrieveResponse``'s candidates and their ids, packed or not.
+def _entry(index: Sequence[int], table: Sequence[str], i: int) -> str:
+    """``table[index[i]]``, or "" for no index, -1, or one outside the table."""
+    if not index:
+        return ""
+    j = index[i]
+    return table[j] if 0 <= j < len(table) else ""
+
+
+def candidates_of(
+    response: Any, catalogue: Catalogue | None = None
+) -> tuple[Sequence[Any], Sequence[str] | None, np.ndarray | None]:
+    """A ``RetrieveResponse``'s candidates, with their ids or their rows.
 
     A server that predates ``RetrieveRequest.packed`` answers with
     ``candidates``; this reads whichever form came back.
+
+    Args:
+        response: The ``RetrieveResponse``.
+        catalogue: The caller's catalogue (what it sent as ``catalogue``),
+            needed to read an answer by rows.
+
+    Returns:
+        ``(candidates, ids, rows)``: ``rows`` (int32 rows of ``catalogue``)
+        when the answer came by rows, with ``ids`` None; else ``ids``, with
+        ``rows`` None.
+
+    Raises:
+        ValueError: A malformed packed answer (see :class:`PackedCandidateList`).
     """
     if response.HasField("packed"):
-        packed = PackedCandidateList(response.packed)
-        return packed, packed.item_ids
-    return response.candidates, [c.item_id for c in response.candidates]
+        packed = PackedCandidateList(response.packed, catalogue)
+        if packed.rows is not None:
+            return packed, None, packed.rows
+        return packed, packed.item_ids, None
+    return response.candidates, [c.item_id for c in response.candidates], None

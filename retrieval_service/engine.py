@@ -116,6 +116,7 @@ class RetrieveResult:
     degraded: bool
     redis_round_trips: int
     variant: str = ""
+    catalogue: str = ""  # fingerprint of the catalogue the rows index
     _merged: list[MergedCandidate] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -567,6 +568,7 @@ class RetrievalEngine:
             degraded,
             ctx.redis.round_trips,
             variant.name,
+            served.model.catalogue_id,
         )
 
     def _variant(self, q: RetrieveQuery) -> Variant:

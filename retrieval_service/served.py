@@ -139,6 +139,7 @@ def load_served_version(path: str | Path, *, search_k: int = -1) -> ServedVersio
     model = ModelVersion.open(path)
     annoy = model.annoy_index()
     ids = model.item_ids
+    _ = model.catalogue_id  # hashed here, off the request path
     popular_raw = model.top_lists.get("popular", [])
     try:
         popular = [(str(i), float(s)) for i, s in popular_raw]

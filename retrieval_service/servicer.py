@@ -51,7 +51,12 @@ def query_from_pb(request: retrieval_pb2.RetrieveRequest) -> RetrieveQuery:
 
 
 def result_to_pb(
-    result: RetrieveResult, variant: str = "", *, scores: bool = True, packed: bool = False
+    result: RetrieveResult,
+    variant: str = "",
+    *,
+    scores: bool = True,
+    packed: bool = False,
+    catalogue: str = "",
 ) -> retrieval_pb2.RetrieveResponse:
     """``RetrieveResponse`` from a domain result.
 
@@ -68,11 +73,13 @@ def result_to_pb(
     )
     sel = result.selection
     ids = result.item_ids
-    item_ids = [ids[r] for r in sel.rows.tolist()]
     if packed:
+        by_rows = bool(catalogue) and catalogue == result.catalogue
         pack(
             response.packed,
-            item_ids=item_ids,
+            item_ids=None if by_rows else [ids[r] for r in sel.rows.tolist()],
+            rows=sel.rows if by_rows else None,
+            catalogue=result.catalogue if by_rows else "",
             scores=sel.scores,
             source_names=sel.source_names,
             source_mask=sel.source_mask,
@@ -83,7 +90,7 @@ def result_to_pb(
             source_scores=sel.source_scores if scores else None,
         )
     else:
-        _add_candidates(response, sel, item_ids, scores)
+        _add_candidates(response, sel, [ids[r] for r in sel.rows.tolist()], scores)
     for r in result.reports:
         response.source_reports.add(
             source=r.source,
@@ -162,6 +169,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
                 result.variant,
                 scores=not request.omit_source_scores,
                 packed=request.packed,
+                catalogue=request.catalogue,
             )
         observe_request("retrieval", "Retrieve", result.variant, time.perf_counter() - start)
         return response

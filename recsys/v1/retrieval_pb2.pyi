@@ -8,18 +8,20 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RetrieveRequest(_message.Message):
-    __slots__ = ("user", "budget", "sources", "omit_source_scores", "packed")
+    __slots__ = ("user", "budget", "sources", "omit_source_scores", "packed", "catalogue")
     USER_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     OMIT_SOURCE_SCORES_FIELD_NUMBER: _ClassVar[int]
     PACKED_FIELD_NUMBER: _ClassVar[int]
+    CATALOGUE_FIELD_NUMBER: _ClassVar[int]
     user: _common_pb2.UserContext
     budget: int
     sources: _containers.RepeatedScalarFieldContainer[str]
     omit_source_scores: bool
     packed: bool
-    def __init__(self, user: _Optional[_Union[_common_pb2.UserContext, _Mapping]] = ..., budget: _Optional[int] = ..., sources: _Optional[_Iterable[str]] = ..., omit_source_scores: _Optional[bool] = ..., packed: _Optional[bool] = ...) -> None: ...
+    catalogue: str
+    def __init__(self, user: _Optional[_Union[_common_pb2.UserContext, _Mapping]] = ..., budget: _Optional[int] = ..., sources: _Optional[_Iterable[str]] = ..., omit_source_scores: _Optional[bool] = ..., packed: _Optional[bool] = ..., catalogue: _Optional[str] = ...) -> None: ...
 
 class SourceScores(_message.Message):
     __slots__ = ("scores",)
@@ -28,7 +30,7 @@ class SourceScores(_message.Message):
     def __init__(self, scores: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class PackedCandidates(_message.Message):
-    __slots__ = ("item_ids", "scores", "source_names", "source_mask", "seeds", "seed_index", "genres", "genre_index", "source_scores")
+    __slots__ = ("item_ids", "scores", "source_names", "source_mask", "seeds", "seed_index", "genres", "genre_index", "source_scores", "rows", "catalogue")
     ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     SOURCE_NAMES_FIELD_NUMBER: _ClassVar[int]
@@ -38,6 +40,8 @@ class PackedCandidates(_message.Message):
     GENRES_FIELD_NUMBER: _ClassVar[int]
     GENRE_INDEX_FIELD_NUMBER: _ClassVar[int]
     SOURCE_SCORES_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    CATALOGUE_FIELD_NUMBER: _ClassVar[int]
     item_ids: _containers.RepeatedScalarFieldContainer[str]
     scores: _containers.RepeatedScalarFieldContainer[float]
     source_names: _containers.RepeatedScalarFieldContainer[str]
@@ -47,7 +51,9 @@ class PackedCandidates(_message.Message):
     genres: _containers.RepeatedScalarFieldContainer[str]
     genre_index: _containers.RepeatedScalarFieldContainer[int]
     source_scores: _containers.RepeatedCompositeFieldContainer[SourceScores]
-    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., source_names: _Optional[_Iterable[str]] = ..., source_mask: _Optional[_Iterable[int]] = ..., seeds: _Optional[_Iterable[str]] = ..., seed_index: _Optional[_Iterable[int]] = ..., genres: _Optional[_Iterable[str]] = ..., genre_index: _Optional[_Iterable[int]] = ..., source_scores: _Optional[_Iterable[_Union[SourceScores, _Mapping]]] = ...) -> None: ...
+    rows: bytes
+    catalogue: str
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., source_names: _Optional[_Iterable[str]] = ..., source_mask: _Optional[_Iterable[int]] = ..., seeds: _Optional[_Iterable[str]] = ..., seed_index: _Optional[_Iterable[int]] = ..., genres: _Optional[_Iterable[str]] = ..., genre_index: _Optional[_Iterable[int]] = ..., source_scores: _Optional[_Iterable[_Union[SourceScores, _Mapping]]] = ..., rows: _Optional[bytes] = ..., catalogue: _Optional[str] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
     __slots__ = ("candidates", "source_reports", "index_version", "degraded", "variant", "packed")

@@ -168,8 +168,8 @@ async def test_packed_answer_carries_the_same_candidates(published: Path, redis_
                 )
                 assert not packed.candidates and packed.HasField("packed")
                 assert not plain.HasField("packed")
-                cands, ids = candidates_of(packed)
-                assert ids == [c.item_id for c in plain.candidates]
+                cands, ids, rows = candidates_of(packed)
+                assert rows is None and ids == [c.item_id for c in plain.candidates]
                 assert [c.to_pb() for c in cands] == list(plain.candidates)
                 assert any(c.seed_item_id for c in plain.candidates)
                 assert any(c.genre for c in plain.candidates)
@@ -180,6 +180,45 @@ async def test_packed_answer_carries_the_same_candidates(published: Path, redis_
                 assert outcome(packed) == outcome(plain)
                 # The point of packing: fewer bytes for the same answer.
                 assert packed.ByteSize() < plain.ByteSize()
+
+
+async def test_a_caller_sharing_the_catalogue_gets_rows_not_ids(
+    published: Path, redis_server, users
+):
+    from recsys.packed import candidates_of
+
+    mv = ModelVersion.open(published)
+    other = ModelVersion.open(published)
+    other.__dict__["catalogue_id"] = "f" * 64  # a caller whose catalogue differs
+    async with _retrieval_stub(published, redis_server.url) as stub:
+        for u in users[:3]:
+            ctx = common_pb2.UserContext(user_id=u)
+
+            def req(catalogue: str, ctx=ctx) -> retrieval_pb2.RetrieveRequest:
+                return retrieval_pb2.RetrieveRequest(
+                    user=ctx, budget=150, packed=True, catalogue=catalogue
+                )
+
+            by_ids = await stub.Retrieve(req(""))
+            by_rows = await stub.Retrieve(req(mv.catalogue_id))
+            assert not by_rows.packed.item_ids and by_rows.packed.catalogue == mv.catalogue_id
+            assert len(by_rows.packed.rows) == 4 * len(by_ids.packed.item_ids) > 0
+            cands, ids, rows = candidates_of(by_rows, mv)
+            assert ids is None and rows is not None
+            assert [mv.item_ids[r] for r in rows] == list(by_ids.packed.item_ids)
+            same, _, _ = candidates_of(by_ids)
+            assert [c.to_pb() for c in cands] == [c.to_pb() for c in same]
+            # Smaller on the wire too.
+            assert by_rows.ByteSize() < by_ids.ByteSize()
+            # A different catalogue gets ids back, never rows it cannot read.
+            mismatch = await stub.Retrieve(req(other.catalogue_id))
+            assert list(mismatch.packed.item_ids) == list(by_ids.packed.item_ids)
+            assert not mismatch.packed.rows and not mismatch.packed.catalogue
+            # And a client without the catalogue refuses a rows answer.
+            with pytest.raises(ValueError, match="catalogue"):
+                candidates_of(by_rows, other)
+            with pytest.raises(ValueError, match="catalogue"):
+                candidates_of(by_rows)
 
 
 class _Sleepy:

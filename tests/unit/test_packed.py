@@ -37,8 +37,8 @@ def _packed(scores: bool = True) -> retrieval_pb2.RetrieveResponse:
 def test_round_trip_decodes_every_field():
     wire = _packed()
     assert list(wire.packed.seeds) == ["s1"] and list(wire.packed.seed_index) == [0, -1, -1]
-    cands, ids = candidates_of(wire)
-    assert ids == ["a", "b", "c"] and len(cands) == 3
+    cands, ids, rows = candidates_of(wire)
+    assert ids == ["a", "b", "c"] and rows is None and len(cands) == 3
     a, b, c = cands
     assert a.item_id == "a" and a.sources == ["similar", "genre"]
     assert a.score == 4.25 and a.seed_item_id == "s1" and a.genre == "Drama"
@@ -60,7 +60,7 @@ def test_round_trip_decodes_every_field():
 
 
 def test_reasons_read_a_packed_candidate_like_a_message():
-    cands, _ = candidates_of(_packed())
+    cands, _, _ = candidates_of(_packed())
     kinds = source_kinds(
         [
             {"name": "similar", "type": "annoy_similar"},
@@ -81,7 +81,7 @@ def test_reasons_read_a_packed_candidate_like_a_message():
 def test_scores_left_out_and_empty_answers():
     lean = _packed(scores=False)
     assert not lean.packed.source_scores
-    cands, _ = candidates_of(lean)
+    cands, _, _ = candidates_of(lean)
     assert cands[0].source_scores == {} and cands[0].score == 4.25
     assert lean.ByteSize() < _packed().ByteSize()
     empty = retrieval_pb2.RetrieveResponse()
@@ -105,8 +105,8 @@ def test_an_unpacked_answer_reads_the_same_way():
     legacy = retrieval_pb2.RetrieveResponse(
         candidates=[common_pb2.Candidate(item_id="x", sources=["popular"], score=1.0)]
     )
-    cands, ids = candidates_of(legacy)
-    assert ids == ["x"] and cands[0].sources == ["popular"]
+    cands, ids, rows = candidates_of(legacy)
+    assert ids == ["x"] and rows is None and cands[0].sources == ["popular"]
 
 
 @pytest.mark.parametrize(
@@ -114,7 +114,7 @@ def test_an_unpacked_answer_reads_the_same_way():
     [
         (lambda p: p.scores.append(1.0), "scores"),
         (lambda p: p.source_mask.pop(), "source_mask"),
-        (lambda p: p.seed_index.__setitem__(0, 5), "seed_index"),
+        (lambda p: p.seed_index.pop(), "seed_index"),
         (lambda p: p.source_scores.add(), "source_scores"),
     ],
 )
@@ -123,6 +123,88 @@ def test_malformed_packed_answers_are_refused(damage, field):
     damage(wire.packed)
     with pytest.raises(ValueError, match=field):
         PackedCandidateList(wire.packed)
+
+
+def test_a_seed_or_genre_index_outside_its_table_reads_as_none():
+    wire = _packed()
+    wire.packed.seed_index[0] = 5
+    wire.packed.genre_index[0] = -7
+    cand = PackedCandidateList(wire.packed)[0]
+    assert cand.seed_item_id == "" and cand.genre == ""
+    assert cand.item_id == "a" and cand.sources == ["similar", "genre"]
+
+
+class _Catalogue:
+    def __init__(self, ids: list[str], fingerprint: str = "cat-1"):
+        self.item_ids = ids
+        self.catalogue_id = fingerprint
+
+
+CATALOGUE = _Catalogue(["z", "c", "a", "b"])
+
+
+def _by_rows(rows: list[int], catalogue: str = "cat-1") -> retrieval_pb2.RetrieveResponse:
+    response = retrieval_pb2.RetrieveResponse()
+    n = len(rows)
+    pack(
+        response.packed,
+        rows=np.asarray(rows),
+        catalogue=catalogue,
+        scores=np.arange(n, dtype=np.float64),
+        source_names=NAMES,
+        source_mask=np.full(n, 0b0001, np.uint64),
+        seeds=np.full(n, -1),
+        seed_ids=[],
+        genres=np.full(n, -1),
+        genre_names=[],
+    )
+    return retrieval_pb2.RetrieveResponse.FromString(response.SerializeToString())
+
+
+def test_rows_name_the_same_candidates_as_ids():
+    wire = _by_rows([2, 3, 1])
+    assert not wire.packed.item_ids and len(wire.packed.rows) == 12
+    cands, ids, rows = candidates_of(wire, CATALOGUE)
+    assert ids is None and rows.tolist() == [2, 3, 1]
+    assert [c.item_id for c in cands] == ["a", "b", "c"]
+    assert cands.item_ids == ["a", "b", "c"] and len(cands) == 3
+    assert cands[1].score == 1.0 and cands[1].sources == ["similar"]
+    assert cands[-1].to_pb().item_id == "c"
+    empty, _, none = candidates_of(_by_rows([]), CATALOGUE)
+    assert len(empty) == 0 and none is not None and none.size == 0
+
+
+@pytest.mark.parametrize(
+    "wire, catalogue, message",
+    [
+        (_by_rows([0, 1]), None, "catalogue"),
+        (_by_rows([0, 1]), _Catalogue(["z", "c", "a", "b"], "cat-2"), "catalogue"),
+        (_by_rows([0, 4]), CATALOGUE, "outside"),
+        (_by_rows([-1, 0]), CATALOGUE, "outside"),
+    ],
+)
+def test_rows_a_client_cannot_read_are_refused(wire, catalogue, message):
+    with pytest.raises(ValueError, match=message):
+        candidates_of(wire, catalogue)
+
+
+def test_rows_must_be_whole_int32s():
+    wire = _by_rows([0, 1])
+    wire.packed.rows = wire.packed.rows[:-1]
+    with pytest.raises(ValueError, match="int32"):
+        PackedCandidateList(wire.packed, CATALOGUE)
+    with pytest.raises(ValueError, match="catalogue"):
+        pack(
+            retrieval_pb2.PackedCandidates(),
+            rows=np.zeros(1),
+            scores=np.zeros(1),
+            source_names=NAMES,
+            source_mask=np.zeros(1, np.uint64),
+            seeds=np.full(1, -1),
+            seed_ids=[],
+            genres=np.full(1, -1),
+            genre_names=[],
+        )
 
 
 def test_nan_scores_travel_as_nan_per_source():

@@ -7,7 +7,10 @@ Measured in one process:
   number of stages a Recommend crosses in both services;
 * ``baseline``: ``score_batch`` for one request of 500 candidates on a
   synthetic version, the ranking work a request does anyway (tower + dot + top-k);
-* ``on``: the same stages as recording SDK spans into an in-memory exporter.
+* ``on``: the same stages as recording SDK spans into an in-memory exporter;
+* ``plain``: the same stages through :class:`_PlainNullTracer`, a disabled
+  tracer written the plain-Python way (what ``recsys.tracing`` had before
+  its null span moved to C-level callables), for a before/after in one run.
 
 The ratio ``off / baseline`` is the share of a request the instrumentation
 costs when tracing is off.
@@ -21,12 +24,39 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from opentelemetry.trace import INVALID_SPAN
 
 from bench import common
 
 # Stages one Recommend crosses: ranking (root, retrieve, hydrate, tower, score,
 # top-k) and retrieval (root, hydrate, 4 sources, filter, merge).
 STAGES_PER_RECOMMEND = 14
+
+
+class _PlainNullSpan:
+    """A null context manager with Python ``__enter__``/``__exit__`` (the reference)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> Any:
+        return INVALID_SPAN
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class _PlainNullTracer:
+    """A disabled tracer as first written: a checked, keyword-only ``span()``."""
+
+    def __init__(self) -> None:
+        self._tracer = None
+        self.enabled = False
+        self._null = _PlainNullSpan()
+
+    def span(self, name: str, *, parent: Any = None, kind: Any = None, attributes: Any = None):
+        if self._tracer is None:
+            return self._null
+        raise AssertionError("reference tracer is never enabled")
 
 
 def _per_call_ns(fn, n: int) -> float:
@@ -63,6 +93,8 @@ def run(quick: bool = False) -> dict[str, Any]:
     # The bare loop is subtracted: only what the instrumentation adds is counted.
     loop_ns = _per_call_ns(_empty, n)
     off_ns = max(_per_call_ns(lambda k: _stages(NOOP, k), n) - loop_ns, 0.0)
+    plain = _PlainNullTracer()
+    plain_ns = max(_per_call_ns(lambda k: _stages(plain, k), n) - loop_ns, 0.0)
     exporter = InMemorySpanExporter()
     on = Tracing.from_settings(TracingSettings(enabled=True), "bench", exporter=exporter)
 
@@ -97,6 +129,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         "command": common.reproduce_command("tracing", quick),
         "off_ns_per_stage": round(off_ns, 1),
         "on_ns_per_stage": round(on_ns, 1),
+        "plain_python_null_ns_per_stage": round(plain_ns, 1),
         "off_us_per_recommend": round(off_request_ns / 1e3, 3),
         "score_batch_us_per_request": round(base_ns / 1e3, 1),
         "score_batch_traced_us_per_request": round(clocked_ns / 1e3, 1),
@@ -105,6 +138,9 @@ def run(quick: bool = False) -> dict[str, Any]:
                 off_request_ns, base_ns, unit="ns", what="14 disabled stages / score_batch(500)"
             ),
             "tracing_on_vs_off_per_stage": common.ratio(on_ns, off_ns, unit="ns"),
+            "tracing_off_vs_plain_python_null_per_stage": common.ratio(
+                off_ns, plain_ns, unit="ns", what="recsys NOOP / plain-Python null tracer"
+            ),
         },
         "targets": [
             common.target(
@@ -116,6 +152,10 @@ def run(quick: bool = False) -> dict[str, Any]:
         f"disabled stage: {off_ns:.0f} ns; {STAGES_PER_RECOMMEND} stages per Recommend: "
         f"{off_request_ns / 1e3:.2f} us = {off_request_ns / base_ns:.2%} of score_batch "
         f"for 500 candidates ({base_ns / 1e3:.0f} us; with stage clocks {clocked_ns / 1e3:.0f} us)"
+    )
+    print(
+        f"plain-Python null tracer (reference): {plain_ns:.0f} ns per stage; "
+        f"NOOP is {off_ns / plain_ns:.2f}x of it"
     )
     print(f"recording SDK span: {on_ns:.0f} ns per stage ({on_ns / off_ns:.0f}x the disabled path)")
     return out

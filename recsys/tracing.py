@@ -37,7 +37,7 @@ class _NullSpan:
     """The context manager a disabled tracer hands out: enters to ``INVALID_SPAN``.
 
     Its ``__enter__``/``__exit__`` are C callables, not Python methods, so a
-    ``with`` on it runs no Python frame and allocates nothing.
+    ``with`` on it runs no Python frame and creates no object that outlives it.
     """
 
     __slots__ = ()

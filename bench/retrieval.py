@@ -19,6 +19,12 @@ Figures and their baselines (measured in the same run):
   ``per_seed + 1`` = 51 neighbours with distances; 11 neighbours with and
   without distances; by vector). Baseline: an exact numpy top-10 (one
   matrix-vector product + ``argpartition``) per query.
+* ``annoy["depth_50"]``: the service's own query depth. The similar-to-recent
+  source keeps ``per_seed`` = 50 neighbours of each seed, so at the default
+  tree count the 51-neighbour query is scored by recall@50 against an exact
+  numpy top-50, at the shipped ``search_k`` and at larger ones (Annoy's
+  ``-1`` is ``trees x 51``), with median / p99 query time timed interleaved
+  as above. Figures only, no target: how deep the shipped list really is.
 * ``retrieve``: the service's ``Retrieve`` path in-process (hydrate, 4
   default sources, merge/filter/interleave, response built and serialised)
   against a real embedded Redis holding the published version, budget 500,
@@ -51,6 +57,10 @@ SHARED_DATA = Path(os.environ.get("RECSYS_SHARED_DATA", REPO.parent / "shared" /
 RECALL_TARGET = 0.95
 # Neighbours the service asks Annoy for per seed (AnnoySimilarConfig.per_seed + 1).
 SERVICE_NEIGHBOURS = 51
+# Neighbours the similar-to-recent source keeps per seed (AnnoySimilarConfig.per_seed).
+SERVICE_DEPTH = SERVICE_NEIGHBOURS - 1
+# search_k values the depth-50 check compares with the shipped one.
+DEPTH_SEARCH_KS = (1000, -1, 3000)
 # Configurations are timed in turns over blocks of this many queries (in a
 # fresh order per block, one index at a time): each configuration sees
 # consecutive different items on one index, as the service does, while load
@@ -72,6 +82,20 @@ def _clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
+def _exact_top(x: np.ndarray, queries: list[int], k: int) -> tuple[list[set[int]], list[float]]:
+    """Exact top-``k`` rows by cosine for each query row (itself excluded), and each one's time."""
+    exact: list[set[int]] = []
+    times: list[float] = []
+    for q in queries:
+        t = time.perf_counter()
+        cos = x @ x[q]
+        cos[q] = -np.inf
+        top = np.argpartition(-cos, k)[:k]
+        times.append(time.perf_counter() - t)
+        exact.append(set(top.tolist()))
+    return exact, times
+
+
 def bench_annoy(quick: bool) -> dict[str, Any]:
     from annoy import AnnoyIndex
 
@@ -89,15 +113,7 @@ def bench_annoy(quick: bool) -> dict[str, Any]:
     x = _clustered(n, dim)
     queries = np.random.default_rng(0).choice(n, n_queries, replace=False).tolist()
 
-    exact: list[set[int]] = []
-    exact_times: list[float] = []
-    for q in queries:
-        t = time.perf_counter()
-        cos = x @ x[q]
-        cos[q] = -np.inf
-        top = np.argpartition(-cos, k)[:k]
-        exact_times.append(time.perf_counter() - t)
-        exact.append(set(top.tolist()))
+    exact, exact_times = _exact_top(x, queries, k)
     exact_median = _pct(exact_times, 50)
 
     indexes, build_s = {}, {}
@@ -170,6 +186,9 @@ def bench_annoy(quick: bool) -> dict[str, Any]:
             f"{name} {f['median_us']:.0f}/{f['recall_at_10']:.3f}" for name, f in forms.items()
         )
     )
+    depth = _depth_50(
+        indexes[point["trees"]], point["trees"], x, queries, point["search_k"], rounds
+    )
     return {
         "items": n,
         "dim": dim,
@@ -182,6 +201,7 @@ def bench_annoy(quick: bool) -> dict[str, Any]:
         "operating_point": point,
         "cheapest_point": cheapest,
         "query_forms": forms,
+        "depth_50": depth,
     }
 
 
@@ -230,6 +250,60 @@ def _query_forms(index, x, queries, exact, search_k, rounds) -> dict[str, dict[s
             "recall_at_10": hits[name] / (k * len(queries)),
         }
         for name in forms
+    }
+
+
+def _depth_50(index, trees, x, queries, shipped, rounds) -> dict[str, Any]:
+    """Recall@50 and time of the service's 51-neighbour query, shipped and deeper search_k."""
+    k = SERVICE_DEPTH
+    exact, exact_times = _exact_top(x, queries, k)
+    search_ks = [shipped, *(sk for sk in DEPTH_SEARCH_KS if sk != shipped)]
+    times: dict[int, list[float]] = {sk: [] for sk in search_ks}
+    hits = dict.fromkeys(search_ks, 0)
+    perf = time.perf_counter
+    order = np.random.default_rng(3)
+    for r in range(rounds):
+        for block in range(0, len(queries), QUERY_BLOCK):
+            qs = queries[block : block + QUERY_BLOCK]
+            truths = exact[block : block + QUERY_BLOCK]
+            for sk in order.permutation(search_ks).tolist():
+                for q, truth in zip(qs, truths, strict=True):
+                    t = perf()
+                    rows = index.get_nns_by_item(q, SERVICE_NEIGHBOURS, sk, True)[0]
+                    times[sk].append(perf() - t)
+                    if r == 0:
+                        hits[sk] += len(truth & set([i for i in rows if i != q][:k]))
+    points = [
+        {
+            "search_k": sk,
+            # What Annoy inspects for -1: every tree times the neighbours asked for.
+            "nodes": sk if sk != -1 else trees * SERVICE_NEIGHBOURS,
+            "shipped": sk == shipped,
+            "recall_at_50": hits[sk] / (k * len(queries)),
+            "median_us": _pct(times[sk], 50) * 1e6,
+            "p99_us": _pct(times[sk], 99) * 1e6,
+        }
+        for sk in search_ks
+    ]
+    base = points[0]
+    for p in points:
+        p["median_vs_shipped"] = p["median_us"] / base["median_us"]
+    exact_median = _pct(exact_times, 50) * 1e6
+    print(
+        f"  service depth ({SERVICE_NEIGHBOURS} neighbours, {trees} trees), recall@{k} vs exact "
+        f"numpy top-{k} (median {exact_median:.0f} us): "
+        + ", ".join(
+            f"search_k {p['search_k']}{' (shipped)' if p['shipped'] else ''}"
+            + (f" (= {p['nodes']})" if p["search_k"] == -1 else "")
+            + f": {p['recall_at_50']:.3f}, {p['median_us']:.0f} us "
+            f"({p['median_vs_shipped']:.2f}x)"
+            for p in points
+        )
+    )
+    return {
+        "neighbours": SERVICE_NEIGHBOURS,
+        "exact_top50_median_us": exact_median,
+        "points": points,
     }
 
 
@@ -438,6 +512,11 @@ def run(quick: bool = False) -> dict[str, Any]:
         "ratios": {
             "annoy_median_vs_exact_numpy": ratio(
                 point["median_us"], annoy["exact_median_us"], unit="us"
+            ),
+            "annoy_depth50_shipped_vs_exact_numpy_top50": ratio(
+                annoy["depth_50"]["points"][0]["median_us"],
+                annoy["depth_50"]["exact_top50_median_us"],
+                unit="us",
             ),
             "retrieve_p50_vs_one_redis_round_trip": ratio(
                 retrieve["server_p50_ms"], retrieve["redis_rtt_p50_ms"], unit="ms"

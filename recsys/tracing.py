@@ -206,14 +206,14 @@ class Tracing:
 
 
 class _DisabledTracing(Tracing):
-    """What ``Tracing()`` without a provider is: every method a constant.
+    """What ``Tracing()`` without a provider is: :meth:`span` is a constant.
 
-    The instrumented code calls :meth:`span` about fourteen times per
-    Recommend, so the disabled kind does no work at all: no check, no
-    keyword handling, no allocation. ``parent``/``kind``/``attributes`` are
-    plain parameters with defaults here because CPython fills keyword-only
-    defaults from a dict on every call; any call valid on the enabled
-    tracer is valid here.
+    The instrumented code enters about fourteen spans per Recommend, so the
+    disabled kind does no work there: no check, no keyword handling, no
+    allocation. ``parent``/``kind``/``attributes`` are plain parameters with
+    defaults because CPython fills keyword-only defaults from a dict on
+    every call; any call valid on the enabled tracer is valid here. The
+    other methods are off the hot path and return early in the base class.
     """
 
     def span(  # type: ignore[override]
@@ -224,27 +224,6 @@ class _DisabledTracing(Tracing):
         attributes: Mapping[str, Any] | None = None,
     ) -> contextlib.AbstractContextManager[Span]:
         return _NULL
-
-    def record(  # type: ignore[override]
-        self,
-        name: str,
-        start_ns: int,
-        end_ns: int,
-        parent: Context | None = None,
-        attributes: Mapping[str, Any] | None = None,
-    ) -> None:
-        return None
-
-    def current_context(self) -> Context | None:
-        return None
-
-    def extract(self, metadata: Iterable[tuple[str, Any]] | None) -> Context | None:
-        return None
-
-    def inject(
-        self, metadata: tuple[tuple[str, str], ...] | None
-    ) -> tuple[tuple[str, str], ...] | None:
-        return metadata
 
 
 NOOP = Tracing()

@@ -2,46 +2,29 @@
 
 from __future__ import annotations
 
-import grpc
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from ranking_service.server import build_server
-from ranking_service.testing import ranking_settings, wait_serving
+from ranking_service.testing import ranking_settings
 from recsys.artifacts import ModelVersion
-from recsys.config import RetrievalSettings, TracingSettings
+from recsys.config import TracingSettings
 from recsys.tracing import NOOP, Tracing
-from recsys.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc
+from recsys.v1 import common_pb2, ranking_pb2
 
 ON = TracingSettings(enabled=True)
 
 
 @pytest.fixture(scope="module")
-async def traced(trained_version, redis_server):
-    from retrieval_service.server import build_server as build_retrieval
-
+async def traced(trained_version, redis_server, serve_both):
     # Each service gets its own provider and exporter, as two processes would:
     # spans can only share a trace id through the traceparent on the wire.
     exporters = {"ranking": InMemorySpanExporter(), "retrieval": InMemorySpanExporter()}
-    base = ranking_settings(trained_version.parent, redis_server.url, retrieval_timeout_s=2.0)
-    settings = base.model_copy(
-        update={"retrieval": RetrievalSettings(host="127.0.0.1", port=0, metrics_port=0)}
-    )
-    handle, app = build_retrieval(
-        settings, tracing=Tracing.from_settings(ON, "retrieval", exporter=exporters["retrieval"])
-    )
-    await app.start()
-    cfg = settings.ranking.model_copy(update={"retrieval_address": f"127.0.0.1:{handle.port}"})
-    srv = build_server(
-        settings.model_copy(update={"ranking": cfg}),
-        tracing=Tracing.from_settings(ON, "ranking", exporter=exporters["ranking"]),
-    )
-    await srv.start()
-    await wait_serving(f"127.0.0.1:{srv.port}")
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
-        yield ranking_pb2_grpc.RankingServiceStub(ch), exporters
-    await srv.stop(0)
-    await app.stop(0)
+    tracers = {
+        name: Tracing.from_settings(ON, name, exporter=exporter)
+        for name, exporter in exporters.items()
+    }
+    async with serve_both(trained_version.parent, redis_server.url, tracing=tracers) as s:
+        yield s.ranking, exporters
 
 
 def by_name(spans) -> dict[str, object]:

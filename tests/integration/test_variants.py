@@ -8,18 +8,10 @@ import grpc
 import pytest
 import redis as redis_sync
 
-from ranking_service.server import build_server
-from ranking_service.testing import ranking_settings, wait_serving
 from recsys.artifacts import ModelVersion
-from recsys.config import ExperimentSettings, RetrievalSettings
+from recsys.config import ExperimentSettings
 from recsys.experiments import Experiment
-from recsys.v1 import (
-    common_pb2,
-    ranking_pb2,
-    ranking_pb2_grpc,
-    retrieval_pb2,
-    retrieval_pb2_grpc,
-)
+from recsys.v1 import common_pb2, ranking_pb2, retrieval_pb2
 from trainer.publish import publish
 
 EXPERIMENT = {
@@ -56,37 +48,14 @@ def versions(tmp_path_factory, train_version, redis_server):
 
 
 @pytest.fixture(scope="module")
-async def stack(versions, redis_server):
-    from retrieval_service.server import build_server as build_retrieval
-
-    base = ranking_settings(versions, redis_server.url, retrieval_timeout_s=2.0)
-    settings = base.model_copy(
-        update={
-            "experiments": ExperimentSettings(**EXPERIMENT),
-            "retrieval": RetrievalSettings(
-                host="127.0.0.1", port=0, metrics_port=0, reload_interval_s=0.2
-            ),
-        }
-    )
-    handle, app = build_retrieval(settings)
-    await app.start()
-    ranking_cfg = settings.ranking.model_copy(
-        update={"retrieval_address": f"127.0.0.1:{handle.port}"}
-    )
-    srv = build_server(settings.model_copy(update={"ranking": ranking_cfg}))
-    await srv.start()
-    await wait_serving(f"127.0.0.1:{srv.port}")
-    async with (
-        grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as rch,
-        grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as tch,
-    ):
-        yield (
-            srv,
-            ranking_pb2_grpc.RankingServiceStub(rch),
-            retrieval_pb2_grpc.RetrievalServiceStub(tch),
-        )
-    await srv.stop(0)
-    await app.stop(0)
+async def stack(versions, redis_server, serve_both):
+    async with serve_both(
+        versions,
+        redis_server.url,
+        retrieval={"reload_interval_s": 0.2},
+        experiments=ExperimentSettings(**EXPERIMENT),
+    ) as s:
+        yield s.ranking_server, s.ranking, s.retrieval
 
 
 def users_by_variant(model_dir) -> dict[str, list[str]]:

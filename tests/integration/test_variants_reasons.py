@@ -4,49 +4,17 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
 import pytest
 
-from ranking_service.server import build_server
-from ranking_service.testing import ranking_settings, wait_serving
 from recsys.artifacts import ModelVersion
 from recsys.client import RecommenderClient, format_table
-from recsys.config import RetrievalSettings
-from recsys.v1 import (
-    common_pb2,
-    ranking_pb2,
-    ranking_pb2_grpc,
-    retrieval_pb2,
-    retrieval_pb2_grpc,
-)
+from recsys.v1 import common_pb2, ranking_pb2, retrieval_pb2
 
 
 @pytest.fixture(scope="module")
-async def stack(trained_version, redis_server):
-    from retrieval_service.server import build_server as build_retrieval
-
-    base = ranking_settings(trained_version.parent, redis_server.url, retrieval_timeout_s=2.0)
-    settings = base.model_copy(
-        update={"retrieval": RetrievalSettings(host="127.0.0.1", port=0, metrics_port=0)}
-    )
-    handle, app = build_retrieval(settings)
-    await app.start()
-    cfg = settings.ranking.model_copy(update={"retrieval_address": f"127.0.0.1:{handle.port}"})
-    srv = build_server(settings.model_copy(update={"ranking": cfg}))
-    await srv.start()
-    await wait_serving(f"127.0.0.1:{srv.port}")
-    async with (
-        grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as rch,
-        grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as tch,
-    ):
-        yield (
-            ranking_pb2_grpc.RankingServiceStub(rch),
-            retrieval_pb2_grpc.RetrievalServiceStub(tch),
-            srv.port,
-            handle.port,
-        )
-    await srv.stop(0)
-    await app.stop(0)
+async def stack(trained_version, redis_server, serve_both):
+    async with serve_both(trained_version.parent, redis_server.url) as s:
+        yield s.ranking, s.retrieval, s.ranking_port, s.retrieval_port
 
 
 @pytest.fixture(scope="module")

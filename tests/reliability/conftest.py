@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -77,6 +78,32 @@ async def wait_serving(address: str, service: str, timeout_s: float = 60.0) -> N
     await channels.wait_serving(address, service, timeout_s=timeout_s)
 
 
+@contextlib.asynccontextmanager
+async def serving_retrieval(settings) -> AsyncIterator[tuple[str, Any]]:
+    """Retrieval from ``settings``, started and SERVING: ``(address, app)``; stopped on exit."""
+    handle, app = build_retrieval(settings)
+    await app.start()
+    address = f"127.0.0.1:{handle.port}"
+    try:
+        await wait_serving(address, RETRIEVAL)
+        yield address, app
+    finally:
+        await app.stop(0)
+
+
+@contextlib.asynccontextmanager
+async def serving_ranking(settings) -> AsyncIterator[tuple[str, Any]]:
+    """Ranking from ``settings``, started and SERVING: ``(address, server)``; stopped on exit."""
+    srv = build_ranking(settings)
+    await srv.start()
+    address = f"127.0.0.1:{srv.port}"
+    try:
+        await wait_serving(address, RANKING)
+        yield address, srv
+    finally:
+        await srv.stop(0)
+
+
 @dataclass
 class Services:
     """Both services running in this process, and where they listen."""
@@ -97,22 +124,10 @@ async def running_services(
 ) -> AsyncIterator[Services]:
     """Starts retrieval, then ranking pointed at it; stops both on exit."""
     rs = retrieval_settings(model_dir, redis_url, **(retrieval or {}))
-    handle, app = build_retrieval(rs)
-    await app.start()
-    r_addr = f"127.0.0.1:{handle.port}"
-    srv = None
-    try:
-        await wait_serving(r_addr, RETRIEVAL)
+    async with serving_retrieval(rs) as (r_addr, app):
         cfg = {"retrieval_address": r_addr, "retrieval_timeout_s": 2.0, **(ranking or {})}
-        srv = build_ranking(ranking_settings(model_dir, redis_url, **cfg))
-        await srv.start()
-        k_addr = f"127.0.0.1:{srv.port}"
-        await wait_serving(k_addr, RANKING)
-        yield Services(r_addr, k_addr, app, srv)
-    finally:
-        if srv is not None:
-            await srv.stop(0)
-        await app.stop(0)
+        async with serving_ranking(ranking_settings(model_dir, redis_url, **cfg)) as (k_addr, srv):
+            yield Services(r_addr, k_addr, app, srv)
 
 
 @pytest.fixture(scope="package")

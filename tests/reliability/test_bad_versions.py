@@ -19,14 +19,12 @@ import grpc
 import numpy as np
 import pytest
 
-from ranking_service.server import build_server as build_ranking
 from ranking_service.testing import ranking_settings
 from recsys import artifacts as A
 from recsys.embedded_redis import free_port
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
-from retrieval_service.server import build_server as build_retrieval
 
-from .conftest import RANKING, RETRIEVAL, retrieval_settings, wait_serving
+from .conftest import retrieval_settings, serving_ranking, serving_retrieval
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -119,57 +117,51 @@ async def reject_each(watcher, model_dir: Path, src: Path, cases, still_serving)
         assert await still_serving() == "1", label
 
 
-async def test_retrieval_refuses_broken_versions_and_keeps_serving(trained_version, tmp_path):
+def first_version(src: Path, tmp_path: Path) -> tuple[Path, str]:
+    """A model dir holding ``src`` as version 1, and a Redis URL nothing listens on.
+
+    With no Redis pointer to read, the watcher follows the newest version on disk.
+    """
     model_dir = tmp_path / "models"
     model_dir.mkdir()
-    install(trained_version, model_dir, "1", None)
-    # No Redis pointer (a closed port): the watcher follows the newest version on disk.
-    dead = f"redis://127.0.0.1:{free_port()}/0"
-    handle, app = build_retrieval(retrieval_settings(model_dir, dead, reload_interval_s=0.1))
-    await app.start()
-    address = f"127.0.0.1:{handle.port}"
-    try:
-        await wait_serving(address, RETRIEVAL)
-        async with grpc.aio.insecure_channel(address) as ch:
-            stub = retrieval_pb2_grpc.RetrievalServiceStub(ch)
+    install(src, model_dir, "1", None)
+    return model_dir, f"redis://127.0.0.1:{free_port()}/0"
 
-            async def serving() -> str:
-                r = await stub.SimilarItems(
-                    retrieval_pb2.SimilarItemsRequest(item_id="1", k=3), timeout=5
-                )
-                assert len(r.items) == 3
-                return r.index_version
 
-            await reject_each(
-                app.watcher, model_dir, trained_version, COMMON + RETRIEVAL_ONLY, serving
+async def test_retrieval_refuses_broken_versions_and_keeps_serving(trained_version, tmp_path):
+    model_dir, dead = first_version(trained_version, tmp_path)
+    settings = retrieval_settings(model_dir, dead, reload_interval_s=0.1)
+    async with (
+        serving_retrieval(settings) as (address, app),
+        grpc.aio.insecure_channel(address) as ch,
+    ):
+        stub = retrieval_pb2_grpc.RetrievalServiceStub(ch)
+
+        async def serving() -> str:
+            r = await stub.SimilarItems(
+                retrieval_pb2.SimilarItemsRequest(item_id="1", k=3), timeout=5
             )
-    finally:
-        await app.stop(0)
+            assert len(r.items) == 3
+            return r.index_version
+
+        await reject_each(app.watcher, model_dir, trained_version, COMMON + RETRIEVAL_ONLY, serving)
 
 
 async def test_ranking_refuses_broken_versions_and_keeps_serving(trained_version, tmp_path):
-    model_dir = tmp_path / "models"
-    model_dir.mkdir()
-    install(trained_version, model_dir, "1", None)
-    dead = f"redis://127.0.0.1:{free_port()}/0"
-    srv = build_ranking(ranking_settings(model_dir, dead, reload_interval_s=0.1))
-    await srv.start()
-    address = f"127.0.0.1:{srv.port}"
-    try:
-        await wait_serving(address, RANKING)
-        async with grpc.aio.insecure_channel(address) as ch:
-            stub = ranking_pb2_grpc.RankingServiceStub(ch)
+    model_dir, dead = first_version(trained_version, tmp_path)
+    settings = ranking_settings(model_dir, dead, reload_interval_s=0.1)
+    async with (
+        serving_ranking(settings) as (address, srv),
+        grpc.aio.insecure_channel(address) as ch,
+    ):
+        stub = ranking_pb2_grpc.RankingServiceStub(ch)
 
-            async def serving() -> str:
-                r = await stub.Rank(
-                    ranking_pb2.RankRequest(candidate_item_ids=["1", "2", "3"], top_k=2),
-                    timeout=5,
-                )
-                assert len(r.items) == 2
-                return r.model_version
-
-            await reject_each(
-                srv.watcher, model_dir, trained_version, COMMON + RANKING_ONLY, serving
+        async def serving() -> str:
+            r = await stub.Rank(
+                ranking_pb2.RankRequest(candidate_item_ids=["1", "2", "3"], top_k=2),
+                timeout=5,
             )
-    finally:
-        await srv.stop(0)
+            assert len(r.items) == 2
+            return r.model_version
+
+        await reject_each(srv.watcher, model_dir, trained_version, COMMON + RANKING_ONLY, serving)

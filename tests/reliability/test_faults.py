@@ -20,7 +20,6 @@ import pytest
 import redis
 
 from bench.echo import EchoProcess
-from ranking_service.server import build_server as build_ranking
 from ranking_service.testing import ranking_settings
 from recsys import redis_keys
 from recsys.artifacts import ModelVersion
@@ -35,6 +34,7 @@ from .conftest import (
     publish_into,
     retrieval_settings,
     running_services,
+    serving_ranking,
     wait_serving,
 )
 
@@ -133,6 +133,13 @@ class Load:
     def between(self, t0: float, t1: float) -> list[tuple[str, float, str, object]]:
         return [o for o in self.outcomes if t0 <= o[1] <= t1]
 
+    def whole_retrieve_since(self, t0: float) -> bool:
+        """Whether a Retrieve since ``t0`` answered with every source OK."""
+        return any(
+            o[0] == "Retrieve" and o[2] == "OK" and not retrieve_degraded(o[3])
+            for o in self.between(t0, time.monotonic())
+        )
+
 
 def retrieve_degraded(resp) -> bool:
     return resp.degraded or any(r.status != OK_SOURCE for r in resp.source_reports)
@@ -162,12 +169,7 @@ async def test_redis_stopped_frozen_and_restarted_mid_load(own_redis, trained_ve
             await asyncio.to_thread(start_again, own_redis)
             back_at = time.monotonic()
             await wait_until(
-                lambda: any(
-                    o[0] == "Retrieve" and o[2] == "OK" and not retrieve_degraded(o[3])
-                    for o in load.between(back_at, time.monotonic())
-                ),
-                15,
-                "retrieval to recover by itself",
+                lambda: load.whole_retrieve_since(back_at), 15, "retrieval to recover by itself"
             )
             recovered_at = time.monotonic()
             await asyncio.sleep(0.5)
@@ -180,10 +182,7 @@ async def test_redis_stopped_frozen_and_restarted_mid_load(own_redis, trained_ve
                 os.kill(own_redis.proc.pid, signal.SIGCONT)
             thawed_at = time.monotonic()
             await wait_until(
-                lambda: any(
-                    o[0] == "Retrieve" and o[2] == "OK" and not retrieve_degraded(o[3])
-                    for o in load.between(thawed_at, time.monotonic())
-                ),
+                lambda: load.whole_retrieve_since(thawed_at),
                 15,
                 "retrieval to recover after the freeze",
             )
@@ -228,18 +227,15 @@ async def test_retrieval_down_then_back_recommend_falls_back_and_recovers(
     model_dir = trained_version.parent
     settings = retrieval_settings(model_dir, own_redis.url, port=port)
     # The ranking server under test points at a retrieval we control on a fixed port.
-    from ranking_service.server import build_server as build_ranking
-    from ranking_service.testing import ranking_settings
-
     address = f"127.0.0.1:{port}"
     _, app = build_retrieval(settings)
     await app.start()
-    srv = build_ranking(ranking_settings(model_dir, own_redis.url, retrieval_address=address))
-    await srv.start()
-    ranking = f"127.0.0.1:{srv.port}"
+    ranking_cfg = ranking_settings(model_dir, own_redis.url, retrieval_address=address)
     try:
-        await wait_serving(ranking, RANKING)
-        async with grpc.aio.insecure_channel(ranking) as ch:
+        async with (
+            serving_ranking(ranking_cfg) as (ranking, _),
+            grpc.aio.insecure_channel(ranking) as ch,
+        ):
             stub = ranking_pb2_grpc.RankingServiceStub(ch)
             req = ranking_pb2.RecommendRequest(user={"user_id": "1"}, k=6)
             first = await stub.Recommend(req, timeout=5)
@@ -260,48 +256,42 @@ async def test_retrieval_down_then_back_recommend_falls_back_and_recovers(
                 await asyncio.sleep(0.2)
             assert again.index_version == first.index_version
     finally:
-        await srv.stop(0)
-        await app.stop(0)
+        await app.stop(0)  # the second retrieval (ranking already stopped)
 
 
 async def test_overload_is_refused_fast_with_resource_exhausted(own_redis, trained_version):
     publish_into(own_redis.url, trained_version)
     limit = 3
     with EchoProcess(delay_ms=800) as slow_retrieval:
-        srv = build_ranking(
-            ranking_settings(
-                trained_version.parent,
-                own_redis.url,
-                retrieval_address=slow_retrieval.address,
-                retrieval_timeout_s=5.0,
-                max_concurrent_rpcs=limit,
-            )
+        settings = ranking_settings(
+            trained_version.parent,
+            own_redis.url,
+            retrieval_address=slow_retrieval.address,
+            retrieval_timeout_s=5.0,
+            max_concurrent_rpcs=limit,
         )
-        await srv.start()
-        address = f"127.0.0.1:{srv.port}"
-        try:
-            await wait_serving(address, RANKING)
-            async with grpc.aio.insecure_channel(address) as ch:
-                stub = ranking_pb2_grpc.RankingServiceStub(ch)
+        async with (
+            serving_ranking(settings) as (address, _),
+            grpc.aio.insecure_channel(address) as ch,
+        ):
+            stub = ranking_pb2_grpc.RankingServiceStub(ch)
 
-                async def one(i: int):
-                    t0 = time.monotonic()
-                    try:
-                        await stub.Recommend(
-                            ranking_pb2.RecommendRequest(user={"user_id": f"b{i}"}, k=3),
-                            timeout=5,
-                        )
-                        return "OK", "", time.monotonic() - t0
-                    except grpc.aio.AioRpcError as exc:
-                        return exc.code().name, exc.details(), time.monotonic() - t0
+            async def one(i: int):
+                t0 = time.monotonic()
+                try:
+                    await stub.Recommend(
+                        ranking_pb2.RecommendRequest(user={"user_id": f"b{i}"}, k=3),
+                        timeout=5,
+                    )
+                    return "OK", "", time.monotonic() - t0
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code().name, exc.details(), time.monotonic() - t0
 
-                burst = [asyncio.ensure_future(one(i)) for i in range(40)]
-                await asyncio.sleep(0.3)
-                # Probes stay open while the server is saturated.
-                assert await health_status(address, RANKING) == 1  # SERVING
-                results = await asyncio.gather(*burst)
-        finally:
-            await srv.stop(0)
+            burst = [asyncio.ensure_future(one(i)) for i in range(40)]
+            await asyncio.sleep(0.3)
+            # Probes stay open while the server is saturated.
+            assert await health_status(address, RANKING) == 1  # SERVING
+            results = await asyncio.gather(*burst)
     ok = [r for r in results if r[0] == "OK"]
     refused = [r for r in results if r[0] == "RESOURCE_EXHAUSTED"]
     assert len(ok) + len(refused) == len(results), {r[0] for r in results}

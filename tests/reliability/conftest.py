@@ -79,29 +79,27 @@ async def wait_serving(address: str, service: str, timeout_s: float = 60.0) -> N
 
 
 @contextlib.asynccontextmanager
-async def serving_retrieval(settings) -> AsyncIterator[tuple[str, Any]]:
-    """Retrieval from ``settings``, started and SERVING: ``(address, app)``; stopped on exit."""
+async def _serving(server: Any, port: int, service: str) -> AsyncIterator[tuple[str, Any]]:
+    """Starts a built server, waits for SERVING, yields ``(address, server)``; stops it on exit."""
+    await server.start()
+    address = f"127.0.0.1:{port}"
+    try:
+        await wait_serving(address, service)
+        yield address, server
+    finally:
+        await server.stop(0)
+
+
+def serving_retrieval(settings) -> contextlib.AbstractAsyncContextManager[tuple[str, Any]]:
+    """``async with serving_retrieval(settings) as (address, app)``: retrieval, SERVING."""
     handle, app = build_retrieval(settings)
-    await app.start()
-    address = f"127.0.0.1:{handle.port}"
-    try:
-        await wait_serving(address, RETRIEVAL)
-        yield address, app
-    finally:
-        await app.stop(0)
+    return _serving(app, handle.port, RETRIEVAL)
 
 
-@contextlib.asynccontextmanager
-async def serving_ranking(settings) -> AsyncIterator[tuple[str, Any]]:
-    """Ranking from ``settings``, started and SERVING: ``(address, server)``; stopped on exit."""
+def serving_ranking(settings) -> contextlib.AbstractAsyncContextManager[tuple[str, Any]]:
+    """``async with serving_ranking(settings) as (address, server)``: ranking, SERVING."""
     srv = build_ranking(settings)
-    await srv.start()
-    address = f"127.0.0.1:{srv.port}"
-    try:
-        await wait_serving(address, RANKING)
-        yield address, srv
-    finally:
-        await srv.stop(0)
+    return _serving(srv, srv.port, RANKING)
 
 
 @dataclass

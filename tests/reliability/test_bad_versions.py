@@ -117,51 +117,49 @@ async def reject_each(watcher, model_dir: Path, src: Path, cases, still_serving)
         assert await still_serving() == "1", label
 
 
-def first_version(src: Path, tmp_path: Path) -> tuple[Path, str]:
-    """A model dir holding ``src`` as version 1, and a Redis URL nothing listens on.
+async def similar_items_version(ch: grpc.aio.Channel) -> str:
+    """The version retrieval's SimilarItems answers from (asserting it answers)."""
+    stub = retrieval_pb2_grpc.RetrievalServiceStub(ch)
+    r = await stub.SimilarItems(retrieval_pb2.SimilarItemsRequest(item_id="1", k=3), timeout=5)
+    assert len(r.items) == 3
+    return r.index_version
 
-    With no Redis pointer to read, the watcher follows the newest version on disk.
-    """
+
+async def rank_version(ch: grpc.aio.Channel) -> str:
+    """The version ranking's Rank answers from (asserting it answers)."""
+    stub = ranking_pb2_grpc.RankingServiceStub(ch)
+    request = ranking_pb2.RankRequest(candidate_item_ids=["1", "2", "3"], top_k=2)
+    r = await stub.Rank(request, timeout=5)
+    assert len(r.items) == 2
+    return r.model_version
+
+
+# Per service: its settings, how to start it, what proves it serves, its own damage cases.
+SERVICES = {
+    "retrieval": (retrieval_settings, serving_retrieval, similar_items_version, RETRIEVAL_ONLY),
+    "ranking": (ranking_settings, serving_ranking, rank_version, RANKING_ONLY),
+}
+
+
+@pytest.mark.parametrize("service", list(SERVICES))
+async def test_service_refuses_broken_versions_and_keeps_serving(
+    service, trained_version, tmp_path
+):
+    settings_for, serving, version_of, own_cases = SERVICES[service]
     model_dir = tmp_path / "models"
     model_dir.mkdir()
-    install(src, model_dir, "1", None)
-    return model_dir, f"redis://127.0.0.1:{free_port()}/0"
-
-
-async def test_retrieval_refuses_broken_versions_and_keeps_serving(trained_version, tmp_path):
-    model_dir, dead = first_version(trained_version, tmp_path)
-    settings = retrieval_settings(model_dir, dead, reload_interval_s=0.1)
+    install(trained_version, model_dir, "1", None)
+    # No Redis pointer (a closed port): the watcher follows the newest version on disk.
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    settings = settings_for(model_dir, dead, reload_interval_s=0.1)
     async with (
-        serving_retrieval(settings) as (address, app),
+        serving(settings) as (address, server),
         grpc.aio.insecure_channel(address) as ch,
     ):
-        stub = retrieval_pb2_grpc.RetrievalServiceStub(ch)
-
-        async def serving() -> str:
-            r = await stub.SimilarItems(
-                retrieval_pb2.SimilarItemsRequest(item_id="1", k=3), timeout=5
-            )
-            assert len(r.items) == 3
-            return r.index_version
-
-        await reject_each(app.watcher, model_dir, trained_version, COMMON + RETRIEVAL_ONLY, serving)
-
-
-async def test_ranking_refuses_broken_versions_and_keeps_serving(trained_version, tmp_path):
-    model_dir, dead = first_version(trained_version, tmp_path)
-    settings = ranking_settings(model_dir, dead, reload_interval_s=0.1)
-    async with (
-        serving_ranking(settings) as (address, srv),
-        grpc.aio.insecure_channel(address) as ch,
-    ):
-        stub = ranking_pb2_grpc.RankingServiceStub(ch)
-
-        async def serving() -> str:
-            r = await stub.Rank(
-                ranking_pb2.RankRequest(candidate_item_ids=["1", "2", "3"], top_k=2),
-                timeout=5,
-            )
-            assert len(r.items) == 2
-            return r.model_version
-
-        await reject_each(srv.watcher, model_dir, trained_version, COMMON + RANKING_ONLY, serving)
+        await reject_each(
+            server.watcher,
+            model_dir,
+            trained_version,
+            COMMON + own_cases,
+            lambda: version_of(ch),
+        )

@@ -131,6 +131,20 @@ class RankingSettings(ServerSettings):
     retrieval_timeout_s: float = Field(0.2, gt=0)
     retrieval_tls: TLSSettings = TLSSettings()
     retrieval_auth_token: SecretStr | None = None
+    retrieval_batch_size: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="Most concurrent Recommend calls whose retrieval goes out in one "
+        "RetrieveMany call (1: one Retrieve call per Recommend). Tracing sends each "
+        "request alone so its trace context travels with it.",
+    )
+    retrieval_batch_wait_ms: float = Field(
+        2.0,
+        ge=0,
+        description="Longest a Recommend waits for company before its retrieval goes out; "
+        "only taken while a RetrieveMany is in flight or the last one had company.",
+    )
     device: Literal["auto", "cpu", "gpu"] = "auto"
     max_batch_size: int = Field(64, ge=1, description="Requests coalesced into one tower call.")
     batch_timeout_ms: float = Field(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -20,6 +21,10 @@ from retrieval_service.engine import (
 )
 from retrieval_service.errors import RetrievalError
 from retrieval_service.merge import Selection
+
+# Most requests in one RetrieveMany (the ranking service sends at most its
+# configured retrieval batch size).
+MAX_RETRIEVE_MANY = 256
 
 _STATUS = {
     SourceStatus.OK: common_pb2.SOURCE_STATUS_OK,
@@ -57,6 +62,7 @@ def result_to_pb(
     scores: bool = True,
     packed: bool = False,
     catalogue: str = "",
+    out: retrieval_pb2.RetrieveResponse | None = None,
 ) -> retrieval_pb2.RetrieveResponse:
     """``RetrieveResponse`` from a domain result.
 
@@ -67,10 +73,15 @@ def result_to_pb(
             ``omit_source_scores`` turns it off).
         packed: Fill ``packed`` (parallel arrays) instead of one ``Candidate``
             per item (the request's ``packed``).
+        catalogue: The caller's catalogue fingerprint; a packed answer names
+            candidates by row when it is the result's catalogue.
+        out: An empty message to fill (e.g. inside a RetrieveMany answer)
+            instead of a new one.
     """
-    response = retrieval_pb2.RetrieveResponse(
-        index_version=result.version, degraded=result.degraded, variant=variant
-    )
+    response = out if out is not None else retrieval_pb2.RetrieveResponse()
+    response.index_version = result.version
+    response.degraded = result.degraded
+    response.variant = variant
     sel = result.selection
     ids = result.item_ids
     if packed:
@@ -143,18 +154,22 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
     def __init__(self, engine: RetrievalEngine):
         self.engine = engine
 
-    async def Retrieve(self, request, context):
+    async def _retrieve(
+        self,
+        request: retrieval_pb2.RetrieveRequest,
+        timeout_s: float | None,
+        parent=None,
+        out: retrieval_pb2.RetrieveResponse | None = None,
+    ) -> retrieval_pb2.RetrieveResponse:
+        """Answers one Retrieve request (alone or inside a RetrieveMany).
+
+        Raises:
+            RetrievalError: The request is invalid or cannot be answered.
+        """
         start = time.perf_counter()
         tr = self.engine.tracing
-        # Joins the caller's trace (ranking's traceparent) or starts a new one.
-        parent = tr.extract(context.invocation_metadata()) if tr.enabled else None
         with tr.span("retrieval.Retrieve", parent=parent, kind=SpanKind.SERVER) as span:
-            try:
-                result = await self.engine.retrieve(
-                    query_from_pb(request), timeout_s=context.time_remaining()
-                )
-            except RetrievalError as exc:
-                await _abort(context, exc)
+            result = await self.engine.retrieve(query_from_pb(request), timeout_s=timeout_s)
             if tr.enabled:
                 span.set_attributes(
                     {
@@ -170,9 +185,42 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
                 scores=not request.omit_source_scores,
                 packed=request.packed,
                 catalogue=request.catalogue,
+                out=out,
             )
         observe_request("retrieval", "Retrieve", result.variant, time.perf_counter() - start)
         return response
+
+    async def Retrieve(self, request, context):
+        tr = self.engine.tracing
+        # Joins the caller's trace (ranking's traceparent) or starts a new one.
+        parent = tr.extract(context.invocation_metadata()) if tr.enabled else None
+        try:
+            return await self._retrieve(request, context.time_remaining(), parent)
+        except RetrievalError as exc:
+            await _abort(context, exc)
+
+    async def RetrieveMany(self, request, context):
+        n = len(request.requests)
+        if n > MAX_RETRIEVE_MANY:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"requests: {n} requests, at most {MAX_RETRIEVE_MANY} per call",
+            )
+        timeout = context.time_remaining()
+        answer = retrieval_pb2.RetrieveManyResponse()
+        outcomes = [answer.outcomes.add() for _ in range(n)]
+
+        async def one(req: retrieval_pb2.RetrieveRequest, outcome) -> None:
+            try:
+                await self._retrieve(req, timeout, out=outcome.response)
+            except RetrievalError as exc:
+                outcome.Clear()
+                outcome.code = getattr(grpc.StatusCode, exc.code).value[0]
+                outcome.message = str(exc)
+
+        # Concurrently, so the engine batches their user reads into one round trip.
+        await asyncio.gather(*(one(r, o) for r, o in zip(request.requests, outcomes, strict=True)))
+        return answer
 
     async def SimilarItems(self, request, context):
         try:

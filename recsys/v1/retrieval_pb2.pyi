@@ -71,6 +71,28 @@ class RetrieveResponse(_message.Message):
     packed: PackedCandidates
     def __init__(self, candidates: _Optional[_Iterable[_Union[_common_pb2.Candidate, _Mapping]]] = ..., source_reports: _Optional[_Iterable[_Union[_common_pb2.SourceReport, _Mapping]]] = ..., index_version: _Optional[str] = ..., degraded: _Optional[bool] = ..., variant: _Optional[str] = ..., packed: _Optional[_Union[PackedCandidates, _Mapping]] = ...) -> None: ...
 
+class RetrieveManyRequest(_message.Message):
+    __slots__ = ("requests",)
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    requests: _containers.RepeatedCompositeFieldContainer[RetrieveRequest]
+    def __init__(self, requests: _Optional[_Iterable[_Union[RetrieveRequest, _Mapping]]] = ...) -> None: ...
+
+class RetrieveOutcome(_message.Message):
+    __slots__ = ("code", "message", "response")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    response: RetrieveResponse
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., response: _Optional[_Union[RetrieveResponse, _Mapping]] = ...) -> None: ...
+
+class RetrieveManyResponse(_message.Message):
+    __slots__ = ("outcomes",)
+    OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    outcomes: _containers.RepeatedCompositeFieldContainer[RetrieveOutcome]
+    def __init__(self, outcomes: _Optional[_Iterable[_Union[RetrieveOutcome, _Mapping]]] = ...) -> None: ...
+
 class SimilarItemsRequest(_message.Message):
     __slots__ = ("item_id", "k")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]

@@ -40,6 +40,11 @@ class RetrievalServiceStub:
                 request_serializer=recsys_dot_v1_dot_retrieval__pb2.RetrieveRequest.SerializeToString,
                 response_deserializer=recsys_dot_v1_dot_retrieval__pb2.RetrieveResponse.FromString,
                 _registered_method=True)
+        self.RetrieveMany = channel.unary_unary(
+                '/recsys.v1.RetrievalService/RetrieveMany',
+                request_serializer=recsys_dot_v1_dot_retrieval__pb2.RetrieveManyRequest.SerializeToString,
+                response_deserializer=recsys_dot_v1_dot_retrieval__pb2.RetrieveManyResponse.FromString,
+                _registered_method=True)
         self.SimilarItems = channel.unary_unary(
                 '/recsys.v1.RetrievalService/SimilarItems',
                 request_serializer=recsys_dot_v1_dot_retrieval__pb2.SimilarItemsRequest.SerializeToString,
@@ -59,6 +64,16 @@ class RetrievalServiceServicer:
     def Retrieve(self, request, context):
         """Runs the configured candidate sources concurrently, merges and
         deduplicates their answers (keeping attribution) and drops watched items.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetrieveMany(self, request, context):
+        """Several independent Retrieve requests in one call, each answered or
+        refused on its own. A caller that fans in many concurrent requests (the
+        ranking service's Recommend) sends them together to pay the per-call
+        cost of gRPC once per batch instead of once per request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -85,6 +100,11 @@ def add_RetrievalServiceServicer_to_server(servicer, server):
                     servicer.Retrieve,
                     request_deserializer=recsys_dot_v1_dot_retrieval__pb2.RetrieveRequest.FromString,
                     response_serializer=recsys_dot_v1_dot_retrieval__pb2.RetrieveResponse.SerializeToString,
+            ),
+            'RetrieveMany': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetrieveMany,
+                    request_deserializer=recsys_dot_v1_dot_retrieval__pb2.RetrieveManyRequest.FromString,
+                    response_serializer=recsys_dot_v1_dot_retrieval__pb2.RetrieveManyResponse.SerializeToString,
             ),
             'SimilarItems': grpc.unary_unary_rpc_method_handler(
                     servicer.SimilarItems,
@@ -125,6 +145,33 @@ class RetrievalService:
             '/recsys.v1.RetrievalService/Retrieve',
             recsys_dot_v1_dot_retrieval__pb2.RetrieveRequest.SerializeToString,
             recsys_dot_v1_dot_retrieval__pb2.RetrieveResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetrieveMany(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.RetrievalService/RetrieveMany',
+            recsys_dot_v1_dot_retrieval__pb2.RetrieveManyRequest.SerializeToString,
+            recsys_dot_v1_dot_retrieval__pb2.RetrieveManyResponse.FromString,
             options,
             channel_credentials,
             insecure,

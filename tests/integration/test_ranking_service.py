@@ -242,6 +242,42 @@ async def test_recommend_ranks_what_retrieval_returns(stub, published_version, r
     assert not watched & set(ids)
 
 
+async def test_concurrent_recommends_share_retrieve_many_calls(
+    stub, server, published_version, reference
+):
+    """Retrieval of concurrent Recommends goes out batched; each caller gets its own answer."""
+    batcher = server.ranker.retrieval._batcher
+    assert batcher is not None, "retrieval batching is on by default"
+    users = [str(u) for u in reference.mv.users["user_id"][:24]]
+
+    def req(uid: str, **kw) -> ranking_pb2.RecommendRequest:
+        return ranking_pb2.RecommendRequest(user=user_ctx(uid), k=10, debug=True, **kw)
+
+    alone = [await stub.Recommend(req(u), timeout=10) for u in users]  # one Retrieve each
+    before = (batcher.batches, batcher.requests)
+    # Retrieval refuses this one (ranking cannot know the source names).
+    bad = req(users[0], sources=["no_such_source"])
+    *together, refused = await asyncio.gather(
+        *(stub.Recommend(req(u), timeout=10) for u in users),
+        stub.Recommend(bad, timeout=10),
+        return_exceptions=True,
+    )
+    assert isinstance(refused, grpc.aio.AioRpcError), refused
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.details().startswith("retrieval: sources[0]:"), refused.details()
+    for one, batched in zip(alone, together, strict=True):
+        assert not isinstance(batched, BaseException), batched
+        assert not batched.retrieval_fallback
+        assert [i.item_id for i in batched.items] == [i.item_id for i in one.items]
+        assert [list(i.sources) for i in batched.items] == [list(i.sources) for i in one.items]
+        assert [dict(i.debug.source_scores) for i in batched.items] == [
+            dict(i.debug.source_scores) for i in one.items
+        ]
+    batches, requests = batcher.batches - before[0], batcher.requests - before[1]
+    assert requests == len(users) + 1
+    assert batches < requests, "concurrent calls were sent one by one"
+
+
 async def test_recommend_falls_back_to_popular_when_retrieval_is_down(
     trained_version, redis_server, published_version, reference
 ):

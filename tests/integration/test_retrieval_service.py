@@ -292,6 +292,43 @@ async def test_bad_input_is_invalid_argument(server: Running, rpc, req, field):
     assert err.value.details().startswith(field + ":"), err.value.details()
 
 
+async def test_retrieve_many_answers_each_request_as_retrieve_would(
+    server: Running, mv: ModelVersion
+):
+    users = [typical_user(mv)[0], heavy_user(mv)[0], "never-seen-user"]
+    singles = [await server.stub.Retrieve(request(u, 40), timeout=5) for u in users]
+    bad = request("u", -1)
+    many = await server.stub.RetrieveMany(
+        retrieval_pb2.RetrieveManyRequest(
+            requests=[request(users[0], 40), bad, request(users[1], 40), request(users[2], 40)]
+        ),
+        timeout=5,
+    )
+    invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert [o.code for o in many.outcomes] == [0, invalid, 0, 0]
+    refused = many.outcomes[1]
+    assert refused.message.startswith("budget:") and not refused.HasField("response")
+    assert all(o.message == "" for i, o in enumerate(many.outcomes) if i != 1)
+    for single, got in zip(singles, [many.outcomes[i].response for i in (0, 2, 3)], strict=True):
+        assert [c.item_id for c in got.candidates] == [c.item_id for c in single.candidates]
+        assert [c.sources for c in got.candidates] == [c.sources for c in single.candidates]
+        assert got.index_version == single.index_version == mv.version
+        assert [r.source for r in got.source_reports] == [r.source for r in single.source_reports]
+    assert len(many.outcomes[0].response.candidates) == 40
+    empty = await server.stub.RetrieveMany(retrieval_pb2.RetrieveManyRequest(), timeout=5)
+    assert len(empty.outcomes) == 0
+
+
+async def test_retrieve_many_refuses_an_oversized_batch(server: Running):
+    from retrieval_service.servicer import MAX_RETRIEVE_MANY
+
+    batch = [request("u", 5)] * (MAX_RETRIEVE_MANY + 1)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await server.stub.RetrieveMany(retrieval_pb2.RetrieveManyRequest(requests=batch), timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("requests:"), err.value.details()
+
+
 @pytest.mark.parametrize("rpc", ["SimilarItems", "RecordInteraction"])
 async def test_unknown_item_is_not_found(server: Running, rpc):
     req = (

@@ -48,7 +48,7 @@ def test_generated_package_imports_from_any_directory(tmp_path: Path):
 @pytest.mark.parametrize(
     ("service", "methods"),
     [
-        ("RetrievalService", {"Retrieve", "SimilarItems", "RecordInteraction"}),
+        ("RetrievalService", {"Retrieve", "RetrieveMany", "SimilarItems", "RecordInteraction"}),
         ("RankingService", {"Rank", "Recommend"}),
     ],
 )

@@ -30,6 +30,7 @@ from recsys.serving import (
     create_server,
     run_service,
     serve,
+    settle_heap,
 )
 from recsys.tracing import Tracing
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc
@@ -80,6 +81,7 @@ class RankingServer:
                 LoadedModel.load, path, self.device, runtime=self.tower_runtime
             )
         self.ranker.swap(model, track)
+        settle_heap()
         log.info(
             "model ready",
             extra={

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import json
 import logging
@@ -200,6 +201,21 @@ def _code_name(context: grpc.aio.ServicerContext) -> str | None:
 
 
 # --- server ------------------------------------------------------------------------
+
+
+def settle_heap() -> None:
+    """Moves what is alive now out of the garbage collector's generations.
+
+    Called after a version is swapped in. TensorFlow and a version's tables
+    are hundreds of thousands of long-lived objects; left in the oldest
+    generation, every full collection walks them (~150 ms pauses in the
+    ranking process under load, each one stalling every in-flight call).
+    Unfreezing first lets this collection free the previous version's
+    cycles, so repeated reloads do not pile frozen garbage up.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:

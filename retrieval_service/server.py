@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from recsys.serving import (
     create_server,
     run_service,
     serve,
+    settle_heap,
 )
 from recsys.tracing import Tracing
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
@@ -60,11 +60,7 @@ class RetrievalApp:
         """Loads ``path`` off the event loop, swaps it in and reports SERVING."""
         served = await asyncio.to_thread(self.engine.load_version, path)
         self.engine.swap(served)
-        # The version's catalogue lists and dicts live until the next swap;
-        # moving them out of the collector's generations keeps full
-        # collections (tail-latency spikes) from walking them on every pass.
-        gc.collect()
-        gc.freeze()
+        settle_heap()
         await self.handle.set_serving(True)
 
     async def run(self) -> None:

@@ -81,6 +81,8 @@ class RetrievalClient:
         # CPU (both ends, all Python) was about a third of each service's
         # time per Recommend. Off (None) with a batch size of 1.
         self._batcher: MicroBatcher[tuple[Any, float], Any] | None = None
+        # Batchers switched off on UNIMPLEMENTED; kept so close() stops them.
+        self._retired: list[MicroBatcher[tuple[Any, float], Any]] = []
         if settings.retrieval_batch_size > 1:
             self._batcher = MicroBatcher(
                 self._retrieve_many,
@@ -184,7 +186,9 @@ class RetrievalClient:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                 # A retrieval server older than RetrieveMany: one call each from now on.
-                self._batcher = None
+                if self._batcher is not None:
+                    self._retired.append(self._batcher)
+                    self._batcher = None
                 alone = await asyncio.gather(*(self._retrieve_many([j]) for j in jobs))
                 return [one for (one,) in alone]
             return [exc] * len(jobs)
@@ -195,8 +199,9 @@ class RetrievalClient:
 
     async def close(self) -> None:
         """Stops the batcher and closes the channel."""
-        if self._batcher is not None:
-            await self._batcher.close()
+        for batcher in (self._batcher, *self._retired):
+            if batcher is not None:
+                await batcher.close()
         await self.channel.close()
 
 

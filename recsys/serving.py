@@ -684,3 +684,9 @@ class VersionWatcher:
             await asyncio.sleep(self.interval_s)
             with contextlib.suppress(Exception):
                 await self.poll_once()
+            # redis-py's asyncio client (8.x) can swallow a cancellation that
+            # lands while a read is in flight; a stop request must still end
+            # this loop, or the server's shutdown waits on it forever.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError

@@ -31,10 +31,11 @@ import inspect
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from functools import partial
+from typing import Any, Generic, TypeVar
 
 log = logging.getLogger("recsys.batching")
 
@@ -185,8 +186,18 @@ class MicroBatcher(Generic[Req, Res]):
             self._schedule(asyncio.get_running_loop())
 
     async def _execute_async(self, batch: list[_Pending[Req, Res]]) -> None:
+        await self._settle(batch, partial(self.fn, [p.request for p in batch]))  # type: ignore[arg-type]
+
+    async def _settle(
+        self, batch: list[_Pending[Req, Res]], start: Callable[[], Awaitable[Any]]
+    ) -> None:
+        """Runs one batch and hands each caller its own result (or the failure).
+
+        ``start()`` is called inside the guard, so a batch that cannot even
+        start still fails its callers instead of the worker.
+        """
         try:
-            results = await self.fn([p.request for p in batch])  # type: ignore[misc]
+            results = await start()
         except asyncio.CancelledError:
             self._fail(batch, BatcherClosed("the scoring queue is shut down"), quiet=True)
             raise
@@ -259,17 +270,10 @@ class MicroBatcher(Generic[Req, Res]):
             if not batch:
                 continue
             self._count(batch)
-            try:
-                results = await loop.run_in_executor(
-                    self._executor, self.fn, [p.request for p in batch]
-                )
-            except asyncio.CancelledError:
-                self._fail(batch, BatcherClosed("the scoring queue is shut down"), quiet=True)
-                raise
-            except Exception as exc:
-                self._fail(batch, exc)
-            else:
-                self._deliver(batch, results)
+            await self._settle(
+                batch,
+                partial(loop.run_in_executor, self._executor, self.fn, [p.request for p in batch]),
+            )
 
     async def close(self) -> None:
         """Stops the worker; queued and later requests fail with BatcherClosed."""

@@ -247,7 +247,7 @@ def rpc_load(version: Path, quick: bool) -> dict[str, Any]:
         # One server process, then RANK_WORKERS on one port (recsys.serving.run_service).
         for workers in RANK_WORKERS:
             port_file = Path(tmp) / f"port-{workers}"
-            # Worker i serves metrics on metrics_port + i.
+            # The supervisor serves every worker's metrics on metrics_port.
             metrics_port = free_port()
             env = {**os.environ, "RECSYS_REDIS_URL": redis.url, "RECSYS_LOG_LEVEL": "WARNING"}
             cmd = [

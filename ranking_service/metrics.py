@@ -14,7 +14,13 @@ BATCH_CANDIDATES = Histogram(
     "Candidates scored in one batched gather/dot.",
     buckets=(10, 100, 1_000, 10_000, 50_000, 100_000, 500_000),
 )
-DEVICE = Gauge("recsys_ranking_device_info", "Where item vectors live (value 1).", ["device"])
+# Gauges say how several workers' values combine (recsys.serving.run_service).
+DEVICE = Gauge(
+    "recsys_ranking_device_info",
+    "Where item vectors live (value 1).",
+    ["device"],
+    multiprocess_mode="livemax",
+)
 UNKNOWN_IDS = Counter(
     "recsys_ranking_unknown_ids_total", "Candidate ids the serving version does not know."
 )
@@ -35,6 +41,12 @@ RETRIEVAL_FALLBACK = Counter(
     ["reason", "variant"],
 )
 MODEL_LOAD_SECONDS = Gauge(
-    "recsys_ranking_model_load_seconds", "Time to open, verify, load and warm the version."
+    "recsys_ranking_model_load_seconds",
+    "Time to open, verify, load and warm the version (the slowest worker's).",
+    multiprocess_mode="livemax",
 )
-CATALOGUE_ITEMS = Gauge("recsys_ranking_catalogue_items", "Items in the serving version.")
+CATALOGUE_ITEMS = Gauge(
+    "recsys_ranking_catalogue_items",
+    "Items in the serving version (the newest load among workers).",
+    multiprocess_mode="livemostrecent",
+)

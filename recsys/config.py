@@ -81,8 +81,8 @@ class ServerSettings(_Strict):
         1,
         ge=1,
         le=64,
-        description="Server processes sharing the port (SO_REUSEPORT); worker i serves "
-        "metrics on metrics_port + i.",
+        description="Server processes sharing the port (SO_REUSEPORT); their metrics are "
+        "served together on metrics_port.",
     )
 
 

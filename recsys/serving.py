@@ -21,10 +21,12 @@ import json
 import logging
 import os
 import select
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -51,12 +53,19 @@ RPC_LATENCY = Histogram(
     buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
 )
 RPC_TOTAL = Counter("recsys_rpc_total", "RPCs by final status code.", ["service", "method", "code"])
-RPC_IN_FLIGHT = Gauge("recsys_rpc_in_flight", "RPCs being handled now.", ["service"])
+# multiprocess_mode only matters with several workers (see run_service): how
+# the supervisor's /metrics combines the workers' values of a gauge.
+RPC_IN_FLIGHT = Gauge(
+    "recsys_rpc_in_flight", "RPCs being handled now.", ["service"], multiprocess_mode="livesum"
+)
 RPC_REJECTED = Counter(
     "recsys_rpc_rejected_total", "RPCs refused before running.", ["service", "reason"]
 )
 MODEL_VERSION = Gauge(
-    "recsys_model_version_info", "Version being served (value is 1).", ["service", "version"]
+    "recsys_model_version_info",
+    "Version being served (value is 1; during a rollout, 1 if any worker serves it).",
+    ["service", "version"],
+    multiprocess_mode="livemax",
 )
 VERSION_REJECTED = Counter(
     "recsys_version_rejected_total", "Versions that failed to load.", ["service"]
@@ -386,18 +395,38 @@ async def serve(
     log.info("stopped")
 
 
-def start_metrics(port: int, host: str) -> None:
-    """Serves Prometheus ``/metrics`` on its own port (0 disables it)."""
-    if port:
-        from prometheus_client import start_http_server
+def start_metrics(port: int, host: str, multiprocess_dir: str | None = None) -> Any:
+    """Serves Prometheus ``/metrics`` on its own port (0 disables it).
 
-        start_http_server(port, addr=host)
+    Args:
+        port: Port of the endpoint; 0 starts nothing.
+        host: Address to bind.
+        multiprocess_dir: A supervisor's ``PROMETHEUS_MULTIPROC_DIR``: the
+            endpoint then shows every worker's metrics combined instead of
+            this process's own.
+
+    Returns:
+        The HTTP server (``shutdown()`` stops it), or None when ``port`` is 0.
+    """
+    if not port:
+        return None
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    registry = None
+    if multiprocess_dir is not None:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=multiprocess_dir)
+    kwargs = {} if registry is None else {"registry": registry}
+    httpd, _thread = start_http_server(port, addr=host, **kwargs)
+    return httpd
 
 
 # --- worker processes ---------------------------------------------------------------
 
 # Set by the supervisor in each worker's environment: "<index>:<count>:<port>:<fd>".
 WORKER_ENV = "RECSYS_WORKER"
+# prometheus-client's multiprocess mode: where a worker writes its metric values.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # True in a worker process: serve() reports ready on SERVING instead of on listening.
 _ready_when_serving = False
 
@@ -468,8 +497,10 @@ def run_service(
     have. ``port_file`` is written once every worker's health is SERVING
     (one worker: once it listens, as before). A worker that dies stops the
     others, so the orchestrator restarts the whole pod rather than run it
-    short-handed. Worker ``i`` serves
-    Prometheus metrics on ``metrics_port + i``.
+    short-handed. The supervisor serves ``/metrics`` on ``metrics_port`` for
+    all workers together (prometheus-client's multiprocess mode: each worker
+    writes its values to files in a private directory the supervisor owns
+    and removes on exit), so one scrape target covers the pod.
 
     Args:
         server: The service's server settings.
@@ -488,9 +519,8 @@ def run_service(
         global _ready_when_serving
         _ready_when_serving = True
         die_with_parent()
-        metrics = server.metrics_port + slot.index if server.metrics_port else 0
-        mine = server.model_copy(update={"port": slot.port, "metrics_port": metrics})
-        start_metrics(mine.metrics_port, mine.host)
+        # The supervisor serves every worker's metrics (see _supervise).
+        mine = server.model_copy(update={"port": slot.port, "metrics_port": 0})
         serve_one(mine, lambda _port: slot.notify_ready())
         return 0
     if server.workers <= 1:
@@ -526,12 +556,23 @@ def _supervise(
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     procs: list[subprocess.Popen] = []
     code = 0
+    # A fresh directory per supervisor: prometheus-client's multiprocess mode
+    # sums whatever files it finds there, so a reused one would add up a
+    # previous run's counters.
+    metrics_dir = tempfile.mkdtemp(prefix=f"recsys-{label}-metrics-")
+    httpd = None
     try:
         with reserve_port(server.host, server.port) as port:
+            httpd = start_metrics(server.metrics_port, server.host, metrics_dir)
             read_fd, write_fd = os.pipe()
             try:
                 for i in range(server.workers):
-                    env = {**os.environ, WORKER_ENV: f"{i}:{server.workers}:{port}:{write_fd}"}
+                    env = {
+                        **os.environ,
+                        WORKER_ENV: f"{i}:{server.workers}:{port}:{write_fd}",
+                        # Read when the worker first imports prometheus_client.
+                        MULTIPROC_ENV: metrics_dir,
+                    }
                     procs.append(
                         subprocess.Popen(
                             [*die_with_parent_prefix(), sys.executable, "-m", "recsys.cli", *argv],
@@ -577,6 +618,10 @@ def _supervise(
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         _stop_all(procs, 0.0)
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
     return code
 
 

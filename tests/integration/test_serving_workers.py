@@ -1,4 +1,4 @@
-"""Multi-process serving: ``--workers 2`` share one port, both answer, SIGTERM stops all."""
+"""Multi-process serving: ``--workers 2`` share one port and one /metrics, SIGTERM stops all."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
+from recsys.embedded_redis import free_port
 from recsys.serving import reserve_port
 from recsys.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
 from retrieval_service.server import SERVICE_NAME
@@ -48,6 +51,11 @@ def _established_server_inodes(port: int) -> set[str]:
     return found
 
 
+def _environ(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(e.decode().split("=", 1) for e in raw if b"=" in e)
+
+
 def _alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -70,17 +78,29 @@ def test_reserve_port_shares_a_free_port():
         plain.close()
 
 
+def _scrape(port: int) -> dict[str, float]:
+    """Samples of ``/metrics`` as {'name{labels}': value}."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}"] = sample.value
+    return out
+
+
 def test_two_workers_both_answer_and_sigterm_stops_all(
     published_version: Path, redis_url: str, tmp_path: Path
 ):
     port_file = tmp_path / "port"
+    metrics_port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
     env["RECSYS_RETRIEVAL__WORKERS"] = "2"
     proc = subprocess.Popen(
         [
             sys.executable, "-m", "recsys.cli", "serve", "retrieval",
             "--model-dir", str(published_version.parent), "--redis-url", redis_url,
-            "--port", "0", "--metrics-port", "0", "--port-file", str(port_file),
+            "--port", "0", "--metrics-port", str(metrics_port), "--port-file", str(port_file),
         ],
         env=env,
         stderr=subprocess.PIPE,
@@ -120,6 +140,19 @@ def test_two_workers_both_answer_and_sigterm_stops_all(
         per_worker = {pid: len(_socket_inodes(pid) & accepted) for pid in workers}
         assert all(n > 0 for n in per_worker.values()), per_worker
         assert sum(per_worker.values()) == 24, per_worker
+        # One /metrics for the pod: both workers' calls add up there.
+        dirs = {_environ(pid).get("PROMETHEUS_MULTIPROC_DIR") for pid in workers}
+        assert len(dirs) == 1 and None not in dirs, dirs
+        metrics_dir = Path(dirs.pop())
+        assert {p.name.rsplit("_", 1)[-1] for p in metrics_dir.glob("counter_*.db")} == {
+            f"{pid}.db" for pid in workers
+        }
+        got = _scrape(metrics_port)
+        ok = "recsys_rpc_total{code=OK,method=Retrieve,service=retrieval}"
+        assert got.get(ok) == 24, {k: v for k, v in got.items() if "rpc_total" in k}
+        version = f"recsys_model_version_info{{service=retrieval,version={published_version.name}}}"
+        assert got.get(version) == 1, {k: v for k, v in got.items() if "version_info" in k}
+        assert got.get("recsys_rpc_in_flight{service=retrieval}") == 0
         for ch in channels:
             ch.close()
         proc.send_signal(signal.SIGTERM)
@@ -130,6 +163,7 @@ def test_two_workers_both_answer_and_sigterm_stops_all(
         assert not any(_alive(pid) for pid in workers), "a worker outlived its supervisor"
         logs = proc.stderr.read()
         assert logs.count('"msg": "stopped"') == 2, logs[-2000:]
+        assert not metrics_dir.exists(), "the supervisor left its metrics directory"
     finally:
         for ch in channels:
             ch.close()

@@ -277,6 +277,11 @@ class RecommenderClient:
         self.close()
 
 
+def _clip(text: str, width: int) -> str:
+    """``text`` cut to ``width`` characters, the last one an ellipsis when cut."""
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
 def format_table(recs: Recommendations, *, title: str = "") -> str:
     """A readable table: rank, title, genres, predicted score, sources, reason."""
     rows = [("#", "item", "title", "genres", "score", "sources", "why")]
@@ -286,11 +291,11 @@ def format_table(recs: Recommendations, *, title: str = "") -> str:
             (
                 str(n),
                 it.item_id,
-                (it.title or "")[:40],
-                ", ".join(it.genres)[:28],
+                _clip(it.title or "", 40),
+                _clip(", ".join(it.genres), 28),
                 f"{it.score:.2f}",
                 ",".join(it.sources),
-                why[:44],
+                _clip(why, 44),
             )
         )
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]

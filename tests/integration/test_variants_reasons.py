@@ -108,4 +108,4 @@ async def test_client_and_table_show_reasons(stack, mv, published_version):
     assert recs.variant == "default"
     assert all(it.reasons[0].ref == seed for it in recs.items)
     table = format_table(recs)
-    assert table.count(f"Because you watched {title(mv, seed)}"[:44]) == 4
+    assert table.count(f"Because you watched {title(mv, seed)}"[:43]) == 4

@@ -556,10 +556,7 @@ def _supervise(
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     procs: list[subprocess.Popen] = []
     code = 0
-    # A fresh directory per supervisor: prometheus-client's multiprocess mode
-    # sums whatever files it finds there, so a reused one would add up a
-    # previous run's counters.
-    metrics_dir = tempfile.mkdtemp(prefix=f"recsys-{label}-metrics-")
+    metrics_dir = _metrics_dir(label)
     httpd = None
     try:
         with reserve_port(server.host, server.port) as port:
@@ -623,6 +620,21 @@ def _supervise(
             httpd.server_close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return code
+
+
+def _metrics_dir(label: str) -> str:
+    """A new private directory for the workers' metric files, in memory when possible.
+
+    New per supervisor: prometheus-client's multiprocess mode sums whatever
+    files it finds there, so a reused one would add in a previous run's
+    counters. On tmpfs (``/dev/shm``, present in every container) when it is
+    writable, because every metric update writes into a memory-mapped file
+    and on a disk-backed ``/tmp`` those dirty pages would be written back to
+    disk every few seconds for nothing.
+    """
+    shm = "/dev/shm"
+    base = shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
+    return tempfile.mkdtemp(prefix=f"recsys-{label}-metrics-", dir=base)
 
 
 def _stop_all(procs: list[subprocess.Popen], wait_s: float) -> None:

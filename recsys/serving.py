@@ -410,14 +410,13 @@ def start_metrics(port: int, host: str, multiprocess_dir: str | None = None) -> 
     """
     if not port:
         return None
-    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+    from prometheus_client import REGISTRY, CollectorRegistry, multiprocess, start_http_server
 
-    registry = None
+    registry = REGISTRY
     if multiprocess_dir is not None:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=multiprocess_dir)
-    kwargs = {} if registry is None else {"registry": registry}
-    httpd, _thread = start_http_server(port, addr=host, **kwargs)
+    httpd, _thread = start_http_server(port, addr=host, registry=registry)
     return httpd
 
 

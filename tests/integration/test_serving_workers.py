@@ -173,3 +173,38 @@ def test_two_workers_both_answer_and_sigterm_stops_all(
         for pid in workers:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_one_worker_serves_its_own_registry(
+    published_version: Path, redis_url: str, tmp_path: Path
+):
+    """Without workers there is no supervisor: plain registry, process series included."""
+    port_file = tmp_path / "port"
+    metrics_port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "recsys.cli", "serve", "retrieval",
+            "--model-dir", str(published_version.parent), "--redis-url", redis_url,
+            "--port", "0", "--metrics-port", str(metrics_port), "--port-file", str(port_file),
+        ],
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, "the server exited"
+            assert time.monotonic() < deadline, "no version gauge"
+            if port_file.exists():
+                got = _scrape(metrics_port)
+                version = f"recsys_model_version_info{{service=retrieval,version={published_version.name}}}"
+                if got.get(version) == 1:
+                    break
+            time.sleep(0.1)
+        assert got["process_cpu_seconds_total{}"] > 0
+        assert not _children(proc.pid), "one worker must not start a supervisor"
+    finally:
+        proc.terminate()
+        proc.wait(30)

@@ -89,23 +89,33 @@ def _scrape(port: int) -> dict[str, float]:
     return out
 
 
+def _serve_retrieval(
+    version: Path, redis_url: str, port_file: Path, metrics_port: int, *, workers: int, stderr
+) -> subprocess.Popen:
+    """``recsys serve retrieval`` with ``workers`` processes, clear of the caller's config."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    env["RECSYS_RETRIEVAL__WORKERS"] = str(workers)
+    return subprocess.Popen(
+        [
+            sys.executable, "-m", "recsys.cli", "serve", "retrieval",
+            "--model-dir", str(version.parent), "--redis-url", redis_url,
+            "--port", "0", "--metrics-port", str(metrics_port), "--port-file", str(port_file),
+        ],
+        env=env,
+        stderr=stderr,
+        text=True,
+    )  # fmt: skip
+
+
 def test_two_workers_both_answer_and_sigterm_stops_all(
     published_version: Path, redis_url: str, tmp_path: Path
 ):
     port_file = tmp_path / "port"
     metrics_port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
-    env["RECSYS_RETRIEVAL__WORKERS"] = "2"
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "recsys.cli", "serve", "retrieval",
-            "--model-dir", str(published_version.parent), "--redis-url", redis_url,
-            "--port", "0", "--metrics-port", str(metrics_port), "--port-file", str(port_file),
-        ],
-        env=env,
-        stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
+    proc = _serve_retrieval(
+        published_version, redis_url, port_file, metrics_port, workers=2, stderr=subprocess.PIPE
+    )
     workers: list[int] = []
     channels: list[grpc.Channel] = []
     try:
@@ -181,17 +191,10 @@ def test_one_worker_serves_its_own_registry(
     """Without workers there is no supervisor: plain registry, process series included."""
     port_file = tmp_path / "port"
     metrics_port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
-    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "recsys.cli", "serve", "retrieval",
-            "--model-dir", str(published_version.parent), "--redis-url", redis_url,
-            "--port", "0", "--metrics-port", str(metrics_port), "--port-file", str(port_file),
-        ],
-        env=env,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    proc = _serve_retrieval(
+        published_version, redis_url, port_file, metrics_port, workers=1, stderr=subprocess.DEVNULL
+    )
+    version = f"recsys_model_version_info{{service=retrieval,version={published_version.name}}}"
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -199,7 +202,6 @@ def test_one_worker_serves_its_own_registry(
             assert time.monotonic() < deadline, "no version gauge"
             if port_file.exists():
                 got = _scrape(metrics_port)
-                version = f"recsys_model_version_info{{service=retrieval,version={published_version.name}}}"
                 if got.get(version) == 1:
                     break
             time.sleep(0.1)

@@ -27,6 +27,7 @@ from typing import Any
 from prometheus_client import Counter, Histogram
 
 from recsys.config import CURRENT_VERSION, ConfigError, ExperimentSettings, SourceOverride
+from recsys.errors import shown
 
 DEFAULT_VARIANT = "default"
 _SCALE = float(1 << 64)
@@ -48,7 +49,9 @@ class UnknownVariant(ValueError):
     """A request forced a variant the experiment does not define (INVALID_ARGUMENT)."""
 
     def __init__(self, name: str, known: Sequence[str], field_name: str = "user.variant"):
-        super().__init__(f"{field_name}: unknown variant {name!r}; configured: {', '.join(known)}")
+        super().__init__(
+            f"{field_name}: unknown variant {shown(name)}; configured: {', '.join(known)}"
+        )
         self.field = field_name
         self.name = name
 

@@ -40,7 +40,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Gauge, Histogram
 
 from recsys import redis_keys
-from recsys.artifacts import latest_version, list_versions
+from recsys.artifacts import MANIFEST, latest_version, list_versions
 from recsys.config import RecsysSettings, ServerSettings, TLSSettings
 from recsys.embedded_redis import die_with_parent, die_with_parent_prefix
 
@@ -672,9 +672,14 @@ class VersionWatcher:
 
     The wanted version is the pinned one if config pins it, else the one the
     Redis pointer names (``recsys publish``), else the newest complete one on
-    disk (so a lone service still starts when Redis is down). A version the
-    loader rejects (bad checksum, failed warm-up) is remembered and not
-    retried; the previous version keeps serving.
+    disk (so a lone service still starts when Redis is down). Once a version
+    is serving, only the pointer moves it: while Redis is unreachable, or the
+    pointer names a version not on disk yet, the current one stays (newest
+    on disk may be unpublished, or newer than a rollback). A version the
+    loader rejects (bad checksum, failed warm-up) is remembered and retried
+    only once its manifest changes (a re-copy); a pinned version that is not
+    on disk yet is waited for, not rejected. The previous version keeps
+    serving throughout.
     """
 
     def __init__(
@@ -695,6 +700,9 @@ class VersionWatcher:
         self.interval_s = interval_s
         self.current: str | None = None
         self.rejected: dict[str, str] = {}
+        # Manifest (mtime, size) of each rejected version when it was rejected.
+        self._rejected_at: dict[str, tuple[int, int] | None] = {}
+        self._missing_logged: str | None = None
 
     async def wanted(self) -> str | None:
         """The version that should be served now, or None if there is none."""
@@ -703,24 +711,43 @@ class VersionWatcher:
         if self.redis is not None:
             try:
                 raw = await self.redis.get(redis_keys.CURRENT_VERSION)
-            except Exception as exc:  # Redis down: keep following the disk
+            except Exception as exc:
                 log.debug("version pointer unavailable: %s", exc)
+                if self.current is not None:
+                    return self.current  # no pointer to follow: stay put
             else:
                 if raw is not None:
                     v = raw.decode() if isinstance(raw, bytes) else str(raw)
                     if v in list_versions(self.model_dir):
                         return v
+                    if self.current is not None:
+                        return self.current  # published, not on disk here yet
         return latest_version(self.model_dir)
 
     async def poll_once(self) -> bool:
         """Loads the wanted version if it changed; True when a swap happened."""
         want = await self.wanted()
-        if want is None or want == self.current or want in self.rejected:
+        if want is None or want == self.current:
+            return False
+        path = self.model_dir / want
+        stamp = _manifest_stamp(path)
+        if want in self.rejected:
+            if stamp is None or stamp == self._rejected_at.get(want):
+                return False
+            del self.rejected[want]  # its files changed since: worth another try
+        if stamp is None:  # a pinned version not copied in yet
+            if self._missing_logged != want:
+                self._missing_logged = want
+                log.warning(
+                    "wanted version is not on disk yet",
+                    extra={"fields": {"version": want, "serving": self.current}},
+                )
             return False
         try:
-            await self.load(self.model_dir / want)
+            await self.load(path)
         except Exception as exc:
             self.rejected[want] = str(exc)
+            self._rejected_at[want] = stamp
             VERSION_REJECTED.labels(self.label).inc()
             log.error(
                 "version rejected",
@@ -746,3 +773,12 @@ class VersionWatcher:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise asyncio.CancelledError
+
+
+def _manifest_stamp(version_dir: Path) -> tuple[int, int] | None:
+    """(mtime ns, size) of a version's manifest; None when there is none (not copied yet)."""
+    try:
+        st = (version_dir / MANIFEST).stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size

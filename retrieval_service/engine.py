@@ -28,12 +28,13 @@ from redis.exceptions import RedisError
 
 from recsys.batching import MicroBatcher
 from recsys.config import RetrievalSettings
+from recsys.errors import shown
 from recsys.experiments import Experiment, UnknownVariant, Variant
 from recsys.features import UserProfile, aggregates_from_genre_ratings
 from recsys.tracing import NOOP, Tracing
 from recsys.user_store import StoredUser, UserRead, load_users, record_interaction
 from retrieval_service import metrics
-from retrieval_service.errors import InvalidArgument, NotFound, Unavailable
+from retrieval_service.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
 from retrieval_service.merge import Lane, MergedCandidate, Selection, assemble, filter_blocks
 from retrieval_service.served import Neighbour, ServedVersion, load_served_version
 from retrieval_service.sources.base import (
@@ -51,6 +52,8 @@ DEFAULT_DEADLINE_S = 1.0
 # left on the deadline, within these bounds.
 MIN_RESERVE_S = 0.002
 MAX_RESERVE_S = 0.02
+# Largest share of the time left on the deadline that hydration may wait for Redis.
+HYDRATE_SHARE = 0.5
 _REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 
 
@@ -281,11 +284,12 @@ class RetrievalEngine:
         if q.sources:
             chosen: list[CandidateSource] = []
             for i, name in enumerate(q.sources):
+                _check_id(f"sources[{i}]", name, s.max_id_bytes)
                 src = self.by_name.get(name)
                 if src is None:
                     raise InvalidArgument(
                         f"sources[{i}]",
-                        f"unknown source {name!r}; configured: {', '.join(self.by_name)}",
+                        f"unknown source {shown(name)}; configured: {', '.join(self.by_name)}",
                     )
                 if src not in chosen:
                     chosen.append(src)
@@ -305,18 +309,36 @@ class RetrievalEngine:
         stored: StoredUser | None = None
         error: str | None = None
         start = time.perf_counter()
+        # At most a share of the time left: a hung Redis must not use up the
+        # whole deadline, or the in-memory sources (popular, Annoy) would get
+        # no turn and the caller no degraded answer.
+        by_deadline = HYDRATE_SHARE * (deadline - time.monotonic())
         try:
-            async with asyncio.timeout(min(self.redis_timeout_s, deadline - time.monotonic())):
+            async with asyncio.timeout(min(self.redis_timeout_s, by_deadline)):
                 got = await self._user_reads.submit(
                     UserRead(served.model.spec, q.user_id, recent_n=self.settings.history_length)
                 )
                 if isinstance(got, Exception):  # this user's own read failed
                     raise got
                 stored = got
-        except _REDIS_ERRORS as exc:
+        except TimeoutError:  # asyncio's: the wait ran out (Redis' own timeouts are RedisError)
+            if by_deadline < self.redis_timeout_s:
+                # The caller's deadline was too short to wait for Redis: not a Redis fault.
+                error = "user state not read within the request's deadline"
+                metrics.HYDRATE_CUT_SHORT.inc()
+            else:
+                error = "user state unavailable: TimeoutError"
+                metrics.HYDRATE_FAILURES.inc()
+                log.warning("hydrate failed", extra={"fields": {"user": q.user_id, "error": error}})
+        except (*_REDIS_ERRORS, ValueError) as exc:
+            # ValueError: this user's hash does not decode (corrupt or foreign data);
+            # that user is served as unknown, like when Redis is down.
             error = f"user state unavailable: {type(exc).__name__}"
             metrics.HYDRATE_FAILURES.inc()
-            log.warning("hydrate failed", extra={"fields": {"user": q.user_id, "error": error}})
+            log.warning(
+                "hydrate failed",
+                extra={"fields": {"user": q.user_id, "error": f"{error}: {exc}"[:300]}},
+            )
         metrics.HYDRATE_LATENCY.observe(time.perf_counter() - start)
         if stored is None:
             stored = StoredUser(q.user_id, known=False)
@@ -476,6 +498,8 @@ class RetrievalEngine:
         Raises:
             InvalidArgument: A field is malformed (the message names it).
             Unavailable: No version loaded, or every source failed.
+            DeadlineExceeded: The deadline left no time for the sources, or
+                passed before any of them answered.
         """
         budget, chosen = self._validate(q)
         variant = self._variant(q)
@@ -507,6 +531,8 @@ class RetrievalEngine:
         # the response still arrive in time.
         total = deadline - time.monotonic()
         stop_at = deadline - min(MAX_RESERVE_S, max(MIN_RESERVE_S, 0.1 * total))
+        if stop_at <= time.monotonic():
+            raise DeadlineExceeded("the deadline passed before the candidate sources could run")
         if tr.enabled:  # a span per source: each in a task of its own
             runs = await asyncio.gather(
                 *(self._traced_source(s, ctx, asks[s.name], stop_at, variant.name) for s in chosen)
@@ -517,6 +543,11 @@ class RetrievalEngine:
         ok = [(src, b) for src, (r, b) in zip(chosen, runs, strict=True) if b is not None]
         if not ok:
             detail = ", ".join(f"{r.source}: {r.status.value} ({r.message})" for r in reports)
+            if time.monotonic() >= stop_at and all(
+                r.status is SourceStatus.TIMEOUT for r in reports
+            ):
+                # Not an outage: the caller's deadline was too short (and not worth a retry).
+                raise DeadlineExceeded(f"the deadline passed before any source answered: {detail}")
             raise Unavailable(f"every candidate source failed: {detail}")
         blocks = [b for _, b in ok]
         # One scratch for filter and merge: the excluded set marked by the

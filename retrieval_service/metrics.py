@@ -30,7 +30,12 @@ HYDRATE_LATENCY = Histogram(
     buckets=_FAST,
 )
 HYDRATE_FAILURES = Counter(
-    "recsys_retrieval_hydrate_failures_total", "Hydrations that fell back to an empty user."
+    "recsys_retrieval_hydrate_failures_total",
+    "Hydrations that fell back to an empty user (Redis unreachable or slow, or a corrupt hash).",
+)
+HYDRATE_CUT_SHORT = Counter(
+    "recsys_retrieval_hydrate_cut_short_total",
+    "Hydrations abandoned because the request's deadline left too little time for Redis.",
 )
 REDIS_ROUND_TRIPS = Histogram(
     "recsys_retrieval_redis_round_trips",

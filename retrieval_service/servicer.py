@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import grpc
@@ -21,6 +22,8 @@ from retrieval_service.engine import (
 )
 from retrieval_service.errors import RetrievalError
 from retrieval_service.merge import Selection
+
+log = logging.getLogger("recsys.retrieval")
 
 # Most requests in one RetrieveMany (the ranking service sends at most its
 # configured retrieval batch size).
@@ -144,6 +147,9 @@ def _add_candidates(
                 c.source_scores.update(got)
 
 
+INTERNAL_MESSAGE = "internal error while retrieving (logged by the retrieval service)"
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: RetrievalError) -> None:
     await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
 
@@ -198,6 +204,10 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             return await self._retrieve(request, context.time_remaining(), parent)
         except RetrievalError as exc:
             await _abort(context, exc)
+        except Exception:
+            # A bug, not the caller's fault: logged here, and no internals in the status.
+            log.exception("retrieve failed")
+            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
 
     async def RetrieveMany(self, request, context):
         n = len(request.requests)
@@ -217,6 +227,12 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
                 outcome.Clear()
                 outcome.code = getattr(grpc.StatusCode, exc.code).value[0]
                 outcome.message = str(exc)
+            except Exception:
+                # Fails this member only; the rest of the batch is still answered.
+                log.exception("retrieve failed")
+                outcome.Clear()
+                outcome.code = grpc.StatusCode.INTERNAL.value[0]
+                outcome.message = INTERNAL_MESSAGE
 
         # Concurrently, so the engine batches their user reads into one round trip.
         await asyncio.gather(*(one(r, o) for r, o in zip(request.requests, outcomes, strict=True)))

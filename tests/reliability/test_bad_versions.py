@@ -18,10 +18,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import redis
 
 from ranking_service.testing import ranking_settings
 from recsys import artifacts as A
-from recsys.embedded_redis import free_port
+from recsys import redis_keys
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 
 from .conftest import retrieval_settings, serving_ranking, serving_retrieval
@@ -143,15 +144,17 @@ SERVICES = {
 
 @pytest.mark.parametrize("service", list(SERVICES))
 async def test_service_refuses_broken_versions_and_keeps_serving(
-    service, trained_version, tmp_path
+    service, trained_version, tmp_path, rel_redis
 ):
     settings_for, serving, version_of, own_cases = SERVICES[service]
     model_dir = tmp_path / "models"
     model_dir.mkdir()
     install(trained_version, model_dir, "1", None)
-    # No Redis pointer (a closed port): the watcher follows the newest version on disk.
-    dead = f"redis://127.0.0.1:{free_port()}/0"
-    settings = settings_for(model_dir, dead, reload_interval_s=0.1)
+    # Redis up but nothing published: the watcher follows the newest version on disk.
+    client = redis.Redis.from_url(rel_redis.url)
+    client.delete(redis_keys.CURRENT_VERSION)
+    client.close()
+    settings = settings_for(model_dir, rel_redis.url, reload_interval_s=0.1)
     async with (
         serving(settings) as (address, server),
         grpc.aio.insecure_channel(address) as ch,

@@ -1,0 +1,146 @@
+"""Which version a service follows: the Redis pointer, not whatever is newest on disk.
+
+The watcher polls a real Redis (a private one this module stops to make it
+unreachable). The loader is a recorder over directories that hold only a
+manifest: what is under test is the choice of version, not loading one
+(the reload and bad-version suites cover that with real models).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aredis
+
+from recsys import redis_keys
+from recsys.artifacts import MANIFEST
+from recsys.embedded_redis import EmbeddedRedis
+from recsys.serving import VersionWatcher
+
+
+class Recorder:
+    """Loader that records each path and fails for the versions in ``failing``."""
+
+    def __init__(self) -> None:
+        self.loaded: list[str] = []
+        self.failing: set[str] = set()
+
+    async def __call__(self, path: Path) -> None:
+        self.loaded.append(path.name)
+        if path.name in self.failing:
+            raise ValueError(f"version {path.name} is broken")
+
+
+def add_version(model_dir: Path, name: str, content: str = "{}") -> None:
+    (model_dir / name).mkdir(exist_ok=True)
+    (model_dir / name / MANIFEST).write_text(content)
+
+
+@pytest.fixture
+def own_redis():
+    server = EmbeddedRedis().start()
+    yield server
+    server.cleanup()
+
+
+def point_at(url: str, version: str) -> None:
+    client = redis.Redis.from_url(url)
+    client.set(redis_keys.CURRENT_VERSION, version)
+    client.close()
+
+
+def watcher_for(model_dir: Path, url: str, loader: Recorder, **kw) -> VersionWatcher:
+    client = aredis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+    return VersionWatcher(label="test", model_dir=model_dir, load=loader, redis=client, **kw)
+
+
+async def polls(watcher: VersionWatcher, n: int = 3) -> None:
+    for _ in range(n):
+        await watcher.poll_once()
+
+
+async def test_redis_outage_keeps_the_published_version(tmp_path, own_redis):
+    add_version(tmp_path, "1")
+    add_version(tmp_path, "2")  # copied in, not published
+    point_at(own_redis.url, "1")
+    loader = Recorder()
+    watcher = watcher_for(tmp_path, own_redis.url, loader)
+    try:
+        await polls(watcher)
+        assert watcher.current == "1" and loader.loaded == ["1"]
+        own_redis.stop()
+        await polls(watcher)
+        # Newest on disk is unpublished: an outage must not put it in service.
+        assert watcher.current == "1" and loader.loaded == ["1"]
+    finally:
+        await watcher.redis.aclose()
+
+
+async def test_pointer_to_a_version_not_on_disk_yet_keeps_the_current_one(tmp_path, own_redis):
+    add_version(tmp_path, "1")
+    add_version(tmp_path, "2")
+    point_at(own_redis.url, "1")  # e.g. a rollback from 2 to 1
+    loader = Recorder()
+    watcher = watcher_for(tmp_path, own_redis.url, loader)
+    try:
+        await polls(watcher)
+        point_at(own_redis.url, "3")  # published; this node's copy is still on its way
+        await polls(watcher)
+        assert watcher.current == "1" and loader.loaded == ["1"]
+        add_version(tmp_path, "3")
+        await polls(watcher, 1)
+        assert watcher.current == "3" and loader.loaded == ["1", "3"]
+    finally:
+        await watcher.redis.aclose()
+
+
+async def test_first_load_with_redis_down_takes_the_newest_on_disk(tmp_path, own_redis):
+    add_version(tmp_path, "1")
+    add_version(tmp_path, "2")
+    loader = Recorder()
+    watcher = watcher_for(tmp_path, own_redis.url, loader)
+    own_redis.stop()
+    try:
+        await polls(watcher, 1)
+        assert watcher.current == "2" and loader.loaded == ["2"]
+    finally:
+        await watcher.redis.aclose()
+
+
+async def test_pinned_version_is_loaded_once_it_arrives(tmp_path, own_redis):
+    add_version(tmp_path, "1")
+    loader = Recorder()
+    watcher = watcher_for(tmp_path, own_redis.url, loader, pinned="4")
+    try:
+        await polls(watcher)
+        assert watcher.current is None and loader.loaded == [] and watcher.rejected == {}
+        add_version(tmp_path, "4")
+        await polls(watcher, 1)
+        assert watcher.current == "4" and loader.loaded == ["4"]
+    finally:
+        await watcher.redis.aclose()
+
+
+async def test_rejected_version_is_retried_only_after_its_manifest_changes(tmp_path, own_redis):
+    add_version(tmp_path, "1")
+    point_at(own_redis.url, "1")
+    loader = Recorder()
+    watcher = watcher_for(tmp_path, own_redis.url, loader)
+    try:
+        await polls(watcher, 1)
+        loader.failing.add("2")
+        add_version(tmp_path, "2")
+        point_at(own_redis.url, "2")
+        await polls(watcher)
+        assert loader.loaded == ["1", "2"]  # tried once, not on every poll
+        assert "broken" in watcher.rejected["2"] and watcher.current == "1"
+        loader.failing.clear()
+        add_version(tmp_path, "2", json.dumps({"copied": "again"}))  # a fixed re-copy
+        await polls(watcher, 1)
+        assert watcher.current == "2" and loader.loaded == ["1", "2", "2"]
+        assert "2" not in watcher.rejected
+    finally:
+        await watcher.redis.aclose()

@@ -237,6 +237,9 @@ class Ranker:
                 item.candidate = _popular_candidate(item.item_id, scores.get(item.row, 0.0))
             out.fallback_reason = reason
             out.variant = variant.name
+            if answer is not None:  # retrieval did answer (with nothing): say what it found
+                out.reports = answer.reports
+                out.index_version = answer.index_version
             self._explain(out)
             return out
         assert answer is not None
@@ -392,6 +395,7 @@ class Ranker:
             if j.trace is not None:
                 j.trace.update(hydrate=(t0, t1), batch_size=len(jobs))
         if requests:
+            M.BATCH_CANDIDATES.observe(sum(r.rows.shape[0] for r in requests))
             if self._executor is not None:
                 loop = asyncio.get_running_loop()
                 results = await loop.run_in_executor(self._executor, score_batch, requests)

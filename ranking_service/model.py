@@ -302,6 +302,14 @@ class LoadedModel:
         dots = self.vectors.dots(users, np.concatenate([rows, rows]), np.repeat([0, 1], n))
         if not np.all(np.isfinite(dots)):
             raise ArtifactError(f"{self.version.path}: warm-up scores are not finite")
+        # Item metadata is read on every answer, so a bad file must fail here,
+        # not on the first request after the swap.
+        titles = self.version.items_meta.get("title")
+        if titles is not None and len(titles) != len(self.index):
+            raise ArtifactError(
+                f"{self.version.path}: items.json has {len(titles)} titles for "
+                f"{len(self.index)} catalogue items"
+            )
 
     def genres(self, row: int) -> tuple[str, ...]:
         """Genre names of the item at ``row`` (cached per model)."""

@@ -214,9 +214,17 @@ def _failure(
 ) -> RetrievalUnavailable | RetrievalRejected:
     """The domain error for a failed retrieval, whichever call carried it."""
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return RetrievalRejected(details or "invalid request")
+        return RetrievalRejected(_caller_field(details or "invalid request"))
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return RetrievalUnavailable(
             f"retrieval did not answer within {timeout * 1000:.0f} ms", code.name
         )
     return RetrievalUnavailable(f"retrieval unavailable ({code.name})", code.name)
+
+
+def _caller_field(details: str) -> str:
+    """Retrieval's message with its field named as in the caller's RecommendRequest."""
+    # The other fields retrieval checks (user.*, sources[i]) have the same names in both.
+    if details.startswith("budget:"):
+        return "retrieval_budget:" + details[len("budget:") :]
+    return details

@@ -71,18 +71,18 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             try:
                 query = parse_rank(request, self.settings)
                 out = await self.ranker.rank(query)
+                response = ranking_pb2.RankResponse(
+                    model_version=out.model.name,
+                    unknown_dropped=out.unknown_dropped,
+                    watched_dropped=out.watched_dropped,
+                    variant=out.variant,
+                )
+                self._items(out, query.debug, response.items)
             except Exception as exc:
                 await _abort(context, exc)
                 raise  # unreachable: abort raises
             if self.ranker.tracing.enabled:
                 span.set_attributes(_span_attributes(out))
-        response = ranking_pb2.RankResponse(
-            model_version=out.model.name,
-            unknown_dropped=out.unknown_dropped,
-            watched_dropped=out.watched_dropped,
-            variant=out.variant,
-        )
-        self._items(out, query.debug, response.items)
         observe_request("ranking", "Rank", out.variant, time.perf_counter() - start)
         return response
 
@@ -92,20 +92,20 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             try:
                 query = parse_recommend(request, self.settings)
                 out = await self.ranker.recommend(query, context.time_remaining())
+                response = ranking_pb2.RecommendResponse(
+                    model_version=out.model.name,
+                    index_version=out.index_version,
+                    source_reports=list(out.reports),
+                    retrieval_fallback=bool(out.fallback_reason),
+                    fallback_reason=out.fallback_reason,
+                    variant=out.variant,
+                )
+                self._items(out, query.debug, response.items)
             except Exception as exc:
                 await _abort(context, exc)
                 raise
             if self.ranker.tracing.enabled:
                 span.set_attributes(_span_attributes(out))
-        response = ranking_pb2.RecommendResponse(
-            model_version=out.model.name,
-            index_version=out.index_version,
-            source_reports=list(out.reports),
-            retrieval_fallback=bool(out.fallback_reason),
-            fallback_reason=out.fallback_reason,
-            variant=out.variant,
-        )
-        self._items(out, query.debug, response.items)
         observe_request("ranking", "Recommend", out.variant, time.perf_counter() - start)
         return response
 

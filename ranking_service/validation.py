@@ -103,7 +103,8 @@ def id_array(ids: Sequence[str], field: str, max_bytes: int) -> np.ndarray:
     suspect = np.flatnonzero(lengths * 4 > max_bytes)
     for i in suspect.tolist():
         check_id(ids[i], f"{field}[{i}]", max_bytes)
-    if int(lengths.sum()) != sum(map(len, ids)):
+    # numpy keeps a NUL inside an id but drops trailing ones (the sums differ then).
+    if int(lengths.sum()) != sum(map(len, ids)) or np.any(np.strings.find(arr, "\x00") >= 0):
         for i, v in enumerate(ids):
             check_id(v, f"{field}[{i}]", max_bytes)
     return arr
@@ -142,6 +143,12 @@ def parse_user(ctx, limits: RankingSettings, field: str = "user") -> UserQuery:
     exclude = list(ctx.exclude_item_ids)
     if exclude:
         id_array(exclude, f"{field}.exclude_item_ids", limits.max_id_bytes)
+    # Counted before the per-id loop, so a huge list costs nothing to refuse.
+    if len(ctx.recent_item_ids) > limits.max_candidates:
+        raise InvalidArgument(
+            f"{field}.recent_item_ids",
+            f"{len(ctx.recent_item_ids)} ids, at most {limits.max_candidates} allowed",
+        )
     for i, v in enumerate(ctx.recent_item_ids):
         check_id(v, f"{field}.recent_item_ids[{i}]", limits.max_id_bytes)
     return UserQuery(

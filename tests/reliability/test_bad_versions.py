@@ -76,6 +76,13 @@ def foreign_annoy(root: Path) -> None:
     _rewrite_manifest(root, A.ANNOY_INDEX)
 
 
+def short_titles(root: Path) -> None:
+    meta = json.loads((root / "items.json").read_text())
+    meta["title"] = meta["title"][:-3]
+    (root / "items.json").write_text(json.dumps(meta))
+    _rewrite_manifest(root, "items.json")
+
+
 def newer_schema(root: Path) -> None:
     manifest = json.loads((root / A.MANIFEST).read_text())
     manifest["schema_version"] = A.SCHEMA_VERSION + 1
@@ -93,6 +100,7 @@ RETRIEVAL_ONLY = [
     ("Annoy index from another version", foreign_annoy, "holds 100 items, catalogue has"),
 ]
 RANKING_ONLY = [
+    ("items.json short of titles, manifest re-summed", short_titles, "titles for"),
     ("SavedModel truncated, manifest re-summed", truncate_savedmodel_resummed, "SavedModel"),
 ]
 

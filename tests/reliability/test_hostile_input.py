@@ -337,6 +337,24 @@ def hostile_cases(items: list[str], users: list[str]) -> list[tuple[str, object,
         ("Recommend", ranking_pb2.RecommendRequest(user=ctx(user_id="nobody-ever"), k=5), {OK}, ""),
         ("Recommend", ranking_pb2.RecommendRequest(user=ctx(user_id=u), sources=["nope"]),
          {INVALID}, "sources[0]"),
+        # a field echoed in the message must not push it past gRPC's trailer limit
+        ("Retrieve", retrieval_pb2.RetrieveRequest(user=ctx(user_id=u), sources=["s" * 100_000]),
+         {INVALID}, "sources[0]"),
+        ("Retrieve", retrieval_pb2.RetrieveRequest(user=ctx(user_id=u, variant="v" * 100_000)),
+         {INVALID}, "user.variant"),
+        ("Recommend", ranking_pb2.RecommendRequest(user=ctx(user_id=u, variant="v" * 100_000)),
+         {INVALID}, "user.variant"),
+        # a million recent ids is refused by count, before any per-id work
+        ("Rank", ranking_pb2.RankRequest(user=ctx(user_id=u, recent_item_ids=million),
+                                         candidate_item_ids=[i]),
+         {INVALID}, "user.recent_item_ids: 1000000 ids"),
+        # a NUL inside an id (numpy would keep it, unlike a trailing one)
+        ("Rank", ranking_pb2.RankRequest(user=ctx(user_id=u, exclude_item_ids=[i, "a\x00b"]),
+                                         candidate_item_ids=[i]),
+         {INVALID}, "user.exclude_item_ids[1]"),
+        # over retrieval's budget limit (not ranking's): named as the caller's field
+        ("Recommend", ranking_pb2.RecommendRequest(user=ctx(user_id=u), retrieval_budget=5001),
+         {INVALID}, "retrieval_budget"),
     ]  # fmt: skip
 
 

@@ -165,7 +165,9 @@ async def test_redis_stopped_frozen_and_restarted_mid_load(own_redis, trained_ve
             await asyncio.to_thread(own_redis.stop)
             down_from = time.monotonic()
             await asyncio.sleep(1.5)
-            # 2. Redis back on the same port with its append-only file.
+            # 2. Redis back on the same port with its append-only file. It answers
+            # before start() returns, so the "down" window ends here, not after it.
+            restart_from = time.monotonic()
             await asyncio.to_thread(start_again, own_redis)
             back_at = time.monotonic()
             await wait_until(
@@ -179,6 +181,7 @@ async def test_redis_stopped_frozen_and_restarted_mid_load(own_redis, trained_ve
             try:
                 await asyncio.sleep(1.5)
             finally:
+                thaw_from = time.monotonic()
                 os.kill(own_redis.proc.pid, signal.SIGCONT)
             thawed_at = time.monotonic()
             await wait_until(
@@ -193,8 +196,8 @@ async def test_redis_stopped_frozen_and_restarted_mid_load(own_redis, trained_ve
     before = load.between(0, healthy_until)
     assert before and all(o[2] == "OK" for o in before)
     for label, t0, t1 in (
-        ("stopped", down_from + 0.3, back_at),
-        ("frozen", frozen_from + 0.5, thawed_at),
+        ("stopped", down_from + 0.3, restart_from),
+        ("frozen", frozen_from + 0.5, thaw_from),
     ):
         during = load.between(t0, t1)
         assert {o[0] for o in during} == {"Retrieve", "Rank", "Recommend"}, label

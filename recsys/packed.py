@@ -4,9 +4,11 @@
 parallel arrays (ids, scores, a source bit mask, seed and genre indices into
 small string tables, optional per-source score arrays) instead of one
 ``Candidate`` message per item. Building 500 messages, each with a map, was
-about a third of the retrieval server's CPU per request; filling a handful
-of repeated fields from numpy arrays is a few tens of microseconds, and the
-receiver parses a few packed fields instead of 500 sub-messages.
+about a third of the retrieval server's CPU per request. :func:`pack`
+encodes the numeric arrays as protobuf wire bytes in numpy and lets the C
+runtime parse them in (about 40 us for 500 candidates, against about 140 us
+through ``extend``), and the receiver parses a few packed fields instead of
+500 sub-messages.
 
 :func:`pack` (the retrieval service) and :class:`PackedCandidateList` (any
 client, e.g. the ranking service) are the only code that knows the layout;
@@ -27,10 +29,10 @@ from recsys.v1 import common_pb2, retrieval_pb2
 ROW_DTYPE = np.dtype("<i4")
 
 
-def _compact(index: np.ndarray, table: Sequence[str]) -> tuple[list[str], list[int]]:
+def _compact(index: np.ndarray, table: Sequence[str]) -> tuple[list[str], np.ndarray]:
     """Drops unused and repeated strings from ``table``; returns it and the remapped index."""
     if not len(table):
-        return [], []
+        return [], index
     used = np.zeros(len(table) + 1, bool)
     used[index] = True  # -1 lands on the spare last slot
     names: dict[str, int] = {}
@@ -38,9 +40,7 @@ def _compact(index: np.ndarray, table: Sequence[str]) -> tuple[list[str], list[i
     # Two sources may name the same seed; one table entry each is enough.
     for i in np.flatnonzero(used[:-1]).tolist():
         slot[i] = names.setdefault(table[i], len(names))
-    if not names:
-        return [], []
-    return list(names), slot[index].tolist()
+    return list(names), slot[index]
 
 
 def pack(
@@ -84,20 +84,89 @@ def pack(
         msg.catalogue = catalogue
     else:
         msg.item_ids.extend(item_ids or ())
-    msg.scores.extend(np.nan_to_num(scores, nan=0.0).tolist())
     msg.source_names.extend(source_names)
-    msg.source_mask.extend(source_mask.tolist())
-    table, index = _compact(seeds, seed_ids)
-    if table:
-        msg.seeds.extend(table)
-        msg.seed_index.extend(index)
-    table, index = _compact(genres, genre_names)
-    if table:
-        msg.genres.extend(table)
-        msg.genre_index.extend(index)
+    # The per-candidate numbers go in as protobuf wire bytes encoded by numpy
+    # and parsed by the C runtime: extend() from Python lists converted every
+    # number to a Python object and back, ~60 us for 500 candidates.
+    parts = [
+        _packed_field(_SCORES, _floats(scores)),
+        _packed_field(_SOURCE_MASK, _varints(np.asarray(source_mask, np.uint64))),
+    ]
+    for index_field, table_field, index, table in (
+        (_SEED_INDEX, msg.seeds, seeds, seed_ids),
+        (_GENRE_INDEX, msg.genres, genres, genre_names),
+    ):
+        names, remapped = _compact(index, table)
+        if names:
+            table_field.extend(names)
+            parts.append(_packed_field(index_field, _varints(_zigzag(remapped))))
     if source_scores is not None:
-        for row in source_scores.tolist():
-            msg.source_scores.add().scores.extend(row)
+        for row in source_scores:
+            # SourceScores { repeated float scores = 1; } as one length-delimited entry.
+            inner = _packed_field(1, _floats(row, nan_as_zero=False))  # NaN: no score
+            parts.append(_key(_SOURCE_SCORES) + _varint(len(inner)) + inner)
+    msg.MergeFromString(b"".join(parts))
+
+
+# Field numbers of PackedCandidates (protos/recsys/v1/retrieval.proto).
+_SCORES, _SOURCE_MASK, _SEED_INDEX, _GENRE_INDEX, _SOURCE_SCORES = 2, 4, 6, 8, 9
+_FLOAT32 = np.dtype("<f4")
+
+
+def _floats(values: np.ndarray, *, nan_as_zero: bool = True) -> bytes:
+    """Little-endian float32 bytes; NaN sent as 0 (as ``Candidate.score``) if ``nan_as_zero``."""
+    out = np.asarray(values, _FLOAT32)
+    nan = np.isnan(out)
+    if nan_as_zero and nan.any():
+        out = np.where(nan, np.float32(0.0), out)
+    return out.tobytes()
+
+
+def _zigzag(values: np.ndarray) -> np.ndarray:
+    """``sint32`` zigzag encoding: 0, -1, 1, -2 ... become 0, 1, 2, 3 ..."""
+    v = np.asarray(values, np.int64)
+    return ((v << 1) ^ (v >> 63)).astype(np.uint64)
+
+
+def _varints(values: np.ndarray) -> bytes:
+    """Concatenated base-128 varints of unsigned 64-bit ``values``."""
+    v = np.asarray(values, np.uint64)
+    if not v.size:
+        return b""
+    top = int(v.max())
+    if top < 0x80:  # the usual case (masks of < 8 sources, small indices): a byte each
+        return v.astype(np.uint8).tobytes()
+    width = (top.bit_length() + 6) // 7
+    shifts = np.arange(width, dtype=np.uint64) * np.uint64(7)
+    groups = (v[:, None] >> shifts) & np.uint64(0x7F)
+    # Bytes each value needs: 1 plus one per 7-bit boundary it reaches.
+    limits = np.uint64(1) << shifts[1:]
+    size = 1 + (v[:, None] >= limits).sum(axis=1)
+    col = np.arange(width)
+    groups[col < (size - 1)[:, None]] |= np.uint64(0x80)  # continuation bit
+    return groups[col < size[:, None]].astype(np.uint8).tobytes()
+
+
+def _varint(value: int) -> bytes:
+    """One varint (keys and lengths; numpy's fixed cost would dwarf a few bytes)."""
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _key(field: int) -> bytes:
+    """The key of a length-delimited field (wire type 2)."""
+    return _varint(field << 3 | 2)
+
+
+def _packed_field(field: int, payload: bytes) -> bytes:
+    """A packed repeated field; nothing when empty (as protobuf writes it)."""
+    if not payload:
+        return b""
+    return _key(field) + _varint(len(payload)) + payload
 
 
 class PackedCandidate:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -35,6 +36,9 @@ from recsys.explain import Reason, explain, source_kinds
 from recsys.tracing import NOOP, Tracing
 from recsys.user_store import StoredUser
 
+# Most distinct provenances whose reasons are kept per model version.
+REASON_CACHE_ENTRIES = 50_000
+
 log = logging.getLogger("ranking_service.core")
 
 
@@ -51,7 +55,9 @@ class RankedItem:
     score: float
     raw: float
     candidate: Any = None  # recsys.v1.Candidate from retrieval (Recommend only)
-    reasons: list[Reason] = field(default_factory=list)  # Recommend only
+    # Recommend only; shared between answers (see Ranker._explain), never mutated.
+    reasons: Sequence[Reason] = ()
+    sources: tuple[str, ...] = ()  # the candidate's retrieval sources (Recommend only)
 
 
 @dataclass
@@ -135,6 +141,12 @@ class Ranker:
         self.experiment = experiment or Experiment()
         self.kinds = kinds if kinds is not None else source_kinds(())
         self.tracing = tracing
+        # Per model version: (sources, seed, genre, country) -> reasons. Few
+        # distinct provenances recur across answers, and explaining one (with
+        # its seed's title) cost about as much as scoring.
+        self._reasons: weakref.WeakKeyDictionary[
+            LoadedModel, dict[tuple[tuple[str, ...], str, str, str], tuple[Reason, ...]]
+        ] = weakref.WeakKeyDictionary()
         # One loaded model per model track ("current" or a pinned version);
         # ``model`` is the default variant's, the one callers without a variant get.
         self.models: dict[str, LoadedModel] = {}
@@ -270,18 +282,26 @@ class Ranker:
         return out
 
     def _explain(self, out: RankOutcome) -> None:
-        """Attaches reasons to the winners, from their retrieval provenance."""
+        """Attaches sources and reasons to the winners, from their retrieval provenance."""
         model = out.model
-        seeds = list({c.seed_item_id for it in out.items if (c := it.candidate) and c.seed_item_id})
-        titles: dict[str, str] = {}
-        if seeds:  # one vectorised lookup for every seed of the answer
-            for seed, row in zip(seeds, model.index.lookup(seeds).tolist(), strict=True):
-                titles[seed] = model.title(row) if row >= 0 else ""
+        cache = self._reasons.get(model)
+        if cache is None:
+            cache = self._reasons[model] = {}
+        country = out.country or ""
         for it in out.items:
-            if it.candidate is not None:
-                it.reasons = explain(
-                    it.candidate, kinds=self.kinds, title_of=titles.get, country=out.country
+            c = it.candidate
+            if c is None:
+                continue
+            it.sources = sources = tuple(c.sources)
+            key = (sources, c.seed_item_id or "", c.genre or "", country)
+            reasons = cache.get(key)
+            if reasons is None:
+                reasons = tuple(
+                    explain(c, kinds=self.kinds, title_of=model.title_of, country=country)
                 )
+                if len(cache) < REASON_CACHE_ENTRIES:
+                    cache[key] = reasons
+            it.reasons = reasons
 
     async def _rank_rows(
         self,

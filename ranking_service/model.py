@@ -324,6 +324,11 @@ class LoadedModel:
         titles = self.version.items_meta.get("title") or []
         return str(titles[row]) if row < len(titles) else ""
 
+    def title_of(self, item_id: str) -> str:
+        """Display title of ``item_id`` (empty when it is not in the catalogue or has none)."""
+        row = int(self.index.lookup([item_id])[0])
+        return self.title(row) if row >= 0 else ""
+
     def item_id(self, row: int) -> str:
         """Item id of ``row``."""
         return self.version.item_ids[row]

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+import struct
 import time
 import weakref
-from typing import Any
+from collections.abc import Sequence
 
 import grpc
 from opentelemetry.trace import SpanKind
@@ -17,6 +18,7 @@ from ranking_service.validation import InvalidArgument, parse_rank, parse_recomm
 from recsys.batching import BatcherClosed
 from recsys.config import RankingSettings
 from recsys.experiments import UnknownVariant, observe_request
+from recsys.explain import Reason
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc
 
 log = logging.getLogger("ranking_service.servicer")
@@ -24,6 +26,11 @@ log = logging.getLogger("ranking_service.servicer")
 
 # Most catalogue items whose response template is kept per model version.
 TEMPLATE_CACHE_ITEMS = 100_000
+# Most distinct (sources, reasons) whose encoded fields are kept.
+PROVENANCE_CACHE_ENTRIES = 50_000
+_FLOAT32 = struct.Struct("<f")
+# ScoredItem.score's key on the wire, taken from protobuf's own encoding.
+_SCORE_KEY = ranking_pb2.ScoredItem(score=1.0).SerializeToString()[: -_FLOAT32.size]
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
@@ -32,32 +39,53 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     def __init__(self, ranker: Ranker, settings: RankingSettings):
         self.ranker = ranker
         self.settings = settings
-        # Per model version: row -> ScoredItem with the item's static fields
-        # (id, title, genres). Copying a template is ~5x cheaper than
-        # building the message from keyword arguments on every answer.
-        self._templates: weakref.WeakKeyDictionary[LoadedModel, dict[int, Any]] = (
+        # Per model version: row -> the item's static fields (id, title,
+        # genres) as an encoded ScoredItem, built once instead of per answer.
+        self._templates: weakref.WeakKeyDictionary[LoadedModel, dict[int, bytes]] = (
             weakref.WeakKeyDictionary()
         )
+        self._provenance: dict[tuple[tuple[str, ...], Sequence[Reason]], bytes] = {}
 
     def _items(self, out: RankOutcome, debug: bool, container) -> None:
-        """Appends the outcome's items to a response's repeated ``items`` field."""
+        """Appends the outcome's items to a response's repeated ``items`` field.
+
+        Outside debug an item is parsed from three cached byte strings (its
+        static fields, its score, its provenance): one C parse instead of a
+        copy, a field set and a message per reason.
+        """
         model = out.model
         cache = self._templates.get(model)
         if cache is None:
             cache = self._templates[model] = {}
+        provenance = self._provenance
         add = container.add
         for it in out.items:
             template = cache.get(it.row)
             if template is None:
                 template = ranking_pb2.ScoredItem(
                     item_id=it.item_id, title=model.title(it.row), genres=model.genres(it.row)
-                )
+                ).SerializeToString()
                 if len(cache) < TEMPLATE_CACHE_ITEMS:
                     cache[it.row] = template
             item = add()
-            item.CopyFrom(template)
-            item.score = it.score
-            _provenance(item, it, model, debug)
+            if debug:
+                item.MergeFromString(template)
+                item.score = it.score
+                _provenance(item, it, model, debug=True)
+                continue
+            key = (it.sources, it.reasons)
+            why = provenance.get(key)
+            if why is None:
+                msg = ranking_pb2.ScoredItem()
+                _provenance(msg, it, model, debug=False)
+                why = msg.SerializeToString()
+                if len(provenance) < PROVENANCE_CACHE_ENTRIES:
+                    provenance[key] = why
+            try:
+                item.MergeFromString(template + _SCORE_KEY + _FLOAT32.pack(it.score) + why)
+            except OverflowError:  # beyond float32: let protobuf round it as it would
+                item.MergeFromString(template + why)
+                item.score = it.score
 
     def _root_span(self, method: str, context: grpc.aio.ServicerContext):
         tr = self.ranker.tracing
@@ -121,7 +149,7 @@ def _span_attributes(out: RankOutcome) -> dict[str, str | int | bool]:
 
 def _provenance(item: ranking_pb2.ScoredItem, it: RankedItem, model: LoadedModel, debug: bool):
     """Fills the per-request fields of a ScoredItem: sources, reasons, debug."""
-    sources = list(it.candidate.sources) if it.candidate is not None else []
+    sources = list(it.sources)
     if sources:
         item.sources.extend(sources)
     if it.reasons:

@@ -58,6 +58,8 @@ class RankedItem:
     # Recommend only; shared between answers (see Ranker._explain), never mutated.
     reasons: Sequence[Reason] = ()
     sources: tuple[str, ...] = ()  # the candidate's retrieval sources (Recommend only)
+    # (sources, seed, genre, country): what ``reasons`` were built from; None without a candidate.
+    why: tuple[tuple[str, ...], str, str, str] | None = None
 
 
 @dataclass
@@ -292,8 +294,13 @@ class Ranker:
             c = it.candidate
             if c is None:
                 continue
-            it.sources = sources = tuple(c.sources)
-            key = (sources, c.seed_item_id or "", c.genre or "", country)
+            read = getattr(c, "provenance", None)  # a packed candidate reads it in one go
+            if read is not None:
+                sources, seed, genre = read()
+            else:
+                sources, seed, genre = tuple(c.sources), c.seed_item_id or "", c.genre or ""
+            it.sources = sources
+            it.why = key = (sources, seed, genre, country)
             reasons = cache.get(key)
             if reasons is None:
                 reasons = tuple(

@@ -158,7 +158,9 @@ class RetrievalClient:
         """One request's answer through the shared RetrieveMany calls."""
         assert self._batcher is not None
         try:
-            got = await asyncio.wait_for(self._batcher.submit((request, timeout)), timeout)
+            # A timeout scope, not wait_for: no extra task per request.
+            async with asyncio.timeout(timeout):
+                got = await self._batcher.submit((request, timeout))
         except TimeoutError:
             raise _failure(grpc.StatusCode.DEADLINE_EXCEEDED, "", timeout) from None
         if isinstance(got, grpc.aio.AioRpcError):

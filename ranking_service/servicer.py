@@ -6,7 +6,7 @@ import logging
 import struct
 import time
 import weakref
-from collections.abc import Sequence
+from typing import Any
 
 import grpc
 from opentelemetry.trace import SpanKind
@@ -18,7 +18,6 @@ from ranking_service.validation import InvalidArgument, parse_rank, parse_recomm
 from recsys.batching import BatcherClosed
 from recsys.config import RankingSettings
 from recsys.experiments import UnknownVariant, observe_request
-from recsys.explain import Reason
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc
 
 log = logging.getLogger("ranking_service.servicer")
@@ -26,7 +25,7 @@ log = logging.getLogger("ranking_service.servicer")
 
 # Most catalogue items whose response template is kept per model version.
 TEMPLATE_CACHE_ITEMS = 100_000
-# Most distinct (sources, reasons) whose encoded fields are kept.
+# Most distinct provenances whose encoded fields are kept per model version.
 PROVENANCE_CACHE_ENTRIES = 50_000
 _FLOAT32 = struct.Struct("<f")
 # ScoredItem.score's key on the wire, taken from protobuf's own encoding.
@@ -44,7 +43,10 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         self._templates: weakref.WeakKeyDictionary[LoadedModel, dict[int, bytes]] = (
             weakref.WeakKeyDictionary()
         )
-        self._provenance: dict[tuple[tuple[str, ...], Sequence[Reason]], bytes] = {}
+        # Per model version: RankedItem.why -> its sources and reasons, encoded.
+        self._provenance: weakref.WeakKeyDictionary[LoadedModel, dict[Any, bytes]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def _items(self, out: RankOutcome, debug: bool, container) -> None:
         """Appends the outcome's items to a response's repeated ``items`` field.
@@ -57,7 +59,9 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         cache = self._templates.get(model)
         if cache is None:
             cache = self._templates[model] = {}
-        provenance = self._provenance
+        provenance = self._provenance.get(model)
+        if provenance is None:
+            provenance = self._provenance[model] = {}
         add = container.add
         for it in out.items:
             template = cache.get(it.row)
@@ -73,14 +77,14 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                 item.score = it.score
                 _provenance(item, it, model, debug=True)
                 continue
-            key = (it.sources, it.reasons)
-            why = provenance.get(key)
+            # Reasons are a function of ``it.why`` within one model version (titles).
+            why = provenance.get(it.why) if it.why is not None else b""
             if why is None:
                 msg = ranking_pb2.ScoredItem()
                 _provenance(msg, it, model, debug=False)
                 why = msg.SerializeToString()
                 if len(provenance) < PROVENANCE_CACHE_ENTRIES:
-                    provenance[key] = why
+                    provenance[it.why] = why
             try:
                 item.MergeFromString(template + _SCORE_KEY + _FLOAT32.pack(it.score) + why)
             except OverflowError:  # beyond float32: let protobuf round it as it would

@@ -253,7 +253,9 @@ class MicroBatcher(Generic[Req, Res]):
                 return
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), remaining)
+                # A timeout scope, not wait_for: no task wrapped around the wait.
+                async with asyncio.timeout(remaining):
+                    await self._wake.wait()
             except TimeoutError:
                 return
 

@@ -213,6 +213,10 @@ class PackedCandidate:
         """Genre of a per-genre source, empty when none."""
         return self._list.genre_of(self._i)
 
+    def provenance(self) -> tuple[tuple[str, ...], str, str]:
+        """``(sources, seed_item_id, genre)`` in one read (what a reason is built from)."""
+        return self._list.provenance_of(self._i)
+
     def to_pb(self) -> common_pb2.Candidate:
         """The same candidate as a ``recsys.v1.Candidate`` message."""
         c = common_pb2.Candidate(
@@ -276,6 +280,7 @@ class PackedCandidateList(Sequence[PackedCandidate]):
     def __init__(self, msg: retrieval_pb2.PackedCandidates, catalogue: Catalogue | None = None):
         self.msg = msg
         self.source_names: list[str] = list(msg.source_names)
+        self._names_of_mask: dict[int, tuple[str, ...]] = {}
         self.rows: np.ndarray | None = None
         self._ids: list[str] | None = None
         self._catalogue_ids: Sequence[str] = ()
@@ -345,8 +350,24 @@ class PackedCandidateList(Sequence[PackedCandidate]):
 
     def sources_of(self, i: int) -> list[str]:
         """Source names of candidate ``i``."""
-        mask = self.msg.source_mask[i]
-        return [name for b, name in enumerate(self.source_names) if mask >> b & 1]
+        return list(self._names(self.msg.source_mask[i]))
+
+    def provenance_of(self, i: int) -> tuple[tuple[str, ...], str, str]:
+        """``(sources, seed item id, genre)`` of candidate ``i``."""
+        msg = self.msg
+        return (
+            self._names(msg.source_mask[i]),
+            _entry(msg.seed_index, msg.seeds, i),
+            _entry(msg.genre_index, msg.genres, i),
+        )
+
+    def _names(self, mask: int) -> tuple[str, ...]:
+        """The source names of a mask (a handful of distinct masks per answer: decoded once)."""
+        names = self._names_of_mask.get(mask)
+        if names is None:
+            names = tuple(n for b, n in enumerate(self.source_names) if mask >> b & 1)
+            self._names_of_mask[mask] = names
+        return names
 
     def source_scores_of(self, i: int) -> dict[str, float]:
         """Per-source scores of candidate ``i`` (sources that gave none left out)."""

@@ -274,3 +274,10 @@ def test_hand_encoded_fields_match_protobufs_own_encoding(data, m, with_scores):
     _reference(want, scores, mask, seeds, seed_ids, genres, genre_names, per_source)
     # Bytes, not ==: NaN per-source scores compare unequal to themselves as messages.
     assert got.SerializeToString(deterministic=True) == want.SerializeToString(deterministic=True)
+
+
+def test_provenance_reads_the_same_fields_as_the_properties():
+    cands, _, _ = candidates_of(_packed())
+    for c in (*cands, *cands):  # the second pass reads masks already decoded
+        assert c.provenance() == (tuple(c.sources), c.seed_item_id, c.genre)
+    assert cands[0].provenance() == (("similar", "genre"), "s1", "Drama")

@@ -28,7 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -604,12 +604,13 @@ def _supervise(
                 )
                 while not stopping and all(p.poll() is None for p in procs):
                     time.sleep(0.2)
+            reap_metrics(procs, metrics_dir)
             if not stopping:
                 code = 1
                 log.error(
                     "a worker exited; stopping the others", extra={"fields": {"service": label}}
                 )
-            _stop_all(procs, server.grace_s + 5.0)
+            _stop_all(procs, server.grace_s + 5.0, metrics_dir)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -636,7 +637,22 @@ def _metrics_dir(label: str) -> str:
     return tempfile.mkdtemp(prefix=f"recsys-{label}-metrics-", dir=base)
 
 
-def _stop_all(procs: list[subprocess.Popen], wait_s: float) -> None:
+def reap_metrics(procs: Sequence[subprocess.Popen], metrics_dir: str) -> None:
+    """Drops the live gauges (in flight, ...) of every worker that has exited.
+
+    prometheus-client keeps a ``livesum``/``livemax`` gauge file per process
+    until told the process is dead; without this a worker that died would
+    keep adding its last in-flight count to the pod's ``/metrics`` while the
+    others drain. Counters and histograms are kept: their totals stay true.
+    """
+    from prometheus_client import multiprocess
+
+    for p in procs:
+        if p.poll() is not None:
+            multiprocess.mark_process_dead(p.pid, metrics_dir)
+
+
+def _stop_all(procs: list[subprocess.Popen], wait_s: float, metrics_dir: str | None = None) -> None:
     """SIGTERM every live worker, waits up to ``wait_s``, then kills stragglers."""
     for p in procs:
         if p.poll() is None:
@@ -649,6 +665,8 @@ def _stop_all(procs: list[subprocess.Popen], wait_s: float) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+        if metrics_dir is not None:
+            reap_metrics([p], metrics_dir)
 
 
 # --- model versions -----------------------------------------------------------------

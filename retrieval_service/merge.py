@@ -274,6 +274,7 @@ def interleave(
     if sum(sizes):
         seq, lane = _turn_order(rows, lanes, sizes)
         quota = np.asarray([min(ln.quota, budget) for ln in lanes], np.int64)
+        lane_ids = np.arange(n_lanes)
         placed = np.zeros(n_lanes, np.int64)
         full = placed >= quota
         # First pass, quotas on. Between two moments when a lane fills up the
@@ -290,9 +291,10 @@ def interleave(
             acc = cand[marks.first(s_seq[cand])]
             acc_lane = s_lane[acc]
             cut = min(acc.shape[0], budget - n_out)
-            # Entry i's count among the accepted entries of its own lane so far.
-            own = np.cumsum(acc_lane[:, None] == np.arange(n_lanes), axis=0)
-            count = own[np.arange(acc.shape[0]), acc_lane]
+            # Entry i's count among the accepted entries of its own lane so far
+            # (lane-major one-hot, so the running sums run along contiguous rows).
+            own = (lane_ids[:, None] == acc_lane).cumsum(axis=1, dtype=np.int32)
+            count = own[acc_lane, np.arange(acc.shape[0])]
             fills = np.flatnonzero(count >= (quota - placed)[acc_lane])
             refill = bool(fills.shape[0]) and int(fills[0]) + 1 < cut
             if refill:
@@ -307,19 +309,29 @@ def interleave(
                 break
             start += int(take[-1]) + 1
         # Refill: leftovers tier by tier, quotas lifted.
-        for tier in TIERS:
-            if n_out >= budget:
-                break
-            in_tier = np.asarray([ln.tier == tier for ln in lanes])
-            if not in_tier.any():
-                continue
-            cand = np.flatnonzero(in_tier[lane] & ~marks.has(1, taken, seq))
-            if not cand.shape[0]:
-                continue
-            take = cand[marks.first(seq[cand])][: budget - n_out]
-            marks.add(1, taken, seq[take])
-            chunks.append(seq[take])
-            n_out += take.shape[0]
+        if n_out < budget:
+            tiers = [ln.tier for ln in lanes]
+            lane_tier = np.asarray([TIERS.index(t) if t in TIERS else -1 for t in tiers])
+            # Entries not taken yet, found once; a tier's takes are struck from
+            # the later tiers' share below (the same row can sit in several lanes).
+            left = np.flatnonzero(~marks.has(1, taken, seq))
+            left_tier = lane_tier[lane[left]]
+            took = False
+            for t, tier in enumerate(TIERS):
+                if n_out >= budget:
+                    break
+                if tier not in tiers:
+                    continue
+                cand = left[left_tier == t]
+                if took and cand.shape[0]:
+                    cand = cand[~marks.has(1, taken, seq[cand])]
+                if not cand.shape[0]:
+                    continue
+                take = cand[marks.first(seq[cand])][: budget - n_out]
+                marks.add(1, taken, seq[take])
+                chunks.append(seq[take])
+                n_out += take.shape[0]
+                took = True
     pad_scores = no_scores
     if pad is not None and n_out < budget:
         fill, fill_scores = pad()

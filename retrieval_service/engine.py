@@ -172,7 +172,7 @@ async def _within(work: Awaitable[Any], limit: float) -> Any:
 def _as_block(got: Sequence[Any], k: int, served: ServedVersion) -> CandidateBlock:
     """A source's answer, cut to ``k``, as a block over ``served``'s catalogue."""
     if isinstance(got, CandidateBlock) and got.item_ids is served.item_ids:
-        block = got[:k]
+        block = got if got.rows.shape[0] <= k else got[:k]  # usually already within k
         rows = block.rows
         if rows.shape[0] and (rows.min() < 0 or rows.max() >= len(served.item_ids)):
             raise ValueError("returned a CandidateBlock with rows outside the catalogue")

@@ -34,7 +34,7 @@ from recsys.config import CURRENT_VERSION
 from recsys.experiments import Experiment, Variant
 from recsys.explain import Reason, explain, source_kinds
 from recsys.tracing import NOOP, Tracing
-from recsys.user_store import StoredUser
+from recsys.user_store import StoredUser, state_from_pb
 
 # Most distinct provenances whose reasons are kept per model version.
 REASON_CACHE_ENTRIES = 50_000
@@ -72,6 +72,9 @@ class RankJob:
     k: int
     with_watched: bool
     trace: dict[str, Any] | None = None  # stage times (epoch ns) when tracing
+    # The user's stored state when the caller already has it (retrieval passed
+    # it on): the batch then reads nothing from Redis for this job.
+    prefetched: StoredUser | None = None
     # Outputs.
     stored: StoredUser | None = None
     redis_failed: bool = False
@@ -227,6 +230,7 @@ class Ranker:
                         # The retrieval span joins this trace through a traceparent.
                         trace_metadata=tr.inject(None) or (),
                         catalogue=model.version,
+                        user_state=True,
                     )
                     if tr.enabled:
                         span.set_attribute("recsys.candidates", len(answer.candidates))
@@ -265,10 +269,22 @@ class Ranker:
             rows = answer.rows.astype(np.int64)
         else:
             rows = model.index.lookup(answer.item_ids)
-        # Retrieval already dropped the stored watched set, so only the
-        # request's own exclusions are applied here (no SMEMBERS per request).
+        # Retrieval already read the user's state (passed on unless its read
+        # failed) and dropped the stored watched set, so only the request's
+        # own exclusions are applied here: no Redis read for this request.
+        stored = None
+        if answer.user_state is not None:
+            stored = state_from_pb(model.version.spec, query.user.user_id, answer.user_state)
+        M.USER_STATE_READS.labels("retrieval" if stored is not None else "redis").inc()
         out = await self._rank_rows(
-            model, query.user, rows, query.k, False, read_watched=False, variant=variant.name
+            model,
+            query.user,
+            rows,
+            query.k,
+            False,
+            read_watched=False,
+            variant=variant.name,
+            stored=stored,
         )
         # Provenance of the winners: position of each top row among the candidates.
         if out.items:
@@ -320,6 +336,7 @@ class Ranker:
         *,
         read_watched: bool = True,
         variant: str = "default",
+        stored: StoredUser | None = None,
     ) -> RankOutcome:
         known = rows >= 0
         unknown = int(rows.shape[0] - np.count_nonzero(known))
@@ -329,8 +346,12 @@ class Ranker:
         # Duplicates would be scored twice and could fill top-k with one item.
         rows = rows[model.marks.first(rows)]
         with_watched = read_watched and not include_watched
+        if with_watched:
+            stored = None  # a passed-on state has no watched set
         tr = self.tracing
-        job = RankJob(model, user, rows, k, with_watched, {} if tr.enabled else None)
+        job = RankJob(
+            model, user, rows, k, with_watched, {} if tr.enabled else None, prefetched=stored
+        )
         await self.batcher.submit(job)
         if job.redis_failed:
             M.REDIS_ERRORS.inc()
@@ -383,10 +404,17 @@ class Ranker:
         t0 = time.time_ns() if traced else 0
         got = await fetch_users(
             self.redis,
-            [(j.model.version.spec, j.user.user_id, j.with_watched) for j in jobs],
+            [
+                (j.model.version.spec, j.user.user_id, j.with_watched)
+                if j.prefetched is None
+                else None
+                for j in jobs
+            ],
         )
         inputs = []
         for j, (stored, failed) in zip(jobs, got, strict=True):
+            if j.prefetched is not None:
+                stored, failed = j.prefetched, False
             j.stored, j.redis_failed = stored, failed
             drop: list[str] = list(j.user.exclude_item_ids)
             if stored is not None and j.with_watched:

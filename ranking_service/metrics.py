@@ -32,6 +32,12 @@ USER_FEATURES = Counter(
     "Where each request's user features came from.",
     ["source", "variant"],
 )
+USER_STATE_READS = Counter(
+    "recsys_ranking_user_state_reads_total",
+    "How Recommend got the user's stored state: passed on by retrieval, or read"
+    " here (retrieval could not read it, or it did not fit the model's genres).",
+    ["origin"],
+)
 REDIS_ERRORS = Counter(
     "recsys_ranking_redis_errors_total", "User reads that failed and fell back to defaults."
 )

@@ -48,6 +48,8 @@ class RetrievalAnswer:
             shares it and answered by rows (then no ids were sent), else None.
         reports: ``recsys.v1.SourceReport`` per source.
         index_version: Version that produced the answer.
+        user_state: ``recsys.v1.StoredUserState`` as retrieval read it, when
+            asked for and retrieval could read it, else None.
     """
 
     candidates: Sequence[Any]
@@ -55,6 +57,7 @@ class RetrievalAnswer:
     index_version: str
     item_ids: Sequence[str] = ()
     rows: np.ndarray | None = None
+    user_state: Any | None = None
 
 
 class RetrievalClient:
@@ -102,6 +105,7 @@ class RetrievalClient:
         source_scores: bool = True,
         trace_metadata: Sequence[tuple[str, str]] = (),
         catalogue: Catalogue | None = None,
+        user_state: bool = False,
     ) -> RetrievalAnswer:
         """Calls Retrieve with the caller's deadline propagated.
 
@@ -112,7 +116,8 @@ class RetrievalClient:
         the per-source scores out (only debug output shows them).
         ``trace_metadata`` (a W3C ``traceparent``) goes out with the call.
         With ``catalogue`` (the caller's model version), retrieval names the
-        candidates by row when it serves the same catalogue.
+        candidates by row when it serves the same catalogue. ``user_state``
+        asks for the user's stored state as retrieval read it.
 
         Raises:
             RetrievalUnavailable: Down, timed out, overloaded or failing.
@@ -130,6 +135,7 @@ class RetrievalClient:
             omit_source_scores=not source_scores,
             packed=True,
             catalogue=catalogue.catalogue_id if catalogue is not None else "",
+            with_user_state=user_state,
         )
         try:
             if self._batcher is not None and not trace_metadata:
@@ -152,6 +158,7 @@ class RetrievalClient:
             index_version=resp.index_version,
             item_ids=item_ids or (),
             rows=rows,
+            user_state=resp.user_state if resp.HasField("user_state") else None,
         )
 
     async def _batched(self, request: Any, timeout: float) -> Any:

@@ -6,12 +6,18 @@ trip**, and ``load_users`` the same for a whole micro-batch of requests;
 ``record_interaction`` applies one interaction atomically (``MULTI``), so
 the next read sees it. The data lives only in Redis, so it survives service
 restarts (and Redis restarts when Redis persists, as the embedded one does).
+
+``state_to_pb`` and ``state_from_pb`` carry the profile and aggregates that
+retrieval read on to the ranking service (``RetrieveResponse.user_state``),
+so one Recommend reads the user's state from Redis once, not once per stage.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from recsys import redis_keys
 from recsys.features import (
@@ -22,6 +28,7 @@ from recsys.features import (
     encode_user_state,
     interaction_increments,
 )
+from recsys.v1 import retrieval_pb2
 
 
 @dataclass
@@ -34,6 +41,67 @@ class StoredUser:
     aggregates: UserAggregates | None = None
     recent: list[str] = field(default_factory=list)  # newest first
     watched: set[str] = field(default_factory=set)
+
+
+def state_to_pb(spec: FeatureSpec, user: StoredUser, out: retrieval_pb2.StoredUserState) -> None:
+    """Writes a user's stored profile and aggregates into ``out`` (recent and watched stay out).
+
+    ``known`` is true only when the user has a state hash, which is what a
+    read of the hash alone (the ranking service's) would find.
+    """
+    agg = user.aggregates
+    if agg is None:
+        out.known = False
+        return
+    out.known = True
+    p = user.profile
+    if p.age is not None:
+        out.age = p.age
+    if p.gender is not None:
+        out.gender = p.gender
+    if p.occupation is not None:
+        out.occupation = p.occupation
+    if p.country is not None:
+        out.country = p.country
+    out.genres.extend(spec.genres)
+    head = np.array([agg.watch_count, agg.rated_count, agg.rating_sum], "<f8")
+    out.aggregates = np.concatenate(
+        [head, agg.genre_watch, agg.genre_rated, agg.genre_sum], dtype="<f8"
+    ).tobytes()
+
+
+def state_from_pb(
+    spec: FeatureSpec, user_id: str, msg: retrieval_pb2.StoredUserState
+) -> StoredUser | None:
+    """Inverse of :func:`state_to_pb`; None when ``msg`` does not fit ``spec``.
+
+    A state written under another genre list (retrieval serving a different
+    model version), or a malformed one, is refused rather than misread: the
+    caller then reads the user itself.
+    """
+    if not msg.known:
+        return StoredUser(user_id, known=False)
+    g = len(spec.genres)
+    if len(msg.aggregates) != 8 * (3 + 3 * g) or tuple(msg.genres) != spec.genres:
+        return None
+    nums = np.frombuffer(msg.aggregates, "<f8")
+    if not np.isfinite(nums).all():
+        return None
+    agg = UserAggregates(
+        watch_count=int(nums[0]),
+        rated_count=int(nums[1]),
+        rating_sum=float(nums[2]),
+        genre_watch=nums[3 : 3 + g].astype(np.int64),
+        genre_rated=nums[3 + g : 3 + 2 * g].astype(np.int64),
+        genre_sum=nums[3 + 2 * g :].copy(),
+    )
+    profile = UserProfile(
+        age=msg.age if msg.HasField("age") else None,
+        gender=msg.gender if msg.HasField("gender") else None,
+        occupation=msg.occupation if msg.HasField("occupation") else None,
+        country=msg.country if msg.HasField("country") else None,
+    )
+    return StoredUser(user_id, True, profile, agg)
 
 
 def _s(v: bytes | str) -> str:

@@ -30,7 +30,7 @@ from recsys.batching import MicroBatcher
 from recsys.config import RetrievalSettings
 from recsys.errors import shown
 from recsys.experiments import Experiment, UnknownVariant, Variant
-from recsys.features import UserProfile, aggregates_from_genre_ratings
+from recsys.features import FeatureSpec, UserProfile, aggregates_from_genre_ratings
 from recsys.tracing import NOOP, Tracing
 from recsys.user_store import StoredUser, UserRead, load_users, record_interaction
 from retrieval_service import metrics
@@ -120,6 +120,8 @@ class RetrieveResult:
     redis_round_trips: int
     variant: str = ""
     catalogue: str = ""  # fingerprint of the catalogue the rows index
+    user: StoredUser | None = None  # as read from Redis; None when the read failed
+    spec: FeatureSpec | None = None  # the served version's (indexes user's aggregates)
     _merged: list[MergedCandidate] | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -340,6 +342,7 @@ class RetrievalEngine:
                 extra={"fields": {"user": q.user_id, "error": f"{error}: {exc}"[:300]}},
             )
         metrics.HYDRATE_LATENCY.observe(time.perf_counter() - start)
+        read = stored
         if stored is None:
             stored = StoredUser(q.user_id, known=False)
         f = q.features
@@ -371,6 +374,7 @@ class RetrievalEngine:
             redis=batch,
             hydrate_error=error,
             recent_from_request=bool(q.recent),
+            stored=read,
         )
 
     def _report(
@@ -600,6 +604,8 @@ class RetrievalEngine:
             ctx.redis.round_trips,
             variant.name,
             served.model.catalogue_id,
+            ctx.stored,
+            served.model.spec,
         )
 
     def _variant(self, q: RetrieveQuery) -> Variant:

@@ -12,6 +12,7 @@ from opentelemetry.trace import SpanKind
 
 from recsys.experiments import observe_request
 from recsys.packed import pack
+from recsys.user_store import state_to_pb
 from recsys.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
 from retrieval_service.engine import (
     RequestFeatures,
@@ -65,6 +66,7 @@ def result_to_pb(
     scores: bool = True,
     packed: bool = False,
     catalogue: str = "",
+    user_state: bool = False,
     out: retrieval_pb2.RetrieveResponse | None = None,
 ) -> retrieval_pb2.RetrieveResponse:
     """``RetrieveResponse`` from a domain result.
@@ -78,6 +80,8 @@ def result_to_pb(
             per item (the request's ``packed``).
         catalogue: The caller's catalogue fingerprint; a packed answer names
             candidates by row when it is the result's catalogue.
+        user_state: Include the user's state as read from Redis (the
+            request's ``with_user_state``); left unset when the read failed.
         out: An empty message to fill (e.g. inside a RetrieveMany answer)
             instead of a new one.
     """
@@ -105,6 +109,8 @@ def result_to_pb(
         )
     else:
         _add_candidates(response, sel, [ids[r] for r in sel.rows.tolist()], scores)
+    if user_state and result.user is not None and result.spec is not None:
+        state_to_pb(result.spec, result.user, response.user_state)
     for r in result.reports:
         response.source_reports.add(
             source=r.source,
@@ -191,6 +197,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
                 scores=not request.omit_source_scores,
                 packed=request.packed,
                 catalogue=request.catalogue,
+                user_state=request.with_user_state,
                 out=out,
             )
         observe_request("retrieval", "Retrieve", result.variant, time.perf_counter() - start)

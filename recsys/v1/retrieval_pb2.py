@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from recsys.v1 import common_pb2 as recsys_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19recsys/v1/retrieval.proto\x12\trecsys.v1\x1a\x16recsys/v1/common.proto\"\x97\x01\n\x0fRetrieveRequest\x12$\n\x04user\x18\x01 \x01(\x0b\x32\x16.recsys.v1.UserContext\x12\x0e\n\x06\x62udget\x18\x02 \x01(\x05\x12\x0f\n\x07sources\x18\x03 \x03(\t\x12\x1a\n\x12omit_source_scores\x18\x04 \x01(\x08\x12\x0e\n\x06packed\x18\x05 \x01(\x08\x12\x11\n\tcatalogue\x18\x06 \x01(\t\"\x1e\n\x0cSourceScores\x12\x0e\n\x06scores\x18\x01 \x03(\x02\"\xf8\x01\n\x10PackedCandidates\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12\x14\n\x0csource_names\x18\x03 \x03(\t\x12\x13\n\x0bsource_mask\x18\x04 \x03(\x04\x12\r\n\x05seeds\x18\x05 \x03(\t\x12\x12\n\nseed_index\x18\x06 \x03(\x11\x12\x0e\n\x06genres\x18\x07 \x03(\t\x12\x13\n\x0bgenre_index\x18\x08 \x03(\x11\x12.\n\rsource_scores\x18\t \x03(\x0b\x32\x17.recsys.v1.SourceScores\x12\x0c\n\x04rows\x18\n \x01(\x0c\x12\x11\n\tcatalogue\x18\x0b \x01(\t\"\xd4\x01\n\x10RetrieveResponse\x12(\n\ncandidates\x18\x01 \x03(\x0b\x32\x14.recsys.v1.Candidate\x12/\n\x0esource_reports\x18\x02 \x03(\x0b\x32\x17.recsys.v1.SourceReport\x12\x15\n\rindex_version\x18\x03 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x04 \x01(\x08\x12\x0f\n\x07variant\x18\x05 \x01(\t\x12+\n\x06packed\x18\x06 \x01(\x0b\x32\x1b.recsys.v1.PackedCandidates\"C\n\x13RetrieveManyRequest\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.recsys.v1.RetrieveRequest\"_\n\x0fRetrieveOutcome\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12-\n\x08response\x18\x03 \x01(\x0b\x32\x1b.recsys.v1.RetrieveResponse\"D\n\x14RetrieveManyResponse\x12,\n\x08outcomes\x18\x01 \x03(\x0b\x32\x1a.recsys.v1.RetrieveOutcome\"1\n\x13SimilarItemsRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\"-\n\x0bSimilarItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"T\n\x14SimilarItemsResponse\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.recsys.v1.SimilarItem\x12\x15\n\rindex_version\x18\x02 \x01(\t\"o\n\x18RecordInteractionRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\x13\n\x06rating\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\ttimestamp\x18\x04 \x01(\x03\x42\t\n\x07_rating\"I\n\x19RecordInteractionResponse\x12\x16\n\x0ehistory_length\x18\x01 \x01(\x05\x12\x14\n\x0crating_count\x18\x02 \x01(\x03\x32\xd9\x02\n\x10RetrievalService\x12\x43\n\x08Retrieve\x12\x1a.recsys.v1.RetrieveRequest\x1a\x1b.recsys.v1.RetrieveResponse\x12O\n\x0cRetrieveMany\x12\x1e.recsys.v1.RetrieveManyRequest\x1a\x1f.recsys.v1.RetrieveManyResponse\x12O\n\x0cSimilarItems\x12\x1e.recsys.v1.SimilarItemsRequest\x1a\x1f.recsys.v1.SimilarItemsResponse\x12^\n\x11RecordInteraction\x12#.recsys.v1.RecordInteractionRequest\x1a$.recsys.v1.RecordInteractionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19recsys/v1/retrieval.proto\x12\trecsys.v1\x1a\x16recsys/v1/common.proto\"\xb0\x01\n\x0fRetrieveRequest\x12$\n\x04user\x18\x01 \x01(\x0b\x32\x16.recsys.v1.UserContext\x12\x0e\n\x06\x62udget\x18\x02 \x01(\x05\x12\x0f\n\x07sources\x18\x03 \x03(\t\x12\x1a\n\x12omit_source_scores\x18\x04 \x01(\x08\x12\x0e\n\x06packed\x18\x05 \x01(\x08\x12\x11\n\tcatalogue\x18\x06 \x01(\t\x12\x17\n\x0fwith_user_state\x18\x07 \x01(\x08\"\xc8\x01\n\x0fStoredUserState\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x10\n\x03\x61ge\x18\x02 \x01(\x01H\x00\x88\x01\x01\x12\x13\n\x06gender\x18\x03 \x01(\tH\x01\x88\x01\x01\x12\x17\n\noccupation\x18\x04 \x01(\tH\x02\x88\x01\x01\x12\x14\n\x07\x63ountry\x18\x05 \x01(\tH\x03\x88\x01\x01\x12\x0e\n\x06genres\x18\x06 \x03(\t\x12\x12\n\naggregates\x18\x07 \x01(\x0c\x42\x06\n\x04_ageB\t\n\x07_genderB\r\n\x0b_occupationB\n\n\x08_country\"\x1e\n\x0cSourceScores\x12\x0e\n\x06scores\x18\x01 \x03(\x02\"\xf8\x01\n\x10PackedCandidates\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12\x0e\n\x06scores\x18\x02 \x03(\x02\x12\x14\n\x0csource_names\x18\x03 \x03(\t\x12\x13\n\x0bsource_mask\x18\x04 \x03(\x04\x12\r\n\x05seeds\x18\x05 \x03(\t\x12\x12\n\nseed_index\x18\x06 \x03(\x11\x12\x0e\n\x06genres\x18\x07 \x03(\t\x12\x13\n\x0bgenre_index\x18\x08 \x03(\x11\x12.\n\rsource_scores\x18\t \x03(\x0b\x32\x17.recsys.v1.SourceScores\x12\x0c\n\x04rows\x18\n \x01(\x0c\x12\x11\n\tcatalogue\x18\x0b \x01(\t\"\x84\x02\n\x10RetrieveResponse\x12(\n\ncandidates\x18\x01 \x03(\x0b\x32\x14.recsys.v1.Candidate\x12/\n\x0esource_reports\x18\x02 \x03(\x0b\x32\x17.recsys.v1.SourceReport\x12\x15\n\rindex_version\x18\x03 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x04 \x01(\x08\x12\x0f\n\x07variant\x18\x05 \x01(\t\x12+\n\x06packed\x18\x06 \x01(\x0b\x32\x1b.recsys.v1.PackedCandidates\x12.\n\nuser_state\x18\x07 \x01(\x0b\x32\x1a.recsys.v1.StoredUserState\"C\n\x13RetrieveManyRequest\x12,\n\x08requests\x18\x01 \x03(\x0b\x32\x1a.recsys.v1.RetrieveRequest\"_\n\x0fRetrieveOutcome\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12-\n\x08response\x18\x03 \x01(\x0b\x32\x1b.recsys.v1.RetrieveResponse\"D\n\x14RetrieveManyResponse\x12,\n\x08outcomes\x18\x01 \x03(\x0b\x32\x1a.recsys.v1.RetrieveOutcome\"1\n\x13SimilarItemsRequest\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\"-\n\x0bSimilarItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"T\n\x14SimilarItemsResponse\x12%\n\x05items\x18\x01 \x03(\x0b\x32\x16.recsys.v1.SimilarItem\x12\x15\n\rindex_version\x18\x02 \x01(\t\"o\n\x18RecordInteractionRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\x13\n\x06rating\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x11\n\ttimestamp\x18\x04 \x01(\x03\x42\t\n\x07_rating\"I\n\x19RecordInteractionResponse\x12\x16\n\x0ehistory_length\x18\x01 \x01(\x05\x12\x14\n\x0crating_count\x18\x02 \x01(\x03\x32\xd9\x02\n\x10RetrievalService\x12\x43\n\x08Retrieve\x12\x1a.recsys.v1.RetrieveRequest\x1a\x1b.recsys.v1.RetrieveResponse\x12O\n\x0cRetrieveMany\x12\x1e.recsys.v1.RetrieveManyRequest\x1a\x1f.recsys.v1.RetrieveManyResponse\x12O\n\x0cSimilarItems\x12\x1e.recsys.v1.SimilarItemsRequest\x1a\x1f.recsys.v1.SimilarItemsResponse\x12^\n\x11RecordInteraction\x12#.recsys.v1.RecordInteractionRequest\x1a$.recsys.v1.RecordInteractionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,29 +33,31 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'recsys.v1.retrieval_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RETRIEVEREQUEST']._serialized_start=65
-  _globals['_RETRIEVEREQUEST']._serialized_end=216
-  _globals['_SOURCESCORES']._serialized_start=218
-  _globals['_SOURCESCORES']._serialized_end=248
-  _globals['_PACKEDCANDIDATES']._serialized_start=251
-  _globals['_PACKEDCANDIDATES']._serialized_end=499
-  _globals['_RETRIEVERESPONSE']._serialized_start=502
-  _globals['_RETRIEVERESPONSE']._serialized_end=714
-  _globals['_RETRIEVEMANYREQUEST']._serialized_start=716
-  _globals['_RETRIEVEMANYREQUEST']._serialized_end=783
-  _globals['_RETRIEVEOUTCOME']._serialized_start=785
-  _globals['_RETRIEVEOUTCOME']._serialized_end=880
-  _globals['_RETRIEVEMANYRESPONSE']._serialized_start=882
-  _globals['_RETRIEVEMANYRESPONSE']._serialized_end=950
-  _globals['_SIMILARITEMSREQUEST']._serialized_start=952
-  _globals['_SIMILARITEMSREQUEST']._serialized_end=1001
-  _globals['_SIMILARITEM']._serialized_start=1003
-  _globals['_SIMILARITEM']._serialized_end=1048
-  _globals['_SIMILARITEMSRESPONSE']._serialized_start=1050
-  _globals['_SIMILARITEMSRESPONSE']._serialized_end=1134
-  _globals['_RECORDINTERACTIONREQUEST']._serialized_start=1136
-  _globals['_RECORDINTERACTIONREQUEST']._serialized_end=1247
-  _globals['_RECORDINTERACTIONRESPONSE']._serialized_start=1249
-  _globals['_RECORDINTERACTIONRESPONSE']._serialized_end=1322
-  _globals['_RETRIEVALSERVICE']._serialized_start=1325
-  _globals['_RETRIEVALSERVICE']._serialized_end=1670
+  _globals['_RETRIEVEREQUEST']._serialized_end=241
+  _globals['_STOREDUSERSTATE']._serialized_start=244
+  _globals['_STOREDUSERSTATE']._serialized_end=444
+  _globals['_SOURCESCORES']._serialized_start=446
+  _globals['_SOURCESCORES']._serialized_end=476
+  _globals['_PACKEDCANDIDATES']._serialized_start=479
+  _globals['_PACKEDCANDIDATES']._serialized_end=727
+  _globals['_RETRIEVERESPONSE']._serialized_start=730
+  _globals['_RETRIEVERESPONSE']._serialized_end=990
+  _globals['_RETRIEVEMANYREQUEST']._serialized_start=992
+  _globals['_RETRIEVEMANYREQUEST']._serialized_end=1059
+  _globals['_RETRIEVEOUTCOME']._serialized_start=1061
+  _globals['_RETRIEVEOUTCOME']._serialized_end=1156
+  _globals['_RETRIEVEMANYRESPONSE']._serialized_start=1158
+  _globals['_RETRIEVEMANYRESPONSE']._serialized_end=1226
+  _globals['_SIMILARITEMSREQUEST']._serialized_start=1228
+  _globals['_SIMILARITEMSREQUEST']._serialized_end=1277
+  _globals['_SIMILARITEM']._serialized_start=1279
+  _globals['_SIMILARITEM']._serialized_end=1324
+  _globals['_SIMILARITEMSRESPONSE']._serialized_start=1326
+  _globals['_SIMILARITEMSRESPONSE']._serialized_end=1410
+  _globals['_RECORDINTERACTIONREQUEST']._serialized_start=1412
+  _globals['_RECORDINTERACTIONREQUEST']._serialized_end=1523
+  _globals['_RECORDINTERACTIONRESPONSE']._serialized_start=1525
+  _globals['_RECORDINTERACTIONRESPONSE']._serialized_end=1598
+  _globals['_RETRIEVALSERVICE']._serialized_start=1601
+  _globals['_RETRIEVALSERVICE']._serialized_end=1946
 # @@protoc_insertion_point(module_scope)

@@ -8,20 +8,40 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class RetrieveRequest(_message.Message):
-    __slots__ = ("user", "budget", "sources", "omit_source_scores", "packed", "catalogue")
+    __slots__ = ("user", "budget", "sources", "omit_source_scores", "packed", "catalogue", "with_user_state")
     USER_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     OMIT_SOURCE_SCORES_FIELD_NUMBER: _ClassVar[int]
     PACKED_FIELD_NUMBER: _ClassVar[int]
     CATALOGUE_FIELD_NUMBER: _ClassVar[int]
+    WITH_USER_STATE_FIELD_NUMBER: _ClassVar[int]
     user: _common_pb2.UserContext
     budget: int
     sources: _containers.RepeatedScalarFieldContainer[str]
     omit_source_scores: bool
     packed: bool
     catalogue: str
-    def __init__(self, user: _Optional[_Union[_common_pb2.UserContext, _Mapping]] = ..., budget: _Optional[int] = ..., sources: _Optional[_Iterable[str]] = ..., omit_source_scores: _Optional[bool] = ..., packed: _Optional[bool] = ..., catalogue: _Optional[str] = ...) -> None: ...
+    with_user_state: bool
+    def __init__(self, user: _Optional[_Union[_common_pb2.UserContext, _Mapping]] = ..., budget: _Optional[int] = ..., sources: _Optional[_Iterable[str]] = ..., omit_source_scores: _Optional[bool] = ..., packed: _Optional[bool] = ..., catalogue: _Optional[str] = ..., with_user_state: _Optional[bool] = ...) -> None: ...
+
+class StoredUserState(_message.Message):
+    __slots__ = ("known", "age", "gender", "occupation", "country", "genres", "aggregates")
+    KNOWN_FIELD_NUMBER: _ClassVar[int]
+    AGE_FIELD_NUMBER: _ClassVar[int]
+    GENDER_FIELD_NUMBER: _ClassVar[int]
+    OCCUPATION_FIELD_NUMBER: _ClassVar[int]
+    COUNTRY_FIELD_NUMBER: _ClassVar[int]
+    GENRES_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATES_FIELD_NUMBER: _ClassVar[int]
+    known: bool
+    age: float
+    gender: str
+    occupation: str
+    country: str
+    genres: _containers.RepeatedScalarFieldContainer[str]
+    aggregates: bytes
+    def __init__(self, known: _Optional[bool] = ..., age: _Optional[float] = ..., gender: _Optional[str] = ..., occupation: _Optional[str] = ..., country: _Optional[str] = ..., genres: _Optional[_Iterable[str]] = ..., aggregates: _Optional[bytes] = ...) -> None: ...
 
 class SourceScores(_message.Message):
     __slots__ = ("scores",)
@@ -56,20 +76,22 @@ class PackedCandidates(_message.Message):
     def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., scores: _Optional[_Iterable[float]] = ..., source_names: _Optional[_Iterable[str]] = ..., source_mask: _Optional[_Iterable[int]] = ..., seeds: _Optional[_Iterable[str]] = ..., seed_index: _Optional[_Iterable[int]] = ..., genres: _Optional[_Iterable[str]] = ..., genre_index: _Optional[_Iterable[int]] = ..., source_scores: _Optional[_Iterable[_Union[SourceScores, _Mapping]]] = ..., rows: _Optional[bytes] = ..., catalogue: _Optional[str] = ...) -> None: ...
 
 class RetrieveResponse(_message.Message):
-    __slots__ = ("candidates", "source_reports", "index_version", "degraded", "variant", "packed")
+    __slots__ = ("candidates", "source_reports", "index_version", "degraded", "variant", "packed", "user_state")
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     SOURCE_REPORTS_FIELD_NUMBER: _ClassVar[int]
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     PACKED_FIELD_NUMBER: _ClassVar[int]
+    USER_STATE_FIELD_NUMBER: _ClassVar[int]
     candidates: _containers.RepeatedCompositeFieldContainer[_common_pb2.Candidate]
     source_reports: _containers.RepeatedCompositeFieldContainer[_common_pb2.SourceReport]
     index_version: str
     degraded: bool
     variant: str
     packed: PackedCandidates
-    def __init__(self, candidates: _Optional[_Iterable[_Union[_common_pb2.Candidate, _Mapping]]] = ..., source_reports: _Optional[_Iterable[_Union[_common_pb2.SourceReport, _Mapping]]] = ..., index_version: _Optional[str] = ..., degraded: _Optional[bool] = ..., variant: _Optional[str] = ..., packed: _Optional[_Union[PackedCandidates, _Mapping]] = ...) -> None: ...
+    user_state: StoredUserState
+    def __init__(self, candidates: _Optional[_Iterable[_Union[_common_pb2.Candidate, _Mapping]]] = ..., source_reports: _Optional[_Iterable[_Union[_common_pb2.SourceReport, _Mapping]]] = ..., index_version: _Optional[str] = ..., degraded: _Optional[bool] = ..., variant: _Optional[str] = ..., packed: _Optional[_Union[PackedCandidates, _Mapping]] = ..., user_state: _Optional[_Union[StoredUserState, _Mapping]] = ...) -> None: ...
 
 class RetrieveManyRequest(_message.Message):
     __slots__ = ("requests",)

@@ -48,6 +48,7 @@ from recsys import redis_keys
 from recsys.features import UserAggregates, UserProfile
 from recsys.features import top_genres as _rank_genres
 from recsys.rows import RowMarks
+from recsys.user_store import StoredUser
 
 if TYPE_CHECKING:
     from recsys.artifacts import ModelVersion
@@ -590,6 +591,8 @@ class RetrievalContext:
         hydrate_error: Why hydration fell back to an empty user, if it did.
         recent_from_request: True when ``recent`` is the request's override
             (so it is valid even when hydration failed).
+        stored: The user exactly as read from Redis (no request overrides);
+            None when the read failed.
     """
 
     user_id: str
@@ -605,6 +608,7 @@ class RetrievalContext:
     redis: RedisBatch
     hydrate_error: str | None = None
     recent_from_request: bool = False
+    stored: StoredUser | None = None
     _genres: list[str] | None = field(default=None, repr=False)
 
     @property

@@ -242,6 +242,43 @@ async def test_recommend_ranks_what_retrieval_returns(stub, published_version, r
     assert not watched & set(ids)
 
 
+def _hgetall_calls(url: str) -> int:
+    """How many HGETALL commands the Redis server has run (user-state reads)."""
+    import redis
+
+    with redis.Redis.from_url(url) as r:
+        return int(r.info("commandstats").get("cmdstat_hgetall", {}).get("calls", 0))
+
+
+async def test_recommend_reads_the_user_state_once(
+    stub, redis_server, published_version, reference
+):
+    """Retrieval passes the state it read on to ranking: one HGETALL per Recommend, not two."""
+    from ranking_service import metrics as M
+
+    mv = reference.mv
+    passed = M.USER_STATE_READS.labels("retrieval")
+    for i in (3, 4):
+        uid = mv.users["user_id"][i]
+        before, count = _hgetall_calls(redis_server.url), passed._value.get()
+        resp = await stub.Recommend(
+            ranking_pb2.RecommendRequest(user=user_ctx(uid), k=10), timeout=10
+        )
+        assert not resp.retrieval_fallback and len(resp.items) == 10
+        assert _hgetall_calls(redis_server.url) - before == 1
+        assert passed._value.get() - count == 1
+        ids = [it.item_id for it in resp.items]
+        np.testing.assert_allclose(
+            [it.score for it in resp.items],
+            reference.scores(reference.known_user_features(uid), ids),
+            atol=TOL,
+        )
+    # Rank has no retrieval answer to take the state from: it reads the user itself.
+    before = _hgetall_calls(redis_server.url)
+    await stub.Rank(rank_request(mv.users["user_id"][3], mv.item_ids[:50], 5), timeout=10)
+    assert _hgetall_calls(redis_server.url) - before == 1
+
+
 async def test_concurrent_recommends_share_retrieve_many_calls(
     stub, server, published_version, reference
 ):

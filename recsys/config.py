@@ -131,8 +131,10 @@ class RankingSettings(ServerSettings):
     retrieval_timeout_s: float = Field(0.2, gt=0)
     retrieval_tls: TLSSettings = TLSSettings()
     retrieval_auth_token: SecretStr | None = None
+    # 32, not 16: under 64 closed-loop streams the wider call saved ~5% of
+    # Recommend's CPU per request (same-session A/B); 64 measured the same as 32.
     retrieval_batch_size: int = Field(
-        16,
+        32,
         ge=1,
         le=256,
         description="Most concurrent Recommend calls whose retrieval goes out in one "

@@ -135,6 +135,26 @@ class UserAggregates:
         g = len(spec.genres)
         return cls(0, 0, 0.0, np.zeros(g, np.int64), np.zeros(g, np.int64), np.zeros(g))
 
+    @classmethod
+    def from_flat(cls, nums: np.ndarray, n_genres: int) -> UserAggregates:
+        """From the flat float64 layout of :meth:`flat`."""
+        g = n_genres
+        return cls(
+            watch_count=int(nums[0]),
+            rated_count=int(nums[1]),
+            rating_sum=float(nums[2]),
+            genre_watch=nums[3 : 3 + g].astype(np.int64),
+            genre_rated=nums[3 + g : 3 + 2 * g].astype(np.int64),
+            genre_sum=nums[3 + 2 * g : 3 + 3 * g].astype(np.float64),
+        )
+
+    def flat(self) -> np.ndarray:
+        """float64 [watch_count, rated_count, rating_sum, genre_watch, genre_rated, genre_sum]."""
+        head = np.array([self.watch_count, self.rated_count, self.rating_sum], np.float64)
+        return np.concatenate(
+            [head, self.genre_watch, self.genre_rated, self.genre_sum], dtype=np.float64
+        )
+
     def add(self, genre_mask: np.ndarray, rating: float | None) -> None:
         """Folds one interaction in (``rating`` None means watched, not rated)."""
         mask = np.asarray(genre_mask, dtype=bool)
@@ -380,15 +400,7 @@ def decode_user_state(
         nums = np.array(raw).astype(np.float64)
     except ValueError as exc:
         raise ValueError(f"user state hash has a non-numeric aggregate: {exc}") from exc
-    g = len(spec.genres)
-    agg = UserAggregates(
-        watch_count=int(nums[0]),
-        rated_count=int(nums[1]),
-        rating_sum=float(nums[2]),
-        genre_watch=nums[3 : 3 + g].astype(np.int64),
-        genre_rated=nums[3 + g : 3 + 2 * g].astype(np.int64),
-        genre_sum=nums[3 + 2 * g : 3 + 3 * g].copy(),
-    )
+    agg = UserAggregates.from_flat(nums, len(spec.genres))
 
     def text(key: str) -> str | None:
         v = get(key.encode() if as_bytes else key)  # type: ignore[call-overload]

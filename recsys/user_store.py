@@ -64,10 +64,7 @@ def state_to_pb(spec: FeatureSpec, user: StoredUser, out: retrieval_pb2.StoredUs
     if p.country is not None:
         out.country = p.country
     out.genres.extend(spec.genres)
-    head = np.array([agg.watch_count, agg.rated_count, agg.rating_sum], "<f8")
-    out.aggregates = np.concatenate(
-        [head, agg.genre_watch, agg.genre_rated, agg.genre_sum], dtype="<f8"
-    ).tobytes()
+    out.aggregates = agg.flat().astype("<f8", copy=False).tobytes()
 
 
 def state_from_pb(
@@ -87,14 +84,7 @@ def state_from_pb(
     nums = np.frombuffer(msg.aggregates, "<f8")
     if not np.isfinite(nums).all():
         return None
-    agg = UserAggregates(
-        watch_count=int(nums[0]),
-        rated_count=int(nums[1]),
-        rating_sum=float(nums[2]),
-        genre_watch=nums[3 : 3 + g].astype(np.int64),
-        genre_rated=nums[3 + g : 3 + 2 * g].astype(np.int64),
-        genre_sum=nums[3 + 2 * g :].copy(),
-    )
+    agg = UserAggregates.from_flat(nums, g)
     profile = UserProfile(
         age=msg.age if msg.HasField("age") else None,
         gender=msg.gender if msg.HasField("gender") else None,

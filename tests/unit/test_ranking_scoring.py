@@ -97,6 +97,22 @@ def test_tensor_vectors_agree_with_host_vectors(model):
     np.testing.assert_allclose(host[:10], vec[rows[:10]] @ users[0], atol=1e-6)
 
 
+def test_host_vector_dots_equal_brute_force_in_any_row_order(model):
+    """Grouped rows take one matrix-vector product per user; any other order the general path."""
+    rng = np.random.default_rng(3)
+    vec = model.vectors.vectors
+    users = rng.normal(size=(4, vec.shape[1])).astype(np.float32)
+    rows = rng.integers(0, vec.shape[0], 60).astype(np.int64)
+    grouped = np.repeat(np.array([0, 2, 3], np.int64), [25, 1, 34])  # user 1 has no rows
+    mixed = rng.permutation(grouped)
+    for seg in (grouped, mixed, np.zeros(60, np.int64)):
+        want = np.array([np.dot(vec[r], users[u]) for r, u in zip(rows, seg, strict=True)])
+        got = model.vectors.dots(users, rows, seg)
+        assert got.dtype == np.float32 and got.shape == (60,)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert model.vectors.dots(users, rows[:0], grouped[:0]).shape == (0,)
+
+
 def test_host_vectors_stay_memory_mapped(model):
     assert isinstance(model.vectors, HostVectors)
     assert isinstance(model.vectors.vectors, np.memmap)

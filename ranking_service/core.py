@@ -275,7 +275,7 @@ class Ranker:
         stored = None
         if answer.user_state is not None:
             stored = state_from_pb(model.version.spec, query.user.user_id, answer.user_state)
-        M.USER_STATE_READS.labels("retrieval" if stored is not None else "redis").inc()
+        (M.STATE_FROM_RETRIEVAL if stored is not None else M.STATE_READ_HERE).inc()
         out = await self._rank_rows(
             model,
             query.user,

@@ -38,6 +38,9 @@ USER_STATE_READS = Counter(
     " here (retrieval could not read it, or it did not fit the model's genres).",
     ["origin"],
 )
+# Looked up once: labels() takes a lock and hashes on every call.
+STATE_FROM_RETRIEVAL = USER_STATE_READS.labels("retrieval")
+STATE_READ_HERE = USER_STATE_READS.labels("redis")
 REDIS_ERRORS = Counter(
     "recsys_ranking_redis_errors_total", "User reads that failed and fell back to defaults."
 )

@@ -339,7 +339,8 @@ def aggregates_from_genre_ratings(
 
 # --- Redis hash encoding of a user's state -------------------------------------
 
-_PROFILE_FIELDS = ("age", "gender", "occupation", "country")
+# UserProfile fields, in the order the Redis hash and the passed-on state write them.
+PROFILE_FIELDS = ("age", "gender", "occupation", "country")
 
 
 def encode_user_state(
@@ -351,7 +352,7 @@ def encode_user_state(
         "nr": str(agg.rated_count),
         "sum": repr(float(agg.rating_sum)),
     }
-    for f in _PROFILE_FIELDS:
+    for f in PROFILE_FIELDS:
         v = getattr(profile, f)
         if v is not None:
             out[f] = repr(float(v)) if f == "age" else str(v)

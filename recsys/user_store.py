@@ -21,6 +21,7 @@ import numpy as np
 
 from recsys import redis_keys
 from recsys.features import (
+    PROFILE_FIELDS,
     FeatureSpec,
     UserAggregates,
     UserProfile,
@@ -54,15 +55,10 @@ def state_to_pb(spec: FeatureSpec, user: StoredUser, out: retrieval_pb2.StoredUs
         out.known = False
         return
     out.known = True
-    p = user.profile
-    if p.age is not None:
-        out.age = p.age
-    if p.gender is not None:
-        out.gender = p.gender
-    if p.occupation is not None:
-        out.occupation = p.occupation
-    if p.country is not None:
-        out.country = p.country
+    for f in PROFILE_FIELDS:
+        v = getattr(user.profile, f)
+        if v is not None:
+            setattr(out, f, v)
     out.genres.extend(spec.genres)
     out.aggregates = agg.flat().astype("<f8", copy=False).tobytes()
 
@@ -86,10 +82,7 @@ def state_from_pb(
         return None
     agg = UserAggregates.from_flat(nums, g)
     profile = UserProfile(
-        age=msg.age if msg.HasField("age") else None,
-        gender=msg.gender if msg.HasField("gender") else None,
-        occupation=msg.occupation if msg.HasField("occupation") else None,
-        country=msg.country if msg.HasField("country") else None,
+        **{f: getattr(msg, f) if msg.HasField(f) else None for f in PROFILE_FIELDS}
     )
     return StoredUser(user_id, True, profile, agg)
 

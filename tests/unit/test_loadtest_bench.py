@@ -79,3 +79,20 @@ def test_results_files(tmp_path):
     assert "Traceback: boom" in text and "training: missing" in text
     assert "| qps | 123.4 |" in text
     assert "huge" not in text  # per-run detail only in the JSON
+
+
+def test_e2e_summary_keeps_the_kind_of_each_degraded_answer():
+    from bench.e2e import _summary
+
+    def run(qps, p99, flagged):
+        lat = {"p50_ms": 10.0, "p99_ms": p99, "p999_ms": p99 + 1, "max_ms": p99 + 2}
+        return {"qps": qps, "latency": lat, "sent": 100, "errors": {"UNAVAILABLE": 1},
+                "flagged": flagged}  # fmt: skip
+
+    s = _summary([run(100.0, 40.0, {"source_degraded": 2}),
+                  run(300.0, 60.0, {"source_degraded": 1, "fewer_than_k": 4})])  # fmt: skip
+    assert s["qps"] == 200.0
+    assert s["p99_ms"] == 60.0  # the worst round counts
+    assert s["requests"] == 200 and s["errors"] == 2
+    assert s["flagged"] == 7
+    assert s["flagged_by_kind"] == {"source_degraded": 3, "fewer_than_k": 4}

@@ -185,7 +185,7 @@ class TrainerSettings(_Strict):
     seed: int = 0
     test_fraction: float = Field(0.2, gt=0, lt=1)
     annoy_trees: int = Field(
-        30, ge=1, description="Annoy trees (with annoy_similar's search_k; see bench/retrieval.py)."
+        10, ge=1, description="Annoy trees (with annoy_similar's search_k; see bench/retrieval.py)."
     )
     id_embeddings: bool = Field(False, description="Hybrid mode: add item id embeddings.")
 

@@ -148,7 +148,7 @@ def export_version(
     tt: TwoTower,
     *,
     manifest: dict[str, Any],
-    annoy_trees: int = 30,
+    annoy_trees: int = 10,
     top_n: int = 1000,
     report: Callable[[Path, np.ndarray], dict[str, Any]] | None = None,
     quiet: bool = True,

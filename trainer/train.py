@@ -33,9 +33,11 @@ class TrainConfig:
     patience: int = 3
     seed: int = 0
     test_fraction: float = 0.2
-    # 30 trees + the annoy_similar source's search_k 550: recall@10 0.96 at ~83 us
-    # per query on 100K x 32 vectors (bench/retrieval.py sweeps the alternatives).
-    annoy_trees: int = 30
+    # 10 trees + the annoy_similar source's search_k 750: recall@10 0.957 and
+    # recall@50 0.90 on 100K x 32 vectors, at 0.88-0.93x the query time of the
+    # earlier 30 trees + 550 (recall@10 0.961, recall@50 0.89), and a third of
+    # the tree nodes to build and map. bench/retrieval.py sweeps the alternatives.
+    annoy_trees: int = 10
     id_embeddings: bool = False
     id_l2: float = 1e-5
     # Multiply the learning rate by this after an epoch without validation

@@ -29,10 +29,11 @@ class AnnoySimilarConfig(SourceConfig):
     seeds: int = Field(10, ge=1, description="How many of the newest recent items seed the search.")
     per_seed: int = Field(50, ge=1, description="Neighbours fetched per seed.")
     search_k: int = Field(
-        550,
-        description="Nodes Annoy inspects per query (-1: n_trees * (per_seed + 1)). With the "
-        "trainer's default 30 trees, 550 gives recall@10 0.96 at ~83 us per query on 100K x 32 "
-        "vectors (bench/retrieval.py); -1 would inspect 1,530 at 3-4x the cost.",
+        750,
+        description="Nodes Annoy inspects per query (-1: n_trees * (per_seed + 1)). Tuned with "
+        "the trainer's default 10 trees: recall@10 0.957, recall@50 0.90 on 100K x 32 vectors "
+        "(bench/retrieval.py sweeps trees and search_k). An index built with more trees costs "
+        "more per query at the same search_k.",
     )
     hot_items: int = Field(
         2000,

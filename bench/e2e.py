@@ -43,7 +43,7 @@ from typing import Any
 from bench.common import header, ratio, target
 from bench.echo import EchoProcess
 from recsys.loadtest import LoadConfig, LoadReport, known_ids, run_load
-from recsys.v1 import ranking_pb2
+from recsys.v1 import common_pb2, ranking_pb2
 
 CONCURRENCY = 64
 BUDGET = 500
@@ -81,8 +81,11 @@ def _inspect(resp: bytes) -> str | None:
         return "retrieval_fallback"
     if len(r.items) < K:
         return "fewer_than_k"
-    if any(s.status != 1 for s in r.source_reports):  # 1 = SOURCE_STATUS_OK
-        return "source_degraded"
+    bad = [s for s in r.source_reports if s.status != common_pb2.SOURCE_STATUS_OK]
+    if bad:
+        # e.g. "source_timeout:annoy_similar": which status, and whose.
+        status = common_pb2.SourceStatus.Name(bad[0].status).removeprefix("SOURCE_STATUS_")
+        return f"source_{status.lower()}:{bad[0].source}"
     return None
 
 

@@ -96,3 +96,24 @@ def test_e2e_summary_keeps_the_kind_of_each_degraded_answer():
     assert s["requests"] == 200 and s["errors"] == 2
     assert s["flagged"] == 7
     assert s["flagged_by_kind"] == {"source_degraded": 3, "fewer_than_k": 4}
+
+
+def test_e2e_inspect_names_the_status_and_source_of_a_degraded_answer():
+    from bench.e2e import K, _inspect
+    from recsys.v1 import common_pb2, ranking_pb2
+
+    def answer(*statuses):
+        r = ranking_pb2.RecommendResponse()
+        for i in range(K):
+            r.items.add(item_id=str(i))
+        for name, status in statuses:
+            r.source_reports.add(source=name, status=status)
+        return r.SerializeToString()
+
+    ok, late, err = (common_pb2.SOURCE_STATUS_OK, common_pb2.SOURCE_STATUS_TIMEOUT,
+                     common_pb2.SOURCE_STATUS_ERROR)  # fmt: skip
+    assert _inspect(answer(("popular", ok), ("annoy_similar", ok))) is None
+    assert _inspect(answer(("popular", ok), ("annoy_similar", late))) == (
+        "source_timeout:annoy_similar"
+    )
+    assert _inspect(answer(("top_genre", err))) == "source_error:top_genre"

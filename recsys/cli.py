@@ -82,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--embedding-dim", type=int)
     p.add_argument("--id-embeddings", action="store_true", help="hybrid: add item id embeddings")
     p.add_argument("--annoy-trees", type=int)
+    p.add_argument(
+        "--negatives",
+        type=int,
+        help="binary objective: unrated items sampled per rating as negatives (0: none)",
+    )
     p.add_argument("--seed", type=int)
     p.add_argument("--publish", action="store_true", help="publish to Redis when done")
     p.add_argument("--no-plots", action="store_true", help="skip PNG plots")

@@ -188,6 +188,14 @@ class TrainerSettings(_Strict):
         10, ge=1, description="Annoy trees (with annoy_similar's search_k; see bench/retrieval.py)."
     )
     id_embeddings: bool = Field(False, description="Hybrid mode: add item id embeddings.")
+    negatives: int = Field(
+        0,
+        ge=0,
+        le=100,
+        description="Binary objective only: unrated items sampled per rating as 'not liked' "
+        "examples, so the model learns which items a user would pick from the whole catalogue "
+        "(top-N quality) rather than only how a watched item is rated. 0 trains on ratings alone.",
+    )
 
 
 # --- experiments and tracing ----------------------------------------------------------

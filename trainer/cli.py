@@ -49,9 +49,17 @@ def cli_train(args: argparse.Namespace, settings: RecsysSettings) -> int:
         embedding_dim=args.embedding_dim,
         id_embeddings=True if args.id_embeddings else None,
         annoy_trees=args.annoy_trees,
+        negatives=getattr(args, "negatives", None),
         seed=args.seed,
         data_spec=args.data,
     )
+    if cfg.negatives < 0:
+        raise UserFacingError(f"--negatives must be 0 or more (got {cfg.negatives})")
+    if cfg.negatives and cfg.objective != "binary":
+        raise UserFacingError(
+            f"--negatives {cfg.negatives} needs --objective binary: a rating model has no "
+            "label for an item the user did not rate"
+        )
     dataset = load_dataset(args.data)
     if not args.quiet:
         print(

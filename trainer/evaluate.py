@@ -191,6 +191,7 @@ def evaluate_prepared(
     max_users: int = 2000,
     budgets: Sequence[int] = BUDGETS,
     seed: int = 0,
+    negatives: int = 0,
 ) -> dict[str, Any]:
     """Evaluates towers on the held-out rows of ``p``.
 
@@ -201,6 +202,8 @@ def evaluate_prepared(
         target: How dots map to stars or probabilities.
         out_dir: Where ``metrics.json`` and plots go (nothing written when None).
         plots: Write PNG plots into ``out_dir``.
+        negatives: Sampled negatives per rating the model was trained with
+            (recorded with the figures; the report explains what they change).
         max_users: Users sampled (seeded) for the top-10 and retrieval figures.
         budgets: Retrieval candidate budgets N.
         seed: Seed of the user sample.
@@ -222,7 +225,11 @@ def evaluate_prepared(
     dots = np.einsum("nd,nd->n", user_vectors[tu], item_vectors[ti])
     mu, bu, bi = bias_baseline(p)
     lo, hi = p.spec.rating_min, p.spec.rating_max
-    metrics: dict[str, Any] = {"n_test": len(test), "objective": target.objective}
+    metrics: dict[str, Any] = {
+        "n_test": len(test),
+        "objective": target.objective,
+        "negatives": negatives,
+    }
     baselines = {
         "global_mean": _errors(np.full(len(test), mu), truth),
         "user_item_bias": _errors(np.clip(mu + bu[tu] + bi[ti], lo, hi), truth),
@@ -347,7 +354,9 @@ def write_plots(metrics: dict[str, Any], out_dir: Path) -> list[Path]:
 
 def format_report(metrics: dict[str, Any]) -> str:
     """A readable plain-text table of the metrics."""
-    lines = [f"held-out ratings: {metrics['n_test']:,}   objective: {metrics['objective']}"]
+    negatives = metrics.get("negatives", 0)
+    objective = metrics["objective"] + (f", {negatives} negatives per rating" if negatives else "")
+    lines = [f"held-out ratings: {metrics['n_test']:,}   objective: {objective}"]
     lines.append("")
     lines.append(f"{'model':<18}{'RMSE':>8}{'MAE':>8}{'Recall@10':>11}{'NDCG@10':>9}")
     top = metrics["top10"]
@@ -368,6 +377,13 @@ def format_report(metrics: dict[str, Any]) -> str:
         lines.append(f"{name:<18}{f(rmse, 8)}{f(mae, 8)}{f(rec, 11)}{f(ndcg, 9)}")
     if "auc" in model:
         lines.append(f"two-tower (binary): AUC {model['auc']:.4f}, log loss {model['logloss']:.4f}")
+        if negatives:
+            # Trained on unrated items as well, the score is the chance that a
+            # user picks and likes an item, so it is not calibrated on rated pairs.
+            lines.append(
+                "  (AUC and log loss are over rated pairs only; with sampled negatives the "
+                "score ranks the whole catalogue and is not calibrated for rated pairs)"
+            )
     lines.append("")
     lines.append(f"retrieval budget curve ({metrics['ranking_users']} users, liked = rating >= "
                  f"{metrics['like_threshold']:g}):")  # fmt: skip
@@ -458,7 +474,12 @@ def evaluate_version(version_dir: str | Path, data_spec: str | None = None) -> d
     """
     mv, p, user_vectors = load_for_evaluation(version_dir, data_spec)
     metrics = evaluate_prepared(
-        p, lambda _: user_vectors, np.asarray(mv.item_vectors), mv.target, plots=False
+        p,
+        lambda _: user_vectors,
+        np.asarray(mv.item_vectors),
+        mv.target,
+        plots=False,
+        negatives=int(mv.manifest.get("training", {}).get("negatives", 0)),
     )
     metrics["version"] = mv.version
     return metrics

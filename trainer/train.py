@@ -50,6 +50,8 @@ class TrainConfig:
     top_n: int = 1000
     split_seed: int = SPLIT_SEED
     data_spec: str | None = None
+    # Binary objective: unrated (user, item) pairs per rating, labelled 0.
+    negatives: int = 0
 
     @classmethod
     def from_settings(cls, trainer_settings: Any, **overrides: Any) -> TrainConfig:
@@ -91,6 +93,51 @@ def set_determinism(seed: int) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
+def sample_negatives(
+    p: Prepared, rows: np.ndarray, per_row: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """``per_row`` unrated items for the user of each rating row: ``(users, items)``.
+
+    Items are drawn uniformly from the catalogue. Draws that hit an item the
+    user rated in training are dropped, not redrawn. So slightly fewer than
+    ``per_row`` negatives per row remain (about the catalogue's density
+    fewer), and none of them is a rating the model also sees as a positive.
+    """
+    d = p.dataset
+    users = np.repeat(d.rating_user[rows].astype(np.int64), per_row)
+    items = rng.integers(0, d.n_items, users.shape[0], dtype=np.int64)
+    train = p.train_rows
+    rated = np.unique(
+        d.rating_user[train].astype(np.int64) * d.n_items + d.rating_item[train].astype(np.int64)
+    )
+    keep = ~np.isin(users * d.n_items + items, rated, assume_unique=False)
+    return users[keep], items[keep]
+
+
+def add_negatives(
+    p: Prepared,
+    rows: np.ndarray,
+    x: tuple[np.ndarray, ...],
+    y: np.ndarray,
+    per_row: int,
+    rng: np.random.Generator,
+    *,
+    ids: bool,
+) -> tuple[tuple[np.ndarray, ...], np.ndarray]:
+    """Appends sampled unrated pairs (label 0) to the model inputs of ``rows``.
+
+    A negative's user and item features are their full training aggregates:
+    the pair has no rating to leave out.
+    """
+    users, items = sample_negatives(p, rows, per_row, rng)
+    extra: list[np.ndarray] = [p.user_features[users], p.item_features[items]]
+    if ids:
+        extra.append(items.astype(np.int32))
+    x_all = tuple(np.concatenate([a, b]) for a, b in zip(x, extra, strict=True))
+    y_all = np.concatenate([y, np.zeros((users.shape[0], 1), y.dtype)])
+    return x_all, y_all
+
+
 def fit(p: Prepared, cfg: TrainConfig, *, quiet: bool = False):
     """Builds the two-tower model under the current ``tf.distribute`` strategy and trains it.
 
@@ -103,6 +150,12 @@ def fit(p: Prepared, cfg: TrainConfig, *, quiet: bool = False):
     from recsys.features import TargetScale
     from trainer.model import build_two_tower
 
+    if cfg.negatives < 0:
+        raise ValueError(f"negatives must be 0 or more, not {cfg.negatives}")
+    if cfg.negatives and cfg.objective != "binary":
+        # A rating model has no label for "not watched": sampled pairs would
+        # need an invented star rating.
+        raise ValueError("negatives need the binary objective (--objective binary)")
     if not 0 <= cfg.lr_plateau_factor < 1:
         raise ValueError(f"lr_plateau_factor must be in [0, 1), not {cfg.lr_plateau_factor}")
     set_determinism(cfg.seed)
@@ -125,6 +178,10 @@ def fit(p: Prepared, cfg: TrainConfig, *, quiet: bool = False):
         return x, y
 
     x_fit, y_fit = inputs(fit_rows)
+    if cfg.negatives:
+        x_fit, y_fit = add_negatives(
+            p, fit_rows, x_fit, y_fit, cfg.negatives, rng, ids=cfg.id_embeddings
+        )
     strategy = tf.distribute.get_strategy()
     with strategy.scope():
         tt = build_two_tower(
@@ -144,6 +201,10 @@ def fit(p: Prepared, cfg: TrainConfig, *, quiet: bool = False):
     validation = None
     if n_val:
         validation = inputs(val_rows)
+        if cfg.negatives:
+            validation = add_negatives(
+                p, val_rows, *validation, cfg.negatives, rng, ids=cfg.id_embeddings
+            )
         callbacks.append(
             keras.callbacks.EarlyStopping(
                 monitor="val_loss", patience=cfg.patience, restore_best_weights=True
@@ -233,7 +294,13 @@ def train(
 
         def report(tmp: Path, vectors: np.ndarray) -> dict[str, Any]:
             return evaluate_prepared(
-                p, tt.user_tower, vectors, tt.target_scale(p.spec), out_dir=tmp, plots=plots
+                p,
+                tt.user_tower,
+                vectors,
+                tt.target_scale(p.spec),
+                out_dir=tmp,
+                plots=plots,
+                negatives=cfg.negatives,
             )
 
     manifest = {

@@ -56,6 +56,9 @@ def test_bad_flags_are_clear_errors(tmp_path, capsys):
     rc = main(["train", "--data", DATA, "--model-dir", str(tmp_path), "--hidden-units", "64,x"])
     assert rc == 2
     assert "--hidden-units" in capsys.readouterr().err
+    rc = main(["train", "--data", DATA, "--model-dir", str(tmp_path), "--negatives", "4"])
+    assert rc == 2
+    assert "--negatives 4 needs --objective binary" in capsys.readouterr().err
     rc = main(["evaluate", "--model-dir", str(tmp_path / "empty")])
     assert rc == 2
     assert "no complete model version" in capsys.readouterr().err

@@ -262,3 +262,40 @@ def test_bad_plateau_factor_is_refused_before_training():
     train_rows, test_rows = data.split(0.2, 0)
     with pytest.raises(ValueError, match="lr_plateau_factor"):
         fit(prepare(data, train_rows, test_rows), TrainConfig(lr_plateau_factor=1.5), quiet=True)
+
+
+@pytest.fixture(scope="module")
+def binary_pair(tmp_path_factory):
+    """The same binary model trained on ratings alone and with 4 sampled negatives per rating."""
+    from trainer.synthetic import generate
+    from trainer.train import TrainConfig, train
+
+    data = generate(600, 400, 30_000, 3, 1)
+    out = {}
+    for negatives in (0, 4):
+        cfg = TrainConfig(objective="binary", negatives=negatives, epochs=6, hidden_units=(64, 32),
+                          annoy_trees=5, patience=2, data_spec="synthetic:test")  # fmt: skip
+        out[negatives] = train(data, tmp_path_factory.mktemp(f"neg{negatives}"), cfg, quiet=True)
+    return out
+
+
+def test_sampled_negatives_teach_the_model_what_users_pick(binary_pair):
+    # Rated pairs alone say how a watched item is liked, not which items get
+    # watched: top-10 over the whole catalogue is where negatives help.
+    alone = binary_pair[0].metrics["top10"]["model"]["recall@10"]
+    sampled = binary_pair[4].metrics["top10"]["model"]["recall@10"]
+    assert sampled > 1.5 * alone, (sampled, alone)
+    manifest = json.loads((binary_pair[4].version_dir / "manifest.json").read_text())
+    assert manifest["training"]["negatives"] == 4
+    assert binary_pair[4].metrics["negatives"] == 4 and binary_pair[0].metrics["negatives"] == 0
+
+
+def test_negatives_need_the_binary_objective():
+    from trainer.prepare import prepare
+    from trainer.synthetic import generate
+    from trainer.train import TrainConfig, fit
+
+    data = generate(50, 40, 1_000, 2, 0)
+    train_rows, test_rows = data.split(0.2, 0)
+    with pytest.raises(ValueError, match="binary objective"):
+        fit(prepare(data, train_rows, test_rows), TrainConfig(negatives=2), quiet=True)

@@ -134,3 +134,37 @@ def test_no_training_ratings_is_a_clear_error():
     d = _dataset(RATINGS)
     with pytest.raises(DataError, match="no training ratings"):
         prepare(d, np.array([], np.int64), np.arange(8))
+
+
+def test_sampled_negatives_are_unrated_and_belong_to_each_rows_user():
+    from trainer.train import add_negatives, sample_negatives
+
+    d = _dataset(RATINGS)
+    train = np.array([0, 1, 2, 3, 5, 6])
+    p = prepare(d, train, np.array([4, 7]))
+    users, items = sample_negatives(p, train, 50, np.random.default_rng(3))
+    rated = set(zip(d.rating_user[train].tolist(), d.rating_item[train].tolist(), strict=True))
+    pairs = set(zip(users.tolist(), items.tolist(), strict=True))
+    assert pairs and not pairs & rated  # every draw that hit a training rating was dropped
+    # A user gets negatives in proportion to its rating rows, never more than 50 each.
+    counts = np.bincount(users, minlength=3)
+    rows_per_user = np.bincount(d.rating_user[train], minlength=3)
+    assert (counts <= 50 * rows_per_user).all() and (counts > 0).all()
+    # User 0 rated 3 of the 4 items, so only item 3 is left for it.
+    assert set(items[users == 0].tolist()) == {3}
+    # Same generator state, same sample.
+    again = sample_negatives(p, train, 50, np.random.default_rng(3))
+    np.testing.assert_array_equal(again[0], users)
+    np.testing.assert_array_equal(again[1], items)
+
+    x = (p.user_features[[0, 1]], p.item_features[[0, 2]])
+    y = np.ones((2, 1), np.float32)
+    (xu, xi), y_all = add_negatives(p, train[:2], x, y, 4, np.random.default_rng(0), ids=False)
+    n_neg = xu.shape[0] - 2
+    assert n_neg > 0 and xi.shape[0] == xu.shape[0] == y_all.shape[0]
+    np.testing.assert_array_equal(y_all[:2], y)
+    assert (y_all[2:] == 0).all()
+    # Negatives carry the full training features of their user and item.
+    u_neg, i_neg = sample_negatives(p, train[:2], 4, np.random.default_rng(0))
+    np.testing.assert_array_equal(xu[2:], p.user_features[u_neg])
+    np.testing.assert_array_equal(xi[2:], p.item_features[i_neg])

@@ -99,9 +99,10 @@ def sample_negatives(
     """``per_row`` unrated items for the user of each rating row: ``(users, items)``.
 
     Items are drawn uniformly from the catalogue. Draws that hit an item the
-    user rated in training are dropped, not redrawn. So slightly fewer than
-    ``per_row`` negatives per row remain (about the catalogue's density
-    fewer), and none of them is a rating the model also sees as a positive.
+    user rated in training are dropped, not redrawn, so none of them is a
+    rating the model also sees as a positive. A user therefore keeps a little
+    under ``per_row`` negatives per rating: fewer by the share of the
+    catalogue they rated.
     """
     d = p.dataset
     users = np.repeat(d.rating_user[rows].astype(np.int64), per_row)

@@ -207,8 +207,10 @@ def run(quick: bool = False) -> dict[str, Any]:
             topn["recall@10"], ml["recall@10"], unit="Recall@10"
         )
 
+    from recsys.config import TrainerSettings
+
     big = 100_000 if quick else 1_000_000
-    trees = 50
+    trees = TrainerSettings().annoy_trees  # what a default version builds
     small = _export_in_child(big // 10, trees)
     full = _export_in_child(big, trees)
     out["export_small"] = small

@@ -105,24 +105,33 @@ def published_version(redis_url: str, trained_version: Path) -> Path:
     return trained_version
 
 
+@pytest.fixture(scope="session")
+def publish_fresh(redis_server):
+    """Callable ``publish_fresh(version_dir) -> version_dir``: flushes the test Redis, publishes."""
+    import redis
+
+    from trainer.publish import publish
+
+    def run(version_dir: Path) -> Path:
+        client = redis.Redis.from_url(redis_server.url)
+        try:
+            client.flushall()
+            publish(version_dir, client, quiet=True)
+        finally:
+            client.close()
+        return version_dir
+
+    return run
+
+
 @pytest.fixture(scope="module")
-def published(redis_server, trained_version: Path) -> Path:
+def published(publish_fresh, trained_version: Path) -> Path:
     """``trained_version`` published once per test module into a flushed Redis.
 
     Cheaper than ``published_version`` for modules whose tests use distinct
     user ids and so need no flush between tests.
     """
-    import redis
-
-    from trainer.publish import publish
-
-    client = redis.Redis.from_url(redis_server.url)
-    try:
-        client.flushall()
-        publish(trained_version, client, quiet=True)
-    finally:
-        client.close()
-    return trained_version
+    return publish_fresh(trained_version)
 
 
 @pytest.fixture(scope="module")

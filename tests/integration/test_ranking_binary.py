@@ -19,21 +19,12 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def binary_version(tmp_path_factory, train_version, redis_server):
-    import redis
-
-    from trainer.publish import publish
-
-    path = train_version(
-        tmp_path_factory.mktemp("binary_models"), objective="binary", negatives=2, epochs=2
+def binary_version(tmp_path_factory, train_version, publish_fresh):
+    return publish_fresh(
+        train_version(
+            tmp_path_factory.mktemp("binary_models"), objective="binary", negatives=2, epochs=2
+        )
     )
-    client = redis.Redis.from_url(redis_server.url)
-    try:
-        client.flushall()
-        publish(path, client, quiet=True)
-    finally:
-        client.close()
-    return path
 
 
 @pytest.fixture(scope="module")

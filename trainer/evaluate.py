@@ -28,8 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from recsys.features import TargetScale, top_genres
-from trainer.prepare import Prepared, aggregates_from_row
+from recsys.features import TargetScale, UserAggregates, top_genres
+from trainer.prepare import Prepared
 
 BUDGETS = (50, 100, 200, 500, 1000)
 K = 10
@@ -110,7 +110,7 @@ class _Retriever:
             sim = (self.vectors @ self.vectors[recent].T).max(axis=1)
             sim[seen] = -np.inf
             lists["similar"] = _top_k(sim, np.arange(len(sim)), min(n, len(sim)))
-        agg = aggregates_from_row(p.user_agg[u], len(p.spec.genres))
+        agg = UserAggregates.from_flat(p.user_agg[u], len(p.spec.genres))
         genres = top_genres(p.spec, agg, TOP_GENRES)
         if genres:
             lists["genre"] = _interleave([self.genre[g] for g in genres])

@@ -17,7 +17,6 @@ import numpy as np
 from recsys.artifacts import aggregate_columns
 from recsys.features import (
     FeatureSpec,
-    UserAggregates,
     UserProfile,
     item_feature_matrix,
     user_feature_matrix,
@@ -63,19 +62,6 @@ def user_aggregate_matrix(dataset: Dataset, rows: np.ndarray) -> np.ndarray:
         out[:, 3 + 2 * g + j] = np.bincount(users, weights=genres[:, j] * ratings, minlength=n)
     out[:, 3 + g : 3 + 2 * g] = out[:, 3 : 3 + g]
     return out
-
-
-def aggregates_from_row(row: np.ndarray, n_genres: int) -> UserAggregates:
-    """One row of ``user_aggregates.npy`` as :class:`UserAggregates`."""
-    g = n_genres
-    return UserAggregates(
-        watch_count=int(row[0]),
-        rated_count=int(row[1]),
-        rating_sum=float(row[2]),
-        genre_watch=row[3 : 3 + g].astype(np.int64),
-        genre_rated=row[3 + g : 3 + 2 * g].astype(np.int64),
-        genre_sum=row[3 + 2 * g : 3 + 3 * g].astype(np.float64),
-    )
 
 
 def features_from_aggregates(

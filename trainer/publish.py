@@ -26,9 +26,8 @@ from pathlib import Path
 from recsys import redis_keys
 from recsys.artifacts import ArtifactError, ModelVersion, latest_version
 from recsys.errors import UserFacingError
-from recsys.features import UserProfile
+from recsys.features import UserAggregates, UserProfile
 from recsys.user_store import seed_user_commands
-from trainer.prepare import aggregates_from_row
 
 ZADD_CHUNK = 10_000
 
@@ -154,7 +153,7 @@ def publish(
                 mv.spec,
                 ids[row],
                 _profile(users, row),
-                aggregates_from_row(aggs[row], n_genres),
+                UserAggregates.from_flat(aggs[row], n_genres),
                 history,
                 history_length=history_length,
                 write_recent=write_recent,

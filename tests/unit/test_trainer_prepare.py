@@ -9,7 +9,7 @@ from recsys.features import UserAggregates, user_feature_vector
 from trainer.dataset import DataError, Dataset
 from trainer.evaluate import _auc, _rank_metrics, bias_baseline
 from trainer.export import top_lists
-from trainer.prepare import aggregates_from_row, prepare
+from trainer.prepare import prepare
 
 
 def _dataset(ratings: list[tuple[int, int, float, int]]) -> Dataset:
@@ -49,7 +49,7 @@ def test_aggregates_match_folding_interactions_one_by_one():
         agg = UserAggregates.empty(p.spec)
         for row in train[d.rating_user[train] == u]:
             agg.add(d.item_genres[d.rating_item[row]], float(d.rating[row]))
-        got = aggregates_from_row(p.user_agg[u], 2)
+        got = UserAggregates.from_flat(p.user_agg[u], 2)
         assert (got.watch_count, got.rated_count, got.rating_sum) == (
             agg.watch_count, agg.rated_count, agg.rating_sum,
         )  # fmt: skip

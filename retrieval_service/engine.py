@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.exceptions import RedisError
 
@@ -166,9 +166,18 @@ class _Resumed:
                     return done.value
 
 
-async def _within(work: Awaitable[Any], limit: float) -> Any:
+async def _within(work: Awaitable[Any], limit: float | None) -> Any:
     async with asyncio.timeout(limit):
         return await work
+
+
+class _Plan(NamedTuple):
+    """What one ``Retrieve`` runs, fixed before any I/O."""
+
+    budget: int
+    chosen: list[CandidateSource]
+    variant: Variant
+    served: ServedVersion
 
 
 def _as_block(got: Sequence[Any], k: int, served: ServedVersion) -> CandidateBlock:
@@ -299,30 +308,53 @@ class RetrievalEngine:
             chosen = self.sources
         return q.budget or s.default_budget, chosen
 
+    def _user_read(self, served: ServedVersion, q: RetrieveQuery) -> UserRead:
+        return UserRead(served.model.spec, q.user_id, recent_n=self.settings.history_length)
+
+    def _hydrate_limit(self, deadline: float) -> tuple[float, float]:
+        """(longest wait for the user read, the deadline's share of it)."""
+        # At most a share of the time left: a hung Redis must not use up the
+        # whole deadline, or the in-memory sources (popular, Annoy) would get
+        # no turn and the caller no degraded answer.
+        by_deadline = HYDRATE_SHARE * (deadline - time.monotonic())
+        return min(self.redis_timeout_s, by_deadline), by_deadline
+
     async def hydrate(
-        self, served: ServedVersion, q: RetrieveQuery, deadline: float
+        self,
+        served: ServedVersion,
+        q: RetrieveQuery,
+        deadline: float,
+        *,
+        preread: StoredUser | BaseException | None = None,
+        read_s: float = 0.0,
     ) -> RetrievalContext:
         """Builds the request's context: one pipelined Redis read, then request overrides.
 
         Redis trouble never fails the call: the context then describes an
         unknown user (plus whatever the request carries) with
         ``hydrate_error`` set, and Redis-backed sources report ERROR.
+
+        Args:
+            served: The version the call runs on.
+            q: The request.
+            deadline: ``time.monotonic()`` by which the call must answer.
+            preread: The user as a batch read already got it (or that read's
+                error), as :meth:`retrieve_many` passes it; None: read it here.
+            read_s: How long the batch read took (``preread`` only).
         """
         stored: StoredUser | None = None
         error: str | None = None
-        start = time.perf_counter()
-        # At most a share of the time left: a hung Redis must not use up the
-        # whole deadline, or the in-memory sources (popular, Annoy) would get
-        # no turn and the caller no degraded answer.
-        by_deadline = HYDRATE_SHARE * (deadline - time.monotonic())
+        start = time.perf_counter() - read_s
+        limit, by_deadline = self._hydrate_limit(deadline)
         try:
-            async with asyncio.timeout(min(self.redis_timeout_s, by_deadline)):
-                got = await self._user_reads.submit(
-                    UserRead(served.model.spec, q.user_id, recent_n=self.settings.history_length)
-                )
-                if isinstance(got, Exception):  # this user's own read failed
-                    raise got
-                stored = got
+            if preread is None:
+                async with asyncio.timeout(limit):
+                    got = await self._user_reads.submit(self._user_read(served, q))
+            else:
+                got = preread
+            if isinstance(got, BaseException):  # this user's own read failed
+                raise got
+            stored = got
         except TimeoutError:  # asyncio's: the wait ran out (Redis' own timeouts are RedisError)
             if by_deadline < self.redis_timeout_s:
                 # The caller's deadline was too short to wait for Redis: not a Redis fault.
@@ -505,14 +537,96 @@ class RetrievalEngine:
             DeadlineExceeded: The deadline left no time for the sources, or
                 passed before any of them answered.
         """
+        plan = self._plan(q, self.served)
+        deadline = time.monotonic() + (DEFAULT_DEADLINE_S if timeout_s is None else timeout_s)
+        return await self._retrieve(q, plan, deadline)
+
+    def _plan(self, q: RetrieveQuery, served: ServedVersion | None) -> _Plan:
+        """The checks done before any I/O: fields, sources, variant, a loaded version."""
         budget, chosen = self._validate(q)
         variant = self._variant(q)
         chosen = self._for_variant(chosen, variant)
-        served = self.current()
+        if served is None:
+            raise Unavailable("no model version loaded yet")
+        return _Plan(budget, chosen, variant, served)
+
+    async def retrieve_many(
+        self, queries: Sequence[RetrieveQuery], *, timeout_s: float | None = None
+    ) -> list[RetrieveResult | Exception]:
+        """Runs several ``Retrieve``s as one batch (what ``RetrieveMany`` carries).
+
+        The same stages as :meth:`retrieve`, with two batch-level savings:
+        every member's user is read in one pipelined round trip before any
+        member starts, and a member whose sources answer without waiting (the
+        usual case: in-memory lists, Annoy, top lists already copied) runs to
+        the end inline, with no task of its own. A member that does wait (a
+        Redis read of a top list) continues in a task, so members still
+        overlap their I/O.
+
+        Returns:
+            One entry per query, in order: its result, or the exception it
+            raised (a domain error such as :class:`InvalidArgument`, or a bug),
+            so one bad member does not fail the others.
+        """
+        out: list[RetrieveResult | Exception | None] = [None] * len(queries)
+        served = self.served  # one version for the whole batch
         deadline = time.monotonic() + (DEFAULT_DEADLINE_S if timeout_s is None else timeout_s)
+        plans: list[tuple[int, _Plan]] = []
+        for i, q in enumerate(queries):
+            try:
+                plans.append((i, self._plan(q, served)))
+            except Exception as exc:  # refused before any I/O: costs the others nothing
+                out[i] = exc
+        if not plans:
+            return out  # type: ignore[return-value]
+        assert served is not None  # else every _plan raised
+        start = time.perf_counter()
+        limit, _ = self._hydrate_limit(deadline)
+        users: list[StoredUser | Exception]
+        try:
+            async with asyncio.timeout(limit):
+                users = await load_users(
+                    self.redis, [self._user_read(served, queries[i]) for i, _ in plans]
+                )
+        except (*_REDIS_ERRORS, ValueError) as exc:
+            users = [exc] * len(plans)
+        read_s = time.perf_counter() - start
+        waiting: list[tuple[int, asyncio.Task]] = []
+        loop = asyncio.get_running_loop()
+        for (i, plan), user in zip(plans, users, strict=True):
+            coro = self._retrieve(queries[i], plan, deadline, preread=user, read_s=read_s)
+            try:
+                yielded = coro.send(None)
+            except StopIteration as done:
+                out[i] = done.value
+                continue
+            except Exception as exc:
+                out[i] = exc
+                continue
+            waiting.append((i, loop.create_task(_within(_Resumed(coro, yielded), None))))
+        if waiting:
+            done = await asyncio.gather(*(t for _, t in waiting), return_exceptions=True)
+            for (i, _), got in zip(waiting, done, strict=True):
+                if isinstance(got, asyncio.CancelledError):
+                    raise got  # the whole batch was cancelled
+                if isinstance(got, BaseException) and not isinstance(got, Exception):
+                    raise got
+                out[i] = got
+        return out  # type: ignore[return-value]
+
+    async def _retrieve(
+        self,
+        q: RetrieveQuery,
+        plan: _Plan,
+        deadline: float,
+        *,
+        preread: StoredUser | BaseException | None = None,
+        read_s: float = 0.0,
+    ) -> RetrieveResult:
+        budget, chosen, variant, served = plan
         tr = self.tracing
         with tr.span("retrieval.hydrate") as span:
-            ctx = await self.hydrate(served, q, deadline)
+            ctx = await self.hydrate(served, q, deadline, preread=preread, read_s=read_s)
             if tr.enabled:
                 span.set_attributes(
                     {

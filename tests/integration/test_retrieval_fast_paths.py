@@ -326,3 +326,94 @@ async def test_concurrent_calls_share_one_user_read(engines, users):
     for a, b in zip(alone, together, strict=True):
         assert (a.user_id, a.recent, a.watched) == (b.user_id, b.recent, b.watched)
         assert a.hydrate_error is None and b.hydrate_error is None
+
+
+async def test_retrieve_many_answers_as_retrieve_with_one_user_read(engines, users, monkeypatch):
+    import retrieval_service.engine as engine_module
+    from retrieval_service.errors import InvalidArgument
+
+    reads: list[int] = []
+    real = engine_module.load_users
+
+    async def counted(redis, batch):  # the real read, counted
+        reads.append(len(batch))
+        return await real(redis, batch)
+
+    monkeypatch.setattr(engine_module, "load_users", counted)
+    queries = [RetrieveQuery(u, budget=120) for u in users[:8]]
+    queries.insert(3, RetrieveQuery(users[0], budget=-1))
+    queries.append(RetrieveQuery(users[1], budget=50, sources=("no_such_source",)))
+    queries.append(RetrieveQuery("never-seen-user", budget=50))
+    # Uncached, every member waits on its own top-list reads (tasks); cached, none does.
+    for cached in (False, True):
+        engine = engines[cached]
+        reads.clear()
+        got = await engine.retrieve_many(queries, timeout_s=5.0)
+        assert reads == [len(queries) - 2], "one pipelined read for every valid member"
+        assert isinstance(got[3], InvalidArgument) and str(got[3]).startswith("budget:")
+        assert isinstance(got[-2], InvalidArgument) and str(got[-2]).startswith("sources[0]:")
+        singles = [engine.retrieve(q, timeout_s=5.0) for i, q in enumerate(queries)]
+        for i, (q, member) in enumerate(zip(queries, got, strict=True)):
+            if i in (3, len(queries) - 2):
+                singles[i].close()
+                continue
+            want = await singles[i]
+            assert _answer(member) == _answer(want), q.user_id
+            assert not member.degraded and member.user is not None
+            assert [r.status for r in member.reports] == [r.status for r in want.reports]
+    assert await engines[True].retrieve_many([]) == []
+
+
+async def test_retrieve_many_with_redis_down_answers_every_member_degraded(published: Path):
+    from recsys.embedded_redis import free_port
+
+    dead = aioredis.Redis(port=free_port(), socket_connect_timeout=0.2)  # nothing listens
+    settings = RetrievalSettings(sources=_sources())
+    engine = RetrievalEngine(settings, build_sources(settings.sources), dead)
+    engine.swap(await asyncio.to_thread(engine.load_version, published))
+    try:
+        got = await engine.retrieve_many(
+            [RetrieveQuery("u1", budget=30), RetrieveQuery("u2", budget=30)], timeout_s=2.0
+        )
+        for member in got:
+            assert not isinstance(member, Exception), member
+            assert member.degraded and member.user is None
+            status = {r.source: r.status.value for r in member.reports}
+            assert status["popular"] == "OK" and status["top_genre"] == "ERROR"
+            assert len(member.selection) == 30
+    finally:
+        await dead.aclose()
+
+
+async def test_retrieve_many_without_a_version_or_cancelled(published: Path, redis_server):
+    from retrieval_service.errors import InvalidArgument, Unavailable
+
+    client = aioredis.Redis.from_url(redis_server.url)
+    settings = RetrievalSettings(sources=_sources())
+    engine = RetrievalEngine(
+        settings, [*build_sources(settings.sources), _Sleepy("stuck", 5.0)], client
+    )
+    try:
+        before = await engine.retrieve_many(
+            [RetrieveQuery("u", budget=5), RetrieveQuery("u", budget=-1)]
+        )
+        assert isinstance(before[0], Unavailable)
+        assert isinstance(before[1], InvalidArgument), "field errors come first"
+        engine.swap(await asyncio.to_thread(engine.load_version, published))
+        # Members waiting on a source are cancelled with the batch, not left running.
+        others = asyncio.all_tasks()
+        task = asyncio.create_task(
+            engine.retrieve_many(
+                [RetrieveQuery("cold-user"), RetrieveQuery("cold-2")], timeout_s=2.0
+            )
+        )
+        await asyncio.sleep(0.01)
+        members = asyncio.all_tasks() - others - {task}
+        assert len(members) >= 2, "each waiting member runs in a task"
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0)
+        assert all(t.done() for t in members)
+    finally:
+        await client.aclose()

@@ -24,7 +24,7 @@ class RowMarks:
         n: Catalogue size.
     """
 
-    SLOTS = 3
+    SLOTS = 2
 
     def __init__(self, n: int):
         self._stamps = [np.zeros(n, np.int32) for _ in range(self.SLOTS)]
@@ -45,9 +45,17 @@ class RowMarks:
         self._stamps[slot][rows] = g
         return g
 
-    def add(self, slot: int, g: int, rows: np.ndarray) -> None:
-        """Adds ``rows`` to the set of generation ``g`` in ``slot``."""
-        self._stamps[slot][rows] = g
+    def scratch(self, slot: int) -> tuple[np.ndarray, int]:
+        """A fresh, empty set in ``slot`` as (stamp array, generation), for compiled loops.
+
+        A row is in the set when ``stamp[row] == generation``; writing the
+        generation adds it; :meth:`has` sees the same set.
+        """
+        return self._stamps[slot], self._next()
+
+    def position_scratch(self) -> np.ndarray:
+        """An int64 catalogue-sized scratch array (a chosen row's position), for compiled loops."""
+        return self._pos
 
     def has(self, slot: int, g: int, rows: np.ndarray) -> np.ndarray:
         """Boolean mask: which ``rows`` are in the set of generation ``g`` in ``slot``."""
@@ -61,15 +69,3 @@ class RowMarks:
         pos[rows] = n
         np.minimum.at(pos, rows, idx)  # ufunc.at: defined for repeated indices
         return pos[rows] == idx
-
-    def positions(self, rows: np.ndarray) -> int:
-        """Remembers where each of the distinct ``rows`` is; see :meth:`position`.
-
-        Returns the generation of ``rows`` as a set in slot ``SLOTS - 1``.
-        """
-        self._pos[rows] = np.arange(rows.shape[0])
-        return self.mark(self.SLOTS - 1, rows)
-
-    def position(self, rows: np.ndarray) -> np.ndarray:
-        """Positions, in the last :meth:`positions` call, of ``rows`` that were in it."""
-        return self._pos[rows]

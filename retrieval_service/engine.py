@@ -35,7 +35,13 @@ from recsys.tracing import NOOP, Tracing
 from recsys.user_store import StoredUser, UserRead, load_users, record_interaction
 from retrieval_service import metrics
 from retrieval_service.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
-from retrieval_service.merge import Lane, MergedCandidate, Selection, assemble, filter_blocks
+from retrieval_service.merge import (
+    Lane,
+    MergedCandidate,
+    Selection,
+    assemble,
+    compile_kernels,
+)
 from retrieval_service.served import Neighbour, ServedVersion, load_served_version
 from retrieval_service.sources.base import (
     CandidateBlock,
@@ -253,6 +259,7 @@ class RetrievalEngine:
 
     def load_version(self, path: str | Path) -> ServedVersion:
         """Opens a version and runs every source's ``prepare`` (blocking; use a thread)."""
+        compile_kernels()  # the first load builds them (seconds); later ones find them built
         served = load_served_version(path)
         for src in self.sources:
             prepare = getattr(src, "prepare", None)
@@ -668,44 +675,36 @@ class RetrievalEngine:
                 raise DeadlineExceeded(f"the deadline passed before any source answered: {detail}")
             raise Unavailable(f"every candidate source failed: {detail}")
         blocks = [b for _, b in ok]
-        # One scratch for filter and merge: the excluded set marked by the
-        # filter is read again by the merge's last-resort pad.
-        with served.marks() as marks:
-            with tr.span("retrieval.filter") as span:
-                kept, excluded_mark = filter_blocks(
-                    blocks, served.rows_of(excluded, n_excluded), marks
+        lanes = [
+            Lane(s.name, s.config.weight, min(s.config.budget, budget), s.config.tier)
+            for s, _ in ok
+        ]
+        pad_source = next((s.name for s in chosen if s.config.tier == "popular"), None)
+        pad = None
+        if pad_source is not None:
+            pad = (pad_source, served.popular_rows, served.popular_row_scores)
+        # Filter (watched, excluded, recent), interleave, refill, pad and
+        # attribution run as one pass: one span.
+        with tr.span("retrieval.merge") as span, served.marks() as marks:
+            selection, kept = assemble(
+                blocks,
+                lanes,
+                [s.name for s in chosen],
+                budget,
+                marks,
+                served.rows_of(excluded, n_excluded),
+                pad,
+            )
+            if tr.enabled:
+                span.set_attributes(
+                    {
+                        "recsys.candidates_in": sum(len(b) for b in blocks),
+                        "recsys.candidates_kept": kept,
+                        "recsys.excluded": n_excluded,
+                        "recsys.budget": budget,
+                        "recsys.returned": len(selection),
+                    }
                 )
-                if tr.enabled:
-                    span.set_attributes(
-                        {
-                            "recsys.candidates_in": sum(len(b) for b in blocks),
-                            "recsys.candidates_kept": sum(k.shape[0] for k in kept),
-                            "recsys.excluded": n_excluded,
-                        }
-                    )
-            with tr.span("retrieval.merge") as span:
-                lanes = [
-                    Lane(s.name, s.config.weight, min(s.config.budget, budget), s.config.tier)
-                    for s, _ in ok
-                ]
-                pad_source = next((s.name for s in chosen if s.config.tier == "popular"), None)
-                pad = None
-                if pad_source is not None:
-                    pad = (pad_source, served.popular_rows, served.popular_row_scores)
-                selection = assemble(
-                    blocks,
-                    kept,
-                    lanes,
-                    [s.name for s in chosen],
-                    budget,
-                    marks,
-                    excluded=excluded_mark,
-                    pad=pad,
-                )
-                if tr.enabled:
-                    span.set_attributes(
-                        {"recsys.budget": budget, "recsys.returned": len(selection)}
-                    )
         degraded = len(ok) < len(chosen) or ctx.hydrate_error is not None
         metrics.REDIS_ROUND_TRIPS.observe(ctx.redis.round_trips)
         metrics.RETURNED.observe(len(selection))

@@ -13,10 +13,11 @@ No I/O and no protobuf here, so every rule is unit-tested directly:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Container, Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from numba import njit
 
 from recsys.rows import RowMarks
 from retrieval_service.sources.base import TIERS, Candidate, CandidateBlock, Tier
@@ -242,228 +243,281 @@ class Selection:
         return out
 
 
-def interleave(
-    rows: Sequence[np.ndarray],
-    lanes: Sequence[Lane],
-    budget: int,
-    marks: RowMarks,
-    pad: Callable[[], tuple[np.ndarray, np.ndarray]] | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`select` over arrays: up to ``budget`` distinct rows from filtered lane lists.
-
-    Args:
-        rows: Per lane (same order as ``lanes``), its filtered rows, distinct, best first.
-        lanes: Weight, quota and tier of each lane.
-        budget: Most rows to return.
-        marks: Scratch over the catalogue (uses slot 1).
-        pad: Returns already filtered ``(rows, scores)`` (e.g. the popular list)
-            that fill what is left; called only when the lanes cannot fill the budget.
-
-    Returns:
-        The chosen rows in answer order, and the pad scores of the rows at the
-        end that came from ``pad``.
-    """
-    no_scores = np.zeros(0, np.float64)
-    taken = marks.mark(1, np.zeros(0, np.int64))
-    if budget <= 0:
-        return np.zeros(0, np.int64), no_scores
-    n_lanes = len(lanes)
-    sizes = [r.shape[0] for r in rows]
-    chunks: list[np.ndarray] = []
-    n_out = 0
-    if sum(sizes):
-        seq, lane = _turn_order(rows, lanes, sizes)
-        quota = np.asarray([min(ln.quota, budget) for ln in lanes], np.int64)
-        lane_ids = np.arange(n_lanes)
-        placed = np.zeros(n_lanes, np.int64)
-        full = placed >= quota
-        # First pass, quotas on. Between two moments when a lane fills up the
-        # rule is "first occurrence of a row not taken yet, from a lane not
-        # full", which is vectorised; a round ends where a lane fills (later
-        # entries must be looked at again without it), so there are at most
-        # n_lanes + 1 rounds.
-        start = 0
-        while start < seq.shape[0] and n_out < budget:
-            s_seq, s_lane = seq[start:], lane[start:]
-            cand = np.flatnonzero(~full[s_lane] & ~marks.has(1, taken, s_seq))
-            if not cand.shape[0]:
-                break
-            acc = cand[marks.first(s_seq[cand])]
-            acc_lane = s_lane[acc]
-            cut = min(acc.shape[0], budget - n_out)
-            # Entry i's count among the accepted entries of its own lane so far
-            # (lane-major one-hot, so the running sums run along contiguous rows).
-            own = (lane_ids[:, None] == acc_lane).cumsum(axis=1, dtype=np.int32)
-            count = own[acc_lane, np.arange(acc.shape[0])]
-            fills = np.flatnonzero(count >= (quota - placed)[acc_lane])
-            refill = bool(fills.shape[0]) and int(fills[0]) + 1 < cut
-            if refill:
-                cut = int(fills[0]) + 1
-            take = acc[:cut]
-            marks.add(1, taken, s_seq[take])
-            placed += np.bincount(acc_lane[:cut], minlength=n_lanes)
-            full = placed >= quota
-            chunks.append(s_seq[take])
-            n_out += cut
-            if not refill:
-                break
-            start += int(take[-1]) + 1
-        # Refill: leftovers tier by tier, quotas lifted.
-        if n_out < budget:
-            tiers = [ln.tier for ln in lanes]
-            lane_tier = np.asarray([TIERS.index(t) if t in TIERS else -1 for t in tiers])
-            # Entries not taken yet, found once; a tier's takes are struck from
-            # the later tiers' share below (the same row can sit in several lanes).
-            left = np.flatnonzero(~marks.has(1, taken, seq))
-            left_tier = lane_tier[lane[left]]
-            took = False
-            for t, tier in enumerate(TIERS):
-                if n_out >= budget:
-                    break
-                if tier not in tiers:
-                    continue
-                cand = left[left_tier == t]
-                if took and cand.shape[0]:
-                    cand = cand[~marks.has(1, taken, seq[cand])]
-                if not cand.shape[0]:
-                    continue
-                take = cand[marks.first(seq[cand])][: budget - n_out]
-                marks.add(1, taken, seq[take])
-                chunks.append(seq[take])
-                n_out += take.shape[0]
-                took = True
-    pad_scores = no_scores
-    if pad is not None and n_out < budget:
-        fill, fill_scores = pad()
-        free = ~marks.has(1, taken, fill)
-        chunks.append(fill[free][: budget - n_out])
-        pad_scores = fill_scores[free][: budget - n_out]
-    if not chunks:
-        return np.zeros(0, np.int64), no_scores
-    return (np.concatenate(chunks) if len(chunks) > 1 else chunks[0]), pad_scores
-
-
-def _turn_order(
-    rows: Sequence[np.ndarray], lanes: Sequence[Lane], sizes: list[int]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Every lane entry in interleave order, and its lane.
-
-    Weighted fair queueing, as in :func:`_fair_pass`: entry j of a lane of
-    weight w has virtual time (j + 1) / w; ties go to the lane first in
-    config order.
-    """
-    n_lanes = len(lanes)
-    if len({ln.weight for ln in lanes}) == 1:
-        # Equal weights: rank 0 of every lane, then rank 1, ... (a transpose).
-        grid = np.full((max(sizes), n_lanes), -1, np.int64)
-        for li, r in enumerate(rows):
-            grid[: r.shape[0], li] = r
-        flat = grid.ravel()
-        at = np.flatnonzero(flat >= 0)
-        return flat[at], at % n_lanes
-    lane = np.repeat(np.arange(n_lanes), sizes)
-    rank = np.arange(lane.shape[0]) - np.repeat(np.cumsum(sizes) - sizes, sizes)
-    weight = np.asarray([ln.weight for ln in lanes], np.float64)
-    # Stable: equal virtual times keep the concatenation's lane order.
-    order = np.argsort((rank + 1) / weight[lane], kind="stable")
-    return np.concatenate(rows)[order], lane[order]
-
-
-def filter_blocks(
-    blocks: Sequence[CandidateBlock], excluded: np.ndarray, marks: RowMarks
-) -> tuple[list[np.ndarray], int]:
-    """:func:`filter_lists` over blocks: per block, the positions that are not excluded.
-
-    Args:
-        blocks: Each source's answer (rows distinct and inside the catalogue).
-        excluded: Catalogue rows to drop (watched, excluded, recent).
-        marks: Scratch over the catalogue; slot 0 keeps ``excluded`` for :func:`assemble`.
-
-    Returns:
-        The kept positions per block, and the generation of ``excluded`` in slot 0.
-    """
-    g = marks.mark(0, excluded)
-    kept = []
-    for block in blocks:
-        drop = marks.has(0, g, block.rows)
-        kept.append(np.flatnonzero(~drop) if drop.any() else np.arange(block.rows.shape[0]))
-    return kept, g
-
-
 def assemble(
     blocks: Sequence[CandidateBlock],
-    kept: Sequence[np.ndarray],
     lanes: Sequence[Lane],
     names: Sequence[str],
     budget: int,
     marks: RowMarks,
-    *,
-    excluded: int,
+    excluded: np.ndarray,
     pad: tuple[str, np.ndarray, np.ndarray] | None = None,
-) -> Selection:
-    """Interleave, refill and attribute: the merge of ``Retrieve`` on arrays.
+) -> tuple[Selection, int]:
+    """Filter, interleave, refill, pad and attribute: the merge of ``Retrieve`` on arrays.
+
+    The rules of :func:`filter_lists`, :func:`select` and :func:`merge`, run
+    as one compiled pass over the sources' blocks (see :func:`_assemble`).
 
     Args:
-        blocks: The answer of each lane's source (same order as ``lanes``).
-        kept: Per block, the positions that passed :func:`filter_blocks`.
+        blocks: The answer of each lane's source (same order as ``lanes``;
+            rows distinct within a block and inside the catalogue).
         lanes: Weight, quota and tier of each source that answered.
         names: Every source of the request, in config order (the bits of the mask).
         budget: Most candidates to return.
-        marks: The scratch :func:`filter_blocks` used.
-        excluded: Generation of the excluded rows in slot 0 (from :func:`filter_blocks`).
+        marks: Scratch over the catalogue (all slots).
+        excluded: Catalogue rows to drop (watched, excluded, recent).
         pad: ``(source name, rows, scores)`` of the last-resort fill (the in-memory
             popular list, rows distinct), or None.
+
+    Returns:
+        The selection, and how many of the blocks' candidates passed the filter.
     """
-    lane_rows = [b.rows[k] for b, k in zip(blocks, kept, strict=True)]
-
-    def fill() -> tuple[np.ndarray, np.ndarray]:
-        assert pad is not None
-        free = ~marks.has(0, excluded, pad[1])
-        return pad[1][free], pad[2][free]
-
-    order, pad_scores = interleave(
-        lane_rows, lanes, budget, marks, fill if pad is not None else None
-    )
-    m = order.shape[0]
-    bit = {name: i for i, name in enumerate(names)}
-    mask = np.zeros(m, np.uint64)
-    best = np.full(m, np.nan)
-    per_source = np.full((len(names), m), np.nan)
-    seeds = np.full(m, -1, np.int64)
-    genres = np.full(m, -1, np.int64)
+    n_lanes = len(blocks)
+    sizes = [b.rows.shape[0] for b in blocks]
+    starts = np.zeros(n_lanes + 1, np.int64)
+    starts[1:] = np.cumsum(sizes)
+    total = int(starts[-1])
     seed_ids: list[str] = []
     genre_names: list[str] = []
-    chosen = marks.positions(order)
-    for lane, block, keep, rows in zip(lanes, blocks, kept, lane_rows, strict=True):
-        hit = marks.has(2, chosen, rows)
-        if not hit.any():
-            continue
-        at = marks.position(rows[hit])
-        pos = keep[hit]
-        b = bit[lane.name]
-        mask[at] |= np.uint64(1 << b)
-        if block.scores is not None:
-            sc = block.scores[pos]
-            per_source[b, at] = sc
-            best[at] = np.fmax(best[at], sc)
-        # The first source (config order) with a seed item or a genre gives it.
-        if block.seeds is not None:
-            si = block.seeds[pos]
-            free = (seeds[at] < 0) & (si >= 0)
-            seeds[at[free]] = si[free] + len(seed_ids)
-            seed_ids.extend(block.seed_ids)
-        if block.genres is not None:
-            gi = block.genres[pos]
-            free = (genres[at] < 0) & (gi >= 0)
-            genres[at[free]] = gi[free] + len(genre_names)
-            genre_names.extend(block.genre_names)
-    n_pad = pad_scores.shape[0]
-    if n_pad:
-        assert pad is not None
-        b = bit[pad[0]]
-        mask[m - n_pad :] |= np.uint64(1 << b)
-        per_source[b, m - n_pad :] = pad_scores
-        best[m - n_pad :] = pad_scores
-    return Selection(
-        order, best, list(names), mask, per_source, seed_ids, seeds, genre_names, genres
+    if n_lanes:
+        rows = np.concatenate([b.rows for b in blocks]).astype(np.int64, copy=False)
+        scores = np.concatenate(
+            [
+                np.full(n, np.nan) if b.scores is None else b.scores
+                for b, n in zip(blocks, sizes, strict=True)
+            ]
+        ).astype(np.float64, copy=False)
+        # Seed and genre indexes, shifted to index the request-wide lists.
+        seeds = np.full(total, -1, np.int64)
+        genres = np.full(total, -1, np.int64)
+        for b, lo, hi in zip(blocks, starts[:-1].tolist(), starts[1:].tolist(), strict=True):
+            if b.seeds is not None and b.seed_ids:
+                seeds[lo:hi] = np.where(b.seeds >= 0, b.seeds + len(seed_ids), -1)
+                seed_ids.extend(b.seed_ids)
+            if b.genres is not None and b.genre_names:
+                genres[lo:hi] = np.where(b.genres >= 0, b.genres + len(genre_names), -1)
+                genre_names.extend(b.genre_names)
+    else:
+        rows = seeds = genres = np.zeros(0, np.int64)
+        scores = np.zeros(0, np.float64)
+    bit = {name: i for i, name in enumerate(names)}
+    weights = np.asarray([ln.weight for ln in lanes], np.float64)
+    quota = np.asarray([min(ln.quota, max(budget, 0)) for ln in lanes], np.int64)
+    tier = np.asarray([TIERS.index(ln.tier) if ln.tier in TIERS else -1 for ln in lanes], np.int64)
+    bits = np.asarray([bit[ln.name] for ln in lanes], np.int64)
+    no_rows = np.zeros(0, np.int64)
+    pad_rows, pad_scores, pad_bit = no_rows, np.zeros(0, np.float64), -1
+    if pad is not None:
+        pad_rows, pad_scores, pad_bit = pad[1], pad[2], bit[pad[0]]
+    ex_stamp, ex_g = marks.scratch(0)
+    ex_stamp[excluded] = ex_g
+    stamp, taken = marks.scratch(1)
+    order, best, mask, per_source, seed_of, genre_of, kept = _assemble(
+        rows,
+        starts,
+        scores,
+        seeds,
+        genres,
+        weights,
+        bool(np.all(weights == weights[0])) if n_lanes else True,
+        quota,
+        tier,
+        len(TIERS),
+        bits,
+        len(names),
+        max(budget, 0),
+        ex_stamp,
+        ex_g,
+        stamp,
+        taken,
+        marks.position_scratch(),
+        pad_rows,
+        pad_scores,
+        pad_bit,
     )
+    selection = Selection(
+        order,
+        best,
+        list(names),
+        mask,
+        per_source,
+        seed_ids,
+        seed_of,
+        genre_names,
+        genre_of,
+    )
+    return selection, kept
+
+
+@njit(cache=True, boundscheck=True)
+def _assemble(
+    rows,
+    starts,
+    scores,
+    seeds,
+    genres,
+    weights,
+    equal,
+    quota,
+    tier,
+    n_tiers,
+    bits,
+    n_names,
+    budget,
+    ex_stamp,
+    ex_g,
+    stamp,
+    taken,
+    pos,
+    pad_rows,
+    pad_scores,
+    pad_bit,
+):  # pragma: no cover - compiled; checked against the readable rules by property tests
+    """:func:`assemble`'s work over the blocks concatenated lane by lane.
+
+    Compiled because the same rules as whole-array numpy steps took ~100
+    small calls per request (a round of steps each time a lane fills), the
+    largest share of retrieval's CPU.
+    """
+    n_lanes = starts.shape[0] - 1
+    # Filter: each lane's entries that are not excluded, with their rank in the lane.
+    kept = np.empty(rows.shape[0], np.int64)
+    kept_lane = np.empty(rows.shape[0], np.int64)
+    kept_rank = np.empty(rows.shape[0], np.int64)
+    sizes = np.zeros(n_lanes, np.int64)
+    n_kept = 0
+    for ln in range(n_lanes):
+        for i in range(starts[ln], starts[ln + 1]):
+            if ex_stamp[rows[i]] == ex_g:
+                continue
+            kept[n_kept] = i
+            kept_lane[n_kept] = ln
+            kept_rank[n_kept] = sizes[ln]
+            sizes[ln] += 1
+            n_kept += 1
+    # Turn order (weighted fair queueing, as _fair_pass): entry j of a lane of
+    # weight w has virtual time (j + 1) / w; ties go to the lane first in config order.
+    turn = np.empty(n_kept, np.int64)
+    if equal:  # rank 0 of every lane, then rank 1, ...: no sort needed
+        first = np.zeros(n_lanes, np.int64)
+        for ln in range(1, n_lanes):
+            first[ln] = first[ln - 1] + sizes[ln - 1]
+        t = 0
+        for rank in range(sizes.max() if n_lanes else 0):
+            for ln in range(n_lanes):
+                if rank < sizes[ln]:
+                    turn[t] = first[ln] + rank
+                    t += 1
+    else:
+        vt = np.empty(n_kept, np.float64)
+        for t in range(n_kept):
+            vt[t] = (kept_rank[t] + 1) / weights[kept_lane[t]]
+        turn = np.argsort(vt, kind="mergesort")  # stable: lane-major input breaks ties
+    # First pass: turn order, quotas on; then refill tier by tier, quotas lifted.
+    out = np.empty(budget, np.int64)
+    placed = np.zeros(n_lanes, np.int64)
+    n = 0
+    for t in range(n_kept):
+        if n >= budget:
+            break
+        e = turn[t]
+        r, ln = rows[kept[e]], kept_lane[e]
+        if stamp[r] == taken or placed[ln] >= quota[ln]:
+            continue
+        stamp[r] = taken
+        out[n] = r
+        n += 1
+        placed[ln] += 1
+    for want in range(n_tiers):
+        for t in range(n_kept):
+            if n >= budget:
+                break
+            e = turn[t]
+            r = rows[kept[e]]
+            if tier[kept_lane[e]] != want or stamp[r] == taken:
+                continue
+            stamp[r] = taken
+            out[n] = r
+            n += 1
+    from_lanes = n
+    # Last resort: the pad list, not excluded and not taken.
+    pad_at = np.empty(budget, np.int64)
+    if pad_bit >= 0:
+        for i in range(pad_rows.shape[0]):
+            if n >= budget:
+                break
+            r = pad_rows[i]
+            if ex_stamp[r] == ex_g or stamp[r] == taken:
+                continue
+            stamp[r] = taken
+            out[n] = r
+            pad_at[n] = i
+            n += 1
+    # Attribution: every lane that proposed a chosen row, its score, and the
+    # first seed and genre in config order.
+    for i in range(n):
+        pos[out[i]] = i
+    mask = np.zeros(n, np.uint64)
+    best = np.full(n, np.nan)
+    per_source = np.full((n_names, n), np.nan)
+    seed_of = np.full(n, -1, np.int64)
+    genre_of = np.full(n, -1, np.int64)
+    for t in range(n_kept):
+        i = kept[t]
+        r = rows[i]
+        if stamp[r] != taken:
+            continue
+        at = pos[r]
+        if at >= from_lanes:
+            continue
+        b = bits[kept_lane[t]]
+        mask[at] |= np.uint64(1) << np.uint64(b)
+        s = scores[i]
+        if s == s:  # not NaN
+            per_source[b, at] = s
+            if not best[at] >= s:  # NaN (no score yet) or lower
+                best[at] = s
+        if seed_of[at] < 0 and seeds[i] >= 0:
+            seed_of[at] = seeds[i]
+        if genre_of[at] < 0 and genres[i] >= 0:
+            genre_of[at] = genres[i]
+    for at in range(from_lanes, n):
+        s = pad_scores[pad_at[at]]
+        mask[at] |= np.uint64(1) << np.uint64(pad_bit)
+        per_source[pad_bit, at] = s
+        best[at] = s
+    return out[:n].copy(), best, mask, per_source, seed_of, genre_of, n_kept
+
+
+def compile_kernels() -> None:
+    """Compiles the merge's kernels (or loads them from numba's cache) with a tiny merge.
+
+    The first call of a compiled function builds it: seconds, not
+    microseconds. A version load calls this, so no request pays for it.
+    Argument types match the engine's calls exactly (int64 rows, float64
+    scores), so the request path finds the same compiled specialisation.
+    """
+    from retrieval_service.sources.base import round_robin
+
+    marks = RowMarks(4)
+    rows = np.asarray([2, 0], np.int64)
+    block = CandidateBlock(
+        (),
+        rows,
+        np.asarray([0.5, 0.25]),
+        seeds=np.asarray([0, -1], np.int64),
+        seed_ids=("s",),
+        genres=np.asarray([-1, 0], np.int64),
+        genre_names=("g",),
+    )
+    for weight in (1.0, 2.0):  # equal and mixed weights take different branches
+        lanes = [Lane("a", 1.0, 2), Lane("b", weight, 1, "popular")]
+        assemble(
+            [block, block[:1]],
+            lanes,
+            ["a", "b"],
+            3,
+            marks,
+            np.asarray([1], np.int64),
+            ("b", np.asarray([3, 1], np.int64), np.asarray([1.0, 0.5])),
+        )
+    round_robin(np.asarray([[1, -1], [2, 3]], np.int64), 3, marks, exclude=[3])

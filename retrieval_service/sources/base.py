@@ -41,6 +41,7 @@ from itertools import repeat
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, overload, runtime_checkable
 
 import numpy as np
+from numba import njit
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from redis.exceptions import NoScriptError
 
@@ -240,14 +241,28 @@ def round_robin(
     Returns:
         At most ``k`` flat indices into ``rows`` (``index % n_columns`` is the list).
     """
-    flat = rows.ravel()
-    at = np.flatnonzero(flat >= 0)
-    vals = flat[at]
+    ex_stamp, ex_g = marks.scratch(0)
     if len(exclude):
-        g = marks.mark(0, np.asarray(exclude, np.int64))
-        keep = ~marks.has(0, g, vals)
-        at, vals = at[keep], vals[keep]
-    return at[marks.first(vals)][:k]
+        ex_stamp[np.asarray(exclude, np.int64)] = ex_g
+    stamp, taken = marks.scratch(1)
+    return _round_robin(rows.ravel(), max(k, 0), ex_stamp, ex_g, stamp, taken)
+
+
+@njit(cache=True, boundscheck=True)
+def _round_robin(flat, k, ex_stamp, ex_g, stamp, taken):  # pragma: no cover - compiled
+    """:func:`round_robin` over the flattened matrix: one pass, no temporaries."""
+    out = np.empty(min(k, flat.shape[0]), np.int64)
+    n = 0
+    for i in range(flat.shape[0]):
+        if n >= k:
+            break
+        r = flat[i]
+        if r < 0 or ex_stamp[r] == ex_g or stamp[r] == taken:
+            continue
+        stamp[r] = taken
+        out[n] = i
+        n += 1
+    return out[:n]
 
 
 class SourceConfig(BaseModel):

@@ -50,6 +50,8 @@ async def _serve_both(
     service name to its tracer, other keywords replace top-level settings
     (e.g. ``experiments``).
     """
+    from recsys.channels import wait_serving as wait_for
+    from retrieval_service.server import SERVICE_NAME as RETRIEVAL
     from retrieval_service.server import build_server as build_retrieval
 
     rs = RetrievalSettings(host="127.0.0.1", port=0, metrics_port=0, **(retrieval or {}))
@@ -67,6 +69,9 @@ async def _serve_both(
         await srv.start()
         try:
             await wait_serving(f"127.0.0.1:{srv.port}")
+            # Ranking serves without retrieval (the popular fallback), so it
+            # being ready says nothing about retrieval's version load.
+            await wait_for(f"127.0.0.1:{handle.port}", RETRIEVAL, timeout_s=60.0)
             async with (
                 grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as rch,
                 grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as tch,

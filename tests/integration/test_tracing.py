@@ -60,8 +60,7 @@ async def test_one_recommend_is_one_trace_across_both_services(traced, published
     assert set(retrieval) == {
         "retrieval.Retrieve",
         "retrieval.hydrate",
-        "retrieval.filter",
-        "retrieval.merge",
+        "retrieval.merge",  # the filter runs inside the merge's compiled pass
         *sources,
     }
     root = ranking["ranking.Recommend"]
@@ -87,6 +86,10 @@ async def test_one_recommend_is_one_trace_across_both_services(traced, published
     assert root.attributes["recsys.variant"] == resp.variant == "default"
     n = ranking["ranking.retrieve"].attributes["recsys.candidates"]
     assert server.attributes["recsys.candidates"] == n > 0
+    merged = retrieval["retrieval.merge"].attributes
+    assert merged["recsys.returned"] == n
+    assert n <= merged["recsys.candidates_kept"] <= merged["recsys.candidates_in"]
+    assert merged["recsys.candidates_in"] == sum(r.count for r in resp.source_reports)
     # The batched stages happened inside the request, in order.
     tower, score, top = (ranking[f"ranking.{s}"] for s in ("user_tower", "score", "top_k"))
     assert root.start_time <= tower.start_time <= tower.end_time <= score.end_time

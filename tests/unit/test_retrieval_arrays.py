@@ -1,8 +1,8 @@
 """The array form of merge/filter/interleave must give exactly the answer of the readable rules.
 
 ``retrieval_service.merge.select``/``merge``/``filter_lists`` state the rules
-over strings and dicts; the engine runs ``interleave``/``filter_blocks``/
-``assemble`` over numpy arrays. Hypothesis draws overlapping lists, weights,
+over strings and dicts; the engine runs ``assemble``, one compiled pass over
+numpy arrays. Hypothesis draws overlapping lists, weights,
 quotas, tiers, budgets, exclusions, missing scores, seeds and genres, and
 both forms must agree item for item, attribution included.
 """
@@ -21,9 +21,7 @@ from retrieval_service.merge import (
     Lane,
     MergedCandidate,
     assemble,
-    filter_blocks,
     filter_lists,
-    interleave,
     merge,
     select,
 )
@@ -59,18 +57,24 @@ def test_interleave_equals_select(lists, w, quotas, tiers, budget, pad):
         iter([IDS[r] for r in pad]),
     )
     pad_rows = np.asarray(pad, np.int64)
-    pad_scores = pad_rows * 10.0
-    got, got_scores = interleave(
-        [np.asarray(lst, np.int64) for lst in lists],
+    names = [ln.name for ln in lanes] + ["pad"]
+    sel, kept = assemble(
+        [CandidateBlock(IDS, np.asarray(lst, np.int64)) for lst in lists],
         lanes,
+        names,
         budget,
         RowMarks(N_ITEMS),
-        lambda: (pad_rows, pad_scores),
+        np.zeros(0, np.int64),
+        ("pad", pad_rows, pad_rows * 10.0),
     )
+    got = sel.rows
     assert [IDS[r] for r in got.tolist()] == want
-    n_pad = got_scores.shape[0]
-    assert got_scores.tolist() == (got[len(got) - n_pad :] * 10.0).tolist()
-    assert set(got[len(got) - n_pad :].tolist()) <= set(pad)
+    assert kept == sum(len(lst) for lst in lists)
+    # Rows the lanes did not place came from the pad, with its scores and only its bit.
+    from_pad = sel.source_mask == np.uint64(1 << len(lanes))
+    assert set(got[from_pad].tolist()) <= set(pad)
+    assert sel.scores[from_pad].tolist() == (got[from_pad] * 10.0).tolist()
+    assert np.isnan(sel.scores[~from_pad]).all(), "lanes without scores give none"
 
 
 def _reference(results, lanes, budget, excluded, pad_source, popular):
@@ -123,7 +127,6 @@ def test_assemble_equals_the_readable_rules(
     blocks = [CandidateBlock.from_candidates(ok[ln.name], IDS, INDEX) for ln in lanes]
     marks = RowMarks(N_ITEMS)
     ex_rows = np.asarray(sorted(INDEX[i] for i in excluded), np.int64)
-    kept, g = filter_blocks(blocks, ex_rows, marks)
     pad = None
     if pad_source:
         pad = (
@@ -131,7 +134,8 @@ def test_assemble_equals_the_readable_rules(
             np.asarray([INDEX[i] for i, _ in popular], np.int64),
             np.asarray([s for _, s in popular]),
         )
-    sel = assemble(blocks, kept, lanes, names, budget, marks, excluded=g, pad=pad)
+    sel, kept = assemble(blocks, lanes, names, budget, marks, ex_rows, pad)
+    assert kept == sum(int((~np.isin(b.rows, ex_rows)).sum()) for b in blocks)
     got = sel.merged(IDS)
     assert [m.item_id for m in got] == [m.item_id for m in want]
     for g_m, w_m in zip(got, want, strict=True):
@@ -188,10 +192,12 @@ def test_row_marks_sets_and_first_occurrences():
     again = marks.mark(0, np.asarray([2]))  # a new set in slot 0 replaces the old one
     assert marks.has(0, again, np.asarray([1, 2, 3])).tolist() == [False, True, False]
     assert marks.first(np.asarray([4, 2, 4, 9, 2, 4])).tolist() == [1, 1, 0, 1, 0, 0]
-    g = marks.positions(np.asarray([7, 0, 5]))
-    probe = np.asarray([5, 6, 7])
-    assert marks.has(2, g, probe).tolist() == [True, False, True]
-    assert marks.position(np.asarray([5, 7, 0])).tolist() == [2, 0, 1]
+    # The raw form compiled loops use: the same sets, a fresh generation each time.
+    stamp, g2 = marks.scratch(1)
+    assert g2 > b and not marks.has(1, g2, np.asarray([3, 4])).any(), "starts empty"
+    stamp[[6, 8]] = g2
+    assert marks.has(1, g2, np.asarray([6, 7, 8])).tolist() == [True, False, True]
+    assert marks.position_scratch().shape == (10,)
 
 
 def test_round_robin_takes_rank_by_rank_once_each():

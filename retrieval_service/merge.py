@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 import numpy as np
 from numba import njit
@@ -273,29 +274,40 @@ def assemble(
     """
     n_lanes = len(blocks)
     sizes = [b.rows.shape[0] for b in blocks]
-    starts = np.zeros(n_lanes + 1, np.int64)
-    starts[1:] = np.cumsum(sizes)
-    total = int(starts[-1])
+    starts = np.asarray([0, *accumulate(sizes)], np.int64)
+    # Lane-major concatenations; a block without scores, seeds or genres
+    # reads from a shared filler (a view: nothing allocated per request).
+    nan, none = _fillers(max(sizes, default=0))
     seed_ids: list[str] = []
     genre_names: list[str] = []
+    seed_off, genre_off = [], []  # where each lane's indexes start in the request-wide lists
+    for blk in blocks:
+        seed_off.append(len(seed_ids))
+        if blk.seeds is not None:
+            seed_ids.extend(blk.seed_ids)
+        genre_off.append(len(genre_names))
+        if blk.genres is not None:
+            genre_names.extend(blk.genre_names)
     if n_lanes:
-        rows = np.concatenate([b.rows for b in blocks]).astype(np.int64, copy=False)
+        rows = np.concatenate([blk.rows for blk in blocks]).astype(np.int64, copy=False)
         scores = np.concatenate(
             [
-                np.full(n, np.nan) if b.scores is None else b.scores
-                for b, n in zip(blocks, sizes, strict=True)
+                nan[:n] if blk.scores is None else blk.scores
+                for blk, n in zip(blocks, sizes, strict=True)
             ]
         ).astype(np.float64, copy=False)
-        # Seed and genre indexes, shifted to index the request-wide lists.
-        seeds = np.full(total, -1, np.int64)
-        genres = np.full(total, -1, np.int64)
-        for b, lo, hi in zip(blocks, starts[:-1].tolist(), starts[1:].tolist(), strict=True):
-            if b.seeds is not None and b.seed_ids:
-                seeds[lo:hi] = np.where(b.seeds >= 0, b.seeds + len(seed_ids), -1)
-                seed_ids.extend(b.seed_ids)
-            if b.genres is not None and b.genre_names:
-                genres[lo:hi] = np.where(b.genres >= 0, b.genres + len(genre_names), -1)
-                genre_names.extend(b.genre_names)
+        seeds = np.concatenate(
+            [
+                none[:n] if blk.seeds is None else blk.seeds
+                for blk, n in zip(blocks, sizes, strict=True)
+            ]
+        ).astype(np.int64, copy=False)
+        genres = np.concatenate(
+            [
+                none[:n] if blk.genres is None else blk.genres
+                for blk, n in zip(blocks, sizes, strict=True)
+            ]
+        ).astype(np.int64, copy=False)
     else:
         rows = seeds = genres = np.zeros(0, np.int64)
         scores = np.zeros(0, np.float64)
@@ -317,8 +329,10 @@ def assemble(
         scores,
         seeds,
         genres,
+        np.asarray(seed_off, np.int64),
+        np.asarray(genre_off, np.int64),
         weights,
-        bool(np.all(weights == weights[0])) if n_lanes else True,
+        len({ln.weight for ln in lanes}) <= 1,
         quota,
         tier,
         len(TIERS),
@@ -348,6 +362,19 @@ def assemble(
     return selection, kept
 
 
+_FILLERS: list[tuple[np.ndarray, np.ndarray]] = []
+
+
+def _fillers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Read-only NaN and -1 arrays of at least ``n`` entries (made once, grown when needed)."""
+    if not _FILLERS or _FILLERS[0][0].shape[0] < n:
+        size = max(n, 1024)
+        nan, none = np.full(size, np.nan), np.full(size, -1, np.int64)
+        nan.flags.writeable = none.flags.writeable = False
+        _FILLERS[:] = [(nan, none)]
+    return _FILLERS[0]
+
+
 @njit(cache=True, boundscheck=True)
 def _assemble(
     rows,
@@ -355,6 +382,8 @@ def _assemble(
     scores,
     seeds,
     genres,
+    seed_off,
+    genre_off,
     weights,
     equal,
     quota,
@@ -469,7 +498,8 @@ def _assemble(
         at = pos[r]
         if at >= from_lanes:
             continue
-        b = bits[kept_lane[t]]
+        ln = kept_lane[t]
+        b = bits[ln]
         mask[at] |= np.uint64(1) << np.uint64(b)
         s = scores[i]
         if s == s:  # not NaN
@@ -477,9 +507,9 @@ def _assemble(
             if not best[at] >= s:  # NaN (no score yet) or lower
                 best[at] = s
         if seed_of[at] < 0 and seeds[i] >= 0:
-            seed_of[at] = seeds[i]
+            seed_of[at] = seeds[i] + seed_off[ln]
         if genre_of[at] < 0 and genres[i] >= 0:
-            genre_of[at] = genres[i]
+            genre_of[at] = genres[i] + genre_off[ln]
     for at in range(from_lanes, n):
         s = pad_scores[pad_at[at]]
         mask[at] |= np.uint64(1) << np.uint64(pad_bit)

@@ -35,7 +35,7 @@ import json
 import math
 import re
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, overload, runtime_checkable
@@ -370,6 +370,24 @@ class TopListCache:
         # key -> the same entries as catalogue rows (-1: unknown id) and scores,
         # converted once on first use instead of once per request.
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray, bool]] = {}
+        # Answers that sources derive from copied lists only (see :meth:`remember`).
+        self._derived: dict[Hashable, Any] = {}
+
+    def recall(self, key: Hashable) -> Any:
+        """What :meth:`remember` kept under ``key``, or None."""
+        return self._derived.get(key)
+
+    def remember(self, key: Hashable, value: Any) -> None:
+        """Keeps a source's answer computed from this cache's copies alone.
+
+        The copies are of lists that never change while the version is
+        served, so such an answer stays right for the cache's lifetime, and a
+        source asked the same question again (the same favourite genres, the
+        same ``k``) can skip the work. Bounded like the copies; the value
+        must not be mutated by whoever recalls it.
+        """
+        if len(self._derived) < self.max_keys:
+            self._derived[key] = value
 
     def cacheable(self, key: str) -> bool:
         """True for keys of this version's model outputs."""
@@ -452,6 +470,11 @@ class RedisBatch:
     def available(self) -> bool:
         """False when hydration already found Redis unreachable."""
         return self._available
+
+    @property
+    def cache(self) -> TopListCache | None:
+        """The served version's copies of its top lists (None: caching is off)."""
+        return self._cache
 
     def top(self, key: str, n: int) -> asyncio.Future[list[tuple[str, float]]]:
         """Queues a read of the ``n`` highest-scored members of sorted set ``key``.

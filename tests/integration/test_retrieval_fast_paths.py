@@ -417,3 +417,31 @@ async def test_retrieve_many_without_a_version_or_cancelled(published: Path, red
         assert all(t.done() for t in members)
     finally:
         await client.aclose()
+
+
+async def test_genre_answers_from_copies_are_reused_and_read_only(engines, users):
+    plain, cached = engines[False], engines[True]
+    served = cached.current()
+    source = cached.by_name["top_genre"]
+    deadline = time.monotonic() + 5
+    ctx = await cached.hydrate(served, RetrieveQuery(users[0]), deadline)
+    first = await source.retrieve(ctx, 40)  # may read Redis: the copies fill
+    ctx = await cached.hydrate(served, RetrieveQuery(users[0]), deadline)
+    second = await source.retrieve(ctx, 40)
+    ctx = await cached.hydrate(served, RetrieveQuery(users[0]), deadline)
+    third = await source.retrieve(ctx, 40)
+    assert third is second, "answered from the copies: kept and reused"
+    assert not third.rows.flags.writeable and not third.genres.flags.writeable
+    ctx = await plain.hydrate(plain.current(), RetrieveQuery(users[0]), deadline)
+    want = await plain.by_name["top_genre"].retrieve(ctx, 40)
+    for got in (first, third):
+        assert got.rows.tolist() == want.rows.tolist() and len(want) > 0
+        assert got.scores.tolist() == want.scores.tolist()
+        assert [got.genre_names[g] for g in got.genres] == [
+            want.genre_names[g] for g in want.genres
+        ]
+    ctx = await plain.hydrate(plain.current(), RetrieveQuery(users[0]), deadline)
+    assert await plain.by_name["top_genre"].retrieve(ctx, 40) is not want, "no cache, no reuse"
+    # Another k is another question.
+    ctx = await cached.hydrate(served, RetrieveQuery(users[0]), deadline)
+    assert len(await source.retrieve(ctx, 10)) == 10

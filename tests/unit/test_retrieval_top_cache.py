@@ -46,3 +46,15 @@ def test_empty_replies_are_not_kept_and_the_key_count_is_bounded():
     assert len(cache) == 2
     assert cache.get(keys[0], 5) == ENTRIES[:5]
     assert cache.get(keys[2], 5) is None
+
+
+def test_derived_answers_are_kept_up_to_the_bound():
+    cache = TopListCache("1", max_keys=2)
+    assert cache.recall(("top_genre", ("Drama",), 10)) is None
+    cache.remember(("top_genre", ("Drama",), 10), "a")
+    cache.remember(("top_genre", ("Comedy",), 10), "b")
+    cache.remember(("top_genre", ("Horror",), 10), "c")  # past the bound: not kept
+    assert cache.recall(("top_genre", ("Drama",), 10)) == "a"
+    assert cache.recall(("top_genre", ("Comedy",), 10)) == "b"
+    assert cache.recall(("top_genre", ("Horror",), 10)) is None
+    assert cache.recall(("top_genre", ("Drama",), 11)) is None, "k is part of the key"

@@ -60,6 +60,8 @@ class RankedItem:
     sources: tuple[str, ...] = ()  # the candidate's retrieval sources (Recommend only)
     # (sources, seed, genre, country): what ``reasons`` were built from; None without a candidate.
     why: tuple[tuple[str, ...], str, str, str] | None = None
+    # (sources, seed, genre) of ``candidate`` when read ahead from a packed answer.
+    provenance: tuple[tuple[str, ...], str, str] | None = None
 
 
 @dataclass
@@ -290,9 +292,12 @@ class Ranker:
         if out.items:
             order = np.argsort(rows, kind="stable")
             top = np.array([it.row for it in out.items], np.int64)
-            pos = order[np.searchsorted(rows[order], top)]
-            for it, p in zip(out.items, pos.tolist(), strict=True):
+            pos = order[np.searchsorted(rows[order], top)].tolist()
+            read_many = getattr(cands, "provenance_many", None)  # packed: one read for all
+            provenance = read_many(pos) if read_many is not None else [None] * len(pos)
+            for it, p, prov in zip(out.items, pos, provenance, strict=True):
                 it.candidate = cands[p]
+                it.provenance = prov
         out.reports = answer.reports
         out.index_version = answer.index_version
         out.variant = variant.name
@@ -310,9 +315,8 @@ class Ranker:
             c = it.candidate
             if c is None:
                 continue
-            read = getattr(c, "provenance", None)  # a packed candidate reads it in one go
-            if read is not None:
-                sources, seed, genre = read()
+            if it.provenance is not None:  # read from a packed answer with the others
+                sources, seed, genre = it.provenance
             else:
                 sources, seed, genre = tuple(c.sources), c.seed_item_id or "", c.genre or ""
             it.sources = sources

@@ -354,12 +354,29 @@ class PackedCandidateList(Sequence[PackedCandidate]):
 
     def provenance_of(self, i: int) -> tuple[tuple[str, ...], str, str]:
         """``(sources, seed item id, genre)`` of candidate ``i``."""
+        return self.provenance_many([i])[0]
+
+    def provenance_many(self, indexes: Sequence[int]) -> list[tuple[tuple[str, ...], str, str]]:
+        """:meth:`provenance_of` for several candidates (e.g. the winners of a ranking).
+
+        Each repeated field is fetched from the message once for all of
+        them: a field access on a protobuf message costs about as much as
+        reading one entry.
+        """
         msg = self.msg
-        return (
-            self._names(msg.source_mask[i]),
-            _entry(msg.seed_index, msg.seeds, i),
-            _entry(msg.genre_index, msg.genres, i),
-        )
+        mask = msg.source_mask
+        seed_index, genre_index = msg.seed_index, msg.genre_index
+        seeds = list(msg.seeds) if len(seed_index) else []
+        genres = list(msg.genres) if len(genre_index) else []
+        names = self._names
+        return [
+            (
+                names(mask[i]),
+                _entry(seed_index, seeds, i) if seeds else "",
+                _entry(genre_index, genres, i) if genres else "",
+            )
+            for i in indexes
+        ]
 
     def _names(self, mask: int) -> tuple[str, ...]:
         """The source names of a mask (a handful of distinct masks per answer: decoded once)."""

@@ -281,3 +281,7 @@ def test_provenance_reads_the_same_fields_as_the_properties():
     for c in (*cands, *cands):  # the second pass reads masks already decoded
         assert c.provenance() == (tuple(c.sources), c.seed_item_id, c.genre)
     assert cands[0].provenance() == (("similar", "genre"), "s1", "Drama")
+    # Several at once (the ranking service's winners), in the order asked, repeats allowed.
+    order = [len(cands) - 1, 0, 0, *range(len(cands))]
+    assert cands.provenance_many(order) == [cands[i].provenance() for i in order]
+    assert cands.provenance_many([]) == []

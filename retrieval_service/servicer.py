@@ -156,6 +156,23 @@ def _add_candidates(
 INTERNAL_MESSAGE = "internal error while retrieving (logged by the retrieval service)"
 
 
+def _answer(
+    result: RetrieveResult,
+    request: retrieval_pb2.RetrieveRequest,
+    out: retrieval_pb2.RetrieveResponse | None,
+) -> retrieval_pb2.RetrieveResponse:
+    """The response to ``request`` in the form it asked for (packed, scores, user state)."""
+    return result_to_pb(
+        result,
+        result.variant,
+        scores=not request.omit_source_scores,
+        packed=request.packed,
+        catalogue=request.catalogue,
+        user_state=request.with_user_state,
+        out=out,
+    )
+
+
 def _failed(outcome: retrieval_pb2.RetrieveOutcome, exc: Exception) -> None:
     """Turns one ``RetrieveMany`` member into an error; the rest of the batch is still answered."""
     outcome.Clear()
@@ -204,15 +221,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
                         "recsys.degraded": result.degraded,
                     }
                 )
-            response = result_to_pb(
-                result,
-                result.variant,
-                scores=not request.omit_source_scores,
-                packed=request.packed,
-                catalogue=request.catalogue,
-                user_state=request.with_user_state,
-                out=out,
-            )
+            response = _answer(result, request, out)
         observe_request("retrieval", "Retrieve", result.variant, time.perf_counter() - start)
         return response
 
@@ -268,15 +277,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
                 _failed(outcome, result)
                 continue
             try:
-                result_to_pb(
-                    result,
-                    result.variant,
-                    scores=not req.omit_source_scores,
-                    packed=req.packed,
-                    catalogue=req.catalogue,
-                    user_state=req.with_user_state,
-                    out=outcome.response,
-                )
+                _answer(result, req, outcome.response)
             except Exception as exc:
                 _failed(outcome, exc)
                 continue

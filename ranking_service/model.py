@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from numba import njit
 
 from ranking_service.catalogue import IdIndex
 from recsys.artifacts import ArtifactError, ModelVersion
@@ -392,22 +393,66 @@ class ScoreResult:
 
 
 def top_k(dots: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the ``k`` largest entries, largest first (stable on ties)."""
-    n = dots.shape[0]
-    if k <= 0 or n == 0:
-        return np.zeros(0, np.int64)
-    if k < n:
-        part = np.argpartition(-dots, k - 1)[:k]
-        # argpartition picks arbitrary members of a tie at the cut; take the
-        # earliest ones so the answer does not depend on the batch layout.
-        cut = dots[part].min()
-        above = np.flatnonzero(dots > cut)
-        tied = np.flatnonzero(dots == cut)[: k - above.size]
-        sel = np.concatenate([above, tied])
-    else:
-        sel = np.arange(n)
-    # By score descending, then by position.
-    return sel[np.lexsort((sel, -dots[sel]))]
+    """Indices of the ``k`` largest entries, largest first (ties: earlier first)."""
+    dots = np.ascontiguousarray(dots, np.float32)
+    bounds = np.asarray([0, dots.shape[0]], np.int64)
+    return top_k_segments(dots, bounds, np.asarray([k], np.int64))[0]
+
+
+def top_k_segments(
+    dots: np.ndarray, bounds: np.ndarray, ks: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k of every segment of a batch's dot products in one compiled pass.
+
+    Args:
+        dots: float32 ``[n]``, the requests' dot products end to end.
+        bounds: int64 ``[m + 1]``: request ``j`` owns ``dots[bounds[j]:bounds[j + 1]]``.
+        ks: int64 ``[m]``: how many each request wants.
+
+    Returns:
+        (positions, out_bounds): ``positions[out_bounds[j]:out_bounds[j + 1]]``
+        are request ``j``'s best positions in ``dots``, best first; equal
+        scores keep their order in ``dots`` (the answer does not depend on
+        how a batch was laid out).
+    """
+    sizes = np.minimum(np.maximum(ks, 0), np.diff(bounds))
+    out_bounds = np.zeros(ks.shape[0] + 1, np.int64)
+    np.cumsum(sizes, out=out_bounds[1:])
+    positions = np.empty(int(out_bounds[-1]), np.int64)
+    _top_segments(dots, bounds, out_bounds, positions)
+    return positions, out_bounds
+
+
+@njit(cache=True)
+def _top_segments(
+    dots: np.ndarray, bounds: np.ndarray, out_bounds: np.ndarray, out: np.ndarray
+) -> None:
+    """Keeps each segment's best in a sorted run of ``out``, by insertion.
+
+    ~1,000 candidates for a top 20: most fail the comparison with the
+    current 20th and cost one compare, so a segment is a few microseconds,
+    against ~8 numpy calls (argpartition, tie handling, lexsort) before.
+    """
+    for j in range(bounds.shape[0] - 1):
+        o = out_bounds[j]
+        k = out_bounds[j + 1] - o
+        if k == 0:
+            continue
+        filled = 0
+        for i in range(bounds[j], bounds[j + 1]):
+            v = dots[i]
+            if filled == k:
+                # Strictly better only: an equal score arrived later, so it ranks lower.
+                if not v > dots[out[o + k - 1]]:
+                    continue
+                p = k - 1
+            else:
+                p = filled
+                filled += 1
+            while p > 0 and v > dots[out[o + p - 1]]:
+                out[o + p] = out[o + p - 1]
+                p -= 1
+            out[o + p] = i
 
 
 def score_batch(requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
@@ -433,21 +478,24 @@ def score_batch(requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         segment = np.repeat(np.arange(len(idx), dtype=np.int64), counts)
         dots = model.vectors.dots(users, rows, segment) if rows.size else np.zeros(0, np.float32)
         t2 = time.time_ns() if timed else 0
-        bounds = np.concatenate([[0], np.cumsum(counts)])
+        bounds = np.zeros(len(idx) + 1, np.int64)
+        np.cumsum(counts, out=bounds[1:])
+        ks = np.asarray([requests[i].k for i in idx], np.int64)
+        picked, out_bounds = top_k_segments(np.ascontiguousarray(dots, np.float32), bounds, ks)
+        best_rows, best_dots = rows[picked], dots[picked]
+        t3 = time.time_ns() if timed else 0
+        cuts = out_bounds.tolist()
         for j, i in enumerate(idx):
-            d = dots[bounds[j] : bounds[j + 1]]
-            r = rows[bounds[j] : bounds[j + 1]]
+            a, b = cuts[j], cuts[j + 1]
+            results[i] = ScoreResult(rows=best_rows[a:b], dots=best_dots[a:b])
             trace = requests[i].trace
-            t3 = time.time_ns() if trace is not None else 0
-            best = top_k(d, requests[i].k)
-            results[i] = ScoreResult(rows=r[best], dots=d[best])
             if trace is not None:
                 trace.update(
                     user_tower=(t0, t1),
                     score=(t1, t2),
-                    top_k=(t3, time.time_ns()),
+                    top_k=(t2, t3),
                     batch_size=len(idx),
                     batch_candidates=int(rows.size),
-                    candidates=int(d.shape[0]),
+                    candidates=int(counts[j]),
                 )
     return [r for r in results if r is not None]

@@ -31,6 +31,8 @@ def reference(trained_version) -> Reference:
 
 @pytest.fixture(scope="module")
 async def retrieval(trained_version, redis_server):
+    from recsys.channels import wait_serving as wait_for
+    from retrieval_service.server import SERVICE_NAME
     from retrieval_service.server import build_server as build_retrieval
 
     settings = ranking_settings(trained_version.parent, redis_server.url)
@@ -40,6 +42,9 @@ async def retrieval(trained_version, redis_server):
     handle, app = build_retrieval(settings)
     await app.start()
     address = f"127.0.0.1:{handle.port}"
+    # Ranking serves without retrieval (the popular fallback), so its health
+    # says nothing about retrieval's version load (seconds with a cold numba cache).
+    await wait_for(address, SERVICE_NAME, timeout_s=60.0)
     yield address
     await app.stop(0)
 

@@ -14,6 +14,7 @@ from ranking_service.model import (
     resolve_device,
     score_batch,
     top_k,
+    top_k_segments,
 )
 from ranking_service.testing import embed, write_synthetic_version
 from recsys.artifacts import USER_TOWER, ArtifactError
@@ -38,6 +39,29 @@ def model(version_dir):
 def test_top_k_matches_a_full_stable_sort(dots, k):
     expected = np.argsort(-dots, kind="stable")[:k]
     assert top_k(dots, k).tolist() == expected.tolist()
+
+
+@settings(deadline=None)
+@given(
+    segments=st.lists(
+        st.tuples(
+            # Few distinct values: ties at the cut are the common case.
+            st.lists(st.sampled_from([-1.0, -0.0, 0.0, 0.25, 0.5, 3.0]), max_size=40),
+            st.integers(-2, 45),
+        ),
+        max_size=6,
+    )
+)
+def test_top_k_segments_match_a_stable_sort_of_each_segment(segments):
+    dots = np.asarray([v for values, _ in segments for v in values], np.float32)
+    bounds = np.cumsum([0, *(len(values) for values, _ in segments)]).astype(np.int64)
+    ks = np.asarray([k for _, k in segments], np.int64)
+    picked, out_bounds = top_k_segments(dots, bounds, ks)
+    assert out_bounds.shape == (len(segments) + 1,)
+    for j, (values, k) in enumerate(segments):
+        mine = picked[out_bounds[j] : out_bounds[j + 1]] - bounds[j]
+        expected = np.argsort(-np.asarray(values, np.float32), kind="stable")[: max(k, 0)]
+        assert mine.tolist() == expected.tolist()
 
 
 def test_top_k_breaks_ties_by_position():

@@ -114,30 +114,59 @@ def _hash(buf: np.ndarray, a: int, b: int) -> int:
     return np.int64(h >> np.uint64(1))
 
 
+@njit(cache=True, inline="always")
+def _slot(
+    keys: np.ndarray, offsets: np.ndarray, table: np.ndarray, buf: np.ndarray, a: int, b: int
+) -> int:
+    """The table slot holding the id ``buf[a:b]``, or the empty slot where it would go."""
+    mask = table.shape[0] - 1
+    n = b - a
+    s = _hash(buf, a, b) & mask
+    while True:
+        t = table[s]
+        if t < 0:
+            return s
+        ta = offsets[t]
+        if offsets[t + 1] - ta == n:
+            same = True
+            for i in range(n):
+                if keys[ta + i] != buf[a + i]:
+                    same = False
+                    break
+            if same:
+                return s
+        s = (s + 1) & mask
+
+
 @njit(cache=True)
 def _fill_table(keys: np.ndarray, offsets: np.ndarray, table: np.ndarray) -> int:
     """Inserts every id's row; returns the row of a repeated id, or -1."""
-    mask = table.shape[0] - 1
     for row in range(offsets.shape[0] - 1):
-        a = offsets[row]
-        n = offsets[row + 1] - a
-        s = _hash(keys, a, a + n) & mask
-        while True:
-            t = table[s]
-            if t < 0:
-                table[s] = row
-                break
-            ta = offsets[t]
-            if offsets[t + 1] - ta == n:
-                same = True
-                for i in range(n):
-                    if keys[ta + i] != keys[a + i]:
-                        same = False
-                        break
-                if same:
-                    return row
-            s = (s + 1) & mask
+        s = _slot(keys, offsets, table, keys, offsets[row], offsets[row + 1])
+        if table[s] >= 0:
+            return row
+        table[s] = row
     return -1
+
+
+@njit(cache=True, inline="always")
+def _varint(buf: np.ndarray, at: int) -> tuple[int, int]:
+    """A varint of at most 5 bytes at ``buf[at]``: (value, next position), next -1 if bad.
+
+    Five bytes cover every tag (field numbers fit 29 bits) and any length
+    that could fit in the buffer.
+    """
+    n = buf.shape[0]
+    value = 0
+    shift = 0
+    while at < n and shift < 35:
+        c = np.int64(buf[at])
+        at += 1
+        value |= (c & 0x7F) << shift
+        if c < 0x80:
+            return value, at
+        shift += 7
+    return 0, -1
 
 
 @njit(cache=True)
@@ -156,21 +185,12 @@ def _scan_field(
     Every read is bounds-checked here: numba does not check indices.
     """
     n = buf.shape[0]
-    mask = table.shape[0] - 1
     at = 0
     found = 0
     while at < n:
-        tag = 0
-        shift = 0
-        while True:
-            if at >= n or shift > 28:  # field numbers fit 29 bits: at most 5 bytes
-                return -1
-            c = np.int64(buf[at])
-            at += 1
-            tag |= (c & 0x7F) << shift
-            if c < 0x80:
-                break
-            shift += 7
+        tag, at = _varint(buf, at)
+        if at < 0:
+            return -1
         wire = tag & 7
         if wire == 0:  # varint: skip it
             while True:
@@ -185,40 +205,14 @@ def _scan_field(
         elif wire == 5:  # fixed32
             at += 4
         elif wire == 2:  # length-delimited
-            length = 0
-            shift = 0
-            while True:
-                if at >= n or shift > 28:  # a longer length cannot fit in buf anyway
-                    return -1
-                c = np.int64(buf[at])
-                at += 1
-                length |= (c & 0x7F) << shift
-                if c < 0x80:
-                    break
-                shift += 7
+            length, at = _varint(buf, at)
             end = at + length
-            if end > n:
+            if at < 0 or end > n:
                 return -1
             if tag >> 3 == field:
                 if found >= out.shape[0]:
                     return -1
-                s = _hash(buf, at, end) & mask
-                row = -1
-                while True:
-                    t = table[s]
-                    if t < 0:
-                        break
-                    ta = offsets[t]
-                    if offsets[t + 1] - ta == length:
-                        same = True
-                        for i in range(length):
-                            if keys[ta + i] != buf[at + i]:
-                                same = False
-                                break
-                        if same:
-                            row = t
-                            break
-                    s = (s + 1) & mask
+                row = table[_slot(keys, offsets, table, buf, at, end)]
                 out[found] = row
                 found += 1
             at = end

@@ -19,20 +19,25 @@ class IdIndex:
     cheaper per Rank than hashing a unicode array in numpy (the previous
     implementation), because building the array already cost as much as the
     dictionary probes. The dictionary is the version's own ``item_index``
-    when there is one, so a model version holds a single copy.
+    when there is one, so a model version holds a single copy; it must map
+    each id to its position in ``item_ids``.
+
+    :meth:`lookup_field` reads ids from protobuf wire bytes instead, through
+    a second structure built here from ``item_ids``: the ids' UTF-8 bytes and
+    an open-addressing table of rows (~23 MB for 1M ids, ~0.5 s to build).
+    Building it also rejects repeated ids.
     """
 
     def __init__(
         self, item_ids: Sequence[str] | np.ndarray, row_of: Mapping[str, int] | None = None
     ):
         ids = item_ids.tolist() if isinstance(item_ids, np.ndarray) else item_ids
+        # Raises on a repeated id, whether or not a mapping was given.
+        self._keys, self._offsets, self._table = _byte_table(ids)
         if row_of is None:
             row_of = {iid: i for i, iid in enumerate(ids)}
-            if len(row_of) != len(ids):
-                raise ValueError("item ids must be unique")
         self._row_of = row_of
         self.size = len(ids)
-        self._keys, self._offsets, self._table = _byte_table(ids)
 
     def __len__(self) -> int:
         return self.size

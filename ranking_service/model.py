@@ -394,7 +394,7 @@ class ScoreResult:
 
 def top_k(dots: np.ndarray, k: int) -> np.ndarray:
     """Indices of the ``k`` largest entries, largest first (ties: earlier first)."""
-    dots = np.ascontiguousarray(dots, np.float32)
+    dots = np.ascontiguousarray(dots)  # any float dtype: no rounding that could make ties
     bounds = np.asarray([0, dots.shape[0]], np.int64)
     return top_k_segments(dots, bounds, np.asarray([k], np.int64))[0]
 
@@ -405,7 +405,7 @@ def top_k_segments(
     """Top-k of every segment of a batch's dot products in one compiled pass.
 
     Args:
-        dots: float32 ``[n]``, the requests' dot products end to end.
+        dots: ``[n]`` floats (float32 when serving), the requests' dot products end to end.
         bounds: int64 ``[m + 1]``: request ``j`` owns ``dots[bounds[j]:bounds[j + 1]]``.
         ks: int64 ``[m]``: how many each request wants.
 

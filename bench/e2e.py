@@ -25,6 +25,15 @@ scale with replicas); the two-process figure is reported beside it.
 The load generator runs in this process, separate from every server; its
 CPU time and that of each server process (from ``/proc``) are reported, so a
 reader can see how the machine's cores were shared.
+
+The closed loop keeps 64 calls in flight, so it measures capacity: batches
+are full and the CPU per call is at its lowest. A deployment sees a fixed
+offered load instead. So the one-process stack is also driven open loop at
+fixed shares of the capacity it just measured (``OPEN_LOOP_SHARES``; latency
+counted from each call's scheduled send time, so a stalled server cannot
+hide its queue), with the echo server at the same rates in the same run.
+These figures have no target; they show how latency and CPU per call move
+with load below saturation.
 """
 
 from __future__ import annotations
@@ -55,6 +64,11 @@ TOP_LIST_CACHE_ENV = "RECSYS_RETRIEVAL__TOP_LIST_CACHE"
 # default and the one the targets are checked on.
 WORKERS = (1, 2)
 WORKER_ENVS = ("RECSYS_RETRIEVAL__WORKERS", "RECSYS_RANKING__WORKERS")
+# Open-loop rates, as shares of the closed-loop throughput just measured.
+OPEN_LOOP_SHARES = (0.25, 0.5, 0.75)
+# Most calls in flight in the open loop: high enough never to hold a call back
+# (a late call's wait still counts, from its scheduled time).
+OPEN_LOOP_MAX_IN_FLIGHT = 512
 
 
 def _proc_cpu_s(pid: int) -> float | None:
@@ -188,12 +202,83 @@ def _compare(
     }
 
 
+def _per_call_ms(cpu_s: dict[str, float], rate: float, seconds: float) -> dict[str, float]:
+    """CPU milliseconds per call of each process, for ``rate`` calls/s over ``seconds``."""
+    calls = rate * seconds
+    return {name: round(1000.0 * s / calls, 3) for name, s in cpu_s.items() if calls > 0}
+
+
+def _open_loop_row(
+    share: float,
+    rate: float,
+    real: dict[str, Any],
+    echo: dict[str, Any],
+    cpu_s: dict[str, float],
+    seconds: float,
+) -> dict[str, Any]:
+    """One open-loop rate: the real stack's latency beside the echo server's."""
+    lat, lag = real["latency"], real.get("send_lag") or {}
+    return {
+        "share_of_closed_loop": share,
+        "offered_rps": round(rate, 1),
+        "achieved_rps": round(real["qps"], 1),
+        "p50_ms": lat["p50_ms"],
+        "p90_ms": lat["p90_ms"],
+        "p99_ms": lat["p99_ms"],
+        "max_ms": lat["max_ms"],
+        # How late the generator itself sent: large values mean the client, not
+        # the servers, fell behind (the latency above includes it either way).
+        "send_lag_p99_ms": lag.get("p99_ms"),
+        "errors": sum(real["errors"].values()),
+        "flagged": sum(real["flagged"].values()),
+        "echo_p50_ms": echo["latency"]["p50_ms"],
+        "echo_p99_ms": echo["latency"]["p99_ms"],
+        # Warm-up included (the servers cannot tell the phases apart): rate x
+        # (warm-up + duration) calls.
+        "cpu_ms_per_call": _per_call_ms(cpu_s, rate, seconds),
+    }
+
+
+def _open_loop(
+    stack,
+    base: dict[str, Any],
+    sample: bytes,
+    capacity: float,
+    pids: dict[str, int],
+    shares: tuple[float, ...],
+) -> list[dict[str, Any]]:
+    """Drives ``Recommend`` at fixed rates below ``capacity``, echo first at each."""
+    cfg = {**base, "concurrency": OPEN_LOOP_MAX_IN_FLIGHT}
+    seconds = cfg["duration_s"] + cfg["warmup_s"]
+    rows = []
+    with EchoProcess(fixed={"Recommend": sample}) as echo:
+        for i, share in enumerate(shares):
+            rate = max(1.0, round(capacity * share))
+            print(f"Recommend open loop at {rate:g} req/s ({share:.0%} of closed loop)", flush=True)
+            echo_rep, _ = _measure(
+                "echo",
+                LoadConfig(target=echo.address, rate=rate, seed=100 + i, **cfg),
+                {"echo": echo.proc.pid},
+            )
+            real_rep, cpu = _measure(
+                "real",
+                LoadConfig(target=stack.ranking_address, rate=rate, seed=100 + i, **cfg),
+                pids,
+            )
+            rows.append(
+                _open_loop_row(share, rate, real_rep.to_dict(), echo_rep.to_dict(), cpu, seconds)
+            )
+    return rows
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     from recsys.config import load_settings
     from recsys.stack import start_stack
 
     print(header("end-to-end Recommend vs echo", "e2e", quick), flush=True)
     rounds, duration, warmup, epochs = (1, 4.0, 1.5, 3) if quick else (2, 15.0, 3.0, 10)
+    shares = OPEN_LOOP_SHARES[1:2] if quick else OPEN_LOOP_SHARES
+    open_duration, open_warmup = (3.0, 1.0) if quick else (10.0, 2.0)
     out: dict[str, Any] = {
         "setup": {
             "dataset": "synthetic (2000 users, 1500 items, 100k ratings)",
@@ -205,6 +290,9 @@ def run(quick: bool = False) -> dict[str, Any]:
             "epochs": epochs,
             "client": "recsys.loadtest closed loop, in the benchmark process (servers are "
             "separate processes); latency over OK responses",
+            "open_loop": f"one process per service, {open_duration:g} s (+{open_warmup:g} s "
+            f"warm-up) at each of {', '.join(f'{x:.0%}' for x in shares)} of the closed-loop "
+            "throughput; latency from each call's scheduled send time",
         },
         "ratios": {},
         "targets": [],
@@ -239,6 +327,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             "Recommend": {"rpc": "Recommend", "budget": BUDGET, "inspect": _inspect},
         }
         by_workers: dict[int, dict[str, Any]] = {}
+        open_rows: list[dict[str, Any]] = []
         saved = {name: os.environ.get(name) for name in WORKER_ENVS}
         try:
             for workers in WORKERS:
@@ -256,6 +345,14 @@ def run(quick: bool = False) -> dict[str, Any]:
                         flag = plan["inspect"](sample)
                         out["setup"][f"{rpc.lower()}_sample_flag_w{workers}"] = flag
                         by_workers[workers] = _compare(rpc, stack, base, sample, rounds, pids)
+                        if workers == WORKERS[0]:
+                            capacity = by_workers[workers]["summary"]["real"]["qps"]
+                            open_base = {
+                                **base,
+                                "duration_s": open_duration,
+                                "warmup_s": open_warmup,
+                            }
+                            open_rows = _open_loop(stack, open_base, sample, capacity, pids, shares)
                 finally:
                     stack.stop()
         finally:
@@ -268,6 +365,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     # ranking's Rank figure); the other count is reported beside it.
     default = by_workers[WORKERS[0]]
     out["recommend"] = default["summary"]
+    out["recommend_open_loop"] = open_rows
     out["ratios"][default["ratio"][0]] = default["ratio"][1]
     out["targets"] += default["targets"]
     out["runs"]["recommend"] = default["runs"]

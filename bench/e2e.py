@@ -15,6 +15,13 @@ same bytes through the same gRPC stack. Runs alternate echo/real (twice in
 the full run) and the figure that counts is throughput real / echo, which
 cancels most of the machine's speed and noise.
 
+With one process per service a third baseline runs in the same rounds:
+:mod:`bench.relay`, the topology of ``Recommend`` (two servers, one batched
+``RetrieveMany`` hop, real answers' sizes) with raw-bytes handlers and no
+work. Its throughput and p99 are the floor the RPC layer of this shape
+allows on the machine; real / relay is what the services' own work keeps
+of it.
+
 Both services run first with one process each, then with two each
 (``RECSYS_RETRIEVAL__WORKERS`` / ``RECSYS_RANKING__WORKERS``, the
 supervisor in :func:`recsys.serving.run_service`), each against the echo
@@ -39,6 +46,7 @@ with load below saturation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import statistics
 import subprocess
@@ -51,6 +59,7 @@ from typing import Any
 
 from bench.common import header, ratio, target
 from bench.echo import EchoProcess
+from bench.relay import RelayProcess
 from recsys.loadtest import LoadConfig, LoadReport, known_ids, run_load
 from recsys.v1 import common_pb2, ranking_pb2
 
@@ -162,21 +171,28 @@ def _compare(
     sample: bytes,
     rounds: int,
     pids: dict[str, int],
+    member_bytes: int | None = None,
 ) -> dict[str, Any]:
-    """Alternates echo and real runs of one RPC and checks the targets."""
+    """Alternates echo, relay (when ``member_bytes`` is given) and real runs; checks targets."""
     min_ratio, max_p99 = TARGETS[rpc]
-    echo_runs, real_runs, cpu_log = [], [], []
-    with EchoProcess(fixed={rpc: sample}) as echo:
+    runs: dict[str, list[dict[str, Any]]] = {"echo": [], "relay": [], "real": []}
+    cpu_log = []
+    with contextlib.ExitStack() as stack_of:
+        echo = stack_of.enter_context(EchoProcess(fixed={rpc: sample}))
+        plan = [("echo", echo.address, {"echo": echo.proc.pid})]
+        if member_bytes is not None:
+            relay = stack_of.enter_context(RelayProcess(answer=sample, member_bytes=member_bytes))
+            plan.append(("relay", relay.address, relay.pids))
+        plan.append(("real", stack.ranking_address, pids))
         for i in range(rounds):
             print(f"{rpc} round {i + 1}/{rounds}", flush=True)
-            for label, address, watched in (
-                ("echo", echo.address, {"echo": echo.proc.pid}),
-                ("real", stack.ranking_address, pids),
-            ):
+            for label, address, watched in plan:
                 rep, cpu = _measure(label, LoadConfig(target=address, seed=i, **base), watched)
-                (echo_runs if label == "echo" else real_runs).append(rep.to_dict())
+                runs[label].append(rep.to_dict())
                 cpu_log.append({"run": f"{label}{i + 1}", **cpu})
+    echo_runs, real_runs = runs["echo"], runs["real"]
     echo_s, real_s = _summary(echo_runs), _summary(real_runs)
+    relay_s = _summary(runs["relay"]) if runs["relay"] else None
     rel = ratio(real_s["qps"], echo_s["qps"], unit="req/s")
     name = rpc.lower()
     print(
@@ -185,20 +201,35 @@ def _compare(
         f"(target <= {max_p99:g}); errors {real_s['errors']}, degraded {real_s['flagged']}",
         flush=True,
     )
+    if relay_s is not None:
+        print(
+            f"{rpc}: topology floor (relay, no work) {relay_s['qps']:.1f} req/s, p99 "
+            f"{relay_s['p99_ms']:.2f} ms; real / relay = {real_s['qps'] / relay_s['qps']:.1%}",
+            flush=True,
+        )
+    summary = {
+        "echo": echo_s,
+        "real": real_s,
+        "cpu_s": cpu_log,
+        "response_bytes": len(sample),
+    }
+    if relay_s is not None:
+        summary["relay"] = relay_s
+        summary["relay_member_bytes"] = member_bytes
     return {
-        "summary": {
-            "echo": echo_s,
-            "real": real_s,
-            "cpu_s": cpu_log,
-            "response_bytes": len(sample),
-        },
+        "summary": summary,
+        "relay_ratio": (
+            (f"{name}_qps_vs_relay", ratio(real_s["qps"], relay_s["qps"], unit="req/s"))
+            if relay_s is not None
+            else None
+        ),
         "ratio": (f"{name}_qps_vs_echo", rel),
         "targets": [
             target(f"{name}_qps_vs_echo", rel["ratio"], ">=", min_ratio),
             target(f"{name}_p99_ms_at_{CONCURRENCY}_streams", real_s["p99_ms"], "<=", max_p99),
             target(f"{name}_errors_and_degraded", real_s["errors"] + real_s["flagged"], "==", 0),
         ],
-        "runs": {"echo": echo_runs, "real": real_runs},
+        "runs": {k: v for k, v in runs.items() if v},
     }
 
 
@@ -344,7 +375,17 @@ def run(quick: bool = False) -> dict[str, Any]:
                         sample = _capture(stack.ranking_address, LoadConfig(**base))
                         flag = plan["inspect"](sample)
                         out["setup"][f"{rpc.lower()}_sample_flag_w{workers}"] = flag
-                        by_workers[workers] = _compare(rpc, stack, base, sample, rounds, pids)
+                        member_bytes = None
+                        if workers == WORKERS[0]:  # the floor does not depend on workers
+                            member_bytes = len(
+                                _capture(
+                                    stack.retrieval_address,
+                                    LoadConfig(rpc="Retrieve", budget=BUDGET, user_ids=users),
+                                )
+                            )
+                        by_workers[workers] = _compare(
+                            rpc, stack, base, sample, rounds, pids, member_bytes
+                        )
                         if workers == WORKERS[0]:
                             capacity = by_workers[workers]["summary"]["real"]["qps"]
                             open_base = {
@@ -367,6 +408,8 @@ def run(quick: bool = False) -> dict[str, Any]:
     out["recommend"] = default["summary"]
     out["recommend_open_loop"] = open_rows
     out["ratios"][default["ratio"][0]] = default["ratio"][1]
+    if default["relay_ratio"] is not None:
+        out["ratios"][default["relay_ratio"][0]] = default["relay_ratio"][1]
     out["targets"] += default["targets"]
     out["runs"]["recommend"] = default["runs"]
     out["by_workers"] = {

@@ -168,3 +168,23 @@ async def test_inspect_flags_responses_in_the_measured_phase_only(echo):
     assert few.flagged == {"short": 30} and few.ok == 30
     full = await run_load(LoadConfig(k=20, requests=30, duration_s=None, **common))
     assert full.flagged == {} and full.ok == 30
+
+
+async def test_relay_carries_each_call_through_a_batched_hop():
+    """The topology floor of bench/e2e.py answers with the given bytes, batching upstream."""
+    import grpc
+
+    from bench.relay import RelayProcess
+
+    answer = ranking_pb2.RecommendResponse(model_version="7").SerializeToString()
+    with RelayProcess(answer=answer, member_bytes=500) as relay:
+        async with grpc.aio.insecure_channel(relay.address) as ch:
+            call = ch.unary_unary("/recsys.v1.RankingService/Recommend")
+            got = await call(b"", timeout=10)
+        assert ranking_pb2.RecommendResponse.FromString(got).model_version == "7"
+        cfg = LoadConfig(rpc="Recommend", target=relay.address, concurrency=32, requests=400)
+        report = await run_load(cfg)
+        assert report.errors == {} and report.ok == 400
+        # Both ends are separate processes, as the services are.
+        assert set(relay.pids) == {"relay_front", "relay_leaf"}
+    assert relay.port is None and relay.procs == []

@@ -367,3 +367,55 @@ def write_results(
 def python_cmd() -> list[str]:
     """The interpreter running now (subprocesses use the same environment)."""
     return [sys.executable]
+
+
+class ChildServers:
+    """Base of the benchmark's helper servers that run as child processes.
+
+    A subclass starts its processes in ``start()`` (appending them to
+    ``procs``, keeping its files in ``_tmp``) and sets ``port``; ``stop()``
+    and the context manager are shared.
+    """
+
+    procs: list[subprocess.Popen]
+    port: int | None
+    _tmp: Any
+
+    def start(self, timeout_s: float = 60.0) -> Any:
+        """Starts the children and waits until they listen."""
+        raise NotImplementedError
+
+    def _spawn(self, cmd: list[str], port_file: Path, deadline: float, name: str) -> int:
+        """Starts one child (kept in ``procs``) and returns the port it writes to ``port_file``."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        self.procs.append(proc)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with {proc.returncode}")
+            if port_file.is_file():
+                return int(port_file.read_text())
+            time.sleep(0.05)
+        raise RuntimeError(f"{name} did not start in time")
+
+    def stop(self) -> None:
+        """Terminates the children (the last started first) and removes their files."""
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        self.procs = []
+        self.port = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def __enter__(self) -> Any:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import signal
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import grpc
 
+from bench.common import ChildServers
 from recsys.serving import grpc_options
 from recsys.v1 import (
     common_pb2,
@@ -207,6 +207,11 @@ async def serve_echo(
     ranking_pb2_grpc.add_RankingServiceServicer_to_server(servicer, server)
     retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(servicer, server)
     bound = server.add_insecure_port(f"{host}:{port}")
+    await serve_until_signalled(server, bound, port_file)
+
+
+async def serve_until_signalled(server: grpc.aio.Server, bound: int, port_file: Path | None):
+    """Starts ``server``, writes its port to ``port_file`` and serves until SIGTERM/SIGINT."""
     await server.start()
     if port_file is not None:
         tmp = port_file.with_name(port_file.name + ".tmp")
@@ -220,7 +225,7 @@ async def serve_echo(
     await server.stop(0.5)
 
 
-class EchoProcess:
+class EchoProcess(ChildServers):
     """The echo server in a child process (so it has its own GIL and core).
 
     Usage::
@@ -245,9 +250,16 @@ class EchoProcess:
             "fail_code": fail_code,
         }
         self.fixed = fixed or {}
-        self.proc: subprocess.Popen | None = None
+        self.procs: list[subprocess.Popen] = []
         self.port: int | None = None
         self._tmp: tempfile.TemporaryDirectory | None = None
+
+    @property
+    def proc(self) -> subprocess.Popen:
+        """The server's process (while it runs)."""
+        if not self.procs:
+            raise RuntimeError("echo server is not running")
+        return self.procs[0]
 
     @property
     def address(self) -> str:
@@ -272,39 +284,12 @@ class EchoProcess:
             path = tmp / f"{rpc}.bin"
             path.write_bytes(data)
             cmd += ["--fixed", f"{rpc}={path}"]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"echo server exited with {self.proc.returncode}")
-            if port_file.is_file():
-                self.port = int(port_file.read_text())
-                return self
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"echo server did not start within {timeout_s:.0f} s")
-
-    def stop(self) -> None:
-        """Terminates the child and removes its files."""
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc = None
-        self.port = None
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
-
-    def __enter__(self) -> EchoProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        try:
+            self.port = self._spawn(cmd, port_file, time.monotonic() + timeout_s, "echo server")
+        except BaseException:
+            self.stop()
+            raise
+        return self
 
 
 def _parse_fixed(values: list[str]) -> dict[str, bytes]:

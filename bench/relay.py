@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +30,8 @@ from pathlib import Path
 
 import grpc
 
+from bench.common import ChildServers
+from bench.echo import serve_until_signalled
 from recsys.batching import MicroBatcher
 from recsys.config import RankingSettings
 from recsys.serving import grpc_options
@@ -45,17 +45,7 @@ MAX_MESSAGE = 64 * 1024 * 1024
 
 
 async def _serve(server: grpc.aio.Server, port_file: Path) -> None:
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    tmp = port_file.with_name(port_file.name + ".tmp")
-    tmp.write_text(str(port))
-    tmp.replace(port_file)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(0.5)
+    await serve_until_signalled(server, server.add_insecure_port("127.0.0.1:0"), port_file)
 
 
 async def serve_leaf(port_file: Path, member_bytes: int) -> None:
@@ -107,7 +97,7 @@ async def serve_front(port_file: Path, answer: bytes, upstream: str) -> None:
         await channel.close()
 
 
-class RelayProcess:
+class RelayProcess(ChildServers):
     """Leaf and front in two child processes (each with its own GIL, like the services).
 
     Usage::
@@ -137,15 +127,7 @@ class RelayProcess:
 
     def _start(self, args: list[str], port_file: Path, deadline: float) -> int:
         cmd = [sys.executable, "-m", "bench.relay", *args, "--port-file", str(port_file)]
-        proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.procs.append(proc)
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"relay {args[0]} exited with {proc.returncode}")
-            if port_file.is_file():
-                return int(port_file.read_text())
-            time.sleep(0.05)
-        raise RuntimeError(f"relay {args[0]} did not start in time")
+        return self._spawn(cmd, port_file, deadline, f"relay {args[0]}")
 
     def start(self, timeout_s: float = 60.0) -> RelayProcess:
         """Starts the leaf, then the front pointed at it."""
@@ -167,28 +149,6 @@ class RelayProcess:
             self.stop()
             raise
         return self
-
-    def stop(self) -> None:
-        """Terminates both children and removes their files."""
-        for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-        self.procs = []
-        self.port = None
-        if self._tmp is not None:
-            self._tmp.cleanup()
-            self._tmp = None
-
-    def __enter__(self) -> RelayProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

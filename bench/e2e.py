@@ -233,10 +233,20 @@ def _compare(
     }
 
 
-def _per_call_ms(cpu_s: dict[str, float], rate: float, seconds: float) -> dict[str, float]:
-    """CPU milliseconds per call of each process, for ``rate`` calls/s over ``seconds``."""
-    calls = rate * seconds
-    return {name: round(1000.0 * s / calls, 3) for name, s in cpu_s.items() if calls > 0}
+def _per_call_ms(
+    cpu_s: dict[str, float], rate: float, warmup_s: float, duration_s: float
+) -> dict[str, float]:
+    """CPU milliseconds per call of each process at ``rate`` calls/s.
+
+    A server's CPU time covers the warm-up too (it cannot tell the phases
+    apart); the load generator's covers the measured phase only.
+    """
+    out = {}
+    for name, s in cpu_s.items():
+        calls = rate * (duration_s if name == "load_generator" else warmup_s + duration_s)
+        if calls > 0:
+            out[name] = round(1000.0 * s / calls, 3)
+    return out
 
 
 def _open_loop_row(
@@ -245,7 +255,8 @@ def _open_loop_row(
     real: dict[str, Any],
     echo: dict[str, Any],
     cpu_s: dict[str, float],
-    seconds: float,
+    warmup_s: float,
+    duration_s: float,
 ) -> dict[str, Any]:
     """One open-loop rate: the real stack's latency beside the echo server's."""
     lat, lag = real["latency"], real.get("send_lag") or {}
@@ -264,9 +275,7 @@ def _open_loop_row(
         "flagged": sum(real["flagged"].values()),
         "echo_p50_ms": echo["latency"]["p50_ms"],
         "echo_p99_ms": echo["latency"]["p99_ms"],
-        # Warm-up included (the servers cannot tell the phases apart): rate x
-        # (warm-up + duration) calls.
-        "cpu_ms_per_call": _per_call_ms(cpu_s, rate, seconds),
+        "cpu_ms_per_call": _per_call_ms(cpu_s, rate, warmup_s, duration_s),
     }
 
 
@@ -280,7 +289,6 @@ def _open_loop(
 ) -> list[dict[str, Any]]:
     """Drives ``Recommend`` at fixed rates below ``capacity``, echo first at each."""
     cfg = {**base, "concurrency": OPEN_LOOP_MAX_IN_FLIGHT}
-    seconds = cfg["duration_s"] + cfg["warmup_s"]
     rows = []
     with EchoProcess(fixed={"Recommend": sample}) as echo:
         for i, share in enumerate(shares):
@@ -297,7 +305,15 @@ def _open_loop(
                 pids,
             )
             rows.append(
-                _open_loop_row(share, rate, real_rep.to_dict(), echo_rep.to_dict(), cpu, seconds)
+                _open_loop_row(
+                    share,
+                    rate,
+                    real_rep.to_dict(),
+                    echo_rep.to_dict(),
+                    cpu,
+                    cfg["warmup_s"],
+                    cfg["duration_s"],
+                )
             )
     return rows
 

@@ -117,3 +117,23 @@ def test_e2e_inspect_names_the_status_and_source_of_a_degraded_answer():
         "source_timeout:annoy_similar"
     )
     assert _inspect(answer(("top_genre", err))) == "source_error:top_genre"
+
+
+def test_e2e_open_loop_row_counts_warm_up_calls_for_servers_only():
+    from bench.e2e import _open_loop_row
+
+    def report(p50, p99, errors=None, flagged=None):
+        lat = {"p50_ms": p50, "p90_ms": p99 - 1, "p99_ms": p99, "max_ms": p99 + 5}
+        return {"qps": 99.0, "latency": lat, "send_lag": {"p99_ms": 0.5},
+                "errors": errors or {}, "flagged": flagged or {}}  # fmt: skip
+
+    cpu = {"ranking": 1.2, "retrieval": 0.6, "load_generator": 0.5}
+    row = _open_loop_row(
+        0.5, 100.0, report(20.0, 40.0, {"UNAVAILABLE": 2}), report(1.0, 3.0), cpu, 2.0, 10.0
+    )
+    # Servers ran through warm-up and measurement: 100/s x 12 s = 1,200 calls;
+    # the client's CPU time covers the 1,000 measured calls only.
+    assert row["cpu_ms_per_call"] == {"ranking": 1.0, "retrieval": 0.5, "load_generator": 0.5}
+    assert (row["p99_ms"], row["echo_p99_ms"], row["errors"]) == (40.0, 3.0, 2)
+    assert row["offered_rps"] == 100.0 and row["achieved_rps"] == 99.0
+    assert row["send_lag_p99_ms"] == 0.5 and row["share_of_closed_loop"] == 0.5

@@ -372,14 +372,24 @@ def python_cmd() -> list[str]:
 class ChildServers:
     """Base of the benchmark's helper servers that run as child processes.
 
-    A subclass starts its processes in ``start()`` (appending them to
-    ``procs``, keeping its files in ``_tmp``) and sets ``port``; ``stop()``
+    A subclass starts its processes in ``start()`` (through ``_spawn``,
+    keeping its files in ``_tmp``) and sets ``port``; ``address``, ``stop()``
     and the context manager are shared.
     """
 
-    procs: list[subprocess.Popen]
-    port: int | None
-    _tmp: Any
+    name = "helper server"
+
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen] = []
+        self.port: int | None = None
+        self._tmp: Any = None
+
+    @property
+    def address(self) -> str:
+        """``127.0.0.1:<port>`` of the server the load goes to."""
+        if self.port is None:
+            raise RuntimeError(f"{self.name} is not running")
+        return f"127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 60.0) -> Any:
         """Starts the children and waits until they listen."""

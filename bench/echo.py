@@ -136,6 +136,8 @@ class EchoServicer(
             keyed by RPC name (e.g. a real Recommend answer, for equal size).
     """
 
+    name = "echo server"
+
     def __init__(
         self,
         *,
@@ -243,6 +245,7 @@ class EchoProcess(ChildServers):
         fail_code: str = "UNAVAILABLE",
         fixed: dict[str, bytes] | None = None,
     ):
+        super().__init__()
         self.args = {
             "delay_ms": delay_ms,
             "serial": serial,
@@ -250,9 +253,6 @@ class EchoProcess(ChildServers):
             "fail_code": fail_code,
         }
         self.fixed = fixed or {}
-        self.procs: list[subprocess.Popen] = []
-        self.port: int | None = None
-        self._tmp: tempfile.TemporaryDirectory | None = None
 
     @property
     def proc(self) -> subprocess.Popen:
@@ -260,13 +260,6 @@ class EchoProcess(ChildServers):
         if not self.procs:
             raise RuntimeError("echo server is not running")
         return self.procs[0]
-
-    @property
-    def address(self) -> str:
-        """``127.0.0.1:<port>`` of the running server."""
-        if self.port is None:
-            raise RuntimeError("echo server is not running")
-        return f"127.0.0.1:{self.port}"
 
     def start(self, timeout_s: float = 60.0) -> EchoProcess:
         """Starts the child and waits until it listens."""
@@ -285,7 +278,7 @@ class EchoProcess(ChildServers):
             path.write_bytes(data)
             cmd += ["--fixed", f"{rpc}={path}"]
         try:
-            self.port = self._spawn(cmd, port_file, time.monotonic() + timeout_s, "echo server")
+            self.port = self._spawn(cmd, port_file, time.monotonic() + timeout_s, self.name)
         except BaseException:
             self.stop()
             raise

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import subprocess
 import sys
 import tempfile
 import time
@@ -106,19 +105,12 @@ class RelayProcess(ChildServers):
             ... LoadConfig(target=relay.address, rpc="Recommend", ...)
     """
 
+    name = "relay"
+
     def __init__(self, *, answer: bytes, member_bytes: int):
+        super().__init__()
         self.answer = answer
         self.member_bytes = member_bytes
-        self.procs: list[subprocess.Popen] = []
-        self.port: int | None = None
-        self._tmp: tempfile.TemporaryDirectory | None = None
-
-    @property
-    def address(self) -> str:
-        """``127.0.0.1:<port>`` of the front server."""
-        if self.port is None:
-            raise RuntimeError("relay is not running")
-        return f"127.0.0.1:{self.port}"
 
     @property
     def pids(self) -> dict[str, int]:
@@ -127,7 +119,7 @@ class RelayProcess(ChildServers):
 
     def _start(self, args: list[str], port_file: Path, deadline: float) -> int:
         cmd = [sys.executable, "-m", "bench.relay", *args, "--port-file", str(port_file)]
-        return self._spawn(cmd, port_file, deadline, f"relay {args[0]}")
+        return self._spawn(cmd, port_file, deadline, f"{self.name} {args[0]}")
 
     def start(self, timeout_s: float = 60.0) -> RelayProcess:
         """Starts the leaf, then the front pointed at it."""

@@ -42,7 +42,7 @@ class SessionTower:
     variables into the graph (``convert_variables_to_constants_v2``) and
     running it through ``Session.make_callable`` (how TensorFlow Serving runs
     a model: one C++ ``Session::Run`` per batch) executes the same kernels
-    for ~135 µs, and releases the GIL while it runs. The ops run in the
+    for ~60 µs (a batch of 32), and releases the GIL while it runs. The ops run in the
     calling thread with one intra-op thread: a batch is small, and worker
     threads (waking, handing off, spinning) would steal the cores the RPC
     layer needs.

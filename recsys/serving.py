@@ -70,6 +70,16 @@ MODEL_VERSION = Gauge(
 VERSION_REJECTED = Counter(
     "recsys_version_rejected_total", "Versions that failed to load.", ["service"]
 )
+LOOP_LAG = Histogram(
+    "recsys_event_loop_lag_seconds",
+    "How late the event loop ran a timer: time a ready callback (an arriving "
+    "call, a Redis reply) waits behind the work ahead of it.",
+    ["service"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1),
+)
+# How often the loop-lag probe wakes: often enough to see a saturated loop
+# within seconds, rare enough to cost nothing (10 timers a second).
+LOOP_LAG_INTERVAL_S = 0.1
 
 # Health checks must keep answering under overload and without credentials,
 # or Kubernetes would restart a pod that is merely busy.
@@ -271,6 +281,7 @@ class ServerHandle:
     port: int
     service_names: tuple[str, ...]
     settings: ServerSettings
+    label: str = "server"
     _serving: bool = field(default=False, repr=False)
     _when_serving: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
@@ -351,7 +362,7 @@ def create_server(
         port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind {address}")
-    return ServerHandle(server, health, port, names, settings)
+    return ServerHandle(server, health, port, names, settings, label)
 
 
 async def serve(
@@ -373,7 +384,7 @@ async def serve(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
     await handle.server.start()
-    tasks = [asyncio.ensure_future(b) for b in background]
+    tasks = [asyncio.ensure_future(b) for b in (*background, watch_loop_lag(handle.label))]
     if on_ready is not None:
         if _ready_when_serving:
             # A worker of several: its supervisor reports the port only once every
@@ -393,6 +404,23 @@ async def serve(
         t.cancel()
     await handle.server.stop(handle.settings.grace_s)
     log.info("stopped")
+
+
+async def watch_loop_lag(service: str, interval_s: float = LOOP_LAG_INTERVAL_S) -> None:
+    """Records how late each of a steady series of timers fires, until cancelled.
+
+    A server's event loop runs every handler, batch and Redis reply of the
+    process in turn, so when it saturates, each call waits behind the
+    others before any of its code runs. gRPC's latency histogram shows the
+    total; this lag is the queueing part alone, and rising lag at flat
+    traffic is the sign to add replicas (see docs/operations.md).
+    """
+    loop = asyncio.get_running_loop()
+    observe = LOOP_LAG.labels(service).observe
+    while True:
+        due = loop.time() + interval_s
+        await asyncio.sleep(interval_s)
+        observe(max(0.0, loop.time() - due))
 
 
 def start_metrics(port: int, host: str, multiprocess_dir: str | None = None) -> Any:

@@ -163,6 +163,8 @@ def test_two_workers_both_answer_and_sigterm_stops_all(
         version = f"recsys_model_version_info{{service=retrieval,version={published_version.name}}}"
         assert got.get(version) == 1, {k: v for k, v in got.items() if "version_info" in k}
         assert got.get("recsys_rpc_in_flight{service=retrieval}") == 0
+        # Each worker's loop-lag probe, combined by the supervisor.
+        assert got.get("recsys_event_loop_lag_seconds_count{service=retrieval}", 0) > 0
         for ch in channels:
             ch.close()
         proc.send_signal(signal.SIGTERM)

@@ -93,6 +93,7 @@ class RetrievalClient:
                 max_wait_s=settings.retrieval_batch_wait_ms / 1000.0,
                 inline=True,
                 adaptive=True,
+                max_in_flight=settings.retrieval_max_in_flight or None,
             )
 
     async def retrieve(

@@ -75,6 +75,13 @@ class MicroBatcher(Generic[Req, Res]):
             request. Otherwise a batch starts at once, so a lone request on a
             quiet server pays no batching delay, while a busy server keeps
             gathering full windows of requests per tower call.
+        max_in_flight: (inline, coroutine ``fn``) Most batches running at
+            once; None for no bound. While that many run, a partial batch
+            does not start until one of them finishes, even past
+            ``max_wait_s`` (a full batch still starts at once). For batches
+            that queue behind each other downstream anyway (one server
+            handles them in turn), starting one later costs no latency, and
+            fewer, larger batches cost less per request on both ends.
     """
 
     def __init__(
@@ -87,9 +94,12 @@ class MicroBatcher(Generic[Req, Res]):
         name: str = "ranking-batch",
         inline: bool = False,
         adaptive: bool = False,
+        max_in_flight: int | None = None,
     ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
+        if max_in_flight is not None and max_in_flight < 1:
+            raise ValueError("max_in_flight must be at least 1 (None: no bound)")
         if max_wait_s < 0:
             raise ValueError("max_wait_s must not be negative")
         self.fn = fn
@@ -102,6 +112,8 @@ class MicroBatcher(Generic[Req, Res]):
             raise ValueError("an async batch function needs inline=True")
         self._batch_tasks: set[asyncio.Task] = set()
         self.adaptive = adaptive and inline
+        # Only batches that run as tasks can be in flight together.
+        self.max_in_flight = max_in_flight if inline and self._async_fn else None
         self._last_size = 0
         self._executor = (
             None if inline else ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
@@ -141,7 +153,14 @@ class MicroBatcher(Generic[Req, Res]):
         """Arms the one flush callback: now if a batch is full, else when the oldest is due."""
         if not self._pending:
             return
-        now = len(self._pending) >= self.max_batch_size or (
+        full = len(self._pending) >= self.max_batch_size
+        if (
+            not full
+            and self.max_in_flight is not None
+            and len(self._batch_tasks) >= self.max_in_flight
+        ):
+            return  # re-armed by _batch_done when a running batch finishes
+        now = full or (
             # Adaptive: wait only when waiting has been paying off (the last
             # batch had company) or a batch is running (whose arrivals queue
             # anyway); a lone request on a quiet server runs at once.

@@ -1,0 +1,268 @@
+"""A/B of two configurations or two checkouts of the whole stack, on one machine.
+
+``python -m bench.ab --b-env RECSYS_RANKING__RETRIEVAL_MAX_IN_FLIGHT=0``
+compares the stack as it is (A) with the same stack under other settings
+(B); ``--a-tree`` / ``--b-tree`` run a side from another checkout of the
+repository (its services are started with that checkout first on the path).
+
+Why not two ``python -m bench`` runs: these machines change speed by ±10%
+within minutes, more than most changes worth measuring. So both sides'
+stacks (each with its own embedded Redis and copy of the model) stay up
+for the whole run and are loaded in turn, in short closed-loop rounds in
+ABBA order, after one unrecorded round each (the first round after
+start-up runs slow): drift hits both sides alike, no round pays for a
+restart, and the per-round B/A ratios show how consistent a difference
+is. The idle side costs next to nothing while the other is measured.
+
+Reported per side: throughput, p99, errors, and each service's CPU per
+call (from ``/proc``; it moves more steadily than throughput). Summary:
+means and medians, the B/A throughput ratio per round pair, its median,
+and how many rounds B won. Even so, identical sides can differ by ~5% over
+10 rounds: prefer 12 or more, and trust a CPU-per-call difference more
+than a small throughput one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.common import describe_machine, machine_info
+
+REPO = Path(__file__).resolve().parents[1]
+CONCURRENCY = 64
+
+
+@dataclass
+class Side:
+    """One configuration: extra environment for its services and the checkout they run."""
+
+    label: str
+    env: dict[str, str] = field(default_factory=dict)
+    tree: Path = REPO
+
+
+def parse_env(items: Sequence[str]) -> dict[str, str]:
+    """``["K=V", ...]`` to a dict; a malformed item raises ValueError naming it."""
+    out: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not key.replace("_", "").isalnum():
+            raise ValueError(f"--a-env/--b-env: expected NAME=VALUE, got {item!r}")
+        out[key] = value
+    return out
+
+
+def round_order(rounds: int) -> list[tuple[int, str]]:
+    """(round, side) pairs in ABBA order, so neither side always goes first."""
+    out = []
+    for r in range(rounds):
+        out += [(r, "A"), (r, "B")] if r % 2 == 0 else [(r, "B"), (r, "A")]
+    return out
+
+
+def summarise(rows: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
+    """Means and medians per side, and the B/A throughput ratio of each round."""
+    out: dict[str, Any] = {}
+    for label in ("A", "B"):
+        side = rows[label]
+        out[label] = {
+            key: {
+                "mean": round(statistics.mean(r[key] for r in side), 3),
+                "median": round(statistics.median(r[key] for r in side), 3),
+            }
+            for key in ("qps", "p99_ms", "cpu_ranking_ms", "cpu_retrieval_ms")
+        }
+        out[label]["errors"] = sum(int(r["errors"]) for r in side)
+    ratios = [b["qps"] / a["qps"] for a, b in zip(rows["A"], rows["B"], strict=True)]
+    out["qps_ratio_per_round"] = [round(x, 3) for x in ratios]
+    out["qps_ratio_median"] = round(statistics.median(ratios), 3)
+    out["b_wins"] = sum(x > 1.0 for x in ratios)
+    return out
+
+
+@contextlib.contextmanager
+def _as_side(side: Side) -> Iterator[None]:
+    """The process environment and working directory a side's services start with."""
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    os.environ.update(side.env)
+    # The services run `python -m recsys.cli`: the checkout must come first on the path.
+    os.environ["PYTHONPATH"] = str(side.tree)
+    os.chdir(side.tree)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_env)
+        os.chdir(saved_cwd)
+
+
+def _start(side: Side, model_src: Path, tmp: Path):
+    from recsys.config import load_settings
+    from recsys.stack import start_stack
+
+    model_dir = tmp / side.label / "models"
+    shutil.copytree(model_src, model_dir)
+    with _as_side(side):
+        settings = load_settings(
+            model_dir=model_dir,
+            log_format="text",
+            log_level="WARNING",
+            retrieval={"port": 0, "metrics_port": 0},
+            ranking={"port": 0, "metrics_port": 0},
+        )
+        return start_stack(settings, quiet=True, log_dir=tmp / side.label / "logs")
+
+
+def _round(stack, users: list[str], duration: float, warmup: float) -> dict[str, float]:
+    from bench.e2e import BUDGET, K, _inspect, _proc_cpu_s
+    from recsys.loadtest import LoadConfig, run_load
+
+    pids = {"ranking": stack.procs[1].pid, "retrieval": stack.procs[0].pid}
+    cfg = LoadConfig(
+        rpc="Recommend",
+        target=stack.ranking_address,
+        concurrency=CONCURRENCY,
+        duration_s=duration,
+        warmup_s=warmup,
+        k=K,
+        budget=BUDGET,
+        user_ids=users,
+        timeout_s=2.0,
+        inspect=_inspect,
+    )
+    before = {name: _proc_cpu_s(pid) or 0.0 for name, pid in pids.items()}
+    report = asyncio.run(run_load(cfg))
+    # The servers cannot tell warm-up from the measured phase: spread their
+    # CPU over the calls of both (the warm-up ran at about the same rate).
+    calls = max(report.qps * (duration + warmup), 1.0)
+    cpu = {n: ((_proc_cpu_s(p) or 0.0) - before[n]) * 1000 / calls for n, p in pids.items()}
+    return {
+        "qps": report.qps,
+        "p99_ms": report.latency.p99_ms,
+        "errors": report.error_count + sum(report.flagged.values()),
+        "cpu_ranking_ms": cpu["ranking"],
+        "cpu_retrieval_ms": cpu["retrieval"],
+    }
+
+
+def run(
+    a: Side,
+    b: Side,
+    *,
+    rounds: int = 12,
+    duration: float = 5.0,
+    warmup: float = 1.0,
+    model_dir: Path | None = None,
+    say=print,
+) -> dict[str, Any]:
+    """Starts both sides' stacks, measures them in alternating rounds, stops them.
+
+    Args:
+        a, b: The two sides.
+        rounds: Round pairs (each side is measured once per round).
+        duration, warmup: Seconds of each measured round and of its warm-up.
+        model_dir: A trained model directory to copy for both sides; None
+            trains the built-in synthetic dataset first (about a minute).
+    """
+    from bench.e2e import _train
+    from recsys.loadtest import known_ids
+
+    with tempfile.TemporaryDirectory(prefix="bench-ab-") as tmp_name:
+        tmp = Path(tmp_name)
+        if model_dir is None:
+            model_dir = tmp / "trained"
+            _train(model_dir, 3, tmp / "train.log")
+        users, _items, version = known_ids(model_dir)
+        stacks = {}
+        rows: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
+        try:
+            for side in (a, b):
+                stacks[side.label] = _start(side, model_dir, tmp)
+            # The first round after start-up runs slow (caches, allocator,
+            # connections): one unrecorded round per side first.
+            for side in (a, b):
+                _round(stacks[side.label], users, duration, warmup)
+            for r, label in round_order(rounds):
+                row = _round(stacks[label], users, duration, warmup)
+                rows[label].append(row)
+                say(
+                    f"round {r + 1:2d} {label}: {row['qps']:7.1f} req/s  p99 {row['p99_ms']:6.1f}"
+                    f" ms  cpu/call ranking {row['cpu_ranking_ms']:.3f} retrieval "
+                    f"{row['cpu_retrieval_ms']:.3f} ms  errors {int(row['errors'])}"
+                )
+        finally:
+            for stack in stacks.values():
+                stack.stop()
+    return {
+        "sides": {s.label: {"env": s.env, "tree": str(s.tree)} for s in (a, b)},
+        "model_version": version,
+        "rounds": rows,
+        "summary": summarise(rows),
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.ab", description=__doc__.splitlines()[0])
+    p.add_argument("--a-env", nargs="*", default=[], metavar="NAME=VALUE")
+    p.add_argument("--b-env", nargs="*", default=[], metavar="NAME=VALUE")
+    p.add_argument("--a-tree", type=Path, default=REPO, help="checkout side A runs")
+    p.add_argument("--b-tree", type=Path, default=REPO, help="checkout side B runs")
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--duration", type=float, default=5.0, help="seconds per measured round")
+    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--model-dir", type=Path, help="trained model directory (default: train)")
+    p.add_argument("--out", type=Path, help="also write the results as JSON here")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point."""
+    args = _parser().parse_args(argv)
+    try:
+        a = Side("A", parse_env(args.a_env), args.a_tree.resolve())
+        b = Side("B", parse_env(args.b_env), args.b_tree.resolve())
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.rounds < 1:
+        print("error: --rounds must be at least 1", file=sys.stderr)
+        return 2
+    print(f"machine: {describe_machine(machine_info())}", flush=True)
+    print(f"reproduce: python -m bench.ab {' '.join(sys.argv[1:] if argv is None else argv)}")
+    for side in (a, b):
+        print(f"side {side.label}: tree {side.tree}, env {side.env or '{}'}", flush=True)
+    result = run(
+        a, b, rounds=args.rounds, duration=args.duration, warmup=args.warmup,
+        model_dir=args.model_dir, say=lambda line: print(line, flush=True),
+    )  # fmt: skip
+    s = result["summary"]
+    for label in ("A", "B"):
+        x = s[label]
+        print(
+            f"{label}: {x['qps']['mean']:.1f} req/s mean ({x['qps']['median']:.1f} median), "
+            f"p99 {x['p99_ms']['mean']:.1f} ms, cpu/call ranking {x['cpu_ranking_ms']['mean']:.3f}"
+            f" retrieval {x['cpu_retrieval_ms']['mean']:.3f} ms, errors {x['errors']}"
+        )
+    print(
+        f"B/A throughput per round: {s['qps_ratio_per_round']}; median "
+        f"{s['qps_ratio_median']:.3f}; B better in {s['b_wins']} of {len(s['qps_ratio_per_round'])}"
+    )
+    if args.out:
+        args.out.write_text(json.dumps({"machine": machine_info(), **result}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

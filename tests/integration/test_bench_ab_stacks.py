@@ -1,0 +1,32 @@
+"""bench.ab end to end: two real stacks, measured in turn, then stopped."""
+
+import pytest
+
+from bench.ab import Side, run
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_stacks_are_measured_in_alternating_rounds(trained_version, tmp_path):
+    lines: list[str] = []
+    out = run(
+        Side("A"),
+        # A real setting on side B: the services must start and answer with it.
+        Side("B", {"RECSYS_RANKING__RETRIEVAL_MAX_IN_FLIGHT": "1"}),
+        rounds=2,
+        duration=1.0,
+        warmup=0.5,
+        model_dir=trained_version.parent,
+        say=lines.append,
+    )
+    assert [line.split(":")[0] for line in lines] == [
+        "round  1 A", "round  1 B", "round  2 B", "round  2 A",
+    ]  # fmt: skip
+    for label in ("A", "B"):
+        rows = out["rounds"][label]
+        assert len(rows) == 2
+        for row in rows:
+            assert row["qps"] > 0 and row["errors"] == 0
+            assert row["cpu_ranking_ms"] > 0 and row["cpu_retrieval_ms"] > 0
+    assert len(out["summary"]["qps_ratio_per_round"]) == 2
+    assert out["sides"]["B"]["env"] == {"RECSYS_RANKING__RETRIEVAL_MAX_IN_FLIGHT": "1"}

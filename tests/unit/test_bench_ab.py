@@ -1,0 +1,50 @@
+"""bench.ab's pure parts: environment parsing, round order, the summary, the side context."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bench.ab import Side, _as_side, main, parse_env, round_order, summarise
+
+
+def test_parse_env_accepts_name_value_pairs_and_names_a_bad_item():
+    assert parse_env(["A=1", "RECSYS_X__Y=a=b", "E="]) == {"A": "1", "RECSYS_X__Y": "a=b", "E": ""}
+    for bad in ("novalue", "=1", "BAD-NAME=1"):
+        with pytest.raises(ValueError, match=repr(bad)):
+            parse_env([bad])
+
+
+def test_rounds_alternate_which_side_goes_first():
+    assert round_order(3) == [(0, "A"), (0, "B"), (1, "B"), (1, "A"), (2, "A"), (2, "B")]
+
+
+def test_summary_ratios_medians_and_wins():
+    def row(qps, p99=50.0, errors=0):
+        return {"qps": qps, "p99_ms": p99, "errors": errors,
+                "cpu_ranking_ms": 1000 / qps, "cpu_retrieval_ms": 0.5}  # fmt: skip
+
+    rows = {"A": [row(100), row(200), row(100)], "B": [row(110), row(180), row(150, errors=2)]}
+    s = summarise(rows)
+    assert s["qps_ratio_per_round"] == [1.1, 0.9, 1.5]
+    assert s["qps_ratio_median"] == 1.1
+    assert s["b_wins"] == 2
+    assert s["A"]["qps"] == {"mean": 133.333, "median": 100}
+    assert s["B"]["errors"] == 2 and s["A"]["errors"] == 0
+
+
+def test_a_side_sets_environment_and_directory_only_while_inside(tmp_path: Path):
+    before_cwd = os.getcwd()
+    assert "AB_TEST_FLAG" not in os.environ
+    with _as_side(Side("B", {"AB_TEST_FLAG": "on"}, tmp_path)):
+        assert os.environ["AB_TEST_FLAG"] == "on"
+        assert os.environ["PYTHONPATH"] == str(tmp_path)
+        assert Path.cwd() == tmp_path.resolve()
+    assert "AB_TEST_FLAG" not in os.environ
+    assert os.getcwd() == before_cwd
+
+
+def test_the_cli_refuses_bad_arguments_before_starting_anything(capsys):
+    assert main(["--b-env", "oops"]) == 2
+    assert "expected NAME=VALUE" in capsys.readouterr().err
+    assert main(["--rounds", "0"]) == 2

@@ -149,9 +149,9 @@ class RankingSettings(ServerSettings):
     )
     # 2: one call running at retrieval and one queued behind it. Unbounded,
     # ~3.6 calls of ~7.5 requests were in flight, queued at retrieval in
-    # turn. Bounded at 2: 4-8% more Recommend throughput and 8-12% less CPU
-    # per call in both services (session 14, alternating-round A/Bs); 1
-    # starves retrieval between calls, 3 measured the same as 2.
+    # turn. Bounded at 2: +3.5% Recommend throughput and 5-10% less CPU per
+    # call in the two services (session 14, python -m bench.ab, 16 rounds);
+    # 1 starves retrieval between calls, 3 measured the same as 2.
     retrieval_max_in_flight: int = Field(
         2,
         ge=0,

@@ -264,66 +264,63 @@ def test_an_async_function_needs_inline():
         MicroBatcher(fn, max_batch_size=1, max_wait_s=0.0)
 
 
-async def test_in_flight_bound_holds_partial_batches_past_the_wait_until_one_finishes():
-    gates: list[asyncio.Event] = []
-    calls: list[list] = []
+class Gated:
+    """An async batch function (``run``) whose every call waits until its gate opens."""
 
-    async def fn(batch):
-        calls.append(list(batch))
+    def __init__(self):
+        self.calls: list[list] = []
+        self.gates: list[asyncio.Event] = []
+
+    async def run(self, batch):
+        self.calls.append(list(batch))
         gate = asyncio.Event()
-        gates.append(gate)
-        await gate.wait()  # each batch "waits for the server" until released
+        self.gates.append(gate)
+        await gate.wait()  # the batch "waits for the server" until released
         return list(batch)
 
-    b = MicroBatcher(fn, max_batch_size=8, max_wait_s=0.01, inline=True, adaptive=True,
+    def open_all(self):
+        for g in self.gates:
+            g.set()
+
+
+async def test_in_flight_bound_holds_partial_batches_past_the_wait_until_one_finishes():
+    fn = Gated()
+    b = MicroBatcher(fn.run, max_batch_size=8, max_wait_s=0.01, inline=True, adaptive=True,
                      max_in_flight=2)  # fmt: skip
     try:
         first = [asyncio.ensure_future(b.submit(x)) for x in ("a", "b")]
         await asyncio.sleep(0.05)
         second = [asyncio.ensure_future(b.submit(x)) for x in ("c", "d")]
         await asyncio.sleep(0.05)
-        assert calls == [["a", "b"], ["c", "d"]]  # two running: the bound
+        assert fn.calls == [["a", "b"], ["c", "d"]]  # two running: the bound
         held = [asyncio.ensure_future(b.submit(x)) for x in ("e", "f", "g")]
         await asyncio.sleep(0.1)  # ten times max_wait
-        assert len(calls) == 2  # held: no third call while two run
-        gates[0].set()
+        assert len(fn.calls) == 2  # held: no third call while two run
+        fn.gates[0].set()
         assert await asyncio.wait_for(asyncio.gather(*first), 2.0) == ["a", "b"]
         await asyncio.sleep(0.05)
-        assert calls[2] == ["e", "f", "g"]  # went as soon as a slot freed, as one batch
-        for g in gates:
-            g.set()
+        assert fn.calls[2] == ["e", "f", "g"]  # went as soon as a slot freed, as one batch
+        fn.open_all()
         assert await asyncio.wait_for(asyncio.gather(*second, *held), 2.0) == list("cdefg")
     finally:
-        for g in gates:
-            g.set()
+        fn.open_all()
         await b.close()
 
 
 async def test_in_flight_bound_lets_a_full_batch_go():
-    gates: list[asyncio.Event] = []
-    calls: list[list] = []
-
-    async def fn(batch):
-        calls.append(list(batch))
-        gate = asyncio.Event()
-        gates.append(gate)
-        await gate.wait()
-        return list(batch)
-
-    b = MicroBatcher(fn, max_batch_size=3, max_wait_s=0.01, inline=True, adaptive=True,
+    fn = Gated()
+    b = MicroBatcher(fn.run, max_batch_size=3, max_wait_s=0.01, inline=True, adaptive=True,
                      max_in_flight=1)  # fmt: skip
     try:
         running = asyncio.ensure_future(b.submit("a"))
         await asyncio.sleep(0.05)
         full = [asyncio.ensure_future(b.submit(x)) for x in ("b", "c", "d")]
         await asyncio.sleep(0.05)
-        assert calls == [["a"], ["b", "c", "d"]]  # full: not held by the bound
-        for g in gates:
-            g.set()
+        assert fn.calls == [["a"], ["b", "c", "d"]]  # full: not held by the bound
+        fn.open_all()
         assert await asyncio.wait_for(asyncio.gather(running, *full), 2.0) == list("abcd")
     finally:
-        for g in gates:
-            g.set()
+        fn.open_all()
         await b.close()
 
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import describe_machine, machine_info
+from bench.common import describe_machine, machine_info, stack_settings
 
 REPO = Path(__file__).resolve().parents[1]
 CONCURRENCY = 64
@@ -109,19 +109,12 @@ def _as_side(side: Side) -> Iterator[None]:
 
 
 def _start(side: Side, model_src: Path, tmp: Path):
-    from recsys.config import load_settings
     from recsys.stack import start_stack
 
     model_dir = tmp / side.label / "models"
     shutil.copytree(model_src, model_dir)
     with _as_side(side):
-        settings = load_settings(
-            model_dir=model_dir,
-            log_format="text",
-            log_level="WARNING",
-            retrieval={"port": 0, "metrics_port": 0},
-            ranking={"port": 0, "metrics_port": 0},
-        )
+        settings = stack_settings(model_dir)
         return start_stack(settings, quiet=True, log_dir=tmp / side.label / "logs")
 
 

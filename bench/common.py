@@ -364,6 +364,19 @@ def write_results(
     return md, js
 
 
+def stack_settings(model_dir: Path) -> Any:
+    """Settings for a benchmark's own stack: its model dir, free ports, quiet text logs."""
+    from recsys.config import load_settings
+
+    return load_settings(
+        model_dir=model_dir,
+        log_format="text",
+        log_level="WARNING",
+        retrieval={"port": 0, "metrics_port": 0},
+        ranking={"port": 0, "metrics_port": 0},
+    )
+
+
 def python_cmd() -> list[str]:
     """The interpreter running now (subprocesses use the same environment)."""
     return [sys.executable]

@@ -57,7 +57,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from bench.common import header, ratio, target
+from bench.common import header, ratio, stack_settings, target
 from bench.echo import EchoProcess
 from bench.relay import RelayProcess
 from recsys.loadtest import LoadConfig, LoadReport, known_ids, run_load
@@ -319,7 +319,6 @@ def _open_loop(
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    from recsys.config import load_settings
     from recsys.stack import start_stack
 
     print(header("end-to-end Recommend vs echo", "e2e", quick), flush=True)
@@ -349,13 +348,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         root = Path(tmp)
         model_dir = root / "models"
         out["setup"]["train_s"] = round(_train(model_dir, epochs, root / "train.log"), 1)
-        settings = load_settings(
-            model_dir=model_dir,
-            log_format="text",
-            log_level="WARNING",
-            retrieval={"port": 0, "metrics_port": 0},
-            ranking={"port": 0, "metrics_port": 0},
-        )
+        settings = stack_settings(model_dir)
         # On by default; an inherited RECSYS_RETRIEVAL__TOP_LIST_CACHE overrides it.
         out["setup"]["retrieval_top_list_cache"] = os.environ.get(TOP_LIST_CACHE_ENV, "default")
         out["setup"]["workers_compared"] = list(WORKERS)

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import describe_machine, ratio, target
+from bench.common import describe_machine, ratio, stack_settings, target
 from recsys.loadtest import LoadConfig, known_ids, run_load
 
 RATE = 50.0  # requests per second: inside a busy 2-core machine's capacity (150 saturates it)
@@ -100,7 +100,6 @@ def summarise(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 def run(quick: bool = False, duration_s: float | None = None, rate: float = RATE) -> dict[str, Any]:
     from bench.e2e import _train
-    from recsys.config import load_settings
     from recsys.stack import start_stack
 
     duration = duration_s or (30.0 if quick else 300.0)
@@ -132,13 +131,7 @@ def run(quick: bool = False, duration_s: float | None = None, rate: float = RATE
         root = Path(tmp)
         model_dir = root / "models"
         out["setup"]["train_s"] = round(_train(model_dir, 1 if quick else 3, root / "train.log"), 1)
-        settings = load_settings(
-            model_dir=model_dir,
-            log_format="text",
-            log_level="WARNING",
-            retrieval={"port": 0, "metrics_port": 0},
-            ranking={"port": 0, "metrics_port": 0},
-        )
+        settings = stack_settings(model_dir)
         stack = start_stack(settings, quiet=True, log_dir=root / "logs")
         try:
             users, _items, _version = known_ids(model_dir)

@@ -9,6 +9,11 @@ BATCH_SIZE = Histogram(
     "Requests coalesced into one user-tower call.",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
 )
+RETRIEVAL_BATCH_SIZE = Histogram(
+    "recsys_ranking_retrieval_batch_size",
+    "Recommend requests sent to retrieval in one call (1: a plain Retrieve).",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
 BATCH_CANDIDATES = Histogram(
     "recsys_ranking_batch_candidates",
     "Candidates scored in one batched gather/dot.",

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from ranking_service import metrics as M
 from recsys.batching import MicroBatcher
 from recsys.channels import create_channel
 from recsys.config import RankingSettings
@@ -94,6 +95,7 @@ class RetrievalClient:
                 inline=True,
                 adaptive=True,
                 max_in_flight=settings.retrieval_max_in_flight or None,
+                on_batch=M.RETRIEVAL_BATCH_SIZE.observe,
             )
 
     async def retrieve(

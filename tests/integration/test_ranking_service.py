@@ -297,6 +297,8 @@ async def test_concurrent_recommends_share_retrieve_many_calls(
 
     alone = [await stub.Recommend(req(u), timeout=10) for u in users]  # one Retrieve each
     before = (batcher.batches, batcher.requests)
+    observed = (_sample("recsys_ranking_retrieval_batch_size_count"),
+                _sample("recsys_ranking_retrieval_batch_size_sum"))  # fmt: skip
     # Retrieval refuses this one (ranking cannot know the source names).
     bad = req(users[0], sources=["no_such_source"])
     *together, refused = await asyncio.gather(
@@ -318,6 +320,15 @@ async def test_concurrent_recommends_share_retrieve_many_calls(
     batches, requests = batcher.batches - before[0], batcher.requests - before[1]
     assert requests == len(users) + 1
     assert batches < requests, "concurrent calls were sent one by one"
+    # The metric sees the same calls: one observation per call, of its size.
+    assert _sample("recsys_ranking_retrieval_batch_size_count") - observed[0] == batches
+    assert _sample("recsys_ranking_retrieval_batch_size_sum") - observed[1] == requests
+
+
+def _sample(name: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name) or 0.0
 
 
 async def test_recommend_falls_back_to_popular_when_retrieval_is_down(

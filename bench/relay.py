@@ -4,8 +4,9 @@
 up to 32 concurrent requests, and the retrieval server. The relay has that
 shape and nothing else: its front server answers ``Recommend`` with the bytes
 of a real answer after its request has been carried to a leaf server in a
-batched call (the same :class:`recsys.batching.MicroBatcher` and settings as
-ranking's retrieval client), and the leaf answers each batched call with a
+batched call (built by ranking's own
+:func:`ranking_service.retrieval_client.retrieval_batcher`, with its default
+settings), and the leaf answers each batched call with a
 real ``Retrieve`` answer's bytes per member. Handlers take and return raw
 bytes (gRPC generic handlers), so no protobuf work is done either.
 
@@ -31,6 +32,7 @@ import grpc
 
 from bench.common import ChildServers
 from bench.echo import serve_until_signalled
+from ranking_service.retrieval_client import retrieval_batcher
 from recsys.batching import MicroBatcher
 from recsys.config import RankingSettings
 from recsys.serving import grpc_options
@@ -72,13 +74,7 @@ async def serve_front(port_file: Path, answer: bytes, upstream: str) -> None:
         await call(MEMBER * len(batch), timeout=5.0)
         return [None] * len(batch)
 
-    batcher: MicroBatcher[bytes, None] = MicroBatcher(
-        carry,
-        max_batch_size=defaults.retrieval_batch_size,
-        max_wait_s=defaults.retrieval_batch_wait_ms / 1000.0,
-        inline=True,
-        adaptive=True,
-    )
+    batcher: MicroBatcher[bytes, None] = retrieval_batcher(carry, defaults)
 
     async def recommend(request: bytes, context) -> bytes:
         await batcher.submit(request)

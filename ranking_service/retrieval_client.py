@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -16,6 +16,9 @@ from recsys.channels import create_channel
 from recsys.config import RankingSettings
 from recsys.packed import Catalogue, candidates_of
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
+
+Req = TypeVar("Req")
+Res = TypeVar("Res")
 
 # Share of the client's remaining deadline kept back from the retrieval call.
 DEADLINE_RESERVE = 0.2
@@ -61,6 +64,30 @@ class RetrievalAnswer:
     user_state: Any | None = None
 
 
+def retrieval_batcher(
+    fn: Callable[[list[Req]], Awaitable[Sequence[Res]]],
+    settings: RankingSettings,
+    *,
+    on_batch: Callable[[int], None] | None = None,
+) -> MicroBatcher[Req, Res]:
+    """The batcher that carries concurrent Recommends' retrievals as one call.
+
+    ``fn`` sends one batch upstream. Built from the ranking settings
+    (``retrieval_batch_size``, ``retrieval_batch_wait_ms``,
+    ``retrieval_max_in_flight``); the benchmark's relay (``bench/relay.py``)
+    builds its hop with this too, so its floor has the same batching.
+    """
+    return MicroBatcher(
+        fn,  # type: ignore[arg-type]
+        max_batch_size=settings.retrieval_batch_size,
+        max_wait_s=settings.retrieval_batch_wait_ms / 1000.0,
+        inline=True,
+        adaptive=True,
+        max_in_flight=settings.retrieval_max_in_flight or None,
+        on_batch=on_batch,
+    )
+
+
 class RetrievalClient:
     """One long-lived ``grpc.aio`` channel to the retrieval service."""
 
@@ -88,14 +115,8 @@ class RetrievalClient:
         # Batchers switched off on UNIMPLEMENTED; kept so close() stops them.
         self._retired: list[MicroBatcher[tuple[Any, float], Any]] = []
         if settings.retrieval_batch_size > 1:
-            self._batcher = MicroBatcher(
-                self._retrieve_many,
-                max_batch_size=settings.retrieval_batch_size,
-                max_wait_s=settings.retrieval_batch_wait_ms / 1000.0,
-                inline=True,
-                adaptive=True,
-                max_in_flight=settings.retrieval_max_in_flight or None,
-                on_batch=M.RETRIEVAL_BATCH_SIZE.observe,
+            self._batcher = retrieval_batcher(
+                self._retrieve_many, settings, on_batch=M.RETRIEVAL_BATCH_SIZE.observe
             )
 
     async def retrieve(

@@ -25,7 +25,6 @@ than a small throughput one.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import json
 import os
@@ -119,8 +118,8 @@ def _start(side: Side, model_src: Path, tmp: Path):
 
 
 def _round(stack, users: list[str], duration: float, warmup: float) -> dict[str, float]:
-    from bench.e2e import BUDGET, K, _inspect, _proc_cpu_s
-    from recsys.loadtest import LoadConfig, run_load
+    from bench.e2e import BUDGET, K, _inspect, measured, per_call_ms
+    from recsys.loadtest import LoadConfig
 
     pids = {"ranking": stack.procs[1].pid, "retrieval": stack.procs[0].pid}
     cfg = LoadConfig(
@@ -135,12 +134,9 @@ def _round(stack, users: list[str], duration: float, warmup: float) -> dict[str,
         timeout_s=2.0,
         inspect=_inspect,
     )
-    before = {name: _proc_cpu_s(pid) or 0.0 for name, pid in pids.items()}
-    report = asyncio.run(run_load(cfg))
-    # The servers cannot tell warm-up from the measured phase: spread their
-    # CPU over the calls of both (the warm-up ran at about the same rate).
-    calls = max(report.qps * (duration + warmup), 1.0)
-    cpu = {n: ((_proc_cpu_s(p) or 0.0) - before[n]) * 1000 / calls for n, p in pids.items()}
+    report, cpu_s = measured(cfg, pids)
+    # The servers' CPU covers the warm-up too, which ran at about the same rate.
+    cpu = per_call_ms(cpu_s, report.qps, warmup, duration)
     return {
         "qps": report.qps,
         "p99_ms": report.latency.p99_ms,

@@ -127,9 +127,8 @@ async def _load(cfg: LoadConfig) -> LoadReport:
     return await run_load(cfg)
 
 
-def _measure(
-    label: str, cfg: LoadConfig, pids: dict[str, int]
-) -> tuple[LoadReport, dict[str, float]]:
+def measured(cfg: LoadConfig, pids: dict[str, int]) -> tuple[LoadReport, dict[str, float]]:
+    """One load run, with the CPU seconds each process in ``pids`` and the client spent."""
     before = {name: _proc_cpu_s(pid) for name, pid in pids.items()}
     report = asyncio.run(_load(cfg))
     cpu = {}
@@ -137,8 +136,16 @@ def _measure(
         after = _proc_cpu_s(pid)
         if after is not None and before[name] is not None:
             # Warm-up included: the server cannot tell the phases apart.
-            cpu[name] = round(after - before[name], 2)
-    cpu["load_generator"] = round(report.client_cpu_s, 2)
+            cpu[name] = after - before[name]
+    cpu["load_generator"] = report.client_cpu_s
+    return report, cpu
+
+
+def _measure(
+    label: str, cfg: LoadConfig, pids: dict[str, int]
+) -> tuple[LoadReport, dict[str, float]]:
+    report, raw = measured(cfg, pids)
+    cpu = {name: round(s, 2) for name, s in raw.items()}
     lat = report.latency
     print(
         f"  {label:5s} {report.qps:8.1f} req/s  p50 {lat.p50_ms:6.2f}  p99 {lat.p99_ms:6.2f}  "
@@ -233,7 +240,7 @@ def _compare(
     }
 
 
-def _per_call_ms(
+def per_call_ms(
     cpu_s: dict[str, float], rate: float, warmup_s: float, duration_s: float
 ) -> dict[str, float]:
     """CPU milliseconds per call of each process at ``rate`` calls/s.
@@ -275,7 +282,7 @@ def _open_loop_row(
         "flagged": sum(real["flagged"].values()),
         "echo_p50_ms": echo["latency"]["p50_ms"],
         "echo_p99_ms": echo["latency"]["p99_ms"],
-        "cpu_ms_per_call": _per_call_ms(cpu_s, rate, warmup_s, duration_s),
+        "cpu_ms_per_call": per_call_ms(cpu_s, rate, warmup_s, duration_s),
     }
 
 

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from recsys.config import ConfigError, RecsysSettings, load_settings
+from recsys.config import ConfigError, RecsysSettings, TLSSettings, load_settings
 from recsys.errors import UserFacingError
 
 # subcommand -> "module:function"; each function takes (args, settings) -> exit code.
@@ -34,6 +34,42 @@ DATA_HELP = (
     "seed=0', 'movielens-100k:<dir>', 'movielens-latest-small:<dir>', or 'csv:<dir>' "
     "(the format generate-data writes)"
 )
+
+
+def _client_tls_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group(
+        "TLS", "for a server with [ranking.tls] / [retrieval.tls]; any of these turns TLS on"
+    )
+    g.add_argument("--tls-ca", type=Path, help="CA that signed the server's certificate (PEM)")
+    g.add_argument("--tls-cert", type=Path, help="client certificate for mutual TLS (PEM)")
+    g.add_argument("--tls-key", type=Path, help="key of --tls-cert (PEM)")
+
+
+def client_tls(args: argparse.Namespace) -> TLSSettings | None:
+    """The client TLS the ``--tls-*`` flags ask for; None (plaintext) without any.
+
+    Raises:
+        UserFacingError: Only one of ``--tls-cert``/``--tls-key``, or a file that
+            cannot be read (the message names the flag).
+    """
+    paths = {
+        flag: getattr(args, flag[2:].replace("-", "_"), None)
+        for flag in ("--tls-ca", "--tls-cert", "--tls-key")
+    }
+    if not any(paths.values()):
+        return None
+    if (paths["--tls-cert"] is None) != (paths["--tls-key"] is None):
+        given, missing = ("--tls-cert", "--tls-key")
+        if paths["--tls-cert"] is None:
+            given, missing = missing, given
+        raise UserFacingError(f"{given} needs {missing} (mutual TLS takes both)")
+    for flag, path in paths.items():
+        if path is not None and not Path(path).is_file():
+            raise UserFacingError(f"{flag}: {path} is not a readable file")
+    # With only a certificate and key, the server is checked against the system's CAs.
+    return TLSSettings(
+        ca_file=paths["--tls-ca"], cert_file=paths["--tls-cert"], key_file=paths["--tls-key"]
+    )
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -156,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--debug", action="store_true", help="include per-item debug scores")
     p.add_argument("--variant", default="", help="force an experiment variant (debugging)")
+    _client_tls_flags(p)
 
     p = sub.add_parser(
         "loadtest",
@@ -178,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Retrieve: one Candidate message per item with score maps (an older "
                    "client) instead of the packed answer the ranking service asks for")  # fmt: skip
     p.add_argument("--json", action="store_true")
+    _client_tls_flags(p)
     return parser
 
 

@@ -320,9 +320,19 @@ def format_table(recs: Recommendations, *, title: str = "") -> str:
 
 def cli_recommend(args, settings: RecsysSettings) -> int:
     """``recsys recommend --user ID [--k N] [--json]``."""
+    from recsys.cli import client_tls
+
     target = args.target or None
+    # The token the local config gives the ranking service (as `recsys loadtest` sends it).
+    secret = settings.ranking.auth_token
+    opts: dict[str, Any] = {
+        "tls": client_tls(args),
+        "token": secret.get_secret_value() if secret is not None else None,
+    }
     client = (
-        RecommenderClient(target, None) if target else RecommenderClient.from_settings(settings)
+        RecommenderClient(target, None, **opts)
+        if target
+        else RecommenderClient.from_settings(settings, **opts)
     )
     with client:
         try:

@@ -41,11 +41,14 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
 from recsys.errors import UserFacingError
+
+if TYPE_CHECKING:
+    from recsys.config import TLSSettings
 
 RPCS = ("Recommend", "Rank", "Retrieve", "SimilarItems")
 # Which service owns each RPC (decides the default target).
@@ -103,6 +106,8 @@ class LoadConfig:
         timeout_s: Deadline of each call.
         seed: Seeds user sampling and candidate lists.
         metadata: Extra call metadata, e.g. ``(("authorization", "Bearer x"),)``.
+        tls: Client TLS (a CA to trust; a certificate and key for mutual TLS);
+            None for plaintext.
         progress: Print a live one-line status to stderr.
         max_message_bytes: Largest message accepted either way.
         inspect: Optional check of each OK response's bytes; a returned label
@@ -129,6 +134,7 @@ class LoadConfig:
     timeout_s: float = 5.0
     seed: int = 0
     metadata: tuple[tuple[str, str], ...] = ()
+    tls: TLSSettings | None = None
     progress: bool = False
     max_message_bytes: int = 16 * 1024 * 1024
     inspect: Callable[[bytes], str | None] | None = None
@@ -248,6 +254,7 @@ class LoadReport:
     client_cpu_s: float
     client_cores: float
     warmup_s: float = 0.0
+    tls: bool = False
     error_examples: dict[str, str] = field(default_factory=dict)
     flagged: dict[str, int] = field(default_factory=dict)
 
@@ -266,7 +273,8 @@ class LoadReport:
         mode = f"open loop at {self.rate:g}/s" if self.rate else "closed loop"
         lines = [
             f"{self.rpc} -> {self.target}: {mode}, concurrency {self.concurrency}, "
-            f"{self.channels} channel(s), users {self.users} over {self.n_users}",
+            f"{self.channels} {'TLS' if self.tls else 'plaintext'} channel(s), "
+            f"users {self.users} over {self.n_users}",
             f"  duration     {self.elapsed_s:10.2f} s  (warm-up {self.warmup_s:g} s excluded)",
             f"  requests     {self.sent:10d}  ok {self.ok}  errors {self.error_count}",
             f"  throughput   {self.qps:10.1f} req/s  ({self.ok_qps:.1f} ok/s)",
@@ -579,6 +587,7 @@ async def drive(
         client_cpu_s=cpu,
         client_cores=cpu / elapsed,
         warmup_s=config.warmup_s,
+        tls=config.tls is not None,
         error_examples=dict(rec.examples),
     )
 
@@ -594,6 +603,17 @@ def _channel_options(config: LoadConfig) -> list[tuple[str, Any]]:
         # A load test reports what the server answered, so no transparent retries.
         ("grpc.enable_retries", 0),
     ]
+
+
+def _open_channel(config: LoadConfig):
+    import grpc
+
+    options = _channel_options(config)
+    if config.tls is None:
+        return grpc.aio.insecure_channel(config.target, options=options)
+    from recsys.serving import channel_credentials
+
+    return grpc.aio.secure_channel(config.target, channel_credentials(config.tls), options=options)
 
 
 async def run_load(config: LoadConfig, *, progress_stream: TextIO | None = None) -> LoadReport:
@@ -613,10 +633,7 @@ async def run_load(config: LoadConfig, *, progress_stream: TextIO | None = None)
         len(factory.population), config.users, config.zipf_exponent, seed=config.seed
     )
     factory.prebuild()
-    channels = [
-        grpc.aio.insecure_channel(config.target, options=_channel_options(config))
-        for _ in range(config.channels)
-    ]
+    channels = [_open_channel(config) for _ in range(config.channels)]
     path = method_path(config.rpc)
     # No (de)serialisers: requests go out pre-serialised and responses stay bytes.
     stubs = [ch.unary_unary(path) for ch in channels]
@@ -696,8 +713,11 @@ def _default_target(rpc: str, settings) -> str:
 
 def cli_loadtest(args, settings) -> int:
     """``recsys loadtest``: runs one load test and prints a table or JSON."""
+    from recsys.cli import client_tls
+
     rpc = args.rpc
     target = args.target or _default_target(rpc, settings)
+    tls = client_tls(args)
     server = settings.ranking if _SERVICE_OF[rpc] == "RankingService" else settings.retrieval
     metadata: tuple[tuple[str, str], ...] = ()
     if server.auth_token is not None:
@@ -723,6 +743,7 @@ def cli_loadtest(args, settings) -> int:
         k=args.k,
         retrieve_packed=not getattr(args, "unpacked", False),
         metadata=metadata,
+        tls=tls,
         progress=sys.stderr.isatty() and not args.json,
     )
     report = asyncio.run(run_load(config, progress_stream=sys.stderr))

@@ -7,6 +7,7 @@ captured to files; Redis is a real redis-server started with ``--requirepass``.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from recsys.cli import main as cli_main
 from recsys.embedded_redis import EmbeddedRedis, die_with_parent_prefix
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 
@@ -74,7 +76,9 @@ async def code_of(coro) -> tuple[str, str]:
     return "OK", str(resp)
 
 
-async def test_tokens_redis_password_and_no_secrets_leak(trained_version, tmp_path):
+async def test_tokens_redis_password_and_no_secrets_leak(
+    trained_version, tmp_path, monkeypatch, capsys
+):
     from trainer.publish import publish
 
     server = EmbeddedRedis(password=PASSWORD).start()
@@ -150,6 +154,16 @@ async def test_tokens_redis_password_and_no_secrets_leak(trained_version, tmp_pa
             rec_k = await k.Recommend(recommend, timeout=10, metadata=good_k)
             assert not rec_k.retrieval_fallback and len(rec_k.items) == 5
             seen += [str(ok), str(rec_k)]
+            # `recsys recommend` sends the token the config gives the ranking service.
+            argv = ["recommend", "--user", "1", "--k", "5", "--target", k_addr, "--json"]
+            capsys.readouterr()
+            assert await asyncio.to_thread(cli_main, argv) == 1  # no token configured here
+            assert "UNAUTHENTICATED" in capsys.readouterr().err
+            monkeypatch.setenv("RECSYS_RANKING__AUTH_TOKEN", TOKEN_K)
+            assert await asyncio.to_thread(cli_main, argv) == 0
+            printed = capsys.readouterr()
+            assert len(json.loads(printed.out)["items"]) == 5
+            seen += [printed.out, printed.err]
 
             # Wrong password: reads degrade, writes fail, and nobody is told the password.
             deg = await b.Retrieve(retrieve, timeout=5)

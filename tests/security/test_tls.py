@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 
 import grpc
 import pytest
@@ -10,7 +12,9 @@ import pytest
 from ranking_service.server import build_server as build_ranking
 from ranking_service.testing import ranking_settings
 from recsys.channels import create_channel
+from recsys.cli import main as cli_main
 from recsys.config import load_settings
+from recsys.loadtest import LoadConfig, run_load
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 from retrieval_service.server import build_server as build_retrieval
 
@@ -131,3 +135,60 @@ async def test_recommend_end_to_end_over_mutual_tls(pki, published_version, redi
                     ranking_pb2.RecommendRequest(user={"user_id": "1"}, k=5), timeout=10
                 )
             assert resp.retrieval_fallback and "UNAVAILABLE" in resp.fallback_reason
+
+
+def _tls_flags(tls) -> list[str]:
+    flags = ["--tls-ca", str(tls.ca_file)]
+    if tls.cert_file is not None:
+        flags += ["--tls-cert", str(tls.cert_file), "--tls-key", str(tls.key_file)]
+    return flags
+
+
+async def test_loadtest_reaches_a_tls_server_only_over_tls(pki, published_version, redis_url):
+    client = pki.client_tls(with_cert=False)
+    async with retrieval_server(
+        published_version.parent, redis_url, pki.server_tls(mutual=False), client
+    ) as address:
+        base = {"rpc": "SimilarItems", "target": address, "item_ids": ["1", "2", "3"],
+                "concurrency": 2, "requests": 12, "duration_s": None, "k": 3}  # fmt: skip
+        report = await run_load(LoadConfig(**base, tls=client))
+        assert (report.ok, report.errors, report.tls) == (12, {}, True)
+        assert "TLS channel(s)" in report.table()
+        # Plaintext to the same port: every call fails, and the report says how.
+        plain = await run_load(LoadConfig(**{**base, "requests": 4}, timeout_s=2.0))
+        assert plain.ok == 0 and plain.errors == {"UNAVAILABLE": 4}, plain.errors
+        assert not plain.tls and "plaintext channel(s)" in plain.table()
+
+
+async def test_cli_recommend_and_loadtest_over_mutual_tls(
+    pki, published_version, redis_url, capsys
+):
+    model_dir = published_version.parent
+    client = pki.client_tls()
+    async with (
+        retrieval_server(model_dir, redis_url, pki.server_tls(mutual=True), client) as r_addr,
+        ranking_server(
+            model_dir,
+            redis_url,
+            client,
+            retrieval_address=r_addr,
+            retrieval_tls=client,
+            tls=pki.server_tls(mutual=True),
+        ) as k_addr,
+    ):
+        capsys.readouterr()
+        rec = ["recommend", "--user", "1", "--k", "5", "--target", k_addr, "--json"]
+        assert await asyncio.to_thread(cli_main, [*rec, *_tls_flags(client)]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert len(out["items"]) == 5 and not out["retrieval_fallback"]
+
+        load = ["loadtest", "--target", k_addr, "--requests", "6", "--concurrency", "2",
+                "--json", "--model-dir", str(model_dir)]  # fmt: skip
+        assert await asyncio.to_thread(cli_main, [*load, *_tls_flags(client)]) == 0
+        doc = json.loads(capsys.readouterr().out)
+        assert (doc["ok"], doc["errors"], doc["tls"]) == (6, {}, True)
+
+        # Without the client certificate the handshake is refused: a clear failure.
+        no_cert = _tls_flags(pki.client_tls(with_cert=False))
+        assert await asyncio.to_thread(cli_main, [*rec, *no_cert]) == 1
+        assert "UNAVAILABLE" in capsys.readouterr().err

@@ -85,7 +85,8 @@ class LoadConfig:
 
     Attributes:
         rpc: ``Recommend``, ``Rank``, ``Retrieve`` or ``SimilarItems``.
-        target: ``host:port`` of the server.
+        target: ``host:port`` of the server, or any gRPC target (``dns:///name:port``,
+            ``ipv4:a:p,b:p``): calls are spread over every address it resolves to.
         concurrency: Closed loop: workers, each with one call in flight. Open
             loop: the most calls in flight at once.
         rate: Open loop at this many requests per second; None for closed loop.
@@ -602,6 +603,10 @@ def _channel_options(config: LoadConfig) -> list[tuple[str, Any]]:
         ("grpc.use_local_subchannel_pool", 1),
         # A load test reports what the server answered, so no transparent retries.
         ("grpc.enable_retries", 0),
+        # A target naming several backends (`dns:///` of a headless Service, or
+        # `ipv4:a:p,b:p`) gets calls on every one of them; gRPC's default
+        # (pick_first) would send every channel's calls to the first address.
+        ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
     ]
 
 

@@ -25,6 +25,12 @@ def failing_echo():
 
 
 @pytest.fixture(scope="module")
+def refusing_echo():
+    with EchoProcess(fail_every=1, fail_code="RESOURCE_EXHAUSTED") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
 def slow_echo():
     # 20 ms per call, one call at a time: at most 50 calls per second.
     with EchoProcess(delay_ms=20, serial=True) as server:
@@ -51,6 +57,18 @@ async def test_every_rpc_reaches_echo(echo, rpc):
         LoadConfig(rpc=rpc, target=echo.address, concurrency=4, requests=40, duration_s=None)
     )
     assert report.sent == report.ok == 40
+
+
+async def test_calls_spread_over_every_address_of_the_target(echo, refusing_echo):
+    # A target that resolves to several backends (a headless Service's pods) gets
+    # calls on all of them, even from one channel: here one backend answers every
+    # call and the other refuses every call, so each outcome shows up.
+    both = f"ipv4:{echo.address},{refusing_echo.address}"
+    cfg = LoadConfig(rpc="SimilarItems", target=both, concurrency=4, requests=40, duration_s=None)
+    assert cfg.channels == 1
+    report = await run_load(cfg)
+    assert report.sent == 40
+    assert report.ok >= 10 and report.errors.get("RESOURCE_EXHAUSTED", 0) >= 10, report.errors
 
 
 async def test_error_codes_are_counted(failing_echo):

@@ -28,9 +28,11 @@ from recsys.serving import (
     async_redis,
     configure_logging,
     create_server,
+    follow_versions,
     run_service,
     serve,
     settle_heap,
+    track_watchers,
 )
 from recsys.tracing import Tracing
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc
@@ -100,11 +102,7 @@ class RankingServer:
 
     async def follow_versions(self) -> None:
         """Loads the wanted versions now, then keeps following them."""
-        watchers = list(self.watchers.values()) or [self.watcher]
-        for w in watchers:
-            with contextlib.suppress(Exception):
-                await w.poll_once()
-        await asyncio.gather(*(w.run() for w in watchers))
+        await follow_versions(self.watchers.values() or [self.watcher])
 
     async def start(self) -> None:
         """Starts serving and following versions (tests; the CLI uses ``serve``)."""
@@ -173,20 +171,14 @@ def build_server(settings: RecsysSettings, *, tracing: Tracing | None = None) ->
         redis=redis,
         tower_runtime=cfg.tower_runtime,
     )
-    for track in ranker.experiment.model_tracks():
-        current = track == CURRENT_VERSION
-
-        async def load(path: Path, track: str = track) -> None:
-            await srv.load(path, track)
-
-        srv.watchers[track] = VersionWatcher(
-            label="ranking" if current else f"ranking@{track}",
-            model_dir=settings.model_dir,
-            load=load,
-            redis=redis,
-            pinned=cfg.pinned_version if current else track,
-            interval_s=cfg.reload_interval_s,
-        )
+    srv.watchers = track_watchers(
+        ranker.experiment.model_tracks(),
+        label="ranking",
+        model_dir=settings.model_dir,
+        server=cfg,
+        load=srv.load,
+        redis=redis,
+    )
     srv.watcher = srv.watchers[ranker.default_track]
     return srv
 

@@ -41,7 +41,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from recsys import redis_keys
 from recsys.artifacts import MANIFEST, latest_version, list_versions
-from recsys.config import RecsysSettings, ServerSettings, TLSSettings
+from recsys.config import CURRENT_VERSION, RecsysSettings, ServerSettings, TLSSettings
 from recsys.embedded_redis import die_with_parent, die_with_parent_prefix
 
 log = logging.getLogger("recsys.serving")
@@ -819,6 +819,54 @@ class VersionWatcher:
             task = asyncio.current_task()
             if task is not None and task.cancelling():
                 raise asyncio.CancelledError
+
+
+def track_watchers(
+    tracks: Iterable[str],
+    *,
+    label: str,
+    model_dir: Path,
+    server: ServerSettings,
+    load: Callable[[Path, str], Awaitable[None]],
+    redis: Any = None,
+) -> dict[str, VersionWatcher]:
+    """One version watcher per model track, as both services follow A/B variants.
+
+    Args:
+        tracks: ``"current"`` and/or the versions variants pin
+            (:meth:`recsys.experiments.Experiment.model_tracks`).
+        label: Service name; a pinned track's watcher is ``<label>@<version>``.
+        model_dir: Versions root.
+        server: The service's settings (its own ``pinned_version`` applies to
+            the ``current`` track; ``reload_interval_s``).
+        load: ``load(path, track)`` swaps a version into one track.
+        redis: Client to read the published pointer from (``current`` track).
+    """
+    out: dict[str, VersionWatcher] = {}
+    for track in tracks:
+        current = track == CURRENT_VERSION
+
+        async def load_track(path: Path, track: str = track) -> None:
+            await load(path, track)
+
+        out[track] = VersionWatcher(
+            label=label if current else f"{label}@{track}",
+            model_dir=model_dir,
+            load=load_track,
+            redis=redis,
+            pinned=server.pinned_version if current else track,
+            interval_s=server.reload_interval_s,
+        )
+    return out
+
+
+async def follow_versions(watchers: Iterable[VersionWatcher]) -> None:
+    """Loads every watcher's wanted version now, then follows them all until cancelled."""
+    ws = list(watchers)
+    for w in ws:
+        with contextlib.suppress(Exception):
+            await w.poll_once()
+    await asyncio.gather(*(w.run() for w in ws))
 
 
 def _manifest_stamp(version_dir: Path) -> tuple[int, int] | None:

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 from redis.exceptions import RedisError
 
 from recsys.batching import MicroBatcher
-from recsys.config import RetrievalSettings
+from recsys.config import CURRENT_VERSION, RetrievalSettings
 from recsys.errors import shown
 from recsys.experiments import Experiment, UnknownVariant, Variant
 from recsys.features import FeatureSpec, UserProfile, aggregates_from_genre_ratings
@@ -207,7 +207,12 @@ def _check_id(field_name: str, value: str, limit: int) -> None:
 
 
 class RetrievalEngine:
-    """Runs retrieval against whichever version is currently loaded.
+    """Runs retrieval against the loaded versions, one per model track.
+
+    With A/B variants, a variant that pins a model version retrieves from
+    that version's catalogue, Annoy index and top lists, as ranking scores
+    with that version's model; every other variant uses the ``current``
+    track. Without variants there is one track.
 
     Args:
         settings: The retrieval section of the config.
@@ -236,8 +241,13 @@ class RetrievalEngine:
         self.by_name = {s.name: s for s in self.sources}
         self.redis = redis
         self.redis_timeout_s = redis_timeout_s
-        self.served: ServedVersion | None = None
         self.experiment = experiment or Experiment()
+        # Model track ("current" or a pinned version) -> its loaded version.
+        # Replaced, never mutated, so a batch that took it sees one set.
+        self.tracks: dict[str, ServedVersion] = {}
+        self.default_track = self.experiment.default.model_version
+        # The default variant's version: SimilarItems and RecordInteraction.
+        self.served: ServedVersion | None = None
         self.plans = {v: {s.name: s for s in srcs} for v, srcs in (variant_sources or {}).items()}
         self.tracing = tracing
         # Concurrent calls' user reads share one pipeline. The adaptive batch
@@ -267,9 +277,15 @@ class RetrievalEngine:
                 served.source_state[src.name] = prepare(served)
         return served
 
-    def swap(self, served: ServedVersion) -> None:
-        """Makes ``served`` current; calls in flight keep the version they started with."""
-        self.served = served
+    def swap(self, served: ServedVersion, track: str = CURRENT_VERSION) -> None:
+        """Makes ``served`` the version of ``track``; calls in flight keep the one they had."""
+        self.tracks = {**self.tracks, track: served}
+        if track == self.default_track:
+            self.served = served
+
+    def ready(self) -> bool:
+        """True when every variant's model track has a version loaded."""
+        return all(t in self.tracks for t in self.experiment.model_tracks())
 
     def current(self) -> ServedVersion:
         """The loaded version, or UNAVAILABLE before the first load."""
@@ -544,17 +560,22 @@ class RetrievalEngine:
             DeadlineExceeded: The deadline left no time for the sources, or
                 passed before any of them answered.
         """
-        plan = self._plan(q, self.served)
+        plan = self._plan(q, self.tracks)
         deadline = time.monotonic() + (DEFAULT_DEADLINE_S if timeout_s is None else timeout_s)
         return await self._retrieve(q, plan, deadline)
 
-    def _plan(self, q: RetrieveQuery, served: ServedVersion | None) -> _Plan:
-        """The checks done before any I/O: fields, sources, variant, a loaded version."""
+    def _plan(self, q: RetrieveQuery, tracks: Mapping[str, ServedVersion]) -> _Plan:
+        """The checks done before any I/O: fields, sources, variant, its loaded version."""
         budget, chosen = self._validate(q)
         variant = self._variant(q)
         chosen = self._for_variant(chosen, variant)
+        served = tracks.get(variant.model_version)
         if served is None:
-            raise Unavailable("no model version loaded yet")
+            if not tracks:
+                raise Unavailable("no model version loaded yet")
+            raise Unavailable(
+                f"variant {variant.name!r}: model version {variant.model_version} is not loaded yet"
+            )
         return _Plan(budget, chosen, variant, served)
 
     async def retrieve_many(
@@ -576,24 +597,23 @@ class RetrievalEngine:
             so one bad member does not fail the others.
         """
         out: list[RetrieveResult | Exception | None] = [None] * len(queries)
-        served = self.served  # one version for the whole batch
+        tracks = self.tracks  # one set of versions for the whole batch
         deadline = time.monotonic() + (DEFAULT_DEADLINE_S if timeout_s is None else timeout_s)
         plans: list[tuple[int, _Plan]] = []
         for i, q in enumerate(queries):
             try:
-                plans.append((i, self._plan(q, served)))
+                plans.append((i, self._plan(q, tracks)))
             except Exception as exc:  # refused before any I/O: costs the others nothing
                 out[i] = exc
         if not plans:
             return out  # type: ignore[return-value]
-        assert served is not None  # else every _plan raised
         start = time.perf_counter()
         limit, _ = self._hydrate_limit(deadline)
         users: list[StoredUser | Exception]
         try:
             async with asyncio.timeout(limit):
                 users = await load_users(
-                    self.redis, [self._user_read(served, queries[i]) for i, _ in plans]
+                    self.redis, [self._user_read(plan.served, queries[i]) for i, plan in plans]
                 )
         except (*_REDIS_ERRORS, ValueError) as exc:
             users = [exc] * len(plans)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recsys.config import ConfigError, RecsysSettings, ServerSettings
+from recsys.config import CURRENT_VERSION, ConfigError, RecsysSettings, ServerSettings
 from recsys.errors import UserFacingError
 from recsys.experiments import Experiment, source_entries
 from recsys.serving import (
@@ -29,9 +29,11 @@ from recsys.serving import (
     async_redis,
     configure_logging,
     create_server,
+    follow_versions,
     run_service,
     serve,
     settle_heap,
+    track_watchers,
 )
 from recsys.tracing import Tracing
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
@@ -53,22 +55,29 @@ class RetrievalApp:
     engine: RetrievalEngine
     handle: ServerHandle
     redis: Any
-    watcher: VersionWatcher | None = None
+    watcher: VersionWatcher | None = None  # the default variant's track
+    watchers: dict[str, VersionWatcher] = field(default_factory=dict)  # one per model track
     _task: asyncio.Task | None = field(default=None, repr=False)
 
-    async def load(self, path: Path) -> None:
-        """Loads ``path`` off the event loop, swaps it in and reports SERVING."""
-        served = await asyncio.to_thread(self.engine.load_version, path)
-        self.engine.swap(served)
+    async def load(self, path: Path, track: str = CURRENT_VERSION) -> None:
+        """Loads ``path`` off the event loop into ``track``; SERVING once every track has one.
+
+        Tracks that want the same version share one loaded copy.
+        """
+        name = Path(path).name
+        served = next((v for v in self.engine.tracks.values() if v.version == name), None)
+        if served is None:
+            served = await asyncio.to_thread(self.engine.load_version, path)
+        self.engine.swap(served, track)
         settle_heap()
-        await self.handle.set_serving(True)
+        if self.engine.ready():
+            await self.handle.set_serving(True)
 
     async def run(self) -> None:
-        """Loads the wanted version now, then follows new ones until cancelled."""
-        if self.watcher is None:
+        """Loads the wanted versions now, then follows new ones until cancelled."""
+        if not self.watchers and self.watcher is None:
             raise RuntimeError("RetrievalApp has no version watcher")
-        await self.watcher.poll_once()
-        await self.watcher.run()
+        await follow_versions(self.watchers.values() or [self.watcher])
 
     async def start(self) -> None:
         """Starts serving in the current event loop (tests and embedding)."""
@@ -151,14 +160,15 @@ def build_server(
         register=lambda s: retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(servicer, s),
     )
     app = RetrievalApp(settings, engine, handle, client)
-    app.watcher = VersionWatcher(
+    app.watchers = track_watchers(
+        experiment.model_tracks(),
         label="retrieval",
         model_dir=settings.model_dir,
+        server=rs,
         load=app.load,
         redis=client,
-        pinned=rs.pinned_version,
-        interval_s=rs.reload_interval_s,
     )
+    app.watcher = app.watchers[engine.default_track]
     log.info(
         "retrieval built",
         extra={"fields": {"port": handle.port, "sources": [s.name for s in sources]}},

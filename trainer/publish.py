@@ -9,7 +9,9 @@ Order matters so serving never sees a half-loaded version:
    version is added to ``recsys:versions``;
 4. keys of versions older than the newest ``keep`` are deleted (``SCAN``,
    never ``KEYS``). Keeping the previous version gives services that have
-   not reloaded yet a grace period.
+   not reloaded yet a grace period. Versions the config pins (an A/B
+   variant's ``model_version``, a service's ``pinned_version``) are kept
+   whatever their age: retrieval still reads their top lists.
 
 Every step uses large pipelines rather than one round trip per key.
 """
@@ -20,6 +22,7 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,8 +73,8 @@ def _profile(users: dict[str, list], row: int) -> UserProfile:
     )
 
 
-def cleanup_versions(redis_client, keep: int, *, protect: str | None = None) -> tuple[list, int]:
-    """Deletes the keys of published versions older than the newest ``keep``.
+def cleanup_versions(redis_client, keep: int, *, protect: Iterable[str] = ()) -> tuple[list, int]:
+    """Deletes the keys of published versions older than the newest ``keep``, except ``protect``.
 
     Returns:
         (removed versions, number of keys deleted).
@@ -80,7 +83,8 @@ def cleanup_versions(redis_client, keep: int, *, protect: str | None = None) -> 
         v.decode() if isinstance(v, bytes) else v
         for v in redis_client.zrange(redis_keys.VERSIONS, 0, -1)
     ]
-    old = [v for v in published[: max(len(published) - keep, 0)] if v != protect]
+    kept = set(protect)
+    old = [v for v in published[: max(len(published) - keep, 0)] if v not in kept]
     removed_keys = 0
     for v in old:
         batch: list = []
@@ -103,6 +107,7 @@ def publish(
     history_length: int = 50,
     chunk: int = 2000,
     quiet: bool = False,
+    protect: Iterable[str] = (),
 ) -> PublishReport:
     """Loads a version's Redis data and switches the current-version pointer to it.
 
@@ -110,6 +115,9 @@ def publish(
         version_dir: A complete version directory (verified with ``ModelVersion.open``).
         redis_client: A synchronous ``redis.Redis``.
         keep: Published versions whose keys are kept (the new one included).
+        protect: Versions whose keys are kept whatever their age: those the
+            services serve besides the current one (a variant's or a
+            rollback's pinned version), whose top lists retrieval still reads.
         history_length: Cap of each user's recent list (``retrieval.history_length``).
         chunk: Users per pipeline execution.
         quiet: No progress output.
@@ -172,7 +180,7 @@ def publish(
     _progress(quiet, f"current version is now {mv.version}")
 
     report.removed_versions, report.removed_keys = cleanup_versions(
-        redis_client, keep, protect=mv.version
+        redis_client, keep, protect={mv.version, *protect}
     )
     if report.removed_versions:
         _progress(
@@ -181,6 +189,19 @@ def publish(
         )
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def pinned_versions(settings) -> set[str]:
+    """Versions the config has the services serve besides the published one.
+
+    The A/B variants' pinned ``model_version`` and the services' own
+    ``pinned_version`` (a rollback): their Redis top lists must outlive ``keep``.
+    """
+    from recsys.experiments import Experiment
+
+    pins = {v.pinned_version for v in Experiment(settings.experiments).variants}
+    pins |= {settings.retrieval.pinned_version, settings.ranking.pinned_version}
+    return {p for p in pins if p}
 
 
 def cli_publish(args: argparse.Namespace, settings) -> int:
@@ -201,6 +222,7 @@ def cli_publish(args: argparse.Namespace, settings) -> int:
             client,
             keep=args.keep,
             history_length=settings.retrieval.history_length,
+            protect=pinned_versions(settings),
         )
     except ArtifactError as exc:
         raise UserFacingError(str(exc)) from exc

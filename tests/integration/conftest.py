@@ -33,6 +33,7 @@ class Stack:
     settings: RecsysSettings
     ranking_port: int
     retrieval_port: int
+    retrieval_app: Any = None
 
 
 @contextlib.asynccontextmanager
@@ -83,6 +84,7 @@ async def _serve_both(
                     cfg,
                     srv.port,
                     handle.port,
+                    app,
                 )
         finally:
             await srv.stop(0)

@@ -105,6 +105,34 @@ def test_publish_switches_and_cleans_old_versions(redis_url, client, trained_ver
     assert client.exists(redis_keys.top_popular("3"))
 
 
+def test_publish_keeps_the_versions_the_config_pins(client, trained_version, tmp_path):
+    from recsys.config import ExperimentSettings, load_settings
+    from trainer.publish import pinned_versions
+
+    settings = load_settings(
+        ranking={"pinned_version": "2"},
+        experiments=ExperimentSettings(
+            name="ab",
+            variants=[{"name": "a", "share": 0.5}, {"name": "b", "share": 0.5,
+                                                   "model_version": "1"}],
+        ),
+    )  # fmt: skip
+    assert pinned_versions(settings) == {"1", "2"}
+    assert pinned_versions(load_settings()) == set()
+    for n in (1, 2, 3, 4):
+        d = tmp_path / str(n)
+        shutil.copytree(trained_version, d)
+        m = json.loads((d / "manifest.json").read_text())
+        m["version"] = str(n)
+        (d / "manifest.json").write_text(json.dumps(m))
+        publish(d, client, keep=1, quiet=True, protect=pinned_versions(settings))
+    # keep=1 would leave only "4"; the variant's "1" and the rollback pin "2" stay.
+    assert client.zrange(redis_keys.VERSIONS, 0, -1) == ["1", "2", "4"]
+    assert not list(client.scan_iter(match=redis_keys.version_pattern("3")))
+    for v in ("1", "2", "4"):
+        assert client.exists(redis_keys.top_popular(v))
+
+
 def test_publish_refuses_incomplete_version(redis_url, client, trained_version, tmp_path):
     broken = tmp_path / "9"
     shutil.copytree(trained_version, broken)

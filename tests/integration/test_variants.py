@@ -8,6 +8,7 @@ import grpc
 import pytest
 import redis as redis_sync
 
+from recsys import redis_keys
 from recsys.artifacts import ModelVersion
 from recsys.config import ExperimentSettings
 from recsys.experiments import Experiment
@@ -31,7 +32,8 @@ EXPERIMENT = {
 def _publish(version_dir, url: str) -> None:
     client = redis_sync.Redis.from_url(url)
     try:
-        publish(version_dir, client, quiet=True)
+        # As `recsys publish` does with this config: the pinned version's top lists stay.
+        publish(version_dir, client, quiet=True, protect={"1"})
     finally:
         client.close()
 
@@ -55,7 +57,7 @@ async def stack(versions, redis_server, serve_both):
         retrieval={"reload_interval_s": 0.2},
         experiments=ExperimentSettings(**EXPERIMENT),
     ) as s:
-        yield s.ranking_server, s.ranking, s.retrieval
+        yield s.ranking_server, s.ranking, s.retrieval, s.retrieval_app
 
 
 def users_by_variant(model_dir) -> dict[str, list[str]]:
@@ -68,7 +70,7 @@ def users_by_variant(model_dir) -> dict[str, list[str]]:
 
 
 async def test_two_variants_serve_two_model_versions_at_once(stack, versions):
-    srv, ranking, _ = stack
+    srv, ranking, _, _ = stack
     assert set(srv.ranker.models) == {"current", "1"}
     assert srv.ranker.models["current"].name == "2"
     groups = users_by_variant(versions)
@@ -87,6 +89,8 @@ async def test_two_variants_serve_two_model_versions_at_once(stack, versions):
     for resp, (variant, version) in zip(answers, want, strict=True):
         assert resp.variant == variant
         assert resp.model_version == version
+        # Candidates came from the same version's index and top lists.
+        assert resp.index_version == version
         assert not resp.retrieval_fallback
         assert resp.items and all(it.debug.model_version == version for it in resp.items)
         names = {r.source for r in resp.source_reports}
@@ -95,7 +99,7 @@ async def test_two_variants_serve_two_model_versions_at_once(stack, versions):
 
 
 async def test_rank_reports_the_variant_and_its_model(stack, versions):
-    _, ranking, _ = stack
+    _, ranking, _, _ = stack
     groups = users_by_variant(versions)
     mv = ModelVersion.open(versions / "1")
     items = list(mv.item_ids[:50])
@@ -111,7 +115,7 @@ async def test_rank_reports_the_variant_and_its_model(stack, versions):
 
 
 async def test_forced_variant_wins_over_the_bucket(stack, versions):
-    _, ranking, retrieval = stack
+    _, ranking, retrieval, _ = stack
     uid = users_by_variant(versions)["control"][0]
     user = common_pb2.UserContext(user_id=uid, variant="pinned")
     resp = await ranking.Recommend(ranking_pb2.RecommendRequest(user=user, k=3), timeout=10)
@@ -129,17 +133,42 @@ async def test_forced_variant_wins_over_the_bucket(stack, versions):
 
 
 async def test_retrieve_alone_buckets_like_ranking(stack, versions):
-    _, _, retrieval = stack
+    _, _, retrieval, _ = stack
+    expected = {"control": "2", "pinned": "1"}
     for variant, users in users_by_variant(versions).items():
         for uid in users[:3]:
             req = retrieval_pb2.RetrieveRequest(user=common_pb2.UserContext(user_id=uid))
             resp = await retrieval.Retrieve(req, timeout=10)
-            assert resp.variant == variant
+            assert (resp.variant, resp.index_version) == (variant, expected[variant])
+            assert not resp.degraded
+
+
+async def test_retrieval_serves_each_variant_from_its_own_version(stack, versions):
+    _, _, retrieval, app = stack
+    assert set(app.engine.tracks) == {"current", "1"}
+    assert (app.engine.tracks["current"].version, app.engine.tracks["1"].version) == ("2", "1")
+    assert set(app.watchers) == {"current", "1"}
+    # One RetrieveMany holding both variants' users: each member uses its own version.
+    groups = users_by_variant(versions)
+    members = [
+        retrieval_pb2.RetrieveRequest(user=common_pb2.UserContext(user_id=uid), budget=30)
+        for uid in groups["control"][:3] + groups["pinned"][:3]
+    ]
+    got = await retrieval.RetrieveMany(
+        retrieval_pb2.RetrieveManyRequest(requests=members), timeout=10
+    )
+    versions_seen = [o.response.index_version for o in got.outcomes]
+    assert versions_seen == ["2"] * 3 + ["1"] * 3
+    # "Similar to recent" reads the pinned version's own Annoy index: its
+    # neighbours of an item differ from the current version's.
+    v1 = app.engine.tracks["1"].similar("1", 10)
+    v2 = app.engine.tracks["current"].similar("1", 10)
+    assert [n.item_id for n in v1] != [n.item_id for n in v2]
 
 
 @pytest.mark.parametrize("rpc", ["Recommend", "Rank", "Retrieve"])
 async def test_unknown_variant_is_invalid_argument(stack, rpc):
-    _, ranking, retrieval = stack
+    _, ranking, retrieval, _ = stack
     user = common_pb2.UserContext(user_id="u1", variant="nope")
     if rpc == "Recommend":
         call = ranking.Recommend(ranking_pb2.RecommendRequest(user=user, k=3), timeout=10)
@@ -156,18 +185,32 @@ async def test_unknown_variant_is_invalid_argument(stack, rpc):
 
 
 async def test_tracks_swap_independently(stack, versions, train_version, redis_server):
-    srv, ranking, _ = stack
+    srv, ranking, _, app = stack
     pinned_before = srv.ranker.models["1"]
+    pinned_index_before = app.engine.tracks["1"]
     v3 = train_version(versions, seed=2, epochs=1)
     _publish(v3, redis_server.url)  # the current pointer moves to 3
     for _ in range(300):
-        if srv.ranker.models["current"].name == "3":
+        if (srv.ranker.models["current"].name, app.engine.tracks["current"].version) == ("3", "3"):
             break
         await asyncio.sleep(0.1)
     assert srv.ranker.models["current"].name == "3"
-    assert srv.ranker.models["1"] is pinned_before  # the pinned track did not move
+    assert app.engine.tracks["current"].version == "3"
+    # The pinned tracks did not move, in either service.
+    assert srv.ranker.models["1"] is pinned_before
+    assert app.engine.tracks["1"] is pinned_index_before
     groups = users_by_variant(versions)
     for variant, version in (("control", "3"), ("pinned", "1")):
         req = ranking_pb2.RecommendRequest(user=common_pb2.UserContext(user_id=groups[variant][0]))
         resp = await ranking.Recommend(req, timeout=10)
-        assert (resp.variant, resp.model_version) == (variant, version)
+        assert (resp.variant, resp.model_version, resp.index_version) == (variant, version, version)
+        assert not resp.retrieval_fallback
+        genre = next(r for r in resp.source_reports if r.source == "top_genre")
+        assert genre.status == common_pb2.SOURCE_STATUS_OK and genre.count > 0
+    # Publishing 3 with keep=2 would drop version 1's top lists, but it is pinned:
+    # a retrieval process started now still finds them.
+    client = redis_sync.Redis.from_url(redis_server.url)
+    try:
+        assert client.exists(redis_keys.top_popular("1"))
+    finally:
+        client.close()

@@ -288,11 +288,15 @@ class Ranker:
             variant=variant.name,
             stored=stored,
         )
-        # Provenance of the winners: position of each top row among the candidates.
+        # Provenance of the winners: position of each top row among the candidates,
+        # through the model's catalogue-sized scratch (no sort; winners are known,
+        # distinct rows, and retrieval never repeats a candidate).
         if out.items:
-            order = np.argsort(rows, kind="stable")
             top = np.array([it.row for it in out.items], np.int64)
-            pos = order[np.searchsorted(rows[order], top)].tolist()
+            known = np.flatnonzero(rows >= 0)
+            where = model.marks.position_scratch()
+            where[rows[known]] = known
+            pos = where[top].tolist()
             read_many = getattr(cands, "provenance_many", None)  # packed: one read for all
             provenance = read_many(pos) if read_many is not None else [None] * len(pos)
             for it, p, prov in zip(out.items, pos, provenance, strict=True):
@@ -361,7 +365,7 @@ class Ranker:
             M.REDIS_ERRORS.inc()
         if job.watched:
             M.WATCHED_DROPPED.inc(job.watched)
-        M.USER_FEATURES.labels(job.source, variant).inc()
+        M.user_features(job.source, variant).inc()
         out = RankOutcome(model, [], unknown, job.watched, job.source)
         stored = job.stored
         out.country = user.country or (

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram
 
 BATCH_SIZE = Histogram(
@@ -64,3 +66,13 @@ CATALOGUE_ITEMS = Gauge(
     "Items in the serving version (the newest load among workers).",
     multiprocess_mode="livemostrecent",
 )
+
+_user_features: dict[tuple[str, str], Any] = {}
+
+
+def user_features(source: str, variant: str) -> Any:
+    """The ``USER_FEATURES`` child for one source and variant (cached: one per request)."""
+    child = _user_features.get((source, variant))
+    if child is None:
+        child = _user_features[(source, variant)] = USER_FEATURES.labels(source, variant)
+    return child

@@ -24,6 +24,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 from redis.exceptions import RedisError
 
 from recsys.batching import MicroBatcher
@@ -186,12 +187,24 @@ class _Plan(NamedTuple):
     served: ServedVersion
 
 
+_UMAX = np.maximum.reduce  # the ufunc method itself: ndarray.max() adds a Python wrapper
+
+
+def _outside(rows: np.ndarray, n: int) -> bool:
+    """True when some row is not in ``0..n-1`` (checked for every source's block)."""
+    if not rows.shape[0]:
+        return False
+    if rows.dtype == np.int64:
+        # Seen unsigned, a negative row is huge: one reduction checks both ends.
+        return int(_UMAX(rows.view(np.uint64))) >= n
+    return bool(rows.min() < 0 or rows.max() >= n)
+
+
 def _as_block(got: Sequence[Any], k: int, served: ServedVersion) -> CandidateBlock:
     """A source's answer, cut to ``k``, as a block over ``served``'s catalogue."""
     if isinstance(got, CandidateBlock) and got.item_ids is served.item_ids:
         block = got if got.rows.shape[0] <= k else got[:k]  # usually already within k
-        rows = block.rows
-        if rows.shape[0] and (rows.min() < 0 or rows.max() >= len(served.item_ids)):
+        if _outside(block.rows, len(served.item_ids)):
             raise ValueError("returned a CandidateBlock with rows outside the catalogue")
         return block
     # A plain list (plugins), or a block over another catalogue: one object per candidate.

@@ -56,6 +56,19 @@ async def ranking_server(model_dir, redis_url, client_tls, **cfg):
         await srv.stop(0)
 
 
+def mutual_ranking(pki, model_dir, redis_url, retrieval_address: str):
+    """Ranking over mutual TLS, presenting the client certificate to retrieval too."""
+    client = pki.client_tls()
+    return ranking_server(
+        model_dir,
+        redis_url,
+        client,
+        retrieval_address=retrieval_address,
+        retrieval_tls=client,
+        tls=pki.server_tls(mutual=True),
+    )
+
+
 async def similar(address: str, tls) -> retrieval_pb2.SimilarItemsResponse:
     async with create_channel(address, aio=True, tls=tls, max_attempts=1) as ch:
         stub = retrieval_pb2_grpc.RetrievalServiceStub(ch)
@@ -98,14 +111,7 @@ async def test_recommend_end_to_end_over_mutual_tls(pki, published_version, redi
         model_dir, redis_url, pki.server_tls(mutual=True), client
     ) as r_addr:
         # The hop presents the ranking service's client certificate to retrieval.
-        async with ranking_server(
-            model_dir,
-            redis_url,
-            client,
-            retrieval_address=r_addr,
-            retrieval_tls=client,
-            tls=pki.server_tls(mutual=True),
-        ) as k_addr:
+        async with mutual_ranking(pki, model_dir, redis_url, r_addr) as k_addr:
             async with create_channel(k_addr, aio=True, tls=client) as ch:
                 stub = ranking_pb2_grpc.RankingServiceStub(ch)
                 resp = await stub.Recommend(
@@ -167,14 +173,7 @@ async def test_cli_recommend_and_loadtest_over_mutual_tls(
     client = pki.client_tls()
     async with (
         retrieval_server(model_dir, redis_url, pki.server_tls(mutual=True), client) as r_addr,
-        ranking_server(
-            model_dir,
-            redis_url,
-            client,
-            retrieval_address=r_addr,
-            retrieval_tls=client,
-            tls=pki.server_tls(mutual=True),
-        ) as k_addr,
+        mutual_ranking(pki, model_dir, redis_url, r_addr) as k_addr,
     ):
         capsys.readouterr()
         rec = ["recommend", "--user", "1", "--k", "5", "--target", k_addr, "--json"]

@@ -211,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--users", choices=["uniform", "zipf"], default="uniform")
     p.add_argument("--candidates", type=int, default=1000, help="candidate list size for Rank")
     p.add_argument("--k", type=int, default=20)
+    p.add_argument(
+        "--variant", default="", help="force this A/B variant on every request (one arm's load)"
+    )
     p.add_argument("--unpacked", action="store_true",
                    help="Retrieve: one Candidate message per item with score maps (an older "
                    "client) instead of the packed answer the ranking service asks for")  # fmt: skip

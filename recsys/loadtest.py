@@ -109,6 +109,8 @@ class LoadConfig:
         metadata: Extra call metadata, e.g. ``(("authorization", "Bearer x"),)``.
         tls: Client TLS (a CA to trust; a certificate and key for mutual TLS);
             None for plaintext.
+        variant: Force this A/B variant on every request (``UserContext.variant``)
+            to load one arm of an experiment; empty: users fall into their buckets.
         progress: Print a live one-line status to stderr.
         max_message_bytes: Largest message accepted either way.
         inspect: Optional check of each OK response's bytes; a returned label
@@ -136,6 +138,7 @@ class LoadConfig:
     seed: int = 0
     metadata: tuple[tuple[str, str], ...] = ()
     tls: TLSSettings | None = None
+    variant: str = ""
     progress: bool = False
     max_message_bytes: int = 16 * 1024 * 1024
     inspect: Callable[[bytes], str | None] | None = None
@@ -395,7 +398,7 @@ class RequestFactory:
         c = self.config
         if c.rpc == "SimilarItems":
             return retrieval_pb2.SimilarItemsRequest(item_id=self.item_ids[index], k=c.k)
-        user = common_pb2.UserContext(user_id=self.user_ids[index])
+        user = common_pb2.UserContext(user_id=self.user_ids[index], variant=c.variant)
         if c.rpc == "Recommend":
             return ranking_pb2.RecommendRequest(user=user, k=c.k, retrieval_budget=c.budget)
         if c.rpc == "Retrieve":
@@ -749,6 +752,7 @@ def cli_loadtest(args, settings) -> int:
         retrieve_packed=not getattr(args, "unpacked", False),
         metadata=metadata,
         tls=tls,
+        variant=args.variant,
         progress=sys.stderr.isatty() and not args.json,
     )
     report = asyncio.run(run_load(config, progress_stream=sys.stderr))

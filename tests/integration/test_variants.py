@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import grpc
 import pytest
@@ -12,6 +13,7 @@ from recsys import redis_keys
 from recsys.artifacts import ModelVersion
 from recsys.config import ExperimentSettings
 from recsys.experiments import Experiment
+from recsys.loadtest import LoadConfig, run_load
 from recsys.v1 import common_pb2, ranking_pb2, retrieval_pb2
 from trainer.publish import publish
 
@@ -214,3 +216,26 @@ async def test_tracks_swap_independently(stack, versions, train_version, redis_s
         assert client.exists(redis_keys.top_popular("1"))
     finally:
         client.close()
+
+
+async def test_loadtest_can_drive_one_arm(stack, versions):
+    srv, _, _, _ = stack
+    control_users = users_by_variant(versions)["control"][:20]
+
+    def variant_of(resp: bytes) -> str:
+        return ranking_pb2.RecommendResponse.FromString(resp).variant
+
+    cfg = LoadConfig(
+        rpc="Recommend",
+        target=f"127.0.0.1:{srv.port}",
+        user_ids=control_users,
+        concurrency=2,
+        requests=10,
+        duration_s=None,
+        variant="pinned",
+        inspect=variant_of,
+    )
+    forced = await run_load(cfg)
+    assert (forced.ok, forced.flagged) == (10, {"pinned": 10})
+    bucketed = await run_load(dataclasses.replace(cfg, variant=""))
+    assert (bucketed.ok, bucketed.flagged) == (10, {"control": 10})

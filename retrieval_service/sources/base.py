@@ -38,7 +38,16 @@ import time
 from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, overload, runtime_checkable
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    ClassVar,
+    Literal,
+    Protocol,
+    TypeVar,
+    overload,
+    runtime_checkable,
+)
 
 import numpy as np
 from numba import njit
@@ -603,6 +612,35 @@ _TOP_SCRIPT = (
     "return cjson.encode(r)"
 )
 _TOP_SHA = hashlib.sha1(_TOP_SCRIPT.encode()).hexdigest()
+
+
+T = TypeVar("T")
+
+
+async def await_each(futures: Sequence[asyncio.Future[T]]) -> list[T]:
+    """Results of ``futures`` in order, awaited one by one.
+
+    For reads a source queued together (one pipeline): awaiting done
+    futures does not suspend, so a source answered from copies stays
+    inline, where ``asyncio.gather`` would always suspend once. When one
+    raises (or the source is cancelled), the others' outcomes are still
+    consumed as they land, so asyncio does not log "Future exception was
+    never retrieved" for each of them.
+    """
+    out: list[T] = []
+    try:
+        for fut in futures:
+            out.append(await fut)
+    except BaseException:
+        for fut in futures:
+            fut.add_done_callback(_consume)
+        raise
+    return out
+
+
+def _consume(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()  # marks it retrieved
 
 
 def _decode_top(reply: bytes | str) -> list[tuple[str, float]]:

@@ -23,6 +23,7 @@ from retrieval_service.sources.base import (
     SourceConfig,
     Tier,
     TopRows,
+    await_each,
     round_robin,
 )
 
@@ -60,7 +61,7 @@ class TopGenreSource(SourceBase):
         # Issue every read before awaiting any, so they share one pipeline.
         pending = [ctx.top_rows(redis_keys.top_genre(version, g), per) for g in genres]
         from_copies = all(f.done() for f in pending)  # answered by the cache, no read
-        lists: list[TopRows] = [await f for f in pending]
+        lists: list[TopRows] = await await_each(pending)
         # Rank-major matrix: row r holds rank r of every genre list (-1: list too short).
         rows = np.full((per, len(genres)), -1, np.int64)
         scores = np.zeros((per, len(genres)), np.float64)

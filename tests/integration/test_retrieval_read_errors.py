@@ -1,0 +1,75 @@
+"""A top-list read that fails mid-request: the source reports ERROR and nothing is left unread.
+
+Real Redis: the version's genre lists are overwritten with plain strings, so
+each list's read fails on its own (WRONGTYPE) while the user's state reads
+fine. The genre source queues one read per favourite genre and awaits them
+in turn; when the first fails, the later ones must still have their errors
+consumed, or asyncio logs "Future exception was never retrieved" for each of
+them once they are collected (a log line per genre per request in an outage).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+import redis
+import redis.asyncio as aioredis
+
+from recsys import redis_keys
+from recsys.artifacts import ModelVersion
+from recsys.config import RetrievalSettings
+from retrieval_service.engine import RetrievalEngine, RetrieveQuery, SourceStatus
+from retrieval_service.registry import build_sources
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def engine(published: Path, redis_server):
+    client = aioredis.Redis.from_url(redis_server.url)
+    settings = RetrievalSettings(
+        top_list_cache=False,
+        sources=[
+            {"name": "top_genre", "type": "redis_top_genre", "budget": 60, "timeout_ms": 2000},
+            {"name": "popular", "type": "popular", "budget": 60},
+        ],
+    )
+    eng = RetrievalEngine(settings, build_sources(settings.sources), client)
+    eng.swap(await asyncio.to_thread(eng.load_version, published))
+    yield eng
+    await client.aclose()
+
+
+async def test_failed_genre_reads_are_reported_and_leave_no_unretrieved_errors(
+    engine, published: Path, redis_server
+):
+    mv = ModelVersion.open(published)
+    sync = redis.Redis.from_url(redis_server.url)
+    try:
+        for genre in mv.spec.genres:
+            sync.set(redis_keys.top_genre(mv.version, genre), "not a sorted set")
+    finally:
+        sync.close()
+    users = mv.users
+    # A user with several favourite genres: several reads queued, all failing.
+    row = max(range(len(users["user_id"])), key=lambda r: len(users["history"][r]))
+    loop = asyncio.get_running_loop()
+    seen: list[dict] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: seen.append(context))
+    try:
+        for _ in range(3):
+            result = await engine.retrieve(RetrieveQuery(str(users["user_id"][row]), budget=60))
+            report = {r.source: r for r in result.reports}["top_genre"]
+            assert report.status is SourceStatus.ERROR and "WRONGTYPE" in report.message
+            assert result.degraded and len(result.selection) == 60  # popular still answers
+        await asyncio.sleep(0.05)  # let every read's callbacks run
+        gc.collect()
+    finally:
+        loop.set_exception_handler(previous)
+    unretrieved = [c for c in seen if "never retrieved" in str(c.get("message", ""))]
+    assert not unretrieved, unretrieved[:2]

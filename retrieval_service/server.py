@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,9 @@ from retrieval_service.servicer import RetrievalServicer
 
 log = logging.getLogger("recsys.retrieval")
 
+# Longest a version's top-list copy may delay its swap (Redis slow or down).
+WARM_TIMEOUT_S = 10.0
+
 SERVICE_NAME = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name
 
 
@@ -68,10 +72,24 @@ class RetrievalApp:
         served = next((v for v in self.engine.tracks.values() if v.version == name), None)
         if served is None:
             served = await asyncio.to_thread(self.engine.load_version, path)
+            await self._warm(served)
         self.engine.swap(served, track)
         settle_heap()
         if self.engine.ready():
             await self.handle.set_serving(True)
+
+    async def _warm(self, served: Any) -> None:
+        start = time.perf_counter()
+        fields: dict[str, Any] = {"version": served.version}
+        try:
+            async with asyncio.timeout(WARM_TIMEOUT_S):
+                fields["lists"] = await self.engine.warm(served)
+        except Exception as exc:  # a cold cache is slower, not wrong: swap anyway
+            fields["error"] = f"{type(exc).__name__}: {exc}"
+            log.warning("top lists not copied before serving", extra={"fields": fields})
+            return
+        fields["seconds"] = round(time.perf_counter() - start, 3)
+        log.info("top lists copied", extra={"fields": fields})
 
     async def run(self) -> None:
         """Loads the wanted versions now, then follows new ones until cancelled."""

@@ -510,3 +510,37 @@ async def test_redis_down_degrades_to_memory_sources(published: Path, mv: ModelV
                 timeout=2,
             )
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_first_request_finds_the_top_lists_already_copied(
+    published: Path, redis_server, mv: ModelVersion
+):
+    # A server of its own, so this is the version's first request.
+    settings = settings_for(published.parent, redis_server.url)
+    async with Running(settings, counting_client(redis_server.url)) as running:
+        cache = running.app.engine.served.top_cache
+        keys = [redis_keys.top_genre(mv.version, g) for g in mv.spec.genres]
+        keys += [redis_keys.top_country(mv.version, c) for c in mv.spec.countries]
+        keys.append(redis_keys.top_popular(mv.version))
+        published_keys = [k for k in keys if redis.Redis.from_url(redis_server.url).exists(k)]
+        assert published_keys and all(cache.get_rows(k, 1) is not None for k in published_keys)
+        before = CountingConnection.writes
+        res = await running.stub.Retrieve(request(typical_user(mv)[0], 200), timeout=5)
+        assert not res.degraded and len(res.candidates) == 200
+        # Only the user's own read goes to Redis: every list came from the copies.
+        assert CountingConnection.writes - before == 1
+
+
+async def test_a_version_is_swapped_in_even_when_its_lists_cannot_be_copied(
+    published: Path, redis_server, mv: ModelVersion, caplog
+):
+    settings = settings_for(published.parent, redis_server.url)
+    dead = aioredis.Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
+    _handle, app = build_server(settings, redis=dead)
+    try:
+        with caplog.at_level("WARNING", logger="recsys.retrieval"):
+            await app.load(published)
+        assert app.engine.served is not None and app.engine.served.version == mv.version
+        assert any("top lists not copied" in r.getMessage() for r in caplog.records)
+    finally:
+        await app.close()

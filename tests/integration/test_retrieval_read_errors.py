@@ -73,3 +73,33 @@ async def test_failed_genre_reads_are_reported_and_leave_no_unretrieved_errors(
         loop.set_exception_handler(previous)
     unretrieved = [c for c in seen if "never retrieved" in str(c.get("message", ""))]
     assert not unretrieved, unretrieved[:2]
+
+
+async def test_a_version_without_top_lists_in_redis_is_served_with_a_warning(
+    published: Path, redis_server, caplog
+):
+    from recsys.config import load_settings
+    from retrieval_service.server import build_server
+
+    mv = ModelVersion.open(published)
+    sync = redis.Redis.from_url(redis_server.url)
+    try:  # as if the version had never been published (or its keys were removed)
+        keys = list(sync.scan_iter(match=redis_keys.version_pattern(mv.version)))
+        assert keys
+        sync.unlink(*keys)
+    finally:
+        sync.close()
+    settings = load_settings(
+        model_dir=published.parent,
+        redis_url=redis_server.url,
+        retrieval={"port": 0, "metrics_port": 0, "reload_interval_s": 3600.0},
+    )
+    _handle, app = build_server(settings)
+    try:
+        with caplog.at_level("INFO", logger="recsys.retrieval"):
+            await app.load(published)
+        assert app.engine.served is not None
+        warned = [r for r in caplog.records if "no top lists in Redis" in r.getMessage()]
+        assert len(warned) == 1 and warned[0].levelname == "WARNING"
+    finally:
+        await app.close()

@@ -307,12 +307,13 @@ class RetrievalEngine:
             How many lists were copied.
 
         Raises:
-            RedisUnavailable: The reads failed (the caller swaps anyway: the
-                lists are then read on first use, as before).
+            RedisUnavailable: The reads failed, or a Redis error of one list's
+                read (e.g. a key of the wrong type). The caller swaps anyway:
+                the lists are then read on first use, as before.
         """
-        cache = served.top_cache
         if not self.settings.top_list_cache:
             return 0
+        cache = served.top_cache
         spec, version = served.model.spec, served.version
         keys = [redis_keys.top_genre(version, g) for g in spec.genres]
         keys += [redis_keys.top_country(version, c) for c in spec.countries]

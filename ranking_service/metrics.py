@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -67,12 +68,13 @@ CATALOGUE_ITEMS = Gauge(
     multiprocess_mode="livemostrecent",
 )
 
-_user_features: dict[tuple[str, str], Any] = {}
 
-
+@functools.cache
 def user_features(source: str, variant: str) -> Any:
-    """The ``USER_FEATURES`` child for one source and variant (cached: one per request)."""
-    child = _user_features.get((source, variant))
-    if child is None:
-        child = _user_features[(source, variant)] = USER_FEATURES.labels(source, variant)
-    return child
+    """The ``USER_FEATURES`` child for one source and variant.
+
+    Cached like retrieval's ``source_children``: ``labels()`` hashes and locks
+    on every call, and both labels come from a small set (feature sources,
+    configured variants).
+    """
+    return USER_FEATURES.labels(source, variant)

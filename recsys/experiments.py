@@ -19,6 +19,7 @@ that serves the current model version and the configured sources, and
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -186,18 +187,17 @@ def source_entries(
     return out
 
 
-_children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
+@functools.cache
+def _variant_children(service: str, method: str, variant: str) -> tuple[Any, Any]:
+    # Label lookups are slow enough to matter per request; the set is bounded by config.
+    return (
+        VARIANT_REQUESTS.labels(service, method, variant),
+        VARIANT_LATENCY.labels(service, method, variant),
+    )
 
 
 def observe_request(service: str, method: str, variant: str, seconds: float) -> None:
     """Counts one served request and its handling time under its variant label."""
-    key = (service, method, variant)
-    child = _children.get(key)
-    if child is None:  # label lookups are slow enough to matter per request: cache them
-        child = (
-            VARIANT_REQUESTS.labels(service, method, variant),
-            VARIANT_LATENCY.labels(service, method, variant),
-        )
-        _children[key] = child
-    child[0].inc()
-    child[1].observe(seconds)
+    requests, latency = _variant_children(service, method, variant)
+    requests.inc()
+    latency.observe(seconds)

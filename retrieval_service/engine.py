@@ -301,7 +301,7 @@ class RetrievalEngine:
         and 30 of its answers were degraded (genre and country lists past
         their 50 ms deadlines). One pipelined read of every genre, country
         and popular list of the version, each as wide as a miss would read,
-        with rows converted once. Off with ``retrieval.top_list_cache``.
+        then each copy's rows converted once. Off with ``retrieval.top_list_cache``.
 
         Returns:
             How many lists were copied.
@@ -320,7 +320,8 @@ class RetrievalEngine:
         keys.append(redis_keys.top_popular(version))
         batch = RedisBatch(self.redis, cache=cache)
         width = cache.width(1)
-        await await_each([batch.top_rows(k, width, served.item_index) for k in keys])
+        # Plain entries: each copy's rows are converted once, below.
+        await await_each([batch.top(k, width) for k in keys])
         return sum(cache.get_rows(k, width) is not None for k in keys)
 
     def swap(self, served: ServedVersion, track: str = CURRENT_VERSION) -> None:

@@ -107,6 +107,7 @@ class Ranker:
     Args:
         batcher: Micro-batcher whose function is :func:`score_batch`.
         redis: ``redis.asyncio`` client for user state, or None.
+        redis_timeout_s: Longest wait for a batch's user read.
         retrieval: Client for Recommend, or None (Recommend then always
             answers from the popular list).
         experiment: A/B variants (default: none; everything is variant ``default``).
@@ -121,6 +122,7 @@ class Ranker:
         batch_timeout_ms: float = 5.0,
         score_in_thread: bool = False,
         redis=None,
+        redis_timeout_s: float = 0.25,
         retrieval: RetrievalClient | None = None,
         experiment: Experiment | None = None,
         kinds: dict[str, str] | None = None,
@@ -144,6 +146,7 @@ class Ranker:
             else None
         )
         self.redis = redis
+        self.redis_timeout_s = redis_timeout_s
         self.retrieval = retrieval
         self.experiment = experiment or Experiment()
         self.kinds = kinds if kinds is not None else source_kinds(())
@@ -418,6 +421,7 @@ class Ranker:
                 else None
                 for j in jobs
             ],
+            timeout_s=self.redis_timeout_s,
         )
         inputs = []
         for j, (stored, failed) in zip(jobs, got, strict=True):

@@ -151,6 +151,7 @@ def build_server(settings: RecsysSettings, *, tracing: Tracing | None = None) ->
         score_in_thread=cfg.batch_runner == "thread"
         or (cfg.batch_runner == "auto" and device == "gpu"),
         redis=redis,
+        redis_timeout_s=settings.redis_timeout_s,
         retrieval=RetrievalClient(cfg),
         experiment=Experiment(settings.experiments),
         kinds=source_kinds(settings.retrieval.sources),
@@ -178,6 +179,7 @@ def build_server(settings: RecsysSettings, *, tracing: Tracing | None = None) ->
         server=cfg,
         load=srv.load,
         redis=redis,
+        redis_timeout_s=settings.redis_timeout_s,
     )
     srv.watcher = srv.watchers[ranker.default_track]
     return srv

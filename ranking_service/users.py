@@ -65,7 +65,10 @@ def _log_degraded(exc: Exception) -> None:
 
 
 async def fetch_users(
-    redis, spec_and_ids: Sequence[tuple[FeatureSpec, str, bool] | None]
+    redis,
+    spec_and_ids: Sequence[tuple[FeatureSpec, str, bool] | None],
+    *,
+    timeout_s: float | None = None,
 ) -> list[tuple[StoredUser | None, bool]]:
     """Reads several users' stored state in one round trip (a micro-batch's users).
 
@@ -73,6 +76,7 @@ async def fetch_users(
         redis: ``redis.asyncio`` client, or None (nothing is read).
         spec_and_ids: Per request ``(spec, user_id, with_watched)``, or None
             for a request without a user id.
+        timeout_s: Longest wait for the read (None: unbounded).
 
     Returns:
         Per request ``(stored, redis_failed)``; ``(None, True)`` when Redis
@@ -92,7 +96,7 @@ async def fetch_users(
         # watched set. One command less per user in the batch's pipeline.
         reads.append(UserRead(spec, user_id, recent_n=0, with_watched=with_watched))
     try:
-        got = await load_users(redis, reads)
+        got = await load_users(redis, reads, timeout_s=timeout_s)
     except Exception as exc:  # redis.RedisError, OSError, timeouts: all degrade the same way
         _log_degraded(exc)
         for i in wanted:

@@ -14,7 +14,8 @@ so one Recommend reads the user's state from Redis once, not once per stage.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -91,6 +92,12 @@ def _s(v: bytes | str) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
 
+def _texts(values: Collection) -> Iterable[str]:
+    """A reply's members as str; a plain client's bytes decode in C, not one call per id."""
+    first = next(iter(values), None)
+    return map(bytes.decode, values) if isinstance(first, bytes) else values
+
+
 def _queue_reads(pipe, user_id: str, recent_n: int, with_watched: bool) -> int:
     """Adds one user's reads to a pipeline; returns how many commands it added."""
     pipe.hgetall(redis_keys.user_state(user_id))
@@ -112,9 +119,9 @@ def _decode(
     at = 1
     recent: list[str] = []
     if recent_n > 0:
-        recent = [_s(x) for x in replies[at]]
+        recent = list(_texts(replies[at]))
         at += 1
-    watched = {_s(x) for x in replies[at]} if with_watched else set()
+    watched = set(_texts(replies[at])) if with_watched else set()
     if decoded is None:
         return StoredUser(user_id, known=bool(recent or watched), recent=recent, watched=watched)
     profile, agg = decoded
@@ -151,12 +158,21 @@ class UserRead:
     with_watched: bool = True
 
 
-async def load_users(redis, reads: Sequence[UserRead]) -> list[StoredUser | Exception]:
+async def load_users(
+    redis, reads: Sequence[UserRead], *, timeout_s: float | None = None
+) -> list[StoredUser | Exception]:
     """Reads several users' state in one pipelined round trip.
 
     A micro-batch of requests pays redis-py's fixed cost per pipeline
     (packing, the transport round trip, reply dispatch) once: about 85 µs of
     CPU per user for six users against 210-250 µs each read alone.
+
+    Args:
+        redis: ``redis.asyncio.Redis`` client.
+        reads: One entry per user.
+        timeout_s: Bound on the whole round trip (None: the caller bounds
+            it). The services' clients set no per-read socket timeout
+            (:func:`recsys.serving.async_redis`).
 
     Returns:
         One entry per read, in order: the user, or the exception that read
@@ -164,12 +180,14 @@ async def load_users(redis, reads: Sequence[UserRead]) -> list[StoredUser | Exce
 
     Raises:
         redis.RedisError: When Redis cannot be reached at all; callers degrade.
+        TimeoutError: No answer within ``timeout_s``.
     """
     if not reads:
         return []
     pipe = redis.pipeline(transaction=False)
     sizes = [_queue_reads(pipe, r.user_id, r.recent_n, r.with_watched) for r in reads]
-    replies = await pipe.execute(raise_on_error=False)
+    async with asyncio.timeout(timeout_s):
+        replies = await pipe.execute(raise_on_error=False)
     out: list[StoredUser | Exception] = []
     at = 0
     for r, size in zip(reads, sizes, strict=True):

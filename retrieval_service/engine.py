@@ -278,7 +278,7 @@ class RetrievalEngine:
         )
 
     async def _read_users(self, reads: list[UserRead]) -> list[StoredUser | Exception]:
-        return await load_users(self.redis, reads)
+        return await load_users(self.redis, reads, timeout_s=self.redis_timeout_s)
 
     # --- versions -------------------------------------------------------------------
 
@@ -459,7 +459,9 @@ class RetrievalEngine:
         if (agg is None or agg.watch_count == 0) and f.genre_ratings:
             agg = aggregates_from_genre_ratings(served.model.spec, f.genre_ratings)
         cache = served.top_cache if self.settings.top_list_cache else None
-        batch = RedisBatch(self.redis, available=error is None, cache=cache)
+        batch = RedisBatch(
+            self.redis, available=error is None, cache=cache, timeout_s=self.redis_timeout_s
+        )
         batch.round_trips = 1  # the hydration pipeline
         recent = list(q.recent[: self.settings.history_length]) if q.recent else stored.recent
         return RetrievalContext(

@@ -192,6 +192,7 @@ def build_server(
         server=rs,
         load=app.load,
         redis=client,
+        redis_timeout_s=settings.redis_timeout_s,
     )
     app.watcher = app.watchers[engine.default_track]
     log.info(

@@ -464,11 +464,20 @@ class RedisBatch:
     round trip. Identical keys are read once. Each range comes back as one
     JSON string from a tiny server-side script (see ``_read``). With a
     :class:`TopListCache`, ranges already copied from Redis for the served
-    version are answered without a round trip.
+    version are answered without a round trip. ``timeout_s`` bounds each
+    round trip (the services' client has no per-read socket timeout).
     """
 
-    def __init__(self, redis: Any, *, available: bool = True, cache: TopListCache | None = None):
+    def __init__(
+        self,
+        redis: Any,
+        *,
+        available: bool = True,
+        cache: TopListCache | None = None,
+        timeout_s: float | None = None,
+    ):
         self._redis = redis
+        self._timeout_s = timeout_s
         self._available = available and redis is not None
         self._cache = cache
         self._pending: list[tuple[str, int, asyncio.Future]] = []
@@ -564,7 +573,10 @@ class RedisBatch:
             widest[key] = max(widest.get(key, 0), n)
         keys = list(widest)
         try:
-            results = await self._read(keys, [widest[k] for k in keys])
+            # The sources waiting on these reads have deadlines of their own;
+            # this bound frees the read (and its connection) if Redis stalls.
+            async with asyncio.timeout(self._timeout_s):
+                results = await self._read(keys, [widest[k] for k in keys])
         except Exception as exc:
             err = RedisUnavailable(f"redis read failed: {type(exc).__name__}")
             for _, _, fut in batch:

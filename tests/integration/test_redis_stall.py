@@ -1,0 +1,102 @@
+"""A Redis that stops answering (SIGSTOP) against the services' own client.
+
+``recsys.serving.async_redis`` sets no per-read socket timeout (redis-py
+would arm a timer per reply read), so every service call bounds its round
+trip itself. Each read below would hang for as long as Redis is frozen
+without its bound; ``asyncio.wait_for`` turns such a hang into a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from ranking_service.users import fetch_users
+from recsys import redis_keys
+from recsys.artifacts import ModelVersion
+from recsys.config import RecsysSettings
+from recsys.embedded_redis import EmbeddedRedis
+from recsys.serving import VersionWatcher, async_redis
+from recsys.user_store import UserRead, load_users
+from retrieval_service.sources.base import RedisBatch, RedisUnavailable
+from trainer.publish import publish
+
+BOUND_S = 0.2
+HANG_S = 3.0  # far beyond the bound: reaching it means the read was not bounded
+
+
+@pytest.fixture
+def own_redis():
+    server = EmbeddedRedis().start()
+    yield server
+    server.cleanup()
+
+
+async def bounded(coro):
+    start = time.monotonic()
+    try:
+        return await asyncio.wait_for(coro, HANG_S), time.monotonic() - start
+    except TimeoutError:
+        pytest.fail(f"the read waited {HANG_S} s on a frozen Redis: it has no bound")
+
+
+async def test_every_read_of_the_services_client_is_bounded(own_redis, trained_version: Path):
+    client_sync = redis.Redis.from_url(own_redis.url)
+    publish(trained_version, client_sync, quiet=True)
+    client_sync.close()
+    mv = ModelVersion.open(trained_version)
+    user = str(mv.users["user_id"][0])
+    reads = [UserRead(mv.spec, user, recent_n=5)]
+    settings = RecsysSettings(redis_url=own_redis.url, redis_timeout_s=BOUND_S)
+    client = async_redis(settings)
+    pid = own_redis.proc.pid
+    try:
+        (before,) = await load_users(client, reads, timeout_s=BOUND_S)
+        assert not isinstance(before, Exception) and before.known and before.watched
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            start = time.monotonic()
+            with pytest.raises(TimeoutError):  # asyncio.wait_for's own would come at HANG_S
+                await asyncio.wait_for(load_users(client, reads, timeout_s=BOUND_S), HANG_S)
+            assert time.monotonic() - start < HANG_S / 2
+
+            got, took = await bounded(
+                fetch_users(client, [(mv.spec, user, True)], timeout_s=BOUND_S)
+            )
+            assert got == [(None, True)] and took < HANG_S / 2
+
+            watcher = VersionWatcher(
+                label="test",
+                model_dir=trained_version.parent,
+                load=lambda _: asyncio.sleep(0),
+                redis=client,
+                redis_timeout_s=BOUND_S,
+            )
+            watcher.current = "kept"
+            wanted, took = await bounded(watcher.wanted())
+            assert wanted == "kept" and took < HANG_S / 2  # no pointer read: stays put
+
+            batch = RedisBatch(client, timeout_s=BOUND_S)
+            key = redis_keys.top_popular(mv.version)
+            with pytest.raises(RedisUnavailable):
+                await asyncio.wait_for(batch.top(key, 5), HANG_S)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        # A read cut short closes its connection: the replies that arrive after
+        # the thaw are not taken for the next command's.
+        (after,) = await load_users(client, reads, timeout_s=5.0)
+        assert not isinstance(after, Exception)
+        assert (after.profile, after.recent, after.watched) == (
+            before.profile,
+            before.recent,
+            before.watched,
+        )
+        assert after.aggregates.flat().tolist() == before.aggregates.flat().tolist()
+    finally:
+        await client.aclose()

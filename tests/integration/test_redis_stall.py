@@ -100,3 +100,40 @@ async def test_every_read_of_the_services_client_is_bounded(own_redis, trained_v
         assert after.aggregates.flat().tolist() == before.aggregates.flat().tolist()
     finally:
         await client.aclose()
+
+
+async def test_a_bound_landing_anywhere_in_a_read_neither_hangs_nor_desyncs(
+    own_redis, trained_version: Path
+):
+    """Bounds that run out at every point of a live read: the answers that do
+    arrive are still each user's own, and no call outlives its bound by much."""
+    client_sync = redis.Redis.from_url(own_redis.url)
+    publish(trained_version, client_sync, quiet=True)
+    client_sync.close()
+    mv = ModelVersion.open(trained_version)
+    users = [str(u) for u in mv.users["user_id"][:8]]
+    reads = [UserRead(mv.spec, u, recent_n=5) for u in users]
+    client = async_redis(RecsysSettings(redis_url=own_redis.url))
+    try:
+        truth = await load_users(client, reads, timeout_s=5.0)
+        outcomes = {"answered": 0, "timed out": 0}
+        for i in range(150):
+            bound = 0.00005 * (i % 30)  # 0 to 1.45 ms: before, during and after the reply
+            start = time.monotonic()
+            try:
+                got = await asyncio.wait_for(load_users(client, reads, timeout_s=bound), HANG_S)
+            except TimeoutError:
+                outcomes["timed out"] += 1
+            except redis.RedisError:
+                outcomes["timed out"] += 1  # a cut read may surface as the client's own error
+            else:
+                outcomes["answered"] += 1
+                assert [(u.user_id, u.recent, u.watched) for u in got] == [
+                    (u.user_id, u.recent, u.watched) for u in truth
+                ]
+            assert time.monotonic() - start < 0.5, f"bound {bound} s held the call"
+        assert outcomes["timed out"] and outcomes["answered"], outcomes
+        again = await load_users(client, reads, timeout_s=5.0)
+        assert [u.watched for u in again] == [u.watched for u in truth]
+    finally:
+        await client.aclose()

@@ -244,11 +244,14 @@ class RecommenderClient:
             items=_items(resp.items), model_version=resp.model_version, variant=resp.variant
         )
 
-    def similar(self, item_id: str, k: int = 10) -> list[SimilarItem]:
-        """The ``k`` items most similar to ``item_id``."""
+    def similar(self, item_id: str, k: int = 10, *, user_id: str = "") -> list[SimilarItem]:
+        """The ``k`` items most similar to ``item_id``.
+
+        With ``user_id``, the user's experiment variant picks the model version.
+        """
         resp = self._call(
             self._require_retrieval().SimilarItems,
-            retrieval_pb2.SimilarItemsRequest(item_id=item_id, k=k),
+            retrieval_pb2.SimilarItemsRequest(item_id=item_id, k=k, user_id=user_id),
         )
         return [SimilarItem(i.item_id, float(i.score)) for i in resp.items]
 

@@ -616,8 +616,13 @@ class RetrievalEngine:
     def _plan(self, q: RetrieveQuery, tracks: Mapping[str, ServedVersion]) -> _Plan:
         """The checks done before any I/O: fields, sources, variant, its loaded version."""
         budget, chosen = self._validate(q)
-        variant = self._variant(q)
+        variant = self._variant(q.user_id, q.variant)
         chosen = self._for_variant(chosen, variant)
+        return _Plan(budget, chosen, variant, self._served_for(variant, tracks))
+
+    @staticmethod
+    def _served_for(variant: Variant, tracks: Mapping[str, ServedVersion]) -> ServedVersion:
+        """The loaded version of ``variant``'s model track."""
         served = tracks.get(variant.model_version)
         if served is None:
             if not tracks:
@@ -625,7 +630,7 @@ class RetrievalEngine:
             raise Unavailable(
                 f"variant {variant.name!r}: model version {variant.model_version} is not loaded yet"
             )
-        return _Plan(budget, chosen, variant, served)
+        return served
 
     async def retrieve_many(
         self, queries: Sequence[RetrieveQuery], *, timeout_s: float | None = None
@@ -790,9 +795,9 @@ class RetrievalEngine:
             served.model.spec,
         )
 
-    def _variant(self, q: RetrieveQuery) -> Variant:
+    def _variant(self, user_id: str, forced: str, field_name: str = "user.variant") -> Variant:
         try:
-            return self.experiment.resolve(q.user_id, q.variant)
+            return self.experiment.resolve(user_id, forced, field_name)
         except UnknownVariant as exc:
             raise InvalidArgument(exc.field, str(exc).split(": ", 1)[1]) from exc
 
@@ -827,20 +832,39 @@ class RetrievalEngine:
 
     # --- SimilarItems -------------------------------------------------------------------
 
-    def similar(self, item_id: str, k: int) -> tuple[list[Neighbour], str]:
-        """The ``k`` nearest items to ``item_id`` (itself excluded) and the version used.
+    def similar(
+        self, item_id: str, k: int, *, user_id: str = "", variant: str = ""
+    ) -> tuple[list[Neighbour], str, str]:
+        """The ``k`` nearest items to ``item_id`` (itself excluded), the version and variant used.
+
+        Args:
+            item_id: The query item.
+            k: Neighbours wanted.
+            user_id: Who they are for (optional): the user's experiment
+                variant picks the model version, as for ``Retrieve``.
+                Without it (and without ``variant``), the default variant's.
+            variant: Forces a variant by name.
 
         Raises:
-            InvalidArgument: Empty/oversized id or ``k`` outside 1..max_similar_k.
-            NotFound: ``item_id`` is not in the served catalogue.
+            InvalidArgument: Empty/oversized id, ``k`` outside 1..max_similar_k,
+                an oversized ``user_id``, or a ``variant`` that is not configured.
+            NotFound: ``item_id`` is not in that version's catalogue.
+            Unavailable: That version is not loaded yet.
         """
-        _check_id("item_id", item_id, self.settings.max_id_bytes)
+        limit = self.settings.max_id_bytes
+        _check_id("item_id", item_id, limit)
         if k <= 0 or k > self.settings.max_similar_k:
             raise InvalidArgument("k", f"{k} is outside 1..{self.settings.max_similar_k}")
-        served = self.current()
+        if user_id:
+            _check_id("user_id", user_id, limit)
+        if user_id or variant:
+            chosen = self._variant(user_id, variant, "variant")
+            served = self._served_for(chosen, self.tracks)
+        else:
+            chosen, served = self.experiment.default, self.current()
         if item_id not in served.item_index:
             raise NotFound(f"item_id {item_id!r} is not in catalogue version {served.version}")
-        return served.similar(item_id, k), served.version
+        return served.similar(item_id, k), served.version, chosen.name
 
     # --- RecordInteraction -----------------------------------------------------------
 

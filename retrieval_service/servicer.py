@@ -285,12 +285,15 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
 
     async def SimilarItems(self, request, context):
         try:
-            items, version = self.engine.similar(request.item_id, request.k)
+            items, version, variant = self.engine.similar(
+                request.item_id, request.k, user_id=request.user_id, variant=request.variant
+            )
         except RetrievalError as exc:
             await _abort(context, exc)
         return retrieval_pb2.SimilarItemsResponse(
             items=[retrieval_pb2.SimilarItem(item_id=n.item_id, score=n.score) for n in items],
             index_version=version,
+            variant=variant,
         )
 
     async def RecordInteraction(self, request, context):

@@ -116,12 +116,16 @@ class RetrieveManyResponse(_message.Message):
     def __init__(self, outcomes: _Optional[_Iterable[_Union[RetrieveOutcome, _Mapping]]] = ...) -> None: ...
 
 class SimilarItemsRequest(_message.Message):
-    __slots__ = ("item_id", "k")
+    __slots__ = ("item_id", "k", "user_id", "variant")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     k: int
-    def __init__(self, item_id: _Optional[str] = ..., k: _Optional[int] = ...) -> None: ...
+    user_id: str
+    variant: str
+    def __init__(self, item_id: _Optional[str] = ..., k: _Optional[int] = ..., user_id: _Optional[str] = ..., variant: _Optional[str] = ...) -> None: ...
 
 class SimilarItem(_message.Message):
     __slots__ = ("item_id", "score")
@@ -132,12 +136,14 @@ class SimilarItem(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ...) -> None: ...
 
 class SimilarItemsResponse(_message.Message):
-    __slots__ = ("items", "index_version")
+    __slots__ = ("items", "index_version", "variant")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     INDEX_VERSION_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[SimilarItem]
     index_version: str
-    def __init__(self, items: _Optional[_Iterable[_Union[SimilarItem, _Mapping]]] = ..., index_version: _Optional[str] = ...) -> None: ...
+    variant: str
+    def __init__(self, items: _Optional[_Iterable[_Union[SimilarItem, _Mapping]]] = ..., index_version: _Optional[str] = ..., variant: _Optional[str] = ...) -> None: ...
 
 class RecordInteractionRequest(_message.Message):
     __slots__ = ("user_id", "item_id", "rating", "timestamp")

@@ -239,3 +239,41 @@ async def test_loadtest_can_drive_one_arm(stack, versions):
     assert (forced.ok, forced.flagged) == (10, {"pinned": 10})
     bucketed = await run_load(dataclasses.replace(cfg, variant=""))
     assert (bucketed.ok, bucketed.flagged) == (10, {"control": 10})
+
+
+async def test_similar_items_follow_the_users_variant(stack, versions):
+    _, _, retrieval, app = stack
+    item = "1"
+    current = app.engine.tracks["current"]  # 2, or 3 once test_tracks_swap_independently ran
+    expected = {
+        "control": (current.version, [n.item_id for n in current.similar(item, 10)]),
+        "pinned": ("1", [n.item_id for n in app.engine.tracks["1"].similar(item, 10)]),
+    }
+    assert expected["control"][1] != expected["pinned"][1]
+    for variant, users in users_by_variant(versions).items():
+        version, neighbours = expected[variant]
+        for uid in users[:3]:
+            resp = await retrieval.SimilarItems(
+                retrieval_pb2.SimilarItemsRequest(item_id=item, k=10, user_id=uid), timeout=10
+            )
+            assert (resp.variant, resp.index_version) == (variant, version)
+            assert [i.item_id for i in resp.items] == neighbours
+    # A forced variant wins over the bucket; no user at all is the default variant.
+    control_user = users_by_variant(versions)["control"][0]
+    forced = await retrieval.SimilarItems(
+        retrieval_pb2.SimilarItemsRequest(
+            item_id=item, k=10, user_id=control_user, variant="pinned"
+        ),
+        timeout=10,
+    )
+    assert (forced.variant, forced.index_version) == ("pinned", "1")
+    anonymous = await retrieval.SimilarItems(
+        retrieval_pb2.SimilarItemsRequest(item_id=item, k=10), timeout=10
+    )
+    assert (anonymous.variant, anonymous.index_version) == ("control", current.version)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await retrieval.SimilarItems(
+            retrieval_pb2.SimilarItemsRequest(item_id=item, k=10, variant="nope"), timeout=10
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("variant") and "nope" in err.value.details()

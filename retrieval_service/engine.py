@@ -304,7 +304,8 @@ class RetrievalEngine:
         then each copy's rows converted once. Off with ``retrieval.top_list_cache``.
 
         Returns:
-            How many lists were copied.
+            How many lists were copied. None at all marks the copy ``absent``
+            (:class:`~retrieval_service.sources.base.TopListsMissing`).
 
         Raises:
             RedisUnavailable: The reads failed, or a Redis error of one list's
@@ -322,7 +323,9 @@ class RetrievalEngine:
         width = cache.width(1)
         # Plain entries: each copy's rows are converted once, below.
         await await_each([batch.top(k, width) for k in keys])
-        return sum(cache.get_rows(k, width) is not None for k in keys)
+        copied = sum(cache.get_rows(k, width) is not None for k in keys)
+        cache.absent = copied == 0
+        return copied
 
     def swap(self, served: ServedVersion, track: str = CURRENT_VERSION) -> None:
         """Makes ``served`` the version of ``track``; calls in flight keep the one they had."""

@@ -342,6 +342,14 @@ class RedisUnavailable(ConnectionError):
     """Redis could not be reached for this request; Redis-backed sources report ERROR."""
 
 
+class TopListsMissing(RedisUnavailable):
+    """The served version has no top lists in Redis at all (never published, or removed).
+
+    A ``RedisUnavailable``: sources that fall back from Redis to memory do
+    so for it too.
+    """
+
+
 class TopListCache:
     """Sorted-set ranges of one served version, kept in process after their first read.
 
@@ -354,6 +362,12 @@ class TopListCache:
     real read. An empty reply (a list not published yet, a segment with no
     list) is not kept, so it is read again next time. Bounded by key count;
     past the bound, reads simply go to Redis.
+
+    ``absent`` is set when the copy made before the version served found
+    none of its lists in Redis. Until a read finds one, an empty reply of
+    this version then fails with :class:`TopListsMissing`, so the sources
+    report an error (and the answer is degraded) instead of quietly
+    answering nothing.
 
     Args:
         version: The served version; only its keys are cached.
@@ -370,7 +384,9 @@ class TopListCache:
         min_width: int = 1000,
         index: Mapping[str, int] | None = None,
     ):
+        self.version = version
         self.prefix = redis_keys.version_prefix(version)
+        self.absent = False
         self.max_keys = max_keys
         self.min_width = min_width
         self.index = index
@@ -445,11 +461,18 @@ class TopListCache:
         """Keeps a reply of ``asked`` entries (no-op for other versions' or empty replies)."""
         if not entries or not self.cacheable(key):
             return
+        self.absent = False  # the lists are there after all (published since)
         old = self._lists.get(key)
         if old is None and len(self._lists) >= self.max_keys:
             return
         if old is None or asked > old[1]:
             self._lists[key] = (entries, asked)
+
+    def missing(self) -> TopListsMissing:
+        """The error of an empty read while the version's lists are ``absent``."""
+        return TopListsMissing(
+            f"version {self.version} has no top lists in Redis (not published, or removed)"
+        )
 
     def __len__(self) -> int:
         return len(self._lists)
@@ -588,12 +611,15 @@ class RedisBatch:
             for key, res in by_key.items():
                 if not isinstance(res, Exception):
                     cache.put(key, res, widest[key])
+        absent = cache if cache is not None and cache.absent else None
         for key, n, fut in batch:
             if fut.done():  # the waiting source was cancelled (timeout)
                 continue
             res = by_key[key]
             if isinstance(res, Exception):
                 fut.set_exception(res)
+            elif absent is not None and not res and absent.cacheable(key):
+                fut.set_exception(absent.missing())
             else:
                 fut.set_result(res[:n])
 

@@ -22,8 +22,14 @@ import redis.asyncio as aioredis
 from recsys import redis_keys
 from recsys.artifacts import ModelVersion
 from recsys.config import RetrievalSettings
-from retrieval_service.engine import RetrievalEngine, RetrieveQuery, SourceStatus
+from retrieval_service.engine import (
+    RequestFeatures,
+    RetrievalEngine,
+    RetrieveQuery,
+    SourceStatus,
+)
 from retrieval_service.registry import build_sources
+from trainer.publish import publish
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -101,5 +107,27 @@ async def test_a_version_without_top_lists_in_redis_is_served_with_a_warning(
         assert app.engine.served is not None
         warned = [r for r in caplog.records if "no top lists in Redis" in r.getMessage()]
         assert len(warned) == 1 and warned[0].levelname == "WARNING"
+        # Every answer says so too: the list sources fail (degraded), not answer nothing.
+        user = str(mv.users["user_id"][0])
+        query = RetrieveQuery(
+            user_id=user, budget=100, features=RequestFeatures(country=mv.spec.countries[0])
+        )
+        result = await app.engine.retrieve(query)
+        reports = {r.source: r for r in result.reports}
+        assert result.degraded and result.candidates
+        for source in ("top_genre", "top_country"):
+            assert reports[source].status is SourceStatus.ERROR
+            assert f"version {mv.version} has no top lists in Redis" in reports[source].message
+        assert reports["popular"].status is SourceStatus.OK
+        # Published now: the next answers are whole, without a reload.
+        sync = redis.Redis.from_url(redis_server.url)
+        try:
+            publish(published, sync, quiet=True)
+        finally:
+            sync.close()
+        result = await app.engine.retrieve(query)
+        reports = {r.source: r for r in result.reports}
+        assert not result.degraded
+        assert reports["top_genre"].status is SourceStatus.OK and reports["top_genre"].count > 0
     finally:
         await app.close()

@@ -17,9 +17,15 @@ is. The idle side costs next to nothing while the other is measured.
 Reported per side: throughput, p99, errors, and each service's CPU per
 call (from ``/proc``; it moves more steadily than throughput). Summary:
 means and medians, the B/A throughput ratio per round pair, its median,
-and how many rounds B won. Even so, identical sides can differ by ~5% over
-10 rounds: prefer 12 or more, and trust a CPU-per-call difference more
-than a small throughput one.
+and how many rounds B won.
+
+A stack keeps some luck of its own for as long as it runs (where its
+processes and memory landed): two sides of identical code, started once,
+differed by 2-4% in every round of a run, in either direction from run to
+run. So the rounds are split among ``--starts`` fresh starts of both
+stacks (three by default), the side started first alternating, and the
+B/A median of each start is reported too: a difference that changes sign
+between starts is luck, not the change.
 """
 
 from __future__ import annotations
@@ -63,6 +69,14 @@ def parse_env(items: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def split_rounds(rounds: int, starts: int) -> list[int]:
+    """Rounds per start, as even as possible (earlier starts take the remainder)."""
+    if starts < 1 or rounds < starts:
+        raise ValueError(f"need 1 <= starts <= rounds, got {starts} starts for {rounds} rounds")
+    base, extra = divmod(rounds, starts)
+    return [base + (i < extra) for i in range(starts)]
+
+
 def round_order(rounds: int) -> list[tuple[int, str]]:
     """(round, side) pairs in ABBA order, so neither side always goes first."""
     out = []
@@ -71,8 +85,10 @@ def round_order(rounds: int) -> list[tuple[int, str]]:
     return out
 
 
-def summarise(rows: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
-    """Means and medians per side, and the B/A throughput ratio of each round."""
+def summarise(
+    rows: dict[str, list[dict[str, float]]], per_start: Sequence[int] | None = None
+) -> dict[str, Any]:
+    """Means and medians per side, and the B/A throughput ratio of each round (and start)."""
     out: dict[str, Any] = {}
     for label in ("A", "B"):
         side = rows[label]
@@ -88,6 +104,12 @@ def summarise(rows: dict[str, list[dict[str, float]]]) -> dict[str, Any]:
     out["qps_ratio_per_round"] = [round(x, 3) for x in ratios]
     out["qps_ratio_median"] = round(statistics.median(ratios), 3)
     out["b_wins"] = sum(x > 1.0 for x in ratios)
+    if per_start is not None:
+        medians, at = [], 0
+        for n in per_start:
+            medians.append(round(statistics.median(ratios[at : at + n]), 3))
+            at += n
+        out["qps_ratio_median_per_start"] = medians
     return out
 
 
@@ -151,6 +173,7 @@ def run(
     b: Side,
     *,
     rounds: int = 12,
+    starts: int = 3,
     duration: float = 5.0,
     warmup: float = 1.0,
     model_dir: Path | None = None,
@@ -161,6 +184,8 @@ def run(
     Args:
         a, b: The two sides.
         rounds: Round pairs (each side is measured once per round).
+        starts: Fresh starts of both stacks the rounds are split among; the
+            side started first alternates.
         duration, warmup: Seconds of each measured round and of its warm-up.
         model_dir: A trained model directory to copy for both sides; None
             trains the built-in synthetic dataset first (about a minute).
@@ -174,31 +199,37 @@ def run(
             model_dir = tmp / "trained"
             _train(model_dir, 3, tmp / "train.log")
         users, _items, version = known_ids(model_dir)
-        stacks = {}
+        per_start = split_rounds(rounds, starts)
         rows: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
-        try:
-            for side in (a, b):
-                stacks[side.label] = _start(side, model_dir, tmp)
-            # The first round after start-up runs slow (caches, allocator,
-            # connections): one unrecorded round per side first.
-            for side in (a, b):
-                _round(stacks[side.label], users, duration, warmup)
-            for r, label in round_order(rounds):
-                row = _round(stacks[label], users, duration, warmup)
-                rows[label].append(row)
-                say(
-                    f"round {r + 1:2d} {label}: {row['qps']:7.1f} req/s  p99 {row['p99_ms']:6.1f}"
-                    f" ms  cpu/call ranking {row['cpu_ranking_ms']:.3f} retrieval "
-                    f"{row['cpu_retrieval_ms']:.3f} ms  errors {int(row['errors'])}"
-                )
-        finally:
-            for stack in stacks.values():
-                stack.stop()
+        done = 0
+        for i, n in enumerate(per_start):
+            order = (a, b) if i % 2 == 0 else (b, a)
+            say(f"start {i + 1}/{len(per_start)}: {order[0].label} then {order[1].label}")
+            stacks = {}
+            try:
+                for side in order:
+                    stacks[side.label] = _start(side, model_dir, tmp / f"start{i}")
+                # The first round after start-up runs slow (caches, allocator,
+                # connections): one unrecorded round per side first.
+                for side in order:
+                    _round(stacks[side.label], users, duration, warmup)
+                for r, label in round_order(n):
+                    row = _round(stacks[label], users, duration, warmup)
+                    rows[label].append(row)
+                    say(
+                        f"round {done + r + 1:2d} {label}: {row['qps']:7.1f} req/s  p99 "
+                        f"{row['p99_ms']:6.1f} ms  cpu/call ranking {row['cpu_ranking_ms']:.3f} "
+                        f"retrieval {row['cpu_retrieval_ms']:.3f} ms  errors {int(row['errors'])}"
+                    )
+            finally:
+                for stack in stacks.values():
+                    stack.stop()
+            done += n
     return {
         "sides": {s.label: {"env": s.env, "tree": str(s.tree)} for s in (a, b)},
         "model_version": version,
         "rounds": rows,
-        "summary": summarise(rows),
+        "summary": summarise(rows, per_start),
     }
 
 
@@ -209,6 +240,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--a-tree", type=Path, default=REPO, help="checkout side A runs")
     p.add_argument("--b-tree", type=Path, default=REPO, help="checkout side B runs")
     p.add_argument("--rounds", type=int, default=12)
+    p.add_argument(
+        "--starts",
+        type=int,
+        default=3,
+        help="fresh starts of both stacks to split the rounds among",
+    )
     p.add_argument("--duration", type=float, default=5.0, help="seconds per measured round")
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--model-dir", type=Path, help="trained model directory (default: train)")
@@ -228,12 +265,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rounds < 1:
         print("error: --rounds must be at least 1", file=sys.stderr)
         return 2
+    try:
+        split_rounds(args.rounds, args.starts)
+    except ValueError as exc:
+        print(f"error: --starts: {exc}", file=sys.stderr)
+        return 2
     print(f"machine: {describe_machine(machine_info())}", flush=True)
     print(f"reproduce: python -m bench.ab {' '.join(sys.argv[1:] if argv is None else argv)}")
     for side in (a, b):
         print(f"side {side.label}: tree {side.tree}, env {side.env or '{}'}", flush=True)
     result = run(
-        a, b, rounds=args.rounds, duration=args.duration, warmup=args.warmup,
+        a, b, rounds=args.rounds, starts=args.starts, duration=args.duration, warmup=args.warmup,
         model_dir=args.model_dir, say=lambda line: print(line, flush=True),
     )  # fmt: skip
     s = result["summary"]
@@ -248,6 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"B/A throughput per round: {s['qps_ratio_per_round']}; median "
         f"{s['qps_ratio_median']:.3f}; B better in {s['b_wins']} of {len(s['qps_ratio_per_round'])}"
     )
+    print(f"B/A median per start: {s['qps_ratio_median_per_start']}")
     if args.out:
         args.out.write_text(json.dumps({"machine": machine_info(), **result}, indent=2))
     return 0

@@ -13,20 +13,25 @@ def test_two_stacks_are_measured_in_alternating_rounds(trained_version, tmp_path
         Side("A"),
         # A real setting on side B: the services must start and answer with it.
         Side("B", {"RECSYS_RANKING__RETRIEVAL_MAX_IN_FLIGHT": "1"}),
-        rounds=2,
+        rounds=3,
+        starts=2,
         duration=1.0,
         warmup=0.5,
         model_dir=trained_version.parent,
         say=lines.append,
     )
+    # Two fresh starts, each side first once; the rounds go on counting across them.
     assert [line.split(":")[0] for line in lines] == [
-        "round  1 A", "round  1 B", "round  2 B", "round  2 A",
+        "start 1/2", "round  1 A", "round  1 B", "round  2 B", "round  2 A",
+        "start 2/2", "round  3 A", "round  3 B",
     ]  # fmt: skip
+    assert lines[0].endswith("A then B") and lines[5].endswith("B then A")
     for label in ("A", "B"):
         rows = out["rounds"][label]
-        assert len(rows) == 2
+        assert len(rows) == 3
         for row in rows:
             assert row["qps"] > 0 and row["errors"] == 0
             assert row["cpu_ranking_ms"] > 0 and row["cpu_retrieval_ms"] > 0
-    assert len(out["summary"]["qps_ratio_per_round"]) == 2
+    assert len(out["summary"]["qps_ratio_per_round"]) == 3
+    assert len(out["summary"]["qps_ratio_median_per_start"]) == 2
     assert out["sides"]["B"]["env"] == {"RECSYS_RANKING__RETRIEVAL_MAX_IN_FLIGHT": "1"}

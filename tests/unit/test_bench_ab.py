@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.ab import Side, _as_side, main, parse_env, round_order, summarise
+from bench.ab import Side, _as_side, main, parse_env, round_order, split_rounds, summarise
 
 
 def test_parse_env_accepts_name_value_pairs_and_names_a_bad_item():
@@ -19,14 +19,24 @@ def test_rounds_alternate_which_side_goes_first():
     assert round_order(3) == [(0, "A"), (0, "B"), (1, "B"), (1, "A"), (2, "A"), (2, "B")]
 
 
+def test_rounds_are_split_evenly_among_starts():
+    assert split_rounds(12, 3) == [4, 4, 4]
+    assert split_rounds(10, 3) == [4, 3, 3]
+    assert split_rounds(5, 1) == [5]
+    for rounds, starts in ((2, 3), (4, 0)):
+        with pytest.raises(ValueError, match="starts"):
+            split_rounds(rounds, starts)
+
+
 def test_summary_ratios_medians_and_wins():
     def row(qps, p99=50.0, errors=0):
         return {"qps": qps, "p99_ms": p99, "errors": errors,
                 "cpu_ranking_ms": 1000 / qps, "cpu_retrieval_ms": 0.5}  # fmt: skip
 
     rows = {"A": [row(100), row(200), row(100)], "B": [row(110), row(180), row(150, errors=2)]}
-    s = summarise(rows)
+    s = summarise(rows, per_start=[2, 1])
     assert s["qps_ratio_per_round"] == [1.1, 0.9, 1.5]
+    assert s["qps_ratio_median_per_start"] == [1.0, 1.5]
     assert s["qps_ratio_median"] == 1.1
     assert s["b_wins"] == 2
     assert s["A"]["qps"] == {"mean": 133.333, "median": 100}
@@ -48,3 +58,5 @@ def test_the_cli_refuses_bad_arguments_before_starting_anything(capsys):
     assert main(["--b-env", "oops"]) == 2
     assert "expected NAME=VALUE" in capsys.readouterr().err
     assert main(["--rounds", "0"]) == 2
+    assert main(["--rounds", "2", "--starts", "3"]) == 2
+    assert "--starts" in capsys.readouterr().err

@@ -146,7 +146,13 @@ def requests(rpc: str, items: list[str], users: list[str]):
             sources=SOURCES,
         )
     if rpc == "SimilarItems":
-        return st.builds(retrieval_pb2.SimilarItemsRequest, item_id=ids(items), k=INT32)
+        return st.builds(
+            retrieval_pb2.SimilarItemsRequest,
+            item_id=ids(items),
+            k=INT32,
+            user_id=st.one_of(st.just(""), ids(users)),
+            variant=st.sampled_from(["", "default", "nope"]),
+        )
     if rpc == "RecordInteraction":
         return st.builds(
             retrieval_pb2.RecordInteractionRequest,
@@ -303,6 +309,10 @@ def hostile_cases(items: list[str], users: list[str]) -> list[tuple[str, object,
          {INVALID}, "user.exclude_item_ids"),
         ("SimilarItems", retrieval_pb2.SimilarItemsRequest(item_id=mb_id, k=5), {INVALID},
          "item_id"),
+        ("SimilarItems", retrieval_pb2.SimilarItemsRequest(item_id=i, k=5, user_id=mb_id),
+         {INVALID}, "user_id"),
+        ("SimilarItems", retrieval_pb2.SimilarItemsRequest(item_id=i, k=5, variant="nope"),
+         {INVALID}, "variant"),
         ("RecordInteraction", retrieval_pb2.RecordInteractionRequest(user_id=mb_id, item_id=i),
          {INVALID}, "user_id"),
         ("Recommend", ranking_pb2.RecommendRequest(user=ctx(user_id=u, recent_item_ids=[mb_id])),

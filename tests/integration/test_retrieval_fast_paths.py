@@ -335,9 +335,9 @@ async def test_retrieve_many_answers_as_retrieve_with_one_user_read(engines, use
     reads: list[int] = []
     real = engine_module.load_users
 
-    async def counted(redis, batch):  # the real read, counted
+    async def counted(redis, batch, **kw):  # the real read, counted
         reads.append(len(batch))
-        return await real(redis, batch)
+        return await real(redis, batch, **kw)
 
     monkeypatch.setattr(engine_module, "load_users", counted)
     queries = [RetrieveQuery(u, budget=120) for u in users[:8]]

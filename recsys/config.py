@@ -286,7 +286,13 @@ class RecsysSettings(BaseSettings):
         SecretStr("redis://127.0.0.1:6379/0"),
         description="redis:// or rediss:// URL; may carry a password, so it is never logged.",
     )
-    redis_timeout_s: float = Field(0.25, gt=0, description="Socket connect/read timeout.")
+    redis_timeout_s: float = Field(
+        0.25,
+        gt=0,
+        description="Connect timeout, and the longest wait for one Redis round trip when the "
+        "request's deadline does not set a shorter one (the services bound each round trip "
+        "themselves; their client has no per-read socket timeout).",
+    )
     redis_max_connections: int = Field(64, ge=1)
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"

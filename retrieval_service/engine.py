@@ -233,7 +233,8 @@ class RetrievalEngine:
         settings: The retrieval section of the config.
         sources: Built sources, in config order (see :mod:`retrieval_service.registry`).
         redis: ``redis.asyncio`` client (user state and top lists).
-        redis_timeout_s: Longest wait for hydration or a write.
+        redis_timeout_s: Longest wait for one Redis round trip (a user read, a
+            top-list read; ``RecordInteraction``'s write gets four times it).
         experiment: A/B variants (default: none, every call is variant ``default``).
         variant_sources: Per variant, its sources with the variant's overrides
             applied; a variant missing here uses ``sources`` as they are.

@@ -109,8 +109,9 @@ class LoadConfig:
         metadata: Extra call metadata, e.g. ``(("authorization", "Bearer x"),)``.
         tls: Client TLS (a CA to trust; a certificate and key for mutual TLS);
             None for plaintext.
-        variant: Force this A/B variant on every request (``UserContext.variant``)
-            to load one arm of an experiment; empty: users fall into their buckets.
+        variant: Force this A/B variant on every request (``UserContext.variant``,
+            ``SimilarItemsRequest.variant``) to load one arm of an experiment;
+            empty: users fall into their buckets (SimilarItems: the default arm).
         progress: Print a live one-line status to stderr.
         max_message_bytes: Largest message accepted either way.
         inspect: Optional check of each OK response's bytes; a returned label
@@ -397,7 +398,9 @@ class RequestFactory:
 
         c = self.config
         if c.rpc == "SimilarItems":
-            return retrieval_pb2.SimilarItemsRequest(item_id=self.item_ids[index], k=c.k)
+            return retrieval_pb2.SimilarItemsRequest(
+                item_id=self.item_ids[index], k=c.k, variant=c.variant
+            )
         user = common_pb2.UserContext(user_id=self.user_ids[index], variant=c.variant)
         if c.rpc == "Recommend":
             return ranking_pb2.RecommendRequest(user=user, k=c.k, retrieval_budget=c.budget)

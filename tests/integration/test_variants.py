@@ -239,6 +239,17 @@ async def test_loadtest_can_drive_one_arm(stack, versions):
     assert (forced.ok, forced.flagged) == (10, {"pinned": 10})
     bucketed = await run_load(dataclasses.replace(cfg, variant=""))
     assert (bucketed.ok, bucketed.flagged) == (10, {"control": 10})
+    # SimilarItems carries the forced arm too.
+    _, _, _, app = stack
+    similar = dataclasses.replace(
+        cfg,
+        rpc="SimilarItems",
+        target=f"127.0.0.1:{app.handle.port}",
+        item_ids=["1", "2", "3"],
+        inspect=lambda resp: retrieval_pb2.SimilarItemsResponse.FromString(resp).variant,
+    )
+    forced_similar = await run_load(similar)
+    assert (forced_similar.ok, forced_similar.flagged) == (10, {"pinned": 10})
 
 
 async def test_similar_items_follow_the_users_variant(stack, versions):

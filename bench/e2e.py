@@ -13,7 +13,11 @@ The baseline is :mod:`bench.echo` in its own process, answering with the
 bytes of a real response captured first, so both runs move the
 same bytes through the same gRPC stack. Runs alternate echo/real (twice in
 the full run) and the figure that counts is throughput real / echo, which
-cancels most of the machine's speed and noise.
+cancels most of the machine's speed and noise. Every round after the first
+runs on freshly started processes (echo, relay and both services): a
+process keeps some luck of its own for as long as it runs (where it and
+its memory landed), 2-3% in ``bench.ab``'s A/A runs, and new processes per
+round draw it again instead of carrying one draw through the whole run.
 
 With one process per service a third baseline runs in the same rounds:
 :mod:`bench.relay`, the topology of ``Recommend`` (two servers, one batched
@@ -48,12 +52,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -171,28 +177,47 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def stack_pids(stack) -> dict[str, int]:
+    """The processes whose CPU a real run reports: both services and Redis."""
+    pids = {"ranking": stack.procs[1].pid, "retrieval": stack.procs[0].pid}
+    if stack.redis is not None and stack.redis.proc is not None:
+        pids["redis"] = stack.redis.proc.pid
+    return pids
+
+
 def _compare(
     rpc: str,
     stack,
     base: dict[str, Any],
     sample: bytes,
     rounds: int,
-    pids: dict[str, int],
     member_bytes: int | None = None,
+    restart: Callable[[int], Any] | None = None,
 ) -> dict[str, Any]:
-    """Alternates echo, relay (when ``member_bytes`` is given) and real runs; checks targets."""
+    """Alternates echo, relay (when ``member_bytes`` is given) and real runs; checks targets.
+
+    Round 1 runs on ``stack``; each later round on a stack from ``restart(i)``
+    (stopped after it) and on new echo and relay processes, when ``restart``
+    is given.
+    """
     min_ratio, max_p99 = TARGETS[rpc]
     runs: dict[str, list[dict[str, Any]]] = {"echo": [], "relay": [], "real": []}
     cpu_log = []
-    with contextlib.ExitStack() as stack_of:
-        echo = stack_of.enter_context(EchoProcess(fixed={rpc: sample}))
-        plan = [("echo", echo.address, {"echo": echo.proc.pid})]
-        if member_bytes is not None:
-            relay = stack_of.enter_context(RelayProcess(answer=sample, member_bytes=member_bytes))
-            plan.append(("relay", relay.address, relay.pids))
-        plan.append(("real", stack.ranking_address, pids))
-        for i in range(rounds):
-            print(f"{rpc} round {i + 1}/{rounds}", flush=True)
+    for i in range(rounds):
+        print(f"{rpc} round {i + 1}/{rounds}", flush=True)
+        with contextlib.ExitStack() as stack_of:
+            real = stack
+            if i > 0 and restart is not None:
+                real = restart(i)
+                stack_of.callback(real.stop)
+            echo = stack_of.enter_context(EchoProcess(fixed={rpc: sample}))
+            plan = [("echo", echo.address, {"echo": echo.proc.pid})]
+            if member_bytes is not None:
+                relay = stack_of.enter_context(
+                    RelayProcess(answer=sample, member_bytes=member_bytes)
+                )
+                plan.append(("relay", relay.address, relay.pids))
+            plan.append(("real", real.ranking_address, stack_pids(real)))
             for label, address, watched in plan:
                 rep, cpu = _measure(label, LoadConfig(target=address, seed=i, **base), watched)
                 runs[label].append(rep.to_dict())
@@ -382,10 +407,18 @@ def run(quick: bool = False) -> dict[str, Any]:
                     os.environ[name] = str(workers)
                 print(f"--- {workers} process(es) per service", flush=True)
                 stack = start_stack(settings, quiet=True, log_dir=root / f"logs-w{workers}")
+
+                def restart(i: int, workers: int = workers):
+                    # A copy of the models: the embedded Redis keeps its files
+                    # beside them, and the first stack's Redis is still running.
+                    fresh = root / f"run-w{workers}-{i}" / "models"
+                    shutil.copytree(model_dir, fresh)
+                    return start_stack(
+                        stack_settings(fresh), quiet=True, log_dir=fresh.parent / "logs"
+                    )
+
                 try:
-                    pids = {"ranking": stack.procs[1].pid, "retrieval": stack.procs[0].pid}
-                    if stack.redis is not None and stack.redis.proc is not None:
-                        pids["redis"] = stack.redis.proc.pid
+                    pids = stack_pids(stack)
                     for rpc, plan in plans.items():
                         base = {**common, **plan}
                         sample = _capture(stack.ranking_address, LoadConfig(**base))
@@ -400,7 +433,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                                 )
                             )
                         by_workers[workers] = _compare(
-                            rpc, stack, base, sample, rounds, pids, member_bytes
+                            rpc, stack, base, sample, rounds, member_bytes, restart
                         )
                         if workers == WORKERS[0]:
                             capacity = by_workers[workers]["summary"]["real"]["qps"]

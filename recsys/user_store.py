@@ -88,10 +88,6 @@ def state_from_pb(
     return StoredUser(user_id, True, profile, agg)
 
 
-def _s(v: bytes | str) -> str:
-    return v.decode() if isinstance(v, bytes) else v
-
-
 def _texts(values: Collection) -> Iterable[str]:
     """A reply's members as str; a plain client's bytes decode in C, not one call per id."""
     first = next(iter(values), None)

@@ -89,8 +89,9 @@ class RetrievalApp:
             log.warning("top lists not copied before serving", extra={"fields": fields})
             return
         fields["seconds"] = round(time.perf_counter() - start, 3)
-        if fields["lists"] == 0 and self.engine.settings.top_list_cache:
-            # Its genre and country sources will answer nothing: say so once, here.
+        if served.top_cache.absent:
+            # Logged once here; until the lists appear its genre and country
+            # sources report an error on every answer (TopListsMissing).
             log.warning(
                 "no top lists in Redis for this version (not published, or removed)",
                 extra={"fields": fields},

@@ -262,8 +262,6 @@ class RetrievalEngine:
         # Replaced, never mutated, so a batch that took it sees one set.
         self.tracks: dict[str, ServedVersion] = {}
         self.default_track = self.experiment.default.model_version
-        # The default variant's version: SimilarItems and RecordInteraction.
-        self.served: ServedVersion | None = None
         self.plans = {v: {s.name: s for s in srcs} for v, srcs in (variant_sources or {}).items()}
         self.tracing = tracing
         # Concurrent calls' user reads share one pipeline. The adaptive batch
@@ -331,8 +329,11 @@ class RetrievalEngine:
     def swap(self, served: ServedVersion, track: str = CURRENT_VERSION) -> None:
         """Makes ``served`` the version of ``track``; calls in flight keep the one they had."""
         self.tracks = {**self.tracks, track: served}
-        if track == self.default_track:
-            self.served = served
+
+    @property
+    def served(self) -> ServedVersion | None:
+        """The default variant's version (SimilarItems without a user, RecordInteraction)."""
+        return self.tracks.get(self.default_track)
 
     def ready(self) -> bool:
         """True when every variant's model track has a version loaded."""

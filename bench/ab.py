@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -43,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import describe_machine, machine_info, stack_settings
+from bench.common import describe_machine, machine_info, stack_on_copy
 
 REPO = Path(__file__).resolve().parents[1]
 CONCURRENCY = 64
@@ -130,13 +129,9 @@ def _as_side(side: Side) -> Iterator[None]:
 
 
 def _start(side: Side, model_src: Path, tmp: Path):
-    from recsys.stack import start_stack
-
-    model_dir = tmp / side.label / "models"
-    shutil.copytree(model_src, model_dir)
+    src = model_src.resolve()  # the side's directory becomes the working one
     with _as_side(side):
-        settings = stack_settings(model_dir)
-        return start_stack(settings, quiet=True, log_dir=tmp / side.label / "logs")
+        return stack_on_copy(src, tmp / side.label)
 
 
 def _round(stack, users: list[str], duration: float, warmup: float) -> dict[str, float]:

@@ -377,6 +377,21 @@ def stack_settings(model_dir: Path) -> Any:
     )
 
 
+def stack_on_copy(model_src: Path, root: Path) -> Any:
+    """A benchmark stack on its own copy of ``model_src`` under ``root``, with logs beside it.
+
+    The copy keeps stacks apart: the embedded Redis keeps its files next to
+    the model directory, so two stacks on one directory would share them.
+    """
+    import shutil
+
+    from recsys.stack import start_stack
+
+    model_dir = root / "models"
+    shutil.copytree(model_src, model_dir)
+    return start_stack(stack_settings(model_dir), quiet=True, log_dir=root / "logs")
+
+
 def python_cmd() -> list[str]:
     """The interpreter running now (subprocesses use the same environment)."""
     return [sys.executable]

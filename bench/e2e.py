@@ -52,7 +52,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -63,7 +62,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import header, ratio, stack_settings, target
+from bench.common import header, ratio, stack_on_copy, stack_settings, target
 from bench.echo import EchoProcess
 from bench.relay import RelayProcess
 from recsys.loadtest import LoadConfig, LoadReport, known_ids, run_load
@@ -409,13 +408,8 @@ def run(quick: bool = False) -> dict[str, Any]:
                 stack = start_stack(settings, quiet=True, log_dir=root / f"logs-w{workers}")
 
                 def restart(i: int, workers: int = workers):
-                    # A copy of the models: the embedded Redis keeps its files
-                    # beside them, and the first stack's Redis is still running.
-                    fresh = root / f"run-w{workers}-{i}" / "models"
-                    shutil.copytree(model_dir, fresh)
-                    return start_stack(
-                        stack_settings(fresh), quiet=True, log_dir=fresh.parent / "logs"
-                    )
+                    # The first stack (and its Redis) still runs: a copy of its own.
+                    return stack_on_copy(model_dir, root / f"run-w{workers}-{i}")
 
                 try:
                     pids = stack_pids(stack)

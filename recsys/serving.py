@@ -817,7 +817,14 @@ class VersionWatcher:
             )
             return False
         if self.current is not None:
+            # Drop the old series, not just zero it: a pod that exported one
+            # series per version it ever served would look, to an alert that
+            # counts versions per service, like replicas that disagree. (With
+            # several workers the shared files keep the zero; the alert also
+            # filters on the value.)
             MODEL_VERSION.labels(self.label, self.current).set(0)
+            with contextlib.suppress(KeyError):
+                MODEL_VERSION.remove(self.label, self.current)
         MODEL_VERSION.labels(self.label, want).set(1)
         log.info("version loaded", extra={"fields": {"version": want, "previous": self.current}})
         self.current = want

@@ -73,22 +73,9 @@ def cli_train(args: argparse.Namespace, settings: RecsysSettings) -> int:
     print(format_report(result.metrics))
     print(f"\nversion {result.version_dir.name} written to {result.version_dir}")
     if args.publish:
-        import redis
+        from trainer.publish import publish_with_settings
 
-        from trainer.publish import publish
-
-        client = redis.Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=60)
-        try:
-            rep = publish(
-                result.version_dir,
-                client,
-                history_length=settings.retrieval.history_length,
-                quiet=args.quiet,
-            )
-        except redis.RedisError as exc:
-            raise UserFacingError(f"publish failed: {type(exc).__name__}: {exc}") from exc
-        finally:
-            client.close()
+        rep = publish_with_settings(result.version_dir, settings, quiet=args.quiet)
         print(f"published version {rep.version}")
     return 0
 

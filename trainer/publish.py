@@ -204,24 +204,31 @@ def pinned_versions(settings) -> set[str]:
     return {p for p in pins if p}
 
 
-def cli_publish(args: argparse.Namespace, settings) -> int:
-    """``recsys publish [version_dir] [--keep N]``."""
+def publish_with_settings(
+    version_dir: str | Path, settings, *, keep: int = 2, quiet: bool = False
+) -> PublishReport:
+    """Publishes ``version_dir`` to the configured Redis; what both CLI paths run.
+
+    ``recsys publish`` and ``recsys train --publish`` share it so both keep
+    the versions the config pins (:func:`pinned_versions`) and use the same
+    history length and error messages.
+
+    Raises:
+        UserFacingError: The version is incomplete, ``keep`` is invalid or
+            Redis failed (the message never shows the URL, which may hold a
+            password).
+    """
     import redis
 
-    version_dir = args.version_dir
-    if version_dir is None:
-        latest = latest_version(settings.model_dir)
-        if latest is None:
-            raise UserFacingError(f"no complete model version under {settings.model_dir}")
-        version_dir = Path(settings.model_dir) / latest
     # Publishing moves much more data than a request: allow long reads.
     client = redis.Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=60)
     try:
-        report = publish(
+        return publish(
             version_dir,
             client,
-            keep=args.keep,
+            keep=keep,
             history_length=settings.retrieval.history_length,
+            quiet=quiet,
             protect=pinned_versions(settings),
         )
     except ArtifactError as exc:
@@ -229,10 +236,20 @@ def cli_publish(args: argparse.Namespace, settings) -> int:
     except ValueError as exc:
         raise UserFacingError(f"--keep: {exc}") from exc
     except redis.RedisError as exc:
-        # The URL may carry a password, so only the error class and text are shown.
         raise UserFacingError(f"Redis failed during publish: {type(exc).__name__}: {exc}") from exc
     finally:
         client.close()
+
+
+def cli_publish(args: argparse.Namespace, settings) -> int:
+    """``recsys publish [version_dir] [--keep N]``."""
+    version_dir = args.version_dir
+    if version_dir is None:
+        latest = latest_version(settings.model_dir)
+        if latest is None:
+            raise UserFacingError(f"no complete model version under {settings.model_dir}")
+        version_dir = Path(settings.model_dir) / latest
+    report = publish_with_settings(version_dir, settings, keep=args.keep)
     print(
         f"published version {report.version}: {report.top_list_keys} top lists, "
         f"{report.users} users ({report.recent_written} recent lists written), "

@@ -72,3 +72,34 @@ def test_publish_cli_makes_latest_current(cli_model_dir, redis_url, capsys):
         assert client.get(redis_keys.CURRENT_VERSION) == "1"
     finally:
         client.close()
+
+
+def test_train_publish_keeps_the_versions_the_config_pins(
+    cli_model_dir, redis_url, tmp_path, monkeypatch, capsys
+):
+    """``train --publish`` keeps a pinned version's lists, as ``recsys publish`` does."""
+    import shutil
+
+    model_dir = tmp_path / "models"
+    for n in ("1", "2"):
+        shutil.copytree(cli_model_dir / "1", model_dir / n)
+        manifest = json.loads((model_dir / n / "manifest.json").read_text())
+        manifest["version"] = n
+        (model_dir / n / "manifest.json").write_text(json.dumps(manifest))
+        main(["publish", str(model_dir / n), "--model-dir", str(model_dir),
+              "--redis-url", redis_url])  # fmt: skip
+    monkeypatch.setenv("RECSYS_RANKING__PINNED_VERSION", "1")  # a rollback pin
+    rc = main(
+        ["train", "--data", DATA, "--model-dir", str(model_dir), "--epochs", "1",
+         "--hidden-units", "16,8", "--annoy-trees", "2", "--quiet", "--no-plots",
+         "--publish", "--redis-url", redis_url]
+    )  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    assert "published version 3" in capsys.readouterr().out
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        # keep=2 alone would leave "2" and "3"; the pin keeps "1" and its lists.
+        assert client.zrange(redis_keys.VERSIONS, 0, -1) == ["1", "2", "3"]
+        assert client.exists(redis_keys.top_popular("1"))
+    finally:
+        client.close()

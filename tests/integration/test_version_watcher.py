@@ -144,3 +144,37 @@ async def test_rejected_version_is_retried_only_after_its_manifest_changes(tmp_p
         assert "2" not in watcher.rejected
     finally:
         await watcher.redis.aclose()
+
+
+async def test_a_swap_leaves_one_version_series_per_service(tmp_path, own_redis):
+    """After 1 → 2 the pod exports only version 2: an alert counting versions must not fire."""
+    from prometheus_client import REGISTRY
+
+    add_version(tmp_path, "1")
+    add_version(tmp_path, "2")
+    point_at(own_redis.url, "1")
+    watcher = VersionWatcher(
+        label="swap-series",
+        model_dir=tmp_path,
+        load=Recorder(),
+        redis=aredis.Redis.from_url(own_redis.url, socket_timeout=0.5),
+    )
+
+    def series() -> dict[str, float]:
+        return {
+            s.labels["version"]: s.value
+            for m in REGISTRY.collect()
+            if m.name == "recsys_model_version_info"
+            for s in m.samples
+            if s.labels.get("service") == "swap-series"
+        }
+
+    try:
+        await polls(watcher, 1)
+        assert series() == {"1": 1.0}
+        point_at(own_redis.url, "2")
+        await polls(watcher, 1)
+        assert watcher.current == "2"
+        assert series() == {"2": 1.0}
+    finally:
+        await watcher.redis.aclose()

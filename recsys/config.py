@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -24,6 +25,10 @@ from pydantic_settings import (
 )
 
 CONFIG_ENV = "RECSYS_CONFIG"
+# RECSYS_ variables that are not settings: the config file's path, the
+# supervisor's note to its workers, the embedded Redis binary and the test
+# data folder. Any other RECSYS_ name must name a setting (see load_settings).
+OTHER_ENV = frozenset({CONFIG_ENV, "RECSYS_WORKER", "RECSYS_REDIS_SERVER", "RECSYS_SHARED_DATA"})
 
 
 class _Strict(BaseModel):
@@ -118,6 +123,16 @@ class RetrievalSettings(ServerSettings):
         "read (they never change within a version), saving the second round trip.",
     )
 
+    @model_validator(mode="after")
+    def _check_budgets(self) -> RetrievalSettings:
+        # A request with budget 0 gets the default unchecked, so a default
+        # above the maximum would be a way around the cap.
+        if self.default_budget > self.max_budget:
+            raise ValueError(
+                f"default_budget: {self.default_budget} is more than max_budget {self.max_budget}"
+            )
+        return self
+
 
 class RankingSettings(ServerSettings):
     """Ranking service settings."""
@@ -184,6 +199,13 @@ class RankingSettings(ServerSettings):
     max_id_bytes: int = Field(256, ge=1)
     default_k: int = Field(20, ge=1)
     max_k: int = Field(1000, ge=1)
+
+    @model_validator(mode="after")
+    def _check_k(self) -> RankingSettings:
+        # k = 0 gets the default unchecked: it must not exceed the cap.
+        if self.default_k > self.max_k:
+            raise ValueError(f"default_k: {self.default_k} is more than max_k {self.max_k}")
+        return self
 
 
 class TrainerSettings(_Strict):
@@ -294,7 +316,7 @@ class RecsysSettings(BaseSettings):
         "themselves; their client has no per-read socket timeout).",
     )
     redis_max_connections: int = Field(64, ge=1)
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
     log_format: Literal["json", "text"] = "json"
     retrieval: RetrievalSettings = RetrievalSettings()
     ranking: RankingSettings = RankingSettings()
@@ -302,10 +324,10 @@ class RecsysSettings(BaseSettings):
     experiments: ExperimentSettings = ExperimentSettings()
     tracing: TracingSettings = TracingSettings()
 
-    @field_validator("log_level")
+    @field_validator("log_level", mode="before")
     @classmethod
-    def _upper(cls, v: str) -> str:
-        return v.upper()
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
 
     @classmethod
     def settings_customise_sources(
@@ -348,6 +370,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Re
             tomllib.loads(path.read_text())
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    _check_env_names(os.environ)
     old = os.environ.get(CONFIG_ENV)
     try:
         if path is not None:
@@ -365,6 +388,25 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Re
 
 class ConfigError(ValueError):
     """Raised for a configuration that cannot be used; the message names the field."""
+
+
+def _check_env_names(environ: Mapping[str, str]) -> None:
+    """Refuses a ``RECSYS_`` variable whose top-level name is no setting.
+
+    pydantic-settings catches an unknown key below a section
+    (``RECSYS_RANKING__MAX_BATCH_SIZ``) but silently ignores an unknown
+    top-level name, so a typo such as ``RECSYS_RANKING_PINNED_VERSION`` (one
+    underscore) would quietly leave a rollback pin unset.
+    """
+    fields = RecsysSettings.model_fields
+    for name in environ:
+        if not name.startswith("RECSYS_") or name in OTHER_ENV:
+            continue
+        top = name[len("RECSYS_") :].split("__", 1)[0].lower()
+        if top not in fields:
+            hint = next((f for f in fields if top.startswith(f + "_")), None)
+            more = f" (did you mean RECSYS_{hint.upper()}__...?)" if hint else ""
+            raise ConfigError(f"environment variable {name}: no setting {top!r}{more}")
 
 
 def _describe(exc: Any, path: Path | None) -> str:

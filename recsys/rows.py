@@ -12,7 +12,8 @@ class RowMarks:
     rows of one request their fixed cost dominates. Here a set of rows is a
     *stamp* written into a catalogue-sized array (``stamp[rows] = g``), so
     marking and testing are single fancy-indexing steps. Each marking takes
-    a fresh generation ``g``, so nothing is ever cleared. ``SLOTS`` sets can
+    a fresh generation ``g`` of its slot, so nothing is cleared (until a
+    slot's counter wraps, which clears that slot alone). ``SLOTS`` sets can
     be live at once (one array each).
 
     Shared by both services: retrieval's merge and filters, ranking's dedup
@@ -29,19 +30,22 @@ class RowMarks:
     def __init__(self, n: int):
         self._stamps = [np.zeros(n, np.int32) for _ in range(self.SLOTS)]
         self._pos = np.zeros(n, np.int64)
-        self._gen = 0
+        # One counter per slot: when a slot's int32 stamps run out it starts
+        # over from a cleared array, and only that slot's set (the one being
+        # replaced) is lost, never a live set in the other slot.
+        self._gen = [0] * self.SLOTS
 
-    def _next(self) -> int:
-        self._gen += 1
-        if self._gen >= 2**31 - 1:  # int32 stamps: start over from clean arrays
-            for st in self._stamps:
-                st.fill(0)
-            self._gen = 1
-        return self._gen
+    def _next(self, slot: int) -> int:
+        g = self._gen[slot] + 1
+        if g >= 2**31 - 1:
+            self._stamps[slot].fill(0)
+            g = 1
+        self._gen[slot] = g
+        return g
 
     def mark(self, slot: int, rows: np.ndarray) -> int:
         """Makes ``rows`` the set in ``slot``; returns its generation for :meth:`has`."""
-        g = self._next()
+        g = self._next(slot)
         self._stamps[slot][rows] = g
         return g
 
@@ -51,7 +55,7 @@ class RowMarks:
         A row is in the set when ``stamp[row] == generation``; writing the
         generation adds it; :meth:`has` sees the same set.
         """
-        return self._stamps[slot], self._next()
+        return self._stamps[slot], self._next(slot)
 
     def position_scratch(self) -> np.ndarray:
         """An int64 catalogue-sized scratch array (a chosen row's position), for compiled loops."""

@@ -55,3 +55,39 @@ def test_bad_value_is_named(monkeypatch):
 def test_missing_file_is_clear(tmp_path: Path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_settings(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(
+    ("name", "named"),
+    [
+        ("RECSYS_RANKING_PINNED_VERSION", r"RECSYS_RANKING_PINNED_VERSION.*RECSYS_RANKING__"),
+        ("RECSYS_MODLE_DIR", r"RECSYS_MODLE_DIR: no setting 'modle_dir'"),
+        ("RECSYS_REDIS_URI", r"RECSYS_REDIS_URI: no setting 'redis_uri'"),
+    ],
+)
+def test_unknown_top_level_environment_name_is_named(monkeypatch, name, named):
+    """A typo above the first ``__`` is an error too, not a silently ignored variable."""
+    monkeypatch.setenv(name, "7")
+    with pytest.raises(ConfigError, match=named):
+        load_settings()
+
+
+def test_non_setting_environment_names_are_allowed(monkeypatch):
+    monkeypatch.setenv("RECSYS_WORKER", "1")
+    monkeypatch.setenv("RECSYS_REDIS_SERVER", "/usr/bin/redis-server")
+    monkeypatch.setenv("RECSYS_RANKING__PINNED_VERSION", "7")
+    assert load_settings().ranking.pinned_version == "7"
+
+
+def test_defaults_above_their_caps_are_refused():
+    """budget 0 and k 0 take the defaults unchecked, so a default above its cap is refused."""
+    with pytest.raises(ConfigError, match=r"default_budget: 600 is more than max_budget 500"):
+        load_settings(retrieval={"default_budget": 600, "max_budget": 500})
+    with pytest.raises(ConfigError, match=r"default_k: 30 is more than max_k 10"):
+        load_settings(ranking={"default_k": 30, "max_k": 10})
+
+
+def test_log_level_is_checked_when_loaded():
+    assert load_settings(log_level="debug").log_level == "DEBUG"
+    with pytest.raises(ConfigError, match="log_level"):
+        load_settings(log_level="verbose")

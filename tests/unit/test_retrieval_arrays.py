@@ -207,3 +207,16 @@ def test_round_robin_takes_rank_by_rank_once_each():
     assert (take % 3).tolist() == [0, 1, 2, 1, 0]
     take = round_robin(grid, 2, RowMarks(10), exclude=[2])
     assert grid.ravel()[take].tolist() == [1, 3]
+
+
+def test_row_marks_wrapping_one_slot_keeps_the_other_slots_set():
+    """A counter running out in slot 1 must not wipe the live set in slot 0 (the exclusions)."""
+    marks = RowMarks(10)
+    marks._gen = [2**31 - 3] * RowMarks.SLOTS  # both counters near the int32 limit
+    excluded = marks.mark(0, np.asarray([2, 5]))
+    for _ in range(3):  # slot 1 wraps during these
+        stamp, g = marks.scratch(1)
+        stamp[[7]] = g
+        assert marks.has(1, g, np.asarray([5, 7])).tolist() == [False, True]
+        assert marks.has(0, excluded, np.asarray([2, 5, 7])).tolist() == [True, True, False]
+    assert marks.scratch(1)[1] < 2**31 - 3, "slot 1 started over"

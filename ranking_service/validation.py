@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -10,6 +9,7 @@ import numpy as np
 
 from ranking_service.catalogue import IdIndex
 from ranking_service.users import UserQuery
+from recsys.checks import FieldError, check_features, check_id
 from recsys.config import RankingSettings
 from recsys.v1 import ranking_pb2
 
@@ -17,12 +17,8 @@ from recsys.v1 import ranking_pb2
 _CANDIDATES_FIELD = ranking_pb2.RankRequest.DESCRIPTOR.fields_by_name["candidate_item_ids"].number
 
 
-class InvalidArgument(ValueError):
-    """A request field that cannot be served; ``str()`` starts with the field name."""
-
-    def __init__(self, field: str, problem: str):
-        super().__init__(f"{field}: {problem}")
-        self.field = field
+# The shared field error: the servicer maps it to INVALID_ARGUMENT.
+InvalidArgument = FieldError
 
 
 @dataclass
@@ -74,17 +70,6 @@ class RecommendQuery:
     budget: int
     sources: list[str]
     debug: bool
-
-
-def check_id(value: str, field: str, max_bytes: int) -> None:
-    """One id: non-empty, at most ``max_bytes`` UTF-8 bytes, no NUL."""
-    if not value:
-        raise InvalidArgument(field, "must not be empty")
-    n = len(value.encode("utf-8", "surrogatepass"))
-    if n > max_bytes:
-        raise InvalidArgument(field, f"is {n} bytes long, at most {max_bytes} allowed")
-    if "\x00" in value:
-        raise InvalidArgument(field, "contains a NUL character")
 
 
 def check_ids_at(ids: Sequence[str], positions: np.ndarray, field: str, max_bytes: int) -> None:
@@ -139,16 +124,17 @@ def parse_user(ctx, limits: RankingSettings, field: str = "user") -> UserQuery:
     if ctx.user_id:
         check_id(ctx.user_id, f"{field}.user_id", limits.max_id_bytes)
     f = ctx.features
-    age: float | None = None
-    if f.HasField("age") and f.age != 0:
-        if f.age < 0 or f.age > 150:
-            raise InvalidArgument(f"{field}.features.age", f"{f.age} is not an age in years")
-        age = float(f.age)
-    ratings: dict[str, float] = {}
-    for genre, r in f.genre_ratings.items():
-        if not math.isfinite(r):
-            raise InvalidArgument(f"{field}.features.genre_ratings[{genre}]", "is not a number")
-        ratings[genre] = float(r)
+    age = float(f.age) if f.HasField("age") and f.age != 0 else None
+    ratings = dict(f.genre_ratings)
+    check_features(
+        f"{field}.features",
+        age=age,
+        gender=f.gender,
+        occupation=f.occupation,
+        country=f.country,
+        genre_ratings=ratings,
+        max_bytes=limits.max_id_bytes,
+    )
     if len(ctx.exclude_item_ids) > limits.max_candidates:
         raise InvalidArgument(
             f"{field}.exclude_item_ids",

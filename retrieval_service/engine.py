@@ -29,6 +29,7 @@ from redis.exceptions import RedisError
 
 from recsys import redis_keys
 from recsys.batching import MicroBatcher
+from recsys.checks import FieldError, check_features, check_id
 from recsys.config import CURRENT_VERSION, RetrievalSettings
 from recsys.errors import shown
 from recsys.experiments import Experiment, UnknownVariant, Variant
@@ -214,11 +215,11 @@ def _as_block(got: Sequence[Any], k: int, served: ServedVersion) -> CandidateBlo
 
 
 def _check_id(field_name: str, value: str, limit: int) -> None:
-    if not value:
-        raise InvalidArgument(field_name, "must not be empty")
-    size = len(value.encode())
-    if size > limit:
-        raise InvalidArgument(field_name, f"is {size} bytes, the limit is {limit}")
+    """The shared id check, as this service's :class:`InvalidArgument`."""
+    try:
+        check_id(value, field_name, limit)
+    except FieldError as exc:
+        raise InvalidArgument(exc.field, exc.problem) from None
 
 
 class RetrievalEngine:
@@ -364,9 +365,26 @@ class RetrievalEngine:
                 raise InvalidArgument(
                     name, f"{len(values)} entries, at most {s.max_request_ids} allowed"
                 )
-        for name, ids in lists[:2]:
-            for i, item in enumerate(ids):
-                _check_id(f"{name}[{i}]", item, s.max_id_bytes)
+        # recent is newest first here; the request's list is oldest first,
+        # and the message must point at the position the caller sent.
+        last = len(q.recent) - 1
+        for i, item in enumerate(q.recent):
+            _check_id(f"user.recent_item_ids[{last - i}]", item, s.max_id_bytes)
+        for i, item in enumerate(q.exclude):
+            _check_id(f"user.exclude_item_ids[{i}]", item, s.max_id_bytes)
+        f = q.features
+        try:
+            check_features(
+                "user.features",
+                age=f.age,
+                gender=f.gender,
+                occupation=f.occupation,
+                country=f.country,
+                genre_ratings=f.genre_ratings,
+                max_bytes=s.max_id_bytes,
+            )
+        except FieldError as exc:
+            raise InvalidArgument(exc.field, exc.problem) from None
         if q.sources:
             chosen: list[CandidateSource] = []
             for i, name in enumerate(q.sources):

@@ -42,7 +42,7 @@ def query_from_pb(request: retrieval_pb2.RetrieveRequest) -> RetrieveQuery:
     user = request.user
     f = user.features
     features = RequestFeatures(
-        age=float(f.age) if f.HasField("age") and f.age > 0 else None,
+        age=float(f.age) if f.HasField("age") and f.age != 0 else None,  # checked by the engine
         gender=f.gender or None,
         occupation=f.occupation or None,
         country=f.country or None,

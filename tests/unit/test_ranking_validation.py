@@ -94,6 +94,23 @@ def test_a_multibyte_id_within_the_byte_limit_is_accepted():
         ({"retrieval_budget": 6}, "retrieval_budget"),
         ({"sources": ["ok", ""]}, "sources[1]"),
         ({"user": common_pb2.UserContext(user_id="y" * 30)}, "user.user_id"),
+        # Side-feature strings end up in reasons and caches: bounded like ids.
+        (
+            {"user": common_pb2.UserContext(features=common_pb2.UserFeatures(country="c" * 9))},
+            "user.features.country",
+        ),
+        (
+            {"user": common_pb2.UserContext(features=common_pb2.UserFeatures(occupation="o\x00"))},
+            "user.features.occupation",
+        ),
+        (
+            {
+                "user": common_pb2.UserContext(
+                    features=common_pb2.UserFeatures(genre_ratings={"g" * 9: 3.0})
+                )
+            },
+            "user.features.genre_ratings key",
+        ),
     ],
 )
 def test_bad_recommend_requests_name_the_field(request_kw, field):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from recsys.config import RetrievalSettings, _default_sources
-from retrieval_service.engine import RetrievalEngine, RetrieveQuery
+from retrieval_service.engine import RequestFeatures, RetrievalEngine, RetrieveQuery
 from retrieval_service.errors import InvalidArgument, NotFound, SourceConfigError, Unavailable
 from retrieval_service.registry import ENTRY_POINT_GROUP, available_sources, build_sources
 from retrieval_service.sources.annoy_similar import AnnoySimilarConfig, AnnoySimilarSource
@@ -87,7 +87,18 @@ def _engine(**overrides) -> RetrievalEngine:
         (RetrieveQuery("u", budget=-1), "budget"),
         (RetrieveQuery("u", budget=5001), "budget"),
         (RetrieveQuery("u", sources=("popular", "nope")), "sources[1]"),
-        (RetrieveQuery("u", recent=("a", "")), "user.recent_item_ids[1]"),
+        # The engine holds history newest first; the message names the
+        # position in the request's list, which is oldest first.
+        (RetrieveQuery("u", recent=("", "b", "c")), "user.recent_item_ids[2]"),
+        (RetrieveQuery("u", recent=("a", "b", "")), "user.recent_item_ids[0]"),
+        (RetrieveQuery("u", exclude=("a\x00b",)), "user.exclude_item_ids[0]"),
+        (RetrieveQuery("u", features=RequestFeatures(country="x" * 300)), "user.features.country"),
+        (RetrieveQuery("u", features=RequestFeatures(gender="g" * 257)), "user.features.gender"),
+        (RetrieveQuery("u", features=RequestFeatures(age=-3.0)), "user.features.age"),
+        (
+            RetrieveQuery("u", features=RequestFeatures(genre_ratings={"Drama": float("nan")})),
+            "user.features.genre_ratings[Drama]",
+        ),
         (RetrieveQuery("u", exclude=("x" * 257,)), "user.exclude_item_ids[0]"),
     ],
 )

@@ -187,7 +187,7 @@ class MicroBatcher(Generic[Req, Res]):
                 # the next batch gathers meanwhile.
                 task = asyncio.get_running_loop().create_task(self._execute_async(batch))
                 self._batch_tasks.add(task)
-                task.add_done_callback(self._batch_done)
+                task.add_done_callback(partial(self._batch_done, batch))
             else:
                 try:
                     results = self.fn([p.request for p in batch])
@@ -198,8 +198,12 @@ class MicroBatcher(Generic[Req, Res]):
         if self._pending and not self._closed:
             self._schedule(asyncio.get_running_loop())
 
-    def _batch_done(self, task: asyncio.Task) -> None:
+    def _batch_done(self, batch: list[_Pending[Req, Res]], task: asyncio.Task) -> None:
         self._batch_tasks.discard(task)
+        if task.cancelled():
+            # Cancelled before its first step (close() right after the flush):
+            # _settle never ran, so nothing else would answer these callers.
+            self._fail(batch, BatcherClosed("the scoring queue is shut down"), quiet=True)
         # What queued while this batch awaited is the next batch (adaptive).
         if self._pending and not self._closed:
             self._schedule(asyncio.get_running_loop())
@@ -302,8 +306,12 @@ class MicroBatcher(Generic[Req, Res]):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        for task in list(self._batch_tasks):
+        # Cancel every running batch before awaiting any: awaiting one first
+        # would let a later one start meanwhile.
+        running = list(self._batch_tasks)
+        for task in running:
             task.cancel()
+        for task in running:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if self._task is not None:

@@ -330,3 +330,28 @@ def test_rejects_a_zero_in_flight_bound():
 
     with pytest.raises(ValueError, match="max_in_flight"):
         MicroBatcher(fn, max_batch_size=4, max_wait_s=0.0, inline=True, max_in_flight=0)
+
+
+async def test_close_answers_a_batch_cancelled_before_it_started():
+    """A batch task that close() cancels before its first step still fails its callers."""
+    started: list[list[str]] = []
+    closing: list[asyncio.Task] = []
+
+    async def fn(batch):
+        started.append(list(batch))
+        await asyncio.sleep(0.05)
+        return list(batch)
+
+    def on_batch(size: int) -> None:
+        if b.batches == 2:
+            # Runs in the flush callback, before the batch's task is created:
+            # the loop runs close() first, so the task is cancelled unstarted.
+            closing.append(asyncio.ensure_future(b.close()))
+
+    b = MicroBatcher(fn, max_batch_size=4, max_wait_s=0.01, inline=True, adaptive=True,
+                     on_batch=on_batch)  # fmt: skip
+    calls = [asyncio.ensure_future(b.submit(s)) for s in "pqrstu"]
+    done, waiting = await asyncio.wait(calls, timeout=1.0)
+    assert closing and started == [list("pqrs")], started
+    assert not waiting, f"{len(waiting)} callers never answered"
+    assert all(isinstance(c.exception(), BatcherClosed) for c in done)

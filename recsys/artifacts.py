@@ -200,6 +200,18 @@ class ModelVersion:
             raise ArtifactError(
                 f"{self.path}: {ITEM_VECTORS} has shape {vec.shape}, expected ({n}, D)"
             )
+        # A NaN or infinite row would not just score badly: the compiled
+        # top-k cannot order past a NaN, so every answer holding that item
+        # would come out scrambled. Checked in slices to keep memory flat.
+        step = 1 << 16
+        for start in range(0, n, step):
+            chunk = np.asarray(vec[start : start + step])
+            if not np.isfinite(chunk).all():
+                row = start + int(np.flatnonzero(~np.isfinite(chunk).all(axis=1))[0])
+                raise ArtifactError(
+                    f"{self.path}: {ITEM_VECTORS} row {row} (item {self.item_ids[row]!r}) "
+                    "is not finite"
+                )
         if len(set(self.item_ids)) != n:
             raise ArtifactError(f"{self.path}: {ITEM_IDS} has duplicate ids")
         if self.item_genres.shape != (n, len(self.spec.genres)):

@@ -401,6 +401,8 @@ def decode_user_state(
         nums = np.array(raw).astype(np.float64)
     except ValueError as exc:
         raise ValueError(f"user state hash has a non-numeric aggregate: {exc}") from exc
+    if not np.isfinite(nums).all():  # "nan"/"inf" parse, then poison every score
+        raise ValueError("user state hash has a non-finite aggregate")
     agg = UserAggregates.from_flat(nums, len(spec.genres))
 
     def text(key: str) -> str | None:
@@ -408,8 +410,11 @@ def decode_user_state(
         return None if v is None else _s(v)
 
     age = text("age")
+    age_years = float(age) if age is not None else None
+    if age_years is not None and not math.isfinite(age_years):
+        raise ValueError("user state hash has a non-finite age")
     profile = UserProfile(
-        age=float(age) if age is not None else None,
+        age=age_years,
         gender=text("gender"),
         occupation=text("occupation"),
         country=text("country"),
@@ -457,6 +462,20 @@ class TargetScale:
     logit_scale: float = 1.0
     logit_bias: float = 0.0
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.rating_max > self.rating_min:
+            raise ValueError(
+                f"rating_max {self.rating_max} must exceed rating_min {self.rating_min}"
+            )
+        # Both services order candidates by the raw dot product; that order
+        # is the order of the scores only while the map to scores increases.
+        if self.objective == "binary" and not (
+            math.isfinite(self.logit_scale) and self.logit_scale > 0
+        ):
+            raise ValueError(f"logit_scale {self.logit_scale} must be positive and finite")
+        if not math.isfinite(self.logit_bias):
+            raise ValueError(f"logit_bias {self.logit_bias} must be finite")
 
     def to_model(self, rating: np.ndarray) -> np.ndarray:
         """Training label: rating scaled to [-1, 1], or 1/0 liked for binary."""

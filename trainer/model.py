@@ -222,6 +222,10 @@ def build_two_tower(
             1,
             activation="sigmoid",
             kernel_initializer=keras.initializers.Constant(5.0),
+            # Non-negative: serving orders items by the dot and maps the
+            # winners through the sigmoid, which is only right if the map
+            # increases (TargetScale refuses a version whose scale is not).
+            kernel_constraint=keras.constraints.NonNeg(),
             name="logit",
         )(dot)
         loss: Any = keras.losses.BinaryCrossentropy()

@@ -16,7 +16,14 @@ from recsys.features import FeatureSpec, TargetScale
 SPEC = FeatureSpec(genres=("Action", "Comedy"), countries=("us",))
 
 
-def _write_version(model_dir: Path, n_items: int = 5, annoy_items: int | None = None) -> Path:
+def _write_version(
+    model_dir: Path,
+    n_items: int = 5,
+    annoy_items: int | None = None,
+    *,
+    bad_row: int | None = None,
+    target: dict | None = None,
+) -> Path:
     rng = np.random.default_rng(0)
     vecs = rng.normal(size=(n_items, 4)).astype(np.float32)
     with A.VersionWriter(model_dir) as w:
@@ -24,7 +31,10 @@ def _write_version(model_dir: Path, n_items: int = 5, annoy_items: int | None = 
             (w.path / tower).mkdir()
             (w.path / tower / "saved_model.pb").write_bytes(b"not really a graph")
         w.write_json(A.ITEM_IDS, [f"i{k}" for k in range(n_items)])
-        w.write_npy(A.ITEM_VECTORS, vecs)
+        written = vecs.copy()
+        if bad_row is not None:
+            written[bad_row, 1] = np.nan
+        w.write_npy(A.ITEM_VECTORS, written)
         w.write_npy(A.ITEM_GENRES, np.zeros((n_items, 2), np.uint8))
         w.write_npy(A.ITEM_FEATURES, np.zeros((n_items, SPEC.n_item_features), np.float32))
         w.write_json(A.ITEMS_META, {"title": ["t"] * n_items, "year": [2000] * n_items})
@@ -37,7 +47,8 @@ def _write_version(model_dir: Path, n_items: int = 5, annoy_items: int | None = 
         w.write_json(A.USERS, {"user_id": []})
         w.write_npy(A.USER_AGGREGATES, np.zeros((0, 3 + 3 * 2)))
         w.write_npy(A.USER_FEATURES, np.zeros((0, SPEC.n_user_features), np.float32))
-        return w.commit({"feature_spec": SPEC.to_dict(), "target": TargetScale().to_dict(),
+        target = target or TargetScale().to_dict()
+        return w.commit({"feature_spec": SPEC.to_dict(), "target": target,
                          "annoy": {"metric": "angular"}})  # fmt: skip
 
 
@@ -81,6 +92,31 @@ def test_object_arrays_are_refused(tmp_path: Path):
 def test_broken_versions_are_refused_with_a_reason(tmp_path: Path, damage, message):
     path = _write_version(tmp_path)
     damage(path)
+    with pytest.raises(A.ArtifactError, match=message):
+        A.ModelVersion.open(path)
+
+
+def test_a_non_finite_item_vector_is_refused_naming_its_row(tmp_path: Path):
+    """One NaN row would scramble the order of every answer holding that item."""
+    path = _write_version(tmp_path, n_items=5, bad_row=3)
+    with pytest.raises(
+        A.ArtifactError, match=r"item_vectors\.npy row 3 \(item 'i3'\) is not finite"
+    ):
+        A.ModelVersion.open(path)
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ({"objective": "binary", "logit_scale": -3.0}, "logit_scale -3.0 must be positive"),
+        ({"objective": "binary", "logit_scale": 0.0}, "logit_scale 0.0 must be positive"),
+        ({"objective": "binary", "logit_bias": float("nan")}, "logit_bias nan must be finite"),
+        ({"rating_min": 5.0, "rating_max": 1.0}, "rating_max 1.0 must exceed rating_min 5.0"),
+    ],
+)
+def test_a_target_map_that_would_misorder_scores_is_refused(tmp_path: Path, target, message):
+    """Items are ordered by the dot product; the map to scores must increase."""
+    path = _write_version(tmp_path, target={**TargetScale().to_dict(), **target})
     with pytest.raises(A.ArtifactError, match=message):
         A.ModelVersion.open(path)
 

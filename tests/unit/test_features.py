@@ -178,3 +178,17 @@ def test_target_scale_round_trip():
 def test_a_corrupt_aggregate_is_a_clear_error():
     with pytest.raises(ValueError, match="non-numeric aggregate"):
         decode_user_state(SPEC, {b"n": b"three", b"gender": b"F"})
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({b"n": b"nan"}, "non-finite aggregate"),
+        ({b"n": b"3", b"sum": b"inf"}, "non-finite aggregate"),
+        ({b"n": b"3", b"age": b"nan"}, "non-finite age"),
+    ],
+)
+def test_a_non_finite_stored_number_is_a_clear_error(fields, message):
+    """float() parses "nan" and "inf"; they must fail the user, not poison its scores."""
+    with pytest.raises(ValueError, match=message):
+        decode_user_state(SPEC, fields)

@@ -64,6 +64,8 @@ MIN_RESERVE_S = 0.002
 MAX_RESERVE_S = 0.02
 # Largest share of the time left on the deadline that hydration may wait for Redis.
 HYDRATE_SHARE = 0.5
+# Longest a version's top-list copy may delay its swap (Redis slow or down).
+WARM_TIMEOUT_S = 10.0
 _REDIS_ERRORS = (RedisError, OSError, TimeoutError)
 
 
@@ -319,7 +321,9 @@ class RetrievalEngine:
         keys = [redis_keys.top_genre(version, g) for g in spec.genres]
         keys += [redis_keys.top_country(version, c) for c in spec.countries]
         keys.append(redis_keys.top_popular(version))
-        batch = RedisBatch(self.redis, cache=cache)
+        # Bounded itself: a caller's timeout cancels only its wait, and the
+        # read would otherwise hold a pooled connection until Redis answers.
+        batch = RedisBatch(self.redis, cache=cache, timeout_s=WARM_TIMEOUT_S)
         width = cache.width(1)
         # Plain entries: each copy's rows are converted once, below.
         await await_each([batch.top(k, width) for k in keys])
@@ -486,7 +490,13 @@ class RetrievalEngine:
             self.redis, available=error is None, cache=cache, timeout_s=self.redis_timeout_s
         )
         batch.round_trips = 1  # the hydration pipeline
-        recent = list(q.recent[: self.settings.history_length]) if q.recent else stored.recent
+        # A request's history may be a raw watch log: repeats would crowd
+        # distinct seeds out of similar-to-recent (stored history is distinct).
+        recent = (
+            list(dict.fromkeys(q.recent))[: self.settings.history_length]
+            if q.recent
+            else stored.recent
+        )
         return RetrievalContext(
             user_id=q.user_id,
             known=stored.known,
@@ -776,7 +786,9 @@ class RetrievalEngine:
             Lane(s.name, s.config.weight, min(s.config.budget, budget), s.config.tier)
             for s, _ in ok
         ]
-        pad_source = next((s.name for s in chosen if s.config.tier == "popular"), None)
+        # Credited to a popular-tier source that answered: one that timed out
+        # or failed must not be named as the provenance of the pad.
+        pad_source = next((s.name for s, _ in ok if s.config.tier == "popular"), None)
         pad = None
         if pad_source is not None:
             pad = (pad_source, served.popular_rows, served.popular_row_scores)

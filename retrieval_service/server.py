@@ -38,15 +38,12 @@ from recsys.serving import (
 )
 from recsys.tracing import Tracing
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
-from retrieval_service.engine import RetrievalEngine
+from retrieval_service.engine import WARM_TIMEOUT_S, RetrievalEngine
 from retrieval_service.errors import SourceConfigError
 from retrieval_service.registry import build_sources
 from retrieval_service.servicer import RetrievalServicer
 
 log = logging.getLogger("recsys.retrieval")
-
-# Longest a version's top-list copy may delay its swap (Redis slow or down).
-WARM_TIMEOUT_S = 10.0
 
 SERVICE_NAME = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name
 

@@ -140,3 +140,27 @@ async def test_a_bound_landing_anywhere_in_a_read_neither_hangs_nor_desyncs(
         assert [u.watched for u in again] == [u.watched for u in truth]
     finally:
         await client.aclose()
+
+
+async def test_the_top_list_copy_at_load_is_bounded(own_redis, trained_version: Path, monkeypatch):
+    """warm() bounds its own read: a caller giving up must not leave it holding a connection."""
+    from recsys.config import RetrievalSettings
+    from retrieval_service import engine as engine_module
+    from retrieval_service.registry import build_sources
+
+    monkeypatch.setattr(engine_module, "WARM_TIMEOUT_S", BOUND_S)
+    settings = RecsysSettings(redis_url=own_redis.url, redis_timeout_s=BOUND_S)
+    client = async_redis(settings)
+    rs = RetrievalSettings()
+    eng = engine_module.RetrievalEngine(rs, build_sources(rs.sources), client)
+    served = await asyncio.to_thread(eng.load_version, trained_version)
+    os.kill(own_redis.proc.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(RedisUnavailable):
+            await asyncio.wait_for(eng.warm(served), HANG_S)
+        await asyncio.sleep(0)
+        left = [t for t in asyncio.all_tasks() if "RedisBatch" in repr(t.get_coro())]
+        assert not left, left
+    finally:
+        os.kill(own_redis.proc.pid, signal.SIGCONT)
+        await client.aclose()

@@ -467,6 +467,26 @@ async def test_slow_and_broken_plugins_degrade_not_fail(
         assert "slow: TIMEOUT" in err.value.details() and "broken: ERROR" in err.value.details()
 
 
+async def test_the_pad_is_credited_to_a_popular_tier_source_that_answered(
+    plugin_path, published: Path, redis_server
+):
+    """A failed popular-tier source listed first must not be named as the pad's provenance."""
+    sources = [
+        {"name": "broken", "type": "test_broken", "tier": "popular"},
+        {"name": "popular", "type": "popular", "budget": 5, "tier": "popular"},
+    ]
+    settings = settings_for(published.parent, redis_server.url, sources=sources)
+    async with Running(settings) as srv:
+        res = await srv.stub.Retrieve(
+            retrieval_pb2.RetrieveRequest(user=common_pb2.UserContext(user_id="pad"), budget=40),
+            timeout=5,
+        )
+    reports = {r.source: r.status for r in res.source_reports}
+    assert reports == {"broken": ERROR, "popular": OK}
+    assert len(res.candidates) == 40, "padded past popular's budget of 5"
+    assert all(list(c.sources) == ["popular"] for c in res.candidates)
+
+
 async def test_unknown_config_key_is_rejected_at_startup(plugin_path, published, redis_server):
     from retrieval_service.errors import SourceConfigError
 

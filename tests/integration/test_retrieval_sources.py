@@ -175,3 +175,11 @@ async def test_precomputed_hot_neighbours_match_the_index(engine, mv: ModelVersi
     assert [c.item_id for c in a] == [c.item_id for c in b]
     assert [c.score for c in a] == pytest.approx([c.score for c in b], abs=1e-6)
     assert {c.seed_item_id for c in a} <= set(ctx.recent[:10])
+
+
+async def test_a_request_history_with_repeats_seeds_from_distinct_items(engine, mv: ModelVersion):
+    """A raw watch log (re-watches) must not crowd distinct seeds out of similar-to-recent."""
+    a, b, c = mv.item_ids[:3]
+    q = RetrieveQuery("rewatcher", recent=(a, a, b, a, a, c, b))  # newest first
+    ctx = await _context(engine, q)
+    assert ctx.recent == [a, b, c]

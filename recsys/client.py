@@ -255,9 +255,16 @@ class RecommenderClient:
         )
         return [SimilarItem(i.item_id, float(i.score)) for i in resp.items]
 
-    def record(self, user_id: str, item_id: str, rating: float | None = None) -> int:
-        """Records a watch (and optional rating); returns the user's history length."""
-        req = retrieval_pb2.RecordInteractionRequest(user_id=user_id, item_id=item_id)
+    def record(
+        self, user_id: str, item_id: str, rating: float | None = None, *, event_id: str = ""
+    ) -> int:
+        """Records a watch (and optional rating); returns the user's history length.
+
+        ``event_id`` makes a retry safe: the server counts each id once per user.
+        """
+        req = retrieval_pb2.RecordInteractionRequest(
+            user_id=user_id, item_id=item_id, event_id=event_id
+        )
         if rating is not None:
             req.rating = rating
         return self._call(self._require_retrieval().RecordInteraction, req).history_length

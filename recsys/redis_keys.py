@@ -19,6 +19,7 @@ key                                    type    holds
 ``recsys:user:{<uid>}``                hash    profile + running aggregates (features)
 ``recsys:user:{<uid>}:watched``        set     every item id the user interacted with
 ``recsys:user:{<uid>}:recent``         list    most recent item ids, newest first, capped
+``recsys:user:{<uid>}:event:<id>``     string  a recorded event id (expires after a day)
 =====================================  ======  =========================================
 """
 
@@ -71,3 +72,8 @@ def user_watched(user_id: str) -> str:
 def user_recent(user_id: str) -> str:
     """List of recent item ids, newest first."""
     return f"{PREFIX}:user:{{{user_id}}}:recent"
+
+
+def user_event(user_id: str, event_id: str) -> str:
+    """Marker of one recorded interaction (``RecordInteraction.event_id``), for retries."""
+    return f"{PREFIX}:user:{{{user_id}}}:event:{event_id}"

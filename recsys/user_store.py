@@ -3,8 +3,8 @@
 ``load_user`` fetches everything a request needs about a user (profile and
 feature aggregates, recent history, watched set) in **one pipelined round
 trip**, and ``load_users`` the same for a whole micro-batch of requests;
-``record_interaction`` applies one interaction atomically (``MULTI``), so
-the next read sees it. The data lives only in Redis, so it survives service
+``record_interaction`` applies one interaction atomically (one Lua script:
+all of it or none), so the next read sees it. The data lives only in Redis, so it survives service
 restarts (and Redis restarts when Redis persists, as the embedded one does).
 
 ``state_to_pb`` and ``state_from_pb`` carry the profile and aggregates that
@@ -200,6 +200,76 @@ async def load_users(
     return out
 
 
+# One interaction, applied all or nothing. A MULTI block cannot promise that:
+# Redis runs the commands after a failing one (a key of the wrong type, a
+# corrupt counter), so a refused write would still count the interaction and
+# a retry would count it again. The script checks everything first, then
+# writes. With an event key, a second call with the same key changes nothing
+# (a retry after a lost reply). Keys: state hash, recent list, watched set,
+# event marker (or ""). ARGV: item, history length, event TTL, number of
+# integer fields, then field/increment pairs (integers first, then floats).
+_RECORD_SCRIPT = """
+local state, recent, watched, event = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local item, keep, ttl, n_int = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local kinds = {{state, 'hash'}, {recent, 'list'}, {watched, 'set'}}
+for _, kv in ipairs(kinds) do
+  local t = redis.call('TYPE', kv[1])['ok']
+  if t ~= 'none' and t ~= kv[2] then
+    return redis.error_reply('CORRUPT ' .. kv[1] .. ' is a ' .. t .. ', not a ' .. kv[2])
+  end
+end
+local fields = {}
+for i = 5, #ARGV, 2 do fields[#fields + 1] = ARGV[i] end
+if #fields > 0 then
+  local now = redis.call('HMGET', state, unpack(fields))
+  for i, v in ipairs(now) do
+    if v then
+      local x = tonumber(v)
+      if x == nil or x ~= x or x == math.huge or x == -math.huge
+         or (i <= n_int and x ~= math.floor(x)) then
+        local what = state .. ' field ' .. fields[i]
+        return redis.error_reply('CORRUPT ' .. what .. ' is not a number')
+      end
+    end
+  end
+end
+if event ~= '' then
+  if not redis.call('SET', event, '1', 'NX', 'EX', ttl) then
+    return {redis.call('LLEN', recent), tonumber(redis.call('HGET', state, 'nr') or '0'), 1}
+  end
+end
+redis.call('LREM', recent, 0, item)
+redis.call('LPUSH', recent, item)
+redis.call('LTRIM', recent, 0, keep - 1)
+redis.call('SADD', watched, item)
+for i = 5, #ARGV, 2 do
+  if (i - 5) / 2 < n_int then
+    redis.call('HINCRBY', state, ARGV[i], ARGV[i + 1])
+  else
+    redis.call('HINCRBYFLOAT', state, ARGV[i], ARGV[i + 1])
+  end
+end
+return {redis.call('LLEN', recent), tonumber(redis.call('HGET', state, 'nr') or '0'), 0}
+"""
+
+# How long an event key is remembered: retries come within seconds; a day
+# also covers a client replaying a queue after an outage.
+EVENT_TTL_S = 24 * 3600
+
+
+class CorruptUserState(ValueError):
+    """A user's stored keys cannot take the write (wrong type, a non-numeric counter)."""
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What :func:`record_interaction` left in Redis."""
+
+    history_length: int
+    rating_count: int
+    duplicate: bool  # the event key had been seen: nothing was written
+
+
 async def record_interaction(
     redis,
     spec: FeatureSpec,
@@ -209,33 +279,54 @@ async def record_interaction(
     rating: float | None,
     *,
     history_length: int,
-) -> tuple[int, int]:
-    """Applies one interaction atomically.
+    event_id: str = "",
+) -> Recorded:
+    """Applies one interaction atomically: all of it or, on an error, none of it.
 
-    Appends to the recent list (capped at ``history_length``), adds to the
-    watched set and increments the feature aggregates exactly as
-    :meth:`recsys.features.UserAggregates.add` would.
+    Appends to the recent list (capped at ``history_length``, an older
+    occurrence of the item moved to the front), adds to the watched set and
+    increments the feature aggregates exactly as
+    :meth:`recsys.features.UserAggregates.add` would. One Lua script, so the
+    checks and the writes are one step for Redis.
 
-    Returns:
-        (recent history length, rated count) after the update.
+    Args:
+        redis: ``redis.asyncio.Redis`` client.
+        spec: Feature spec of the serving version (which counters exist).
+        user_id: The user.
+        item_id: The item (already checked against the catalogue).
+        item_genres: The item's genres.
+        rating: Explicit rating, or None for an implicit watch.
+        history_length: Recent-list cap.
+        event_id: Idempotency key: a second call with the same key for the
+            same user within :data:`EVENT_TTL_S` writes nothing and reports
+            ``duplicate``. Empty: no de-duplication.
+
+    Raises:
+        CorruptUserState: A key of the wrong type or a corrupt counter;
+            nothing was written.
+        redis.RedisError: Redis unreachable or slow (the write may or may
+            not have happened; retry with the same ``event_id``).
     """
+    from redis.exceptions import ResponseError
+
     ints, floats = interaction_increments(spec, item_genres, rating)
-    state = redis_keys.user_state(user_id)
-    recent = redis_keys.user_recent(user_id)
-    pipe = redis.pipeline(transaction=True)
-    # Drop an older occurrence first so the list stays a set of distinct recent items.
-    pipe.lrem(recent, 0, item_id)
-    pipe.lpush(recent, item_id)
-    pipe.ltrim(recent, 0, history_length - 1)
-    pipe.sadd(redis_keys.user_watched(user_id), item_id)
-    for f, v in ints.items():
-        pipe.hincrby(state, f, v)
-    for f, v in floats.items():
-        pipe.hincrbyfloat(state, f, v)
-    pipe.llen(recent)
-    pipe.hget(state, "nr")
-    out = await pipe.execute()
-    return int(out[-2]), int(out[-1] or 0)
+    keys = [
+        redis_keys.user_state(user_id),
+        redis_keys.user_recent(user_id),
+        redis_keys.user_watched(user_id),
+        redis_keys.user_event(user_id, event_id) if event_id else "",
+    ]
+    args: list = [item_id, history_length, EVENT_TTL_S, len(ints)]
+    for f, v in (*ints.items(), *floats.items()):
+        args += [f, v]
+    script = redis.register_script(_RECORD_SCRIPT)
+    try:
+        length, rated, dup = await script(keys=keys, args=args)
+    except ResponseError as exc:
+        if str(exc).startswith("CORRUPT"):
+            raise CorruptUserState(str(exc).removeprefix("CORRUPT ")) from exc
+        raise
+    return Recorded(int(length), int(rated), bool(dup))
 
 
 def seed_user_commands(

@@ -35,9 +35,22 @@ from recsys.errors import shown
 from recsys.experiments import Experiment, UnknownVariant, Variant
 from recsys.features import FeatureSpec, UserProfile, aggregates_from_genre_ratings
 from recsys.tracing import NOOP, Tracing
-from recsys.user_store import StoredUser, UserRead, load_users, record_interaction
+from recsys.user_store import (
+    CorruptUserState,
+    Recorded,
+    StoredUser,
+    UserRead,
+    load_users,
+    record_interaction,
+)
 from retrieval_service import metrics
-from retrieval_service.errors import DeadlineExceeded, InvalidArgument, NotFound, Unavailable
+from retrieval_service.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from retrieval_service.merge import (
     Lane,
     MergedCandidate,
@@ -904,18 +917,34 @@ class RetrievalEngine:
     # --- RecordInteraction -----------------------------------------------------------
 
     async def record(
-        self, user_id: str, item_id: str, rating: float | None, timestamp: int = 0
-    ) -> tuple[int, int]:
-        """Records one interaction; returns (history length, rated count).
+        self,
+        user_id: str,
+        item_id: str,
+        rating: float | None,
+        timestamp: int = 0,
+        event_id: str = "",
+    ) -> Recorded:
+        """Records one interaction, all of it or none of it.
+
+        Args:
+            user_id: Who interacted.
+            item_id: With what; must be in the served catalogue.
+            rating: Explicit rating, or None for an implicit watch.
+            timestamp: Event time (validated; the history is kept in arrival order).
+            event_id: Idempotency key: a retry with the same key is not counted again.
 
         Raises:
             InvalidArgument: Bad id, rating outside the version's scale, negative timestamp.
             NotFound: ``item_id`` is not in the served catalogue.
-            Unavailable: Redis could not be written.
+            FailedPrecondition: The user's stored keys are corrupt; nothing was written.
+            Unavailable: Redis could not be written (the write may have landed:
+                retry with the same ``event_id``).
         """
         limit = self.settings.max_id_bytes
         _check_id("user_id", user_id, limit)
         _check_id("item_id", item_id, limit)
+        if event_id:
+            _check_id("event_id", event_id, limit)
         if timestamp < 0:
             raise InvalidArgument("timestamp", f"{timestamp} is negative")
         served = self.current()
@@ -939,6 +968,12 @@ class RetrievalEngine:
                     served.model.item_genre_names(row),
                     rating,
                     history_length=self.settings.history_length,
+                    event_id=event_id,
                 )
+        except CorruptUserState as exc:
+            log.error("corrupt user state", extra={"fields": {"user": user_id, "error": str(exc)}})
+            raise FailedPrecondition(
+                f"user {shown(user_id)}'s stored state cannot be updated: {exc}"
+            ) from exc
         except _REDIS_ERRORS as exc:
             raise Unavailable(f"cannot record the interaction: {type(exc).__name__}") from exc

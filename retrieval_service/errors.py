@@ -31,6 +31,12 @@ class Unavailable(RetrievalError):
     code = "UNAVAILABLE"
 
 
+class FailedPrecondition(RetrievalError):
+    """Stored data cannot take the operation (e.g. a corrupt user key); a retry will not help."""
+
+    code = "FAILED_PRECONDITION"
+
+
 class DeadlineExceeded(RetrievalError):
     """The request's deadline passed before an answer was ready."""
 

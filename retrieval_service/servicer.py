@@ -299,9 +299,13 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
     async def RecordInteraction(self, request, context):
         rating = request.rating if request.HasField("rating") else None
         try:
-            length, rated = await self.engine.record(
-                request.user_id, request.item_id, rating, request.timestamp
+            done = await self.engine.record(
+                request.user_id, request.item_id, rating, request.timestamp, request.event_id
             )
         except RetrievalError as exc:
             await _abort(context, exc)
-        return retrieval_pb2.RecordInteractionResponse(history_length=length, rating_count=rated)
+        return retrieval_pb2.RecordInteractionResponse(
+            history_length=done.history_length,
+            rating_count=done.rating_count,
+            duplicate=done.duplicate,
+        )

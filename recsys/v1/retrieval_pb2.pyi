@@ -146,21 +146,25 @@ class SimilarItemsResponse(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[SimilarItem, _Mapping]]] = ..., index_version: _Optional[str] = ..., variant: _Optional[str] = ...) -> None: ...
 
 class RecordInteractionRequest(_message.Message):
-    __slots__ = ("user_id", "item_id", "rating", "timestamp")
+    __slots__ = ("user_id", "item_id", "rating", "timestamp", "event_id")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     RATING_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     item_id: str
     rating: float
     timestamp: int
-    def __init__(self, user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., rating: _Optional[float] = ..., timestamp: _Optional[int] = ...) -> None: ...
+    event_id: str
+    def __init__(self, user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., rating: _Optional[float] = ..., timestamp: _Optional[int] = ..., event_id: _Optional[str] = ...) -> None: ...
 
 class RecordInteractionResponse(_message.Message):
-    __slots__ = ("history_length", "rating_count")
+    __slots__ = ("history_length", "rating_count", "duplicate")
     HISTORY_LENGTH_FIELD_NUMBER: _ClassVar[int]
     RATING_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     history_length: int
     rating_count: int
-    def __init__(self, history_length: _Optional[int] = ..., rating_count: _Optional[int] = ...) -> None: ...
+    duplicate: bool
+    def __init__(self, history_length: _Optional[int] = ..., rating_count: _Optional[int] = ..., duplicate: _Optional[bool] = ...) -> None: ...

@@ -198,6 +198,55 @@ async def test_record_interaction_is_seen_by_next_retrieve(server: Running, mv: 
     assert r.hget(redis_keys.user_state(user), "nr") == b"1"
 
 
+async def test_record_interaction_retried_with_its_event_id_counts_once(
+    server: Running, mv: ModelVersion
+):
+    user, item = "retrying-user", mv.item_ids[3]
+    req = retrieval_pb2.RecordInteractionRequest(
+        user_id=user, item_id=item, rating=4.0, event_id="evt-1"
+    )
+    first = await server.stub.RecordInteraction(req, timeout=5)
+    again = await server.stub.RecordInteraction(req, timeout=5)
+    assert (first.history_length, first.rating_count, first.duplicate) == (1, 1, False)
+    assert (again.history_length, again.rating_count, again.duplicate) == (1, 1, True)
+    r = redis.Redis.from_url(server.settings.redis_url.get_secret_value())
+    assert r.hget(redis_keys.user_state(user), "n") == b"1", "counted once"
+    assert 0 < r.ttl(redis_keys.user_event(user, "evt-1")) <= 24 * 3600
+    # Another event id for the same item is a new interaction.
+    other = await server.stub.RecordInteraction(
+        retrieval_pb2.RecordInteractionRequest(user_id=user, item_id=item, event_id="evt-2"),
+        timeout=5,
+    )
+    assert not other.duplicate and r.hget(redis_keys.user_state(user), "n") == b"2"
+
+
+@pytest.mark.parametrize("corrupt", ["watched_is_a_string", "counter_is_text"])
+async def test_record_interaction_on_corrupt_state_writes_nothing(
+    server: Running, mv: ModelVersion, corrupt
+):
+    """A refused write changes nothing, and its status says a retry will not help."""
+    user = f"corrupt-{corrupt}"
+    r = redis.Redis.from_url(server.settings.redis_url.get_secret_value())
+    r.hset(redis_keys.user_state(user), mapping={"n": "2", "nr": "1", "sum": "4"})
+    if corrupt == "watched_is_a_string":
+        r.set(redis_keys.user_watched(user), "oops")
+    else:
+        r.hset(redis_keys.user_state(user), "sum", "four")
+    before = r.hgetall(redis_keys.user_state(user))
+    for _ in range(3):  # a client retrying on the old UNAVAILABLE counted it each time
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await server.stub.RecordInteraction(
+                retrieval_pb2.RecordInteractionRequest(
+                    user_id=user, item_id=mv.item_ids[0], rating=5.0
+                ),
+                timeout=5,
+            )
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert user in err.value.details()
+    assert r.hgetall(redis_keys.user_state(user)) == before
+    assert r.llen(redis_keys.user_recent(user)) == 0
+
+
 async def test_request_overrides_history_and_excludes(server: Running, mv: ModelVersion):
     seeds = mv.item_ids[:3]
     exclude = [mv.item_ids[10], mv.item_ids[11]]
@@ -282,6 +331,11 @@ async def test_similar_items_match_brute_force(server: Running, mv: ModelVersion
             "RecordInteraction",
             retrieval_pb2.RecordInteractionRequest(user_id="u", item_id="1", rating=float("nan")),
             "rating",
+        ),
+        (
+            "RecordInteraction",
+            retrieval_pb2.RecordInteractionRequest(user_id="u", item_id="1", event_id="e" * 300),
+            "event_id",
         ),
     ],
 )

@@ -206,8 +206,10 @@ async def load_users(
 # a retry would count it again. The script checks everything first, then
 # writes. With an event key, a second call with the same key changes nothing
 # (a retry after a lost reply). Keys: state hash, recent list, watched set,
-# event marker (or ""). ARGV: item, history length, event TTL, number of
-# integer fields, then field/increment pairs (integers first, then floats).
+# and the event marker only when there is one (every key must be in the
+# user's Redis Cluster slot, so no placeholder key). ARGV: item, history
+# length, event TTL, number of integer fields, then field/increment pairs
+# (integers first, then floats).
 _RECORD_SCRIPT = """
 local state, recent, watched, event = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local item, keep, ttl, n_int = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -233,7 +235,7 @@ if #fields > 0 then
     end
   end
 end
-if event ~= '' then
+if event then
   if not redis.call('SET', event, '1', 'NX', 'EX', ttl) then
     return {redis.call('LLEN', recent), tonumber(redis.call('HGET', state, 'nr') or '0'), 1}
   end
@@ -314,8 +316,9 @@ async def record_interaction(
         redis_keys.user_state(user_id),
         redis_keys.user_recent(user_id),
         redis_keys.user_watched(user_id),
-        redis_keys.user_event(user_id, event_id) if event_id else "",
     ]
+    if event_id:
+        keys.append(redis_keys.user_event(user_id, event_id))
     args: list = [item_id, history_length, EVENT_TTL_S, len(ints)]
     for f, v in (*ints.items(), *floats.items()):
         args += [f, v]

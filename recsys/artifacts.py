@@ -16,7 +16,7 @@ A model directory holds numbered versions, TF-Serving style::
         items.json           {"title": [...], "year": [...]} in catalogue order
         annoy.ann            Annoy index (angular) over item_vectors, item i = row i
         top_lists.json       {"popular": [[id, score]..], "genre": {g: [..]}, "country": {c: [..]}}
-        users.json           known users: ids, demographics, training history
+        users.json           known users: ids, demographics, training history, all watched
         user_aggregates.npy  float64 [n_users, 3 + 3G] (see AGGREGATE_COLUMNS)
         user_features.npy    float32 [n_users, F_user] precomputed user features
         metrics.json, *.png  evaluation report (optional, checksummed when present)

@@ -124,7 +124,12 @@ def top_lists(p: Prepared, top_n: int = 1000) -> dict[str, Any]:
 
 
 def users_json(p: Prepared) -> dict[str, list]:
-    """Columnar known-user table: id, demographics and training history (oldest first)."""
+    """Columnar known-user table: id, demographics, training history and all watched items.
+
+    ``history`` is the training split's (what the aggregates and evaluation
+    use); ``watched`` adds the held-out ratings (what a publish seeds the
+    watched set and the recent list from). Both oldest first.
+    """
     d = p.dataset
     ids = d.item_ids
     return {
@@ -134,6 +139,7 @@ def users_json(p: Prepared) -> dict[str, list]:
         "occupation": list(d.user_occupation),
         "country": list(d.user_country),
         "history": [[ids[i] for i in h] for h in p.histories],
+        "watched": [[ids[i] for i in h] for h in p.watched],
     }
 
 

@@ -151,11 +151,14 @@ def publish(
     for uid in ids:
         check.exists(redis_keys.user_recent(uid))
     has_recent = check.execute()
+    # Every rated item, held-out ones included; versions exported before the
+    # column existed have the training history only.
+    watched = users.get("watched", users["history"])
     for start in range(0, len(ids), chunk):
         pipe = redis_client.pipeline(transaction=False)
         for row in range(start, min(start + chunk, len(ids))):
             write_recent = not has_recent[row]
-            history = users["history"][row]
+            history = watched[row]
             seed_user_commands(
                 pipe,
                 mv.spec,

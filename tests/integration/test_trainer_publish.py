@@ -15,6 +15,7 @@ from recsys.artifacts import ModelVersion
 from recsys.features import user_feature_vector
 from recsys.user_store import load_user, record_interaction
 from trainer.publish import publish
+from trainer.synthetic import generate
 
 
 @pytest.fixture
@@ -39,8 +40,14 @@ def test_publish_writes_top_lists_users_and_pointer(published_version, client):
     users = mv.users
     row = int(np.argmax([len(h) for h in users["history"]]))
     uid = users["user_id"][row]
-    history = users["history"][row]
-    assert client.smembers(redis_keys.user_watched(uid)) == set(history)
+    history = users["watched"][row]
+    # Everything the user rated, the held-out fifth included: the watched
+    # filter must not pass items the user already rated.
+    data = generate(300, 250, 15_000, 3, 0)  # the conftest's trained_version data
+    u = data.user_ids.index(uid)
+    rated = {data.item_ids[i] for i in data.rating_item[data.rating_user == u]}
+    assert set(history) == rated and set(users["history"][row]) < rated
+    assert client.smembers(redis_keys.user_watched(uid)) == rated
     recent = client.lrange(redis_keys.user_recent(uid), 0, -1)
     assert recent == list(reversed(history))[: len(recent)]
     assert recent and recent[0] == history[-1]

@@ -23,7 +23,14 @@ from typing import Any
 import numpy as np
 
 from recsys.errors import UserFacingError
-from trainer.evaluate import K, _rank_metrics, _top_k, load_for_evaluation, ranking_users
+from trainer.evaluate import (
+    K,
+    _rank_metrics,
+    _top_k,
+    load_for_evaluation,
+    ranking_users,
+    recorded_spec,
+)
 from trainer.prepare import Prepared
 
 RESAMPLES = 1000
@@ -209,7 +216,8 @@ def compare_versions(
             f"versions {va} and {vb} used different splits ({sa.get('test_fraction')}/seed "
             f"{sa.get('seed')} vs {sb.get('test_fraction')}/seed {sb.get('seed')})"
         )
-    mv_a, p, users_a = load_for_evaluation(base_dir, data_spec or ia.get("spec") or ib.get("spec"))
+    spec = data_spec or recorded_spec(ia) or recorded_spec(ib)
+    mv_a, p, users_a = load_for_evaluation(base_dir, spec)
     mv_b, _, users_b = load_for_evaluation(other_dir, data_spec, prepared=p)
     result = bootstrap_compare(
         p,

@@ -396,6 +396,16 @@ def format_report(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def recorded_spec(info: dict[str, Any]) -> str | None:
+    """The dataset spec a manifest's ``dataset`` entry can be reloaded from.
+
+    ``source`` first: it is the spec with its directory resolved, so a
+    version trained from ``movielens-100k:../data`` still evaluates from
+    another working directory; ``spec`` (as typed) for manifests without it.
+    """
+    return info.get("source") or info.get("spec")
+
+
 def load_for_evaluation(
     version_dir: str | Path, data_spec: str | None = None, *, prepared: Prepared | None = None
 ) -> tuple[Any, Prepared, np.ndarray]:
@@ -430,7 +440,7 @@ def load_for_evaluation(
     except A.ArtifactError as exc:
         raise UserFacingError(str(exc)) from exc
     info = mv.manifest.get("dataset", {})
-    spec = data_spec or info.get("spec")
+    spec = data_spec or recorded_spec(info)
     if prepared is not None:
         p = prepared
         dataset = p.dataset

@@ -103,3 +103,21 @@ def test_train_publish_keeps_the_versions_the_config_pins(
         assert client.exists(redis_keys.top_popular("1"))
     finally:
         client.close()
+
+
+def test_evaluate_finds_data_given_by_a_relative_path_from_elsewhere(tmp_path, monkeypatch, capsys):
+    """The manifest keeps the resolved directory, so evaluate works from any directory."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate-data", "data", "--users", "120", "--items", "90",
+                 "--ratings", "3000"]) == 0  # fmt: skip
+    models = tmp_path / "models"
+    assert main(["train", "--data", "csv:data", "--model-dir", str(models), "--epochs", "1",
+                 "--hidden-units", "16,8", "--annoy-trees", "2", "--quiet",
+                 "--no-plots"]) == 0  # fmt: skip
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    rc = main(["evaluate", "--model-dir", str(models), "--json"])
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["model"]["rmse"] > 0

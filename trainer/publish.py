@@ -130,6 +130,13 @@ def publish(
         raise ValueError("keep must be at least 1 (the version being published)")
     t0 = time.perf_counter()
     mv = ModelVersion.open(version_dir)
+    if Path(version_dir).name != mv.version:
+        # The services find a version by the pointer's name under their model
+        # dir: a copy renamed without its manifest would point them elsewhere.
+        raise ArtifactError(
+            f"{version_dir}: the directory is named {Path(version_dir).name!r} but its "
+            f"manifest says version {mv.version!r}; a version's directory must carry its number"
+        )
     report = PublishReport(mv.version)
 
     pipe = redis_client.pipeline(transaction=False)

@@ -149,3 +149,12 @@ def test_publish_refuses_incomplete_version(redis_url, client, trained_version, 
     assert client.get(redis_keys.CURRENT_VERSION) is None
     with pytest.raises(ValueError, match="keep"):
         publish(trained_version, client, keep=0, quiet=True)
+
+
+def test_publish_refuses_a_copy_whose_name_is_not_its_version(client, trained_version, tmp_path):
+    """models/5 holding version 1 would publish pointer 1 while the copy sits at 5."""
+    copy = tmp_path / "5"
+    shutil.copytree(trained_version, copy)
+    with pytest.raises(Exception, match=r"named '5' but its manifest says version '1'"):
+        publish(copy, client, quiet=True)
+    assert client.get(redis_keys.CURRENT_VERSION) is None

@@ -117,6 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden-units", help="comma-separated hidden layer sizes, e.g. 256,128")
     p.add_argument("--embedding-dim", type=int)
     p.add_argument("--id-embeddings", action="store_true", help="hybrid: add item id embeddings")
+    p.add_argument("--dropout", type=float, help="dropout after each hidden layer, 0 <= x < 1")
+    p.add_argument(
+        "--lr-plateau-factor",
+        type=float,
+        help="multiply the learning rate by this when validation stalls (0: constant rate)",
+    )
     p.add_argument("--annoy-trees", type=int)
     p.add_argument(
         "--negatives",

@@ -40,12 +40,14 @@ class _Strict(BaseModel):
 class TLSSettings(_Strict):
     """Server or client TLS material; all paths are PEM files."""
 
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    cert_file: Path | None = Field(None, description="This side's certificate (PEM).")
+    key_file: Path | None = Field(None, description="This side's private key (PEM).")
     ca_file: Path | None = Field(
         None, description="CA that signs peers; on a server it turns on client-cert checks."
     )
-    require_client_cert: bool = False
+    require_client_cert: bool = Field(
+        False, description="Server: refuse clients without a certificate signed by ca_file."
+    )
 
     @property
     def enabled(self) -> bool:
@@ -103,11 +105,15 @@ def _default_sources() -> list[dict[str, Any]]:
 class RetrievalSettings(ServerSettings):
     """Retrieval service settings."""
 
-    port: int = Field(50051, ge=0, le=65535)
-    metrics_port: int = Field(9091, ge=0, le=65535)
-    default_budget: int = Field(500, ge=1)
-    max_budget: int = Field(5000, ge=1)
-    max_similar_k: int = Field(1000, ge=1)
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_port: int = Field(
+        9091, ge=0, le=65535, description="Prometheus /metrics port; 0 disables it."
+    )
+    default_budget: int = Field(
+        500, ge=1, description="Candidates returned when a request's budget is 0."
+    )
+    max_budget: int = Field(5000, ge=1, description="Largest budget a request may ask for.")
+    max_similar_k: int = Field(1000, ge=1, description="Largest k of SimilarItems.")
     max_id_bytes: int = Field(256, ge=1, description="Longest accepted user or item id.")
     max_request_ids: int = Field(
         10_000, ge=1, description="Most ids in one request list (recent, exclude, sources)."
@@ -137,15 +143,25 @@ class RetrievalSettings(ServerSettings):
 class RankingSettings(ServerSettings):
     """Ranking service settings."""
 
-    port: int = Field(50052, ge=0, le=65535)
-    metrics_port: int = Field(9092, ge=0, le=65535)
+    port: int = Field(50052, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+    metrics_port: int = Field(
+        9092, ge=0, le=65535, description="Prometheus /metrics port; 0 disables it."
+    )
     retrieval_address: str = Field(
         "127.0.0.1:50051",
         description="host:port, or dns:///name:port for round-robin over a headless Service.",
     )
-    retrieval_timeout_s: float = Field(0.2, gt=0)
-    retrieval_tls: TLSSettings = TLSSettings()
-    retrieval_auth_token: SecretStr | None = None
+    retrieval_timeout_s: float = Field(
+        0.2,
+        gt=0,
+        description="Deadline of the call to retrieval (a Recommend's own deadline may cut it).",
+    )
+    retrieval_tls: TLSSettings = Field(
+        TLSSettings(), description="Client TLS towards retrieval (ca_file, cert for mTLS)."
+    )
+    retrieval_auth_token: SecretStr | None = Field(
+        None, description="Bearer token sent to retrieval (its auth_token)."
+    )
     # 32, not 16: under 64 closed-loop streams the wider call saved ~5% of
     # Recommend's CPU per request (same-session A/B); 64 measured the same as 32.
     retrieval_batch_size: int = Field(
@@ -176,7 +192,9 @@ class RankingSettings(ServerSettings):
         "retrieval replicas than ranking processes, raise it to about twice the "
         "retrieval replicas each ranking process spreads its calls over.",
     )
-    device: Literal["auto", "cpu", "gpu"] = "auto"
+    device: Literal["auto", "cpu", "gpu"] = Field(
+        "auto", description="Where item vectors live and scoring runs; auto: a GPU if visible."
+    )
     max_batch_size: int = Field(64, ge=1, description="Requests coalesced into one tower call.")
     batch_timeout_ms: float = Field(
         5.0,
@@ -195,10 +213,12 @@ class RankingSettings(ServerSettings):
         description="session: the user tower as a frozen graph run by a TF Session (CPU); "
         "eager: call the SavedModel signature.",
     )
-    max_candidates: int = Field(10_000, ge=1)
-    max_id_bytes: int = Field(256, ge=1)
-    default_k: int = Field(20, ge=1)
-    max_k: int = Field(1000, ge=1)
+    max_candidates: int = Field(
+        10_000, ge=1, description="Most candidate (and excluded/recent) ids in one request."
+    )
+    max_id_bytes: int = Field(256, ge=1, description="Longest accepted user or item id.")
+    default_k: int = Field(20, ge=1, description="Items returned when a request's k is 0.")
+    max_k: int = Field(1000, ge=1, description="Largest k (top_k) a request may ask for.")
 
     @model_validator(mode="after")
     def _check_k(self) -> RankingSettings:
@@ -211,19 +231,38 @@ class RankingSettings(ServerSettings):
 class TrainerSettings(_Strict):
     """Trainer hyper-parameters (CLI flags override them)."""
 
-    objective: Literal["rating", "binary"] = "rating"
-    hidden_units: list[int] = Field(default_factory=lambda: [256, 128])
-    embedding_dim: int = Field(32, ge=2)
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(256, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    patience: int = Field(3, ge=0)
-    seed: int = 0
-    test_fraction: float = Field(0.2, gt=0, lt=1)
+    objective: Literal["rating", "binary"] = Field(
+        "rating", description="rating: MSE on scaled stars; binary: liked or not (sigmoid)."
+    )
+    hidden_units: list[int] = Field(
+        default_factory=lambda: [256, 128], description="Hidden layer sizes of both towers."
+    )
+    embedding_dim: int = Field(32, ge=2, description="Width of the user and item vectors.")
+    epochs: int = Field(30, ge=1, description="Most epochs (early stopping may end sooner).")
+    batch_size: int = Field(256, ge=1, description="Training batch size.")
+    learning_rate: float = Field(1e-3, gt=0, description="Adam's learning rate.")
+    patience: int = Field(
+        3, ge=0, description="Epochs without validation improvement before stopping (0: never)."
+    )
+    seed: int = Field(0, description="Seed of weights and shuffling (the split has its own).")
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="Share of ratings held out for evaluation."
+    )
     annoy_trees: int = Field(
         10, ge=1, description="Annoy trees (with annoy_similar's search_k; see bench/retrieval.py)."
     )
     id_embeddings: bool = Field(False, description="Hybrid mode: add item id embeddings.")
+    id_l2: float = Field(1e-5, ge=0, description="Hybrid mode: L2 penalty on the id offsets.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout after each hidden layer.")
+    l2: float = Field(0.0, ge=0, description="L2 penalty on the towers' weights.")
+    lr_plateau_factor: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="Multiply the learning rate by this after an epoch without validation "
+        "improvement (0: constant rate; needs patience > 0). The MovieLens 100K setup in "
+        "docs/architecture.md uses 0.5 with dropout 0.2.",
+    )
     negatives: int = Field(
         0,
         ge=0,
@@ -267,7 +306,11 @@ class ExperimentSettings(_Strict):
     """An A/B experiment; no variants means everyone gets variant ``default``."""
 
     name: str = Field("default", min_length=1, description="Salt of the bucketing hash.")
-    variants: list[VariantSettings] = Field(default_factory=list)
+    variants: list[VariantSettings] = Field(
+        default_factory=list,
+        description="The arms: [[experiments.variants]] tables with name, share, "
+        "model_version and sources overrides; shares sum to 1.",
+    )
 
     @model_validator(mode="after")
     def _check_variants(self) -> ExperimentSettings:
@@ -287,8 +330,10 @@ class ExperimentSettings(_Strict):
 class TracingSettings(_Strict):
     """OpenTelemetry tracing; off by default, and then no span is created at all."""
 
-    enabled: bool = False
-    exporter: Literal["otlp", "console"] = "otlp"
+    enabled: bool = Field(False, description="Record spans (off: no span is created).")
+    exporter: Literal["otlp", "console"] = Field(
+        "otlp", description="otlp: to a collector over gRPC; console: printed (debugging)."
+    )
     endpoint: str | None = Field(
         None, description="OTLP gRPC endpoint; default $OTEL_EXPORTER_OTLP_ENDPOINT or :4317."
     )
@@ -315,9 +360,15 @@ class RecsysSettings(BaseSettings):
         "request's deadline does not set a shorter one (the services bound each round trip "
         "themselves; their client has no per-read socket timeout).",
     )
-    redis_max_connections: int = Field(64, ge=1)
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
-    log_format: Literal["json", "text"] = "json"
+    redis_max_connections: int = Field(
+        64, ge=1, description="Connection pool bound of each service process."
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        "INFO", description="Log level (any case)."
+    )
+    log_format: Literal["json", "text"] = Field(
+        "json", description="json: one object per line; text: for a terminal."
+    )
     retrieval: RetrievalSettings = RetrievalSettings()
     ranking: RankingSettings = RankingSettings()
     trainer: TrainerSettings = TrainerSettings()

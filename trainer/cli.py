@@ -50,9 +50,14 @@ def cli_train(args: argparse.Namespace, settings: RecsysSettings) -> int:
         id_embeddings=True if args.id_embeddings else None,
         annoy_trees=args.annoy_trees,
         negatives=getattr(args, "negatives", None),
+        dropout=getattr(args, "dropout", None),
+        lr_plateau_factor=getattr(args, "lr_plateau_factor", None),
         seed=args.seed,
         data_spec=args.data,
     )
+    for name, value in (("--dropout", cfg.dropout), ("--lr-plateau-factor", cfg.lr_plateau_factor)):
+        if not 0 <= value < 1:
+            raise UserFacingError(f"{name} must be in [0, 1) (got {value})")
     if cfg.negatives < 0:
         raise UserFacingError(f"--negatives must be 0 or more (got {cfg.negatives})")
     if cfg.negatives and cfg.objective != "binary":

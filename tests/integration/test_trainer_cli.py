@@ -59,6 +59,9 @@ def test_bad_flags_are_clear_errors(tmp_path, capsys):
     rc = main(["train", "--data", DATA, "--model-dir", str(tmp_path), "--negatives", "4"])
     assert rc == 2
     assert "--negatives 4 needs --objective binary" in capsys.readouterr().err
+    rc = main(["train", "--data", DATA, "--model-dir", str(tmp_path), "--dropout", "1.5"])
+    assert rc == 2
+    assert "--dropout must be in [0, 1) (got 1.5)" in capsys.readouterr().err
     rc = main(["evaluate", "--model-dir", str(tmp_path / "empty")])
     assert rc == 2
     assert "no complete model version" in capsys.readouterr().err

@@ -91,3 +91,15 @@ def test_log_level_is_checked_when_loaded():
     assert load_settings(log_level="debug").log_level == "DEBUG"
     with pytest.raises(ConfigError, match="log_level"):
         load_settings(log_level="verbose")
+
+
+def test_the_documented_movielens_setup_can_be_configured():
+    """dropout and the plateau schedule reach the trainer from the config, not only from bench."""
+    from trainer.train import TrainConfig
+
+    s = load_settings(trainer={"dropout": 0.2, "lr_plateau_factor": 0.5, "id_l2": 1e-4})
+    cfg = TrainConfig.from_settings(s.trainer, dropout=None)
+    assert (cfg.dropout, cfg.lr_plateau_factor, cfg.id_l2) == (0.2, 0.5, 1e-4)
+    assert TrainConfig.from_settings(s.trainer, dropout=0.1).dropout == 0.1  # a flag wins
+    with pytest.raises(ConfigError, match=r"trainer\.dropout"):
+        load_settings(trainer={"dropout": 1.0})

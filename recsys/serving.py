@@ -196,6 +196,12 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                             grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {exc}"
                         )
                 return await inner(request, context)
+            except asyncio.CancelledError:
+                # gRPC cancels the handler when the caller's deadline passes,
+                # the caller cancels, or a drain's grace runs out; no code is
+                # set then, and UNKNOWN would page as a server bug.
+                code = _code_name(context) or _cancelled_code(context)
+                raise
             except BaseException:
                 code = _code_name(context) or "UNKNOWN"
                 raise
@@ -212,6 +218,12 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             request_deserializer=None,
             response_serializer=handler.response_serializer,
         )
+
+
+def _cancelled_code(context: grpc.aio.ServicerContext) -> str:
+    """What a handler cancelled by gRPC ended as: the caller's deadline, or a cancel."""
+    left = context.time_remaining()
+    return "DEADLINE_EXCEEDED" if left is not None and left <= 0 else "CANCELLED"
 
 
 def _code_name(context: grpc.aio.ServicerContext) -> str | None:
@@ -782,8 +794,12 @@ class VersionWatcher:
                     v = raw.decode() if isinstance(raw, bytes) else str(raw)
                     if v in list_versions(self.model_dir):
                         return v
-                    if self.current is not None:
-                        return self.current  # published, not on disk here yet
+                if self.current is not None:
+                    # Published but not on disk here yet, or no pointer at all
+                    # (a Redis restarted empty, a failover, a flush): once
+                    # serving, only the pointer moves a service, so an
+                    # unpublished or rolled-back newer directory stays out.
+                    return self.current
         return latest_version(self.model_dir)
 
     async def poll_once(self) -> bool:

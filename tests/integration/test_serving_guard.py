@@ -60,3 +60,43 @@ async def test_a_corrupt_message_is_invalid_argument(guarded):
         await raw(b"\x12\x05ab", metadata=(("authorization", "Bearer s3cret"),))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "malformed request" in (err.value.details() or "")
+
+
+async def test_callers_giving_up_are_counted_as_such_not_as_unknown():
+    """A passed deadline or a cancel is the caller's doing; UNKNOWN pages as a server bug."""
+    import asyncio
+
+    from recsys.serving import RPC_TOTAL
+
+    class Slow(ranking_pb2_grpc.RankingServiceServicer):
+        async def Rank(self, request, context):
+            await asyncio.sleep(0.5)
+            return ranking_pb2.RankResponse()
+
+    def count(code: str) -> float:
+        return RPC_TOTAL.labels("slow-guard", "Rank", code)._value.get()
+
+    guard = GuardInterceptor("slow-guard", max_concurrent=8, token=None)
+    server = grpc.aio.server(interceptors=[guard], options=grpc_options(4 << 20))
+    ranking_pb2_grpc.add_RankingServiceServicer_to_server(Slow(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = ranking_pb2_grpc.RankingServiceStub(channel)
+    try:
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.Rank(ranking_pb2.RankRequest(), timeout=0.05)
+        call = stub.Rank(ranking_pb2.RankRequest())
+        await asyncio.sleep(0.05)
+        call.cancel()
+        deadline = asyncio.get_running_loop().time() + 5
+        while guard.in_flight and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        assert guard.in_flight == 0
+        assert count("DEADLINE_EXCEEDED") == 2
+        assert count("CANCELLED") == 1
+        assert count("UNKNOWN") == 0
+    finally:
+        await channel.close()
+        await server.stop(0)

@@ -178,3 +178,19 @@ async def test_a_swap_leaves_one_version_series_per_service(tmp_path, own_redis)
         assert series() == {"2": 1.0}
     finally:
         await watcher.redis.aclose()
+
+
+async def test_a_pointer_that_vanishes_keeps_the_serving_version(tmp_path, own_redis):
+    """A Redis restarted empty must not put a rolled-back or unpublished version in service."""
+    add_version(tmp_path, "1")
+    add_version(tmp_path, "2")  # e.g. rolled back from, or never published
+    point_at(own_redis.url, "1")
+    loader = Recorder()
+    watcher = watcher_for(tmp_path, own_redis.url, loader)
+    try:
+        await polls(watcher)
+        redis.Redis.from_url(own_redis.url).flushall()
+        await polls(watcher)
+        assert watcher.current == "1" and loader.loaded == ["1"]
+    finally:
+        await watcher.redis.aclose()

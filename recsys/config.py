@@ -49,6 +49,17 @@ class TLSSettings(_Strict):
         False, description="Server: refuse clients without a certificate signed by ca_file."
     )
 
+    @model_validator(mode="after")
+    def _check_pairs(self) -> TLSSettings:
+        # Half a configuration must not fail open (plaintext, or TLS that
+        # checks no client certificate) without a word.
+        if (self.cert_file is None) != (self.key_file is None):
+            given, missing = ("cert_file", "key_file")[:: 1 if self.key_file is None else -1]
+            raise ValueError(f"{missing}: needed with {given} (TLS needs both)")
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("ca_file: require_client_cert needs the CA that signs clients")
+        return self
+
     @property
     def enabled(self) -> bool:
         """True when a certificate and key are configured."""
@@ -91,6 +102,17 @@ class ServerSettings(_Strict):
         description="Server processes sharing the port (SO_REUSEPORT); their metrics are "
         "served together on metrics_port.",
     )
+
+    @model_validator(mode="after")
+    def _check_server_tls(self) -> ServerSettings:
+        # A server's CA (client checks) without its own certificate would
+        # leave it serving plaintext.
+        if not self.tls.enabled and (self.tls.ca_file or self.tls.require_client_cert):
+            raise ValueError(
+                "tls.cert_file: client-certificate checks need the server's own "
+                "cert_file and key_file, or the server runs in plaintext"
+            )
+        return self
 
 
 def _default_sources() -> list[dict[str, Any]]:

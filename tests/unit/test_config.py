@@ -103,3 +103,26 @@ def test_the_documented_movielens_setup_can_be_configured():
     assert TrainConfig.from_settings(s.trainer, dropout=0.1).dropout == 0.1  # a flag wins
     with pytest.raises(ConfigError, match=r"trainer\.dropout"):
         load_settings(trainer={"dropout": 1.0})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"retrieval": {"tls": {"cert_file": "c.pem"}}}, r"retrieval\.tls.*key_file: needed"),
+        ({"ranking": {"tls": {"key_file": "k.pem"}}}, r"ranking\.tls.*cert_file: needed"),
+        (
+            {"ranking": {"tls": {"cert_file": "c", "key_file": "k", "require_client_cert": True}}},
+            r"ca_file: require_client_cert needs the CA",
+        ),
+        ({"retrieval": {"tls": {"ca_file": "ca.pem"}}}, r"runs in plaintext"),
+    ],
+)
+def test_half_a_tls_configuration_is_refused(overrides, message):
+    """Each of these served plaintext, or TLS without client checks, without a word."""
+    with pytest.raises(ConfigError, match=message):
+        load_settings(**overrides)
+
+
+def test_a_client_may_name_only_the_ca_it_trusts():
+    s = load_settings(ranking={"retrieval_tls": {"ca_file": "ca.pem"}})
+    assert s.ranking.retrieval_tls.ca_file is not None and not s.ranking.retrieval_tls.enabled

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -108,6 +109,8 @@ class RetrievalClient:
             (("authorization", f"Bearer {token.get_secret_value()}"),) if token else None
         )
         self.stub = retrieval_pb2_grpc.RetrievalServiceStub(self.channel)
+        # Room for the RetrieveMany envelope (a few bytes per member) under the limit.
+        self.max_batch_bytes = int(settings.max_message_bytes * 0.9)
         # Concurrent Recommends share one RetrieveMany call: gRPC's per-call
         # CPU (both ends, all Python) was about a third of each service's
         # time per Recommend. Off (None) with a batch size of 1.
@@ -191,7 +194,9 @@ class RetrievalClient:
         try:
             # A timeout scope, not wait_for: no extra task per request.
             async with asyncio.timeout(timeout):
-                got = await self._batcher.submit((request, timeout))
+                # The absolute deadline travels with the request: time spent
+                # queued behind the in-flight bound is time the call no longer has.
+                got = await self._batcher.submit((request, time.monotonic() + timeout))
         except TimeoutError:
             raise _failure(grpc.StatusCode.DEADLINE_EXCEEDED, "", timeout) from None
         if isinstance(got, grpc.aio.AioRpcError):
@@ -202,17 +207,23 @@ class RetrievalClient:
         return resp
 
     async def _retrieve_many(self, jobs: list[tuple[Any, float]]) -> list[Any]:
-        """Sends a batch of requests as one RetrieveMany; one outcome per request."""
+        """Sends a batch of (request, absolute deadline) as one RetrieveMany; one outcome each."""
         if len(jobs) == 1:  # no company: the plain call is cheaper
-            request, timeout = jobs[0]
+            request, deadline = jobs[0]
             try:
-                resp = await self.stub.Retrieve(request, timeout=timeout, metadata=self.metadata)
+                resp = await self.stub.Retrieve(
+                    request, timeout=_left(deadline), metadata=self.metadata
+                )
             except grpc.aio.AioRpcError as exc:
                 return [exc]
             return [(0, "", resp)]
+        parts = _by_size(jobs, self.max_batch_bytes)
+        if len(parts) > 1:  # a few large requests: several calls rather than one too big
+            got = await asyncio.gather(*(self._retrieve_many(part) for part in parts))
+            return [one for part in got for one in part]
         # The call may run as long as its most patient member; each caller
         # stops waiting at its own deadline (``_batched``).
-        timeout = max(t for _, t in jobs)
+        timeout = _left(max(d for _, d in jobs))
         batch = retrieval_pb2.RetrieveManyRequest(requests=[r for r, _ in jobs])
         try:
             answer = await self.stub.RetrieveMany(batch, timeout=timeout, metadata=self.metadata)
@@ -236,6 +247,32 @@ class RetrievalClient:
             if batcher is not None:
                 await batcher.close()
         await self.channel.close()
+
+
+def _left(deadline: float) -> float:
+    """Seconds until ``deadline`` (monotonic), at least 1 ms so gRPC gets a real deadline."""
+    return max(deadline - time.monotonic(), 0.001)
+
+
+def _by_size(jobs: list[tuple[Any, float]], limit: int) -> list[list[tuple[Any, float]]]:
+    """Splits a batch so no call carries more than ``limit`` bytes of requests.
+
+    Requests within the message limit are valid alone; batched blindly, a
+    few large ones (10k excluded ids each) made the combined message too big
+    and failed every member with RESOURCE_EXHAUSTED.
+    """
+    sizes = [r.ByteSize() for r, _ in jobs]
+    if sum(sizes) <= limit:
+        return [jobs]
+    parts: list[list[tuple[Any, float]]] = [[]]
+    total = 0
+    for job, size in zip(jobs, sizes, strict=True):
+        if parts[-1] and total + size > limit:
+            parts.append([])
+            total = 0
+        parts[-1].append(job)
+        total += size
+    return parts
 
 
 # google.rpc.Code number -> grpc.StatusCode (RetrieveOutcome.code).

@@ -103,8 +103,8 @@ async def test_scores_equal_the_full_two_tower_model(stub, published_version, re
 
 async def test_watched_items_are_dropped_unless_asked(stub, published_version, reference):
     mv = reference.mv
-    row = int(np.argmax([len(h) for h in mv.users["history"]]))
-    uid, history = mv.users["user_id"][row], mv.users["history"][row]
+    row = int(np.argmax([len(h) for h in mv.users["watched"]]))
+    uid, history = mv.users["user_id"][row], mv.users["watched"][row]
     unseen = [i for i in mv.item_ids if i not in set(history)][:30]
     cands = history[:20] + unseen
     resp = await stub.Rank(rank_request(uid, cands, 100), timeout=10)

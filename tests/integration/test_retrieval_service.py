@@ -105,18 +105,18 @@ async def server(published: Path, redis_server):
 
 
 def heavy_user(mv: ModelVersion) -> tuple[str, list[str]]:
-    """The user with the longest training history."""
+    """The user who watched the most, with what publish stored as watched."""
     users = mv.users
-    row = max(range(len(users["user_id"])), key=lambda r: len(users["history"][r]))
-    return str(users["user_id"][row]), [str(i) for i in users["history"][row]]
+    row = max(range(len(users["user_id"])), key=lambda r: len(users["watched"][r]))
+    return str(users["user_id"][row]), [str(i) for i in users["watched"][row]]
 
 
 def typical_user(mv: ModelVersion) -> tuple[str, list[str]]:
-    """A user with a median-length training history."""
+    """A user with a median number of watched items (and those items)."""
     users = mv.users
-    rows = sorted(range(len(users["user_id"])), key=lambda r: len(users["history"][r]))
+    rows = sorted(range(len(users["user_id"])), key=lambda r: len(users["watched"][r]))
     row = rows[len(rows) // 2]
-    return str(users["user_id"][row]), [str(i) for i in users["history"][row]]
+    return str(users["user_id"][row]), [str(i) for i in users["watched"][row]]
 
 
 def request(user_id: str, budget: int = 0, **user) -> retrieval_pb2.RetrieveRequest:
@@ -486,7 +486,7 @@ async def test_slow_and_broken_plugins_degrade_not_fail(
         ]  # fmt: skip
         res = await srv.stub.Retrieve(
             retrieval_pb2.RetrieveRequest(
-                user=common_pb2.UserContext(user_id=heavy_user(mv)[0]),
+                user=common_pb2.UserContext(user_id=typical_user(mv)[0]),
                 budget=100,
                 sources=everything_but_slow_long,
             ),

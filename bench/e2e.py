@@ -302,6 +302,9 @@ def _open_loop_row(
         # How late the generator itself sent: large values mean the client, not
         # the servers, fell behind (the latency above includes it either way).
         "send_lag_p99_ms": lag.get("p99_ms"),
+        # Calls due before the end that every busy slot kept from starting
+        # (512 slots: only a stack far behind the rate gets here).
+        "not_sent": real.get("not_sent", 0),
         "errors": sum(real["errors"].values()),
         "flagged": sum(real["flagged"].values()),
         "echo_p50_ms": echo["latency"]["p50_ms"],

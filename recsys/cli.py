@@ -212,7 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", help="host:port (default: the service that owns --rpc)")
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--rate", type=float, help="open loop: requests per second")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds")
+    p.add_argument(
+        "--duration",
+        type=float,
+        help="stop starting requests after this many seconds (default 10 unless --requests)",
+    )
     p.add_argument("--requests", type=int, help="stop after this many requests")
     p.add_argument("--users", choices=["uniform", "zipf"], default="uniform")
     p.add_argument("--candidates", type=int, default=1000, help="candidate list size for Rank")

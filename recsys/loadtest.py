@@ -14,7 +14,9 @@ Two ways to drive load:
 
 The loop is bounded by ``duration_s`` and/or ``requests``; no new request is
 started after either bound, and every call carries a deadline
-(``timeout_s``), so a run always ends by itself.
+(``timeout_s``), so a run always ends by itself. In open loop, calls that
+were due before the end but never started because every slot was busy are
+reported as ``not_sent`` rather than sent late after the end.
 
 Client cost is kept low and out of the figures' way: requests are built and
 serialised once per user (cached), sent as raw bytes, and responses are not
@@ -59,6 +61,8 @@ _SERVICE_OF = {
     "SimilarItems": "RetrievalService",
 }
 SYNTHETIC_USERS = 1000
+# A run with neither bound given stops starting requests after this long.
+DEFAULT_DURATION_S = 10.0
 SYNTHETIC_ITEMS = 1000
 # Requests built and serialised ahead of the run (per user/item index).
 _PREBUILD = 2048
@@ -123,7 +127,7 @@ class LoadConfig:
     target: str = "127.0.0.1:50052"
     concurrency: int = 16
     rate: float | None = None
-    duration_s: float | None = 10.0
+    duration_s: float | None = DEFAULT_DURATION_S
     requests: int | None = None
     warmup_s: float = 0.0
     users: str = "uniform"
@@ -262,6 +266,9 @@ class LoadReport:
     tls: bool = False
     error_examples: dict[str, str] = field(default_factory=dict)
     flagged: dict[str, int] = field(default_factory=dict)
+    # Open loop: calls due before the end that were never started because
+    # every slot was still busy when the run's time was up.
+    not_sent: int = 0
 
     @property
     def error_count(self) -> int:
@@ -292,6 +299,11 @@ class LoadReport:
             lines.append(
                 f"  send lag     p50 {lag.p50_ms:.2f} ms  p99 {lag.p99_ms:.2f} ms  "
                 f"max {lag.max_ms:.2f} ms (behind schedule; counted in latency)"
+            )
+        if self.not_sent:
+            lines.append(
+                f"  not sent     {self.not_sent:10d}  due before the end, never started: "
+                "the server did not keep up with the rate"
             )
         lines.append(
             f"  client CPU   {self.client_cpu_s:10.2f} s  ({self.client_cores:.2f} cores busy "
@@ -436,6 +448,7 @@ class _Recorder:
     sent: int = 0
     issued: int = 0
     last_done: float = 0.0
+    not_sent: int = 0
 
 
 async def _phase(
@@ -458,6 +471,15 @@ async def _phase(
         if config.rate:
             due = start + seq * interval
             if due >= deadline:
+                return None
+            if clock() >= deadline:
+                # Behind schedule at the end: the calls still due are not
+                # started (the run must end on time) but counted as not sent,
+                # so a server that could not keep up is not flattered.
+                due_total = math.ceil((deadline - start) / interval)
+                if requests is not None:
+                    due_total = min(due_total, requests)
+                rec.not_sent = max(due_total - seq, 0)
                 return None
         else:
             due = clock()
@@ -596,6 +618,7 @@ async def drive(
         warmup_s=config.warmup_s,
         tls=config.tls is not None,
         error_examples=dict(rec.examples),
+        not_sent=rec.not_sent,
     )
 
 
@@ -745,7 +768,12 @@ def cli_loadtest(args, settings) -> int:
         target=target,
         concurrency=args.concurrency,
         rate=args.rate,
-        duration_s=args.duration,
+        # A run bounded by count only is not cut off at an unasked-for 10 s.
+        duration_s=(
+            args.duration
+            if args.duration is not None or args.requests is not None
+            else DEFAULT_DURATION_S
+        ),
         requests=args.requests,
         users=args.users,
         user_ids=user_ids,

@@ -109,6 +109,45 @@ async def test_no_coordinated_omission_against_a_slow_server(slow_echo):
     assert open_loop.latency.p90_ms > 2 * closed.latency.p50_ms
 
 
+async def test_an_open_loop_run_behind_schedule_still_ends_on_time(slow_echo):
+    """At 200/s for 1 s against a 50/s server, the run ends near 1 s, not ~4 s later."""
+    import time
+
+    start = time.perf_counter()
+    report = await run_load(
+        LoadConfig(rpc="Recommend", target=slow_echo.address, rate=200, concurrency=4,
+                   duration_s=1.0)
+    )  # fmt: skip
+    took = time.perf_counter() - start
+    assert took < 2.5, f"the run went on for {took:.1f} s"
+    assert report.sent < 150 and report.not_sent > 0
+    assert report.sent + report.not_sent == 200, "every call due before the end is accounted for"
+    assert "not sent" in report.table()
+
+
+def test_a_count_bounded_run_is_not_cut_at_the_default_duration(monkeypatch, echo, tmp_path):
+    """--requests alone: the 10 s default applies only when no bound is given."""
+    from recsys import loadtest
+
+    seen = {}
+    real = loadtest.LoadConfig
+
+    def spy(**kw):
+        seen.update(kw)
+        return real(**kw)
+
+    monkeypatch.setattr(loadtest, "LoadConfig", spy)
+    args = ["loadtest", "--target", echo.address, "--requests", "5", "--concurrency", "1",
+            "--json", "--model-dir", str(tmp_path / "none")]  # fmt: skip
+    assert recsys_main(args) == 0
+    assert seen["duration_s"] is None and seen["requests"] == 5
+    assert recsys_main([*args[:3], "--duration", "0.3", "--json", "--model-dir", args[-1]]) == 0
+    assert seen["duration_s"] == 0.3
+    monkeypatch.setattr(loadtest, "DEFAULT_DURATION_S", 0.2)  # no bound given: the default
+    assert recsys_main([*args[:3], "--json", "--model-dir", args[-1], "--concurrency", "1"]) == 0
+    assert seen["duration_s"] == 0.2 and seen["requests"] is None
+
+
 async def test_open_loop_holds_the_rate_against_echo(echo):
     report = await run_load(
         LoadConfig(rpc="Recommend", target=echo.address, rate=200, concurrency=8, duration_s=1.0)

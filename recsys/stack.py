@@ -27,7 +27,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsys.artifacts import latest_version, open_version
-from recsys.config import RecsysSettings
+from recsys.config import CONFIG_ENV, RecsysSettings
 from recsys.embedded_redis import EmbeddedRedis, die_with_parent_prefix, free_port
 from recsys.errors import UserFacingError
 
@@ -115,6 +115,7 @@ def start_stack(
     quiet: bool = False,
     health_timeout_s: float = 120.0,
     log_dir: Path | None = None,
+    config_file: Path | None = None,
 ) -> Stack:
     """Brings the whole system up and returns once both services are SERVING.
 
@@ -126,6 +127,9 @@ def start_stack(
         quiet: Less progress output (tests).
         health_timeout_s: How long to wait for SERVING.
         log_dir: Where service logs go (default: a temporary directory).
+        config_file: The TOML file ``settings`` came from: every child (train,
+            publish, both services) reads it too, so its tokens, TLS, sources
+            and trainer settings apply to the whole stack.
     """
     say = (lambda *_a: None) if quiet else (lambda *a: print(*a, flush=True))
     model_dir = Path(settings.model_dir).resolve()
@@ -147,16 +151,18 @@ def start_stack(
             # machines, oneDNN notices) drowns the progress lines otherwise.
             "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
         }
+        if config_file is not None:
+            env[CONFIG_ENV] = str(Path(config_file).resolve())
         if retrain or latest_version(model_dir) is None:
             say(f"[2/4] training on {data or 'the built-in synthetic dataset'} → {model_dir}")
             cmd = _recsys("train", "--data", data or "synthetic", "--no-plots")
             if quiet:
                 cmd.append("--quiet")
-            subprocess.run(cmd, env=env, check=True)
+            subprocess.run([*die_with_parent_prefix(), *cmd], env=env, check=True)
         else:
             say(f"[2/4] using existing version {latest_version(model_dir)} in {model_dir}")
         say("[3/4] publishing to Redis")
-        subprocess.run(_recsys("publish"), env=env, check=True)
+        subprocess.run([*die_with_parent_prefix(), *_recsys("publish")], env=env, check=True)
 
         logs = log_dir or Path(tempfile.mkdtemp(prefix="recsys-logs-"))
         logs.mkdir(parents=True, exist_ok=True)
@@ -196,11 +202,16 @@ def start_stack(
             )
             stack.procs.append(proc)
             started.append((service, address, proc, port_file))
+        tls = {"recsys.v1.RetrievalService": settings.retrieval.tls.enabled,
+               "recsys.v1.RankingService": settings.ranking.tls.enabled}  # fmt: skip
         for service, address, proc, port_file in started:
             # With several workers per service the port file appears only once
             # every worker is SERVING; a health check reaches just one of them.
             _wait_file(port_file, health_timeout_s, proc, service)
-            wait_serving(address, service, health_timeout_s, proc)
+            if not tls[service]:
+                # Over TLS the port file is the signal: this process may not
+                # hold the CA that signed the service's certificate.
+                wait_serving(address, service, health_timeout_s, proc)
         say(f"retrieval SERVING on {stack.retrieval_address}")
         say(f"ranking   SERVING on {stack.ranking_address}")
         return stack
@@ -215,30 +226,57 @@ def demo_users(model_dir: Path, n: int = 3) -> list[str]:
     return list(users[:n])
 
 
-def run_demo(stack: Stack, n_users: int = 3, k: int = 10) -> None:
-    """Prints recommendations for a few known users and one cold-start user."""
+def run_demo(stack: Stack, n_users: int = 3, k: int = 10, *, token: str | None = None) -> None:
+    """Prints recommendations for a few known users and one cold-start user.
+
+    Raises:
+        UserFacingError: The ranking service refused or failed a call.
+    """
     from recsys.client import RecommenderClient, format_table
 
-    with RecommenderClient(stack.ranking_address, stack.retrieval_address, timeout_s=10) as rc:
-        for uid in demo_users(stack.model_dir, n_users):
+    try:
+        with RecommenderClient(
+            stack.ranking_address, stack.retrieval_address, timeout_s=10, token=token
+        ) as rc:
+            for uid in demo_users(stack.model_dir, n_users):
+                print()
+                print(format_table(rc.recommend(uid, k=k), title=f"user {uid}"))
             print()
-            print(format_table(rc.recommend(uid, k=k), title=f"user {uid}"))
-        print()
-        cold = rc.recommend("new-visitor", k=k)
-        print(format_table(cold, title="a user the system has never seen (cold start)"))
+            cold = rc.recommend("new-visitor", k=k)
+            print(format_table(cold, title="a user the system has never seen (cold start)"))
+    except grpc.RpcError as exc:
+        raise UserFacingError(
+            f"the demo's Recommend failed: {exc.code().name} {exc.details()}"
+        ) from None
+
+
+def _interrupt(*_a: object) -> None:
+    raise KeyboardInterrupt
 
 
 def cli_up(args, settings: RecsysSettings) -> int:
     """``recsys up [--demo] [--data SPEC] [--retrain]``."""
-    redis_url = args.redis_url or os.environ.get("RECSYS_REDIS_URL")
+    # A Redis named anywhere (flag, environment, config file) is used; else an embedded one.
+    named = "redis_url" in settings.model_fields_set
+    redis_url = settings.redis_url.get_secret_value() if named else None
+    config_file = args.config or os.environ.get(CONFIG_ENV)
+    # From the first step: a SIGTERM while training must stop (and clean up) too.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        stack = start_stack(settings, data=args.data, retrain=args.retrain, redis_url=redis_url)
+        stack = start_stack(
+            settings,
+            data=args.data,
+            retrain=args.retrain,
+            redis_url=redis_url,
+            config_file=Path(config_file) if config_file else None,
+        )
     except subprocess.CalledProcessError as exc:
-        step = " ".join(exc.cmd[2:])
+        step = " ".join(exc.cmd[exc.cmd.index("recsys.cli") + 1 :])
         raise UserFacingError(f"step failed: {step} (exit {exc.returncode})") from None
     try:
         if args.demo:
-            run_demo(stack)
+            token = settings.ranking.auth_token
+            run_demo(stack, token=token.get_secret_value() if token else None)
             return 0
         print("stack is up; Ctrl-C stops it")
         stopped = False

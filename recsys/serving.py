@@ -743,10 +743,12 @@ class VersionWatcher:
 
     The wanted version is the pinned one if config pins it, else the one the
     Redis pointer names (``recsys publish``), else the newest complete one on
-    disk (so a lone service still starts when Redis is down). Once a version
-    is serving, only the pointer moves it: while Redis is unreachable, or the
-    pointer names a version not on disk yet, the current one stays (newest
-    on disk may be unpublished, or newer than a rollback). A version the
+    disk (so a lone service still starts when Redis is down, and a
+    deployment that never publishes follows its disk). Once a version is
+    serving, only the pointer moves it: while Redis is unreachable, the
+    pointer names a version not on disk yet, or a pointer it followed has
+    vanished (Redis restarted empty), the current one stays (newest on disk
+    may be unpublished, or newer than a rollback). A version the
     loader rejects (bad checksum, failed warm-up) is remembered and retried
     only once its manifest changes (a re-copy); a pinned version that is not
     on disk yet is waited for, not rejected. The previous version keeps
@@ -776,6 +778,9 @@ class VersionWatcher:
         # Manifest (mtime, size) of each rejected version when it was rejected.
         self._rejected_at: dict[str, tuple[int, int] | None] = {}
         self._missing_logged: str | None = None
+        # Set once a pointer was read: from then on its absence means it was
+        # lost, not that this deployment follows the newest version on disk.
+        self._followed_pointer = False
 
     async def wanted(self) -> str | None:
         """The version that should be served now, or None if there is none."""
@@ -791,14 +796,16 @@ class VersionWatcher:
                     return self.current  # no pointer to follow: stay put
             else:
                 if raw is not None:
+                    self._followed_pointer = True
                     v = raw.decode() if isinstance(raw, bytes) else str(raw)
                     if v in list_versions(self.model_dir):
                         return v
-                if self.current is not None:
-                    # Published but not on disk here yet, or no pointer at all
-                    # (a Redis restarted empty, a failover, a flush): once
-                    # serving, only the pointer moves a service, so an
-                    # unpublished or rolled-back newer directory stays out.
+                    if self.current is not None:
+                        return self.current  # published, not on disk here yet
+                elif self.current is not None and self._followed_pointer:
+                    # The pointer this service followed is gone (a Redis
+                    # restarted empty, a failover, a flush): stay, or a
+                    # rolled-back or unpublished newer directory would serve.
                     return self.current
         return latest_version(self.model_dir)
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from ranking_service.testing import ranking_settings
 from recsys.artifacts import ModelVersion
 from recsys.config import TracingSettings
-from recsys.tracing import NOOP, Tracing
+from recsys.tracing import NOOP, Tracing, _DisabledTracing
 from recsys.v1 import common_pb2, ranking_pb2
 
 ON = TracingSettings(enabled=True)
@@ -123,3 +126,43 @@ def test_tracing_is_off_by_default(trained_version, redis_server):
     with NOOP.span("x") as span:
         assert not span.is_recording()
     assert NOOP.inject(None) is None and NOOP.extract([("traceparent", "x")]) is None
+
+
+class _Counting(_DisabledTracing):
+    """A disabled tracer that counts the calls the instrumented code makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: Counter[str] = Counter()
+
+    def span(self, name, parent=None, kind=SpanKind.INTERNAL, attributes=None):
+        self.calls["span"] += 1
+        return super().span(name, parent, kind, attributes)
+
+    def inject(self, metadata):
+        self.calls["inject"] += 1
+        return super().inject(metadata)
+
+    def extract(self, metadata):
+        self.calls["extract"] += 1
+        return super().extract(metadata)
+
+    def record(self, *args, **kwargs):
+        self.calls["record"] += 1
+        return super().record(*args, **kwargs)
+
+
+async def test_the_tracing_bench_makes_the_calls_a_recommend_makes(
+    trained_version, redis_server, serve_both, published_version
+):
+    """bench/tracing.py's target path mirrors ranking's disabled tracing, call for call."""
+    from bench.tracing import _ranking_path
+
+    counting = _Counting()
+    tracers = {"ranking": counting, "retrieval": NOOP}
+    async with serve_both(trained_version.parent, redis_server.url, tracing=tracers) as s:
+        user = common_pb2.UserContext(user_id="1")
+        await s.ranking.Recommend(ranking_pb2.RecommendRequest(user=user, k=5), timeout=10)
+    mirror = _Counting()
+    _ranking_path(mirror, 1)
+    assert counting.calls and counting.calls == mirror.calls

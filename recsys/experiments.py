@@ -112,8 +112,12 @@ class Experiment:
         for v in self.variants:
             total += v.share
             bounds.append(total)
-        # Shares may sum to 1 within rounding; the last slice always reaches 1.
-        bounds[-1] = 1.0
+        # Shares may sum to 1 within rounding: the rounding slack goes to the
+        # last variant with a share, so trailing zero-share (force-only)
+        # variants keep empty slices.
+        last = max((i for i, v in enumerate(self.variants) if v.share > 0), default=0)
+        for i in range(last, len(bounds)):
+            bounds[i] = 1.0
         self._bounds = bounds
 
     @property

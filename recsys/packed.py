@@ -309,6 +309,8 @@ class PackedCandidateList(Sequence[PackedCandidate]):
                 raise ValueError(f"PackedCandidates.{field} has {size} entries for {n} candidates")
         if msg.source_scores and len(msg.source_scores) != len(self.source_names):
             raise ValueError("PackedCandidates.source_scores does not match source_names")
+        if any(len(row.scores) != n for row in msg.source_scores):
+            raise ValueError("PackedCandidates.source_scores has a row of the wrong length")
 
     @property
     def item_ids(self) -> list[str]:

@@ -190,3 +190,13 @@ def test_disabling_every_source_is_a_config_error():
     s = RecsysSettings(experiments={"variants": [{"name": "a", "share": 1, "sources": off}]})
     with pytest.raises(ConfigError, match="disables every retrieval source"):
         source_entries(s.retrieval.sources, Experiment(s.experiments).by_name["a"])
+
+
+def test_rounding_slack_goes_to_the_last_variant_with_a_share(monkeypatch):
+    """Shares summing to just under 1 must not give a trailing zero-share arm a slice."""
+    import recsys.experiments as experiments
+
+    exp = experiment(0.5, 0.4999995, 0.0)
+    # A user whose bucket falls in the gap between the shares' sum and 1.
+    monkeypatch.setattr(experiments, "bucket", lambda name, user: 0.9999997)
+    assert exp.assign("in-the-gap").name == "v1"

@@ -118,6 +118,8 @@ def test_an_unpacked_answer_reads_the_same_way():
         (lambda p: p.source_mask.pop(), "source_mask"),
         (lambda p: p.seed_index.pop(), "seed_index"),
         (lambda p: p.source_scores.add(), "source_scores"),
+        # A per-source row short of one score per candidate (read later: IndexError).
+        (lambda p: p.source_scores[0].scores.pop(), "source_scores has a row"),
     ],
 )
 def test_malformed_packed_answers_are_refused(damage, field):

@@ -156,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("version_dir", nargs="?", type=Path, help="version directory (default: latest)")
     p.add_argument("--keep", type=int, default=2, help="published versions to keep in Redis")
+    p.add_argument(
+        "--if-unpublished",
+        action="store_true",
+        help="do nothing when Redis already names a current version (bootstrap: finishes "
+        "a first run whose training succeeded but whose publish did not)",
+    )
 
     p = sub.add_parser("serve", help="run a gRPC service")
     serve = p.add_subparsers(dest="service", required=True, metavar="SERVICE")

@@ -214,6 +214,20 @@ def pinned_versions(settings) -> set[str]:
     return {p for p in pins if p}
 
 
+def _current_pointer(settings) -> str | None:
+    """The version ``recsys:current_version`` names, or None."""
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=10)
+    try:
+        raw = client.get(redis_keys.CURRENT_VERSION)
+    except redis.RedisError as exc:
+        raise UserFacingError(f"Redis unreachable: {type(exc).__name__}: {exc}") from exc
+    finally:
+        client.close()
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
 def publish_with_settings(
     version_dir: str | Path, settings, *, keep: int = 2, quiet: bool = False
 ) -> PublishReport:
@@ -252,7 +266,12 @@ def publish_with_settings(
 
 
 def cli_publish(args: argparse.Namespace, settings) -> int:
-    """``recsys publish [version_dir] [--keep N]``."""
+    """``recsys publish [version_dir] [--keep N] [--if-unpublished]``."""
+    if getattr(args, "if_unpublished", False):
+        current = _current_pointer(settings)
+        if current is not None:
+            print(f"Redis already serves version {current}; nothing published")
+            return 0
     version_dir = args.version_dir
     if version_dir is None:
         latest = latest_version(settings.model_dir)

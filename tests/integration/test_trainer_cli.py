@@ -124,3 +124,20 @@ def test_evaluate_finds_data_given_by_a_relative_path_from_elsewhere(tmp_path, m
     rc = main(["evaluate", "--model-dir", str(models), "--json"])
     assert rc == 0, capsys.readouterr().err
     assert json.loads(capsys.readouterr().out)["model"]["rmse"] > 0
+
+
+def test_publish_if_unpublished_finishes_a_failed_first_run_only(cli_model_dir, redis_url, capsys):
+    """The bootstrap's retry: publish the version on disk unless Redis already names one."""
+    args = ["publish", "--if-unpublished", "--model-dir", str(cli_model_dir),
+            "--redis-url", redis_url]  # fmt: skip
+    assert main(args) == 0
+    assert "published version 1" in capsys.readouterr().out
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        assert client.get(redis_keys.CURRENT_VERSION) == "1"
+        client.set(redis_keys.CURRENT_VERSION, "7")  # e.g. a later publish elsewhere
+        assert main(args) == 0
+        assert "already serves version 7; nothing published" in capsys.readouterr().out
+        assert client.get(redis_keys.CURRENT_VERSION) == "7"
+    finally:
+        client.close()

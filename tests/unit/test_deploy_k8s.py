@@ -413,6 +413,25 @@ def test_gpu_overlay_puts_ranking_on_a_gpu(rendered):
             assert d == cpu_docs[key], key
 
 
+def test_gpu_rollouts_do_not_need_a_spare_gpu(rendered):
+    """A surge pod would wait for a free GPU while maxUnavailable 0 kept every old pod."""
+    strategy = find(rendered["gpu"], "Deployment", "ranking")["spec"]["strategy"]
+    assert strategy["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}
+    pdb = find(rendered["gpu"], "PodDisruptionBudget", "ranking")["spec"]
+    assert pdb.get("maxUnavailable", 1) >= 1
+
+
+def test_redis_leaves_room_under_its_memory_limit_for_a_rewrite(rendered):
+    """An AOF rewrite forks: maxmemory must stay well under the container's limit."""
+    redis = find(rendered["cpu"], "StatefulSet", "redis")
+    c = pod_spec(redis)["containers"][0]
+    maxmemory = c["args"][c["args"].index("--maxmemory") + 1]
+    assert maxmemory.endswith("mb")
+    limit = c["resources"]["limits"]["memory"]
+    assert limit.endswith("Gi")
+    assert int(maxmemory[:-2]) <= 0.65 * int(limit[:-2]) * 1024
+
+
 def test_cpu_overlay_asks_for_no_gpu(rendered):
     text = json.dumps(rendered["cpu"])
     assert "nvidia.com/gpu" not in text and "recsys-gpu" not in text

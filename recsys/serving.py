@@ -654,6 +654,15 @@ def _supervise(
                     "a worker exited; stopping the others", extra={"fields": {"service": label}}
                 )
             _stop_all(procs, server.grace_s + 5.0, metrics_dir)
+            # A worker that crashed or had to be killed while draining is a
+            # failed stop, whatever asked for it: the exit code says so.
+            failed = {p.pid: p.returncode for p in procs if p.returncode != 0}
+            if failed and code == 0:
+                code = 1
+                log.error(
+                    "a worker did not stop cleanly",
+                    extra={"fields": {"service": label, "exit_codes": failed}},
+                )
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -212,3 +212,29 @@ def test_one_worker_serves_its_own_registry(
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+def test_a_worker_lost_while_draining_makes_the_stop_fail(
+    published_version: Path, redis_url: str, tmp_path: Path
+):
+    """SIGTERM asked for the stop, but a worker that dies mid-drain is still a failure."""
+    port_file = tmp_path / "port"
+    proc = _serve_retrieval(
+        published_version, redis_url, port_file, free_port(), workers=2, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not port_file.exists():
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline, "no port file"
+            time.sleep(0.05)
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        proc.send_signal(signal.SIGTERM)
+        os.kill(workers[0], signal.SIGKILL)  # lands within the 0.5 s drain delay
+        assert proc.wait(timeout=60) == 1
+        assert "a worker did not stop cleanly" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -4,8 +4,9 @@
 feature aggregates, recent history, watched set) in **one pipelined round
 trip**, and ``load_users`` the same for a whole micro-batch of requests;
 ``record_interaction`` applies one interaction atomically (one Lua script:
-all of it or none), so the next read sees it. The data lives only in Redis, so it survives service
-restarts (and Redis restarts when Redis persists, as the embedded one does).
+all of it or none), so the next read sees it. The data lives only in
+Redis, so it survives service restarts (and Redis restarts when Redis
+persists, as the embedded one does).
 
 ``state_to_pb`` and ``state_from_pb`` carry the profile and aggregates that
 retrieval read on to the ranking service (``RetrieveResponse.user_state``),

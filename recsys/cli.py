@@ -79,6 +79,16 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
 
 
+def _version() -> str:
+    """The installed package's version (``unknown`` when run from a bare source tree)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("recsys-serving")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full argument parser (also used by the docs and tests)."""
     parser = argparse.ArgumentParser(
@@ -86,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Two-stage recommender: train a two-tower model, publish it, and serve "
         "retrieval and ranking over gRPC.",
     )
+    parser.add_argument("--version", action="version", version=f"recsys {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser(

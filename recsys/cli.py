@@ -168,6 +168,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version_dir", nargs="?", type=Path, help="version directory (default: latest)")
     p.add_argument("--keep", type=int, default=2, help="published versions to keep in Redis")
     p.add_argument(
+        "--rollback",
+        action="store_true",
+        help="allow publishing a version older than the one Redis serves (moves the services back)",
+    )
+    p.add_argument(
         "--if-unpublished",
         action="store_true",
         help="do nothing when Redis already names a current version (bootstrap: finishes "

@@ -46,6 +46,33 @@ class PublishReport:
     removed_versions: list[str] = field(default_factory=list)
     removed_keys: int = 0
     seconds: float = 0.0
+    switched: bool = True  # False: a newer version became current meanwhile
+
+
+class OlderThanServed(ValueError):
+    """Publishing would move the current-version pointer back without ``rollback``."""
+
+
+def _newer(current: str | None, version: str) -> bool:
+    """True when ``current`` is a later numbered version than ``version``."""
+    if current is None or not (current.isdigit() and version.isdigit()):
+        return False
+    return int(current) > int(version)
+
+
+# The pointer switch as one compare-and-set: moves forward (or anywhere with
+# ARGV[2] = "1"), else leaves it and answers the newer version it found.
+# KEYS: pointer, published-versions zset. ARGV: version, rollback, time.
+_SWITCH_SCRIPT = """
+local cur = redis.call('GET', KEYS[1])
+local new = ARGV[1]
+if ARGV[2] ~= '1' and cur and tonumber(cur) and tonumber(new) and tonumber(cur) > tonumber(new) then
+  return cur
+end
+redis.call('SET', KEYS[1], new)
+redis.call('ZADD', KEYS[2], ARGV[3], new)
+return 'OK'
+"""
 
 
 def _progress(quiet: bool, msg: str) -> None:
@@ -108,8 +135,14 @@ def publish(
     chunk: int = 2000,
     quiet: bool = False,
     protect: Iterable[str] = (),
+    rollback: bool = False,
 ) -> PublishReport:
     """Loads a version's Redis data and switches the current-version pointer to it.
+
+    The pointer only moves forward unless ``rollback``: publishing a version
+    older than the one Redis serves is refused before anything is written,
+    and the switch itself is a compare-and-set, so a slow publish of an older
+    version finishing after a newer one's does not move the services back.
 
     Args:
         version_dir: A complete version directory (verified with ``ModelVersion.open``).
@@ -121,10 +154,12 @@ def publish(
         history_length: Cap of each user's recent list (``retrieval.history_length``).
         chunk: Users per pipeline execution.
         quiet: No progress output.
+        rollback: Allow the pointer to move back to an older version.
 
     Raises:
         ArtifactError: The version directory is incomplete or corrupt.
         ValueError: ``keep`` < 1.
+        OlderThanServed: Redis serves a newer version and ``rollback`` is off.
     """
     if keep < 1:
         raise ValueError("keep must be at least 1 (the version being published)")
@@ -136,6 +171,13 @@ def publish(
         raise ArtifactError(
             f"{version_dir}: the directory is named {Path(version_dir).name!r} but its "
             f"manifest says version {mv.version!r}; a version's directory must carry its number"
+        )
+    current = redis_client.get(redis_keys.CURRENT_VERSION)
+    current = current.decode() if isinstance(current, bytes) else current
+    if not rollback and _newer(current, mv.version):
+        raise OlderThanServed(
+            f"Redis serves version {current}, newer than {mv.version}: nothing published "
+            "(recsys publish --rollback moves the services back on purpose)"
         )
     report = PublishReport(mv.version)
 
@@ -183,11 +225,23 @@ def publish(
             _progress(quiet, f"users {done:,}/{len(ids):,}")
     report.users = len(ids)
 
-    switch = redis_client.pipeline(transaction=True)
-    switch.set(redis_keys.CURRENT_VERSION, mv.version)
-    switch.zadd(redis_keys.VERSIONS, {mv.version: time.time()})
-    switch.execute()
-    _progress(quiet, f"current version is now {mv.version}")
+    moved = redis_client.eval(
+        _SWITCH_SCRIPT,
+        2,
+        redis_keys.CURRENT_VERSION,
+        redis_keys.VERSIONS,
+        mv.version,
+        "1" if rollback else "0",
+        repr(time.time()),
+    )
+    if isinstance(moved, bytes):
+        moved = moved.decode()
+    if moved != "OK":
+        # A newer version was published while this one was being written.
+        report.switched = False
+        _progress(quiet, f"version {mv.version} written, but {moved} is newer and stays current")
+    else:
+        _progress(quiet, f"current version is now {mv.version}")
 
     report.removed_versions, report.removed_keys = cleanup_versions(
         redis_client, keep, protect={mv.version, *protect}
@@ -229,7 +283,12 @@ def _current_pointer(settings) -> str | None:
 
 
 def publish_with_settings(
-    version_dir: str | Path, settings, *, keep: int = 2, quiet: bool = False
+    version_dir: str | Path,
+    settings,
+    *,
+    keep: int = 2,
+    quiet: bool = False,
+    rollback: bool = False,
 ) -> PublishReport:
     """Publishes ``version_dir`` to the configured Redis; what both CLI paths run.
 
@@ -254,8 +313,9 @@ def publish_with_settings(
             history_length=settings.retrieval.history_length,
             quiet=quiet,
             protect=pinned_versions(settings),
+            rollback=rollback,
         )
-    except ArtifactError as exc:
+    except (ArtifactError, OlderThanServed) as exc:
         raise UserFacingError(str(exc)) from exc
     except ValueError as exc:
         raise UserFacingError(f"--keep: {exc}") from exc
@@ -278,10 +338,14 @@ def cli_publish(args: argparse.Namespace, settings) -> int:
         if latest is None:
             raise UserFacingError(f"no complete model version under {settings.model_dir}")
         version_dir = Path(settings.model_dir) / latest
-    report = publish_with_settings(version_dir, settings, keep=args.keep)
+    report = publish_with_settings(
+        version_dir, settings, keep=args.keep, rollback=getattr(args, "rollback", False)
+    )
     print(
         f"published version {report.version}: {report.top_list_keys} top lists, "
         f"{report.users} users ({report.recent_written} recent lists written), "
         f"{len(report.removed_versions)} old versions removed, {report.seconds:.1f}s"
     )
+    if not report.switched:
+        print(f"version {report.version} is not current: a newer one was published meanwhile")
     return 0

@@ -158,3 +158,47 @@ def test_publish_refuses_a_copy_whose_name_is_not_its_version(client, trained_ve
     with pytest.raises(Exception, match=r"named '5' but its manifest says version '1'"):
         publish(copy, client, quiet=True)
     assert client.get(redis_keys.CURRENT_VERSION) is None
+
+
+def _numbered_copy(src, root, n: int):
+    d = root / str(n)
+    shutil.copytree(src, d)
+    m = json.loads((d / "manifest.json").read_text())
+    m["version"] = str(n)
+    (d / "manifest.json").write_text(json.dumps(m))
+    return d
+
+
+def test_publish_moves_the_pointer_back_only_when_asked(client, trained_version, tmp_path):
+    from trainer.publish import OlderThanServed
+
+    v1, v2 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2))
+    publish(v2, client, quiet=True)
+    with pytest.raises(OlderThanServed, match="Redis serves version 2, newer than 1"):
+        publish(v1, client, quiet=True)
+    assert client.get(redis_keys.CURRENT_VERSION) == "2"
+    assert not client.exists(redis_keys.top_popular("1")), "refused before writing"
+    report = publish(v1, client, quiet=True, rollback=True)
+    assert report.switched and client.get(redis_keys.CURRENT_VERSION) == "1"
+
+
+def test_an_older_publish_finishing_last_does_not_move_the_pointer_back(
+    client, trained_version, tmp_path, monkeypatch
+):
+    """Version 2 is published while version 1's (slower) publish is writing its users."""
+    import trainer.publish as publish_module
+
+    v1, v2 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2))
+    seed = publish_module.seed_user_commands
+    raced: list[bool] = []
+
+    def racing_seed(*args, **kwargs):
+        if not raced:  # version 1's first user: version 2 is published meanwhile
+            raced.append(True)
+            publish(v2, client, quiet=True)
+        return seed(*args, **kwargs)
+
+    monkeypatch.setattr(publish_module, "seed_user_commands", racing_seed)
+    report = publish(v1, client, quiet=True)
+    assert raced and not report.switched
+    assert client.get(redis_keys.CURRENT_VERSION) == "2"

@@ -46,6 +46,11 @@ def versions(tmp_path_factory, train_version, redis_server):
     v1 = train_version(model_dir, seed=0, epochs=1)
     v2 = train_version(model_dir, seed=1, epochs=1)
     assert (v1.name, v2.name) == ("1", "2")
+    # A fresh store: the session's Redis may already serve a newer version
+    # from another module, and publish only moves the pointer forward.
+    flush = redis_sync.Redis.from_url(redis_server.url)
+    flush.flushall()
+    flush.close()
     _publish(v1, redis_server.url)
     _publish(v2, redis_server.url)  # current pointer -> 2
     return model_dir

@@ -66,14 +66,21 @@ class TLSSettings(_Strict):
         return self.cert_file is not None and self.key_file is not None
 
 
+def _port(default: int) -> Any:
+    return Field(default, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
+
+
+def _metrics_port(default: int) -> Any:
+    return Field(default, ge=0, le=65535, description="Prometheus /metrics port; 0 disables it.")
+
+
 class ServerSettings(_Strict):
-    """Settings every gRPC server shares."""
+    """Settings every gRPC server shares (the defaults are retrieval's ports)."""
 
     host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 in containers.")
-    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
-    metrics_port: int = Field(
-        9091, ge=0, le=65535, description="Prometheus /metrics port; 0 disables it."
-    )
+    port: int = _port(50051)
+    metrics_port: int = _metrics_port(9091)
+    max_id_bytes: int = Field(256, ge=1, description="Longest accepted user or item id.")
     grace_s: float = Field(10.0, ge=0, description="Drain time on SIGTERM.")
     drain_delay_s: float = Field(
         0.5,
@@ -127,16 +134,11 @@ def _default_sources() -> list[dict[str, Any]]:
 class RetrievalSettings(ServerSettings):
     """Retrieval service settings."""
 
-    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
-    metrics_port: int = Field(
-        9091, ge=0, le=65535, description="Prometheus /metrics port; 0 disables it."
-    )
     default_budget: int = Field(
         500, ge=1, description="Candidates returned when a request's budget is 0."
     )
     max_budget: int = Field(5000, ge=1, description="Largest budget a request may ask for.")
     max_similar_k: int = Field(1000, ge=1, description="Largest k of SimilarItems.")
-    max_id_bytes: int = Field(256, ge=1, description="Longest accepted user or item id.")
     max_request_ids: int = Field(
         10_000, ge=1, description="Most ids in one request list (recent, exclude, sources)."
     )
@@ -165,10 +167,8 @@ class RetrievalSettings(ServerSettings):
 class RankingSettings(ServerSettings):
     """Ranking service settings."""
 
-    port: int = Field(50052, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
-    metrics_port: int = Field(
-        9092, ge=0, le=65535, description="Prometheus /metrics port; 0 disables it."
-    )
+    port: int = _port(50052)
+    metrics_port: int = _metrics_port(9092)
     retrieval_address: str = Field(
         "127.0.0.1:50051",
         description="host:port, or dns:///name:port for round-robin over a headless Service.",
@@ -238,7 +238,6 @@ class RankingSettings(ServerSettings):
     max_candidates: int = Field(
         10_000, ge=1, description="Most candidate (and excluded/recent) ids in one request."
     )
-    max_id_bytes: int = Field(256, ge=1, description="Longest accepted user or item id.")
     default_k: int = Field(20, ge=1, description="Items returned when a request's k is 0.")
     max_k: int = Field(1000, ge=1, description="Largest k (top_k) a request may ask for.")
 

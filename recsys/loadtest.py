@@ -61,9 +61,9 @@ _SERVICE_OF = {
     "SimilarItems": "RetrievalService",
 }
 SYNTHETIC_USERS = 1000
+SYNTHETIC_ITEMS = 1000
 # A run with neither bound given stops starting requests after this long.
 DEFAULT_DURATION_S = 10.0
-SYNTHETIC_ITEMS = 1000
 # Requests built and serialised ahead of the run (per user/item index).
 _PREBUILD = 2048
 _CACHE_CAP = 16384

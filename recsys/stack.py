@@ -176,6 +176,7 @@ def start_stack(
                 "recsys.v1.RetrievalService",
                 stack.retrieval_address,
                 ["--port", str(r_port), "--metrics-port", "0"],
+                settings.retrieval.tls.enabled,
             ),
             (
                 "ranking",
@@ -185,11 +186,12 @@ def start_stack(
                     "--port", str(k_port), "--metrics-port", "0",
                     "--retrieval-address", stack.retrieval_address,
                 ],
+                settings.ranking.tls.enabled,
             ),
         ]  # fmt: skip
         say(f"[4/4] starting services (logs in {logs})")
         started = []
-        for name, service, address, extra in services:
+        for name, service, address, extra, tls in services:
             log = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
             port_file = logs / f"{name}.port"
             port_file.unlink(missing_ok=True)
@@ -201,14 +203,12 @@ def start_stack(
                 stderr=subprocess.STDOUT,
             )
             stack.procs.append(proc)
-            started.append((service, address, proc, port_file))
-        tls = {"recsys.v1.RetrievalService": settings.retrieval.tls.enabled,
-               "recsys.v1.RankingService": settings.ranking.tls.enabled}  # fmt: skip
-        for service, address, proc, port_file in started:
+            started.append((service, address, proc, port_file, tls))
+        for service, address, proc, port_file, tls in started:
             # With several workers per service the port file appears only once
             # every worker is SERVING; a health check reaches just one of them.
             _wait_file(port_file, health_timeout_s, proc, service)
-            if not tls[service]:
+            if not tls:
                 # Over TLS the port file is the signal: this process may not
                 # hold the CA that signed the service's certificate.
                 wait_serving(address, service, health_timeout_s, proc)

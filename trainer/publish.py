@@ -53,6 +53,12 @@ class OlderThanServed(ValueError):
     """Publishing would move the current-version pointer back without ``rollback``."""
 
 
+def current_version(redis_client) -> str | None:
+    """The version ``recsys:current_version`` names, or None (a synchronous client)."""
+    raw = redis_client.get(redis_keys.CURRENT_VERSION)
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
 def _newer(current: str | None, version: str) -> bool:
     """True when ``current`` is a later numbered version than ``version``."""
     if current is None or not (current.isdigit() and version.isdigit()):
@@ -172,8 +178,7 @@ def publish(
             f"{version_dir}: the directory is named {Path(version_dir).name!r} but its "
             f"manifest says version {mv.version!r}; a version's directory must carry its number"
         )
-    current = redis_client.get(redis_keys.CURRENT_VERSION)
-    current = current.decode() if isinstance(current, bytes) else current
+    current = current_version(redis_client)
     if not rollback and _newer(current, mv.version):
         raise OlderThanServed(
             f"Redis serves version {current}, newer than {mv.version}: nothing published "
@@ -274,12 +279,11 @@ def _current_pointer(settings) -> str | None:
 
     client = redis.Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=10)
     try:
-        raw = client.get(redis_keys.CURRENT_VERSION)
+        return current_version(client)
     except redis.RedisError as exc:
         raise UserFacingError(f"Redis unreachable: {type(exc).__name__}: {exc}") from exc
     finally:
         client.close()
-    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 def publish_with_settings(

@@ -108,6 +108,15 @@ def _serve_retrieval(
     )  # fmt: skip
 
 
+def _wait_port_file(proc: subprocess.Popen, port_file: Path) -> None:
+    """Until the supervisor writes its port file (every worker SERVING), or fails."""
+    deadline = time.monotonic() + 120
+    while not port_file.exists():
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline, "no port file"
+        time.sleep(0.05)
+
+
 def test_two_workers_both_answer_and_sigterm_stops_all(
     published_version: Path, redis_url: str, tmp_path: Path
 ):
@@ -119,11 +128,8 @@ def test_two_workers_both_answer_and_sigterm_stops_all(
     workers: list[int] = []
     channels: list[grpc.Channel] = []
     try:
-        deadline = time.monotonic() + 120
-        while not port_file.exists():
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline, "no port file"
-            time.sleep(0.05)
+        deadline = time.monotonic() + 120  # the port file and SERVING, together
+        _wait_port_file(proc, port_file)
         port = int(port_file.read_text())
         workers = _children(proc.pid)
         assert len(workers) == 2
@@ -223,11 +229,7 @@ def test_a_worker_lost_while_draining_makes_the_stop_fail(
         published_version, redis_url, port_file, free_port(), workers=2, stderr=subprocess.PIPE
     )
     try:
-        deadline = time.monotonic() + 120
-        while not port_file.exists():
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline, "no port file"
-            time.sleep(0.05)
+        _wait_port_file(proc, port_file)
         workers = _children(proc.pid)
         assert len(workers) == 2
         proc.send_signal(signal.SIGTERM)

@@ -221,15 +221,22 @@ for _, kv in ipairs(kinds) do
     return redis.error_reply('CORRUPT ' .. kv[1] .. ' is a ' .. t .. ', not a ' .. kv[2])
   end
 end
+-- Plain decimal only: Lua's tonumber also takes hex and padding, which
+-- HINCRBY and the Python reader refuse, so such a field would fail mid-write.
+local function decimal(v, int)
+  if int then return #v <= 18 and string.match(v, '^%-?%d+$') ~= nil end
+  local m, e = string.match(v, '^%-?(%d*%.?%d*)(.*)$')
+  if not m or not string.find(m, '%d') then return false end
+  return e == '' or string.match(e, '^[eE][%-+]?%d+$') ~= nil
+end
 local fields = {}
 for i = 5, #ARGV, 2 do fields[#fields + 1] = ARGV[i] end
 if #fields > 0 then
   local now = redis.call('HMGET', state, unpack(fields))
   for i, v in ipairs(now) do
     if v then
-      local x = tonumber(v)
-      if x == nil or x ~= x or x == math.huge or x == -math.huge
-         or (i <= n_int and x ~= math.floor(x)) then
+      local x = decimal(v, i <= n_int) and tonumber(v)
+      if not x or x ~= x or x == math.huge or x == -math.huge then
         local what = state .. ' field ' .. fields[i]
         return redis.error_reply('CORRUPT ' .. what .. ' is not a number')
       end

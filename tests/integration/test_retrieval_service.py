@@ -220,7 +220,10 @@ async def test_record_interaction_retried_with_its_event_id_counts_once(
     assert not other.duplicate and r.hget(redis_keys.user_state(user), "n") == b"2"
 
 
-@pytest.mark.parametrize("corrupt", ["watched_is_a_string", "counter_is_text"])
+@pytest.mark.parametrize(
+    "corrupt",
+    ["watched_is_a_string", "counter_is_text", "counter_is_hex", "sum_is_hex", "sum_is_padded"],
+)
 async def test_record_interaction_on_corrupt_state_writes_nothing(
     server: Running, mv: ModelVersion, corrupt
 ):
@@ -231,7 +234,14 @@ async def test_record_interaction_on_corrupt_state_writes_nothing(
     if corrupt == "watched_is_a_string":
         r.set(redis_keys.user_watched(user), "oops")
     else:
-        r.hset(redis_keys.user_state(user), "sum", "four")
+        # Lua's tonumber reads the hex and padded forms; Redis and Python do not.
+        field, value = {
+            "counter_is_text": ("sum", "four"),
+            "counter_is_hex": ("n", "0x2"),
+            "sum_is_hex": ("sum", "0x4"),
+            "sum_is_padded": ("sum", " 4"),
+        }[corrupt]
+        r.hset(redis_keys.user_state(user), field, value)
     before = r.hgetall(redis_keys.user_state(user))
     for _ in range(3):  # a client retrying on the old UNAVAILABLE counted it each time
         with pytest.raises(grpc.aio.AioRpcError) as err:

@@ -243,7 +243,9 @@ class Ranker:
                 reason = exc.reason
                 M.RETRIEVAL_FALLBACK.labels(exc.code, variant.name).inc()
             else:
-                if len(answer.candidates) == 0:
+                # A caller that named its sources gets what they found, even
+                # nothing; popular items would be from sources it did not ask for.
+                if len(answer.candidates) == 0 and not query.sources:
                     reason = "retrieval returned no candidates"
                     M.RETRIEVAL_FALLBACK.labels("EMPTY", variant.name).inc()
         if reason:

@@ -18,6 +18,7 @@ from ranking_service.core import Ranker
 from ranking_service.model import Device, LoadedModel, TowerRuntime, resolve_device
 from ranking_service.retrieval_client import RetrievalClient
 from ranking_service.servicer import RankingServicer
+from ranking_service.validation import RetrievalLimits
 from recsys.config import CURRENT_VERSION, RankingSettings, RecsysSettings, ServerSettings
 from recsys.errors import UserFacingError
 from recsys.experiments import Experiment
@@ -157,7 +158,7 @@ def build_server(settings: RecsysSettings, *, tracing: Tracing | None = None) ->
         kinds=source_kinds(settings.retrieval.sources),
         tracing=tracing or Tracing.from_settings(settings.tracing, "ranking"),
     )
-    servicer = RankingServicer(ranker, cfg)
+    servicer = RankingServicer(ranker, cfg, RetrievalLimits.from_settings(settings.retrieval))
     handle = create_server(
         cfg,
         label="ranking",

@@ -14,7 +14,12 @@ from opentelemetry.trace import SpanKind
 from ranking_service.core import NoModel, RankedItem, Ranker, RankOutcome
 from ranking_service.model import LoadedModel
 from ranking_service.retrieval_client import RetrievalRejected
-from ranking_service.validation import InvalidArgument, parse_rank, parse_recommend
+from ranking_service.validation import (
+    InvalidArgument,
+    RetrievalLimits,
+    parse_rank,
+    parse_recommend,
+)
 from recsys.batching import BatcherClosed
 from recsys.config import RankingSettings
 from recsys.experiments import UnknownVariant, observe_request
@@ -35,9 +40,12 @@ _SCORE_KEY = ranking_pb2.ScoredItem(score=1.0).SerializeToString()[: -_FLOAT32.s
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     """Implements ``recsys.v1.RankingService`` on top of :class:`Ranker`."""
 
-    def __init__(self, ranker: Ranker, settings: RankingSettings):
+    def __init__(
+        self, ranker: Ranker, settings: RankingSettings, retrieval: RetrievalLimits | None = None
+    ):
         self.ranker = ranker
         self.settings = settings
+        self.retrieval_limits = retrieval
         # Per model version: row -> the item's static fields (id, title,
         # genres) as an encoded ScoredItem, built once instead of per answer.
         self._templates: weakref.WeakKeyDictionary[LoadedModel, dict[int, bytes]] = (
@@ -122,7 +130,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         start = time.perf_counter()
         with self._root_span("Recommend", context) as span:
             try:
-                query = parse_recommend(request, self.settings)
+                query = parse_recommend(request, self.settings, self.retrieval_limits)
                 out = await self.ranker.recommend(query, context.time_remaining())
                 response = ranking_pb2.RecommendResponse(
                     model_version=out.model.name,
@@ -170,8 +178,8 @@ def _provenance(item: ranking_pb2.ScoredItem, it: RankedItem, model: LoadedModel
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception) -> None:
     if isinstance(exc, InvalidArgument | RetrievalRejected | UnknownVariant):
-        msg = f"retrieval: {exc}" if isinstance(exc, RetrievalRejected) else str(exc)
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, msg)
+        # Retrieval's message already names the field as the caller sent it.
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     if isinstance(exc, NoModel | BatcherClosed):
         await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
     if isinstance(exc, grpc.aio.AbortError | grpc.RpcError):

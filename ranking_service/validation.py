@@ -10,7 +10,8 @@ import numpy as np
 from ranking_service.catalogue import IdIndex
 from ranking_service.users import UserQuery
 from recsys.checks import FieldError, check_features, check_id
-from recsys.config import RankingSettings
+from recsys.config import RankingSettings, RetrievalSettings
+from recsys.errors import shown
 from recsys.v1 import ranking_pb2
 
 # RankRequest.candidate_item_ids on the wire, read from the generated descriptor.
@@ -19,6 +20,25 @@ _CANDIDATES_FIELD = ranking_pb2.RankRequest.DESCRIPTOR.fields_by_name["candidate
 
 # The shared field error: the servicer maps it to INVALID_ARGUMENT.
 InvalidArgument = FieldError
+
+
+@dataclass(frozen=True)
+class RetrievalLimits:
+    """What retrieval accepts of a Recommend's fields, read from the shared config.
+
+    Ranking checks them too, so whether a request is valid does not depend
+    on retrieval being up: without these checks a request retrieval would
+    refuse got popular items whenever retrieval was down.
+    """
+
+    sources: tuple[str, ...]  # configured source names, in config order
+    max_budget: int
+
+    @classmethod
+    def from_settings(cls, settings: RetrievalSettings) -> RetrievalLimits:
+        """The limits of the retrieval config both services load."""
+        names = tuple(str(e["name"]) for e in settings.sources if e.get("name"))
+        return cls(sources=names, max_budget=settings.max_budget)
 
 
 @dataclass
@@ -111,7 +131,7 @@ def id_array(ids: Sequence[str], field: str, max_bytes: int) -> np.ndarray:
 
 def _k(value: int, field: str, limits: RankingSettings) -> int:
     if value < 0:
-        raise InvalidArgument(field, f"must be positive, got {value}")
+        raise InvalidArgument(field, f"{value} is outside 0..{limits.max_k} (0: the default)")
     if value == 0:
         return limits.default_k
     if value > limits.max_k:
@@ -191,18 +211,34 @@ def parse_rank(request, limits: RankingSettings) -> RankQuery:
     )
 
 
-def parse_recommend(request, limits: RankingSettings) -> RecommendQuery:
-    """``recsys.v1.RecommendRequest`` → :class:`RecommendQuery`."""
+def parse_recommend(
+    request, limits: RankingSettings, retrieval: RetrievalLimits | None = None
+) -> RecommendQuery:
+    """``recsys.v1.RecommendRequest`` → :class:`RecommendQuery`.
+
+    Args:
+        request: The request.
+        limits: Ranking's own limits.
+        retrieval: Retrieval's limits (None: only ranking's own are checked).
+    """
     k = _k(request.k, "k", limits)
     budget = request.retrieval_budget
-    if budget < 0:
-        raise InvalidArgument("retrieval_budget", f"must not be negative, got {budget}")
-    if budget > limits.max_candidates:
-        raise InvalidArgument(
-            "retrieval_budget", f"{budget} is more than the maximum {limits.max_candidates}"
-        )
+    most = (
+        limits.max_candidates
+        if retrieval is None
+        else min(limits.max_candidates, retrieval.max_budget)
+    )
+    if budget < 0 or budget > most:
+        raise InvalidArgument("retrieval_budget", f"{budget} is outside 0..{most}")
+    # Retrieval needs a user to read history from; Rank may go without one.
+    check_id(request.user.user_id, "user.user_id", limits.max_id_bytes)
     for i, s in enumerate(request.sources):
         check_id(s, f"sources[{i}]", limits.max_id_bytes)
+        if retrieval is not None and s not in retrieval.sources:
+            raise InvalidArgument(
+                f"sources[{i}]",
+                f"unknown source {shown(s)}; configured: {', '.join(retrieval.sources)}",
+            )
     return RecommendQuery(
         user=parse_user(request.user, limits),
         raw_user=request.user,

@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
     p.add_argument("--user", required=True, help="user id")
-    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--k", type=int, default=0, help="items to return (0: the server's default_k)")
     p.add_argument("--target", help="ranking service address (default from config)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--debug", action="store_true", help="include per-item debug scores")

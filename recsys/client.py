@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -80,6 +81,15 @@ class Recommendations:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
         return asdict(self)
+
+
+@dataclass
+class Recorded:
+    """The answer of ``record``."""
+
+    history_length: int
+    rating_count: int
+    duplicate: bool  # the event id was seen before: nothing was written
 
 
 @dataclass
@@ -186,7 +196,7 @@ class RecommenderClient:
     def recommend(
         self,
         user_id: str,
-        k: int = 10,
+        k: int = 0,
         *,
         features: Mapping[str, Any] | None = None,
         recent: Sequence[str] = (),
@@ -194,7 +204,10 @@ class RecommenderClient:
         sources: Sequence[str] = (),
         variant: str = "",
     ) -> Recommendations:
-        """Top-k recommendations for a user (retrieval + ranking in one call)."""
+        """Top-k recommendations for a user (retrieval + ranking in one call).
+
+        ``k`` 0 asks for the server's ``default_k``.
+        """
         req = ranking_pb2.RecommendRequest(
             user=user_context(user_id, features=features, recent=recent, variant=variant),
             k=k,
@@ -209,7 +222,7 @@ class RecommenderClient:
             source_reports=[
                 SourceReport(
                     r.source,
-                    common_pb2.SourceStatus.Name(r.status).removeprefix("SOURCE_STATUS_"),
+                    _status_name(r.status),
                     r.count,
                     round(r.latency_ms, 3),
                     r.message,
@@ -225,17 +238,20 @@ class RecommenderClient:
         self,
         user_id: str,
         item_ids: Sequence[str],
-        top_k: int | None = None,
+        top_k: int = 0,
         *,
         include_watched: bool = False,
         features: Mapping[str, Any] | None = None,
         debug: bool = False,
     ) -> Recommendations:
-        """Scores the given items for a user and returns the best ``top_k``."""
+        """Scores the given items for a user and returns the best ``top_k``.
+
+        ``top_k`` 0 asks for the server's ``default_k``.
+        """
         req = ranking_pb2.RankRequest(
             user=user_context(user_id, features=features),
             candidate_item_ids=list(item_ids),
-            top_k=top_k or len(item_ids),
+            top_k=top_k,
             include_watched=include_watched,
             debug=debug,
         )
@@ -256,18 +272,28 @@ class RecommenderClient:
         return [SimilarItem(i.item_id, float(i.score)) for i in resp.items]
 
     def record(
-        self, user_id: str, item_id: str, rating: float | None = None, *, event_id: str = ""
-    ) -> int:
-        """Records a watch (and optional rating); returns the user's history length.
+        self,
+        user_id: str,
+        item_id: str,
+        rating: float | None = None,
+        *,
+        event_id: str | None = None,
+    ) -> Recorded:
+        """Records a watch (and optional rating).
 
-        ``event_id`` makes a retry safe: the server counts each id once per user.
+        The server counts each ``event_id`` once per user (for a day), which
+        makes retries safe. Without one, a fresh id is made for this call, so
+        the channel's own retries on ``UNAVAILABLE`` (sent when the write may
+        already have landed) cannot count it twice; pass your own to make
+        retries of your own safe too.
         """
         req = retrieval_pb2.RecordInteractionRequest(
-            user_id=user_id, item_id=item_id, event_id=event_id
+            user_id=user_id, item_id=item_id, event_id=event_id or uuid.uuid4().hex
         )
         if rating is not None:
             req.rating = rating
-        return self._call(self._require_retrieval().RecordInteraction, req).history_length
+        resp = self._call(self._require_retrieval().RecordInteraction, req)
+        return Recorded(resp.history_length, resp.rating_count, resp.duplicate)
 
     def _require_retrieval(self):
         if self._retrieval is None:
@@ -285,6 +311,14 @@ class RecommenderClient:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _status_name(status: int) -> str:
+    """A source status's short name; a number a newer server added stays a number."""
+    try:
+        return common_pb2.SourceStatus.Name(status).removeprefix("SOURCE_STATUS_")
+    except ValueError:
+        return str(status)
 
 
 def _clip(text: str, width: int) -> str:

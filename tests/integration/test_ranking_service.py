@@ -37,7 +37,13 @@ async def retrieval(trained_version, redis_server):
 
     settings = ranking_settings(trained_version.parent, redis_server.url)
     settings = settings.model_copy(
-        update={"retrieval": RetrievalSettings(host="127.0.0.1", port=0, metrics_port=0)}
+        # A tighter budget cap than ranking's config gives retrieval: a request
+        # only retrieval refuses (test_concurrent_recommends_share_retrieve_many_calls).
+        update={
+            "retrieval": RetrievalSettings(
+                host="127.0.0.1", port=0, metrics_port=0, max_budget=1000
+            )
+        }
     )
     handle, app = build_retrieval(settings)
     await app.start()
@@ -211,14 +217,25 @@ async def test_bad_rank_input_is_invalid_argument(stub, name, kw, field):
     assert err.value.details().startswith(field + ":")
 
 
-@pytest.mark.parametrize(
-    ("kw", "field"),
-    [({"k": -1}, "k"), ({"k": 1001}, "k"), ({"retrieval_budget": -5}, "retrieval_budget"),
-     ({"retrieval_budget": 2001}, "retrieval_budget"), ({"sources": [""]}, "sources[0]")],
-)  # fmt: skip
+BAD_RECOMMEND = [
+    ({"k": -1}, "k"),
+    ({"k": 1001}, "k"),
+    ({"retrieval_budget": -5}, "retrieval_budget"),
+    ({"retrieval_budget": 2001}, "retrieval_budget"),
+    ({"sources": [""]}, "sources[0]"),
+    ({"sources": ["popular", "no_such_source"]}, "sources[1]"),
+    ({"user": user_ctx("")}, "user.user_id"),
+]
+
+
+def recommend_request(kw) -> ranking_pb2.RecommendRequest:
+    return ranking_pb2.RecommendRequest(**{"user": user_ctx("u1"), **kw})
+
+
+@pytest.mark.parametrize(("kw", "field"), BAD_RECOMMEND)
 async def test_bad_recommend_input_is_invalid_argument(stub, kw, field):
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.Recommend(ranking_pb2.RecommendRequest(**kw), timeout=10)
+        await stub.Recommend(recommend_request(kw), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith(field + ":")
 
@@ -299,8 +316,8 @@ async def test_concurrent_recommends_share_retrieve_many_calls(
     before = (batcher.batches, batcher.requests)
     observed = (_sample("recsys_ranking_retrieval_batch_size_count"),
                 _sample("recsys_ranking_retrieval_batch_size_sum"))  # fmt: skip
-    # Retrieval refuses this one (ranking cannot know the source names).
-    bad = req(users[0], sources=["no_such_source"])
+    # Retrieval refuses this one (its cap is lower than the one ranking was told).
+    bad = req(users[0], retrieval_budget=1500)
     *together, refused = await asyncio.gather(
         *(stub.Recommend(req(u), timeout=10) for u in users),
         stub.Recommend(bad, timeout=10),
@@ -308,7 +325,7 @@ async def test_concurrent_recommends_share_retrieve_many_calls(
     )
     assert isinstance(refused, grpc.aio.AioRpcError), refused
     assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert refused.details().startswith("retrieval: sources[0]:"), refused.details()
+    assert refused.details().startswith("retrieval_budget: 1500"), refused.details()
     for one, batched in zip(alone, together, strict=True):
         assert not isinstance(batched, BaseException), batched
         assert not batched.retrieval_fallback
@@ -336,7 +353,9 @@ async def test_recommend_falls_back_to_popular_when_retrieval_is_down(
 ):
     closed = f"127.0.0.1:{free_port()}"
     srv = build_server(
-        ranking_settings(trained_version.parent, redis_server.url, retrieval_address=closed)
+        ranking_settings(
+            trained_version.parent, redis_server.url, retrieval_address=closed, max_candidates=2000
+        )
     )
     await srv.start()
     try:
@@ -346,8 +365,16 @@ async def test_recommend_falls_back_to_popular_when_retrieval_is_down(
             resp = await s.Recommend(
                 ranking_pb2.RecommendRequest(user=user_ctx("cold"), k=8, debug=True), timeout=10
             )
+            # What retrieval would refuse is refused with it down too, not
+            # answered from the popular list.
+            refused = []
+            for bad in BAD_RECOMMEND:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await s.Recommend(recommend_request(bad[0]), timeout=10)
+                refused.append((err.value.code(), err.value.details().split(":")[0]))
     finally:
         await srv.stop(0)
+    assert refused == [(grpc.StatusCode.INVALID_ARGUMENT, field) for _, field in BAD_RECOMMEND]
     assert resp.retrieval_fallback and "retrieval" in resp.fallback_reason
     assert resp.index_version == "" and len(resp.source_reports) == 0
     popular = {p[0] for p in reference.mv.top_lists["popular"]}
@@ -409,3 +436,21 @@ async def test_redis_down_degrades_to_request_features(trained_version, referenc
         await srv.stop(0)
     assert len(resp.items) == 10
     check_against_reference(resp, reference, default_user_vector(mv.spec), list(mv.item_ids[:100]))
+
+
+async def test_recommend_restricted_to_sources_that_found_nothing_is_empty(stub, published_version):
+    """Not popular items (from a source the caller left out), and not a fallback."""
+    resp = await stub.Recommend(
+        ranking_pb2.RecommendRequest(
+            user=user_ctx("cold-and-restricted"), k=5, sources=["similar_to_recent"]
+        ),
+        timeout=10,
+    )
+    assert list(resp.items) == []
+    assert not resp.retrieval_fallback and resp.fallback_reason == ""
+    assert [(r.source, r.count) for r in resp.source_reports] == [("similar_to_recent", 0)]
+    # Without the restriction the same cold user still gets the popular list.
+    everything = await stub.Recommend(
+        ranking_pb2.RecommendRequest(user=user_ctx("cold-and-restricted"), k=5), timeout=10
+    )
+    assert len(everything.items) == 5

@@ -50,8 +50,8 @@ REQUEST_OF = {
     "Recommend": ranking_pb2.RecommendRequest,
 }
 # A refusal names the field first ("budget: ...", "user.recent_item_ids[3]: ...",
-# "retrieval: sources[0]: ...") or says the bytes did not parse.
-FIELD_MESSAGE = re.compile(r"^(retrieval: )?[a-z_]+(\.[a-z_]+)*(\[[^\]]*\])?(\.[a-z_]+)*: \S")
+# "sources[0]: ...") or says the bytes did not parse.
+FIELD_MESSAGE = re.compile(r"^[a-z_]+(\.[a-z_]+)*(\[[^\]]*\])?(\.[a-z_]+)*: \S")
 NOT_FOUND_MESSAGE = re.compile(r"^item_id .+ is not in catalogue version ")
 INT32 = st.one_of(
     st.integers(-(2**31), 2**31 - 1), st.sampled_from([0, 1, -1, 5, 2**31 - 1, -(2**31)])

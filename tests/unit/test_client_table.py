@@ -28,3 +28,11 @@ def test_short_cells_are_not_cut():
     table = format_table(_recs("Heat (1995)", "Top in Crime"))
     assert "Heat (1995)" in table and "Top in Crime" in table and "…" not in table
     assert table.splitlines()[-1].startswith("model 5")
+
+
+def test_a_status_a_newer_server_added_stays_a_number():
+    from recsys.client import _status_name
+    from recsys.v1 import common_pb2
+
+    assert _status_name(common_pb2.SOURCE_STATUS_OK) == "OK"
+    assert _status_name(99) == "99"

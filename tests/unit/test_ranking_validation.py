@@ -3,8 +3,13 @@ import math
 import pytest
 
 from ranking_service.catalogue import IdIndex
-from ranking_service.validation import InvalidArgument, parse_rank, parse_recommend
-from recsys.config import RankingSettings
+from ranking_service.validation import (
+    InvalidArgument,
+    RetrievalLimits,
+    parse_rank,
+    parse_recommend,
+)
+from recsys.config import RankingSettings, RetrievalSettings
 from recsys.v1 import common_pb2, ranking_pb2
 
 LIMITS = RankingSettings(max_candidates=5, max_id_bytes=8, default_k=3, max_k=4)
@@ -96,17 +101,25 @@ def test_a_multibyte_id_within_the_byte_limit_is_accepted():
         ({"user": common_pb2.UserContext(user_id="y" * 30)}, "user.user_id"),
         # Side-feature strings end up in reasons and caches: bounded like ids.
         (
-            {"user": common_pb2.UserContext(features=common_pb2.UserFeatures(country="c" * 9))},
+            {
+                "user": common_pb2.UserContext(
+                    user_id="u", features=common_pb2.UserFeatures(country="c" * 9)
+                )
+            },
             "user.features.country",
         ),
         (
-            {"user": common_pb2.UserContext(features=common_pb2.UserFeatures(occupation="o\x00"))},
+            {
+                "user": common_pb2.UserContext(
+                    user_id="u", features=common_pb2.UserFeatures(occupation="o\x00")
+                )
+            },
             "user.features.occupation",
         ),
         (
             {
                 "user": common_pb2.UserContext(
-                    features=common_pb2.UserFeatures(genre_ratings={"g" * 9: 3.0})
+                    user_id="u", features=common_pb2.UserFeatures(genre_ratings={"g" * 9: 3.0})
                 )
             },
             "user.features.genre_ratings key",
@@ -115,12 +128,46 @@ def test_a_multibyte_id_within_the_byte_limit_is_accepted():
 )
 def test_bad_recommend_requests_name_the_field(request_kw, field):
     with pytest.raises(InvalidArgument) as err:
-        parse_recommend(ranking_pb2.RecommendRequest(**request_kw), LIMITS)
+        parse_recommend(recommend(**request_kw), LIMITS)
     assert err.value.field == field
 
 
+def recommend(**kw) -> ranking_pb2.RecommendRequest:
+    return ranking_pb2.RecommendRequest(**{"user": common_pb2.UserContext(user_id="u"), **kw})
+
+
+RETRIEVAL = RetrievalLimits(sources=("popular", "top_genre"), max_budget=4)
+
+
+@pytest.mark.parametrize(
+    ("request_kw", "field", "message"),
+    [
+        ({"user": common_pb2.UserContext()}, "user.user_id", "must not be empty"),
+        ({"retrieval_budget": 5}, "retrieval_budget", "5 is outside 0..4"),
+        (
+            {"sources": ["popular", "nope"]},
+            "sources[1]",
+            "unknown source 'nope'; configured: popular, top_genre",
+        ),
+    ],
+)
+def test_recommend_is_checked_against_retrievals_limits(request_kw, field, message):
+    """What retrieval would refuse, ranking refuses itself (retrieval may be down)."""
+    with pytest.raises(InvalidArgument) as err:
+        parse_recommend(recommend(**request_kw), LIMITS, RETRIEVAL)
+    assert str(err.value) == f"{field}: {message}"
+
+
+def test_retrieval_limits_come_from_the_shared_config():
+    got = RetrievalLimits.from_settings(RetrievalSettings(max_budget=700))
+    assert got == RetrievalLimits(("similar_to_recent", "top_genre", "top_country", "popular"), 700)
+
+
 def test_a_good_recommend_request_parses():
-    q = parse_recommend(
-        ranking_pb2.RecommendRequest(k=2, retrieval_budget=5, sources=["popular"]), LIMITS
-    )
-    assert (q.k, q.budget, q.sources) == (2, 5, ["popular"])
+    q = parse_recommend(recommend(k=2, retrieval_budget=4, sources=["popular"]), LIMITS, RETRIEVAL)
+    assert (q.k, q.budget, q.sources) == (2, 4, ["popular"])
+
+
+def test_a_negative_k_says_zero_is_allowed():
+    with pytest.raises(InvalidArgument, match=r"^k: -1 is outside 0\.\.4 \(0: the default\)$"):
+        parse_recommend(recommend(k=-1), LIMITS)

@@ -1,0 +1,67 @@
+"""The Python client against both real services: defaults, retries, what it returns."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import pytest_asyncio
+import redis.exceptions
+
+from recsys.artifacts import ModelVersion
+from recsys.client import RecommenderClient, Recorded
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def stack(published, redis_server, serve_both):
+    async with serve_both(published.parent, redis_server.url) as s:
+        yield s
+
+
+def client(stack) -> RecommenderClient:
+    return RecommenderClient(f"127.0.0.1:{stack.ranking_port}", f"127.0.0.1:{stack.retrieval_port}")
+
+
+async def test_a_record_retried_by_the_channel_counts_once(stack, mv: ModelVersion, monkeypatch):
+    """The write lands, its reply is lost (UNAVAILABLE), the channel retries it."""
+    import retrieval_service.engine as engine
+
+    real = engine.record_interaction
+    event_ids: list[str] = []
+
+    async def lands_then_fails(*args, **kwargs):
+        event_ids.append(kwargs.get("event_id"))
+        got = await real(*args, **kwargs)
+        if len(event_ids) == 1:
+            raise redis.exceptions.TimeoutError("reply lost")
+        return got
+
+    monkeypatch.setattr(engine, "record_interaction", lands_then_fails)
+    with client(stack) as c:
+        got = await asyncio.to_thread(c.record, "retried-user", mv.item_ids[0], 4.0)
+    assert len(event_ids) == 2 and event_ids[0] and event_ids[0] == event_ids[1]
+    # The retry found the first attempt's write: counted once, said so.
+    assert got == Recorded(history_length=1, rating_count=1, duplicate=True)
+
+
+async def test_record_says_what_it_did(stack, mv: ModelVersion):
+    with client(stack) as c:
+        first = await asyncio.to_thread(c.record, "recording-user", mv.item_ids[0], event_id="e1")
+        again = await asyncio.to_thread(c.record, "recording-user", mv.item_ids[1], event_id="e1")
+        other = await asyncio.to_thread(c.record, "recording-user", mv.item_ids[1], 3.0)
+    assert first == Recorded(1, 0, False)
+    assert again == Recorded(1, 0, True)
+    assert other == Recorded(2, 1, False)
+
+
+async def test_k_and_top_k_left_out_mean_the_servers_default(stack, mv: ModelVersion):
+    default_k = stack.settings.ranking.default_k
+    many = list(mv.item_ids) * 5  # more ids than max_k, fewer than max_candidates
+    assert stack.settings.ranking.max_k < len(many) <= stack.settings.ranking.max_candidates
+    with client(stack) as c:
+        ranked = await asyncio.to_thread(c.rank, "client-user", many)
+        zero = await asyncio.to_thread(c.rank, "client-user", many[:200], 0)
+        recs = await asyncio.to_thread(c.recommend, "client-user")
+    assert len(ranked.items) == len(zero.items) == len(recs.items) == default_k

@@ -758,10 +758,12 @@ class VersionWatcher:
     pointer names a version not on disk yet, or a pointer it followed has
     vanished (Redis restarted empty), the current one stays (newest on disk
     may be unpublished, or newer than a rollback). A version the
-    loader rejects (bad checksum, failed warm-up) is remembered and retried
-    only once its manifest changes (a re-copy); a pinned version that is not
-    on disk yet is waited for, not rejected. The previous version keeps
-    serving throughout.
+    loader rejects (bad checksum, failed warm-up, files still arriving) is
+    remembered and retried only once any of its files changes (the rest of a
+    copy, or a re-copy); a pinned version that is not on disk yet is waited
+    for, not rejected. The previous version keeps serving throughout, and a
+    replica that serves nothing yet falls back to the newest older version
+    that loads (not on a pinned track).
     """
 
     def __init__(
@@ -784,8 +786,8 @@ class VersionWatcher:
         self.interval_s = interval_s
         self.current: str | None = None
         self.rejected: dict[str, str] = {}
-        # Manifest (mtime, size) of each rejected version when it was rejected.
-        self._rejected_at: dict[str, tuple[int, int] | None] = {}
+        # Each rejected version's files (_tree_stamp) when it was rejected.
+        self._rejected_at: dict[str, tuple[int, ...] | None] = {}
         self._missing_logged: str | None = None
         # Set once a pointer was read: from then on its absence means it was
         # lost, not that this deployment follows the newest version on disk.
@@ -824,10 +826,13 @@ class VersionWatcher:
         if want is None or want == self.current:
             return False
         path = self.model_dir / want
-        stamp = _manifest_stamp(path)
+        if not (path / MANIFEST).is_file():
+            stamp = None
+        else:
+            stamp = await asyncio.to_thread(_tree_stamp, path)
         if want in self.rejected:
             if stamp is None or stamp == self._rejected_at.get(want):
-                return False
+                return await self._fall_back(want)
             del self.rejected[want]  # its files changed since: worth another try
         if stamp is None:  # a pinned version not copied in yet
             if self._missing_logged != want:
@@ -837,17 +842,56 @@ class VersionWatcher:
                     extra={"fields": {"version": want, "serving": self.current}},
                 )
             return False
+        if not await self._try_load(want, stamp):
+            return await self._fall_back(want)
+        return True
+
+    async def _try_load(self, version: str, stamp: tuple[int, ...] | None) -> bool:
+        """Loads ``version`` and makes it current; False (remembered) when it is rejected."""
         try:
-            await self.load(path)
+            await self.load(self.model_dir / version)
         except Exception as exc:
-            self.rejected[want] = str(exc)
-            self._rejected_at[want] = stamp
+            self.rejected[version] = str(exc)
+            self._rejected_at[version] = stamp
             VERSION_REJECTED.labels(self.label).inc()
             log.error(
                 "version rejected",
-                extra={"fields": {"version": want, "error": str(exc), "serving": self.current}},
+                extra={"fields": {"version": version, "error": str(exc), "serving": self.current}},
             )
             return False
+        self._swapped_to(version)
+        return True
+
+    async def _fall_back(self, rejected: str) -> bool:
+        """With nothing served yet, serves the newest older version that loads.
+
+        Replicas already running keep their version when a newer one is
+        rejected; a replica started after that (scale-up, restart) would
+        otherwise serve nothing until someone moves the pointer. A pinned
+        track (an experiment arm) does not fall back: it must serve what it
+        names or nothing.
+        """
+        if self.current is not None or self.pinned:
+            return False
+        older = [
+            v
+            for v in list_versions(self.model_dir)
+            if v.isdigit() and rejected.isdigit() and int(v) < int(rejected)
+        ]
+        for v in reversed(older):
+            if v in self.rejected:
+                continue
+            log.error(
+                "wanted version rejected and nothing served yet: serving an older one",
+                extra={"fields": {"wanted": rejected, "version": v}},
+            )
+            stamp = await asyncio.to_thread(_tree_stamp, self.model_dir / v)
+            if await self._try_load(v, stamp):
+                return True
+        return False
+
+    def _swapped_to(self, want: str) -> None:
+        """Bookkeeping after ``want`` became the served version."""
         if self.current is not None:
             # Drop the old series, not just zero it: a pod that exported one
             # series per version it ever served would look, to an alert that
@@ -860,7 +904,6 @@ class VersionWatcher:
         MODEL_VERSION.labels(self.label, want).set(1)
         log.info("version loaded", extra={"fields": {"version": want, "previous": self.current}})
         self.current = want
-        return True
 
     async def run(self) -> None:
         """Polls forever (cancel to stop)."""
@@ -927,10 +970,25 @@ async def follow_versions(watchers: Iterable[VersionWatcher]) -> None:
     await asyncio.gather(*(w.run() for w in ws))
 
 
-def _manifest_stamp(version_dir: Path) -> tuple[int, int] | None:
-    """(mtime ns, size) of a version's manifest; None when there is none (not copied yet)."""
-    try:
-        st = (version_dir / MANIFEST).stat()
-    except OSError:
+def _tree_stamp(version_dir: Path) -> tuple[int, ...] | None:
+    """What changes when any file of a version is (re)written; None without a manifest.
+
+    A rejected version is retried once this changes. The manifest alone
+    is not enough: a copy can land the manifest before the files it lists
+    (the version is then rejected as incomplete and must be retried when
+    they arrive), and ``cp -a`` / ``rsync -a`` keep mtimes and sizes, so
+    a fixed re-copy changes only the files' ctimes.
+    """
+    if not (version_dir / MANIFEST).is_file():
         return None
-    return st.st_mtime_ns, st.st_size
+    count = size = newest = 0
+    for root, _dirs, files in os.walk(version_dir):
+        for name in files:
+            try:
+                st = os.stat(os.path.join(root, name))
+            except OSError:
+                continue  # removed while walking: the next poll sees the result
+            count += 1
+            size += st.st_size
+            newest = max(newest, st.st_mtime_ns, st.st_ctime_ns)
+    return count, size, newest

@@ -194,3 +194,89 @@ async def test_a_pointer_that_vanishes_keeps_the_serving_version(tmp_path, own_r
         assert watcher.current == "1" and loader.loaded == ["1"]
     finally:
         await watcher.redis.aclose()
+
+
+async def test_a_rejected_version_is_retried_when_the_rest_of_its_copy_lands(tmp_path, own_redis):
+    """The manifest can arrive first; the files it lists come later, itself unchanged."""
+    add_version(tmp_path, "1")
+    point_at(own_redis.url, "1")
+    loader = Recorder()
+    watcher = watcher_for(tmp_path, own_redis.url, loader)
+    try:
+        await polls(watcher, 1)
+        loader.failing.add("2")  # incomplete: its vectors are not there yet
+        add_version(tmp_path, "2")
+        point_at(own_redis.url, "2")
+        await polls(watcher)
+        assert loader.loaded == ["1", "2"] and watcher.current == "1"
+        loader.failing.clear()
+        (tmp_path / "2" / "item_vectors.npy").write_bytes(b"the rest of the copy")
+        await polls(watcher, 1)
+        assert watcher.current == "2" and loader.loaded == ["1", "2", "2"]
+    finally:
+        await watcher.redis.aclose()
+
+
+async def test_a_re_copy_that_keeps_mtimes_is_retried(tmp_path, own_redis):
+    """``cp -a`` / ``rsync -a`` keep each file's mtime and size; only its ctime moves."""
+    import os
+    import time
+
+    add_version(tmp_path, "1")
+    point_at(own_redis.url, "1")
+    loader = Recorder()
+    watcher = watcher_for(tmp_path, own_redis.url, loader)
+    try:
+        await polls(watcher, 1)
+        loader.failing.add("2")
+        add_version(tmp_path, "2")
+        manifest = tmp_path / "2" / MANIFEST
+        before = manifest.stat()
+        point_at(own_redis.url, "2")
+        await polls(watcher)
+        assert watcher.current == "1"
+        loader.failing.clear()
+        time.sleep(0.02)  # a later ctime than the first copy's
+        manifest.write_text("{}")  # the same bytes, then the old mtime put back
+        os.utime(manifest, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert (manifest.stat().st_mtime_ns, manifest.stat().st_size) == (
+            before.st_mtime_ns,
+            before.st_size,
+        )
+        await polls(watcher, 1)
+        assert watcher.current == "2"
+    finally:
+        await watcher.redis.aclose()
+
+
+async def test_a_replica_serving_nothing_falls_back_to_an_older_version(tmp_path, own_redis):
+    """Started after a bad publish: the version before it, not NOT_SERVING for good."""
+    for v in ("1", "2", "3"):
+        add_version(tmp_path, v)
+    point_at(own_redis.url, "3")
+    loader = Recorder()
+    loader.failing.update({"3", "2"})
+    watcher = watcher_for(tmp_path, own_redis.url, loader)
+    try:
+        await polls(watcher)
+        assert watcher.current == "1" and loader.loaded == ["3", "2", "1"]
+        assert set(watcher.rejected) == {"3", "2"}
+        loader.failing.clear()
+        (tmp_path / "3" / "fixed").write_text("re-copied")
+        await polls(watcher, 1)
+        assert watcher.current == "3"
+    finally:
+        await watcher.redis.aclose()
+
+
+async def test_a_pinned_track_does_not_fall_back(tmp_path, own_redis):
+    add_version(tmp_path, "1")
+    add_version(tmp_path, "2")
+    loader = Recorder()
+    loader.failing.add("2")
+    watcher = watcher_for(tmp_path, own_redis.url, loader, pinned="2")
+    try:
+        await polls(watcher)
+        assert watcher.current is None and loader.loaded == ["2"]
+    finally:
+        await watcher.redis.aclose()

@@ -262,6 +262,13 @@ end
 return {redis.call('LLEN', recent), tonumber(redis.call('HGET', state, 'nr') or '0'), 0}
 """
 
+# A user's state hash replaced in one step. KEYS: the hash; ARGV: field/value pairs.
+_REPLACE_HASH_SCRIPT = """
+redis.call('DEL', KEYS[1])
+if #ARGV > 0 then redis.call('HSET', KEYS[1], unpack(ARGV)) end
+return 1
+"""
+
 # How long an event key is remembered: retries come within seconds; a day
 # also covers a client replaying a queue after an outage.
 EVENT_TTL_S = 24 * 3600
@@ -360,8 +367,10 @@ def seed_user_commands(
     have no recent list yet, so online history is never overwritten).
     """
     state = redis_keys.user_state(user_id)
-    pipe.delete(state)
-    pipe.hset(state, mapping=encode_user_state(spec, profile, agg))
+    fields = [x for kv in encode_user_state(spec, profile, agg).items() for x in kv]
+    # One script, not DEL then HSET: Redis runs every whole command it got,
+    # so a publisher cut off between the two left the user with no state.
+    pipe.register_script(_REPLACE_HASH_SCRIPT)(keys=[state], args=fields, client=pipe)
     if history:
         pipe.sadd(redis_keys.user_watched(user_id), *history)
     if history and write_recent:

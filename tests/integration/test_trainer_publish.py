@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -202,3 +203,95 @@ def test_an_older_publish_finishing_last_does_not_move_the_pointer_back(
     report = publish(v1, client, quiet=True)
     assert raced and not report.switched
     assert client.get(redis_keys.CURRENT_VERSION) == "2"
+
+
+class _CutAfter:
+    """A TCP hop to Redis that forwards whole commands and hangs up after the n-th
+    one matching ``key``: a publisher killed, or its network lost, mid-publish."""
+
+    def __init__(self, port: int, key: re.Pattern[bytes], n: int):
+        import socket
+        import threading
+
+        self.port, self.key, self.n, self.cut = port, key, n, False
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = self.listener.getsockname()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+        import threading
+
+        while True:
+            try:
+                c, _ = self.listener.accept()
+            except OSError:
+                return
+            s = socket.create_connection(("127.0.0.1", self.port))
+            threading.Thread(target=self._down, args=(s, c), daemon=True).start()
+            threading.Thread(target=self._up, args=(c, s), daemon=True).start()
+
+    @staticmethod
+    def _down(src, dst) -> None:
+        with __import__("contextlib").suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+
+    def _up(self, c, s) -> None:
+        buf, seen = b"", 0
+        try:
+            while data := c.recv(65536):
+                buf += data
+                while (cmd := _one_command(buf)) is not None:
+                    s.sendall(buf[:cmd])
+                    named = self.key.search(buf[:cmd]) is not None
+                    buf = buf[cmd:]
+                    seen += named
+                    if named and seen >= self.n:
+                        self.cut = True
+                        s.close()
+                        c.close()
+                        return
+        except OSError:
+            pass
+
+
+def _one_command(buf: bytes) -> int | None:
+    """Length of the first whole RESP command in ``buf``, or None."""
+    if not buf.startswith(b"*"):
+        return None
+    end = buf.find(b"\r\n")
+    if end < 0:
+        return None
+    at = end + 2
+    for _ in range(int(buf[1:end])):
+        end = buf.find(b"\r\n", at)
+        if end < 0:
+            return None
+        at = end + 2 + int(buf[at + 1 : end]) + 2
+        if at > len(buf):
+            return None
+    return at
+
+
+def test_a_publish_cut_off_mid_write_leaves_every_user_a_state(
+    client, redis_server, trained_version, tmp_path
+):
+    """Redis runs each whole command it got: a user's state must be replaced in one."""
+    import time
+
+    v1, v2 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2))
+    publish(v1, client, quiet=True)
+    users = [str(u) for u in ModelVersion.open(v1).users["user_id"]]
+    port = redis.Redis.from_url(redis_server.url).connection_pool.connection_kwargs["port"]
+    # Commands on a user's state hash (not its :watched / :recent keys). An odd
+    # count below the number of users: were there a delete and a write per user,
+    # the cut falls between them.
+    hop = _CutAfter(port, re.compile(rb"recsys:user:\{[^}]*\}\r\n"), 151)
+    via = redis.Redis(host="127.0.0.1", port=hop.address[1], socket_timeout=5)
+    with pytest.raises(redis.RedisError):
+        publish(v2, via, quiet=True)
+    assert hop.cut
+    time.sleep(0.2)  # Redis runs what reached it before the hang-up
+    assert client.get(redis_keys.CURRENT_VERSION) == "1"
+    assert [u for u in users if not client.exists(redis_keys.user_state(u))] == []

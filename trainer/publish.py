@@ -118,18 +118,22 @@ def cleanup_versions(redis_client, keep: int, *, protect: Iterable[str] = ()) ->
     ]
     kept = set(protect)
     old = [v for v in published[: max(len(published) - keep, 0)] if v not in kept]
-    removed_keys = 0
-    for v in old:
-        batch: list = []
-        for key in redis_client.scan_iter(match=redis_keys.version_pattern(v), count=1000):
-            batch.append(key)
-            if len(batch) >= 1000:
-                removed_keys += redis_client.unlink(*batch)
-                batch = []
-        if batch:
-            removed_keys += redis_client.unlink(*batch)
-        redis_client.zrem(redis_keys.VERSIONS, v)
+    removed_keys = sum(remove_version(redis_client, v) for v in old)
     return old, removed_keys
+
+
+def remove_version(redis_client, version: str) -> int:
+    """Deletes one version's keys and its entry in the versions set; returns the key count."""
+    removed, batch = 0, []
+    for key in redis_client.scan_iter(match=redis_keys.version_pattern(version), count=1000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            removed += redis_client.unlink(*batch)
+            batch = []
+    if batch:
+        removed += redis_client.unlink(*batch)
+    redis_client.zrem(redis_keys.VERSIONS, version)
+    return removed
 
 
 def publish(
@@ -185,6 +189,9 @@ def publish(
             "(recsys publish --rollback moves the services back on purpose)"
         )
     report = PublishReport(mv.version)
+    # Listed before its keys are written, so a publish that dies before the
+    # switch leaves keys a later cleanup finds (NX: a republish keeps its age).
+    redis_client.zadd(redis_keys.VERSIONS, {mv.version: time.time()}, nx=True)
 
     pipe = redis_client.pipeline(transaction=False)
     for key, entries in _top_list_keys(mv).items():
@@ -242,15 +249,19 @@ def publish(
     if isinstance(moved, bytes):
         moved = moved.decode()
     if moved != "OK":
-        # A newer version was published while this one was being written.
+        # A newer version was published while this one was being written:
+        # nothing will read these keys (a rollback writes them again).
         report.switched = False
         _progress(quiet, f"version {mv.version} written, but {moved} is newer and stays current")
+        if mv.version not in set(protect):
+            report.removed_keys += remove_version(redis_client, mv.version)
+            report.removed_versions.append(mv.version)
     else:
         _progress(quiet, f"current version is now {mv.version}")
 
-    report.removed_versions, report.removed_keys = cleanup_versions(
-        redis_client, keep, protect={mv.version, *protect}
-    )
+    removed, keys = cleanup_versions(redis_client, keep, protect={mv.version, *protect})
+    report.removed_versions += removed
+    report.removed_keys += keys
     if report.removed_versions:
         _progress(
             quiet,

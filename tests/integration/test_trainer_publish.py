@@ -203,6 +203,11 @@ def test_an_older_publish_finishing_last_does_not_move_the_pointer_back(
     report = publish(v1, client, quiet=True)
     assert raced and not report.switched
     assert client.get(redis_keys.CURRENT_VERSION) == "2"
+    # Nothing reads the loser's top lists: they are gone, the winner's are not.
+    assert report.removed_versions == ["1"] and report.removed_keys > 0
+    assert not list(client.scan_iter(match=redis_keys.version_pattern("1")))
+    assert client.zscore(redis_keys.VERSIONS, "1") is None
+    assert client.exists(redis_keys.top_popular("2"))
 
 
 class _CutAfter:
@@ -295,3 +300,10 @@ def test_a_publish_cut_off_mid_write_leaves_every_user_a_state(
     time.sleep(0.2)  # Redis runs what reached it before the hang-up
     assert client.get(redis_keys.CURRENT_VERSION) == "1"
     assert [u for u in users if not client.exists(redis_keys.user_state(u))] == []
+    # The cut publish wrote version 2's top lists but never switched: later
+    # publishes clean them up like any old version's.
+    assert client.exists(redis_keys.top_popular("2"))
+    for n in (3, 4):
+        publish(_numbered_copy(trained_version, tmp_path, n), client, quiet=True, keep=2)
+    assert not list(client.scan_iter(match=redis_keys.version_pattern("2")))
+    assert client.zrange(redis_keys.VERSIONS, 0, -1) == ["3", "4"]

@@ -43,7 +43,9 @@ class TLSSettings(_Strict):
     cert_file: Path | None = Field(None, description="This side's certificate (PEM).")
     key_file: Path | None = Field(None, description="This side's private key (PEM).")
     ca_file: Path | None = Field(
-        None, description="CA that signs peers; on a server it turns on client-cert checks."
+        None,
+        description="CA that signs peers: a client's check of the server; on a server, the "
+        "CA of client certificates (needs require_client_cert).",
     )
     require_client_cert: bool = Field(
         False, description="Server: refuse clients without a certificate signed by ca_file."
@@ -64,6 +66,12 @@ class TLSSettings(_Strict):
     def enabled(self) -> bool:
         """True when a certificate and key are configured."""
         return self.cert_file is not None and self.key_file is not None
+
+
+def _check_token(token: SecretStr | None, field: str) -> None:
+    """An empty token (an unset variable in a manifest) must not turn auth off silently."""
+    if token is not None and not token.get_secret_value().strip():
+        raise ValueError(f"{field}: empty; leave it out to turn auth off")
 
 
 def _port(default: int) -> Any:
@@ -119,6 +127,14 @@ class ServerSettings(_Strict):
                 "tls.cert_file: client-certificate checks need the server's own "
                 "cert_file and key_file, or the server runs in plaintext"
             )
+        # gRPC would not even ask for a client certificate: a CA named for
+        # client checks that checks nothing must not pass for mutual TLS.
+        if self.tls.ca_file and not self.tls.require_client_cert:
+            raise ValueError(
+                "tls.require_client_cert: a server's ca_file is for client certificates; "
+                "set require_client_cert = true to check them (or drop ca_file)"
+            )
+        _check_token(self.auth_token, "auth_token")
         return self
 
 
@@ -246,6 +262,7 @@ class RankingSettings(ServerSettings):
         # k = 0 gets the default unchecked: it must not exceed the cap.
         if self.default_k > self.max_k:
             raise ValueError(f"default_k: {self.default_k} is more than max_k {self.max_k}")
+        _check_token(self.retrieval_auth_token, "retrieval_auth_token")
         return self
 
 
@@ -374,6 +391,23 @@ class RecsysSettings(BaseSettings):
         SecretStr("redis://127.0.0.1:6379/0"),
         description="redis:// or rediss:// URL; may carry a password, so it is never logged.",
     )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, v: SecretStr) -> SecretStr:
+        from redis.connection import parse_url
+
+        # Checked here, once: a URL the client cannot parse raised later from
+        # deep inside redis-py with the password in its message.
+        try:
+            parse_url(v.get_secret_value())
+        except ValueError:
+            raise ValueError(
+                "not a valid redis://, rediss:// or unix:// URL (characters such as "
+                "# / ? @ in the password must be percent-encoded)"
+            ) from None
+        return v
+
     redis_timeout_s: float = Field(
         0.25,
         gt=0,

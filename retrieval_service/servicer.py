@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 from opentelemetry.trace import SpanKind
 
+from recsys.checks import MAX_GENRE_RATINGS
 from recsys.experiments import observe_request
 from recsys.packed import pack
 from recsys.user_store import state_to_pb
@@ -46,7 +47,11 @@ def query_from_pb(request: retrieval_pb2.RetrieveRequest) -> RetrieveQuery:
         gender=f.gender or None,
         occupation=f.occupation or None,
         country=f.country or None,
-        genre_ratings=dict(f.genre_ratings),
+        # Too many entries: passed uncopied for the engine's check to refuse
+        # (copying a 900k-entry map held up the event loop for over a second).
+        genre_ratings=(
+            dict(f.genre_ratings) if len(f.genre_ratings) <= MAX_GENRE_RATINGS else f.genre_ratings
+        ),
     )
     return RetrieveQuery(
         user_id=user.user_id,

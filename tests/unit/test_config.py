@@ -115,6 +115,11 @@ def test_the_documented_movielens_setup_can_be_configured():
             r"ca_file: require_client_cert needs the CA",
         ),
         ({"retrieval": {"tls": {"ca_file": "ca.pem"}}}, r"runs in plaintext"),
+        # A server CA without require_client_cert: gRPC asks clients for no certificate.
+        (
+            {"retrieval": {"tls": {"cert_file": "c", "key_file": "k", "ca_file": "ca.pem"}}},
+            r"retrieval: .*tls\.require_client_cert: a server's ca_file is for client",
+        ),
     ],
 )
 def test_half_a_tls_configuration_is_refused(overrides, message):
@@ -126,3 +131,26 @@ def test_half_a_tls_configuration_is_refused(overrides, message):
 def test_a_client_may_name_only_the_ca_it_trusts():
     s = load_settings(ranking={"retrieval_tls": {"ca_file": "ca.pem"}})
     assert s.ranking.retrieval_tls.ca_file is not None and not s.ranking.retrieval_tls.enabled
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"retrieval": {"auth_token": ""}}, r"retrieval: .*auth_token: empty"),
+        ({"ranking": {"auth_token": "  "}}, r"ranking: .*auth_token: empty"),
+        ({"ranking": {"retrieval_auth_token": ""}}, r"ranking: .*retrieval_auth_token: empty"),
+    ],
+)
+def test_an_empty_token_is_refused_not_auth_off(overrides, field):
+    """An unset ${TOKEN} in a manifest must not serve every caller without a word."""
+    with pytest.raises(ConfigError, match=field):
+        load_settings(**overrides)
+
+
+def test_a_malformed_redis_url_is_refused_without_its_password():
+    """An unencoded '#' made redis-py fail at start-up with the password in the traceback."""
+    with pytest.raises(ConfigError, match=r"redis_url: .*percent-encoded") as err:
+        load_settings(redis_url="redis://:s3cr3t#Pw@127.0.0.1:6399/0")
+    assert "s3cr3t" not in str(err.value)
+    encoded = load_settings(redis_url="redis://:s3cr3t%23Pw@127.0.0.1:6399/0")
+    assert encoded.redis_url.get_secret_value().endswith("@127.0.0.1:6399/0")

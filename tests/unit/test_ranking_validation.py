@@ -171,3 +171,31 @@ def test_a_good_recommend_request_parses():
 def test_a_negative_k_says_zero_is_allowed():
     with pytest.raises(InvalidArgument, match=r"^k: -1 is outside 0\.\.4 \(0: the default\)$"):
         parse_recommend(recommend(k=-1), LIMITS)
+
+
+def test_a_huge_genre_map_is_counted_before_it_is_copied(monkeypatch):
+    """Copying a 900k-entry map held up the event loop for a second before the refusal."""
+    import ranking_service.validation as ranking_validation
+    import retrieval_service.servicer as retrieval_servicer
+    from recsys.checks import MAX_GENRE_RATINGS
+    from recsys.v1 import retrieval_pb2
+
+    def no_copy(*_a, **_kw):
+        raise AssertionError("the map was copied before its size was checked")
+
+    huge = {f"g{i}": 1.0 for i in range(MAX_GENRE_RATINGS + 1)}
+    ctx = common_pb2.UserContext(user_id="u", features=common_pb2.UserFeatures(genre_ratings=huge))
+    for module in (ranking_validation, retrieval_servicer):
+        monkeypatch.setattr(module, "dict", no_copy, raising=False)
+    with pytest.raises(InvalidArgument, match=r"^user\.features\.genre_ratings: 1001 entries"):
+        parse_recommend(recommend(user=ctx), LIMITS)
+    # Retrieval's conversion leaves it uncopied for the engine's check to refuse.
+    q = retrieval_servicer.query_from_pb(retrieval_pb2.RetrieveRequest(user=ctx))
+    assert len(q.features.genre_ratings) == MAX_GENRE_RATINGS + 1
+
+
+def test_recommend_sources_are_counted_before_each_is_checked():
+    many = recommend(sources=["popular"] * 11)
+    limits = RetrievalLimits(("popular",), 4, max_request_ids=10)
+    with pytest.raises(InvalidArgument, match=r"^sources: 11 entries, at most 10$"):
+        parse_recommend(many, LIMITS, limits)

@@ -2,9 +2,10 @@
 
 Each tower maps a raw feature vector (exactly what :mod:`recsys.features`
 builds) to an L2-normalised embedding. Feature normalisation is a Keras
-``Normalization`` layer adapted on the training features and lives inside
+``Normalization`` layer with the training features' moments and lives inside
 the tower, so the exported SavedModel takes raw vectors and serving never
-re-implements the scaling.
+re-implements the scaling. A column that never varied in training is
+scaled to about zero (:func:`normalization_moments`).
 
 Prediction is the dot of the two embeddings, which lies in ``[-1, 1]``:
 
@@ -118,6 +119,26 @@ class TwoTower:
         )
 
 
+# A column whose training variance is below this never varied: nothing was learned from it.
+CONSTANT_VARIANCE = 1e-10
+# Its variance at serving: any value it takes then is scaled to about zero.
+IGNORED_VARIANCE = 1e12
+
+
+def normalization_moments(sample: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and variance of the tower's input scaling.
+
+    A column constant in training (every training user had an age, so
+    ``age_missing`` was always 0) gets a huge variance instead of its zero
+    one: scaled by the layer's epsilon, a serving-time 1 became 1e7 and
+    drowned every other feature, so all users without an age got one
+    ranking. The model learned nothing from such a column; now it is ignored.
+    """
+    x = np.asarray(sample, np.float64)
+    mean, variance = x.mean(axis=0), x.var(axis=0)
+    return mean, np.where(variance < CONSTANT_VARIANCE, IGNORED_VARIANCE, variance)
+
+
 def _tower(
     name: str,
     width: int,
@@ -128,16 +149,18 @@ def _tower(
     dropout: float,
 ) -> keras.Model:
     inputs = keras.Input((width,), dtype="float32", name=f"{name}_features")
-    norm = keras.layers.Normalization(name=f"{name}_normalize")
     if sample is not None:
         if sample.ndim != 2 or sample.shape[1] != width:
             raise ValueError(
                 f"{name} tower: sample has shape {sample.shape}, expected (n, {width})"
             )
-        norm.adapt(np.asarray(sample, np.float32))
+        mean, variance = normalization_moments(sample)
     else:
-        # Identity scaling until adapted; keeps the model buildable without data.
-        norm.adapt(np.stack([np.full(width, -1.0), np.full(width, 1.0)]).astype(np.float32))
+        # Identity scaling; keeps the model buildable without data.
+        mean, variance = np.zeros(width), np.ones(width)
+    norm = keras.layers.Normalization(
+        mean=mean.astype(np.float32), variance=variance.astype(np.float32), name=f"{name}_normalize"
+    )
     x = norm(inputs)
     reg = keras.regularizers.L2(l2) if l2 > 0 else None
     for i, units in enumerate(hidden_units):

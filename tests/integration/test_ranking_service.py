@@ -11,6 +11,7 @@ import pytest
 
 from ranking_service.server import build_server
 from ranking_service.testing import Reference, ranking_settings, wait_serving
+from recsys.artifacts import ModelVersion
 from recsys.config import RetrievalSettings
 from recsys.embedded_redis import free_port
 from recsys.features import (
@@ -454,3 +455,57 @@ async def test_recommend_restricted_to_sources_that_found_nothing_is_empty(stub,
         ranking_pb2.RecommendRequest(user=user_ctx("cold-and-restricted"), k=5), timeout=10
     )
     assert len(everything.items) == 5
+
+
+async def _rank_order(stub, cands, user_id: str = "", **features) -> list[str]:
+    user = common_pb2.UserContext(user_id=user_id, features=common_pb2.UserFeatures(**features))
+    req = ranking_pb2.RankRequest(
+        user=user, candidate_item_ids=cands, top_k=len(cands), include_watched=True
+    )
+    return [it.item_id for it in (await stub.Rank(req, timeout=10)).items]
+
+
+async def test_a_cold_start_user_without_an_age_is_still_personalised(stub, published_version):
+    """Every training user had an age: a request without one must not collapse to one ranking."""
+    mv = ModelVersion.open(published_version)
+    g, c = mv.spec.genres, mv.spec.countries
+    cands = list(mv.item_ids[:200])
+    a = await _rank_order(stub, cands, genre_ratings={g[0]: 5.0, g[1]: 1.0})
+    b = await _rank_order(stub, cands, genre_ratings={g[1]: 5.0, g[0]: 1.0}, country=c[-1])
+    nothing = await _rank_order(stub, cands)
+    assert a != b and a != nothing and b != nothing
+
+
+async def test_users_known_only_from_their_interactions_are_personalised(
+    stub, published_version, redis_server
+):
+    """No stored profile (so no age): opposite histories must give different rankings."""
+    import redis.asyncio as aioredis
+
+    from recsys.user_store import record_interaction
+
+    mv = ModelVersion.open(published_version)
+    genres = np.asarray(mv.item_genres, bool)
+    g0, g1 = mv.spec.genres[:2]
+    only = {
+        g0: [r for r in range(len(mv.item_ids)) if genres[r, 0] and not genres[r, 1]][:15],
+        g1: [r for r in range(len(mv.item_ids)) if genres[r, 1] and not genres[r, 0]][:15],
+    }
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        for uid, (liked, disliked) in {"online-a": (g0, g1), "online-b": (g1, g0)}.items():
+            for genre, rating in ((liked, 5.0), (disliked, 1.0)):
+                for r in only[genre]:
+                    await record_interaction(
+                        client,
+                        mv.spec,
+                        uid,
+                        mv.item_ids[r],
+                        mv.item_genre_names(r),
+                        rating,
+                        history_length=50,
+                    )
+    finally:
+        await client.aclose()
+    cands = list(mv.item_ids[:200])
+    assert await _rank_order(stub, cands, "online-a") != await _rank_order(stub, cands, "online-b")

@@ -299,3 +299,25 @@ def test_negatives_need_the_binary_objective():
     train_rows, test_rows = data.split(0.2, 0)
     with pytest.raises(ValueError, match="binary objective"):
         fit(prepare(data, train_rows, test_rows), TrainConfig(negatives=2), quiet=True)
+
+
+def test_a_column_constant_in_training_does_not_swamp_the_tower():
+    """age_missing was 0 for every training user; a 1 at serving became 1e7 after scaling."""
+    import keras
+
+    from trainer.model import build_two_tower, normalization_moments
+
+    keras.utils.set_random_seed(0)
+    u, i = _samples()
+    u[:, 0] = 0.0  # never varies in training
+    mean, variance = normalization_moments(u)
+    np.testing.assert_allclose(mean, u.astype(np.float64).mean(axis=0))
+    np.testing.assert_allclose(variance[1:], u[:, 1:].astype(np.float64).var(axis=0))
+    assert variance[0] >= 1e12
+    tt = build_two_tower(SPEC, hidden_units=(32, 16), embedding_dim=6, user_sample=u, item_sample=i)
+    a, b = u[:2].copy(), u[:2].copy()
+    b[:, 0] = 1.0  # the never-seen value
+    ea, eb = np.asarray(tt.user_tower(a)), np.asarray(tt.user_tower(b))
+    # The other features still decide: the two users stay apart, each as before.
+    np.testing.assert_allclose(ea, eb, atol=1e-4)
+    assert abs(float(ea[0] @ ea[1])) < 0.999

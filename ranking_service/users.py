@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from recsys.errors import ThrottledWarning
 from recsys.features import (
     FeatureSpec,
     UserAggregates,
@@ -46,22 +46,10 @@ class UserQuery:
         )
 
 
-_LOG_EVERY_S = 10.0
-_last_log = [0.0, 0]  # monotonic time of the last warning, failures since
-
-
-def _log_degraded(exc: Exception) -> None:
-    # Redis down means every request fails the same way: one line per
-    # interval (with a count) instead of one per request.
-    _last_log[1] += 1
-    now = time.monotonic()
-    if now - _last_log[0] >= _LOG_EVERY_S:
-        log.warning(
-            "user reads failing, ranking with request/default features: %s (%d since last report)",
-            exc,
-            _last_log[1],
-        )
-        _last_log[0], _last_log[1] = now, 0
+# Redis down means every request fails the same way: one line per interval.
+_log_degraded = ThrottledWarning(
+    log, "user reads failing, ranking with request/default features: %s (%d since last report)"
+)
 
 
 async def fetch_users(

@@ -1,4 +1,10 @@
-"""Exceptions shared across components."""
+"""Exceptions shared across components, and how a repeated one is logged."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
 
 
 class UserFacingError(Exception):
@@ -16,3 +22,26 @@ def shown(value: str) -> str:
     if len(value) <= SHOWN_CHARS:
         return repr(value)
     return f"{value[:SHOWN_CHARS]!r}… ({len(value)} characters)"
+
+
+class ThrottledWarning:
+    """Logs a failure that every request repeats (Redis down) once per interval, with a count.
+
+    Args:
+        logger: Where the warning goes.
+        message: Its text; ``%s`` is the latest error, ``%d`` the failures since the last line.
+        every_s: Least time between two lines.
+    """
+
+    def __init__(self, logger: logging.Logger, message: str, every_s: float = 10.0):
+        self.logger, self.message, self.every_s = logger, message, every_s
+        self._last = -math.inf
+        self._count = 0
+
+    def __call__(self, exc: BaseException) -> None:
+        """Counts one failure; logs it when the interval has passed."""
+        self._count += 1
+        now = time.monotonic()
+        if now - self._last >= self.every_s:
+            self.logger.warning(self.message, exc, self._count)
+            self._last, self._count = now, 0

@@ -350,10 +350,11 @@ def create_server(
         ("grpc.max_connection_age_ms", 300_000),
         ("grpc.max_connection_age_grace_ms", 30_000),
     ]
-    if settings.workers > 1:
-        # Every worker binds the same port; the kernel spreads new
-        # connections over them (see run_service).
-        options.append(("grpc.so_reuseport", 1))
+    # Every worker binds the same port and the kernel spreads new connections
+    # over them (see run_service). gRPC turns SO_REUSEPORT on by default: a
+    # lone server must not, or a second one started on its port by mistake
+    # binds too and silently takes part of the traffic.
+    options.append(("grpc.so_reuseport", int(settings.workers > 1)))
     server = grpc.aio.server(
         interceptors=[GuardInterceptor(label, settings.max_concurrent_rpcs, token)],
         options=options,
@@ -792,6 +793,9 @@ class VersionWatcher:
         # Set once a pointer was read: from then on its absence means it was
         # lost, not that this deployment follows the newest version on disk.
         self._followed_pointer = False
+        # Exported at 0 from the start: increase() never counts a series' first
+        # sample, so a first rejection that created it at 1 raised no alert.
+        VERSION_REJECTED.labels(label)
 
     async def wanted(self) -> str | None:
         """The version that should be served now, or None if there is none."""
@@ -823,7 +827,15 @@ class VersionWatcher:
     async def poll_once(self) -> bool:
         """Loads the wanted version if it changed; True when a swap happened."""
         want = await self.wanted()
-        if want is None or want == self.current:
+        if want is None:
+            if self._missing_logged != "":
+                self._missing_logged = ""  # once, until something changes
+                log.warning(
+                    "no version to serve: no complete version under the model dir",
+                    extra={"fields": {"model_dir": str(self.model_dir)}},
+                )
+            return False
+        if want == self.current:
             return False
         path = self.model_dir / want
         if not (path / MANIFEST).is_file():
@@ -904,6 +916,7 @@ class VersionWatcher:
         MODEL_VERSION.labels(self.label, want).set(1)
         log.info("version loaded", extra={"fields": {"version": want, "previous": self.current}})
         self.current = want
+        self._missing_logged = None
 
     async def run(self) -> None:
         """Polls forever (cancel to stop)."""

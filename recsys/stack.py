@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,6 +148,7 @@ def start_stack(
             "RECSYS_REDIS_URL": redis_url,
             "RECSYS_MODEL_DIR": str(model_dir),
             "RECSYS_LOG_FORMAT": settings.log_format,
+            "RECSYS_LOG_LEVEL": settings.log_level,
             # TensorFlow's C++ start-up chatter (CUDA probing on CPU-only
             # machines, oneDNN notices) drowns the progress lines otherwise.
             "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "3"),
@@ -250,6 +252,22 @@ def run_demo(stack: Stack, n_users: int = 3, k: int = 10, *, token: str | None =
         ) from None
 
 
+def watch(stack: Stack, stopped: Callable[[], bool], poll_s: float = 0.5) -> int:
+    """Waits until ``stopped()`` (0) or a process of the stack exits on its own (1)."""
+    while not stopped():
+        for p in stack.procs:
+            if p.poll() is not None:
+                print(f"a service exited with code {p.returncode}; stopping", file=sys.stderr)
+                return 1
+        # Without its Redis every answer would be degraded, silently.
+        r = stack.redis.proc if stack.redis is not None else None
+        if r is not None and r.poll() is not None:
+            print(f"the embedded Redis exited with code {r.returncode}; stopping", file=sys.stderr)
+            return 1
+        time.sleep(poll_s)
+    return 0
+
+
 def _interrupt(*_a: object) -> None:
     raise KeyboardInterrupt
 
@@ -287,13 +305,7 @@ def cli_up(args, settings: RecsysSettings) -> int:
 
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
-        while not stopped:
-            for p in stack.procs:
-                if p.poll() is not None:
-                    print(f"a service exited with code {p.returncode}; stopping", file=sys.stderr)
-                    return 1
-            time.sleep(0.5)
-        return 0
+        return watch(stack, lambda: stopped)
     finally:
         print("stopping services…", flush=True)
         stack.stop()

@@ -31,7 +31,7 @@ from recsys import redis_keys
 from recsys.batching import MicroBatcher
 from recsys.checks import FieldError, check_features, check_id
 from recsys.config import CURRENT_VERSION, RetrievalSettings
-from recsys.errors import shown
+from recsys.errors import ThrottledWarning, shown
 from recsys.experiments import Experiment, UnknownVariant, Variant
 from recsys.features import FeatureSpec, UserProfile, aggregates_from_genre_ratings
 from recsys.tracing import NOOP, Tracing
@@ -80,6 +80,9 @@ HYDRATE_SHARE = 0.5
 # Longest a version's top-list copy may delay its swap (Redis slow or down).
 WARM_TIMEOUT_S = 10.0
 _REDIS_ERRORS = (RedisError, OSError, TimeoutError)
+_log_redis_down = ThrottledWarning(
+    log, "user reads failing, retrieving with request features only: %s (%d since last report)"
+)
 
 
 class SourceStatus(StrEnum):
@@ -293,7 +296,12 @@ class RetrievalEngine:
         )
 
     async def _read_users(self, reads: list[UserRead]) -> list[StoredUser | Exception]:
-        return await load_users(self.redis, reads, timeout_s=self.redis_timeout_s)
+        try:
+            return await load_users(self.redis, reads, timeout_s=self.redis_timeout_s)
+        except _REDIS_ERRORS as exc:
+            # Every member's own failure, for hydrate to report (throttled);
+            # raised, the batcher logged a traceback per batch.
+            return [exc] * len(reads)
 
     # --- versions -------------------------------------------------------------------
 
@@ -473,10 +481,14 @@ class RetrievalEngine:
             else:
                 error = "user state unavailable: TimeoutError"
                 metrics.HYDRATE_FAILURES.inc()
-                log.warning("hydrate failed", extra={"fields": {"user": q.user_id, "error": error}})
-        except (*_REDIS_ERRORS, ValueError) as exc:
-            # ValueError: this user's hash does not decode (corrupt or foreign data);
-            # that user is served as unknown, like when Redis is down.
+                _log_redis_down(TimeoutError("no reply within redis_timeout_s"))
+        except _REDIS_ERRORS as exc:
+            error = f"user state unavailable: {type(exc).__name__}"
+            metrics.HYDRATE_FAILURES.inc()
+            _log_redis_down(exc)  # every request hits it while Redis is down
+        except ValueError as exc:
+            # This user's hash does not decode (corrupt or foreign data); that
+            # user is served as unknown, like when Redis is down.
             error = f"user state unavailable: {type(exc).__name__}"
             metrics.HYDRATE_FAILURES.inc()
             log.warning(

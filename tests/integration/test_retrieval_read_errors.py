@@ -131,3 +131,29 @@ async def test_a_version_without_top_lists_in_redis_is_served_with_a_warning(
         assert reports["top_genre"].status is SourceStatus.OK and reports["top_genre"].count > 0
     finally:
         await app.close()
+
+
+async def test_redis_down_is_one_throttled_warning_not_a_traceback_per_batch(
+    published: Path, caplog, monkeypatch
+):
+    from recsys.embedded_redis import free_port
+
+    client = aioredis.Redis.from_url(f"redis://127.0.0.1:{free_port()}/0")  # nothing there
+    settings = RetrievalSettings(sources=[{"name": "popular", "type": "popular", "budget": 20}])
+    eng = RetrievalEngine(settings, build_sources(settings.sources), client)
+    eng.swap(await asyncio.to_thread(eng.load_version, published))
+    import retrieval_service.engine as engine_module
+
+    monkeypatch.setattr(engine_module._log_redis_down, "_last", float("-inf"))  # a fresh interval
+    try:
+        with caplog.at_level("INFO"):
+            for burst in range(5):
+                results = await asyncio.gather(
+                    *(eng.retrieve(RetrieveQuery(f"u{burst}-{i}", budget=20)) for i in range(8))
+                )
+                assert all(r.degraded and len(r.selection) == 20 for r in results)
+    finally:
+        await client.aclose()
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    warned = [r for r in caplog.records if "user reads failing" in r.getMessage()]
+    assert errors == [] and len(warned) == 1, [r.getMessage()[:120] for r in caplog.records][:5]

@@ -280,3 +280,44 @@ async def test_a_pinned_track_does_not_fall_back(tmp_path, own_redis):
         assert watcher.current is None and loader.loaded == ["2"]
     finally:
         await watcher.redis.aclose()
+
+
+async def test_the_rejection_counter_exists_at_zero_before_any_rejection(tmp_path):
+    """increase() never counts a series' first sample: created at 1, no alert fired."""
+    from prometheus_client import REGISTRY
+
+    VersionWatcher(label="zero-series", model_dir=tmp_path, load=Recorder())
+    assert (
+        REGISTRY.get_sample_value("recsys_version_rejected_total", {"service": "zero-series"}) == 0
+    )
+
+
+async def test_nothing_to_serve_is_said_once(tmp_path, caplog):
+    """A wrong model_dir or an unmounted volume: NOT_SERVING, and the log says why."""
+    watcher = VersionWatcher(label="test", model_dir=tmp_path / "typo", load=Recorder())
+    with caplog.at_level("WARNING", logger="recsys.serving"):
+        await polls(watcher)
+    said = [r for r in caplog.records if "no version to serve" in r.getMessage()]
+    assert len(said) == 1 and watcher.current is None
+
+
+async def test_a_second_lone_server_cannot_bind_a_port_in_use():
+    """gRPC's default SO_REUSEPORT let it bind and silently take part of the traffic."""
+    from recsys.config import ServerSettings
+    from recsys.serving import create_server
+
+    def build(port: int):
+        return create_server(
+            ServerSettings(host="127.0.0.1", port=port, metrics_port=0),
+            label="bind-test",
+            service_names=[],
+            register=lambda _server: None,
+        )
+
+    first = build(0)
+    await first.server.start()
+    try:
+        with pytest.raises((OSError, RuntimeError)):
+            build(first.port)
+    finally:
+        await first.server.stop(0)

@@ -189,7 +189,7 @@ async def test_tokens_redis_password_and_no_secrets_leak(
     assert len(logs) == 3
     assert '"level": "DEBUG"' in logs["retrieval.log"] or "DEBUG" in logs["retrieval.log"]
     # The wrong-password service did log the failure, just not the secret.
-    assert "hydrate failed" in logs["wrong-pw.log"]
+    assert "user reads failing" in logs["wrong-pw.log"]
     for secret in SECRETS:
         for name, text in logs.items():
             assert secret not in text, f"{secret} in {name}"

@@ -42,7 +42,8 @@ auth_token = "up-token"
 retrieval_tls = {{ ca_file = "{pki.ca}" }}
 """
     )
-    settings = load_settings(cfg, model_dir=model_dir)
+    # As `recsys up --log-level DEBUG` gives it: a flag, not the file.
+    settings = load_settings(cfg, model_dir=model_dir, log_level="DEBUG")
     stack = start_stack(
         settings, quiet=True, log_dir=tmp_path / "logs", health_timeout_s=120, config_file=cfg
     )
@@ -61,3 +62,6 @@ retrieval_tls = {{ ca_file = "{pki.ca}" }}
         assert "cold start" in capsys.readouterr().out
     finally:
         stack.stop()
+    # The flag's log level reached the services too (up passed only the format).
+    for service in ("retrieval", "ranking"):
+        assert "DEBUG" in (tmp_path / "logs" / f"{service}.log").read_text(), service

@@ -305,12 +305,21 @@ def genre_mask(spec: FeatureSpec, genres: Sequence[str]) -> np.ndarray:
 
 
 def top_genres(spec: FeatureSpec, agg: UserAggregates, n: int) -> list[str]:
-    """The user's ``n`` favourite genres: most watched, ties broken by mean rating."""
+    """The user's ``n`` favourite genres: most watched, ties broken by mean rating.
+
+    A genre the user rates below the middle of the scale on average is not a
+    favourite however often it was watched: a cold-start request's
+    ``{"Horror": 5, "Comedy": 1}`` counts one watch of each, and Comedy took
+    half the genre lists.
+    """
     if agg.watch_count == 0 or n <= 0:
         return []
     mean = (agg.genre_sum + USER_PRIOR * spec.global_mean) / (agg.genre_rated + USER_PRIOR)
+    raw = agg.genre_sum / np.maximum(agg.genre_rated, 1)
+    disliked = (agg.genre_rated > 0) & (raw < (spec.rating_min + spec.rating_max) / 2)
     order = np.lexsort((-mean, -agg.genre_watch))
-    return [spec.genres[i] for i in order[:n] if agg.genre_watch[i] > 0]
+    liked = [i for i in order if agg.genre_watch[i] > 0 and not disliked[i]]
+    return [spec.genres[i] for i in liked[:n]]
 
 
 def aggregates_from_genre_ratings(

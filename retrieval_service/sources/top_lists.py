@@ -50,7 +50,9 @@ class TopGenreSource(SourceBase):
         genres = ctx.top_genres(self.config.genres)
         if not genres or k <= 0:
             return []
-        per = -(-k // len(genres))
+        # Each list is read k deep, not k / genres: an item in two of the
+        # lists is taken once, and shallow reads left the answer short of k.
+        per = k
         cache = ctx.redis.cache if ctx.redis.available else None
         # The answer depends only on the genres, k and the version's lists:
         # users sharing favourite genres share it.

@@ -366,6 +366,11 @@ async def test_recommend_falls_back_to_popular_when_retrieval_is_down(
             resp = await s.Recommend(
                 ranking_pb2.RecommendRequest(user=user_ctx("cold"), k=8, debug=True), timeout=10
             )
+            # The fallback ranks only the first retrieval_budget popular items.
+            small = await s.Recommend(
+                ranking_pb2.RecommendRequest(user=user_ctx("cold"), k=3, retrieval_budget=4),
+                timeout=10,
+            )
             # What retrieval would refuse is refused with it down too, not
             # answered from the popular list.
             refused = []
@@ -378,6 +383,8 @@ async def test_recommend_falls_back_to_popular_when_retrieval_is_down(
     assert refused == [(grpc.StatusCode.INVALID_ARGUMENT, field) for _, field in BAD_RECOMMEND]
     assert resp.retrieval_fallback and "retrieval" in resp.fallback_reason
     assert resp.index_version == "" and len(resp.source_reports) == 0
+    top4 = {p[0] for p in reference.mv.top_lists["popular"][:4]}
+    assert len(small.items) == 3 and {it.item_id for it in small.items} <= top4
     popular = {p[0] for p in reference.mv.top_lists["popular"]}
     assert len(resp.items) == 8 and {it.item_id for it in resp.items} <= popular
     assert all(list(it.sources) == ["popular"] for it in resp.items)
@@ -509,3 +516,19 @@ async def test_users_known_only_from_their_interactions_are_personalised(
         await client.aclose()
     cands = list(mv.item_ids[:200])
     assert await _rank_order(stub, cands, "online-a") != await _rank_order(stub, cands, "online-b")
+
+
+async def test_recommend_falls_back_when_retrieval_finds_nothing(
+    serve_both, published_version, redis_url
+):
+    """Retrieval answers, with nothing (its one source needs a country the user lacks)."""
+    only_country = [{"name": "top_country", "type": "redis_top_country", "budget": 50}]
+    async with serve_both(
+        published_version.parent, redis_url, retrieval={"sources": only_country}
+    ) as stack:
+        resp = await stack.ranking.Recommend(
+            ranking_pb2.RecommendRequest(user=user_ctx("no-country"), k=5), timeout=10
+        )
+    assert resp.retrieval_fallback and resp.fallback_reason == "retrieval returned no candidates"
+    assert len(resp.items) == 5 and all(list(it.sources) == ["popular"] for it in resp.items)
+    assert [(r.source, r.count) for r in resp.source_reports] == [("top_country", 0)]

@@ -628,3 +628,21 @@ async def test_a_version_is_swapped_in_even_when_its_lists_cannot_be_copied(
         assert any("top lists not copied" in r.getMessage() for r in caplog.records)
     finally:
         await app.close()
+
+
+async def test_the_stored_history_is_distinct_and_capped(server: Running, mv: ModelVersion):
+    """A re-watch moves the item to the front, once; the list keeps history_length items."""
+    user, items = "rewatcher", list(mv.item_ids[:4])
+    cap = server.settings.retrieval.history_length
+    for item in [*items, items[1]]:
+        await server.stub.RecordInteraction(
+            retrieval_pb2.RecordInteractionRequest(user_id=user, item_id=item), timeout=5
+        )
+    r = redis.Redis.from_url(server.settings.redis_url.get_secret_value(), decode_responses=True)
+    assert r.lrange(redis_keys.user_recent(user), 0, -1) == [items[1], items[3], items[2], items[0]]
+    for i in range(cap + 3):
+        await server.stub.RecordInteraction(
+            retrieval_pb2.RecordInteractionRequest(user_id=user, item_id=mv.item_ids[10 + i]),
+            timeout=5,
+        )
+    assert r.llen(redis_keys.user_recent(user)) == cap

@@ -15,7 +15,7 @@ from recsys import redis_keys
 from recsys.artifacts import ModelVersion
 from recsys.features import user_feature_vector
 from recsys.user_store import load_user, record_interaction
-from trainer.publish import publish
+from trainer.publish import OlderThanServed, publish
 from trainer.synthetic import generate
 
 
@@ -307,3 +307,13 @@ def test_a_publish_cut_off_mid_write_leaves_every_user_a_state(
         publish(_numbered_copy(trained_version, tmp_path, n), client, quiet=True, keep=2)
     assert not list(client.scan_iter(match=redis_keys.version_pattern("2")))
     assert client.zrange(redis_keys.VERSIONS, 0, -1) == ["3", "4"]
+
+
+def test_versions_are_ordered_as_numbers(client, trained_version, tmp_path):
+    """As strings, "9" > "10": version 10 would be refused after 9."""
+    v9, v10 = (_numbered_copy(trained_version, tmp_path, n) for n in (9, 10))
+    publish(v9, client, quiet=True)
+    assert publish(v10, client, quiet=True).switched
+    assert client.get(redis_keys.CURRENT_VERSION) == "10"
+    with pytest.raises(OlderThanServed):
+        publish(v9, client, quiet=True)

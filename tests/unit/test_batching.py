@@ -75,22 +75,17 @@ async def test_full_batch_does_not_wait(inline):
 
 @pytest.mark.parametrize("inline", [False, True])
 async def test_batches_grow_while_the_worker_is_busy(inline):
-    """Throughput grows with concurrency: requests queue while a batch runs."""
+    """Requests queue while a batch runs, so concurrent ones share calls."""
     fn = Recorder(sleep_s=0.02)
     b = MicroBatcher(fn, max_batch_size=64, max_wait_s=0.0, inline=inline)
     try:
-        t0 = time.monotonic()
         for _ in range(10):
             await b.submit(0)
-        serial = time.monotonic() - t0
-        t0 = time.monotonic()
         await asyncio.gather(*(b.submit(i) for i in range(320)))
-        concurrent = time.monotonic() - t0
     finally:
         await b.close()
     # 10 serial requests cost ~10 calls; 320 concurrent ones fit in far fewer calls.
     assert len(fn.batches) - 10 <= 320 // 16
-    assert concurrent / 320 < (serial / 10) / 5
 
 
 @pytest.mark.parametrize("inline", [False, True])

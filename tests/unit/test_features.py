@@ -135,6 +135,18 @@ def test_top_genres_orders_by_watches():
     assert top_genres(SPEC, UserAggregates.empty(SPEC), 3) == []
 
 
+def test_a_cold_start_users_favourite_genres_are_the_best_rated_and_not_the_disliked():
+    """Every named genre counts one watch: the ratings decide, and 1 star is no favourite."""
+    first, second, third = SPEC.genres[:3]
+    liked = aggregates_from_genre_ratings(SPEC, {first: 5.0, second: 4.0, third: 1.0})
+    assert top_genres(SPEC, liked, 3) == [first, second]
+    swapped = aggregates_from_genre_ratings(SPEC, {first: 4.0, second: 5.0})
+    assert top_genres(SPEC, swapped, 2) == [second, first]
+    # Watched often but rated low: still not a favourite.
+    agg = _agg([(["Drama"], 2.0)] * 3 + [(["Action"], 4.0)])
+    assert top_genres(SPEC, agg, 2) == ["Action"]
+
+
 def test_cold_start_genre_ratings_ignore_unknown_and_clamp():
     agg = aggregates_from_genre_ratings(SPEC, {"Comedy": 9.0, "Nope": 4.0, "Drama": float("nan")})
     assert agg.watch_count == 1

@@ -199,3 +199,15 @@ def test_recommend_sources_are_counted_before_each_is_checked():
     limits = RetrievalLimits(("popular",), 4, max_request_ids=10)
     with pytest.raises(InvalidArgument, match=r"^sources: 11 entries, at most 10$"):
         parse_recommend(many, LIMITS, limits)
+
+
+def test_top_k_equal_to_max_k_is_accepted():
+    assert parse_rank(rank(candidate_item_ids=["a"], top_k=LIMITS.max_k), LIMITS).k == LIMITS.max_k
+
+
+def test_a_multibyte_exclude_id_over_the_byte_limit_is_refused():
+    """Five characters, ten bytes: the limit is on bytes."""
+    req = rank(user=common_pb2.UserContext(exclude_item_ids=["ééééé"]))
+    with pytest.raises(InvalidArgument) as err:
+        parse_rank(req, LIMITS).rows(CATALOGUE)
+    assert err.value.field == "user.exclude_item_ids[0]"

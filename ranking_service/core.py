@@ -34,7 +34,11 @@ from recsys.config import CURRENT_VERSION
 from recsys.experiments import Experiment, Variant
 from recsys.explain import Reason, explain, source_kinds
 from recsys.tracing import NOOP, Tracing
-from recsys.user_store import StoredUser, state_from_pb
+from recsys.user_store import READ_SHARE_OF_DEADLINE, StoredUser, state_from_pb
+
+# Shortest wait for a batch's user read, even for a caller out of time (a
+# local Redis answers in well under a millisecond).
+MIN_READ_S = 0.002
 
 # Most distinct provenances whose reasons are kept per model version.
 REASON_CACHE_ENTRIES = 50_000
@@ -77,6 +81,7 @@ class RankJob:
     # The user's stored state when the caller already has it (retrieval passed
     # it on): the batch then reads nothing from Redis for this job.
     prefetched: StoredUser | None = None
+    deadline: float | None = None  # time.monotonic() when the caller stops waiting
     # Outputs.
     stored: StoredUser | None = None
     redis_failed: bool = False
@@ -191,13 +196,19 @@ class Ranker:
             raise NoModel(f"no model version loaded yet{which}")
         return model
 
-    async def rank(self, query: RankQuery) -> RankOutcome:
-        """Answers a Rank request."""
+    async def rank(self, query: RankQuery, time_remaining: float | None = None) -> RankOutcome:
+        """Answers a Rank request (``time_remaining``: seconds left on its deadline)."""
         variant = self.variant_for(query.user)
         model = self.require_model(variant)
         rows = query.rows(model.index)
         out = await self._rank_rows(
-            model, query.user, rows, query.k, query.include_watched, variant=variant.name
+            model,
+            query.user,
+            rows,
+            query.k,
+            query.include_watched,
+            variant=variant.name,
+            deadline=_deadline(time_remaining),
         )
         out.variant = variant.name
         return out
@@ -210,6 +221,7 @@ class Ranker:
             NoModel: Nothing to rank with.
             UnknownVariant: The request forces a variant that is not configured.
         """
+        deadline = _deadline(time_remaining)
         variant = self.variant_for(query.user)
         model = self.require_model(variant)
         answer: RetrievalAnswer | None = None
@@ -253,7 +265,7 @@ class Ranker:
             limit = query.budget or len(model.popular_rows)
             rows = model.popular_rows[:limit]
             out = await self._rank_rows(
-                model, query.user, rows, query.k, False, variant=variant.name
+                model, query.user, rows, query.k, False, variant=variant.name, deadline=deadline
             )
             scores = dict(
                 zip(model.popular_rows.tolist(), model.popular_scores.tolist(), strict=True)
@@ -292,6 +304,7 @@ class Ranker:
             read_watched=False,
             variant=variant.name,
             stored=stored,
+            deadline=deadline,
         )
         # Provenance of the winners: position of each top row among the candidates,
         # through the model's catalogue-sized scratch (no sort; winners are known,
@@ -350,6 +363,7 @@ class Ranker:
         read_watched: bool = True,
         variant: str = "default",
         stored: StoredUser | None = None,
+        deadline: float | None = None,
     ) -> RankOutcome:
         known = rows >= 0
         unknown = int(rows.shape[0] - np.count_nonzero(known))
@@ -363,7 +377,14 @@ class Ranker:
             stored = None  # a passed-on state has no watched set
         tr = self.tracing
         job = RankJob(
-            model, user, rows, k, with_watched, {} if tr.enabled else None, prefetched=stored
+            model,
+            user,
+            rows,
+            k,
+            with_watched,
+            {} if tr.enabled else None,
+            prefetched=stored,
+            deadline=deadline,
         )
         await self.batcher.submit(job)
         if job.redis_failed:
@@ -423,7 +444,7 @@ class Ranker:
                 else None
                 for j in jobs
             ],
-            timeout_s=self.redis_timeout_s,
+            timeout_s=self._read_limit(jobs),
         )
         inputs = []
         for j, (stored, failed) in zip(jobs, got, strict=True):
@@ -474,6 +495,19 @@ class Ranker:
                 j.result = r
         return jobs
 
+    def _read_limit(self, jobs: Sequence[RankJob]) -> float:
+        """How long the batch's user read may wait: a share of its most hurried caller's time.
+
+        Past it the users are ranked from request and default features, so a
+        caller with a short deadline gets a degraded answer from a hung
+        Redis rather than DEADLINE_EXCEEDED.
+        """
+        deadlines = [j.deadline for j in jobs if j.deadline is not None and j.prefetched is None]
+        if not deadlines:
+            return self.redis_timeout_s
+        left = READ_SHARE_OF_DEADLINE * (min(deadlines) - time.monotonic())
+        return max(min(self.redis_timeout_s, left), MIN_READ_S)
+
     async def close(self) -> None:
         """Stops the batcher and closes clients."""
         await self.batcher.close()
@@ -481,6 +515,10 @@ class Ranker:
             self._executor.shutdown(wait=False, cancel_futures=True)
         if self.retrieval is not None:
             await self.retrieval.close()
+
+
+def _deadline(time_remaining: float | None) -> float | None:
+    return None if time_remaining is None else time.monotonic() + time_remaining
 
 
 def _popular_candidate(item_id: str, score: float):

@@ -110,7 +110,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         with self._root_span("Rank", context) as span:
             try:
                 query = parse_rank(request, self.settings)
-                out = await self.ranker.rank(query)
+                out = await self.ranker.rank(query, context.time_remaining())
                 response = ranking_pb2.RankResponse(
                     model_version=out.model.name,
                     unknown_dropped=out.unknown_dropped,

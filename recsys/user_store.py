@@ -269,6 +269,12 @@ if #ARGV > 0 then redis.call('HSET', KEYS[1], unpack(ARGV)) end
 return 1
 """
 
+# Largest share of the time left on a request's deadline that its user read
+# may wait for Redis: a hung Redis must not use up the whole deadline, or the
+# rest of the request (sources, scoring) gets no turn and the caller no
+# degraded answer, only DEADLINE_EXCEEDED.
+READ_SHARE_OF_DEADLINE = 0.5
+
 # How long an event key is remembered: retries come within seconds; a day
 # also covers a client replaying a queue after an outage.
 EVENT_TTL_S = 24 * 3600

@@ -36,6 +36,7 @@ from recsys.experiments import Experiment, UnknownVariant, Variant
 from recsys.features import FeatureSpec, UserProfile, aggregates_from_genre_ratings
 from recsys.tracing import NOOP, Tracing
 from recsys.user_store import (
+    READ_SHARE_OF_DEADLINE,
     CorruptUserState,
     Recorded,
     StoredUser,
@@ -75,8 +76,6 @@ DEFAULT_DEADLINE_S = 1.0
 # left on the deadline, within these bounds.
 MIN_RESERVE_S = 0.002
 MAX_RESERVE_S = 0.02
-# Largest share of the time left on the deadline that hydration may wait for Redis.
-HYDRATE_SHARE = 0.5
 # Longest a version's top-list copy may delay its swap (Redis slow or down).
 WARM_TIMEOUT_S = 10.0
 _REDIS_ERRORS = (RedisError, OSError, TimeoutError)
@@ -431,10 +430,9 @@ class RetrievalEngine:
 
     def _hydrate_limit(self, deadline: float) -> tuple[float, float]:
         """(longest wait for the user read, the deadline's share of it)."""
-        # At most a share of the time left: a hung Redis must not use up the
-        # whole deadline, or the in-memory sources (popular, Annoy) would get
-        # no turn and the caller no degraded answer.
-        by_deadline = HYDRATE_SHARE * (deadline - time.monotonic())
+        # At most a share of the time left, so the in-memory sources (popular,
+        # Annoy) still answer when Redis hangs.
+        by_deadline = READ_SHARE_OF_DEADLINE * (deadline - time.monotonic())
         return min(self.redis_timeout_s, by_deadline), by_deadline
 
     async def hydrate(

@@ -164,3 +164,36 @@ async def test_the_top_list_copy_at_load_is_bounded(own_redis, trained_version: 
     finally:
         os.kill(own_redis.proc.pid, signal.SIGCONT)
         await client.aclose()
+
+
+async def test_short_deadlines_get_degraded_answers_from_a_frozen_redis(
+    own_redis, trained_version: Path, serve_both
+):
+    """Ranking's user read waits a share of the caller's time, not all of redis_timeout_s."""
+    import grpc
+
+    from recsys.v1 import common_pb2, ranking_pb2
+
+    client_sync = redis.Redis.from_url(own_redis.url)
+    publish(trained_version, client_sync, quiet=True)
+    client_sync.close()
+    mv = ModelVersion.open(trained_version)
+    user = common_pb2.UserContext(user_id=str(mv.users["user_id"][0]))
+    rank = ranking_pb2.RankRequest(user=user, candidate_item_ids=list(mv.item_ids[:50]), top_k=5)
+    async with serve_both(trained_version.parent, own_redis.url, redis_timeout_s=0.25) as stack:
+        for _ in range(3):  # connections and caches warm
+            await stack.ranking.Rank(rank, timeout=5)
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)
+        try:
+            outcomes = []
+            for call in (
+                stack.ranking.Rank(rank, timeout=0.2),
+                stack.ranking.Recommend(ranking_pb2.RecommendRequest(user=user, k=5), timeout=0.3),
+            ):
+                try:
+                    outcomes.append(len((await call).items))
+                except grpc.aio.AioRpcError as exc:
+                    outcomes.append(exc.code().name)
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+    assert outcomes == [5, 5]

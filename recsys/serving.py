@@ -58,6 +58,9 @@ RPC_TOTAL = Counter("recsys_rpc_total", "RPCs by final status code.", ["service"
 RPC_IN_FLIGHT = Gauge(
     "recsys_rpc_in_flight", "RPCs being handled now.", ["service"], multiprocess_mode="livesum"
 )
+# A multi-worker supervisor's wait for its workers beyond their drain time.
+STOP_MARGIN_S = 5.0
+
 RPC_REJECTED = Counter(
     "recsys_rpc_rejected_total", "RPCs refused before running.", ["service", "reason"]
 )
@@ -654,7 +657,9 @@ def _supervise(
                 log.error(
                     "a worker exited; stopping the others", extra={"fields": {"service": label}}
                 )
-            _stop_all(procs, server.grace_s + 5.0, metrics_dir)
+            # A worker drains for drain_delay_s + grace_s, then flushes its
+            # spans (bounded by tracing.FLUSH_TIMEOUT_S) and closes clients.
+            _stop_all(procs, server.drain_delay_s + server.grace_s + STOP_MARGIN_S, metrics_dir)
             # A worker that crashed or had to be killed while draining is a
             # failed stop, whatever asked for it: the exit code says so.
             failed = {p.pid: p.returncode for p in procs if p.returncode != 0}

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -31,6 +32,8 @@ from recsys.config import TracingSettings
 log = logging.getLogger("recsys.tracing")
 
 INSTRUMENTATION = "recsys"
+# Longest an export, or the flush at shutdown, may take (collector unreachable).
+FLUSH_TIMEOUT_S = 2.0
 
 
 class _NullSpan:
@@ -108,7 +111,8 @@ class Tracing:
         else:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-            kwargs: dict[str, Any] = {"insecure": settings.insecure}
+            # Bounded: an unreachable collector must not hold up a drain.
+            kwargs: dict[str, Any] = {"insecure": settings.insecure, "timeout": FLUSH_TIMEOUT_S}
             if settings.endpoint:
                 kwargs["endpoint"] = settings.endpoint
             # Batched off the request path: export never adds latency to a call.
@@ -200,9 +204,18 @@ class Tracing:
         return (*(metadata or ()), *carrier.items())
 
     def shutdown(self) -> None:
-        """Flushes and stops the exporter."""
+        """Flushes and stops the exporter, waiting at most :data:`FLUSH_TIMEOUT_S`.
+
+        The flush is synchronous; with the collector unreachable it took
+        about 8 s, which pushed a worker past its supervisor's stop budget.
+        Spans not sent by then are dropped.
+        """
         if self.provider is not None:
-            self.provider.shutdown()
+            done = threading.Thread(target=self.provider.shutdown, daemon=True)
+            done.start()
+            done.join(FLUSH_TIMEOUT_S)
+            if done.is_alive():
+                log.warning("tracing: spans not flushed within %.0f s dropped", FLUSH_TIMEOUT_S)
 
 
 class _DisabledTracing(Tracing):

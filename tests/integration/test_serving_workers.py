@@ -90,12 +90,20 @@ def _scrape(port: int) -> dict[str, float]:
 
 
 def _serve_retrieval(
-    version: Path, redis_url: str, port_file: Path, metrics_port: int, *, workers: int, stderr
+    version: Path,
+    redis_url: str,
+    port_file: Path,
+    metrics_port: int,
+    *,
+    workers: int,
+    stderr,
+    env_extra: dict[str, str] | None = None,
 ) -> subprocess.Popen:
     """``recsys serve retrieval`` with ``workers`` processes, clear of the caller's config."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env["RECSYS_RETRIEVAL__WORKERS"] = str(workers)
+    env.update(env_extra or {})
     return subprocess.Popen(
         [
             sys.executable, "-m", "recsys.cli", "serve", "retrieval",
@@ -236,6 +244,32 @@ def test_a_worker_lost_while_draining_makes_the_stop_fail(
         os.kill(workers[0], signal.SIGKILL)  # lands within the 0.5 s drain delay
         assert proc.wait(timeout=60) == 1
         assert "a worker did not stop cleanly" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_workers_draining_longer_than_the_margin_still_stop_cleanly(
+    published_version: Path, redis_url: str, tmp_path: Path
+):
+    """The supervisor's wait covers drain_delay_s too, not only grace_s (+5 s)."""
+    port_file = tmp_path / "port"
+    slow_drain = {"RECSYS_RETRIEVAL__DRAIN_DELAY_S": "5.5", "RECSYS_RETRIEVAL__GRACE_S": "0"}
+    proc = _serve_retrieval(
+        published_version,
+        redis_url,
+        port_file,
+        free_port(),
+        workers=2,
+        stderr=subprocess.PIPE,
+        env_extra=slow_drain,
+    )
+    try:
+        _wait_port_file(proc, port_file)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        assert code == 0, proc.stderr.read()[-2000:]
     finally:
         if proc.poll() is None:
             proc.kill()

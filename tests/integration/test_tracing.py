@@ -166,3 +166,20 @@ async def test_the_tracing_bench_makes_the_calls_a_recommend_makes(
     mirror = _Counting()
     _ranking_path(mirror, 1)
     assert counting.calls and counting.calls == mirror.calls
+
+
+def test_shutdown_with_the_collector_unreachable_is_bounded():
+    """The flush is synchronous; it must not hold a draining worker past its stop budget."""
+    import time
+
+    from recsys.embedded_redis import free_port
+    from recsys.tracing import FLUSH_TIMEOUT_S
+
+    settings = TracingSettings(enabled=True, endpoint=f"http://127.0.0.1:{free_port()}")
+    tracer = Tracing.from_settings(settings, "ranking")
+    for i in range(20):
+        with tracer.span(f"ranking.stage{i}"):
+            pass
+    start = time.monotonic()
+    tracer.shutdown()
+    assert time.monotonic() - start < FLUSH_TIMEOUT_S + 1.5

@@ -154,11 +154,14 @@ class MicroBatcher(Generic[Req, Res]):
         if not self._pending:
             return
         full = len(self._pending) >= self.max_batch_size
-        if (
-            not full
-            and self.max_in_flight is not None
-            and len(self._batch_tasks) >= self.max_in_flight
-        ):
+        bounded = self.max_in_flight is not None and len(self._batch_tasks) >= self.max_in_flight
+        if full and bounded:
+            # Callers that gave up (their deadline passed while the bound held
+            # the queue) still sit in it: only live ones make a batch full, or
+            # a batch of one live request would start past the bound.
+            self._pending = deque(p for p in self._pending if not p.future.done())
+            full = len(self._pending) >= self.max_batch_size
+        if not full and bounded:
             return  # re-armed by _batch_done when a running batch finishes
         now = full or (
             # Adaptive: wait only when waiting has been paying off (the last

@@ -1,4 +1,5 @@
 import asyncio
+import contextlib
 import threading
 import time
 
@@ -350,3 +351,35 @@ async def test_close_answers_a_batch_cancelled_before_it_started():
     assert closing and started == [list("pqrs")], started
     assert not waiting, f"{len(waiting)} callers never answered"
     assert all(isinstance(c.exception(), BatcherClosed) for c in done)
+
+
+async def test_callers_that_gave_up_do_not_make_a_batch_full_past_the_in_flight_bound():
+    """A slow downstream, callers timing out while the bound holds the queue."""
+    running = peak = 0
+
+    async def slow(requests):
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            await asyncio.sleep(0.3)
+        finally:
+            running -= 1
+        return requests
+
+    b = MicroBatcher(
+        slow, max_batch_size=8, max_wait_s=0.002, inline=True, adaptive=True, max_in_flight=1
+    )
+
+    async def impatient(i: int) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await b.submit(i)
+
+    callers = []
+    for i in range(40):
+        callers.append(asyncio.ensure_future(impatient(i)))
+        await asyncio.sleep(0.01)
+    await asyncio.gather(*callers)
+    await b.close()
+    assert peak == 1

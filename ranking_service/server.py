@@ -11,16 +11,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
 from ranking_service import metrics as M
 from ranking_service.core import Ranker
 from ranking_service.model import Device, LoadedModel, TowerRuntime, resolve_device
 from ranking_service.retrieval_client import RetrievalClient
 from ranking_service.servicer import RankingServicer
 from ranking_service.validation import RetrievalLimits
-from recsys.config import CURRENT_VERSION, RankingSettings, RecsysSettings, ServerSettings
-from recsys.errors import UserFacingError
+from recsys.config import CURRENT_VERSION, RecsysSettings, ServerSettings, with_flags
 from recsys.experiments import Experiment
 from recsys.explain import source_kinds
 from recsys.serving import (
@@ -187,22 +184,8 @@ def build_server(settings: RecsysSettings, *, tracing: Tracing | None = None) ->
 
 
 def _apply_flags(args: argparse.Namespace, settings: RecsysSettings) -> RecsysSettings:
-    flags = {
-        "host": getattr(args, "host", None),
-        "port": getattr(args, "port", None),
-        "metrics_port": getattr(args, "metrics_port", None),
-        "device": getattr(args, "device", None),
-        "retrieval_address": getattr(args, "retrieval_address", None),
-        "workers": getattr(args, "workers", None),
-    }
-    updates = {k: v for k, v in flags.items() if v is not None}
-    if not updates:
-        return settings
-    try:
-        ranking = RankingSettings.model_validate({**dict(settings.ranking), **updates})
-    except ValidationError as exc:
-        raise UserFacingError(f"invalid flag: {exc.errors()[0]['loc'][0]}: {exc}") from exc
-    return settings.model_copy(update={"ranking": ranking})
+    names = ("host", "port", "metrics_port", "device", "retrieval_address", "workers")
+    return with_flags(settings, "ranking", {k: getattr(args, k, None) for k in names})
 
 
 def cli_serve(args: argparse.Namespace, settings: RecsysSettings) -> int:

@@ -215,7 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
     p.add_argument("--user", required=True, help="user id")
-    p.add_argument("--k", type=int, default=0, help="items to return (0: the server's default_k)")
+    p.add_argument(
+        "--k",
+        type=_non_negative_int32,
+        default=0,
+        help="items to return (0: the server's default_k)",
+    )
     p.add_argument("--target", help="ranking service address (default from config)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--debug", action="store_true", help="include per-item debug scores")
@@ -268,6 +273,14 @@ def _settings_for(args: argparse.Namespace) -> RecsysSettings:
 def _resolve(key: str) -> Callable[[argparse.Namespace, RecsysSettings], int]:
     module, func = _HANDLERS[key].split(":")
     return getattr(importlib.import_module(module), func)
+
+
+def _non_negative_int32(text: str) -> int:
+    """An argparse type for a proto int32 count (a larger one fails to encode)."""
+    value = int(text)
+    if not 0 <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"{value} is outside 0..{2**31 - 1}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

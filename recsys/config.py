@@ -496,6 +496,34 @@ class ConfigError(ValueError):
     """Raised for a configuration that cannot be used; the message names the field."""
 
 
+def with_flags(settings: RecsysSettings, section: str, flags: Mapping[str, Any]) -> RecsysSettings:
+    """``settings`` with one section's fields replaced by command-line flags, checked.
+
+    Flags left at None keep the loaded value. The section is validated like
+    the file and environment are (a ``model_copy`` would take ``--port -1``
+    or ``--workers 100`` as they come).
+
+    Raises:
+        UserFacingError: A flag's value is refused; the message names the flag.
+    """
+    from pydantic import ValidationError
+
+    from recsys.errors import UserFacingError
+
+    updates = {k: v for k, v in flags.items() if v is not None}
+    if not updates:
+        return settings
+    current = getattr(settings, section)
+    try:
+        checked = type(current).model_validate({**dict(current), **updates})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" for e in exc.errors()
+        )
+        raise UserFacingError(f"invalid flag: {problems}") from None
+    return settings.model_copy(update={section: checked})
+
+
 def _check_env_names(environ: Mapping[str, str]) -> None:
     """Refuses a ``RECSYS_`` variable whose top-level name is no setting.
 

@@ -43,6 +43,7 @@ from recsys import redis_keys
 from recsys.artifacts import MANIFEST, latest_version, list_versions
 from recsys.config import CURRENT_VERSION, RecsysSettings, ServerSettings, TLSSettings
 from recsys.embedded_redis import die_with_parent, die_with_parent_prefix
+from recsys.errors import UserFacingError
 
 log = logging.getLogger("recsys.serving")
 
@@ -375,12 +376,15 @@ def create_server(
         server,
     )
     address = f"{settings.host}:{settings.port}"
-    if settings.tls.enabled:
-        port = server.add_secure_port(address, server_credentials(settings.tls))
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if settings.tls.enabled:
+            port = server.add_secure_port(address, server_credentials(settings.tls))
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as exc:  # gRPC's way of saying the address did not bind
+        raise UserFacingError(f"cannot listen on {address}: {exc}") from None
     if port == 0:
-        raise OSError(f"cannot bind {address}")
+        raise UserFacingError(f"cannot listen on {address} (in use, or not this host's address)")
     return ServerHandle(server, health, port, names, settings, label)
 
 
@@ -463,7 +467,10 @@ def start_metrics(port: int, host: str, multiprocess_dir: str | None = None) -> 
     if multiprocess_dir is not None:
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry, path=multiprocess_dir)
-    httpd, _thread = start_http_server(port, addr=host, registry=registry)
+    try:
+        httpd, _thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise UserFacingError(f"cannot serve /metrics on {host}:{port}: {exc}") from None
     return httpd
 
 
@@ -569,6 +576,11 @@ def run_service(
         mine = server.model_copy(update={"port": slot.port, "metrics_port": 0})
         serve_one(mine, lambda _port: slot.notify_ready())
         return 0
+    if port_file is not None and not os.access(Path(port_file).parent, os.W_OK):
+        # Found before the server starts, not once it already serves.
+        raise UserFacingError(
+            f"cannot write the port file {port_file}: its directory is not writable"
+        )
     if server.workers <= 1:
         start_metrics(server.metrics_port, server.host)
 
@@ -586,8 +598,11 @@ def run_service(
 def write_port_file(path: Path, port: int) -> None:
     """Writes the port then renames, so a reader never sees a partial number."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(f"{port}\n")
-    tmp.replace(path)
+    try:
+        tmp.write_text(f"{port}\n")
+        tmp.replace(path)
+    except OSError as exc:
+        raise UserFacingError(f"cannot write the port file {path}: {exc}") from None
 
 
 def _supervise(

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recsys.config import CURRENT_VERSION, ConfigError, RecsysSettings, ServerSettings
+from recsys.config import CURRENT_VERSION, ConfigError, RecsysSettings, ServerSettings, with_flags
 from recsys.errors import UserFacingError
 from recsys.experiments import Experiment, source_entries
 from recsys.serving import (
@@ -216,15 +216,8 @@ async def _main(settings: RecsysSettings, ready: Callable[[int], None] | None = 
 
 def cli_serve(args: argparse.Namespace, settings: RecsysSettings) -> int:
     """``recsys serve retrieval``: runs until SIGTERM/SIGINT, then drains."""
-    update = {
-        key: getattr(args, key)
-        for key in ("host", "port", "metrics_port", "workers")
-        if getattr(args, key, None) is not None
-    }
-    if update:
-        settings = settings.model_copy(
-            update={"retrieval": settings.retrieval.model_copy(update=update)}
-        )
+    names = ("host", "port", "metrics_port", "workers")
+    settings = with_flags(settings, "retrieval", {k: getattr(args, k, None) for k in names})
     configure_logging(settings)
 
     def serve_one(server: ServerSettings, ready: Callable[[int], None]) -> None:

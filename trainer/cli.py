@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -29,6 +30,18 @@ def _hidden_units(text: str | None) -> tuple[int, ...] | None:
 def _positive(name: str, value: float | None) -> None:
     if value is not None and value <= 0:
         raise UserFacingError(f"{name} must be positive (got {value})")
+
+
+def _check_writable_model_dir(model_dir: Path) -> None:
+    """Refuses, before any training, a model dir the new version could not be written to."""
+    existing = model_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent  # created on export: its nearest existing parent decides
+    if not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise UserFacingError(
+            f"model dir {model_dir}: cannot write a version there "
+            f"({existing} is {'not writable' if existing.is_dir() else 'not a directory'})"
+        )
 
 
 def cli_train(args: argparse.Namespace, settings: RecsysSettings) -> int:
@@ -65,6 +78,7 @@ def cli_train(args: argparse.Namespace, settings: RecsysSettings) -> int:
             f"--negatives {cfg.negatives} needs --objective binary: a rating model has no "
             "label for an item the user did not rate"
         )
+    _check_writable_model_dir(Path(settings.model_dir))
     dataset = load_dataset(args.data)
     if not args.quiet:
         print(

@@ -528,6 +528,8 @@ def _title_with_year(title: str, year: float) -> str:
 
 def cli_generate(args: argparse.Namespace, settings: object) -> int:
     """``recsys generate-data``: writes a synthetic dataset as CSV files."""
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise DataError(f"{args.out} is a file; generate-data writes a directory of CSV files")
     try:
         dataset = generate(
             n_users=args.users,

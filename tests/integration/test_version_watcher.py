@@ -314,10 +314,12 @@ async def test_a_second_lone_server_cannot_bind_a_port_in_use():
             register=lambda _server: None,
         )
 
+    from recsys.errors import UserFacingError
+
     first = build(0)
     await first.server.start()
     try:
-        with pytest.raises((OSError, RuntimeError)):
+        with pytest.raises(UserFacingError, match=r"cannot listen on 127\.0\.0\.1:\d+"):
             build(first.port)
     finally:
         await first.server.stop(0)

@@ -1,0 +1,72 @@
+"""Operator mistakes on ``recsys serve``: one line naming the problem, exit code 2."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from recsys.cli import main
+
+
+@pytest.fixture(autouse=True)
+def _no_service_needed(monkeypatch, tmp_path):
+    for name in ("RECSYS_CONFIG", "RECSYS_REDIS_URL", "RECSYS_MODEL_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("RECSYS_MODEL_DIR", str(tmp_path / "models"))
+    monkeypatch.setenv("RECSYS_REDIS_URL", "redis://127.0.0.1:1/0")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["serve", "retrieval", "--workers", "100"], "invalid flag: --workers: "),
+        (["serve", "retrieval", "--port", "-1"], "invalid flag: --port: "),
+        (["serve", "ranking", "--metrics-port", "-5"], "invalid flag: --metrics-port: "),
+        (
+            ["serve", "retrieval", "--port", "0", "--port-file", "/nonexistent/dir/port"],
+            "cannot write the port file /nonexistent/dir/port",
+        ),
+    ],
+)
+def test_a_bad_flag_is_one_clear_line(argv, message, capsys):
+    """Retrieval took these as they came: 100 workers, port 65535, a traceback."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_a_metrics_port_in_use_is_one_clear_line(capsys):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        assert main(["serve", "retrieval", "--port", "0", "--metrics-port", str(port)]) == 2
+    finally:
+        taken.close()
+    err = capsys.readouterr().err
+    assert f"cannot serve /metrics on 127.0.0.1:{port}" in err and "Traceback" not in err
+
+
+def test_train_refuses_a_model_dir_it_cannot_write_before_training(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    code = main(["train", "--model-dir", str(blocker / "models"), "--epochs", "1", "--quiet"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"model dir {blocker / 'models'}: cannot write a version there" in err
+
+
+def test_generate_data_refuses_a_file_as_its_output(tmp_path, capsys):
+    out = tmp_path / "ratings.csv"
+    out.write_text("x")
+    assert main(["generate-data", str(out)]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_recommend_refuses_a_k_the_wire_cannot_carry(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["recommend", "--user", "1", "--k", "99999999999"])
+    assert exit_.value.code == 2
+    assert "outside 0..2147483647" in capsys.readouterr().err

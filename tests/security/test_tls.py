@@ -191,3 +191,36 @@ async def test_cli_recommend_and_loadtest_over_mutual_tls(
         no_cert = _tls_flags(pki.client_tls(with_cert=False))
         assert await asyncio.to_thread(cli_main, [*rec, *no_cert]) == 1
         assert "UNAVAILABLE" in capsys.readouterr().err
+
+
+async def test_the_container_health_check_speaks_mutual_tls(pki):
+    """Kubernetes' native gRPC probes cannot: a TLS deployment probes with this script."""
+    import asyncio
+    import importlib.util
+    from pathlib import Path
+
+    from recsys.config import RetrievalSettings
+    from recsys.serving import create_server
+
+    path = Path(__file__).resolve().parents[2] / "deploy" / "healthcheck.py"
+    spec = importlib.util.spec_from_file_location("healthcheck", path)
+    hc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hc)
+    settings = RetrievalSettings(
+        host="127.0.0.1", port=0, metrics_port=0, tls=pki.server_tls(mutual=True)
+    )
+    handle = create_server(settings, label="hc-tls", service_names=["x"], register=lambda s: None)
+    await handle.server.start()
+    await handle.set_serving(True)
+    address = f"127.0.0.1:{handle.port}"
+    good = {"tls_ca": str(pki.ca), "tls_cert": str(pki.client_cert), "tls_key": str(pki.client_key)}
+    try:
+        assert await asyncio.to_thread(hc.check, address, "", 5.0, **good) == 0
+        # The probe's address is not the certificate's name: the override says which is.
+        named = {**good, "tls_server_name": "localhost"}
+        assert await asyncio.to_thread(hc.check, f"localhost:{handle.port}", "", 5.0, **named) == 0
+        assert await asyncio.to_thread(hc.check, address, "", 5.0) == 2  # plaintext: no answer
+        no_cert = {"tls_ca": str(pki.ca)}
+        assert await asyncio.to_thread(hc.check, address, "", 5.0, **no_cert) == 2
+    finally:
+        await handle.server.stop(None)

@@ -168,6 +168,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("version_dir", nargs="?", type=Path, help="version directory (default: latest)")
     p.add_argument("--keep", type=int, default=2, help="published versions to keep in Redis")
     p.add_argument(
+        "--keep-dirs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="after switching, delete version directories older than the N newest "
+        "(pinned and not-yet-published ones stay; 0: delete none)",
+    )
+    p.add_argument(
         "--rollback",
         action="store_true",
         help="allow publishing a version older than the one Redis serves (moves the services back)",

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import shutil
 import sys
 import time
 from collections.abc import Iterable
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recsys import redis_keys
-from recsys.artifacts import ArtifactError, ModelVersion, latest_version
+from recsys.artifacts import ArtifactError, ModelVersion, latest_version, list_versions
 from recsys.errors import UserFacingError
 from recsys.features import UserAggregates, UserProfile
 from recsys.user_store import seed_user_commands
@@ -342,6 +343,8 @@ def publish_with_settings(
 
 def cli_publish(args: argparse.Namespace, settings) -> int:
     """``recsys publish [version_dir] [--keep N] [--if-unpublished]``."""
+    if getattr(args, "keep_dirs", 0) < 0:
+        raise UserFacingError("--keep-dirs must be 0 (keep every directory) or more")
     if getattr(args, "if_unpublished", False):
         current = _current_pointer(settings)
         if current is not None:
@@ -363,4 +366,38 @@ def cli_publish(args: argparse.Namespace, settings) -> int:
     )
     if not report.switched:
         print(f"version {report.version} is not current: a newer one was published meanwhile")
+    elif getattr(args, "keep_dirs", 0):
+        gone = prune_version_dirs(
+            Path(version_dir).parent,
+            report.version,
+            args.keep_dirs,
+            protect=pinned_versions(settings),
+        )
+        if gone:
+            print(f"removed version directories {', '.join(gone)}")
     return 0
+
+
+def prune_version_dirs(
+    model_dir: Path, current: str, keep: int, *, protect: Iterable[str] = ()
+) -> list[str]:
+    """Deletes old version directories; returns the versions removed.
+
+    Kept: the ``keep`` newest versions up to ``current`` (it included), the
+    ``protect``ed ones (pins: a rollback's, an experiment arm's) and every
+    version newer than ``current`` (trained, not published yet). A service
+    still serving a removed version keeps working: its files stay open
+    (memory-mapped) until it swaps.
+
+    Raises:
+        ValueError: ``keep`` < 1.
+    """
+    if keep < 1:
+        raise ValueError("keep must be at least 1 (the current version)")
+    versions = [v for v in list_versions(model_dir) if v.isdigit()]
+    older = [v for v in versions if int(v) <= int(current)]
+    kept = set(older[-keep:]) | set(protect) | {v for v in versions if int(v) > int(current)}
+    removed = [v for v in older if v not in kept]
+    for v in removed:
+        shutil.rmtree(model_dir / v)
+    return removed

@@ -317,3 +317,30 @@ def test_versions_are_ordered_as_numbers(client, trained_version, tmp_path):
     assert client.get(redis_keys.CURRENT_VERSION) == "10"
     with pytest.raises(OlderThanServed):
         publish(v9, client, quiet=True)
+
+
+def test_prune_keeps_the_newest_the_pinned_and_the_unpublished(tmp_path):
+    from trainer.publish import prune_version_dirs
+
+    for v in ("1", "2", "3", "4", "5", "6"):
+        (tmp_path / v).mkdir()
+        (tmp_path / v / "manifest.json").write_text("{}")
+    (tmp_path / "7").mkdir()  # no manifest: a copy in progress, not a version
+    removed = prune_version_dirs(tmp_path, "5", 2, protect={"1"})
+    assert removed == ["2", "3"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "4", "5", "6", "7"]
+    with pytest.raises(ValueError):
+        prune_version_dirs(tmp_path, "5", 0)
+
+
+def test_publish_keep_dirs_from_the_command_line(redis_url, trained_version, tmp_path, capsys):
+    from recsys.cli import main
+
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    for n in (1, 2, 3):
+        shutil.move(_numbered_copy(trained_version, tmp_path, n), model_dir / str(n))
+    argv = ["publish", "--model-dir", str(model_dir), "--redis-url", redis_url, "--keep-dirs", "2"]
+    assert main(argv) == 0
+    assert "removed version directories 1" in capsys.readouterr().out
+    assert sorted(p.name for p in model_dir.iterdir()) == ["2", "3"]

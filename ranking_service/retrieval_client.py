@@ -89,6 +89,11 @@ def retrieval_batcher(
     )
 
 
+# After an old retrieval server refused RetrieveMany, how long the client
+# sends one Retrieve per request before trying batches again.
+RETRY_BATCHING_S = 60.0
+
+
 class RetrievalClient:
     """One long-lived ``grpc.aio`` channel to the retrieval service."""
 
@@ -117,10 +122,16 @@ class RetrievalClient:
         self._batcher: MicroBatcher[tuple[Any, float], Any] | None = None
         # Batchers switched off on UNIMPLEMENTED; kept so close() stops them.
         self._retired: list[MicroBatcher[tuple[Any, float], Any]] = []
+        self._settings = settings
+        # When batching, switched off by an old server, is tried again (monotonic).
+        self._retry_batching_at: float | None = None
         if settings.retrieval_batch_size > 1:
-            self._batcher = retrieval_batcher(
-                self._retrieve_many, settings, on_batch=M.RETRIEVAL_BATCH_SIZE.observe
-            )
+            self._batcher = self._new_batcher()
+
+    def _new_batcher(self) -> MicroBatcher[tuple[Any, float], Any]:
+        return retrieval_batcher(
+            self._retrieve_many, self._settings, on_batch=M.RETRIEVAL_BATCH_SIZE.observe
+        )
 
     async def retrieve(
         self,
@@ -164,6 +175,11 @@ class RetrievalClient:
             catalogue=catalogue.catalogue_id if catalogue is not None else "",
             with_user_state=user_state,
         )
+        if self._retry_batching_at is not None and time.monotonic() >= self._retry_batching_at:
+            # The old server may have been a rollback or a pod mid-rollout:
+            # batching comes back, and goes again if it still answers UNIMPLEMENTED.
+            self._retry_batching_at = None
+            self._batcher = self._new_batcher()
         try:
             if self._batcher is not None and not trace_metadata:
                 # A trace context is per request, so a traced call goes alone.
@@ -233,6 +249,7 @@ class RetrievalClient:
                 if self._batcher is not None:
                     self._retired.append(self._batcher)
                     self._batcher = None
+                    self._retry_batching_at = time.monotonic() + RETRY_BATCHING_S
                 alone = await asyncio.gather(*(self._retrieve_many([j]) for j in jobs))
                 return [one for (one,) in alone]
             return [exc] * len(jobs)

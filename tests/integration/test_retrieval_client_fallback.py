@@ -37,14 +37,22 @@ async def test_batched_calls_fall_back_to_retrieve_and_close_cleans_up():
             users = [common_pb2.UserContext(user_id=f"u{i}") for i in range(8)]
             answers = await asyncio.gather(*(client.retrieve(u, 0, (), None) for u in users))
             assert [len(a.candidates) for a in answers] == [DEFAULT_BUDGET] * 8
-            # The RetrieveMany attempt was refused: batching is off from now on.
+            # The RetrieveMany attempt was refused: batching is off for a while.
             assert client._batcher is None
             again = await client.retrieve(users[0], 0, (), None)
-            assert len(again.candidates) == DEFAULT_BUDGET
+            assert len(again.candidates) == DEFAULT_BUDGET and client._batcher is None
+            # Then tried again (the old server may have been a rollback): it
+            # still refuses, so off again, and every caller is still answered.
+            client._retry_batching_at = 0.0
+            answers = await asyncio.gather(*(client.retrieve(u, 0, (), None) for u in users))
+            assert [len(a.candidates) for a in answers] == [DEFAULT_BUDGET] * 8
+            assert client._batcher is None and len(client._retired) == 2
+            assert client._retry_batching_at > 0.0
         finally:
             await client.close()
-        with pytest.raises(BatcherClosed):
-            await batcher.submit((None, 1.0))
+        for retired in (batcher, *client._retired):
+            with pytest.raises(BatcherClosed):
+                await retired.submit((None, 1.0))
 
 
 class _Recording(retrieval_pb2_grpc.RetrievalServiceServicer):

@@ -44,6 +44,9 @@ class FeatureSpec:
     rating_max: float = 5.0
     global_mean: float = 3.5
     default_year: float = 2000.0
+    # A user's age when unknown: the median of the training users'. 0 (what
+    # versions before it meant) when no user had one.
+    default_age: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("genres", "countries", "genders", "occupations"):
@@ -99,7 +102,7 @@ class FeatureSpec:
         """Inverse of :meth:`to_dict`; checks the stored names still match."""
         keys = {
             "genres", "countries", "genders", "occupations",
-            "rating_min", "rating_max", "global_mean", "default_year",
+            "rating_min", "rating_max", "global_mean", "default_year", "default_age",
         }  # fmt: skip
         spec = cls(**{k: d[k] for k in keys if k in d})
         for attr in ("user_feature_names", "item_feature_names"):
@@ -212,7 +215,9 @@ def user_feature_matrix(
         mean[:, None],
         genre_mean,
         genre_share,
-        np.where(age_missing, 0.0, age)[:, None],
+        # Unknown: a typical age, not 0 (a far-out value the tower never saw
+        # in training when every training user had an age).
+        np.where(age_missing, spec.default_age, age)[:, None],
         age_missing.astype(np.float64)[:, None],
         _one_hot(gender, spec.genders, n),
         _one_hot(occupation, spec.occupations, n),

@@ -29,6 +29,8 @@ def build_spec(dataset: Dataset, train_rows: np.ndarray) -> FeatureSpec:
     if len(train_rows) == 0:
         raise DataError(f"dataset {dataset.name} ({dataset.source}) has no training ratings")
     years = dataset.item_year[np.isfinite(dataset.item_year) & (dataset.item_year > 0)]
+    ages = np.asarray(dataset.user_age, np.float64)
+    ages = ages[np.isfinite(ages) & (ages > 0)]
     return FeatureSpec(
         genres=tuple(dataset.genres),
         countries=tuple(sorted({c for c in dataset.user_country if c})),
@@ -38,6 +40,7 @@ def build_spec(dataset: Dataset, train_rows: np.ndarray) -> FeatureSpec:
         rating_max=float(dataset.rating_max),
         global_mean=float(np.mean(dataset.rating[train_rows], dtype=np.float64)),
         default_year=float(np.median(years)) if len(years) else 2000.0,
+        default_age=float(np.round(np.median(ages))) if len(ages) else 0.0,  # whole years
     )
 
 

@@ -481,6 +481,12 @@ async def test_a_cold_start_user_without_an_age_is_still_personalised(stub, publ
     b = await _rank_order(stub, cands, genre_ratings={g[1]: 5.0, g[0]: 1.0}, country=c[-1])
     nothing = await _rank_order(stub, cands)
     assert a != b and a != nothing and b != nothing
+    # Unknown, the age is the training users' median: ranked as if sent.
+    assert mv.spec.default_age > 0
+    typical = await _rank_order(
+        stub, cands, genre_ratings={g[0]: 5.0, g[1]: 1.0}, age=int(mv.spec.default_age)
+    )
+    assert typical == a
 
 
 async def test_users_known_only_from_their_interactions_are_personalised(

@@ -204,3 +204,25 @@ def test_a_non_finite_stored_number_is_a_clear_error(fields, message):
     """float() parses "nan" and "inf"; they must fail the user, not poison its scores."""
     with pytest.raises(ValueError, match=message):
         decode_user_state(SPEC, fields)
+
+
+def test_a_missing_age_is_the_specs_default_age():
+    spec = FeatureSpec(genres=SPEC.genres, countries=SPEC.countries, default_age=34.0)
+    names = spec.user_feature_names
+    empty = UserAggregates.empty(spec)
+    unknown = user_feature_vector(spec, UserProfile(), empty)
+    assert unknown[names.index("age")] == 34.0 and unknown[names.index("age_missing")] == 1.0
+    # A version written before the field existed reads as 0, as it was built.
+    old = FeatureSpec.from_dict({k: v for k, v in spec.to_dict().items() if k != "default_age"})
+    assert old.default_age == 0.0
+    assert user_feature_vector(old, UserProfile(), empty)[names.index("age")] == 0.0
+
+
+def test_the_default_age_is_the_training_users_median_in_whole_years():
+    from trainer.prepare import build_spec
+    from trainer.synthetic import generate
+
+    data = generate(200, 150, 4_000, 3, 0)
+    ages = data.user_age[np.isfinite(data.user_age) & (data.user_age > 0)]
+    spec = build_spec(data, np.arange(data.n_ratings))
+    assert spec.default_age == float(np.round(np.median(ages))) > 0

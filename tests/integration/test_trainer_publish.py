@@ -344,3 +344,11 @@ def test_publish_keep_dirs_from_the_command_line(redis_url, trained_version, tmp
     assert main(argv) == 0
     assert "removed version directories 1" in capsys.readouterr().out
     assert sorted(p.name for p in model_dir.iterdir()) == ["2", "3"]
+
+
+def test_republishing_a_version_replaces_its_top_lists(published_version, client):
+    """A list left by an earlier publish of the same number (a retrained 3) must not mix in."""
+    key = redis_keys.top_popular(published_version.name)
+    client.zadd(key, {"stale-item": 1e9})
+    publish(published_version, client, quiet=True)
+    assert "stale-item" not in client.zrange(key, 0, -1)

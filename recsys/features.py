@@ -309,22 +309,31 @@ def genre_mask(spec: FeatureSpec, genres: Sequence[str]) -> np.ndarray:
     return np.array([g in wanted for g in spec.genres], dtype=bool)
 
 
-def top_genres(spec: FeatureSpec, agg: UserAggregates, n: int) -> list[str]:
+def top_genres(
+    spec: FeatureSpec, agg: UserAggregates, n: int, *, stated: bool = False
+) -> list[str]:
     """The user's ``n`` favourite genres: most watched, ties broken by mean rating.
 
-    A genre the user rates below the middle of the scale on average is not a
-    favourite however often it was watched: a cold-start request's
-    ``{"Horror": 5, "Comedy": 1}`` counts one watch of each, and Comedy took
-    half the genre lists.
+    Args:
+        spec: The version's feature spec.
+        agg: The user's aggregates.
+        n: How many genres at most.
+        stated: The aggregates are a request's own ``genre_ratings`` (cold
+            start, :func:`aggregates_from_genre_ratings`): every named genre
+            then counts one watch, so a genre rated below the middle of the
+            scale is left out (``{"Horror": 5, "Comedy": 1}`` gave Comedy half
+            the genre lists). A history's low-rated genres stay: they were
+            watched, and a harsh rater rates everything low.
     """
     if agg.watch_count == 0 or n <= 0:
         return []
     mean = (agg.genre_sum + USER_PRIOR * spec.global_mean) / (agg.genre_rated + USER_PRIOR)
-    raw = agg.genre_sum / np.maximum(agg.genre_rated, 1)
-    disliked = (agg.genre_rated > 0) & (raw < (spec.rating_min + spec.rating_max) / 2)
     order = np.lexsort((-mean, -agg.genre_watch))
-    liked = [i for i in order if agg.genre_watch[i] > 0 and not disliked[i]]
-    return [spec.genres[i] for i in liked[:n]]
+    keep = agg.genre_watch > 0
+    if stated:
+        raw = agg.genre_sum / np.maximum(agg.genre_rated, 1)
+        keep &= (agg.genre_rated == 0) | (raw >= (spec.rating_min + spec.rating_max) / 2)
+    return [spec.genres[i] for i in order if keep[i]][:n]
 
 
 def aggregates_from_genre_ratings(

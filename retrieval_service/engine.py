@@ -506,7 +506,8 @@ class RetrievalEngine:
             country=f.country or p.country,
         )
         agg = stored.aggregates
-        if (agg is None or agg.watch_count == 0) and f.genre_ratings:
+        stated = (agg is None or agg.watch_count == 0) and bool(f.genre_ratings)
+        if stated:
             agg = aggregates_from_genre_ratings(served.model.spec, f.genre_ratings)
         cache = served.top_cache if self.settings.top_list_cache else None
         batch = RedisBatch(
@@ -535,6 +536,7 @@ class RetrievalEngine:
             hydrate_error=error,
             recent_from_request=bool(q.recent),
             stored=read,
+            stated_genres=stated,
         )
 
     def _report(

@@ -707,6 +707,8 @@ class RetrievalContext:
             (so it is valid even when hydration failed).
         stored: The user exactly as read from Redis (no request overrides);
             None when the read failed.
+        stated_genres: ``aggregates`` come from the request's own
+            ``genre_ratings`` (a cold start), not from a history.
     """
 
     user_id: str
@@ -723,6 +725,7 @@ class RetrievalContext:
     hydrate_error: str | None = None
     recent_from_request: bool = False
     stored: StoredUser | None = None
+    stated_genres: bool = False
     _genres: list[str] | None = field(default=None, repr=False)
 
     @property
@@ -740,7 +743,11 @@ class RetrievalContext:
         if self._genres is None:
             agg = self.aggregates
             spec = self.version.spec
-            self._genres = [] if agg is None else _rank_genres(spec, agg, len(spec.genres))
+            self._genres = (
+                []
+                if agg is None
+                else _rank_genres(spec, agg, len(spec.genres), stated=self.stated_genres)
+            )
         return self._genres[:n]
 
     def remaining_s(self) -> float:

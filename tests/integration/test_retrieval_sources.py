@@ -205,3 +205,14 @@ async def test_similar_to_recent_scores_are_the_cosine_to_the_seed_they_name(
     for c in got:
         cosine = float(vec[row[c.item_id]] @ vec[row[c.seed_item_id]])
         assert c.score == pytest.approx(cosine, abs=1e-4), (c.item_id, c.seed_item_id)
+
+
+async def test_a_cold_start_users_disliked_genre_gets_no_genre_list(
+    engine: RetrievalEngine, mv: ModelVersion
+):
+    liked, disliked = mv.spec.genres[0], mv.spec.genres[1]
+    q = RetrieveQuery(
+        "cold-with-tastes", features=RequestFeatures(genre_ratings={liked: 5.0, disliked: 1.0})
+    )
+    got = list(await engine.by_name["src_redis_top_genre"].retrieve(await _context(engine, q), 30))
+    assert got and {c.genre for c in got} == {liked}

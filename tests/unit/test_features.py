@@ -139,12 +139,12 @@ def test_a_cold_start_users_favourite_genres_are_the_best_rated_and_not_the_disl
     """Every named genre counts one watch: the ratings decide, and 1 star is no favourite."""
     first, second, third = SPEC.genres[:3]
     liked = aggregates_from_genre_ratings(SPEC, {first: 5.0, second: 4.0, third: 1.0})
-    assert top_genres(SPEC, liked, 3) == [first, second]
+    assert top_genres(SPEC, liked, 3, stated=True) == [first, second]
     swapped = aggregates_from_genre_ratings(SPEC, {first: 4.0, second: 5.0})
-    assert top_genres(SPEC, swapped, 2) == [second, first]
-    # Watched often but rated low: still not a favourite.
-    agg = _agg([(["Drama"], 2.0)] * 3 + [(["Action"], 4.0)])
-    assert top_genres(SPEC, agg, 2) == ["Action"]
+    assert top_genres(SPEC, swapped, 2, stated=True) == [second, first]
+    # A history's low-rated genres stay (a harsh rater rates everything low).
+    harsh = _agg([(["Drama"], 2.0)] * 3 + [(["Action"], 1.0)])
+    assert top_genres(SPEC, harsh, 2) == ["Drama", "Action"]
 
 
 def test_cold_start_genre_ratings_ignore_unknown_and_clamp():

@@ -496,16 +496,19 @@ class Ranker:
         return jobs
 
     def _read_limit(self, jobs: Sequence[RankJob]) -> float:
-        """How long the batch's user read may wait: a share of its most hurried caller's time.
+        """How long the batch's user read may wait: a share of its most patient caller's time.
 
-        Past it the users are ranked from request and default features, so a
-        caller with a short deadline gets a degraded answer from a hung
-        Redis rather than DEADLINE_EXCEEDED.
+        Past it the users are ranked from request and default features, so
+        callers with short deadlines (every caller of a service usually has
+        the same) get a degraded answer from a hung Redis rather than
+        DEADLINE_EXCEEDED. The most patient caller sets it, not the most
+        hurried: one caller about to give up must not cut the read short,
+        and so degrade, for the whole batch.
         """
-        deadlines = [j.deadline for j in jobs if j.deadline is not None and j.prefetched is None]
-        if not deadlines:
+        deadlines = [j.deadline for j in jobs if j.prefetched is None]
+        if not deadlines or None in deadlines:
             return self.redis_timeout_s
-        left = READ_SHARE_OF_DEADLINE * (min(deadlines) - time.monotonic())
+        left = READ_SHARE_OF_DEADLINE * (max(deadlines) - time.monotonic())  # type: ignore[type-var]
         return max(min(self.redis_timeout_s, left), MIN_READ_S)
 
     async def close(self) -> None:

@@ -11,19 +11,24 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import redis
 
+from ranking_service.core import Ranker
+from ranking_service.model import LoadedModel
 from ranking_service.users import fetch_users
+from ranking_service.validation import parse_rank
 from recsys import redis_keys
 from recsys.artifacts import ModelVersion
-from recsys.config import RecsysSettings
+from recsys.config import RankingSettings, RecsysSettings
 from recsys.embedded_redis import EmbeddedRedis
 from recsys.serving import VersionWatcher, async_redis
 from recsys.user_store import UserRead, load_users
+from recsys.v1 import common_pb2, ranking_pb2
 from retrieval_service.sources.base import RedisBatch, RedisUnavailable
 from trainer.publish import publish
 
@@ -172,8 +177,6 @@ async def test_short_deadlines_get_degraded_answers_from_a_frozen_redis(
     """Ranking's user read waits a share of the caller's time, not all of redis_timeout_s."""
     import grpc
 
-    from recsys.v1 import common_pb2, ranking_pb2
-
     client_sync = redis.Redis.from_url(own_redis.url)
     publish(trained_version, client_sync, quiet=True)
     client_sync.close()
@@ -197,3 +200,62 @@ async def test_short_deadlines_get_degraded_answers_from_a_frozen_redis(
         finally:
             os.kill(own_redis.proc.pid, signal.SIGCONT)
     assert outcomes == [5, 5]
+
+
+def _stall(pid: int, seconds: float) -> None:
+    """Redis stops answering for ``seconds`` (a fork, a slow command, a failover blip)."""
+    os.kill(pid, signal.SIGSTOP)
+    threading.Timer(seconds, os.kill, (pid, signal.SIGCONT)).start()
+
+
+async def test_a_patient_callers_rank_does_not_depend_on_a_hurried_neighbour(
+    own_redis, trained_version: Path
+):
+    sync = redis.Redis.from_url(own_redis.url)
+    publish(trained_version, sync, quiet=True)
+    sync.close()
+    mv = ModelVersion.open(trained_version)
+    uid = str(mv.users["user_id"][0])
+    watched = [str(i) for i in mv.users["watched"][0]]
+    others = [str(i) for i in mv.item_ids if str(i) not in set(watched)][:40]
+    limits = RankingSettings()
+    req = ranking_pb2.RankRequest(
+        user=common_pb2.UserContext(user_id=uid), candidate_item_ids=watched + others, top_k=20
+    )
+    other_user = str(mv.users["user_id"][1])
+    req2 = ranking_pb2.RankRequest(
+        user=common_pb2.UserContext(user_id=other_user), candidate_item_ids=others, top_k=5
+    )
+    client = async_redis(RecsysSettings(redis_url=own_redis.url, redis_timeout_s=0.5))
+    ranker = Ranker(redis=client, redis_timeout_s=0.5)
+    ranker.swap(await asyncio.to_thread(LoadedModel.load, trained_version, "cpu"))
+    pid = own_redis.proc.pid
+    try:
+        for _ in range(3):
+            warm = await ranker.rank(parse_rank(req, limits), 5.0)
+        assert warm.watched_dropped == len(watched) and warm.feature_source != "default"
+
+        # Control: alone, a 50 ms Redis hiccup only delays the patient caller.
+        _stall(pid, 0.05)
+        alone = await ranker.rank(parse_rank(req, limits), 5.0)
+        assert alone.watched_dropped == len(watched), "control"
+        await asyncio.sleep(0.1)
+
+        # Same hiccup, same caller (5 s left), batched with a caller 8 ms from its deadline.
+        _stall(pid, 0.05)
+        patient, _hurried = await asyncio.gather(
+            ranker.rank(parse_rank(req, limits), 5.0),
+            ranker.rank(parse_rank(req2, limits), 0.008),
+        )
+        await asyncio.sleep(0.1)
+        # Cut short by its neighbour, it came back ranked for a default user,
+        # with its already-watched items.
+        assert patient.watched_dropped == len(watched), (
+            patient.watched_dropped,
+            patient.feature_source,
+            len(patient.items),
+        )
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        await ranker.close()
+        await client.aclose()

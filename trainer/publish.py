@@ -367,14 +367,20 @@ def cli_publish(args: argparse.Namespace, settings) -> int:
     if not report.switched:
         print(f"version {report.version} is not current: a newer one was published meanwhile")
     elif getattr(args, "keep_dirs", 0):
-        gone = prune_version_dirs(
-            Path(version_dir).parent,
-            report.version,
-            args.keep_dirs,
-            protect=pinned_versions(settings),
-        )
-        if gone:
-            print(f"removed version directories {', '.join(gone)}")
+        try:
+            gone = prune_version_dirs(
+                Path(version_dir).parent,
+                report.version,
+                args.keep_dirs,
+                protect=pinned_versions(settings),
+            )
+        except OSError as exc:
+            # The publish itself is done: a failed clean-up is worth a warning,
+            # not a failure (the Job's retry would train and publish again).
+            print(f"publish: could not delete old version directories: {exc}", file=sys.stderr)
+        else:
+            if gone:
+                print(f"removed version directories {', '.join(gone)}")
     return 0
 
 

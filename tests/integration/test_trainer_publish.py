@@ -346,6 +346,28 @@ def test_publish_keep_dirs_from_the_command_line(redis_url, trained_version, tmp
     assert sorted(p.name for p in model_dir.iterdir()) == ["2", "3"]
 
 
+def test_publish_that_cannot_delete_directories_still_succeeds(
+    redis_url, trained_version, tmp_path, capsys, monkeypatch
+):
+    """The switch is done: a read-only model volume is a warning, not a failed Job."""
+    import trainer.publish as publish_module
+    from recsys.cli import main
+
+    def read_only(path, *_a, **_kw):
+        raise OSError(30, "Read-only file system", str(path))
+
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    for n in (1, 2):
+        shutil.move(_numbered_copy(trained_version, tmp_path, n), model_dir / str(n))
+    monkeypatch.setattr(publish_module.shutil, "rmtree", read_only)
+    argv = ["publish", "--model-dir", str(model_dir), "--redis-url", redis_url, "--keep-dirs", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert "could not delete old version directories" in out.err and "Read-only" in out.err
+    assert redis.Redis.from_url(redis_url).get(redis_keys.CURRENT_VERSION) == b"2"
+
+
 def test_republishing_a_version_replaces_its_top_lists(published_version, client):
     """A list left by an earlier publish of the same number (a retrained 3) must not mix in."""
     key = redis_keys.top_popular(published_version.name)

@@ -225,6 +225,11 @@ def test_services_mount_models_read_only_and_the_trainer_read_write(rendered, ov
         assert {m["mountPath"]: m.get("readOnly", False) for m in c["volumeMounts"]}["/models"]
     train = pod_spec(find(docs, "CronJob", "recsys-retrain"))["initContainers"][0]
     assert not {m["mountPath"]: m.get("readOnly", False) for m in train["volumeMounts"]}["/models"]
+    # A publish that deletes old version directories must be able to.
+    for c in (c for doc in workloads(docs) for c in containers(doc)):
+        if "--keep-dirs" in (c.get("args") or []) + (c.get("command") or []):
+            mounts = {m["mountPath"]: m.get("readOnly", False) for m in c["volumeMounts"]}
+            assert not mounts["/models"], c["name"]
 
 
 # --- availability ------------------------------------------------------------------

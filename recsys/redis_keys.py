@@ -28,6 +28,9 @@ from __future__ import annotations
 PREFIX = "recsys"
 CURRENT_VERSION = f"{PREFIX}:current_version"
 VERSIONS = f"{PREFIX}:versions"
+# Versions being written by a publish (zset: start time). Not counted toward
+# ``--keep``: a cleanup removes one only when its publish died long ago.
+VERSIONS_PENDING = f"{PREFIX}:versions:pending"
 
 
 def _version_prefix(version: str) -> str:

@@ -107,8 +107,21 @@ def _profile(users: dict[str, list], row: int) -> UserProfile:
     )
 
 
-def cleanup_versions(redis_client, keep: int, *, protect: Iterable[str] = ()) -> tuple[list, int]:
+# A publish still pending after this long died (a 1M-user publish takes minutes).
+PENDING_TIMEOUT_S = 6 * 3600.0
+
+
+def cleanup_versions(
+    redis_client,
+    keep: int,
+    *,
+    protect: Iterable[str] = (),
+    pending_timeout_s: float = PENDING_TIMEOUT_S,
+) -> tuple[list, int]:
     """Deletes the keys of published versions older than the newest ``keep``, except ``protect``.
+
+    Also deletes what a publish left that died before its switch: a version
+    pending for longer than ``pending_timeout_s`` that was never published.
 
     Returns:
         (removed versions, number of keys deleted).
@@ -119,6 +132,13 @@ def cleanup_versions(redis_client, keep: int, *, protect: Iterable[str] = ()) ->
     ]
     kept = set(protect)
     old = [v for v in published[: max(len(published) - keep, 0)] if v not in kept]
+    cutoff = time.time() - pending_timeout_s
+    dead = [
+        v.decode() if isinstance(v, bytes) else v
+        for v in redis_client.zrangebyscore(redis_keys.VERSIONS_PENDING, "-inf", cutoff)
+    ]
+    current = current_version(redis_client)
+    old += [v for v in dead if v not in kept and v not in published and v != current]
     removed_keys = sum(remove_version(redis_client, v) for v in old)
     return old, removed_keys
 
@@ -134,6 +154,7 @@ def remove_version(redis_client, version: str) -> int:
     if batch:
         removed += redis_client.unlink(*batch)
     redis_client.zrem(redis_keys.VERSIONS, version)
+    redis_client.zrem(redis_keys.VERSIONS_PENDING, version)
     return removed
 
 
@@ -147,6 +168,7 @@ def publish(
     quiet: bool = False,
     protect: Iterable[str] = (),
     rollback: bool = False,
+    pending_timeout_s: float = PENDING_TIMEOUT_S,
 ) -> PublishReport:
     """Loads a version's Redis data and switches the current-version pointer to it.
 
@@ -166,6 +188,8 @@ def publish(
         chunk: Users per pipeline execution.
         quiet: No progress output.
         rollback: Allow the pointer to move back to an older version.
+        pending_timeout_s: Age past which another publish's unfinished
+            version (it died before its switch) is cleaned up.
 
     Raises:
         ArtifactError: The version directory is incomplete or corrupt.
@@ -190,9 +214,9 @@ def publish(
             "(recsys publish --rollback moves the services back on purpose)"
         )
     report = PublishReport(mv.version)
-    # Listed before its keys are written, so a publish that dies before the
-    # switch leaves keys a later cleanup finds (NX: a republish keeps its age).
-    redis_client.zadd(redis_keys.VERSIONS, {mv.version: time.time()}, nx=True)
+    # Listed as pending before its keys are written, so a publish that dies
+    # before the switch leaves keys a later cleanup finds.
+    redis_client.zadd(redis_keys.VERSIONS_PENDING, {mv.version: time.time()})
 
     pipe = redis_client.pipeline(transaction=False)
     for key, entries in _top_list_keys(mv).items():
@@ -249,18 +273,24 @@ def publish(
     )
     if isinstance(moved, bytes):
         moved = moved.decode()
+    redis_client.zrem(redis_keys.VERSIONS_PENDING, mv.version)
     if moved != "OK":
-        # A newer version was published while this one was being written:
-        # nothing will read these keys (a rollback writes them again).
+        # A newer version was published while this one was being written.
+        # Never served (not in the published set), nothing will read these
+        # keys (a rollback writes them again); a version served before keeps
+        # its grace period like any other.
         report.switched = False
         _progress(quiet, f"version {mv.version} written, but {moved} is newer and stays current")
-        if mv.version not in set(protect):
+        never_served = redis_client.zscore(redis_keys.VERSIONS, mv.version) is None
+        if never_served and mv.version not in set(protect):
             report.removed_keys += remove_version(redis_client, mv.version)
             report.removed_versions.append(mv.version)
     else:
         _progress(quiet, f"current version is now {mv.version}")
 
-    removed, keys = cleanup_versions(redis_client, keep, protect={mv.version, *protect})
+    removed, keys = cleanup_versions(
+        redis_client, keep, protect={mv.version, *protect}, pending_timeout_s=pending_timeout_s
+    )
     report.removed_versions += removed
     report.removed_keys += keys
     if report.removed_versions:

@@ -303,8 +303,12 @@ def test_a_publish_cut_off_mid_write_leaves_every_user_a_state(
     # The cut publish wrote version 2's top lists but never switched: later
     # publishes clean them up like any old version's.
     assert client.exists(redis_keys.top_popular("2"))
+    assert client.zscore(redis_keys.VERSIONS_PENDING, "2") is not None
+    assert client.zscore(redis_keys.VERSIONS, "2") is None  # never counted toward keep
     for n in (3, 4):
-        publish(_numbered_copy(trained_version, tmp_path, n), client, quiet=True, keep=2)
+        # (A dead publish is cleaned up once it is old: here at once.)
+        v = _numbered_copy(trained_version, tmp_path, n)
+        publish(v, client, quiet=True, keep=2, pending_timeout_s=0)
     assert not list(client.scan_iter(match=redis_keys.version_pattern("2")))
     assert client.zrange(redis_keys.VERSIONS, 0, -1) == ["3", "4"]
 
@@ -374,3 +378,76 @@ def test_republishing_a_version_replaces_its_top_lists(published_version, client
     client.zadd(key, {"stale-item": 1e9})
     publish(published_version, client, quiet=True)
     assert "stale-item" not in client.zrange(key, 0, -1)
+
+
+class _DiesBeforeSwitch(redis.Redis):
+    """A publisher killed after writing its keys, before the pointer switch."""
+
+    def eval(self, *args, **kwargs):
+        raise redis.ConnectionError("publisher killed")
+
+
+def test_a_dead_publish_does_not_cost_the_served_version_its_grace(
+    client, redis_url, trained_version, tmp_path
+):
+    v1, v2, v3, v4 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2, 3, 4))
+    publish(v1, client, quiet=True)
+    publish(v2, client, quiet=True)
+    dying = _DiesBeforeSwitch.from_url(redis_url)
+    with pytest.raises(redis.ConnectionError):
+        publish(v3, dying, quiet=True)
+    dying.close()
+    publish(v4, client, quiet=True, keep=2)
+    # keep=2 keeps 2, the version replicas served a moment ago; 3 waits for its timeout.
+    assert client.get(redis_keys.CURRENT_VERSION) == "4"
+    assert client.exists(redis_keys.top_popular("2")) and client.exists(redis_keys.top_popular("3"))
+
+
+class _SlowPublisher(redis.Redis):
+    """Runs another publish just before this one's switch (two publishers racing)."""
+
+    other = None
+
+    def eval(self, *args, **kwargs):
+        if self.other is not None:
+            other, self.other = self.other, None
+            other()
+        return super().eval(*args, **kwargs)
+
+
+def test_a_racing_publish_does_not_delete_the_keys_of_the_one_that_wins(
+    client, redis_url, trained_version, tmp_path
+):
+    v1, v2, v3 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2, 3))
+    publish(v1, client, quiet=True, keep=1)
+    slow = _SlowPublisher.from_url(redis_url)
+    # Version 3 is being written when version 2's publish (keep=1) finishes.
+    slow.other = lambda: publish(v2, client, quiet=True, keep=1)
+    report = publish(v3, slow, quiet=True, keep=1)
+    slow.close()
+    assert report.switched and client.get(redis_keys.CURRENT_VERSION) == "3"
+    assert client.exists(redis_keys.top_popular("3"))
+
+
+def test_a_served_version_republished_and_losing_a_race_keeps_its_keys(
+    client, trained_version, tmp_path, monkeypatch
+):
+    """Version 1 is served, republished, and 2 wins meanwhile: 1 keeps its grace period."""
+    import trainer.publish as publish_module
+
+    v1, v2 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2))
+    publish(v1, client, quiet=True)
+    seed = publish_module.seed_user_commands
+    raced: list[bool] = []
+
+    def racing_seed(*args, **kwargs):
+        if not raced:
+            raced.append(True)
+            publish(v2, client, quiet=True)
+        return seed(*args, **kwargs)
+
+    monkeypatch.setattr(publish_module, "seed_user_commands", racing_seed)
+    report = publish(v1, client, quiet=True)
+    assert raced and not report.switched and client.get(redis_keys.CURRENT_VERSION) == "2"
+    # Replicas still on 1 until they reload: its top lists stay (keep=2).
+    assert "1" not in report.removed_versions and client.exists(redis_keys.top_popular("1"))

@@ -83,6 +83,11 @@ class Recommendations:
         return asdict(self)
 
 
+# How long the server remembers an event id made for one record() call: its
+# channel's retries come within seconds (each id costs Redis ~150 bytes).
+OWN_RETRY_WINDOW_S = 300
+
+
 @dataclass
 class Recorded:
     """The answer of ``record``."""
@@ -282,14 +287,17 @@ class RecommenderClient:
         """Records a watch (and optional rating).
 
         The server counts each ``event_id`` once per user (for a day), which
-        makes retries safe. Without one, a fresh id is made for this call, so
-        the channel's own retries on ``UNAVAILABLE`` (sent when the write may
-        already have landed) cannot count it twice; pass your own to make
-        retries of your own safe too.
+        makes retries safe. Without one, a fresh id is made for this call and
+        remembered for :data:`OWN_RETRY_WINDOW_S` only, so the channel's own
+        retries on ``UNAVAILABLE`` (sent when the write may already have
+        landed) cannot count it twice; pass your own to make retries of your
+        own safe too.
         """
-        req = retrieval_pb2.RecordInteractionRequest(
-            user_id=user_id, item_id=item_id, event_id=event_id or uuid.uuid4().hex
-        )
+        req = retrieval_pb2.RecordInteractionRequest(user_id=user_id, item_id=item_id)
+        if event_id:
+            req.event_id = event_id
+        else:
+            req.event_id, req.dedupe_window_s = uuid.uuid4().hex, OWN_RETRY_WINDOW_S
         if rating is not None:
             req.rating = rating
         resp = self._call(self._require_retrieval().RecordInteraction, req)

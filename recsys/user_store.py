@@ -303,6 +303,7 @@ async def record_interaction(
     *,
     history_length: int,
     event_id: str = "",
+    event_ttl_s: int = 0,
 ) -> Recorded:
     """Applies one interaction atomically: all of it or, on an error, none of it.
 
@@ -323,6 +324,7 @@ async def record_interaction(
         event_id: Idempotency key: a second call with the same key for the
             same user within :data:`EVENT_TTL_S` writes nothing and reports
             ``duplicate``. Empty: no de-duplication.
+        event_ttl_s: How long ``event_id`` is remembered (0: :data:`EVENT_TTL_S`).
 
     Raises:
         CorruptUserState: A key of the wrong type or a corrupt counter;
@@ -340,7 +342,7 @@ async def record_interaction(
     ]
     if event_id:
         keys.append(redis_keys.user_event(user_id, event_id))
-    args: list = [item_id, history_length, EVENT_TTL_S, len(ints)]
+    args: list = [item_id, history_length, event_ttl_s or EVENT_TTL_S, len(ints)]
     for f, v in (*ints.items(), *floats.items()):
         args += [f, v]
     script = redis.register_script(_RECORD_SCRIPT)

@@ -36,6 +36,7 @@ from recsys.experiments import Experiment, UnknownVariant, Variant
 from recsys.features import FeatureSpec, UserProfile, aggregates_from_genre_ratings
 from recsys.tracing import NOOP, Tracing
 from recsys.user_store import (
+    EVENT_TTL_S,
     READ_SHARE_OF_DEADLINE,
     CorruptUserState,
     Recorded,
@@ -935,6 +936,7 @@ class RetrievalEngine:
         rating: float | None,
         timestamp: int = 0,
         event_id: str = "",
+        dedupe_window_s: int = 0,
     ) -> Recorded:
         """Records one interaction, all of it or none of it.
 
@@ -944,6 +946,7 @@ class RetrievalEngine:
             rating: Explicit rating, or None for an implicit watch.
             timestamp: Event time (validated; the history is kept in arrival order).
             event_id: Idempotency key: a retry with the same key is not counted again.
+            dedupe_window_s: How long the key is remembered (0: a day, the most).
 
         Raises:
             InvalidArgument: Bad id, rating outside the version's scale, negative timestamp.
@@ -959,6 +962,10 @@ class RetrievalEngine:
             _check_id("event_id", event_id, limit)
         if timestamp < 0:
             raise InvalidArgument("timestamp", f"{timestamp} is negative")
+        if dedupe_window_s > EVENT_TTL_S:
+            raise InvalidArgument(
+                "dedupe_window_s", f"{dedupe_window_s} is more than {EVENT_TTL_S} (24 h)"
+            )
         served = self.current()
         spec = served.model.spec
         if rating is not None and not (
@@ -981,6 +988,7 @@ class RetrievalEngine:
                     rating,
                     history_length=self.settings.history_length,
                     event_id=event_id,
+                    event_ttl_s=dedupe_window_s,
                 )
         except CorruptUserState as exc:
             log.error("corrupt user state", extra={"fields": {"user": user_id, "error": str(exc)}})

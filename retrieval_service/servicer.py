@@ -305,7 +305,12 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         rating = request.rating if request.HasField("rating") else None
         try:
             done = await self.engine.record(
-                request.user_id, request.item_id, rating, request.timestamp, request.event_id
+                request.user_id,
+                request.item_id,
+                rating,
+                request.timestamp,
+                request.event_id,
+                request.dedupe_window_s,
             )
         except RetrievalError as exc:
             await _abort(context, exc)

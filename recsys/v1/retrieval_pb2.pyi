@@ -146,18 +146,20 @@ class SimilarItemsResponse(_message.Message):
     def __init__(self, items: _Optional[_Iterable[_Union[SimilarItem, _Mapping]]] = ..., index_version: _Optional[str] = ..., variant: _Optional[str] = ...) -> None: ...
 
 class RecordInteractionRequest(_message.Message):
-    __slots__ = ("user_id", "item_id", "rating", "timestamp", "event_id")
+    __slots__ = ("user_id", "item_id", "rating", "timestamp", "event_id", "dedupe_window_s")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     RATING_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    DEDUPE_WINDOW_S_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     item_id: str
     rating: float
     timestamp: int
     event_id: str
-    def __init__(self, user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., rating: _Optional[float] = ..., timestamp: _Optional[int] = ..., event_id: _Optional[str] = ...) -> None: ...
+    dedupe_window_s: int
+    def __init__(self, user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., rating: _Optional[float] = ..., timestamp: _Optional[int] = ..., event_id: _Optional[str] = ..., dedupe_window_s: _Optional[int] = ...) -> None: ...
 
 class RecordInteractionResponse(_message.Message):
     __slots__ = ("history_length", "rating_count", "duplicate")

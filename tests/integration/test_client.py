@@ -65,3 +65,22 @@ async def test_k_and_top_k_left_out_mean_the_servers_default(stack, mv: ModelVer
         zero = await asyncio.to_thread(c.rank, "client-user", many[:200], 0)
         recs = await asyncio.to_thread(c.recommend, "client-user")
     assert len(ranked.items) == len(zero.items) == len(recs.items) == default_k
+
+
+async def test_an_id_the_client_made_is_remembered_minutes_not_a_day(stack, mv: ModelVersion):
+    """Each remembered id costs Redis memory: the channel's retries need minutes."""
+    import redis
+
+    from recsys.client import OWN_RETRY_WINDOW_S
+
+    with client(stack) as c:
+        await asyncio.to_thread(c.record, "short-memory", mv.item_ids[0])
+        await asyncio.to_thread(c.record, "short-memory", mv.item_ids[1], event_id="mine")
+    r = redis.Redis.from_url(stack.settings.redis_url.get_secret_value(), decode_responses=True)
+    ttls = {
+        k.rsplit(":", 1)[1]: r.ttl(k) for k in r.scan_iter("recsys:user:{short-memory}:event:*")
+    }
+    assert len(ttls) == 2
+    assert 24 * 3600 - 60 < ttls.pop("mine") <= 24 * 3600  # the caller's own id: a day
+    (generated,) = ttls.values()
+    assert 0 < generated <= OWN_RETRY_WINDOW_S

@@ -646,3 +646,21 @@ async def test_the_stored_history_is_distinct_and_capped(server: Running, mv: Mo
             timeout=5,
         )
     assert r.llen(redis_keys.user_recent(user)) == cap
+
+
+async def test_record_interaction_remembers_its_event_id_for_the_window_asked(
+    server: Running, mv: ModelVersion
+):
+    req = retrieval_pb2.RecordInteractionRequest(
+        user_id="windowed", item_id=mv.item_ids[0], event_id="e", dedupe_window_s=10
+    )
+    await server.stub.RecordInteraction(req, timeout=5)
+    r = redis.Redis.from_url(server.settings.redis_url.get_secret_value())
+    assert 0 < r.ttl(redis_keys.user_event("windowed", "e")) <= 10
+    too_long = retrieval_pb2.RecordInteractionRequest(
+        user_id="windowed", item_id=mv.item_ids[0], event_id="f", dedupe_window_s=86_401
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await server.stub.RecordInteraction(too_long, timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("dedupe_window_s:")

@@ -8,7 +8,10 @@ manifest: what is under test is the choice of version, not loading one
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -124,26 +127,35 @@ async def test_pinned_version_is_loaded_once_it_arrives(tmp_path, own_redis):
         await watcher.redis.aclose()
 
 
-async def test_rejected_version_is_retried_only_after_its_manifest_changes(tmp_path, own_redis):
-    add_version(tmp_path, "1")
-    point_at(own_redis.url, "1")
+@contextlib.asynccontextmanager
+async def second_version_rejected(model_dir: Path, url: str):
+    """Version 1 served, then version 2 published and rejected by the loader."""
+    add_version(model_dir, "1")
+    point_at(url, "1")
     loader = Recorder()
-    watcher = watcher_for(tmp_path, own_redis.url, loader)
+    watcher = watcher_for(model_dir, url, loader)
     try:
         await polls(watcher, 1)
         loader.failing.add("2")
-        add_version(tmp_path, "2")
-        point_at(own_redis.url, "2")
+        add_version(model_dir, "2")
+        point_at(url, "2")
         await polls(watcher)
         assert loader.loaded == ["1", "2"]  # tried once, not on every poll
         assert "broken" in watcher.rejected["2"] and watcher.current == "1"
         loader.failing.clear()
+        yield watcher, loader
+    finally:
+        await watcher.redis.aclose()
+
+
+async def test_rejected_version_is_retried_only_after_its_manifest_changes(tmp_path, own_redis):
+    async with second_version_rejected(tmp_path, own_redis.url) as (watcher, loader):
+        await polls(watcher)
+        assert loader.loaded == ["1", "2"]  # fixed loader, same files: not retried
         add_version(tmp_path, "2", json.dumps({"copied": "again"}))  # a fixed re-copy
         await polls(watcher, 1)
         assert watcher.current == "2" and loader.loaded == ["1", "2", "2"]
         assert "2" not in watcher.rejected
-    finally:
-        await watcher.redis.aclose()
 
 
 async def test_a_swap_leaves_one_version_series_per_service(tmp_path, own_redis):
@@ -198,55 +210,24 @@ async def test_a_pointer_that_vanishes_keeps_the_serving_version(tmp_path, own_r
 
 async def test_a_rejected_version_is_retried_when_the_rest_of_its_copy_lands(tmp_path, own_redis):
     """The manifest can arrive first; the files it lists come later, itself unchanged."""
-    add_version(tmp_path, "1")
-    point_at(own_redis.url, "1")
-    loader = Recorder()
-    watcher = watcher_for(tmp_path, own_redis.url, loader)
-    try:
-        await polls(watcher, 1)
-        loader.failing.add("2")  # incomplete: its vectors are not there yet
-        add_version(tmp_path, "2")
-        point_at(own_redis.url, "2")
-        await polls(watcher)
-        assert loader.loaded == ["1", "2"] and watcher.current == "1"
-        loader.failing.clear()
+    async with second_version_rejected(tmp_path, own_redis.url) as (watcher, loader):
         (tmp_path / "2" / "item_vectors.npy").write_bytes(b"the rest of the copy")
         await polls(watcher, 1)
         assert watcher.current == "2" and loader.loaded == ["1", "2", "2"]
-    finally:
-        await watcher.redis.aclose()
 
 
 async def test_a_re_copy_that_keeps_mtimes_is_retried(tmp_path, own_redis):
     """``cp -a`` / ``rsync -a`` keep each file's mtime and size; only its ctime moves."""
-    import os
-    import time
-
-    add_version(tmp_path, "1")
-    point_at(own_redis.url, "1")
-    loader = Recorder()
-    watcher = watcher_for(tmp_path, own_redis.url, loader)
-    try:
-        await polls(watcher, 1)
-        loader.failing.add("2")
-        add_version(tmp_path, "2")
-        manifest = tmp_path / "2" / MANIFEST
+    manifest = tmp_path / "2" / MANIFEST
+    async with second_version_rejected(tmp_path, own_redis.url) as (watcher, _loader):
         before = manifest.stat()
-        point_at(own_redis.url, "2")
-        await polls(watcher)
-        assert watcher.current == "1"
-        loader.failing.clear()
         time.sleep(0.02)  # a later ctime than the first copy's
         manifest.write_text("{}")  # the same bytes, then the old mtime put back
         os.utime(manifest, ns=(before.st_atime_ns, before.st_mtime_ns))
-        assert (manifest.stat().st_mtime_ns, manifest.stat().st_size) == (
-            before.st_mtime_ns,
-            before.st_size,
-        )
+        after = manifest.stat()
+        assert (after.st_mtime_ns, after.st_size) == (before.st_mtime_ns, before.st_size)
         await polls(watcher, 1)
         assert watcher.current == "2"
-    finally:
-        await watcher.redis.aclose()
 
 
 async def test_a_replica_serving_nothing_falls_back_to_an_older_version(tmp_path, own_redis):

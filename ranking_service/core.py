@@ -9,6 +9,7 @@ drops unknown and watched items, and hands the rest to the micro-batcher.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import weakref
@@ -82,6 +83,9 @@ class RankJob:
     # it on): the batch then reads nothing from Redis for this job.
     prefetched: StoredUser | None = None
     deadline: float | None = None  # time.monotonic() when the caller stops waiting
+    # Rank without reading Redis (its caller gave up on a slow read: _rank_rows).
+    skip_read: bool = False
+    reading: bool = False  # set by the batch while this job's user read is out
     # Outputs.
     stored: StoredUser | None = None
     redis_failed: bool = False
@@ -386,7 +390,10 @@ class Ranker:
             prefetched=stored,
             deadline=deadline,
         )
-        await self.batcher.submit(job)
+        if deadline is None or stored is not None:
+            await self.batcher.submit(job)
+        else:
+            job = await self._submit_within_share(job)
         if job.redis_failed:
             M.REDIS_ERRORS.inc()
         if job.watched:
@@ -436,20 +443,23 @@ class Ranker:
         """One micro-batch: hydrate every user in one round trip, featurise, score."""
         traced = any(j.trace is not None for j in jobs)
         t0 = time.time_ns() if traced else 0
+        for j in jobs:
+            j.reading = j.prefetched is None and not j.skip_read
         got = await fetch_users(
             self.redis,
             [
-                (j.model.version.spec, j.user.user_id, j.with_watched)
-                if j.prefetched is None
-                else None
+                (j.model.version.spec, j.user.user_id, j.with_watched) if j.reading else None
                 for j in jobs
             ],
             timeout_s=self._read_limit(jobs),
         )
         inputs = []
         for j, (stored, failed) in zip(jobs, got, strict=True):
+            j.reading = False
             if j.prefetched is not None:
                 stored, failed = j.prefetched, False
+            elif j.skip_read:
+                stored, failed = None, True  # its caller gave up on the read
             j.stored, j.redis_failed = stored, failed
             drop: list[str] = list(j.user.exclude_item_ids)
             if stored is not None and j.with_watched:
@@ -495,21 +505,50 @@ class Ranker:
                 j.result = r
         return jobs
 
+    async def _submit_within_share(self, job: RankJob) -> RankJob:
+        """Submits a job that reads Redis; its caller stops waiting for a slow read.
+
+        The batch's read may wait for its most patient caller (_read_limit).
+        This caller waits its own share of its time; if the read is still out
+        then, it is ranked again without it (request and default features),
+        so it still answers before its deadline. The first job stays in its
+        batch, whose other callers still get their read.
+        """
+        assert job.deadline is not None
+        own = self._share(job.deadline)
+        fut = self.batcher.enqueue(job)
+        try:
+            async with asyncio.timeout(own + self.batcher.max_wait_s):
+                await asyncio.shield(fut)
+            return job
+        except TimeoutError:
+            if not job.reading:
+                await fut  # queued or scoring, not stuck on Redis: keep waiting
+                return job
+        fut.add_done_callback(_consume)  # its batch may still fail: nobody reads it
+        alone = dataclasses.replace(job, skip_read=True, reading=False, trace=job.trace)
+        await self.batcher.submit(alone)
+        return alone
+
+    def _share(self, deadline: float) -> float:
+        """The longest a user read may wait for a caller with ``deadline``."""
+        left = READ_SHARE_OF_DEADLINE * (deadline - time.monotonic())
+        return max(min(self.redis_timeout_s, left), MIN_READ_S)
+
     def _read_limit(self, jobs: Sequence[RankJob]) -> float:
         """How long the batch's user read may wait: a share of its most patient caller's time.
 
-        Past it the users are ranked from request and default features, so
-        callers with short deadlines (every caller of a service usually has
-        the same) get a degraded answer from a hung Redis rather than
-        DEADLINE_EXCEEDED. The most patient caller sets it, not the most
-        hurried: one caller about to give up must not cut the read short,
-        and so degrade, for the whole batch.
+        Past it the users are ranked from request and default features, so a
+        hung Redis gives degraded answers rather than DEADLINE_EXCEEDED. The
+        most patient caller sets it, not the most hurried: one caller about
+        to give up must not cut the read short, and so degrade, for the
+        whole batch; a hurried caller stops waiting on its own
+        (:meth:`_submit_within_share`).
         """
-        deadlines = [j.deadline for j in jobs if j.prefetched is None]
+        deadlines = [j.deadline for j in jobs if j.prefetched is None and not j.skip_read]
         if not deadlines or None in deadlines:
             return self.redis_timeout_s
-        left = READ_SHARE_OF_DEADLINE * (max(deadlines) - time.monotonic())  # type: ignore[type-var]
-        return max(min(self.redis_timeout_s, left), MIN_READ_S)
+        return self._share(max(deadlines))  # type: ignore[type-var]
 
     async def close(self) -> None:
         """Stops the batcher and closes clients."""
@@ -518,6 +557,12 @@ class Ranker:
             self._executor.shutdown(wait=False, cancel_futures=True)
         if self.retrieval is not None:
             await self.retrieval.close()
+
+
+def _consume(fut: asyncio.Future) -> None:
+    """Retrieves an abandoned result so a failure is not logged as never retrieved."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _deadline(time_remaining: float | None) -> float | None:

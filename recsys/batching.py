@@ -134,6 +134,15 @@ class MicroBatcher(Generic[Req, Res]):
 
     async def submit(self, request: Req) -> Res:
         """Queues one request and waits for its own result."""
+        return await self.enqueue(request)
+
+    def enqueue(self, request: Req) -> asyncio.Future[Res]:
+        """Queues one request; its future gets the result.
+
+        For a caller that may stop waiting without giving the request up
+        (``asyncio.shield`` it): the batch still runs it. Cancelling the
+        future itself withdraws the request if its batch has not started.
+        """
         if self._closed:
             raise BatcherClosed("the scoring queue is shut down")
         loop = asyncio.get_running_loop()
@@ -145,7 +154,7 @@ class MicroBatcher(Generic[Req, Res]):
             self._ensure_started()
             assert self._wake is not None
             self._wake.set()
-        return await fut
+        return fut
 
     # --- inline: batches run from loop callbacks -------------------------------------
 

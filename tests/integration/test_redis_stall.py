@@ -259,3 +259,46 @@ async def test_a_patient_callers_rank_does_not_depend_on_a_hurried_neighbour(
         os.kill(pid, signal.SIGCONT)
         await ranker.close()
         await client.aclose()
+
+
+@pytest.mark.parametrize("patient", [None, 5.0], ids=["patient-without-deadline", "patient-5s"])
+async def test_a_hurried_caller_beside_a_patient_one_answers_in_time(
+    own_redis, trained_version: Path, patient
+):
+    """The batch's read waits for the patient caller; the hurried one stops on its own."""
+    sync = redis.Redis.from_url(own_redis.url)
+    publish(trained_version, sync, quiet=True)
+    sync.close()
+    mv = ModelVersion.open(trained_version)
+    limits = RankingSettings()
+    hurried_req, patient_req = (
+        ranking_pb2.RankRequest(
+            user=common_pb2.UserContext(user_id=str(mv.users["user_id"][i])),
+            candidate_item_ids=list(mv.item_ids[:50]),
+            top_k=5,
+        )
+        for i in (0, 1)
+    )
+    client = async_redis(RecsysSettings(redis_url=own_redis.url, redis_timeout_s=0.25))
+    ranker = Ranker(redis=client, redis_timeout_s=0.25)
+    ranker.swap(await asyncio.to_thread(LoadedModel.load, trained_version, "cpu"))
+    pid = own_redis.proc.pid
+    try:
+        for _ in range(3):
+            await ranker.rank(parse_rank(patient_req, limits), 5.0)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            # The hurried caller's gRPC deadline is 0.2 s: it stops waiting then.
+            hurried, patient_out = await asyncio.gather(
+                asyncio.wait_for(ranker.rank(parse_rank(hurried_req, limits), 0.2), 0.2),
+                ranker.rank(parse_rank(patient_req, limits), patient),
+                return_exceptions=True,
+            )
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert not isinstance(hurried, BaseException), repr(hurried)
+        assert hurried.feature_source == "default" and len(hurried.items) == 5
+        assert not isinstance(patient_out, BaseException) and len(patient_out.items) == 5
+    finally:
+        await ranker.close()
+        await client.aclose()

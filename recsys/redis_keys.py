@@ -13,13 +13,14 @@ key                                    type    holds
 =====================================  ======  =========================================
 ``recsys:current_version``             string  version the services should serve
 ``recsys:versions``                    zset    published versions, scored by publish time
+``recsys:versions:pending``            zset    versions a publish is writing, by start time
 ``recsys:v:<ver>:top:genre:<genre>``   zset    item id -> damped mean rating
 ``recsys:v:<ver>:top:country:<c>``     zset    item id -> score within the country
 ``recsys:v:<ver>:top:popular``         zset    item id -> popularity score
 ``recsys:user:{<uid>}``                hash    profile + running aggregates (features)
 ``recsys:user:{<uid>}:watched``        set     every item id the user interacted with
 ``recsys:user:{<uid>}:recent``         list    most recent item ids, newest first, capped
-``recsys:user:{<uid>}:event:<id>``     string  a recorded event id (expires after a day)
+``recsys:user:{<uid>}:event:<id>``     string  a recorded event id (for dedupe_window_s)
 =====================================  ======  =========================================
 """
 

@@ -27,6 +27,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from redis.exceptions import RedisError
+
 from recsys import redis_keys
 from recsys.artifacts import ArtifactError, ModelVersion, latest_version, list_versions
 from recsys.errors import UserFacingError
@@ -48,6 +50,7 @@ class PublishReport:
     removed_keys: int = 0
     seconds: float = 0.0
     switched: bool = True  # False: a newer version became current meanwhile
+    cleanup_error: str = ""  # why the clean-up after the switch stopped short, if it did
 
 
 class OlderThanServed(ValueError):
@@ -126,21 +129,41 @@ def cleanup_versions(
     Returns:
         (removed versions, number of keys deleted).
     """
-    published = [
-        v.decode() if isinstance(v, bytes) else v
-        for v in redis_client.zrange(redis_keys.VERSIONS, 0, -1)
-    ]
-    kept = set(protect)
+    current = current_version(redis_client)
+    published = _published_versions(redis_client, current)
+    kept = {*protect, *([current] if current is not None else [])}
     old = [v for v in published[: max(len(published) - keep, 0)] if v not in kept]
     cutoff = time.time() - pending_timeout_s
     dead = [
         v.decode() if isinstance(v, bytes) else v
         for v in redis_client.zrangebyscore(redis_keys.VERSIONS_PENDING, "-inf", cutoff)
     ]
-    current = current_version(redis_client)
-    old += [v for v in dead if v not in kept and v not in published and v != current]
+    old += [v for v in dead if v not in kept and v not in published]
     removed_keys = sum(remove_version(redis_client, v) for v in old)
     return old, removed_keys
+
+
+def _published_versions(redis_client, current: str | None) -> list[str]:
+    """The published set, oldest first, after moving never-switched entries to pending.
+
+    An entry listed after the current version's switch yet not current was
+    never switched in: publishes before the pending set existed listed a
+    version there before writing it, and one that died left it. Counted as
+    published, it took one of ``--keep``'s places from a version replicas
+    were serving.
+    """
+    entries = [
+        (v.decode() if isinstance(v, bytes) else v, score)
+        for v, score in redis_client.zrange(redis_keys.VERSIONS, 0, -1, withscores=True)
+    ]
+    switched_at = dict(entries).get(current) if current is not None else None
+    if switched_at is None:
+        return [v for v, _ in entries]
+    for v, score in entries:
+        if score > switched_at:
+            redis_client.zadd(redis_keys.VERSIONS_PENDING, {v: score})
+            redis_client.zrem(redis_keys.VERSIONS, v)
+    return [v for v, score in entries if score <= switched_at]
 
 
 def remove_version(redis_client, version: str) -> int:
@@ -214,6 +237,8 @@ def publish(
             "(recsys publish --rollback moves the services back on purpose)"
         )
     report = PublishReport(mv.version)
+    # Before this publish's switch moves the mark: see _published_versions.
+    _published_versions(redis_client, current)
     # Listed as pending before its keys are written, so a publish that dies
     # before the switch leaves keys a later cleanup finds.
     redis_client.zadd(redis_keys.VERSIONS_PENDING, {mv.version: time.time()})
@@ -273,26 +298,18 @@ def publish(
     )
     if isinstance(moved, bytes):
         moved = moved.decode()
-    redis_client.zrem(redis_keys.VERSIONS_PENDING, mv.version)
-    if moved != "OK":
-        # A newer version was published while this one was being written.
-        # Never served (not in the published set), nothing will read these
-        # keys (a rollback writes them again); a version served before keeps
-        # its grace period like any other.
-        report.switched = False
-        _progress(quiet, f"version {mv.version} written, but {moved} is newer and stays current")
-        never_served = redis_client.zscore(redis_keys.VERSIONS, mv.version) is None
-        if never_served and mv.version not in set(protect):
-            report.removed_keys += remove_version(redis_client, mv.version)
-            report.removed_versions.append(mv.version)
-    else:
+    report.switched = moved == "OK"
+    if report.switched:
         _progress(quiet, f"current version is now {mv.version}")
-
-    removed, keys = cleanup_versions(
-        redis_client, keep, protect={mv.version, *protect}, pending_timeout_s=pending_timeout_s
-    )
-    report.removed_versions += removed
-    report.removed_keys += keys
+    else:
+        _progress(quiet, f"version {mv.version} written, but {moved} is newer and stays current")
+    try:
+        _after_switch(redis_client, mv.version, report, keep, set(protect), pending_timeout_s)
+    except RedisError as exc:
+        # The publish itself is done (or decided): a clean-up cut short is
+        # finished by the next publish, not worth failing this one for.
+        report.cleanup_error = f"{type(exc).__name__}: {exc}"
+        _progress(quiet, f"old versions not cleaned up: {report.cleanup_error}")
     if report.removed_versions:
         _progress(
             quiet,
@@ -300,6 +317,32 @@ def publish(
         )
     report.seconds = time.perf_counter() - t0
     return report
+
+
+def _after_switch(
+    redis_client,
+    version: str,
+    report: PublishReport,
+    keep: int,
+    protect: set[str],
+    pending_timeout_s: float,
+) -> None:
+    """The clean-up once the switch is decided: this version's pending mark, then old keys."""
+    redis_client.zrem(redis_keys.VERSIONS_PENDING, version)
+    if not report.switched:
+        # A newer version was published while this one was being written.
+        # Never served (not in the published set), nothing will read these
+        # keys (a rollback writes them again); a version served before keeps
+        # its grace period like any other.
+        never_served = redis_client.zscore(redis_keys.VERSIONS, version) is None
+        if never_served and version not in protect:
+            report.removed_keys += remove_version(redis_client, version)
+            report.removed_versions.append(version)
+    removed, keys = cleanup_versions(
+        redis_client, keep, protect={version, *protect}, pending_timeout_s=pending_timeout_s
+    )
+    report.removed_versions += removed
+    report.removed_keys += keys
 
 
 def pinned_versions(settings) -> set[str]:
@@ -394,6 +437,12 @@ def cli_publish(args: argparse.Namespace, settings) -> int:
         f"{report.users} users ({report.recent_written} recent lists written), "
         f"{len(report.removed_versions)} old versions removed, {report.seconds:.1f}s"
     )
+    if report.cleanup_error:
+        print(
+            f"publish: old versions' keys not cleaned up ({report.cleanup_error}); "
+            "the next publish does it",
+            file=sys.stderr,
+        )
     if not report.switched:
         print(f"version {report.version} is not current: a newer one was published meanwhile")
     elif getattr(args, "keep_dirs", 0):

@@ -451,3 +451,44 @@ def test_a_served_version_republished_and_losing_a_race_keeps_its_keys(
     assert raced and not report.switched and client.get(redis_keys.CURRENT_VERSION) == "2"
     # Replicas still on 1 until they reload: its top lists stay (keep=2).
     assert "1" not in report.removed_versions and client.exists(redis_keys.top_popular("1"))
+
+
+def test_a_version_older_code_listed_but_never_switched_is_not_kept(
+    client, trained_version, tmp_path
+):
+    """Publishes before the pending set listed a version as published before writing it."""
+    import time
+
+    v1, v2, v4 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2, 4))
+    publish(v1, client, quiet=True)
+    publish(v2, client, quiet=True)
+    # What an older publish of version 3 left when it died before its switch.
+    client.zadd(redis_keys.VERSIONS, {"3": time.time()})
+    client.zadd(redis_keys.top_popular("3"), {"an-item": 1.0})
+    report = publish(v4, client, quiet=True, keep=2, pending_timeout_s=0)
+    assert client.zrange(redis_keys.VERSIONS, 0, -1) == ["2", "4"]
+    assert client.exists(redis_keys.top_popular("2")), "the version served a moment ago"
+    assert "3" in report.removed_versions and not client.exists(redis_keys.top_popular("3"))
+
+
+def test_a_redis_error_in_the_clean_up_after_the_switch_is_a_warning(
+    redis_url, trained_version, tmp_path, capsys, monkeypatch
+):
+    """The pointer moved: failing the Job would have its retry train and publish again."""
+    import trainer.publish as publish_module
+    from recsys.cli import main
+
+    def cut(*_a, **_kw):
+        raise redis.ConnectionError("connection lost")
+
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    for n in (1, 2):
+        shutil.move(_numbered_copy(trained_version, tmp_path, n), model_dir / str(n))
+    monkeypatch.setattr(publish_module, "cleanup_versions", cut)
+    argv = ["publish", "--model-dir", str(model_dir), "--redis-url", redis_url, "--keep-dirs", "1"]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert "not cleaned up (ConnectionError: connection lost)" in out.err
+    assert redis.Redis.from_url(redis_url).get(redis_keys.CURRENT_VERSION) == b"2"
+    assert sorted(p.name for p in model_dir.iterdir()) == ["2"]  # --keep-dirs still ran

@@ -411,17 +411,17 @@ class RetrievalEngine:
         except FieldError as exc:
             raise InvalidArgument(exc.field, exc.problem) from None
         if q.sources:
-            chosen: list[CandidateSource] = []
             for i, name in enumerate(q.sources):
                 _check_id(f"sources[{i}]", name, s.max_id_bytes)
-                src = self.by_name.get(name)
-                if src is None:
+                if name not in self.by_name:
                     raise InvalidArgument(
                         f"sources[{i}]",
                         f"unknown source {shown(name)}; configured: {', '.join(self.by_name)}",
                     )
-                if src not in chosen:
-                    chosen.append(src)
+            # In config order, whatever the request's: the order decides who
+            # wins interleave ties and the budget's last places.
+            wanted = set(q.sources)
+            chosen = [src for src in self.sources if src.name in wanted]
         else:
             chosen = self.sources
         return q.budget or s.default_budget, chosen
@@ -776,15 +776,21 @@ class RetrievalEngine:
                         "recsys.degraded": ctx.hydrate_error is not None,
                     }
                 )
-        excluded = ctx.watched | ctx.excluded | set(ctx.recent)
+        # The whole request history, not only the part kept as seeds: an item
+        # the caller says was watched must not come back.
+        excluded = ctx.watched | ctx.excluded | set(ctx.recent) | set(q.recent)
         n_excluded = len(excluded)
         # Ask for a little more than the quota when filtering will drop some,
         # so refill rarely needs the last-resort pad (but not so much more that
         # reading and parsing the extra doubles the cost of a heavy watcher).
+        # Ids outside the catalogue drop nothing: not counted.
+        n_dropping = n_excluded
+        if ctx.excluded:
+            n_dropping -= len(ctx.excluded) - len(served.rows_of(ctx.excluded))
         asks = {}
         for src in chosen:
             k = min(src.config.budget, budget)
-            asks[src.name] = k + min(n_excluded, k // 2)
+            asks[src.name] = k + min(n_dropping, k // 2)
         # Sources stop a little before the caller's deadline so the merge and
         # the response still arrive in time.
         total = deadline - time.monotonic()

@@ -284,7 +284,13 @@ class SourceConfig(BaseModel):
 
     name: str = Field(description="Unique snake_case name: report key, metric label, log field.")
     type: str = Field(description="Entry-point name of the source class.")
-    budget: int = Field(100, ge=1, description="Most candidates this source contributes.")
+    budget: int = Field(
+        100,
+        ge=1,
+        description="Candidates this source contributes in the first pass (its quota). When "
+        "filtering leaves the answer short, refill may take up to half as many again from "
+        "what the source over-fetched for that purpose.",
+    )
     weight: float = Field(1.0, gt=0, description="Share of interleave turns relative to others.")
     timeout_ms: float = Field(50.0, gt=0, description="Own deadline (capped by the request's).")
     tier: Tier = Field(

@@ -216,3 +216,54 @@ async def test_a_cold_start_users_disliked_genre_gets_no_genre_list(
     )
     got = list(await engine.by_name["src_redis_top_genre"].retrieve(await _context(engine, q), 30))
     assert got and {c.genre for c in got} == {liked}
+
+
+async def test_the_answer_does_not_depend_on_the_order_sources_are_named(
+    engine: RetrievalEngine, mv: ModelVersion
+):
+    """Config order decides ties and the budget's last places, not the request's order."""
+    users = [str(u) for u in mv.users["user_id"][:10]]
+    for uid in users:
+        for budget in (5, 11, 25):
+            a = await engine.retrieve(
+                RetrieveQuery(uid, budget=budget, sources=("src_annoy_similar", "src_popular"))
+            )
+            b = await engine.retrieve(
+                RetrieveQuery(uid, budget=budget, sources=("src_popular", "src_annoy_similar"))
+            )
+            assert a.selection.source_names == b.selection.source_names
+            assert [(m.item_id, m.sources) for m in a.candidates] == [
+                (m.item_id, m.sources) for m in b.candidates
+            ], (uid, budget)
+
+
+async def test_a_request_history_longer_than_the_kept_one_is_all_excluded(
+    engine: RetrievalEngine, mv: ModelVersion
+):
+    keep = engine.settings.history_length
+    popular = [i for i, _ in engine.current().popular]
+    # Newest first; the most popular items at the old end, past what is kept as seeds.
+    recent = tuple(popular[10 : keep + 10]) + tuple(popular[:10])
+    got = await engine.retrieve(
+        RetrieveQuery("long-history", budget=50, recent=recent, sources=("src_popular",))
+    )
+    assert got.candidates and not {m.item_id for m in got.candidates} & set(recent)
+
+
+async def test_excluded_ids_outside_the_catalogue_do_not_widen_a_sources_share(
+    engine: RetrievalEngine, mv: ModelVersion
+):
+    """Over-fetching for filtering is for ids that filtering drops; junk ids drop nothing."""
+    feats = RequestFeatures(genre_ratings={g: 5.0 for g in mv.spec.genres[:3]})
+    junk = tuple(f"no-such-item-{i}" for i in range(40))
+    got = await engine.retrieve(
+        RetrieveQuery(
+            "cold-genres",
+            budget=100,
+            sources=("src_redis_top_genre",),
+            exclude=junk,
+            features=feats,
+        )
+    )
+    placed = sum("src_redis_top_genre" in m.sources for m in got.candidates)
+    assert placed == engine.by_name["src_redis_top_genre"].config.budget

@@ -359,6 +359,10 @@ def write_results(
     host = "".join(c if c.isalnum() or c in "-_" else "-" for c in machine["host"]) or "host"
     stem = f"{started_at.strftime('%Y-%m-%d')}-{host}"
     md, js = out_dir / f"{stem}.md", out_dir / f"{stem}.json"
+    n = 1
+    while md.exists() or js.exists():  # a second run that day: never overwrite the first
+        n += 1
+        md, js = out_dir / f"{stem}-{n}.md", out_dir / f"{stem}-{n}.json"
     js.write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
     md.write_text(render_markdown(report))
     return md, js

@@ -477,6 +477,13 @@ async def _phase(
                 # started (the run must end on time) but counted as not sent,
                 # so a server that could not keep up is not flattered.
                 due_total = math.ceil((deadline - start) / interval)
+                # Settled with the test the schedule itself uses (a call is due
+                # while start + seq * interval < deadline): float rounding in
+                # the division can be one off either way.
+                while due_total > 0 and start + (due_total - 1) * interval >= deadline:
+                    due_total -= 1
+                while start + due_total * interval < deadline:
+                    due_total += 1
                 if requests is not None:
                     due_total = min(due_total, requests)
                 rec.not_sent = max(due_total - seq, 0)

@@ -327,3 +327,23 @@ def test_default_targets_follow_the_owning_service():
     assert _default_target("Rank", s) == "127.0.0.2:6002"
     assert _default_target("Retrieve", s) == "127.0.0.1:6001"
     assert _default_target("SimilarItems", s) == "127.0.0.1:6001"
+
+
+async def test_not_sent_uses_the_schedules_own_test_of_what_was_due(monkeypatch):
+    """At this start time, (deadline - start) / interval rounds up to one call too many."""
+    import recsys.loadtest as lt
+
+    start = 98075.64626014374
+    offset = start - time.perf_counter()
+    real = time.perf_counter
+    monkeypatch.setattr(lt.time, "perf_counter", lambda: real() + offset)
+
+    async def slow(seq: int) -> str:
+        await asyncio.sleep(0.2)
+        return "OK"
+
+    rec = lt._Recorder()
+    cfg = LoadConfig(rate=98, duration_s=0.5, concurrency=1)
+    await lt._phase(cfg, slow, 0.5, None, rec, start)
+    due = sum(1 for seq in range(100) if start + seq * (1 / 98) < start + 0.5)
+    assert rec.sent + rec.not_sent == due and rec.not_sent > 0

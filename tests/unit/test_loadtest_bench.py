@@ -86,12 +86,12 @@ def test_e2e_summary_keeps_the_kind_of_each_degraded_answer():
 
     def run(qps, p99, flagged):
         lat = {"p50_ms": 10.0, "p99_ms": p99, "p999_ms": p99 + 1, "max_ms": p99 + 2}
-        return {"qps": qps, "latency": lat, "sent": 100, "errors": {"UNAVAILABLE": 1},
-                "flagged": flagged}  # fmt: skip
+        return {"qps": qps, "ok_qps": qps * 0.99, "latency": lat, "sent": 100,
+                "errors": {"UNAVAILABLE": 1}, "flagged": flagged}  # fmt: skip
 
     s = _summary([run(100.0, 40.0, {"source_degraded": 2}),
                   run(300.0, 60.0, {"source_degraded": 1, "fewer_than_k": 4})])  # fmt: skip
-    assert s["qps"] == 200.0
+    assert s["qps"] == pytest.approx(198.0) and s["calls_per_s"] == 200.0  # OK answers count
     assert s["p99_ms"] == 60.0  # the worst round counts
     assert s["requests"] == 200 and s["errors"] == 2
     assert s["flagged"] == 7
@@ -124,7 +124,8 @@ def test_e2e_open_loop_row_counts_warm_up_calls_for_servers_only():
 
     def report(p50, p99, errors=None, flagged=None):
         lat = {"p50_ms": p50, "p90_ms": p99 - 1, "p99_ms": p99, "max_ms": p99 + 5}
-        return {"qps": 99.0, "latency": lat, "send_lag": {"p99_ms": 0.5},
+        ok = 99.0 - sum((errors or {}).values()) / 10  # 10 s measured
+        return {"qps": 99.0, "ok_qps": ok, "latency": lat, "send_lag": {"p99_ms": 0.5},
                 "errors": errors or {}, "flagged": flagged or {}}  # fmt: skip
 
     cpu = {"ranking": 1.2, "retrieval": 0.6, "load_generator": 0.5}
@@ -135,5 +136,31 @@ def test_e2e_open_loop_row_counts_warm_up_calls_for_servers_only():
     # the client's CPU time covers the 1,000 measured calls only.
     assert row["cpu_ms_per_call"] == {"ranking": 1.0, "retrieval": 0.5, "load_generator": 0.5}
     assert (row["p99_ms"], row["echo_p99_ms"], row["errors"]) == (40.0, 3.0, 2)
-    assert row["offered_rps"] == 100.0 and row["achieved_rps"] == 99.0
+    assert row["offered_rps"] == 100.0 and row["achieved_rps"] == 98.8  # OK answers only
     assert row["send_lag_p99_ms"] == 0.5 and row["share_of_closed_loop"] == 0.5
+
+
+def test_e2e_summary_of_a_round_without_one_ok_answer_is_unknown_not_a_crash():
+    from bench.e2e import _summary
+
+    ok = {"p50_ms": 10.0, "p99_ms": 30.0, "p999_ms": 31.0, "max_ms": 32.0}
+    none = {"p50_ms": None, "p99_ms": None, "p999_ms": None, "max_ms": None}
+    runs = [
+        {"qps": 500.0, "ok_qps": 500.0, "latency": ok, "sent": 10, "errors": {}, "flagged": {}},
+        {"qps": 900.0, "ok_qps": 0.0, "latency": none, "sent": 10,
+         "errors": {"RESOURCE_EXHAUSTED": 10}, "flagged": {}},
+    ]  # fmt: skip
+    s = _summary(runs)
+    assert s["qps"] == 250.0 and s["p99_ms"] is None and s["p50_ms"] == 10.0
+    assert not common.target("p99", s["p99_ms"], "<=", 50.0)["met"]
+
+
+def test_a_second_run_does_not_overwrite_the_first(tmp_path):
+    started = dt.datetime(2025, 3, 4, 5, 6, 7, tzinfo=dt.UTC)
+    kw = {"command": "python -m bench", "started_at": started, "duration_s": 1.0,
+          "machine": {**common.machine_info(), "host": "h"}, "out_dir": tmp_path}  # fmt: skip
+    first = common.write_results({"a": {"x": 1}}, {"a": {"status": "ok", "seconds": 1}}, **kw)
+    second = common.write_results({"b": {"y": 2}}, {"b": {"status": "ok", "seconds": 1}}, **kw)
+    assert first[0] != second[0] and first[1] != second[1]
+    assert second[0].name == "2025-03-04-h-2.md"
+    assert json.loads(first[1].read_text())["results"] == {"a": {"x": 1}}

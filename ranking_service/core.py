@@ -26,6 +26,7 @@ from ranking_service.model import LoadedModel, ScoreRequest, ScoreResult, score_
 from ranking_service.retrieval_client import (
     RetrievalAnswer,
     RetrievalClient,
+    RetrievalRejected,
     RetrievalUnavailable,
 )
 from ranking_service.users import UserQuery, feature_rows, fetch_users, resolve_inputs
@@ -258,6 +259,15 @@ class Ranker:
             except RetrievalUnavailable as exc:
                 reason = exc.reason
                 M.RETRIEVAL_FALLBACK.labels(exc.code, variant.name).inc()
+            except RetrievalRejected as exc:
+                # An arm ranking chose itself that retrieval does not know: a
+                # config rollout half done. Not the caller's error (it named
+                # no variant), so an answer from the popular list.
+                forced = query.raw_user.variant  # type: ignore[attr-defined]
+                if forced or not str(exc).startswith("user.variant:"):
+                    raise
+                reason = f"retrieval does not serve variant {variant.name!r} yet"
+                M.RETRIEVAL_FALLBACK.labels("UNKNOWN_VARIANT", variant.name).inc()
             else:
                 # A caller that named its sources gets what they found, even
                 # nothing; popular items would be from sources it did not ask for.

@@ -108,7 +108,10 @@ class ServerSettings(_Strict):
     )
     tls: TLSSettings = TLSSettings()
     pinned_version: str | None = Field(
-        None, description="Serve exactly this version instead of following the published one."
+        None,
+        pattern=r"^[1-9][0-9]*$",
+        description="Serve exactly this version (a version number, as its directory is "
+        "named) instead of following the published one.",
     )
     workers: int = Field(
         1,
@@ -332,8 +335,8 @@ class VariantSettings(_Strict):
     share: float = Field(ge=0, le=1, description="Fraction of users bucketed into this variant.")
     model_version: str = Field(
         CURRENT_VERSION,
-        min_length=1,
-        description="'current' follows the served version; anything else pins that version.",
+        pattern=rf"^({CURRENT_VERSION}|[1-9][0-9]*)$",
+        description="'current' follows the served version; a version number pins that version.",
     )
     sources: dict[str, SourceOverride] = Field(
         default_factory=dict, description="Overrides of retrieval.sources entries, by name."

@@ -31,7 +31,7 @@ from recsys.config import CURRENT_VERSION, ConfigError, ExperimentSettings, Sour
 from recsys.errors import shown
 
 DEFAULT_VARIANT = "default"
-_SCALE = float(1 << 64)
+_SCALE = float(1 << 53)
 
 VARIANT_REQUESTS = Counter(
     "recsys_variant_requests_total",
@@ -85,7 +85,9 @@ def bucket(experiment: str, user_id: str) -> float:
     digest = hashlib.blake2b(
         experiment.encode() + b"\x00" + user_id.encode("utf-8", "surrogatepass"), digest_size=8
     ).digest()
-    return int.from_bytes(digest, "big") / _SCALE
+    # The top 53 bits: exactly representable, so the result stays below 1.0
+    # (64 bits divided by 2**64 rounds up to 1.0 for the highest digests).
+    return (int.from_bytes(digest, "big") >> 11) / _SCALE
 
 
 class Experiment:

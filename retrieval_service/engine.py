@@ -805,7 +805,7 @@ class RetrievalEngine:
             runs = await self._run_sources(chosen, ctx, asks, stop_at, variant.name)
         reports = [r for r, _ in runs]
         ok = [(src, b) for src, (r, b) in zip(chosen, runs, strict=True) if b is not None]
-        if not ok:
+        if not ok and chosen:
             detail = ", ".join(f"{r.source}: {r.status.value} ({r.message})" for r in reports)
             if time.monotonic() >= stop_at and all(
                 r.status is SourceStatus.TIMEOUT for r in reports
@@ -875,12 +875,9 @@ class RetrievalEngine:
         plan = self.plans.get(variant.name)
         if plan is None:
             return chosen
-        picked = [plan[s.name] for s in chosen if s.name in plan]
-        if not picked:
-            raise InvalidArgument(
-                "sources", f"none of the requested sources is enabled in variant {variant.name!r}"
-            )
-        return picked
+        # May be empty: the request named only sources this arm disables. The
+        # caller cannot see its arm, so that is an empty answer, not an error.
+        return [plan[s.name] for s in chosen if s.name in plan]
 
     async def _traced_source(
         self, src: CandidateSource, ctx: RetrievalContext, k: int, stop_at: float, variant: str

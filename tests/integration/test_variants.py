@@ -293,3 +293,69 @@ async def test_similar_items_follow_the_users_variant(stack, versions):
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith("variant") and "nope" in err.value.details()
+
+
+async def test_naming_only_sources_an_arm_disables_is_an_empty_answer_not_an_error(stack, versions):
+    """Whether a request is valid must not depend on an arm the caller cannot see."""
+    _, ranking, _, _ = stack
+    by = users_by_variant(versions)
+    answers = {}
+    for arm in ("control", "pinned"):
+        resp = await ranking.Recommend(
+            ranking_pb2.RecommendRequest(
+                user=common_pb2.UserContext(user_id=by[arm][0]), k=5, sources=["top_country"]
+            ),
+            timeout=10,
+        )
+        answers[arm] = (resp.variant, len(resp.items), resp.retrieval_fallback)
+    assert answers["control"][0] == "control" and answers["control"][1] > 0
+    assert answers["pinned"] == ("pinned", 0, False)
+
+
+async def test_an_arm_retrieval_does_not_know_yet_falls_back_instead_of_failing(
+    versions, redis_server
+):
+    """A config rollout: ranking has the new arm, retrieval still runs the old config."""
+    from ranking_service.server import build_server as build_ranking
+    from ranking_service.testing import ranking_settings, wait_serving
+    from recsys.channels import wait_serving as wait_for
+    from recsys.config import RetrievalSettings
+    from recsys.v1 import ranking_pb2_grpc
+    from retrieval_service.server import SERVICE_NAME
+    from retrieval_service.server import build_server as build_retrieval
+
+    old = ExperimentSettings(name="test-ab", variants=[{"name": "control", "share": 1.0}])
+    base = ranking_settings(versions, redis_server.url, retrieval_timeout_s=2.0)
+    rs = RetrievalSettings(host="127.0.0.1", port=0, metrics_port=0)
+    handle, app = build_retrieval(base.model_copy(update={"retrieval": rs, "experiments": old}))
+    await app.start()
+    try:
+        ranking = base.ranking.model_copy(update={"retrieval_address": f"127.0.0.1:{handle.port}"})
+        new = ExperimentSettings(**EXPERIMENT)
+        srv = build_ranking(base.model_copy(update={"ranking": ranking, "experiments": new}))
+        await srv.start()
+        try:
+            await wait_serving(f"127.0.0.1:{srv.port}")
+            await wait_for(f"127.0.0.1:{handle.port}", SERVICE_NAME, timeout_s=60.0)
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{srv.port}") as ch:
+                stub = ranking_pb2_grpc.RankingServiceStub(ch)
+                uid = users_by_variant(versions)["pinned"][0]
+                resp = await stub.Recommend(
+                    ranking_pb2.RecommendRequest(user=common_pb2.UserContext(user_id=uid), k=3),
+                    timeout=10,
+                )
+                # Forced by the caller, the unknown arm is still the caller's error.
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.Recommend(
+                        ranking_pb2.RecommendRequest(
+                            user=common_pb2.UserContext(user_id=uid, variant="pinned"), k=3
+                        ),
+                        timeout=10,
+                    )
+        finally:
+            await srv.stop(0)
+    finally:
+        await app.stop(0)
+    assert resp.variant == "pinned" and len(resp.items) == 3 and resp.retrieval_fallback
+    assert "variant" in resp.fallback_reason
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -200,3 +200,36 @@ def test_rounding_slack_goes_to_the_last_variant_with_a_share(monkeypatch):
     # A user whose bucket falls in the gap between the shares' sum and 1.
     monkeypatch.setattr(experiments, "bucket", lambda name, user: 0.9999997)
     assert exp.assign("in-the-gap").name == "v1"
+
+
+def test_the_highest_digest_still_buckets_below_one(monkeypatch):
+    """64 bits over 2**64 rounded to 1.0, which landed in a trailing zero-share arm."""
+    import hashlib
+
+    from recsys import experiments
+
+    class Top:
+        def digest(self) -> bytes:
+            return b"\xff" * 8
+
+    monkeypatch.setattr(hashlib, "blake2b", lambda *a, **kw: Top())
+    assert experiments.bucket("e", "u") < 1.0
+
+
+@pytest.mark.parametrize("pin", ["Current", "latest", "v7", "01", " 1", "../1", "0"])
+def test_a_pin_that_names_no_possible_version_is_refused(pin):
+    """Version directories are plain numbers: such a pin waited NOT_SERVING forever."""
+    from recsys.config import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match="model_version"):
+        load_settings(
+            experiments={
+                "name": "e",
+                "variants": [
+                    {"name": "a", "share": 1.0},
+                    {"name": "b", "share": 0.0, "model_version": pin},
+                ],
+            }
+        )
+    with pytest.raises(ConfigError, match="pinned_version"):
+        load_settings(ranking={"pinned_version": pin})

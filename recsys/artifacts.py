@@ -36,6 +36,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from functools import cached_property
@@ -343,6 +344,20 @@ def open_version(model_dir: str | Path, version: str | None = None) -> ModelVers
     return ModelVersion.open(Path(model_dir) / version)
 
 
+# A writer's temporary directory untouched this long belongs to a trainer that
+# was killed (an export takes minutes at most): the next writer removes it.
+STALE_TEMP_S = 6 * 3600.0
+
+
+def _remove_stale_temps(model_dir: Path) -> None:
+    """Deletes ``.tmp-*`` directories that killed writers left (never a live one)."""
+    cutoff = time.time() - STALE_TEMP_S
+    for p in model_dir.glob(".tmp-*"):
+        with contextlib.suppress(OSError):  # another writer's, or removed meanwhile
+            if p.is_dir() and p.stat().st_mtime < cutoff:
+                shutil.rmtree(p)
+
+
 class VersionWriter:
     """Builds a version in a temporary directory and renames it into place.
 
@@ -357,6 +372,7 @@ class VersionWriter:
     def __init__(self, model_dir: str | Path):
         self.model_dir = Path(model_dir)
         self.model_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(self.model_dir)
         self.path = self.model_dir / f".tmp-{uuid.uuid4().hex}"
         self.path.mkdir()
         self.final_path: Path | None = None

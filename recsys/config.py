@@ -285,7 +285,9 @@ class TrainerSettings(_Strict):
     patience: int = Field(
         3, ge=0, description="Epochs without validation improvement before stopping (0: never)."
     )
-    seed: int = Field(0, description="Seed of weights and shuffling (the split has its own).")
+    seed: int = Field(
+        0, ge=0, lt=2**32, description="Seed of weights and shuffling (the split has its own)."
+    )
     test_fraction: float = Field(
         0.2, gt=0, lt=1, description="Share of ratings held out for evaluation."
     )

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from recsys.artifacts import latest_version
@@ -52,6 +54,8 @@ def cli_train(args: argparse.Namespace, settings: RecsysSettings) -> int:
 
     for flag in ("epochs", "batch_size", "learning_rate", "embedding_dim", "annoy_trees"):
         _positive("--" + flag.replace("_", "-"), getattr(args, flag, None))
+    if args.seed is not None and not 0 <= args.seed < 2**32:
+        raise UserFacingError(f"--seed must be in 0..{2**32 - 1} (got {args.seed})")
     cfg = TrainConfig.from_settings(
         settings.trainer,
         objective=args.objective,
@@ -79,6 +83,10 @@ def cli_train(args: argparse.Namespace, settings: RecsysSettings) -> int:
             "label for an item the user did not rate"
         )
     _check_writable_model_dir(Path(settings.model_dir))
+    if threading.current_thread() is threading.main_thread():
+        # Unwinds like an error, so an export cut short removes its temporary
+        # directory instead of leaving a full-size copy in the model store.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     dataset = load_dataset(args.data)
     if not args.quiet:
         print(
@@ -101,7 +109,10 @@ def cli_train(args: argparse.Namespace, settings: RecsysSettings) -> int:
 
 def _version_path(version: str, settings: RecsysSettings) -> Path:
     """A version named by number (under the model dir) or by its directory."""
-    path = Path(version) if Path(version).is_dir() else Path(settings.model_dir) / version
+    # Under the model dir first: a bare number that is also a directory here
+    # (run from inside another model dir) must not pick that one.
+    under = Path(settings.model_dir) / version
+    path = under if under.is_dir() or not Path(version).is_dir() else Path(version)
     if not path.is_dir():
         raise UserFacingError(f"version {version} not found (no directory {path})")
     return path

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from recsys import artifacts as A
+from recsys.errors import UserFacingError
 from recsys.features import ITEM_PRIOR
 from trainer.model import TwoTower
 from trainer.prepare import Prepared
@@ -182,6 +183,12 @@ def export_version(
         item_features = p.item_features
         # Hybrid: items without training ratings keep their content vector.
         vectors = tt.item_vectors(item_features, known=p.item_count > 0)
+        if not np.isfinite(vectors).all():
+            # Every reader refuses such a version: never let it become the newest.
+            raise UserFacingError(
+                "training diverged: the item vectors are not finite; nothing was exported "
+                "(lower --learning-rate)"
+            )
         w.write_npy(A.ITEM_VECTORS, vectors)
         w.write_npy(A.ITEM_FEATURES, item_features)
         w.write_npy(A.ITEM_GENRES, np.asarray(d.item_genres, np.uint8))

@@ -374,6 +374,8 @@ def _ratings(
         raise DataError(f"{table.path}: no ratings")
     if user_index is None:
         user_ids, users = _first_seen_ids(user_col)
+        if "" in user_ids:
+            raise table.error(list(user_col).index(""), "empty user id")
     else:
         user_ids, users = None, _map_ids(table, user_col, user_index, "user id", users_where)
     items = _map_ids(table, item_col, item_index, "item id", items_where)

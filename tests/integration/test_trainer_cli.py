@@ -141,3 +141,41 @@ def test_publish_if_unpublished_finishes_a_failed_first_run_only(cli_model_dir, 
         assert client.get(redis_keys.CURRENT_VERSION) == "7"
     finally:
         client.close()
+
+
+def test_a_diverged_training_exports_nothing(tmp_path, capsys):
+    """Non-finite vectors: every reader refuses the version, so it must not become the newest."""
+    tiny = "synthetic:users=60,items=50,ratings=1500,seed=1"
+    argv = ["train", "--data", tiny, "--model-dir", str(tmp_path), "--epochs", "1", "--quiet"]
+    assert main([*argv, "--learning-rate", "1e30", "--no-plots"]) == 2
+    assert "training diverged" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == []  # no version, no temporary left
+
+
+def test_a_killed_writers_temporary_directory_is_removed_by_the_next(tmp_path):
+    import os
+    import time
+
+    from recsys.artifacts import STALE_TEMP_S, VersionWriter
+
+    stale, fresh = tmp_path / ".tmp-killed", tmp_path / ".tmp-running"
+    for d in (stale, fresh):
+        d.mkdir()
+        (d / "item_vectors.npy").write_bytes(b"x" * 10)
+    old = time.time() - STALE_TEMP_S - 60
+    os.utime(stale, (old, old))
+    with VersionWriter(tmp_path):
+        assert not stale.exists() and fresh.exists()
+
+
+def test_evaluate_takes_a_version_number_from_the_model_dir_not_the_working_one(
+    cli_model_dir, tmp_path, monkeypatch, capsys
+):
+    (tmp_path / "1").mkdir()  # a directory named like the version, where evaluate runs
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", "--model-dir", str(cli_model_dir), "--json"]) == 0
+
+
+def test_train_refuses_a_seed_numpy_cannot_take(tmp_path, capsys):
+    assert main(["train", "--data", DATA, "--model-dir", str(tmp_path), "--seed", "-1"]) == 2
+    assert "--seed must be in 0..4294967295" in capsys.readouterr().err

@@ -114,6 +114,14 @@ def test_latest_small_layout_ignores_extras_and_uses_half_stars(tmp_path):
     assert ds.rating_min == 0.5
 
 
+def test_an_empty_user_id_in_the_ratings_is_refused_naming_its_line(tmp_path):
+    """Without users.csv the ratings define the users: "" must not become one."""
+    ratings = "userId,movieId,rating,timestamp\n5,10,4,1\n,10,3,2\n"
+    d = csv_dir(tmp_path, **{"ratings.csv": ratings})
+    with pytest.raises(DataError, match=r"ratings\.csv, line 3: empty user id"):
+        load_dataset(f"movielens-latest-small:{d}")
+
+
 def test_blank_lines_are_skipped_and_do_not_shift_line_numbers(tmp_path):
     ratings = "userId,movieId,rating,timestamp\n1,10,4,1\n\n2,10,4,2\n3,30,nine,3\n"
     with pytest.raises(DataError, match=r"ratings\.csv, line 5: rating 'nine' is not a number"):

@@ -252,9 +252,16 @@ async def test_retrieval_down_then_back_recommend_falls_back_and_recovers(
             await app.start()
             deadline = time.monotonic() + 20
             while True:
-                again = await stub.Recommend(req, timeout=DEADLINE_S)
-                if not again.retrieval_fallback:
-                    break
+                try:
+                    again = await stub.Recommend(req, timeout=DEADLINE_S)
+                except grpc.aio.AioRpcError as exc:
+                    # The new retrieval loads its version in this same process
+                    # and event loop: on a starved machine a call may miss its
+                    # second meanwhile. What is checked is the reconnection.
+                    assert exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED, exc
+                else:
+                    if not again.retrieval_fallback:
+                        break
                 assert time.monotonic() < deadline, "ranking never reconnected"
                 await asyncio.sleep(0.2)
             assert again.index_version == first.index_version

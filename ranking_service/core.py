@@ -400,7 +400,9 @@ class Ranker:
             prefetched=stored,
             deadline=deadline,
         )
-        if deadline is None or stored is not None:
+        if deadline is None or stored is not None or self._share(deadline) >= self.redis_timeout_s:
+            # No read, or time for the longest read a batch makes: nothing to
+            # escape from, and no timer and shield per call.
             await self.batcher.submit(job)
         else:
             job = await self._submit_within_share(job)

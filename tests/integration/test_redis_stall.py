@@ -43,6 +43,16 @@ def own_redis():
     server.cleanup()
 
 
+def published_into(server: EmbeddedRedis, version: Path) -> ModelVersion:
+    """``version`` published into ``server``; returns it opened."""
+    client = redis.Redis.from_url(server.url)
+    try:
+        publish(version, client, quiet=True)
+    finally:
+        client.close()
+    return ModelVersion.open(version)
+
+
 async def bounded(coro):
     start = time.monotonic()
     try:
@@ -52,10 +62,7 @@ async def bounded(coro):
 
 
 async def test_every_read_of_the_services_client_is_bounded(own_redis, trained_version: Path):
-    client_sync = redis.Redis.from_url(own_redis.url)
-    publish(trained_version, client_sync, quiet=True)
-    client_sync.close()
-    mv = ModelVersion.open(trained_version)
+    mv = published_into(own_redis, trained_version)
     user = str(mv.users["user_id"][0])
     reads = [UserRead(mv.spec, user, recent_n=5)]
     settings = RecsysSettings(redis_url=own_redis.url, redis_timeout_s=BOUND_S)
@@ -112,10 +119,7 @@ async def test_a_bound_landing_anywhere_in_a_read_neither_hangs_nor_desyncs(
 ):
     """Bounds that run out at every point of a live read: the answers that do
     arrive are still each user's own, and no call outlives its bound by much."""
-    client_sync = redis.Redis.from_url(own_redis.url)
-    publish(trained_version, client_sync, quiet=True)
-    client_sync.close()
-    mv = ModelVersion.open(trained_version)
+    mv = published_into(own_redis, trained_version)
     users = [str(u) for u in mv.users["user_id"][:8]]
     reads = [UserRead(mv.spec, u, recent_n=5) for u in users]
     client = async_redis(RecsysSettings(redis_url=own_redis.url))
@@ -177,10 +181,7 @@ async def test_short_deadlines_get_degraded_answers_from_a_frozen_redis(
     """Ranking's user read waits a share of the caller's time, not all of redis_timeout_s."""
     import grpc
 
-    client_sync = redis.Redis.from_url(own_redis.url)
-    publish(trained_version, client_sync, quiet=True)
-    client_sync.close()
-    mv = ModelVersion.open(trained_version)
+    mv = published_into(own_redis, trained_version)
     user = common_pb2.UserContext(user_id=str(mv.users["user_id"][0]))
     rank = ranking_pb2.RankRequest(user=user, candidate_item_ids=list(mv.item_ids[:50]), top_k=5)
     async with serve_both(trained_version.parent, own_redis.url, redis_timeout_s=0.25) as stack:
@@ -211,10 +212,7 @@ def _stall(pid: int, seconds: float) -> None:
 async def test_a_patient_callers_rank_does_not_depend_on_a_hurried_neighbour(
     own_redis, trained_version: Path
 ):
-    sync = redis.Redis.from_url(own_redis.url)
-    publish(trained_version, sync, quiet=True)
-    sync.close()
-    mv = ModelVersion.open(trained_version)
+    mv = published_into(own_redis, trained_version)
     uid = str(mv.users["user_id"][0])
     watched = [str(i) for i in mv.users["watched"][0]]
     others = [str(i) for i in mv.item_ids if str(i) not in set(watched)][:40]
@@ -266,10 +264,7 @@ async def test_a_hurried_caller_beside_a_patient_one_answers_in_time(
     own_redis, trained_version: Path, patient
 ):
     """The batch's read waits for the patient caller; the hurried one stops on its own."""
-    sync = redis.Redis.from_url(own_redis.url)
-    publish(trained_version, sync, quiet=True)
-    sync.close()
-    mv = ModelVersion.open(trained_version)
+    mv = published_into(own_redis, trained_version)
     limits = RankingSettings()
     hurried_req, patient_req = (
         ranking_pb2.RankRequest(

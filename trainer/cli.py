@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from recsys.artifacts import latest_version
@@ -48,9 +50,7 @@ def _check_writable_model_dir(model_dir: Path) -> None:
 
 def cli_train(args: argparse.Namespace, settings: RecsysSettings) -> int:
     """Trains on ``--data``, exports a version under the model dir and prints the report."""
-    from trainer.evaluate import format_report
-    from trainer.loaders import load_dataset
-    from trainer.train import TrainConfig, train
+    from trainer.train import TrainConfig
 
     for flag in ("epochs", "batch_size", "learning_rate", "embedding_dim", "annoy_trees"):
         _positive("--" + flag.replace("_", "-"), getattr(args, flag, None))
@@ -83,10 +83,33 @@ def cli_train(args: argparse.Namespace, settings: RecsysSettings) -> int:
             "label for an item the user did not rate"
         )
     _check_writable_model_dir(Path(settings.model_dir))
-    if threading.current_thread() is threading.main_thread():
-        # Unwinds like an error, so an export cut short removes its temporary
-        # directory instead of leaving a full-size copy in the model store.
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with _sigterm_unwinds():
+        return _train_and_report(args, settings, cfg)
+
+
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises SystemExit meanwhile; the previous handler comes back after.
+
+    An export cut short then removes its temporary directory instead of
+    leaving a full-size copy in the model store. Restoring the handler
+    matters to callers of ``main()`` in-process (tests).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _train_and_report(args: argparse.Namespace, settings: RecsysSettings, cfg) -> int:
+    from trainer.evaluate import format_report
+    from trainer.loaders import load_dataset
+    from trainer.train import train
+
     dataset = load_dataset(args.data)
     if not args.quiet:
         print(

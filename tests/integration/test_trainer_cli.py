@@ -147,8 +147,12 @@ def test_a_diverged_training_exports_nothing(tmp_path, capsys):
     """Non-finite vectors: every reader refuses the version, so it must not become the newest."""
     tiny = "synthetic:users=60,items=50,ratings=1500,seed=1"
     argv = ["train", "--data", tiny, "--model-dir", str(tmp_path), "--epochs", "1", "--quiet"]
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
     assert main([*argv, "--learning-rate", "1e30", "--no-plots"]) == 2
     assert "training diverged" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is before  # the trainer's own handler is gone
     assert [p.name for p in tmp_path.iterdir()] == []  # no version, no temporary left
 
 

@@ -325,7 +325,12 @@ class SourceOverride(_Strict):
     """A variant's change to one ``retrieval.sources`` entry (matched by name)."""
 
     enabled: bool = Field(True, description="False drops the source from the variant.")
-    budget: int | None = Field(None, ge=1, description="Most candidates the source contributes.")
+    budget: int | None = Field(
+        None,
+        ge=1,
+        description="The source's quota in the first pass; refill may take up to half as many "
+        "again when filtering leaves the answer short.",
+    )
     weight: float | None = Field(None, gt=0, description="Share of interleave turns.")
     timeout_ms: float | None = Field(None, gt=0, description="The source's own deadline.")
 
@@ -416,9 +421,11 @@ class RecsysSettings(BaseSettings):
     redis_timeout_s: float = Field(
         0.25,
         gt=0,
-        description="Connect timeout, and the longest wait for one Redis round trip when the "
-        "request's deadline does not set a shorter one (the services bound each round trip "
-        "themselves; their client has no per-read socket timeout).",
+        description="Connect timeout, and the longest wait for one Redis round trip; a user "
+        "read waits at most half the time left on the request's deadline if that is shorter "
+        "(ranking's batch read: its most patient caller's half; a caller whose own half runs "
+        "out is ranked from request and default features). The services bound each round "
+        "trip themselves; their client has no per-read socket timeout.",
     )
     redis_max_connections: int = Field(
         64, ge=1, description="Connection pool bound of each service process."

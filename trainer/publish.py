@@ -2,16 +2,23 @@
 
 Order matters so serving never sees a half-loaded version:
 
+0. the version is listed in ``recsys:versions:pending``, so a publish that
+   dies leaves keys a later cleanup finds;
 1. top lists go under version-scoped keys, beside the running version's;
-2. user state is seeded (aggregates replaced, watched sets unioned, recent
-   lists written only where a user has none, so online history survives);
-3. ``recsys:current_version`` is switched with one ``SET`` (atomic), and the
-   version is added to ``recsys:versions``;
+2. user state is seeded (aggregates replaced in one script per user, watched
+   sets unioned, recent lists written only where a user has none, so online
+   history survives);
+3. ``recsys:current_version`` is switched by a compare-and-set script (only
+   forward unless ``rollback``), and the version is added to
+   ``recsys:versions``; a version that lost the race and was never served
+   has its keys deleted;
 4. keys of versions older than the newest ``keep`` are deleted (``SCAN``,
-   never ``KEYS``). Keeping the previous version gives services that have
-   not reloaded yet a grace period. Versions the config pins (an A/B
-   variant's ``model_version``, a service's ``pinned_version``) are kept
-   whatever their age: retrieval still reads their top lists.
+   never ``KEYS``), and those of publishes that died long ago. Keeping the
+   previous version gives services that have not reloaded yet a grace
+   period. Versions the config pins (an A/B variant's ``model_version``, a
+   service's ``pinned_version``) are kept whatever their age: retrieval
+   still reads their top lists. A failure here, after the switch, is a
+   warning: the next publish finishes it.
 
 Every step uses large pipelines rather than one round trip per key.
 """

@@ -86,6 +86,7 @@ class RankJob:
     deadline: float | None = None  # time.monotonic() when the caller stops waiting
     # Rank without reading Redis (its caller gave up on a slow read: _rank_rows).
     skip_read: bool = False
+    started: bool = False  # set when its batch starts
     reading: bool = False  # set by the batch while this job's user read is out
     # Outputs.
     stored: StoredUser | None = None
@@ -456,6 +457,7 @@ class Ranker:
         traced = any(j.trace is not None for j in jobs)
         t0 = time.time_ns() if traced else 0
         for j in jobs:
+            j.started = True
             j.reading = j.prefetched is None and not j.skip_read
         got = await fetch_users(
             self.redis,
@@ -521,10 +523,12 @@ class Ranker:
         """Submits a job that reads Redis; its caller stops waiting for a slow read.
 
         The batch's read may wait for its most patient caller (_read_limit).
-        This caller waits its own share of its time; if the read is still out
-        then, it is ranked again without it (request and default features),
-        so it still answers before its deadline. The first job stays in its
-        batch, whose other callers still get their read.
+        This caller waits its own share of its time. If its job is then still
+        queued or its read still out, it is ranked alone without the read
+        (request and default features), outside the batcher, so no other
+        caller's read can hold it, and it still answers before its deadline.
+        A job already past its read (scoring) is waited for. The first job,
+        if its batch started, stays there for its other callers.
         """
         assert job.deadline is not None
         own = self._share(job.deadline)
@@ -534,12 +538,18 @@ class Ranker:
                 await asyncio.shield(fut)
             return job
         except TimeoutError:
-            if not job.reading:
-                await fut  # queued or scoring, not stuck on Redis: keep waiting
+            if job.started and not job.reading:
+                await fut  # read done, scoring: its answer is moments away
                 return job
-        fut.add_done_callback(_consume)  # its batch may still fail: nobody reads it
-        alone = dataclasses.replace(job, skip_read=True, reading=False, trace=job.trace)
-        await self.batcher.submit(alone)
+        except asyncio.CancelledError:
+            fut.cancel()  # the caller is gone: withdrawn if its batch has not started
+            raise
+        if not job.started:
+            fut.cancel()  # still queued: withdrawn, it never costs a read
+        else:
+            fut.add_done_callback(_consume)  # its batch may still fail: nobody reads it
+        alone = dataclasses.replace(job, skip_read=True, reading=False, started=False)
+        await self._run_jobs([alone])
         return alone
 
     def _share(self, deadline: float) -> float:

@@ -297,3 +297,93 @@ async def test_a_hurried_caller_beside_a_patient_one_answers_in_time(
     finally:
         await ranker.close()
         await client.aclose()
+
+
+HURRIED_S = 0.3  # under 2 x redis_timeout_s: the escape path
+
+
+def _rank_req(mv, i):
+    return ranking_pb2.RankRequest(
+        user=common_pb2.UserContext(user_id=str(mv.users["user_id"][i])),
+        candidate_item_ids=list(mv.item_ids[:50]),
+        top_k=5,
+    )
+
+
+async def test_an_escaped_caller_does_not_wait_for_a_later_patient_callers_read(
+    own_redis, trained_version: Path
+):
+    """Patient callers keep arriving while Redis is frozen: the hurried caller's
+    read-less retry must not land in a batch with a patient caller's read."""
+    mv = published_into(own_redis, trained_version)
+    limits = RankingSettings()
+    client = async_redis(RecsysSettings(redis_url=own_redis.url, redis_timeout_s=0.25))
+    ranker = Ranker(redis=client, redis_timeout_s=0.25)
+    ranker.swap(await asyncio.to_thread(LoadedModel.load, trained_version, "cpu"))
+    pid = own_redis.proc.pid
+    try:
+        for _ in range(3):
+            await ranker.rank(parse_rank(_rank_req(mv, 1), limits), 5.0)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+
+            async def stream():
+                tasks = []
+                for n in range(100):  # one patient caller every 3 ms for 0.3 s
+                    tasks.append(
+                        asyncio.ensure_future(
+                            ranker.rank(parse_rank(_rank_req(mv, 2 + n % 50), limits), 5.0)
+                        )
+                    )
+                    await asyncio.sleep(0.003)
+                return await asyncio.gather(*tasks, return_exceptions=True)
+
+            s = asyncio.ensure_future(stream())
+            await asyncio.sleep(0.01)
+            t0 = time.monotonic()
+            try:
+                await asyncio.wait_for(ranker.rank(parse_rank(_rank_req(mv, 0), limits), 0.2), 0.2)
+                err = None
+            except TimeoutError as exc:
+                err = exc
+            took = time.monotonic() - t0
+            await s
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert err is None, f"hurried caller missed its 0.2 s deadline ({took:.3f} s)"
+    finally:
+        await ranker.close()
+        await client.aclose()
+
+
+async def test_a_cancelled_hurried_caller_is_withdrawn_from_the_queue(
+    own_redis, trained_version: Path
+):
+    """A caller cancelled before its batch starts (gRPC deadline, client gone) costs
+    no batch slot, the escape path included."""
+    mv = published_into(own_redis, trained_version)
+    limits = RankingSettings()
+    client = async_redis(RecsysSettings(redis_url=own_redis.url, redis_timeout_s=0.25))
+    ranker = Ranker(redis=client, redis_timeout_s=0.25, batch_timeout_ms=50)
+    ranker.swap(await asyncio.to_thread(LoadedModel.load, trained_version, "cpu"))
+    try:
+        await ranker.rank(parse_rank(_rank_req(mv, 1), limits), 5.0)
+        before = ranker.batcher.requests
+        os.kill(own_redis.proc.pid, signal.SIGSTOP)  # the patient's batch stays in flight
+        try:
+            patient = asyncio.ensure_future(ranker.rank(parse_rank(_rank_req(mv, 2), limits), 5.0))
+            await asyncio.sleep(0.005)
+            hurried = asyncio.ensure_future(
+                ranker.rank(parse_rank(_rank_req(mv, 0), limits), HURRIED_S)
+            )
+            await asyncio.sleep(0.005)
+            hurried.cancel()  # before its batch (due 50 ms after it queued) starts
+            await asyncio.gather(patient, hurried, return_exceptions=True)
+            await asyncio.sleep(0.3)
+        finally:
+            os.kill(own_redis.proc.pid, signal.SIGCONT)
+        ran = ranker.batcher.requests - before
+        assert ran == 1, f"{ran} requests ran; the cancelled caller's job still ran"
+    finally:
+        await ranker.close()
+        await client.aclose()

@@ -9,9 +9,8 @@ import numpy as np
 
 from ranking_service.catalogue import IdIndex
 from ranking_service.users import UserQuery
-from recsys.checks import FieldError, check_features, check_id
+from recsys.checks import FieldError, check_features, check_id, check_source_names
 from recsys.config import RankingSettings, RetrievalSettings
-from recsys.errors import shown
 from recsys.v1 import ranking_pb2
 
 # RankRequest.candidate_item_ids on the wire, read from the generated descriptor.
@@ -238,13 +237,9 @@ def parse_recommend(
     most_ids = limits.max_candidates if retrieval is None else retrieval.max_request_ids
     if len(request.sources) > most_ids:  # counted before the per-entry checks
         raise InvalidArgument("sources", f"{len(request.sources)} entries, at most {most_ids}")
-    for i, s in enumerate(request.sources):
-        check_id(s, f"sources[{i}]", limits.max_id_bytes)
-        if retrieval is not None and s not in retrieval.sources:
-            raise InvalidArgument(
-                f"sources[{i}]",
-                f"unknown source {shown(s)}; configured: {', '.join(retrieval.sources)}",
-            )
+    check_source_names(
+        request.sources, retrieval.sources if retrieval else None, limits.max_id_bytes
+    )
     return RecommendQuery(
         user=parse_user(request.user, limits),
         raw_user=request.user,

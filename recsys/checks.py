@@ -7,7 +7,9 @@ each service's edge turns it into ``INVALID_ARGUMENT`` with that message.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping, Sequence
+
+from recsys.errors import shown
 
 # A request's genre ratings are one entry per genre: a catalogue has tens.
 # The bound keeps a 16 MiB map of junk from being walked and copied.
@@ -22,6 +24,24 @@ class FieldError(ValueError):
         super().__init__(f"{field}: {problem}")
         self.field = field
         self.problem = problem
+
+
+def check_source_names(
+    names: Sequence[str], configured: Collection[str] | None, max_bytes: int
+) -> None:
+    """A request's ``sources``: each a valid id, and one of ``configured`` (None: unchecked).
+
+    Ranking checks them against the shared config's retrieval section, so a
+    request's validity does not depend on retrieval being up; retrieval
+    against its own sources. The message is the same either way.
+    """
+    for i, name in enumerate(names):
+        check_id(name, f"sources[{i}]", max_bytes)
+        if configured is not None and name not in configured:
+            raise FieldError(
+                f"sources[{i}]",
+                f"unknown source {shown(name)}; configured: {', '.join(configured)}",
+            )
 
 
 def check_id(value: str, field: str, max_bytes: int) -> None:

@@ -29,7 +29,7 @@ from redis.exceptions import RedisError
 
 from recsys import redis_keys
 from recsys.batching import MicroBatcher
-from recsys.checks import FieldError, check_features, check_id
+from recsys.checks import FieldError, check_features, check_id, check_source_names
 from recsys.config import CURRENT_VERSION, RetrievalSettings
 from recsys.errors import ThrottledWarning, shown
 from recsys.experiments import Experiment, UnknownVariant, Variant
@@ -411,13 +411,10 @@ class RetrievalEngine:
         except FieldError as exc:
             raise InvalidArgument(exc.field, exc.problem) from None
         if q.sources:
-            for i, name in enumerate(q.sources):
-                _check_id(f"sources[{i}]", name, s.max_id_bytes)
-                if name not in self.by_name:
-                    raise InvalidArgument(
-                        f"sources[{i}]",
-                        f"unknown source {shown(name)}; configured: {', '.join(self.by_name)}",
-                    )
+            try:
+                check_source_names(q.sources, self.by_name, s.max_id_bytes)
+            except FieldError as exc:
+                raise InvalidArgument(exc.field, exc.problem) from None
             # In config order, whatever the request's: the order decides who
             # wins interleave ties and the budget's last places.
             wanted = set(q.sources)

@@ -9,6 +9,7 @@ without its bound; ``asyncio.wait_for`` turns such a hang into a failure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import threading
@@ -41,6 +42,19 @@ def own_redis():
     server = EmbeddedRedis().start()
     yield server
     server.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def ranker_on(server: EmbeddedRedis, version: Path, redis_timeout_s: float, **options):
+    """A Ranker serving ``version``, reading ``server`` through the services' own client."""
+    client = async_redis(RecsysSettings(redis_url=server.url, redis_timeout_s=redis_timeout_s))
+    ranker = Ranker(redis=client, redis_timeout_s=redis_timeout_s, **options)
+    try:
+        ranker.swap(await asyncio.to_thread(LoadedModel.load, version, "cpu"))
+        yield ranker
+    finally:
+        await ranker.close()
+        await client.aclose()
 
 
 def published_into(server: EmbeddedRedis, version: Path) -> ModelVersion:
@@ -224,39 +238,46 @@ async def test_a_patient_callers_rank_does_not_depend_on_a_hurried_neighbour(
     req2 = ranking_pb2.RankRequest(
         user=common_pb2.UserContext(user_id=other_user), candidate_item_ids=others, top_k=5
     )
-    client = async_redis(RecsysSettings(redis_url=own_redis.url, redis_timeout_s=0.5))
-    ranker = Ranker(redis=client, redis_timeout_s=0.5)
-    ranker.swap(await asyncio.to_thread(LoadedModel.load, trained_version, "cpu"))
-    pid = own_redis.proc.pid
-    try:
-        for _ in range(3):
-            warm = await ranker.rank(parse_rank(req, limits), 5.0)
-        assert warm.watched_dropped == len(watched) and warm.feature_source != "default"
+    async with ranker_on(own_redis, trained_version, 0.5) as ranker:
+        pid = own_redis.proc.pid
+        try:
+            for _ in range(3):
+                warm = await ranker.rank(parse_rank(req, limits), 5.0)
+            assert warm.watched_dropped == len(watched) and warm.feature_source != "default"
 
-        # Control: alone, a 50 ms Redis hiccup only delays the patient caller.
-        _stall(pid, 0.05)
-        alone = await ranker.rank(parse_rank(req, limits), 5.0)
-        assert alone.watched_dropped == len(watched), "control"
-        await asyncio.sleep(0.1)
+            # Control: alone, a 50 ms Redis hiccup only delays the patient caller.
+            _stall(pid, 0.05)
+            alone = await ranker.rank(parse_rank(req, limits), 5.0)
+            assert alone.watched_dropped == len(watched), "control"
+            await asyncio.sleep(0.1)
 
-        # Same hiccup, same caller (5 s left), batched with a caller 8 ms from its deadline.
-        _stall(pid, 0.05)
-        patient, _hurried = await asyncio.gather(
-            ranker.rank(parse_rank(req, limits), 5.0),
-            ranker.rank(parse_rank(req2, limits), 0.008),
-        )
-        await asyncio.sleep(0.1)
-        # Cut short by its neighbour, it came back ranked for a default user,
-        # with its already-watched items.
-        assert patient.watched_dropped == len(watched), (
-            patient.watched_dropped,
-            patient.feature_source,
-            len(patient.items),
-        )
-    finally:
-        os.kill(pid, signal.SIGCONT)
-        await ranker.close()
-        await client.aclose()
+            # Same hiccup, same caller (5 s left), batched with a caller 8 ms from its deadline.
+            _stall(pid, 0.05)
+            patient, _hurried = await asyncio.gather(
+                ranker.rank(parse_rank(req, limits), 5.0),
+                ranker.rank(parse_rank(req2, limits), 0.008),
+            )
+            await asyncio.sleep(0.1)
+            # Cut short by its neighbour, it came back ranked for a default user,
+            # with its already-watched items.
+            assert patient.watched_dropped == len(watched), (
+                patient.watched_dropped,
+                patient.feature_source,
+                len(patient.items),
+            )
+        finally:
+            os.kill(pid, signal.SIGCONT)
+
+
+HURRIED_S = 0.3  # under 2 x redis_timeout_s: the escape path
+
+
+def _rank_req(mv, i):
+    return ranking_pb2.RankRequest(
+        user=common_pb2.UserContext(user_id=str(mv.users["user_id"][i])),
+        candidate_item_ids=list(mv.item_ids[:50]),
+        top_k=5,
+    )
 
 
 @pytest.mark.parametrize("patient", [None, 5.0], ids=["patient-without-deadline", "patient-5s"])
@@ -266,19 +287,9 @@ async def test_a_hurried_caller_beside_a_patient_one_answers_in_time(
     """The batch's read waits for the patient caller; the hurried one stops on its own."""
     mv = published_into(own_redis, trained_version)
     limits = RankingSettings()
-    hurried_req, patient_req = (
-        ranking_pb2.RankRequest(
-            user=common_pb2.UserContext(user_id=str(mv.users["user_id"][i])),
-            candidate_item_ids=list(mv.item_ids[:50]),
-            top_k=5,
-        )
-        for i in (0, 1)
-    )
-    client = async_redis(RecsysSettings(redis_url=own_redis.url, redis_timeout_s=0.25))
-    ranker = Ranker(redis=client, redis_timeout_s=0.25)
-    ranker.swap(await asyncio.to_thread(LoadedModel.load, trained_version, "cpu"))
-    pid = own_redis.proc.pid
-    try:
+    hurried_req, patient_req = _rank_req(mv, 0), _rank_req(mv, 1)
+    async with ranker_on(own_redis, trained_version, 0.25) as ranker:
+        pid = own_redis.proc.pid
         for _ in range(3):
             await ranker.rank(parse_rank(patient_req, limits), 5.0)
         os.kill(pid, signal.SIGSTOP)
@@ -294,20 +305,6 @@ async def test_a_hurried_caller_beside_a_patient_one_answers_in_time(
         assert not isinstance(hurried, BaseException), repr(hurried)
         assert hurried.feature_source == "default" and len(hurried.items) == 5
         assert not isinstance(patient_out, BaseException) and len(patient_out.items) == 5
-    finally:
-        await ranker.close()
-        await client.aclose()
-
-
-HURRIED_S = 0.3  # under 2 x redis_timeout_s: the escape path
-
-
-def _rank_req(mv, i):
-    return ranking_pb2.RankRequest(
-        user=common_pb2.UserContext(user_id=str(mv.users["user_id"][i])),
-        candidate_item_ids=list(mv.item_ids[:50]),
-        top_k=5,
-    )
 
 
 async def test_an_escaped_caller_does_not_wait_for_a_later_patient_callers_read(
@@ -317,11 +314,8 @@ async def test_an_escaped_caller_does_not_wait_for_a_later_patient_callers_read(
     read-less retry must not land in a batch with a patient caller's read."""
     mv = published_into(own_redis, trained_version)
     limits = RankingSettings()
-    client = async_redis(RecsysSettings(redis_url=own_redis.url, redis_timeout_s=0.25))
-    ranker = Ranker(redis=client, redis_timeout_s=0.25)
-    ranker.swap(await asyncio.to_thread(LoadedModel.load, trained_version, "cpu"))
-    pid = own_redis.proc.pid
-    try:
+    async with ranker_on(own_redis, trained_version, 0.25) as ranker:
+        pid = own_redis.proc.pid
         for _ in range(3):
             await ranker.rank(parse_rank(_rank_req(mv, 1), limits), 5.0)
         os.kill(pid, signal.SIGSTOP)
@@ -351,9 +345,6 @@ async def test_an_escaped_caller_does_not_wait_for_a_later_patient_callers_read(
         finally:
             os.kill(pid, signal.SIGCONT)
         assert err is None, f"hurried caller missed its 0.2 s deadline ({took:.3f} s)"
-    finally:
-        await ranker.close()
-        await client.aclose()
 
 
 async def test_a_cancelled_hurried_caller_is_withdrawn_from_the_queue(
@@ -363,10 +354,7 @@ async def test_a_cancelled_hurried_caller_is_withdrawn_from_the_queue(
     no batch slot, the escape path included."""
     mv = published_into(own_redis, trained_version)
     limits = RankingSettings()
-    client = async_redis(RecsysSettings(redis_url=own_redis.url, redis_timeout_s=0.25))
-    ranker = Ranker(redis=client, redis_timeout_s=0.25, batch_timeout_ms=50)
-    ranker.swap(await asyncio.to_thread(LoadedModel.load, trained_version, "cpu"))
-    try:
+    async with ranker_on(own_redis, trained_version, 0.25, batch_timeout_ms=50) as ranker:
         await ranker.rank(parse_rank(_rank_req(mv, 1), limits), 5.0)
         before = ranker.batcher.requests
         os.kill(own_redis.proc.pid, signal.SIGSTOP)  # the patient's batch stays in flight
@@ -384,6 +372,3 @@ async def test_a_cancelled_hurried_caller_is_withdrawn_from_the_queue(
             os.kill(own_redis.proc.pid, signal.SIGCONT)
         ran = ranker.batcher.requests - before
         assert ran == 1, f"{ran} requests ran; the cancelled caller's job still ran"
-    finally:
-        await ranker.close()
-        await client.aclose()

@@ -136,8 +136,7 @@ def cleanup_versions(
     Returns:
         (removed versions, number of keys deleted).
     """
-    current = current_version(redis_client)
-    published = _published_versions(redis_client, current)
+    current, published = _published_versions(redis_client)
     kept = {*protect, *([current] if current is not None else [])}
     old = [v for v in published[: max(len(published) - keep, 0)] if v not in kept]
     cutoff = time.time() - pending_timeout_s
@@ -150,27 +149,44 @@ def cleanup_versions(
     return old, removed_keys
 
 
-def _published_versions(redis_client, current: str | None) -> list[str]:
-    """The published set, oldest first, after moving never-switched entries to pending.
+# Reads the pointer and moves never-switched entries in one step: with the
+# pointer read first and the move after, a publish switching in between had
+# its just-served version taken for never-switched and moved to pending.
+# KEYS: pointer, published-versions zset, pending zset.
+_PUBLISHED_SCRIPT = """
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  local at = redis.call('ZSCORE', KEYS[2], cur)
+  if at then
+    local later = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. at, '+inf', 'WITHSCORES')
+    for i = 1, #later, 2 do
+      redis.call('ZADD', KEYS[3], later[i + 1], later[i])
+      redis.call('ZREM', KEYS[2], later[i])
+    end
+  end
+end
+return {cur or '', redis.call('ZRANGE', KEYS[2], 0, -1)}
+"""
+
+
+def _published_versions(redis_client) -> tuple[str | None, list[str]]:
+    """The current version and the published set (oldest first), never-switched entries moved out.
 
     An entry listed after the current version's switch yet not current was
     never switched in: publishes before the pending set existed listed a
     version there before writing it, and one that died left it. Counted as
     published, it took one of ``--keep``'s places from a version replicas
-    were serving.
+    were serving. Such entries move to ``recsys:versions:pending``.
     """
-    entries = [
-        (v.decode() if isinstance(v, bytes) else v, score)
-        for v, score in redis_client.zrange(redis_keys.VERSIONS, 0, -1, withscores=True)
-    ]
-    switched_at = dict(entries).get(current) if current is not None else None
-    if switched_at is None:
-        return [v for v, _ in entries]
-    for v, score in entries:
-        if score > switched_at:
-            redis_client.zadd(redis_keys.VERSIONS_PENDING, {v: score})
-            redis_client.zrem(redis_keys.VERSIONS, v)
-    return [v for v, score in entries if score <= switched_at]
+    cur, versions = redis_client.eval(
+        _PUBLISHED_SCRIPT,
+        3,
+        redis_keys.CURRENT_VERSION,
+        redis_keys.VERSIONS,
+        redis_keys.VERSIONS_PENDING,
+    )
+    cur = cur.decode() if isinstance(cur, bytes) else cur
+    return cur or None, [v.decode() if isinstance(v, bytes) else v for v in versions]
 
 
 def remove_version(redis_client, version: str) -> int:
@@ -245,7 +261,7 @@ def publish(
         )
     report = PublishReport(mv.version)
     # Before this publish's switch moves the mark: see _published_versions.
-    _published_versions(redis_client, current)
+    _published_versions(redis_client)
     # Listed as pending before its keys are written, so a publish that dies
     # before the switch leaves keys a later cleanup finds.
     redis_client.zadd(redis_keys.VERSIONS_PENDING, {mv.version: time.time()})

@@ -11,6 +11,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+import trainer.publish as publish_module
 from recsys import redis_keys
 from recsys.artifacts import ModelVersion
 from recsys.features import user_feature_vector
@@ -187,7 +188,6 @@ def test_an_older_publish_finishing_last_does_not_move_the_pointer_back(
     client, trained_version, tmp_path, monkeypatch
 ):
     """Version 2 is published while version 1's (slower) publish is writing its users."""
-    import trainer.publish as publish_module
 
     v1, v2 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2))
     seed = publish_module.seed_user_commands
@@ -354,7 +354,6 @@ def test_publish_that_cannot_delete_directories_still_succeeds(
     redis_url, trained_version, tmp_path, capsys, monkeypatch
 ):
     """The switch is done: a read-only model volume is a warning, not a failed Job."""
-    import trainer.publish as publish_module
     from recsys.cli import main
 
     def read_only(path, *_a, **_kw):
@@ -383,8 +382,10 @@ def test_republishing_a_version_replaces_its_top_lists(published_version, client
 class _DiesBeforeSwitch(redis.Redis):
     """A publisher killed after writing its keys, before the pointer switch."""
 
-    def eval(self, *args, **kwargs):
-        raise redis.ConnectionError("publisher killed")
+    def eval(self, script, *args, **kwargs):
+        if script == publish_module._SWITCH_SCRIPT:
+            raise redis.ConnectionError("publisher killed")
+        return super().eval(script, *args, **kwargs)
 
 
 def test_a_dead_publish_does_not_cost_the_served_version_its_grace(
@@ -408,11 +409,11 @@ class _SlowPublisher(redis.Redis):
 
     other = None
 
-    def eval(self, *args, **kwargs):
-        if self.other is not None:
+    def eval(self, script, *args, **kwargs):
+        if self.other is not None and script == publish_module._SWITCH_SCRIPT:
             other, self.other = self.other, None
             other()
-        return super().eval(*args, **kwargs)
+        return super().eval(script, *args, **kwargs)
 
 
 def test_a_racing_publish_does_not_delete_the_keys_of_the_one_that_wins(
@@ -433,7 +434,6 @@ def test_a_served_version_republished_and_losing_a_race_keeps_its_keys(
     client, trained_version, tmp_path, monkeypatch
 ):
     """Version 1 is served, republished, and 2 wins meanwhile: 1 keeps its grace period."""
-    import trainer.publish as publish_module
 
     v1, v2 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2))
     publish(v1, client, quiet=True)
@@ -475,7 +475,6 @@ def test_a_redis_error_in_the_clean_up_after_the_switch_is_a_warning(
     redis_url, trained_version, tmp_path, capsys, monkeypatch
 ):
     """The pointer moved: failing the Job would have its retry train and publish again."""
-    import trainer.publish as publish_module
     from recsys.cli import main
 
     def cut(*_a, **_kw):
@@ -492,3 +491,29 @@ def test_a_redis_error_in_the_clean_up_after_the_switch_is_a_warning(
     assert "not cleaned up (ConnectionError: connection lost)" in out.err
     assert redis.Redis.from_url(redis_url).get(redis_keys.CURRENT_VERSION) == b"2"
     assert sorted(p.name for p in model_dir.iterdir()) == ["2"]  # --keep-dirs still ran
+
+
+def test_a_publish_switching_while_another_starts_stays_published(
+    client, trained_version, tmp_path, monkeypatch
+):
+    """The pointer read and the move of never-switched entries are one step."""
+
+    v1, v2, v3, v4 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2, 3, 4))
+    publish(v1, client, quiet=True)
+    publish(v2, client, quiet=True)
+    read = publish_module.current_version
+    raced: list[bool] = []
+
+    def racing_read(redis_client):
+        seen = read(redis_client)
+        if not raced:
+            # Version 4 switches in right after version 3's publish read "2".
+            raced.append(True)
+            publish(v4, client, quiet=True)
+        return seen
+
+    monkeypatch.setattr(publish_module, "current_version", racing_read)
+    report = publish(v3, client, quiet=True, keep=3)
+    assert raced and not report.switched and client.get(redis_keys.CURRENT_VERSION) == "4"
+    assert "4" in client.zrange(redis_keys.VERSIONS, 0, -1), "the served version left the set"
+    assert client.zscore(redis_keys.VERSIONS_PENDING, "4") is None

@@ -107,6 +107,42 @@ def _recsys(*args: str) -> list[str]:
     return [sys.executable, "-m", "recsys.cli", *args]
 
 
+# How long a step stopped early (Ctrl-C, SIGTERM) may take to unwind: the
+# trainer removes its temporary export directory on SIGTERM.
+STEP_STOP_S = 30.0
+SAME_SIGNAL_WAIT_S = 2.0
+
+
+def run_step(cmd: list[str], env: dict[str, str], stop_s: float = STEP_STOP_S) -> None:
+    """Runs one set-up step (train, publish) to completion.
+
+    Interrupted, it sends the step SIGTERM and waits up to ``stop_s`` before
+    killing it. ``subprocess.run`` kills at once, so a trainer stopped that way
+    left its temporary export directory behind.
+
+    Raises:
+        subprocess.CalledProcessError: The step exited non-zero.
+    """
+    proc = subprocess.Popen([*die_with_parent_prefix(), *cmd], env=env)
+    try:
+        code = proc.wait()
+    except BaseException:
+        try:
+            # A Ctrl-C in a terminal reached the step too (one process group):
+            # a SIGTERM on top would interrupt its own clean-up.
+            proc.wait(SAME_SIGNAL_WAIT_S)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(stop_s)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        raise
+    if code:
+        raise subprocess.CalledProcessError(code, cmd)
+
+
 def start_stack(
     settings: RecsysSettings,
     *,
@@ -160,11 +196,11 @@ def start_stack(
             cmd = _recsys("train", "--data", data or "synthetic", "--no-plots")
             if quiet:
                 cmd.append("--quiet")
-            subprocess.run([*die_with_parent_prefix(), *cmd], env=env, check=True)
+            run_step(cmd, env)
         else:
             say(f"[2/4] using existing version {latest_version(model_dir)} in {model_dir}")
         say("[3/4] publishing to Redis")
-        subprocess.run([*die_with_parent_prefix(), *_recsys("publish")], env=env, check=True)
+        run_step(_recsys("publish"), env)
 
         logs = log_dir or Path(tempfile.mkdtemp(prefix="recsys-logs-"))
         logs.mkdir(parents=True, exist_ok=True)

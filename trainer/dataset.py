@@ -70,9 +70,20 @@ class Dataset:
         Ratings are shuffled with ``numpy.random.default_rng(seed).permutation``
         and the first ``1 - test_fraction`` go to training. For MovieLens 100K
         with seed 0 this is exactly the split the reference figures use.
+
+        Raises:
+            DataError: Either side would be empty (too few ratings for the
+                fraction): the metrics of an empty test set are NaN.
         """
         order = np.random.default_rng(seed).permutation(self.n_ratings)
         cut = round(self.n_ratings * (1.0 - test_fraction))
+        if cut == 0 or cut == self.n_ratings:
+            side = "training" if cut == 0 else "test"
+            raise DataError(
+                f"dataset {self.name} has {self.n_ratings} rating(s): a test_fraction of "
+                f"{test_fraction} leaves the {side} split empty; add ratings or change "
+                "trainer.test_fraction"
+            )
         return order[:cut], order[cut:]
 
     def sha256(self) -> str:

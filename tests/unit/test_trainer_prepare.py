@@ -136,6 +136,22 @@ def test_no_training_ratings_is_a_clear_error():
         prepare(d, np.array([], np.int64), np.arange(8))
 
 
+@pytest.mark.parametrize(
+    ("n", "fraction", "side"), [(2, 0.2, "test"), (1, 0.5, "training"), (4, 0.05, "test")]
+)
+def test_a_split_with_an_empty_side_is_a_clear_error(n, fraction, side):
+    """An empty test split made NaN metrics (invalid JSON in metrics.json)."""
+    d = _dataset(RATINGS[:n])
+    with pytest.raises(DataError, match=f"{n} rating.*test_fraction of {fraction}.*{side} split"):
+        d.split(fraction)
+
+
+def test_a_small_dataset_splits_both_ways():
+    train, test = _dataset(RATINGS[:3]).split(0.2)
+    assert len(train) == 2 and len(test) == 1
+    assert sorted([*train, *test]) == [0, 1, 2]
+
+
 def test_sampled_negatives_are_unrated_and_belong_to_each_rows_user():
     from trainer.train import add_negatives, sample_negatives
 

@@ -777,13 +777,12 @@ class RetrievalEngine:
         # the caller says was watched must not come back.
         excluded = ctx.watched | ctx.excluded | set(ctx.recent) | set(q.recent)
         n_excluded = len(excluded)
+        # Only ids in the catalogue: the others drop nothing.
+        excluded_rows = served.rows_of(excluded, n_excluded)
         # Ask for a little more than the quota when filtering will drop some,
         # so refill rarely needs the last-resort pad (but not so much more that
         # reading and parsing the extra doubles the cost of a heavy watcher).
-        # Ids outside the catalogue drop nothing: not counted.
-        n_dropping = n_excluded
-        if ctx.excluded:
-            n_dropping -= len(ctx.excluded) - len(served.rows_of(ctx.excluded))
+        n_dropping = len(excluded_rows)
         asks = {}
         for src in chosen:
             k = min(src.config.budget, budget)
@@ -830,7 +829,7 @@ class RetrievalEngine:
                 [s.name for s in chosen],
                 budget,
                 marks,
-                served.rows_of(excluded, n_excluded),
+                excluded_rows,
                 pad,
             )
             if tr.enabled:

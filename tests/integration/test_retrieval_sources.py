@@ -250,8 +250,9 @@ async def test_a_request_history_longer_than_the_kept_one_is_all_excluded(
     assert got.candidates and not {m.item_id for m in got.candidates} & set(recent)
 
 
+@pytest.mark.parametrize("field", ["exclude", "recent"])
 async def test_excluded_ids_outside_the_catalogue_do_not_widen_a_sources_share(
-    engine: RetrievalEngine, mv: ModelVersion
+    engine: RetrievalEngine, mv: ModelVersion, field: str
 ):
     """Over-fetching for filtering is for ids that filtering drops; junk ids drop nothing."""
     feats = RequestFeatures(genre_ratings={g: 5.0 for g in mv.spec.genres[:3]})
@@ -261,8 +262,8 @@ async def test_excluded_ids_outside_the_catalogue_do_not_widen_a_sources_share(
             "cold-genres",
             budget=100,
             sources=("src_redis_top_genre",),
-            exclude=junk,
             features=feats,
+            **{field: junk},
         )
     )
     placed = sum("src_redis_top_genre" in m.sources for m in got.candidates)

@@ -68,6 +68,7 @@ from retrieval_service.sources.base import (
     RetrievalContext,
     await_each,
 )
+from retrieval_service.sources.top_lists import PopularSource
 
 log = logging.getLogger("recsys.retrieval")
 
@@ -195,8 +196,51 @@ class _Resumed:
 
 
 async def _within(work: Awaitable[Any], limit: float | None) -> Any:
-    async with asyncio.timeout(limit):
-        return await work
+    async with asyncio.timeout(limit) as scope:
+        got = await work
+    if scope.expired():
+        # The source caught the cancel and answered anyway, after its limit.
+        raise TimeoutError
+    return got
+
+
+# A source task still running this long after the sources' stop time is left
+# behind: it swallowed its cancellation, and must not hold the request.
+LATE_GRACE_S = 0.002
+
+
+def _consume(task: asyncio.Task) -> None:
+    """Retrieves a left-behind task's outcome (asyncio logs one never retrieved)."""
+    if not task.cancelled():
+        task.exception()
+
+
+async def _wait_until(tasks: Sequence[asyncio.Task], stop_at: float) -> list[Any]:
+    """Each task's result or exception; one still running at ``stop_at`` is cancelled and left.
+
+    ``gather`` would wait for every task, so one source that swallows its
+    cancellation would hold the whole request past its deadline. A task left
+    behind reads as ``TimeoutError``.
+    """
+    try:
+        _, pending = await asyncio.wait(
+            tasks, timeout=max(stop_at - time.monotonic(), 0.0) + LATE_GRACE_S
+        )
+    except asyncio.CancelledError:
+        for t in tasks:
+            t.cancel()
+        raise
+    out: list[Any] = []
+    for t in tasks:
+        if t in pending:
+            t.cancel()
+            t.add_done_callback(_consume)
+            out.append(TimeoutError())
+        elif t.cancelled():
+            out.append(asyncio.CancelledError())
+        else:
+            out.append(t.exception() or t.result())
+    return out
 
 
 class _Plan(NamedTuple):
@@ -221,9 +265,37 @@ def _outside(rows: np.ndarray, n: int) -> bool:
     return bool(rows.min() < 0 or rows.max() >= n)
 
 
+def _check_block(block: CandidateBlock) -> None:
+    """Raises ValueError unless the block's arrays line up (the merge indexes them blindly)."""
+    n = block.rows.shape[0]
+    for what, arr, names in (
+        ("scores", block.scores, None),
+        ("seeds", block.seeds, block.seed_ids),
+        ("genres", block.genres, block.genre_names),
+    ):
+        if arr is None:
+            continue
+        if arr.shape != (n,):
+            raise ValueError(
+                f"returned a CandidateBlock with {n} rows but {what} of shape {arr.shape}"
+            )
+        if names is None or not n:
+            continue
+        if arr.dtype == np.int64:
+            # -1 (none) up to the last name: one unsigned reduction checks both ends.
+            bad = int(_UMAX((arr + 1).view(np.uint64))) > len(names)
+        else:
+            bad = bool(arr.min() < -1 or arr.max() >= len(names))
+        if bad:
+            raise ValueError(
+                f"returned a CandidateBlock whose {what} point outside its {len(names)} names"
+            )
+
+
 def _as_block(got: Sequence[Any], k: int, served: ServedVersion) -> CandidateBlock:
     """A source's answer, cut to ``k``, as a block over ``served``'s catalogue."""
     if isinstance(got, CandidateBlock) and got.item_ids is served.item_ids:
+        _check_block(got)
         block = got if got.rows.shape[0] <= k else got[:k]  # usually already within k
         if _outside(block.rows, len(served.item_ids)):
             raise ValueError("returned a CandidateBlock with rows outside the catalogue")
@@ -590,8 +662,7 @@ class RetrievalEngine:
         try:
             if limit <= 0:
                 raise TimeoutError
-            async with asyncio.timeout(limit):
-                got = await src.retrieve(ctx, k)
+            got = await _within(src.retrieve(ctx, k), limit)
         except Exception as exc:  # one broken source must not fail the call
             return self._report(src, ctx, k, start, limit, variant, exc=exc)
         return self._report(src, ctx, k, start, limit, variant, got=got)
@@ -641,7 +712,7 @@ class RetrievalEngine:
             task = asyncio.get_running_loop().create_task(_within(work, left))
             waiting.append((i, src, start, limit, task))
         if waiting:
-            done = await asyncio.gather(*(w[-1] for w in waiting), return_exceptions=True)
+            done = await _wait_until([w[-1] for w in waiting], stop_at)
             for (i, src, start, limit, _), got in zip(waiting, done, strict=True):
                 k = asks[src.name]
                 if isinstance(got, asyncio.CancelledError):
@@ -794,9 +865,7 @@ class RetrievalEngine:
         if stop_at <= time.monotonic():
             raise DeadlineExceeded("the deadline passed before the candidate sources could run")
         if tr.enabled:  # a span per source: each in a task of its own
-            runs = await asyncio.gather(
-                *(self._traced_source(s, ctx, asks[s.name], stop_at, variant.name) for s in chosen)
-            )
+            runs = await self._run_traced(chosen, ctx, asks, stop_at, variant.name)
         else:
             runs = await self._run_sources(chosen, ctx, asks, stop_at, variant.name)
         reports = [r for r, _ in runs]
@@ -816,7 +885,12 @@ class RetrievalEngine:
         ]
         # Credited to a popular-tier source that answered: one that timed out
         # or failed must not be named as the provenance of the pad.
-        pad_source = next((s.name for s, _ in ok if s.config.tier == "popular"), None)
+        # The built-in popular source first: the pad is its list, and another
+        # popular-tier source (a plugin's "trending") never proposed those items.
+        tier = [s for s, _ in ok if s.config.tier == "popular"]
+        pad_source = next((s.name for s in tier if isinstance(s, PopularSource)), None)
+        if pad_source is None and tier:
+            pad_source = tier[0].name
         pad = None
         if pad_source is not None:
             pad = (pad_source, served.popular_rows, served.popular_row_scores)
@@ -874,6 +948,31 @@ class RetrievalEngine:
         # May be empty: the request named only sources this arm disables. The
         # caller cannot see its arm, so that is an empty answer, not an error.
         return [plan[s.name] for s in chosen if s.name in plan]
+
+    async def _run_traced(
+        self,
+        chosen: Sequence[CandidateSource],
+        ctx: RetrievalContext,
+        asks: Mapping[str, int],
+        stop_at: float,
+        variant: str,
+    ) -> list[tuple[SourceReport, CandidateBlock | None]]:
+        """:meth:`_run_sources` with a span per source, each in a task of its own."""
+        loop = asyncio.get_running_loop()
+        start = time.perf_counter()
+        tasks = [
+            loop.create_task(self._traced_source(s, ctx, asks[s.name], stop_at, variant))
+            for s in chosen
+        ]
+        runs = []
+        for src, got in zip(chosen, await _wait_until(tasks, stop_at), strict=True):
+            if isinstance(got, TimeoutError):  # left behind: it swallowed its cancellation
+                limit = src.config.timeout_ms / 1000.0
+                got = self._report(src, ctx, asks[src.name], start, limit, variant, exc=got)
+            elif isinstance(got, BaseException):
+                raise got  # the request itself was cancelled
+            runs.append(got)
+        return runs
 
     async def _traced_source(
         self, src: CandidateSource, ctx: RetrievalContext, k: int, stop_at: float, variant: str

@@ -23,9 +23,33 @@ ENTRY_POINT_GROUP = "recsys.candidate_sources"
 MAX_SOURCES = 64
 
 
+def _entry_points() -> list[EntryPoint]:
+    return list(entry_points(group=ENTRY_POINT_GROUP))
+
+
 def available_sources() -> dict[str, EntryPoint]:
-    """Installed source types: entry-point name to entry point."""
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    """Installed source types: entry-point name to entry point (see :func:`type_clashes`)."""
+    return {ep.name: ep for ep in _entry_points()}
+
+
+def type_clashes() -> dict[str, list[EntryPoint]]:
+    """Source types that installed packages define more than once, differently.
+
+    Which definition :func:`available_sources` keeps depends on the order of
+    ``sys.path``: a plugin naming its type ``popular`` would silently replace
+    the built-in.
+    """
+    seen: dict[str, list[EntryPoint]] = {}
+    for ep in _entry_points():
+        same = seen.setdefault(ep.name, [])
+        if all(other.value != ep.value for other in same):
+            same.append(ep)
+    return {name: eps for name, eps in seen.items() if len(eps) > 1}
+
+
+def _origin(ep: EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return f"{ep.value} (from {dist.name})" if dist is not None else ep.value
 
 
 def load_source_class(ep: EntryPoint) -> type:
@@ -71,10 +95,12 @@ def build_sources(
         available: Entry points to use (default: everything installed).
 
     Raises:
-        SourceConfigError: Unknown type, unknown or invalid key, duplicate
-            name, or no source at all; the message names the source and key.
+        SourceConfigError: Unknown type, a type two packages define, unknown
+            or invalid key, duplicate name, or no source at all; the message
+            names the source and key.
     """
     found = available_sources() if available is None else dict(available)
+    clashes = type_clashes() if available is None else {}
     sources: list[CandidateSource] = []
     names: set[str] = set()
     if not entries:
@@ -97,6 +123,12 @@ def build_sources(
             raise SourceConfigError(
                 f"{where}: unknown source type {kind!r}; installed types under "
                 f"'{ENTRY_POINT_GROUP}': {', '.join(sorted(found)) or 'none'}"
+            )
+        if kind in clashes:
+            raise SourceConfigError(
+                f"{where}: source type {kind!r} is defined more than once under "
+                f"'{ENTRY_POINT_GROUP}': {', '.join(_origin(ep) for ep in clashes[kind])}; "
+                "uninstall one, or give the plugin's entry point another name"
             )
         cls = load_source_class(found[kind])
         try:

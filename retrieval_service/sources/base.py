@@ -188,8 +188,10 @@ class CandidateBlock(Sequence[Candidate]):
         seen: set[int] = set()
         get = index.get
         for c in cands:
-            if not isinstance(c, Candidate) or not isinstance(c.item_id, str):
+            if not isinstance(c, Candidate):
                 raise TypeError(f"returned {type(c).__name__}, not Candidate")
+            if not isinstance(c.item_id, str):
+                raise TypeError(f"item_id {c.item_id!r} is {type(c.item_id).__name__}, not str")
             row = get(c.item_id, -1)
             if row < 0 or row in seen:
                 continue

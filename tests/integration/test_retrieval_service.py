@@ -435,7 +435,7 @@ PLUGIN = textwrap.dedent(
     """
     import asyncio
     from typing import Literal
-    from retrieval_service.sources.base import Candidate, SourceBase, SourceConfig
+    from retrieval_service.sources.base import Candidate, CandidateBlock, SourceBase, SourceConfig
 
     class SlowConfig(SourceConfig):
         type: Literal["test_slow"] = "test_slow"
@@ -454,6 +454,40 @@ PLUGIN = textwrap.dedent(
         config_model = BrokenConfig
         async def retrieve(self, ctx, k):
             raise RuntimeError("plugin exploded")
+
+    class TrendingConfig(SourceConfig):
+        type: Literal["test_trending"] = "test_trending"
+
+    class TrendingSource(SourceBase):
+        config_model = TrendingConfig
+        async def retrieve(self, ctx, k):
+            return [Candidate(ctx.served.item_ids[-1], 1.0)]
+
+    class StubbornConfig(SourceConfig):
+        type: Literal["test_stubborn"] = "test_stubborn"
+
+    class StubbornSource(SourceBase):
+        # Catches its cancellation and answers anyway, much later.
+        config_model = StubbornConfig
+        async def retrieve(self, ctx, k):
+            try:
+                await asyncio.sleep(2.0)
+            except asyncio.CancelledError:
+                await asyncio.sleep(2.0)
+            return [Candidate(ctx.served.item_ids[0])]
+
+    class MisalignedConfig(SourceConfig):
+        type: Literal["test_misaligned"] = "test_misaligned"
+        extra_scores: int = 1
+
+    class MisalignedSource(SourceBase):
+        # A block whose arrays do not line up with its rows.
+        config_model = MisalignedConfig
+        async def retrieve(self, ctx, k):
+            import numpy as np
+            rows = np.arange(3, dtype=np.int64)
+            scores = np.ones(3 + self.config.extra_scores)
+            return CandidateBlock(ctx.served.item_ids, rows, scores)
     """
 )
 
@@ -472,6 +506,9 @@ def plugin_path(tmp_path_factory):
         "[recsys.candidate_sources]\n"
         "test_slow = recsys_test_plugin:SlowSource\n"
         "test_broken = recsys_test_plugin:BrokenSource\n"
+        "test_trending = recsys_test_plugin:TrendingSource\n"
+        "test_stubborn = recsys_test_plugin:StubbornSource\n"
+        "test_misaligned = recsys_test_plugin:MisalignedSource\n"
     )
     sys.path.insert(0, str(root))
     yield root
@@ -548,6 +585,81 @@ async def test_the_pad_is_credited_to_a_popular_tier_source_that_answered(
     reports = {r.source: r.status for r in res.source_reports}
     assert reports == {"broken": ERROR, "popular": OK}
     assert len(res.candidates) == 40, "padded past popular's budget of 5"
+    assert all(list(c.sources) == ["popular"] for c in res.candidates)
+
+
+async def test_the_pad_is_credited_to_the_popular_source_not_a_plugin_of_its_tier(
+    plugin_path, published: Path, redis_server
+):
+    """The pad is the popular list: a "trending" plugin listed first never proposed it."""
+    sources = [
+        {"name": "trending", "type": "test_trending", "tier": "popular"},
+        {"name": "popular", "type": "popular", "budget": 5, "tier": "popular"},
+    ]
+    settings = settings_for(published.parent, redis_server.url, sources=sources)
+    async with Running(settings) as srv:
+        res = await srv.stub.Retrieve(
+            retrieval_pb2.RetrieveRequest(user=common_pb2.UserContext(user_id="pad"), budget=40),
+            timeout=5,
+        )
+    assert len(res.candidates) == 40
+    trending = [c for c in res.candidates if "trending" in c.sources]
+    assert len(trending) == 1, [list(c.sources) for c in res.candidates]
+
+
+@pytest.mark.parametrize("tracing", [False, True])
+async def test_a_source_that_swallows_its_cancellation_does_not_hold_the_request(
+    plugin_path, published: Path, redis_server, tracing: bool
+):
+    sources = [
+        {"name": "stubborn", "type": "test_stubborn", "timeout_ms": 30},
+        {"name": "popular", "type": "popular"},
+    ]
+    settings = settings_for(published.parent, redis_server.url, sources=sources)
+    async with Running(settings) as srv:
+        if tracing:
+            from opentelemetry.sdk.trace.export.in_memory_span_exporter import (
+                InMemorySpanExporter,
+            )
+
+            from recsys.config import TracingSettings
+            from recsys.tracing import Tracing
+
+            on = TracingSettings(enabled=True)
+            srv.app.engine.tracing = Tracing.from_settings(
+                on, "retrieval", exporter=InMemorySpanExporter()
+            )
+        start = time.perf_counter()
+        res = await srv.stub.Retrieve(
+            retrieval_pb2.RetrieveRequest(user=common_pb2.UserContext(user_id="u"), budget=20),
+            timeout=0.3,
+        )
+        elapsed = time.perf_counter() - start
+    reports = {r.source: r for r in res.source_reports}
+    assert reports["stubborn"].status == TIMEOUT
+    assert reports["popular"].status == OK and len(res.candidates) == 20
+    assert elapsed < 1.0, f"held {elapsed:.2f} s by a source that ignored its cancel"
+
+
+@pytest.mark.parametrize("extra", [1, -1])
+async def test_a_block_whose_arrays_do_not_line_up_is_that_sources_error(
+    plugin_path, published: Path, redis_server, extra: int
+):
+    """The merge indexes the arrays together: a misfit shifted other sources' scores."""
+    sources = [
+        {"name": "misaligned", "type": "test_misaligned", "extra_scores": extra},
+        {"name": "popular", "type": "popular"},
+    ]
+    settings = settings_for(published.parent, redis_server.url, sources=sources)
+    async with Running(settings) as srv:
+        res = await srv.stub.Retrieve(
+            retrieval_pb2.RetrieveRequest(user=common_pb2.UserContext(user_id="u"), budget=20),
+            timeout=5,
+        )
+    reports = {r.source: r for r in res.source_reports}
+    bad = reports["misaligned"]
+    assert bad.status == ERROR and "scores of shape" in bad.message, bad.message
+    assert reports["popular"].status == OK and len(res.candidates) == 20
     assert all(list(c.sources) == ["popular"] for c in res.candidates)
 
 

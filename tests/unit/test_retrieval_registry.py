@@ -26,6 +26,31 @@ def test_builtins_are_registered_through_entry_points():
         assert found[name].load() is cls
 
 
+def test_a_type_two_packages_define_differently_is_refused_by_name(monkeypatch):
+    """Last one on sys.path won: a plugin called ``popular`` replaced the built-in unseen."""
+    from importlib.metadata import EntryPoint
+
+    import retrieval_service.registry as registry
+
+    installed = registry._entry_points()
+    evil = EntryPoint("popular", "someplugin.src:EvilPopular", ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry, "_entry_points", lambda: [*installed, evil])
+    with pytest.raises(SourceConfigError, match=r"sources\[0\].*'popular' is defined more than"):
+        build_sources([{"name": "popular", "type": "popular"}])
+    with pytest.raises(SourceConfigError) as err:
+        build_sources([{"name": "popular", "type": "popular"}])
+    assert "retrieval_service.sources.top_lists:PopularSource" in str(err.value)
+    assert "someplugin.src:EvilPopular" in str(err.value)
+    # Only the clashing type: the others still build.
+    assert [s.name for s in build_sources([{"name": "genre", "type": "redis_top_genre"}])] == [
+        "genre"
+    ]
+    # The same definition listed twice (one package seen on two paths) is no clash.
+    twice = [*installed, *(ep for ep in installed if ep.name == "popular")]
+    monkeypatch.setattr(registry, "_entry_points", lambda: twice)
+    assert build_sources([{"name": "popular", "type": "popular"}])[0].name == "popular"
+
+
 def test_default_config_builds_every_builtin():
     sources = build_sources(_default_sources())
     assert [s.name for s in sources] == [

@@ -329,10 +329,14 @@ class SourceBase:
             ``asyncio.timeout``/``TaskGroup`` nor use ``current_task()``
             before their first ``await``: the rest of the call may run in
             another task. Off by default; the built-ins set it.
+        contract_config: Config keys the contract suite
+            (``tests/integration/test_retrieval_sources.py``) adds when it
+            builds the source: values for keys the config requires.
     """
 
     config_model: ClassVar[type[SourceConfig]] = SourceConfig
     eager: ClassVar[bool] = False
+    contract_config: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, config: SourceConfig):
         self.config = config

@@ -354,6 +354,11 @@ class RetrievalEngine:
         self.tracks: dict[str, ServedVersion] = {}
         self.default_track = self.experiment.default.model_version
         self.plans = {v: {s.name: s for s in srcs} for v, srcs in (variant_sources or {}).items()}
+        # Usual: every source eager, so no request needs to order its sources (_run_sources).
+        self._all_eager = all(
+            getattr(s, "eager", False)
+            for s in [*self.sources, *(s for p in self.plans.values() for s in p.values())]
+        )
         self.tracing = tracing
         # Concurrent calls' user reads share one pipeline. The adaptive batch
         # waits (at most 1 ms) only while the server is busy, so a lone call
@@ -687,7 +692,13 @@ class RetrievalEngine:
         """
         out: list[tuple[SourceReport, CandidateBlock | None] | None] = [None] * len(chosen)
         waiting: list[tuple[int, CandidateSource, float, float, asyncio.Task]] = []
-        for i, src in enumerate(chosen):
+        # Tasks first: an eager source's first read schedules the batch's flush,
+        # and a task created after it would queue its reads in a second round trip.
+        order: Sequence[int] = range(len(chosen))
+        if not self._all_eager:
+            order = sorted(order, key=lambda j: getattr(chosen[j], "eager", False))
+        for i in order:
+            src = chosen[i]
             k = asks[src.name]
             start = time.perf_counter()
             limit = min(src.config.timeout_ms / 1000.0, stop_at - time.monotonic())

@@ -476,6 +476,17 @@ PLUGIN = textwrap.dedent(
                 await asyncio.sleep(2.0)
             return [Candidate(ctx.served.item_ids[0])]
 
+    class ReaderConfig(SourceConfig):
+        type: Literal["test_reader"] = "test_reader"
+        key: str = "test:reader"
+
+    class ReaderSource(SourceBase):
+        # Reads one sorted set through the request's shared Redis batch.
+        config_model = ReaderConfig
+        async def retrieve(self, ctx, k):
+            got = await ctx.redis.top(self.config.key, k)
+            return [Candidate(i, s) for i, s in got]
+
     class MisalignedConfig(SourceConfig):
         type: Literal["test_misaligned"] = "test_misaligned"
         extra_scores: int = 1
@@ -509,6 +520,7 @@ def plugin_path(tmp_path_factory):
         "test_trending = recsys_test_plugin:TrendingSource\n"
         "test_stubborn = recsys_test_plugin:StubbornSource\n"
         "test_misaligned = recsys_test_plugin:MisalignedSource\n"
+        "test_reader = recsys_test_plugin:ReaderSource\n"
     )
     sys.path.insert(0, str(root))
     yield root
@@ -661,6 +673,35 @@ async def test_a_block_whose_arrays_do_not_line_up_is_that_sources_error(
     assert bad.status == ERROR and "scores of shape" in bad.message, bad.message
     assert reports["popular"].status == OK and len(res.candidates) == 20
     assert all(list(c.sources) == ["popular"] for c in res.candidates)
+
+
+@pytest.mark.parametrize("first", [True, False])
+async def test_a_plugins_redis_read_shares_the_built_ins_round_trip(
+    plugin_path, published: Path, redis_server, mv: ModelVersion, first: bool
+):
+    """Hydrate, then one batch for every source's reads, wherever the plugin is listed."""
+    from recsys.config import RetrievalSettings
+    from retrieval_service.engine import RetrievalEngine, RetrieveQuery
+    from retrieval_service.registry import build_sources
+
+    reader = {"name": "reader", "type": "test_reader", "tier": "segment"}
+    builtins = [e for e in default_sources() if e["name"] in ("top_genre", "top_country")]
+    entries = [reader, *builtins] if first else [*builtins, reader]
+    client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await client.zadd("test:reader", {mv.item_ids[0]: 1.0})
+        eng = RetrievalEngine(
+            RetrievalSettings(top_list_cache=False), build_sources(entries), client
+        )
+        eng.swap(await asyncio.to_thread(eng.load_version, published))
+        uid = str(mv.users["user_id"][0])
+        await eng.retrieve(RetrieveQuery(uid))  # loads the read script once
+        res = await eng.retrieve(RetrieveQuery(uid))
+    finally:
+        await client.delete("test:reader")
+        await client.aclose()
+    assert {r.source: r.count for r in res.reports}["reader"] == 1
+    assert res.redis_round_trips == 2
 
 
 async def test_unknown_config_key_is_rejected_at_startup(plugin_path, published, redis_server):

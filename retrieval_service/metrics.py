@@ -35,7 +35,8 @@ HYDRATE_FAILURES = Counter(
 )
 HYDRATE_CUT_SHORT = Counter(
     "recsys_retrieval_hydrate_cut_short_total",
-    "Hydrations abandoned because the request's deadline left too little time for Redis.",
+    "Hydrations abandoned because the request's deadline left too little time for Redis "
+    "(under 50 ms of waiting; a longer wait counts as a hydrate failure).",
 )
 REDIS_ROUND_TRIPS = Histogram(
     "recsys_retrieval_redis_round_trips",

@@ -372,3 +372,43 @@ async def test_a_cancelled_hurried_caller_is_withdrawn_from_the_queue(
             os.kill(own_redis.proc.pid, signal.SIGCONT)
         ran = ranker.batcher.requests - before
         assert ran == 1, f"{ran} requests ran; the cancelled caller's job still ran"
+
+
+@pytest.mark.parametrize("batched", [False, True])
+@pytest.mark.parametrize("timeout_s", [RankingSettings().retrieval_timeout_s, 0.04])
+async def test_a_frozen_redis_counts_as_a_failed_user_read_at_rankings_deadline(
+    own_redis, trained_version: Path, batched: bool, timeout_s: float
+):
+    """Ranking gives retrieval 200 ms by default: a stall there is Redis', not the caller's.
+
+    A 40 ms deadline leaves the read 20 ms: that one is cut short by the caller.
+    """
+    from recsys.config import RetrievalSettings
+    from retrieval_service import metrics
+    from retrieval_service.engine import RetrievalEngine, RetrieveQuery
+    from retrieval_service.registry import build_sources
+
+    mv = published_into(own_redis, trained_version)
+    settings = RecsysSettings(redis_url=own_redis.url)  # redis_timeout_s 0.25, the default
+    client = async_redis(settings)
+    rs = RetrievalSettings()
+    eng = RetrievalEngine(
+        rs, build_sources(rs.sources), client, redis_timeout_s=settings.redis_timeout_s
+    )
+    eng.swap(await asyncio.to_thread(eng.load_version, trained_version))
+    q = RetrieveQuery(str(mv.users["user_id"][0]))
+    await eng.retrieve(q, timeout_s=1.0)
+    failures, cut = metrics.HYDRATE_FAILURES._value.get(), metrics.HYDRATE_CUT_SHORT._value.get()
+    os.kill(own_redis.proc.pid, signal.SIGSTOP)
+    try:
+        if batched:
+            (got,) = await eng.retrieve_many([q], timeout_s=timeout_s)
+        else:
+            got = await eng.retrieve(q, timeout_s=timeout_s)
+    finally:
+        os.kill(own_redis.proc.pid, signal.SIGCONT)
+        await client.aclose()
+    assert not isinstance(got, Exception) and got.candidates, "degraded, still answered"
+    redis_fault = timeout_s > 0.1
+    assert metrics.HYDRATE_FAILURES._value.get() == failures + redis_fault
+    assert metrics.HYDRATE_CUT_SHORT._value.get() == cut + (not redis_fault)

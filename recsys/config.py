@@ -434,7 +434,9 @@ class RecsysSettings(BaseSettings):
         "INFO", description="Log level (any case)."
     )
     log_format: Literal["json", "text"] = Field(
-        "json", description="json: one object per line; text: for a terminal."
+        "json",
+        description="json: one object per line; text: for a terminal, a line each with its "
+        "fields as key=value.",
     )
     retrieval: RetrievalSettings = RetrievalSettings()
     ranking: RankingSettings = RankingSettings()

@@ -109,13 +109,39 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """``asctime level logger message`` plus ``key=value`` for each extra field.
+
+    Values are ``repr``'d where they are not plain words, so an id holding a
+    newline or an ``=`` cannot fake another line or field.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = getattr(record, "fields", None)
+        if not fields:
+            return line
+        parts = [line.split("\n", 1)[0]]
+        for key, value in fields.items():
+            text = str(value)
+            plain = isinstance(value, int | float) or (
+                text.isprintable() and text and not any(c in text for c in " =\"'")
+            )
+            parts.append(f"{key}={text if plain else repr(text)}")
+        rest = line.split("\n", 1)[1:]  # a traceback stays below the line
+        return " ".join(parts) + ("\n" + rest[0] if rest else "")
+
+
 def configure_logging(settings: RecsysSettings) -> None:
     """Sets up root logging once per process from config."""
     handler = logging.StreamHandler(sys.stderr)
     if settings.log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)

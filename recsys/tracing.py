@@ -23,7 +23,7 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from opentelemetry import propagate
+from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import INVALID_SPAN, Span, SpanKind
 
@@ -194,8 +194,17 @@ class Tracing:
     def inject(
         self, metadata: tuple[tuple[str, str], ...] | None
     ) -> tuple[tuple[str, str], ...] | None:
-        """``metadata`` plus the current span's ``traceparent`` (unchanged when disabled)."""
+        """``metadata`` plus the current span's ``traceparent``.
+
+        Unchanged when disabled, and when the current span is not sampled: a
+        call carrying a trace context goes to retrieval alone instead of in a
+        shared ``RetrieveMany``, so propagating unsampled contexts cost every
+        request its batching at any ``sample_ratio`` below 1. Retrieval then
+        decides those calls' sampling by its own ratio.
+        """
         if self._tracer is None:
+            return metadata
+        if not trace.get_current_span().get_span_context().trace_flags.sampled:
             return metadata
         carrier: dict[str, str] = {}
         propagate.inject(carrier)

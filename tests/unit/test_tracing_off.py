@@ -102,3 +102,20 @@ def test_a_tracer_with_a_provider_still_records():
     assert score.parent.span_id == spans["ranking.Recommend"].context.span_id
     assert spans["ranking.Recommend"].kind is SpanKind.SERVER
     provider.shutdown()
+
+
+def test_an_unsampled_span_propagates_nothing():
+    """A traced call skips RetrieveMany: an unsampled context must not cost its batching."""
+
+    exporter = InMemorySpanExporter()
+    never = Tracing.from_settings(
+        TracingSettings(enabled=True, sample_ratio=0.0), "ranking", exporter=exporter
+    )
+    always = Tracing.from_settings(
+        TracingSettings(enabled=True, sample_ratio=1.0), "ranking", exporter=exporter
+    )
+    with never.span("ranking.Recommend", kind=SpanKind.SERVER):
+        assert never.inject(None) is None
+        assert never.inject((("authorization", "x"),)) == (("authorization", "x"),)
+    with always.span("ranking.Recommend", kind=SpanKind.SERVER):
+        assert [k for k, _ in always.inject(None)] == ["traceparent"]

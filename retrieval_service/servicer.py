@@ -13,6 +13,7 @@ from opentelemetry.trace import SpanKind
 from recsys.checks import MAX_GENRE_RATINGS
 from recsys.experiments import observe_request
 from recsys.packed import pack
+from recsys.serving import RPC_TOTAL
 from recsys.user_store import state_to_pb
 from recsys.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
 from retrieval_service.engine import (
@@ -178,17 +179,26 @@ def _answer(
     )
 
 
+# A RetrieveMany member's outcome, by code: the call itself is OK whatever its
+# members' codes, so without this the alerts on recsys_rpc_total never saw a
+# failing member (RetrieveMany is ranking's usual path under load).
+MEMBER = "RetrieveMany.member"
+_MEMBER_OK = RPC_TOTAL.labels("retrieval", MEMBER, "OK")
+
+
 def _failed(outcome: retrieval_pb2.RetrieveOutcome, exc: Exception) -> None:
     """Turns one ``RetrieveMany`` member into an error; the rest of the batch is still answered."""
     outcome.Clear()
     if isinstance(exc, RetrievalError):
         outcome.code = getattr(grpc.StatusCode, exc.code).value[0]
         outcome.message = str(exc)
+        RPC_TOTAL.labels("retrieval", MEMBER, exc.code).inc()
         return
     # A bug, not the caller's fault: logged here, and no internals in the status.
     log.error("retrieve failed", exc_info=exc)
     outcome.code = grpc.StatusCode.INTERNAL.value[0]
     outcome.message = INTERNAL_MESSAGE
+    RPC_TOTAL.labels("retrieval", MEMBER, "INTERNAL").inc()
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: RetrievalError) -> None:
@@ -263,6 +273,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
                 await self._retrieve(req, timeout, out=outcome.response)
             except Exception as exc:
                 _failed(outcome, exc)
+            else:
+                _MEMBER_OK.inc()
 
         # Concurrently, so the engine batches their user reads into one round trip.
         await asyncio.gather(*(one(r, o) for r, o in zip(request.requests, outcomes, strict=True)))
@@ -277,6 +289,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         )
         # Every member is answered when the batch is: that is its latency.
         elapsed = time.perf_counter() - start
+        ok = 0
         for req, outcome, result in zip(requests, outcomes, results, strict=True):
             if isinstance(result, Exception):
                 _failed(outcome, result)
@@ -286,7 +299,9 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             except Exception as exc:
                 _failed(outcome, exc)
                 continue
+            ok += 1
             observe_request("retrieval", "Retrieve", result.variant, elapsed)
+        _MEMBER_OK.inc(ok)
 
     async def SimilarItems(self, request, context):
         try:

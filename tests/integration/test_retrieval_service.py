@@ -359,9 +359,16 @@ async def test_bad_input_is_invalid_argument(server: Running, rpc, req, field):
 async def test_retrieve_many_answers_each_request_as_retrieve_would(
     server: Running, mv: ModelVersion
 ):
+    from recsys.serving import RPC_TOTAL
+
     users = [typical_user(mv)[0], heavy_user(mv)[0], "never-seen-user"]
     singles = [await server.stub.Retrieve(request(u, 40), timeout=5) for u in users]
     bad = request("u", -1)
+    member = {
+        c: RPC_TOTAL.labels("retrieval", "RetrieveMany.member", c)
+        for c in ("OK", "INVALID_ARGUMENT")
+    }
+    before = {c: m._value.get() for c, m in member.items()}
     many = await server.stub.RetrieveMany(
         retrieval_pb2.RetrieveManyRequest(
             requests=[request(users[0], 40), bad, request(users[1], 40), request(users[2], 40)]
@@ -370,6 +377,11 @@ async def test_retrieve_many_answers_each_request_as_retrieve_would(
     )
     invalid = grpc.StatusCode.INVALID_ARGUMENT.value[0]
     assert [o.code for o in many.outcomes] == [0, invalid, 0, 0]
+    # Each member is counted by its own code: the alerts see a failing member.
+    assert {c: m._value.get() - before[c] for c, m in member.items()} == {
+        "OK": 3,
+        "INVALID_ARGUMENT": 1,
+    }
     refused = many.outcomes[1]
     assert refused.message.startswith("budget:") and not refused.HasField("response")
     assert all(o.message == "" for i, o in enumerate(many.outcomes) if i != 1)

@@ -896,7 +896,7 @@ class RetrievalEngine:
             ):
                 # Not an outage: the caller's deadline was too short (and not worth a retry).
                 raise DeadlineExceeded(f"the deadline passed before any source answered: {detail}")
-            raise Unavailable(f"every candidate source failed: {detail}")
+            raise Unavailable(f"every candidate source failed: {detail}", retry=False)
         blocks = [b for _, b in ok]
         lanes = [
             Lane(s.name, s.config.weight, min(s.config.budget, budget), s.config.tier)

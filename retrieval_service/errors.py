@@ -26,9 +26,21 @@ class NotFound(RetrievalError):
 
 
 class Unavailable(RetrievalError):
-    """No model version loaded yet, Redis unreachable, or every source failed."""
+    """No model version loaded yet, Redis unreachable, or every source failed.
+
+    Args:
+        message: What failed.
+        retry: False when an immediate retry would fail the same way (every
+            source just failed): the status then tells gRPC clients not to
+            retry it, where a replica still loading its version is worth
+            another try on the next one.
+    """
 
     code = "UNAVAILABLE"
+
+    def __init__(self, message: str, *, retry: bool = True):
+        super().__init__(message)
+        self.retry = retry
 
 
 class FailedPrecondition(RetrievalError):

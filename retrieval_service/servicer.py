@@ -201,8 +201,14 @@ def _failed(outcome: retrieval_pb2.RetrieveOutcome, exc: Exception) -> None:
     RPC_TOTAL.labels("retrieval", MEMBER, "INTERNAL").inc()
 
 
+# gRPC's retry pushback (gRFC A6): a value that is not a non-negative integer
+# tells a client's retry policy not to retry this status.
+_NO_RETRY = (("grpc-retry-pushback-ms", "-1"),)
+
+
 async def _abort(context: grpc.aio.ServicerContext, exc: RetrievalError) -> None:
-    await context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+    trailing = _NO_RETRY if getattr(exc, "retry", True) is False else ()
+    await context.abort(getattr(grpc.StatusCode, exc.code), str(exc), trailing)
 
 
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):

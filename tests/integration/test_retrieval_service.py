@@ -716,6 +716,30 @@ async def test_a_plugins_redis_read_shares_the_built_ins_round_trip(
     assert res.redis_round_trips == 2
 
 
+async def test_every_source_failing_is_not_retried_by_a_retrying_channel(
+    plugin_path, published: Path, redis_server
+):
+    """The channel retries UNAVAILABLE for a dropped connection, not for this answer."""
+    from recsys.channels import create_channel
+    from recsys.serving import RPC_TOTAL
+
+    sources = [{"name": "broken", "type": "test_broken"}]
+    settings = settings_for(published.parent, redis_server.url, sources=sources)
+    failed = RPC_TOTAL.labels("retrieval", "Retrieve", "UNAVAILABLE")
+    async with Running(settings) as srv:
+        channel = create_channel(f"127.0.0.1:{srv.handle.port}", aio=True, max_attempts=2)
+        try:
+            stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+            before = failed._value.get()
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Retrieve(request("u", 10), timeout=5)
+        finally:
+            await channel.close()
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "every candidate source failed" in err.value.details()
+    assert failed._value.get() - before == 1, "retried an answer that would fail the same way"
+
+
 async def test_unknown_config_key_is_rejected_at_startup(plugin_path, published, redis_server):
     from retrieval_service.errors import SourceConfigError
 

@@ -33,6 +33,7 @@ from ranking_service.users import UserQuery, feature_rows, fetch_users, resolve_
 from ranking_service.validation import RankQuery, RecommendQuery
 from recsys.batching import MicroBatcher
 from recsys.config import CURRENT_VERSION
+from recsys.errors import ThrottledWarning
 from recsys.experiments import Experiment, Variant
 from recsys.explain import Reason, explain, source_kinds
 from recsys.tracing import NOOP, Tracing
@@ -46,6 +47,9 @@ MIN_READ_S = 0.002
 REASON_CACHE_ENTRIES = 50_000
 
 log = logging.getLogger("ranking_service.core")
+_log_fallback = ThrottledWarning(
+    log, "recommend falls back to the popular list: %s (%d since last report)"
+)
 
 
 class NoModel(RuntimeError):
@@ -276,7 +280,8 @@ class Ranker:
                     reason = "retrieval returned no candidates"
                     M.RETRIEVAL_FALLBACK.labels("EMPTY", variant.name).inc()
         if reason:
-            log.warning("recommend falls back to the popular list: %s", reason)
+            # Every request repeats it while retrieval is down: one line per interval.
+            _log_fallback(reason)
             limit = query.budget or len(model.popular_rows)
             rows = model.popular_rows[:limit]
             out = await self._rank_rows(

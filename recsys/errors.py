@@ -38,10 +38,11 @@ class ThrottledWarning:
         self._last = -math.inf
         self._count = 0
 
-    def __call__(self, exc: BaseException) -> None:
-        """Counts one failure; logs it when the interval has passed."""
+    def __call__(self, exc: BaseException | str, fields: dict[str, object] | None = None) -> None:
+        """Counts one failure; logs it (with ``fields``, if any) when the interval has passed."""
         self._count += 1
         now = time.monotonic()
         if now - self._last >= self.every_s:
-            self.logger.warning(self.message, exc, self._count)
+            extra = {"fields": fields} if fields else None
+            self.logger.warning(self.message, exc, self._count, extra=extra)
             self._last, self._count = now, 0

@@ -361,6 +361,7 @@ class RetrievalEngine:
         self.tracks: dict[str, ServedVersion] = {}
         self.default_track = self.experiment.default.model_version
         self.plans = {v: {s.name: s for s in srcs} for v, srcs in (variant_sources or {}).items()}
+        self._source_warnings: dict[str, ThrottledWarning] = {}
         # Usual: every source eager, so no request needs to order its sources (_run_sources).
         self._all_eager = all(
             getattr(s, "eager", False)
@@ -651,10 +652,13 @@ class RetrievalEngine:
         elif exc is not None:
             status, block = SourceStatus.ERROR, None
             message = f"{type(exc).__name__}: {exc}"[:200]
-            log.warning(
-                "source failed",
-                extra={"fields": {"source": src.name, "user": ctx.user_id, "error": message}},
-            )
+            # An outage fails it on every request: one line per source and interval.
+            warn = self._source_warnings.get(src.name)
+            if warn is None:
+                warn = self._source_warnings[src.name] = ThrottledWarning(
+                    log, "source failed: %s (%d since last report)"
+                )
+            warn(message, {"source": src.name, "user": ctx.user_id, "error": message})
         elapsed = time.perf_counter() - start
         latency, counts = metrics.source_children(src.name, variant)
         latency.observe(elapsed)

@@ -740,6 +740,28 @@ async def test_every_source_failing_is_not_retried_by_a_retrying_channel(
     assert failed._value.get() - before == 1, "retried an answer that would fail the same way"
 
 
+async def test_a_failing_source_logs_once_per_interval_not_per_request(
+    plugin_path, published: Path, redis_server, caplog
+):
+    """During an outage every request fails the same way: the metrics count each one."""
+    import logging
+
+    sources = [
+        {"name": "broken", "type": "test_broken"},
+        {"name": "popular", "type": "popular"},
+    ]
+    settings = settings_for(published.parent, redis_server.url, sources=sources)
+    async with Running(settings) as srv:
+        with caplog.at_level(logging.WARNING, logger="recsys.retrieval"):
+            for _ in range(20):
+                res = await srv.stub.Retrieve(request("u", 10), timeout=5)
+                assert res.degraded
+    lines = [r for r in caplog.records if r.getMessage().startswith("source failed")]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert "plugin exploded" in lines[0].getMessage()
+    assert lines[0].fields["source"] == "broken"
+
+
 async def test_unknown_config_key_is_rejected_at_startup(plugin_path, published, redis_server):
     from retrieval_service.errors import SourceConfigError
 

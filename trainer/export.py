@@ -81,9 +81,16 @@ def _ranked(ids: list[str], score: np.ndarray, eligible: np.ndarray, top_n: int)
     idx = np.flatnonzero(eligible)
     if len(idx) == 0:
         return []
-    s = score[idx]
-    # Stable order on ties: higher score first, then catalogue order.
-    order = idx[np.lexsort((idx, -s))][:top_n]
+    # Scores as exported (and as the published sorted sets hold them), and
+    # ties in ZREVRANGE's order: item id, descending. The in-memory list, the
+    # published one and the evaluator then agree item for item; ties broken
+    # by catalogue order had reordered (and at the cut, changed) the popular
+    # list read from Redis.
+    s = np.round(score[idx].astype(np.float64), 6)
+    names = np.asarray([ids[i] for i in idx])
+    by_name = np.empty(len(idx), np.int64)
+    by_name[np.argsort(names, kind="stable")] = np.arange(len(idx))
+    order = idx[np.lexsort((-by_name, -s))][:top_n]
     return [[ids[i], round(float(score[i]), 6)] for i in order]
 
 

@@ -157,10 +157,11 @@ async def test_popular_from_redis_matches_memory_and_falls_back(engine, mv: Mode
     ctx = await _context(engine, _users(mv)["unknown"])
     got = await redis_backed.retrieve(ctx, 25)
     assert ctx.redis.round_trips == 2, "the Redis-backed variant really read Redis"
-    # Same list; Redis orders equal scores by member, so compare scores, then ids per score.
+    # The same list item for item: the export orders ties as ZREVRANGE does.
+    assert [c.item_id for c in got] == [c.item_id for c in memory]
     assert [c.score for c in got] == pytest.approx([c.score for c in memory])
-    everything = dict(engine.current().popular)
-    assert all(everything[c.item_id] == pytest.approx(c.score) for c in got)
+    scores = [c.score for c in memory]
+    assert len(set(scores)) < len(scores), "the check needs ties among the first 25"
     # Hydration found Redis down: straight to memory, no read attempted.
     ctx.redis._available = False
     fallback = await redis_backed.retrieve(ctx, 25)

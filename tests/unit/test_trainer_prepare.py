@@ -97,6 +97,18 @@ def test_top_lists_damp_items_with_few_ratings():
     assert us[0] == "y"  # 40 good ratings beat 2 perfect ones
 
 
+def test_top_list_ties_go_the_way_redis_orders_them():
+    """ZREVRANGE orders equal scores by member, descending; so must the exported list."""
+    from trainer.export import _ranked
+
+    ids = ["a", "b10", "b9", "é", "c"]
+    # 2.0000001 and 2.0 are one score once rounded to the 6 decimals exported.
+    score = np.array([2.0, 2.0000001, 1.0, 2.0, 3.0])
+    got = _ranked(ids, score, np.ones(5, bool), 5)
+    assert [i for i, _ in got] == ["c", "é", "b10", "a", "b9"]
+    assert _ranked(ids, score, np.array([1, 0, 1, 1, 0], bool), 2) == [["é", 2.0], ["a", 2.0]]
+
+
 def test_bias_baseline_recovers_offsets():
     rng = np.random.default_rng(0)
     n_u, n_i = 40, 30

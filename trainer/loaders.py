@@ -163,8 +163,11 @@ def _read(
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        with open(path, encoding=encoding, newline="") as f:
-            text = f.read()
+        if encoding == UTF8_OR_LATIN1:
+            text = _utf8_or_latin1(path.read_bytes())
+        else:
+            with open(path, encoding=encoding, newline="") as f:
+                text = f.read()
     except UnicodeDecodeError as exc:
         line = _line_of_byte(path, exc, encoding)
         raise DataError(f"{path}, line {line}: not {encoding} text") from None
@@ -230,18 +233,38 @@ class _FlatRows:
         return [flat[k::n] for k in range(n)]
 
 
+# MovieLens 100K ships in Latin-1, but a copy re-saved by an editor or a
+# converter is UTF-8 (with a BOM, sometimes): decoded as Latin-1 its titles
+# came out garbled and a BOM became part of the first id.
+UTF8_OR_LATIN1 = "utf-8, else latin-1"
+
+
+def _utf8_or_latin1(data: bytes) -> str:
+    """The file as UTF-8 (BOM dropped) when it decodes as such, else as Latin-1."""
+    data = data.removeprefix(b"\xef\xbb\xbf")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("latin-1")
+
+
 def _split_plain(text: str, delimiter: str) -> tuple[_FlatRows, Sequence[int], np.ndarray]:
     """Lines (blank ones dropped), their 1-based numbers and field counts."""
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
-    lens = np.fromiter(map(len, lines), np.int64, len(lines))
     line_no: Sequence[int] = range(1, len(lines) + 1)
-    if (lens == 0).any():
-        keep = np.flatnonzero(lens)
-        lines = [lines[i] for i in keep]
-        line_no = (keep + 1).tolist()
     counts = np.fromiter(map(methodcaller("count", delimiter), lines), np.int64, len(lines)) + 1
+    # Blank lines (spaces only, too) have no delimiter: only those few are stripped.
+    lone = np.flatnonzero(counts == 1)
+    blank = [i for i in lone.tolist() if not lines[i].strip()]
+    if blank:
+        keep = np.ones(len(lines), bool)
+        keep[blank] = False
+        kept = np.flatnonzero(keep)
+        lines = [lines[i] for i in kept]
+        line_no = (kept + 1).tolist()
+        counts = counts[kept]
     return _FlatRows(lines, delimiter), line_no, counts
 
 
@@ -256,7 +279,7 @@ def _split_csv(
     start = 1
     try:
         for row in reader:
-            if row:
+            if row and (len(row) > 1 or row[0].strip()):  # blank, or spaces only: skipped
                 rows.append(row)
                 line_no.append(start)
             start = reader.line_num + 1
@@ -471,7 +494,7 @@ def load_movielens_100k(directory: str | Path) -> Dataset:
                 f"{d / name}: file not found (MovieLens 100K needs {', '.join(ML100K_FILES)})"
             )
     # The official files are Latin-1 (a few titles have accents).
-    read = dict(delimiter="|", encoding="latin-1", quoting=csv.QUOTE_NONE)
+    read = dict(delimiter="|", encoding=UTF8_OR_LATIN1, quoting=csv.QUOTE_NONE)
 
     gt = _read(d / "u.genre", ("name", "index"), **read)  # type: ignore[arg-type]
     genre_pos = _numbers(gt, gt.column(1), "genre index", np.int64)
@@ -522,7 +545,7 @@ def load_movielens_100k(directory: str | Path) -> Dataset:
     country = [region_for_postal_code(z) for z in ut.column(4)]
 
     rating_names = ("user id", "item id", "rating", "timestamp")
-    rt = _read(d / "u.data", rating_names, delimiter="\t", encoding="latin-1",
+    rt = _read(d / "u.data", rating_names, delimiter="\t", encoding=UTF8_OR_LATIN1,
                quoting=csv.QUOTE_NONE)  # fmt: skip
     _, users, items, rating, ts = _ratings(
         rt,

@@ -312,3 +312,33 @@ def test_quoted_file_with_blank_lines_keeps_line_numbers(tmp_path):
     movies = HEAD_M + '10,"A, B (1990)",Drama\n\n20,"C\nD (1991)",Drama\n\n30,E,Drama,extra\n'
     with pytest.raises(DataError, match=r"movies\.csv, line 7: expected 3 columns"):
         load_dataset(f"csv:{csv_dir(tmp_path, **{'movies.csv': movies})}")
+
+
+@pytest.mark.parametrize("bom", [b"", b"\xef\xbb\xbf"])
+def test_a_utf8_copy_of_ml100k_reads_like_the_latin1_original(tmp_path, bom):
+    """Re-saved as UTF-8 (a BOM, sometimes), titles were garbled and the BOM joined an id."""
+    item = ITEM.replace("Toy Story", "Misérables, Les")
+    (tmp_path / "latin").mkdir()
+    (tmp_path / "utf8").mkdir()
+    latin = ml_dir(tmp_path / "latin", **{"u.item": item})
+    utf8 = ml_dir(tmp_path / "utf8", **{"u.item": item})
+    for name in ("u.item", "u.data", "u.user", "u.genre"):
+        text = (latin / name).read_bytes().decode("latin-1")
+        (utf8 / name).write_bytes(bom + text.encode("utf-8"))
+    a = load_dataset(f"movielens-100k:{latin}")
+    b = load_dataset(f"movielens-100k:{utf8}")
+    assert a.item_title[0] == b.item_title[0] == "Misérables, Les (1995)"
+    assert b.user_ids == a.user_ids and b.sha256() == a.sha256()
+
+
+@pytest.mark.parametrize("layout", ["csv", "ml100k"])
+def test_lines_of_spaces_are_blank_lines(tmp_path, layout):
+    """A hand edit's trailing "   " line stopped the load with a column-count error."""
+    if layout == "ml100k":
+        d = ml_dir(tmp_path, **{"u.data": DATA + "   \n", "u.user": USER + " \t\n"})
+        ds = load_dataset(f"movielens-100k:{d}")
+        assert ds.n_ratings == 4 and ds.n_users == 3
+    else:
+        ratings = 'userId,movieId,rating,timestamp\n1,10,4,1\n   \n"2",10,4,2\n  \n'
+        ds = load_dataset(f"csv:{csv_dir(tmp_path, **{'ratings.csv': ratings})}")
+        assert ds.n_ratings == 2

@@ -111,6 +111,7 @@ def _train_and_report(args: argparse.Namespace, settings: RecsysSettings, cfg) -
     from trainer.train import train
 
     dataset = load_dataset(args.data)
+    dataset.check_ids(min(settings.retrieval.max_id_bytes, settings.ranking.max_id_bytes))
     if not args.quiet:
         print(
             f"train: {dataset.name} from {dataset.source}: {dataset.n_users:,} users, "

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from recsys.checks import FieldError, check_id
 from recsys.errors import UserFacingError
 
 
@@ -85,6 +86,24 @@ class Dataset:
                 "trainer.test_fraction"
             )
         return order[:cut], order[cut:]
+
+    def check_ids(self, max_bytes: int) -> None:
+        """Raises DataError for a user or item id the services would refuse.
+
+        The services refuse ids over their ``max_id_bytes`` or with a NUL in
+        every request field; trained in, such an item was recommended but could
+        never be recorded, and such a user could make no call at all.
+        """
+        for kind, ids in (("user", self.user_ids), ("item", self.item_ids)):
+            for i, value in enumerate(ids):
+                try:
+                    check_id(value, f"{kind} id", max_bytes)
+                except FieldError as exc:
+                    raise DataError(
+                        f"dataset {self.name}: {kind} id {value[:40]!r}"
+                        f"{'…' if len(value) > 40 else ''} ({kind} {i + 1} of {len(ids)}) "
+                        f"{exc.problem}; the services refuse it (max_id_bytes)"
+                    ) from None
 
     def sha256(self) -> str:
         """Content hash (ids, side information and ratings) for the manifest."""

@@ -183,3 +183,20 @@ def test_evaluate_takes_a_version_number_from_the_model_dir_not_the_working_one(
 def test_train_refuses_a_seed_numpy_cannot_take(tmp_path, capsys):
     assert main(["train", "--data", DATA, "--model-dir", str(tmp_path), "--seed", "-1"]) == 2
     assert "--seed must be in 0..4294967295" in capsys.readouterr().err
+
+
+def test_train_refuses_an_id_the_services_would_refuse(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    long_id = "https://example.com/" + "x" * 300
+    (data / "ratings.csv").write_text(
+        f"userId,movieId,rating,timestamp\n1,{long_id},4,1\n2,10,3,2\n1,10,5,3\n"
+    )
+    (data / "movies.csv").write_text(
+        f"movieId,title,genres\n{long_id},Long (1999),Drama\n10,Ten (2001),Comedy\n"
+    )
+    argv = ["train", "--data", f"csv:{data}", "--model-dir", str(tmp_path / "m"), "--epochs", "1"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "item id 'https://example.com/" in err and "at most 256 allowed" in err
+    assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())

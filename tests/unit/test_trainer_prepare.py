@@ -158,6 +158,21 @@ def test_a_split_with_an_empty_side_is_a_clear_error(n, fraction, side):
         d.split(fraction)
 
 
+def test_ids_the_services_would_refuse_are_refused_at_training():
+    """Trained in, a 330-byte item id was recommended, then refused by RecordInteraction."""
+    import dataclasses
+
+    d = _dataset(RATINGS)
+    d.check_ids(256)
+    long_item = dataclasses.replace(d, item_ids=["x", "y", "u" * 330, "w"])
+    with pytest.raises(DataError, match=r"item id 'u{40}'… \(item 3 of 4\) is 330 bytes long"):
+        long_item.check_ids(256)
+    long_item.check_ids(330)  # within a raised max_id_bytes
+    nul_user = dataclasses.replace(d, user_ids=["a", "b\x00", "c"])
+    with pytest.raises(DataError, match=r"user id 'b\\x00' \(user 2 of 3\) contains a NUL"):
+        nul_user.check_ids(256)
+
+
 def test_a_small_dataset_splits_both_ways():
     train, test = _dataset(RATINGS[:3]).split(0.2)
     assert len(train) == 2 and len(test) == 1

@@ -9,9 +9,11 @@ machine.
 
 from __future__ import annotations
 
+import json
 import os
 import tomllib
-from collections.abc import Mapping
+import typing
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -479,6 +481,7 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Re
         ConfigError: When the file is missing or malformed, or a value is invalid.
     """
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     path = Path(config_file) if config_file else None
     if path is None and os.environ.get(CONFIG_ENV):
@@ -498,6 +501,8 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Re
         return RecsysSettings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, path)) from exc
+    except SettingsError as exc:
+        raise ConfigError(_describe_env_json(exc, os.environ)) from None
     finally:
         if path is not None:
             if old is None:
@@ -555,6 +560,42 @@ def _check_env_names(environ: Mapping[str, str]) -> None:
             hint = next((f for f in fields if top.startswith(f + "_")), None)
             more = f" (did you mean RECSYS_{hint.upper()}__...?)" if hint else ""
             raise ConfigError(f"environment variable {name}: no setting {top!r}{more}")
+
+
+def _takes_json(names: Sequence[str]) -> bool:
+    """True when the setting at ``names`` is a list, table or section (JSON when in the env)."""
+    model: Any = RecsysSettings
+    field = None
+    for name in names:
+        fields = getattr(model, "model_fields", None)
+        if not fields or name not in fields:
+            return False
+        field = fields[name]
+        model = field.annotation
+    if field is None:
+        return False
+    kind = typing.get_origin(model) or model
+    return kind in (list, dict, tuple, set) or (
+        isinstance(kind, type) and issubclass(kind, BaseModel)
+    )
+
+
+def _describe_env_json(exc: Exception, environ: Mapping[str, str]) -> str:
+    """Names the variable whose list or table is not JSON (pydantic-settings names the section)."""
+    for name, value in environ.items():
+        if not name.startswith("RECSYS_") or name in OTHER_ENV:
+            continue
+        path = [p.lower() for p in name[len("RECSYS_") :].split("__")]
+        if not _takes_json(path):
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            return (
+                f"environment variable {name}: a list or table is written as JSON, "
+                f'such as [1, 2] or {{"name": "x"}} (got {value[:60]!r})'
+            )
+    return f"environment: {exc}"
 
 
 def _describe(exc: Any, path: Path | None) -> str:

@@ -154,3 +154,26 @@ def test_a_malformed_redis_url_is_refused_without_its_password():
     assert "s3cr3t" not in str(err.value)
     encoded = load_settings(redis_url="redis://:s3cr3t%23Pw@127.0.0.1:6399/0")
     assert encoded.redis_url.get_secret_value().endswith("@127.0.0.1:6399/0")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("RECSYS_TRAINER__HIDDEN_UNITS", "512,256"),
+        ("RECSYS_RETRIEVAL__SOURCES", "popular"),
+        ("RECSYS_EXPERIMENTS__VARIANTS", "control"),
+        ("RECSYS_TRACING", "on"),
+    ],
+)
+def test_a_list_or_table_in_the_environment_that_is_not_json_is_named(monkeypatch, name, value):
+    """pydantic-settings' own error named only the section, with a traceback."""
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=f"environment variable {name}: .* JSON.*{value!r}"):
+        load_settings()
+
+
+def test_a_json_list_in_the_environment_still_loads(monkeypatch):
+    monkeypatch.setenv("RECSYS_TRAINER__HIDDEN_UNITS", "[64, 32]")
+    monkeypatch.setenv("RECSYS_TRAINER__SEED", "7")  # a scalar: no JSON needed
+    settings = load_settings()
+    assert settings.trainer.hidden_units == [64, 32] and settings.trainer.seed == 7

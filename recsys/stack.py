@@ -13,6 +13,7 @@ out (children also get SIGTERM if this process dies, via
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -46,14 +47,40 @@ def _pick_port(preferred: int) -> int:
     return preferred if preferred and _port_free(preferred) else free_port()
 
 
-def wait_serving(address: str, service: str, timeout_s: float, proc: subprocess.Popen) -> None:
+def _exited(service: str, proc: subprocess.Popen, log: Path | None) -> UserFacingError:
+    """The error for a service that exited while starting, with the end of its log.
+
+    Its own message (a config key it refuses, a port in use) is in that log:
+    a bare exit code sent the user hunting for a temporary directory.
+    """
+    msg = f"{service} exited with code {proc.returncode}"
+    if log is not None:
+        msg += f"; its log ({log}) ends with:\n{_tail(log)}"
+    return UserFacingError(msg)
+
+
+def _tail(log: Path, n: int = 8) -> str:
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError as exc:
+        return f"  (unreadable: {exc})"
+    return "\n".join(f"  {line}" for line in lines[-n:] if line.strip()) or "  (empty)"
+
+
+def wait_serving(
+    address: str,
+    service: str,
+    timeout_s: float,
+    proc: subprocess.Popen,
+    log: Path | None = None,
+) -> None:
     """Polls ``grpc.health.v1.Health/Check`` until SERVING, or raises."""
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(address) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
             if proc.poll() is not None:
-                raise UserFacingError(f"{service} exited with code {proc.returncode}")
+                raise _exited(service, proc, log)
             try:
                 resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
                 if resp.status == health_pb2.HealthCheckResponse.SERVING:
@@ -64,11 +91,13 @@ def wait_serving(address: str, service: str, timeout_s: float, proc: subprocess.
     raise UserFacingError(f"{service} at {address} was not SERVING after {timeout_s:.0f}s")
 
 
-def _wait_file(path: Path, timeout_s: float, proc: subprocess.Popen, service: str) -> None:
+def _wait_file(
+    path: Path, timeout_s: float, proc: subprocess.Popen, service: str, log: Path | None = None
+) -> None:
     deadline = time.monotonic() + timeout_s
     while not path.exists():
         if proc.poll() is not None:
-            raise UserFacingError(f"{service} exited with code {proc.returncode}")
+            raise _exited(service, proc, log)
         if time.monotonic() > deadline:
             raise UserFacingError(f"{service} did not report its port after {timeout_s:.0f}s")
         time.sleep(0.1)
@@ -84,6 +113,7 @@ class Stack:
     model_dir: Path
     redis: EmbeddedRedis | None = None
     procs: list[subprocess.Popen] = field(default_factory=list)
+    logs: list[Path] = field(default_factory=list)  # each service's log, as procs
 
     def stop(self, grace_s: float = 10.0) -> None:
         """SIGTERM every service (they drain), wait, then kill stragglers; stop Redis."""
@@ -191,16 +221,25 @@ def start_stack(
         }
         if config_file is not None:
             env[CONFIG_ENV] = str(Path(config_file).resolve())
-        if retrain or latest_version(model_dir) is None:
+        latest = latest_version(model_dir)
+        other = (
+            data is not None and latest is not None and not _trained_on(model_dir / latest, data)
+        )
+        if other:
+            say(f"[2/4] version {latest} was trained on other data than {data}")
+        if retrain or latest is None or other:
             say(f"[2/4] training on {data or 'the built-in synthetic dataset'} → {model_dir}")
             cmd = _recsys("train", "--data", data or "synthetic", "--no-plots")
             if quiet:
                 cmd.append("--quiet")
             run_step(cmd, env)
         else:
-            say(f"[2/4] using existing version {latest_version(model_dir)} in {model_dir}")
+            say(f"[2/4] using existing version {latest} in {model_dir}")
         say("[3/4] publishing to Redis")
-        run_step(_recsys("publish"), env)
+        # The embedded Redis is this command's own: the model dir is the truth,
+        # so a newer version it still names (the model dir was emptied and
+        # trained again) must not refuse the publish, as it would another's.
+        run_step(_recsys("publish", *(["--rollback"] if redis is not None else [])), env)
 
         logs = log_dir or Path(tempfile.mkdtemp(prefix="recsys-logs-"))
         logs.mkdir(parents=True, exist_ok=True)
@@ -241,21 +280,38 @@ def start_stack(
                 stderr=subprocess.STDOUT,
             )
             stack.procs.append(proc)
-            started.append((service, address, proc, port_file, tls))
-        for service, address, proc, port_file, tls in started:
+            stack.logs.append(logs / f"{name}.log")
+            started.append((service, address, proc, port_file, tls, logs / f"{name}.log"))
+        for service, address, proc, port_file, tls, log_path in started:
             # With several workers per service the port file appears only once
             # every worker is SERVING; a health check reaches just one of them.
-            _wait_file(port_file, health_timeout_s, proc, service)
+            _wait_file(port_file, health_timeout_s, proc, service, log_path)
             if not tls:
                 # Over TLS the port file is the signal: this process may not
                 # hold the CA that signed the service's certificate.
-                wait_serving(address, service, health_timeout_s, proc)
-        say(f"retrieval SERVING on {stack.retrieval_address}")
-        say(f"ranking   SERVING on {stack.ranking_address}")
+                wait_serving(address, service, health_timeout_s, proc, log_path)
+        for name, address, tls in (
+            ("retrieval", stack.retrieval_address, settings.retrieval.tls.enabled),
+            ("ranking  ", stack.ranking_address, settings.ranking.tls.enabled),
+        ):
+            # Over TLS the health check is skipped: listening, not known SERVING.
+            say(f"{name} {'listening (TLS)' if tls else 'SERVING'} on {address}")
         return stack
     except BaseException:
         stack.stop()
         raise
+
+
+def _trained_on(version: Path, data: str) -> bool:
+    """True when ``version``'s manifest records ``data`` as its dataset (as typed or resolved)."""
+    try:
+        info = json.loads((version / "manifest.json").read_text()).get("dataset", {})
+    except (OSError, ValueError):
+        return False
+    known = {info.get("spec"), info.get("source")}
+    kind, sep, arg = data.strip().partition(":")
+    resolved = f"{kind}:{Path(arg).expanduser().resolve()}" if sep and kind != "synthetic" else data
+    return bool({data.strip(), resolved} & known)
 
 
 def demo_users(model_dir: Path, n: int = 3) -> list[str]:
@@ -291,9 +347,14 @@ def run_demo(stack: Stack, n_users: int = 3, k: int = 10, *, token: str | None =
 def watch(stack: Stack, stopped: Callable[[], bool], poll_s: float = 0.5) -> int:
     """Waits until ``stopped()`` (0) or a process of the stack exits on its own (1)."""
     while not stopped():
-        for p in stack.procs:
+        for i, p in enumerate(stack.procs):
             if p.poll() is not None:
-                print(f"a service exited with code {p.returncode}; stopping", file=sys.stderr)
+                where = ""
+                if i < len(stack.logs):
+                    where = f"; its log ({stack.logs[i]}) ends with:\n{_tail(stack.logs[i])}"
+                print(
+                    f"a service exited with code {p.returncode}{where}\nstopping", file=sys.stderr
+                )
                 return 1
         # Without its Redis every answer would be degraded, silently.
         r = stack.redis.proc if stack.redis is not None else None
@@ -314,6 +375,13 @@ def cli_up(args, settings: RecsysSettings) -> int:
     named = "redis_url" in settings.model_fields_set
     redis_url = settings.redis_url.get_secret_value() if named else None
     config_file = args.config or os.environ.get(CONFIG_ENV)
+    if args.demo and settings.ranking.tls.enabled:
+        # The stack comes up over TLS, but the demo's client holds no CA for
+        # the ranking service's certificate: it failed after training.
+        raise UserFacingError(
+            "recsys up --demo does not speak TLS (ranking.tls is on): run `recsys up`, "
+            "then `recsys recommend --tls-ca CA_FILE ...` against it"
+        )
     # From the first step: a SIGTERM while training must stop (and clean up) too.
     signal.signal(signal.SIGTERM, _interrupt)
     try:

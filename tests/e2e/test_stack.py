@@ -178,3 +178,29 @@ def test_real_movielens_100k_path(ml100k_dir: Path, tmp_path: Path, monkeypatch)
             assert all(i.title for i in recs.items)
     finally:
         s.stop()
+
+
+def test_up_serves_a_model_dir_emptied_and_trained_again(
+    trained_version: Path, tmp_path: Path, monkeypatch
+):
+    """Its own embedded Redis still named version 2, so publishing the new 1 was refused."""
+    import json
+
+    def numbered(root: Path, n: int) -> None:
+        shutil.copytree(trained_version, root / str(n))
+        manifest = json.loads((root / str(n) / "manifest.json").read_text())
+        manifest["version"] = str(n)
+        (root / str(n) / "manifest.json").write_text(json.dumps(manifest))
+
+    model_dir = tmp_path / "var" / "models"
+    model_dir.mkdir(parents=True)
+    numbered(model_dir, 2)
+    _stack(model_dir, tmp_path, monkeypatch).stop()
+    shutil.rmtree(model_dir)
+    model_dir.mkdir()
+    numbered(model_dir, 1)
+    stack = _stack(model_dir, tmp_path, monkeypatch)
+    try:
+        assert redis.Redis.from_url(stack.redis_url).get(redis_keys.CURRENT_VERSION) == b"1"
+    finally:
+        stack.stop()

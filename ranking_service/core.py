@@ -36,6 +36,7 @@ from recsys.config import CURRENT_VERSION
 from recsys.errors import ThrottledWarning
 from recsys.experiments import Experiment, Variant
 from recsys.explain import Reason, explain, source_kinds
+from recsys.features import check_genre_names
 from recsys.tracing import NOOP, Tracing
 from recsys.user_store import READ_SHARE_OF_DEADLINE, StoredUser, state_from_pb
 
@@ -210,6 +211,7 @@ class Ranker:
         """Answers a Rank request (``time_remaining``: seconds left on its deadline)."""
         variant = self.variant_for(query.user)
         model = self.require_model(variant)
+        check_genre_names(model.version.spec, query.user.genre_ratings, "user.features")
         rows = query.rows(model.index)
         out = await self._rank_rows(
             model,
@@ -234,6 +236,7 @@ class Ranker:
         deadline = _deadline(time_remaining)
         variant = self.variant_for(query.user)
         model = self.require_model(variant)
+        check_genre_names(model.version.spec, query.user.genre_ratings, "user.features")
         answer: RetrievalAnswer | None = None
         reason = ""
         tr = self.tracing

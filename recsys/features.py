@@ -22,6 +22,9 @@ from typing import Literal
 
 import numpy as np
 
+from recsys.checks import FieldError
+from recsys.errors import shown
+
 # Pseudo-counts of the shrinkage priors: a user with one 5-star Comedy rating
 # should not look like a certain Comedy lover, nor an item with two ratings
 # like a classic.
@@ -334,6 +337,31 @@ def top_genres(
         raw = agg.genre_sum / np.maximum(agg.genre_rated, 1)
         keep &= (agg.genre_rated == 0) | (raw >= (spec.rating_min + spec.rating_max) / 2)
     return [spec.genres[i] for i in order if keep[i]][:n]
+
+
+def check_genre_names(spec: FeatureSpec, genre_ratings: Mapping[str, float], field: str) -> None:
+    """Refuses a cold-start genre the model does not know (both services call it).
+
+    :func:`aggregates_from_genre_ratings` can only skip such a genre, so a
+    caller writing ``comedy`` for ``Comedy`` got the answer for no stated
+    taste at all, with nothing saying so.
+
+    Raises:
+        FieldError: Names ``{field}.genre_ratings``, the genre, and the model's genres.
+    """
+    if not genre_ratings:
+        return
+    known = set(spec.genres)
+    for genre in genre_ratings:
+        if genre in known:
+            continue
+        near = next((g for g in spec.genres if g.casefold() == genre.casefold()), None)
+        hint = f" (did you mean {near!r}?)" if near else ""
+        listed = ", ".join(spec.genres[:30]) + (", …" if len(spec.genres) > 30 else "")
+        raise FieldError(
+            f"{field}.genre_ratings",
+            f"unknown genre {shown(genre)}{hint}; the model's genres: {listed}",
+        )
 
 
 def aggregates_from_genre_ratings(

@@ -33,7 +33,12 @@ from recsys.checks import FieldError, check_features, check_id, check_source_nam
 from recsys.config import CURRENT_VERSION, RetrievalSettings
 from recsys.errors import ThrottledWarning, shown
 from recsys.experiments import Experiment, UnknownVariant, Variant
-from recsys.features import FeatureSpec, UserProfile, aggregates_from_genre_ratings
+from recsys.features import (
+    FeatureSpec,
+    UserProfile,
+    aggregates_from_genre_ratings,
+    check_genre_names,
+)
 from recsys.tracing import NOOP, Tracing
 from recsys.user_store import (
     EVENT_TTL_S,
@@ -768,7 +773,12 @@ class RetrievalEngine:
         budget, chosen = self._validate(q)
         variant = self._variant(q.user_id, q.variant)
         chosen = self._for_variant(chosen, variant)
-        return _Plan(budget, chosen, variant, self._served_for(variant, tracks))
+        served = self._served_for(variant, tracks)
+        try:
+            check_genre_names(served.model.spec, q.features.genre_ratings, "user.features")
+        except FieldError as exc:
+            raise InvalidArgument(exc.field, exc.problem) from None
+        return _Plan(budget, chosen, variant, served)
 
     @staticmethod
     def _served_for(variant: Variant, tracks: Mapping[str, ServedVersion]) -> ServedVersion:

@@ -206,6 +206,11 @@ BAD_RANK = [
     ("huge top_k", {"top_k": 5000}, "top_k"),
     ("long user", {"user": common_pb2.UserContext(user_id="u" * 300)}, "user.user_id"),
     ("bad age", {"user": user_ctx("", age=-4)}, "user.features.age"),
+    (
+        "unknown genre",
+        {"user": user_ctx("", genre_ratings={"comedy": 5.0})},
+        "user.features.genre_ratings",
+    ),
 ]
 
 
@@ -226,6 +231,10 @@ BAD_RECOMMEND = [
     ({"sources": [""]}, "sources[0]"),
     ({"sources": ["popular", "no_such_source"]}, "sources[1]"),
     ({"user": user_ctx("")}, "user.user_id"),
+    (
+        {"user": user_ctx("u1", genre_ratings={"Comedy": 5.0, "Noir": 4.0})},
+        "user.features.genre_ratings",
+    ),
 ]
 
 
@@ -239,6 +248,23 @@ async def test_bad_recommend_input_is_invalid_argument(stub, kw, field):
         await stub.Recommend(recommend_request(kw), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith(field + ":")
+
+
+async def test_an_unknown_genre_names_the_model_genre_it_resembles(stub):
+    """A cold start's "comedy" was skipped: the answer was for no stated taste at all."""
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Recommend(
+            recommend_request({"user": user_ctx("cold", genre_ratings={"comedy": 5.0})}),
+            timeout=10,
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = err.value.details()
+    assert "unknown genre 'comedy' (did you mean 'Comedy'?)" in details, details
+    assert "Action" in details
+    ok = await stub.Recommend(
+        recommend_request({"user": user_ctx("cold", genre_ratings={"Comedy": 5.0})}), timeout=10
+    )
+    assert ok.items
 
 
 async def test_recommend_ranks_what_retrieval_returns(stub, published_version, reference):

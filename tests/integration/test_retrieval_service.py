@@ -356,6 +356,18 @@ async def test_bad_input_is_invalid_argument(server: Running, rpc, req, field):
     assert err.value.details().startswith(field + ":"), err.value.details()
 
 
+async def test_an_unknown_cold_start_genre_is_invalid_argument(server: Running):
+    req = retrieval_pb2.RetrieveRequest(
+        user=common_pb2.UserContext(
+            user_id="cold", features=common_pb2.UserFeatures(genre_ratings={"sci-fi": 5.0})
+        )
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await server.stub.Retrieve(req, timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("user.features.genre_ratings: unknown genre 'sci-fi'")
+
+
 async def test_retrieve_many_answers_each_request_as_retrieve_would(
     server: Running, mv: ModelVersion
 ):

@@ -335,21 +335,33 @@ def _clip(text: str, width: int) -> str:
 
 
 def format_table(recs: Recommendations, *, title: str = "") -> str:
-    """A readable table: rank, title, genres, predicted score, sources, reason."""
-    rows = [("#", "item", "title", "genres", "score", "sources", "why")]
+    """A readable table: rank, title, genres, predicted score, sources, reason.
+
+    Items carrying debug fields (a request with ``debug``) add the model's raw
+    score and each source's own score.
+    """
+    debug = any(it.debug for it in recs.items)
+    head = ("#", "item", "title", "genres", "score", "sources", "why")
+    rows = [head + (("raw", "source scores") if debug else ())]
     for n, it in enumerate(recs.items, 1):
         why = it.reasons[0].text if it.reasons else ""
-        rows.append(
-            (
-                str(n),
-                it.item_id,
-                _clip(it.title or "", 40),
-                _clip(", ".join(it.genres), 28),
-                f"{it.score:.2f}",
-                ",".join(it.sources),
-                _clip(why, 44),
-            )
+        row: tuple[str, ...] = (
+            str(n),
+            it.item_id,
+            _clip(it.title or "", 40),
+            _clip(", ".join(it.genres), 28),
+            f"{it.score:.2f}",
+            ",".join(it.sources),
+            _clip(why, 44),
         )
+        if debug:
+            d = it.debug or {}
+            scores = d.get("source_scores", {})
+            row += (
+                f"{d['raw_score']:.4f}" if "raw_score" in d else "",
+                " ".join(f"{k}={v:.3g}" for k, v in scores.items()),
+            )
+        rows.append(row)
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = [title] if title else []
     for i, r in enumerate(rows):

@@ -36,3 +36,19 @@ def test_a_status_a_newer_server_added_stays_a_number():
 
     assert _status_name(common_pb2.SOURCE_STATUS_OK) == "OK"
     assert _status_name(99) == "99"
+
+
+def test_debug_fields_get_columns_only_when_present():
+    """`recsys recommend --debug` printed the same table as without it."""
+    recs = _recs("Heat (1995)", "Top in Crime")
+    plain = format_table(recs)
+    assert "raw" not in plain.splitlines()[0]
+    recs.items[0].debug = {
+        "raw_score": 0.8123456,
+        "source_scores": {"similar_to_recent": 0.91, "popular": 120.0},
+        "sources": ["similar_to_recent", "popular"],
+        "model_version": "5",
+    }
+    lines = format_table(recs).splitlines()
+    assert lines[0].split()[-3:] == ["raw", "source", "scores"]
+    assert "0.8123" in lines[2] and "similar_to_recent=0.91 popular=120" in lines[2]

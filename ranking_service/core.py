@@ -199,6 +199,13 @@ class Ranker:
         """
         return self.experiment.resolve(user.user_id, user.variant)
 
+    def _check_genres(self, user: UserQuery) -> None:
+        """Refuses cold-start genres no served model knows (every track: see check_genre_names)."""
+        if user.genre_ratings:
+            models = [self.model, *self.models.values()]
+            specs = [m.version.spec for m in models if m is not None]
+            check_genre_names(specs, user.genre_ratings, "user.features")
+
     def require_model(self, variant: Variant | None = None) -> LoadedModel:
         """The variant's current model, pinned by the caller for the whole request."""
         model = self.model if variant is None else self.models.get(variant.model_version)
@@ -211,7 +218,7 @@ class Ranker:
         """Answers a Rank request (``time_remaining``: seconds left on its deadline)."""
         variant = self.variant_for(query.user)
         model = self.require_model(variant)
-        check_genre_names(model.version.spec, query.user.genre_ratings, "user.features")
+        self._check_genres(query.user)
         rows = query.rows(model.index)
         out = await self._rank_rows(
             model,
@@ -236,7 +243,7 @@ class Ranker:
         deadline = _deadline(time_remaining)
         variant = self.variant_for(query.user)
         model = self.require_model(variant)
-        check_genre_names(model.version.spec, query.user.genre_ratings, "user.features")
+        self._check_genres(query.user)
         answer: RetrievalAnswer | None = None
         reason = ""
         tr = self.tracing

@@ -207,14 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "up",
         help="run the whole system on this machine",
-        description="Starts Redis (embedded unless RECSYS_REDIS_URL is set), trains on the "
-        "built-in dataset if no version exists, publishes it, starts both services and "
-        "waits for them to be SERVING.",
+        description="Starts Redis (embedded unless RECSYS_REDIS_URL is set), trains (on "
+        "--data, else the built-in dataset) when no version exists or the newest was "
+        "trained on other data than --data names, publishes it, starts both services and "
+        "waits for them to be SERVING (over TLS: listening).",
     )
     _common(p)
     p.add_argument("--data", help=DATA_HELP)
     p.add_argument("--demo", action="store_true", help="print recommendations, then stop")
-    p.add_argument("--retrain", action="store_true", help="train even if a version exists")
+    p.add_argument(
+        "--retrain", action="store_true", help="train even if a version of the same data exists"
+    )
 
     p = sub.add_parser(
         "recommend",

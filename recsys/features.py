@@ -339,25 +339,30 @@ def top_genres(
     return [spec.genres[i] for i in order if keep[i]][:n]
 
 
-def check_genre_names(spec: FeatureSpec, genre_ratings: Mapping[str, float], field: str) -> None:
-    """Refuses a cold-start genre the model does not know (both services call it).
+def check_genre_names(
+    specs: Sequence[FeatureSpec], genre_ratings: Mapping[str, float], field: str
+) -> None:
+    """Refuses a cold-start genre no served model knows (both services call it).
 
     :func:`aggregates_from_genre_ratings` can only skip such a genre, so a
     caller writing ``comedy`` for ``Comedy`` got the answer for no stated
-    taste at all, with nothing saying so.
+    taste at all, with nothing saying so. ``specs`` are every model served
+    (all A/B tracks): whether a request is valid must not depend on an arm the
+    caller cannot see, so a genre only another arm's model knows is skipped.
 
     Raises:
-        FieldError: Names ``{field}.genre_ratings``, the genre, and the model's genres.
+        FieldError: Names ``{field}.genre_ratings``, the genre, and the known genres.
     """
     if not genre_ratings:
         return
-    known = set(spec.genres)
+    names = list(dict.fromkeys(g for spec in specs for g in spec.genres))
+    known = set(names)
     for genre in genre_ratings:
         if genre in known:
             continue
-        near = next((g for g in spec.genres if g.casefold() == genre.casefold()), None)
+        near = next((g for g in names if g.casefold() == genre.casefold()), None)
         hint = f" (did you mean {near!r}?)" if near else ""
-        listed = ", ".join(spec.genres[:30]) + (", …" if len(spec.genres) > 30 else "")
+        listed = ", ".join(names[:30]) + (", …" if len(names) > 30 else "")
         raise FieldError(
             f"{field}.genre_ratings",
             f"unknown genre {shown(genre)}{hint}; the model's genres: {listed}",

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Coroutine, Generator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -86,9 +86,9 @@ MAX_RESERVE_S = 0.02
 # Longest a version's top-list copy may delay its swap (Redis slow or down).
 WARM_TIMEOUT_S = 10.0
 _REDIS_ERRORS = (RedisError, OSError, TimeoutError)
-# A user read a healthy Redis answers well within, even on a busy host: one
-# that timed out after waiting this long is a Redis fault (counted and
-# logged), a shorter wait the caller's too-short deadline. Ranking's default
+# A user read a healthy Redis answers well within, even on a busy host: a
+# read the caller's deadline cut to less than this is the caller's fault,
+# any other timeout a Redis fault (counted and logged). Ranking's default
 # 200 ms retrieval deadline gives the read 100 ms, below redis_timeout_s, so
 # comparing with that would have called every stall the caller's fault.
 HEALTHY_READ_S = 0.05
@@ -234,6 +234,8 @@ async def _wait_until(tasks: Sequence[asyncio.Task], stop_at: float) -> list[Any
     cancellation would hold the whole request past its deadline. A task left
     behind reads as ``TimeoutError``.
     """
+    if not tasks:  # asyncio.wait refuses an empty set
+        return []
     try:
         _, pending = await asyncio.wait(
             tasks, timeout=max(stop_at - time.monotonic(), 0.0) + LATE_GRACE_S
@@ -530,6 +532,7 @@ class RetrievalEngine:
         *,
         preread: StoredUser | BaseException | None = None,
         read_s: float = 0.0,
+        read_limit: float | None = None,
     ) -> RetrievalContext:
         """Builds the request's context: one pipelined Redis read, then request overrides.
 
@@ -544,11 +547,12 @@ class RetrievalEngine:
             preread: The user as a batch read already got it (or that read's
                 error), as :meth:`retrieve_many` passes it; None: read it here.
             read_s: How long the batch read took (``preread`` only).
+            read_limit: The longest wait the batch read was given (``preread`` only).
         """
         stored: StoredUser | None = None
         error: str | None = None
         start = time.perf_counter() - read_s
-        limit = self._hydrate_limit(deadline)
+        limit = self._hydrate_limit(deadline) if read_limit is None else read_limit
         try:
             if preread is None:
                 async with asyncio.timeout(limit):
@@ -559,9 +563,9 @@ class RetrievalEngine:
                 raise got
             stored = got
         except TimeoutError:  # asyncio's: the wait ran out (Redis' own timeouts are RedisError)
-            # How long it waited (a batch's read included), not the limit this
-            # member would get now: the batch's read spent part of its deadline.
-            if time.perf_counter() - start < HEALTHY_READ_S:
+            # The caller's fault only when its deadline, not redis_timeout_s,
+            # set a wait shorter than a healthy read needs.
+            if limit < self.redis_timeout_s and limit < HEALTHY_READ_S:
                 # The caller's deadline was too short to wait for Redis: not a Redis fault.
                 error = "user state not read within the request's deadline"
                 metrics.HYDRATE_CUT_SHORT.inc()
@@ -678,16 +682,22 @@ class RetrievalEngine:
         k: int,
         stop_at: float,
         variant: str = "default",
-    ) -> tuple[SourceReport, CandidateBlock | None]:
+        left_behind: Callable[[], bool] = lambda: False,
+    ) -> tuple[SourceReport, CandidateBlock | None] | None:
+        """One source under its limit; None when the request already reported it as left behind."""
         start = time.perf_counter()
         limit = min(src.config.timeout_ms / 1000.0, stop_at - time.monotonic())
+        got: Any = None
+        exc: Exception | None = None
         try:
             if limit <= 0:
                 raise TimeoutError
             got = await _within(src.retrieve(ctx, k), limit)
-        except Exception as exc:  # one broken source must not fail the call
-            return self._report(src, ctx, k, start, limit, variant, exc=exc)
-        return self._report(src, ctx, k, start, limit, variant, got=got)
+        except Exception as e:  # one broken source must not fail the call
+            exc = e
+        if left_behind():  # counted once, by the request that stopped waiting for it
+            return None
+        return self._report(src, ctx, k, start, limit, variant, got=got, exc=exc)
 
     async def _run_sources(
         self,
@@ -775,7 +785,9 @@ class RetrievalEngine:
         chosen = self._for_variant(chosen, variant)
         served = self._served_for(variant, tracks)
         try:
-            check_genre_names(served.model.spec, q.features.genre_ratings, "user.features")
+            if q.features.genre_ratings:  # every track's genres: see check_genre_names
+                specs = [t.model.spec for t in tracks.values()]
+                check_genre_names(specs, q.features.genre_ratings, "user.features")
         except FieldError as exc:
             raise InvalidArgument(exc.field, exc.problem) from None
         return _Plan(budget, chosen, variant, served)
@@ -835,7 +847,9 @@ class RetrievalEngine:
         waiting: list[tuple[int, asyncio.Task]] = []
         loop = asyncio.get_running_loop()
         for (i, plan), user in zip(plans, users, strict=True):
-            coro = self._retrieve(queries[i], plan, deadline, preread=user, read_s=read_s)
+            coro = self._retrieve(
+                queries[i], plan, deadline, preread=user, read_s=read_s, read_limit=limit
+            )
             try:
                 yielded = coro.send(None)
             except StopIteration as done:
@@ -863,11 +877,14 @@ class RetrievalEngine:
         *,
         preread: StoredUser | BaseException | None = None,
         read_s: float = 0.0,
+        read_limit: float | None = None,
     ) -> RetrieveResult:
         budget, chosen, variant, served = plan
         tr = self.tracing
         with tr.span("retrieval.hydrate") as span:
-            ctx = await self.hydrate(served, q, deadline, preread=preread, read_s=read_s)
+            ctx = await self.hydrate(
+                served, q, deadline, preread=preread, read_s=read_s, read_limit=read_limit
+            )
             if tr.enabled:
                 span.set_attributes(
                     {
@@ -993,12 +1010,17 @@ class RetrievalEngine:
         """:meth:`_run_sources` with a span per source, each in a task of its own."""
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
+        left: set[int] = set()
         tasks = [
-            loop.create_task(self._traced_source(s, ctx, asks[s.name], stop_at, variant))
-            for s in chosen
+            loop.create_task(
+                self._traced_source(s, ctx, asks[s.name], stop_at, variant, lambda i=i: i in left)
+            )
+            for i, s in enumerate(chosen)
         ]
+        done = await _wait_until(tasks, stop_at)
+        left.update(i for i, got in enumerate(done) if isinstance(got, TimeoutError))
         runs = []
-        for src, got in zip(chosen, await _wait_until(tasks, stop_at), strict=True):
+        for src, got in zip(chosen, done, strict=True):
             if isinstance(got, TimeoutError):  # left behind: it swallowed its cancellation
                 limit = src.config.timeout_ms / 1000.0
                 got = self._report(src, ctx, asks[src.name], start, limit, variant, exc=got)
@@ -1008,10 +1030,19 @@ class RetrievalEngine:
         return runs
 
     async def _traced_source(
-        self, src: CandidateSource, ctx: RetrievalContext, k: int, stop_at: float, variant: str
-    ) -> tuple[SourceReport, CandidateBlock | None]:
+        self,
+        src: CandidateSource,
+        ctx: RetrievalContext,
+        k: int,
+        stop_at: float,
+        variant: str,
+        left_behind: Callable[[], bool],
+    ) -> tuple[SourceReport, CandidateBlock | None] | None:
         with self.tracing.span(f"retrieval.source.{src.name}") as span:
-            report, cands = await self._run_source(src, ctx, k, stop_at, variant)
+            run = await self._run_source(src, ctx, k, stop_at, variant, left_behind)
+            if run is None:
+                return None
+            report, cands = run
             span.set_attributes(
                 {
                     "recsys.source": src.name,

@@ -375,13 +375,22 @@ async def test_a_cancelled_hurried_caller_is_withdrawn_from_the_queue(
 
 
 @pytest.mark.parametrize("batched", [False, True])
-@pytest.mark.parametrize("timeout_s", [RankingSettings().retrieval_timeout_s, 0.04])
+@pytest.mark.parametrize(
+    ("timeout_s", "redis_timeout_s", "redis_fault"),
+    [(RankingSettings().retrieval_timeout_s, 0.25, True), (0.04, 0.25, False), (1.0, 0.03, True)],
+)
 async def test_a_frozen_redis_counts_as_a_failed_user_read_at_rankings_deadline(
-    own_redis, trained_version: Path, batched: bool, timeout_s: float
+    own_redis,
+    trained_version: Path,
+    batched: bool,
+    timeout_s: float,
+    redis_timeout_s: float,
+    redis_fault: bool,
 ):
     """Ranking gives retrieval 200 ms by default: a stall there is Redis', not the caller's.
 
     A 40 ms deadline leaves the read 20 ms: that one is cut short by the caller.
+    A redis_timeout_s of 30 ms set the wait itself: Redis', however short.
     """
     from recsys.config import RetrievalSettings
     from retrieval_service import metrics
@@ -389,7 +398,7 @@ async def test_a_frozen_redis_counts_as_a_failed_user_read_at_rankings_deadline(
     from retrieval_service.registry import build_sources
 
     mv = published_into(own_redis, trained_version)
-    settings = RecsysSettings(redis_url=own_redis.url)  # redis_timeout_s 0.25, the default
+    settings = RecsysSettings(redis_url=own_redis.url, redis_timeout_s=redis_timeout_s)
     client = async_redis(settings)
     rs = RetrievalSettings()
     eng = RetrievalEngine(
@@ -409,6 +418,5 @@ async def test_a_frozen_redis_counts_as_a_failed_user_read_at_rankings_deadline(
         os.kill(own_redis.proc.pid, signal.SIGCONT)
         await client.aclose()
     assert not isinstance(got, Exception) and got.candidates, "degraded, still answered"
-    redis_fault = timeout_s > 0.1
     assert metrics.HYDRATE_FAILURES._value.get() == failures + redis_fault
     assert metrics.HYDRATE_CUT_SHORT._value.get() == cut + (not redis_fault)

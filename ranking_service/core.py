@@ -491,8 +491,12 @@ class Ranker:
                 stored, failed = None, True  # its caller gave up on the read
             j.stored, j.redis_failed = stored, failed
             drop: list[str] = list(j.user.exclude_item_ids)
-            if stored is not None and j.with_watched:
-                drop.extend(stored.watched)
+            if j.with_watched:
+                # The request's own history is watched too, Redis or not (the
+                # popular fallback returned it; retrieval drops it).
+                drop.extend(j.user.recent_item_ids)
+                if stored is not None:
+                    drop.extend(stored.watched)
             if drop and j.rows.size:
                 dropped = j.model.index.lookup(drop)
                 marks = j.model.marks

@@ -32,6 +32,8 @@ class UserQuery:
     country: str | None = None
     genre_ratings: dict[str, float] = field(default_factory=dict)
     exclude_item_ids: list[str] = field(default_factory=list)
+    # The request's own history (it replaces the stored one): watched items.
+    recent_item_ids: list[str] = field(default_factory=list)
     variant: str = ""  # forced experiment variant; empty: bucketed by user id
 
     @property

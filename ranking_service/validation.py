@@ -33,12 +33,13 @@ class RetrievalLimits:
     sources: tuple[str, ...]  # configured source names, in config order
     max_budget: int
     max_request_ids: int = 10_000
+    max_id_bytes: int = 256
 
     @classmethod
     def from_settings(cls, settings: RetrievalSettings) -> RetrievalLimits:
         """The limits of the retrieval config both services load."""
         names = tuple(str(e["name"]) for e in settings.sources if e.get("name"))
-        return cls(names, settings.max_budget, settings.max_request_ids)
+        return cls(names, settings.max_budget, settings.max_request_ids, settings.max_id_bytes)
 
 
 @dataclass
@@ -139,10 +140,23 @@ def _k(value: int, field: str, limits: RankingSettings) -> int:
     return value
 
 
-def parse_user(ctx, limits: RankingSettings, field: str = "user") -> UserQuery:
-    """``recsys.v1.UserContext`` → :class:`UserQuery`."""
+def parse_user(
+    ctx,
+    limits: RankingSettings,
+    field: str = "user",
+    *,
+    max_ids: int | None = None,
+    max_id_bytes: int | None = None,
+) -> UserQuery:
+    """``recsys.v1.UserContext`` → :class:`UserQuery`.
+
+    ``max_ids`` and ``max_id_bytes`` replace ranking's own ``max_candidates``
+    and ``max_id_bytes`` (a Recommend passes the smaller of its and retrieval's).
+    """
+    most_ids = limits.max_candidates if max_ids is None else max_ids
+    id_bytes = limits.max_id_bytes if max_id_bytes is None else max_id_bytes
     if ctx.user_id:
-        check_id(ctx.user_id, f"{field}.user_id", limits.max_id_bytes)
+        check_id(ctx.user_id, f"{field}.user_id", id_bytes)
     f = ctx.features
     age = float(f.age) if f.HasField("age") and f.age != 0 else None
     check_features(
@@ -154,25 +168,25 @@ def parse_user(ctx, limits: RankingSettings, field: str = "user") -> UserQuery:
         # The message's map: counted before anything copies it (a 900k-entry
         # map took over a second to copy, holding up the event loop).
         genre_ratings=f.genre_ratings,
-        max_bytes=limits.max_id_bytes,
+        max_bytes=id_bytes,
     )
     ratings = dict(f.genre_ratings)
-    if len(ctx.exclude_item_ids) > limits.max_candidates:
+    if len(ctx.exclude_item_ids) > most_ids:
         raise InvalidArgument(
             f"{field}.exclude_item_ids",
-            f"{len(ctx.exclude_item_ids)} ids, at most {limits.max_candidates} allowed",
+            f"{len(ctx.exclude_item_ids)} ids, at most {most_ids} allowed",
         )
     exclude = list(ctx.exclude_item_ids)
     if exclude:
-        id_array(exclude, f"{field}.exclude_item_ids", limits.max_id_bytes)
+        id_array(exclude, f"{field}.exclude_item_ids", id_bytes)
     # Counted before the per-id loop, so a huge list costs nothing to refuse.
-    if len(ctx.recent_item_ids) > limits.max_candidates:
+    if len(ctx.recent_item_ids) > most_ids:
         raise InvalidArgument(
             f"{field}.recent_item_ids",
-            f"{len(ctx.recent_item_ids)} ids, at most {limits.max_candidates} allowed",
+            f"{len(ctx.recent_item_ids)} ids, at most {most_ids} allowed",
         )
     for i, v in enumerate(ctx.recent_item_ids):
-        check_id(v, f"{field}.recent_item_ids[{i}]", limits.max_id_bytes)
+        check_id(v, f"{field}.recent_item_ids[{i}]", id_bytes)
     return UserQuery(
         user_id=ctx.user_id,
         age=age,
@@ -181,6 +195,7 @@ def parse_user(ctx, limits: RankingSettings, field: str = "user") -> UserQuery:
         country=f.country or None,
         genre_ratings=ratings,
         exclude_item_ids=exclude,
+        recent_item_ids=list(ctx.recent_item_ids),
         variant=ctx.variant,
     )
 
@@ -232,16 +247,22 @@ def parse_recommend(
     )
     if budget < 0 or budget > most:
         raise InvalidArgument("retrieval_budget", f"{budget} is outside 0..{most}")
+    # What both services accept: whether a request is valid must not depend on
+    # retrieval being up (the popular fallback would answer what it refuses).
+    id_bytes = limits.max_id_bytes
+    most_ids = limits.max_candidates
+    if retrieval is not None:
+        id_bytes = min(id_bytes, retrieval.max_id_bytes)
+        most_ids = min(most_ids, retrieval.max_request_ids)
     # Retrieval needs a user to read history from; Rank may go without one.
-    check_id(request.user.user_id, "user.user_id", limits.max_id_bytes)
-    most_ids = limits.max_candidates if retrieval is None else retrieval.max_request_ids
-    if len(request.sources) > most_ids:  # counted before the per-entry checks
-        raise InvalidArgument("sources", f"{len(request.sources)} entries, at most {most_ids}")
-    check_source_names(
-        request.sources, retrieval.sources if retrieval else None, limits.max_id_bytes
-    )
+    check_id(request.user.user_id, "user.user_id", id_bytes)
+    # Only retrieval reads sources: its limit alone (ranking's without one).
+    most_sources = limits.max_candidates if retrieval is None else retrieval.max_request_ids
+    if len(request.sources) > most_sources:  # counted before the per-entry checks
+        raise InvalidArgument("sources", f"{len(request.sources)} entries, at most {most_sources}")
+    check_source_names(request.sources, retrieval.sources if retrieval else None, id_bytes)
     return RecommendQuery(
-        user=parse_user(request.user, limits),
+        user=parse_user(request.user, limits, max_ids=most_ids, max_id_bytes=id_bytes),
         raw_user=request.user,
         k=k,
         budget=budget,

@@ -94,7 +94,9 @@ class Recorded:
 
     history_length: int
     rating_count: int
-    duplicate: bool  # the event id was seen before: nothing was written
+    # Your event_id was seen before: nothing was written now (never set for an
+    # id record() made itself: a retry of its own landed write is not one).
+    duplicate: bool
 
 
 @dataclass
@@ -301,7 +303,10 @@ class RecommenderClient:
         if rating is not None:
             req.rating = rating
         resp = self._call(self._require_retrieval().RecordInteraction, req)
-        return Recorded(resp.history_length, resp.rating_count, resp.duplicate)
+        # An id made for this call can only have been seen by this call's own
+        # earlier attempt (a retry of a write that landed): not a duplicate to
+        # the caller, whose interaction was recorded once.
+        return Recorded(resp.history_length, resp.rating_count, resp.duplicate and bool(event_id))
 
     def _require_retrieval(self):
         if self._retrieval is None:

@@ -22,6 +22,8 @@ key                                    type    holds
 ``recsys:user:{<uid>}:recent``         list    most recent item ids, newest first, capped
 ``recsys:user:{<uid>}:event:<id>``     string  a recorded event id (for dedupe_window_s)
 =====================================  ======  =========================================
+
+``<uid>`` has backslashes and ``}`` escaped (see :func:`_user`).
 """
 
 from __future__ import annotations
@@ -63,21 +65,34 @@ def version_pattern(version: str) -> str:
     return f"{_version_prefix(version)}:*"
 
 
+def _user(user_id: str) -> str:
+    """``recsys:user:{<uid>}`` with backslashes and ``}`` in the id escaped.
+
+    Unescaped, the first ``}`` after the id did not mark its end: user
+    ``bob}:event:e`` had the key of user ``bob``'s event ``e}``, so one user's
+    write could pass for another's recorded event or break its state. Ids
+    without either character (nearly all) keep the keys they always had.
+    """
+    if "}" in user_id or "\\" in user_id:
+        user_id = user_id.replace("\\", "\\\\").replace("}", "\\}")
+    return f"{PREFIX}:user:{{{user_id}}}"
+
+
 def user_state(user_id: str) -> str:
     """Hash with the user's profile and feature aggregates."""
-    return f"{PREFIX}:user:{{{user_id}}}"
+    return _user(user_id)
 
 
 def user_watched(user_id: str) -> str:
     """Set of every item the user interacted with."""
-    return f"{PREFIX}:user:{{{user_id}}}:watched"
+    return f"{_user(user_id)}:watched"
 
 
 def user_recent(user_id: str) -> str:
     """List of recent item ids, newest first."""
-    return f"{PREFIX}:user:{{{user_id}}}:recent"
+    return f"{_user(user_id)}:recent"
 
 
 def user_event(user_id: str, event_id: str) -> str:
     """Marker of one recorded interaction (``RecordInteraction.event_id``), for retries."""
-    return f"{PREFIX}:user:{{{user_id}}}:event:{event_id}"
+    return f"{_user(user_id)}:event:{event_id}"

@@ -42,8 +42,9 @@ async def test_a_record_retried_by_the_channel_counts_once(stack, mv: ModelVersi
     with client(stack) as c:
         got = await asyncio.to_thread(c.record, "retried-user", mv.item_ids[0], 4.0)
     assert len(event_ids) == 2 and event_ids[0] and event_ids[0] == event_ids[1]
-    # The retry found the first attempt's write: counted once, said so.
-    assert got == Recorded(history_length=1, rating_count=1, duplicate=True)
+    # The retry found the first attempt's write: counted once. Not a duplicate to the
+    # caller, who sent it once (the server's "seen" was this call's own attempt).
+    assert got == Recorded(history_length=1, rating_count=1, duplicate=False)
 
 
 async def test_record_says_what_it_did(stack, mv: ModelVersion):

@@ -306,10 +306,22 @@ def _check_block(block: CandidateBlock) -> None:
             )
 
 
-def _as_block(got: Sequence[Any], k: int, served: ServedVersion) -> CandidateBlock:
-    """A source's answer, cut to ``k``, as a block over ``served``'s catalogue."""
+def _builtin(src: CandidateSource) -> bool:
+    """True for this package's own sources, whose blocks their tests check."""
+    return type(src).__module__.startswith("retrieval_service.sources.")
+
+
+def _as_block(
+    got: Sequence[Any], k: int, served: ServedVersion, *, trusted: bool = False
+) -> CandidateBlock:
+    """A source's answer, cut to ``k``, as a block over ``served``'s catalogue.
+
+    ``trusted`` (a built-in source) skips the arrays' alignment check: about
+    2 µs per block, 1% of a Retrieve, spent only where it can find something.
+    """
     if isinstance(got, CandidateBlock) and got.item_ids is served.item_ids:
-        _check_block(got)
+        if not trusted:
+            _check_block(got)
         block = got if got.rows.shape[0] <= k else got[:k]  # usually already within k
         if _outside(block.rows, len(served.item_ids)):
             raise ValueError("returned a CandidateBlock with rows outside the catalogue")
@@ -369,11 +381,9 @@ class RetrievalEngine:
         self.default_track = self.experiment.default.model_version
         self.plans = {v: {s.name: s for s in srcs} for v, srcs in (variant_sources or {}).items()}
         self._source_warnings: dict[str, ThrottledWarning] = {}
+        every = [*self.sources, *(s for p in self.plans.values() for s in p.values())]
         # Usual: every source eager, so no request needs to order its sources (_run_sources).
-        self._all_eager = all(
-            getattr(s, "eager", False)
-            for s in [*self.sources, *(s for p in self.plans.values() for s in p.values())]
-        )
+        self._all_eager = all(getattr(s, "eager", False) for s in every)
         self.tracing = tracing
         # Concurrent calls' user reads share one pipeline. The adaptive batch
         # waits (at most 1 ms) only while the server is busy, so a lone call
@@ -651,7 +661,7 @@ class RetrievalEngine:
             try:
                 if not isinstance(got, CandidateBlock):
                     got = list(got)  # type: ignore[arg-type]  # any iterable; None is an error
-                block = _as_block(got, k, ctx.served)
+                block = _as_block(got, k, ctx.served, trusted=_builtin(src))
                 count = min(len(got), k)
             except Exception as bad:
                 exc = bad

@@ -157,3 +157,15 @@ async def test_record_validation():
     with pytest.raises(Unavailable):
         await engine.record("u", "1", 4.0)
     assert NotFound.code == "NOT_FOUND" and InvalidArgument.code == "INVALID_ARGUMENT"
+
+
+def test_only_this_packages_sources_skip_the_block_alignment_check():
+    from retrieval_service.engine import _builtin
+
+    built = build_sources(_default_sources())
+    assert all(_builtin(s) for s in built)
+
+    class Plugin(PopularSource):  # defined here: another package's module
+        pass
+
+    assert not _builtin(Plugin(built[-1].config))

@@ -263,10 +263,41 @@ return {redis.call('LLEN', recent), tonumber(redis.call('HGET', state, 'nr') or 
 """
 
 # A user's state hash replaced in one step. KEYS: the hash; ARGV: field/value pairs.
-_REPLACE_HASH_SCRIPT = """
-redis.call('DEL', KEYS[1])
-if #ARGV > 0 then redis.call('HSET', KEYS[1], unpack(ARGV)) end
-return 1
+# One user's batch state, as one script: Redis runs every whole command it
+# got, so a publisher cut off between a DEL and an HSET left the user with no
+# state, and a recent list checked for in one pass and written in another took
+# an online interaction recorded in between twice (and past the cap).
+# KEYS: state hash, watched set, recent list.
+# ARGV: version, history_length, number of hash fields n, the n fields, then
+#       the history, oldest first.
+# The hash is replaced only by a version newer than the one that wrote it
+# (field pv): republishing a version (every `recsys up`), a rollback, or an
+# older publish that lost a race keeps the newer facts and the aggregates
+# RecordInteraction added since. Returns 1 (hash replaced) + 2 (recent written).
+_SEED_USER_SCRIPT = """
+local version = tonumber(ARGV[1])
+local keep = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
+local wrote = tonumber(redis.call('HGET', KEYS[1], 'pv') or '')
+local replace = not (version and wrote and wrote >= version)
+if replace then
+  redis.call('DEL', KEYS[1])
+  if n > 0 then redis.call('HSET', KEYS[1], 'pv', ARGV[1], unpack(ARGV, 4, 3 + n)) end
+end
+local first, last = 4 + n, #ARGV
+local recent = 0
+if last >= first then
+  for i = first, last, 5000 do
+    redis.call('SADD', KEYS[2], unpack(ARGV, i, math.min(i + 4999, last)))
+  end
+  if redis.call('EXISTS', KEYS[3]) == 0 then
+    for i = last, math.max(first, last - keep + 1), -1 do
+      redis.call('RPUSH', KEYS[3], ARGV[i])
+    end
+    recent = 2
+  end
+end
+return (replace and 1 or 0) + recent
 """
 
 # Largest share of the time left on a request's deadline that its user read
@@ -364,23 +395,23 @@ def seed_user_commands(
     history: Sequence[str],
     *,
     history_length: int,
-    write_recent: bool,
+    version: str,
 ) -> None:
-    """Queues the commands that write one user's batch-computed state.
+    """Queues the script that writes one user's batch-computed state (its reply: see below).
 
-    Used by ``recsys publish``. The aggregates hash is replaced (training
-    data is the source of truth up to its snapshot); the watched set is a
-    union, so interactions recorded online are kept; the recent list is only
-    written when ``write_recent`` (the publisher passes True for users who
-    have no recent list yet, so online history is never overwritten).
+    Used by ``recsys publish``. The aggregates hash is replaced when
+    ``version`` is newer than the version that last wrote it (training data is
+    the source of truth up to its snapshot; an older or the same snapshot
+    would only undo what was recorded since); the watched set is a union, so
+    interactions recorded online are kept; the recent list is written only
+    where the user has none, so online history is never overwritten. The
+    script answers 1 when it replaced the hash, plus 2 when it wrote the list.
     """
-    state = redis_keys.user_state(user_id)
+    keys = [
+        redis_keys.user_state(user_id),
+        redis_keys.user_watched(user_id),
+        redis_keys.user_recent(user_id),
+    ]
     fields = [x for kv in encode_user_state(spec, profile, agg).items() for x in kv]
-    # One script, not DEL then HSET: Redis runs every whole command it got,
-    # so a publisher cut off between the two left the user with no state.
-    pipe.register_script(_REPLACE_HASH_SCRIPT)(keys=[state], args=fields, client=pipe)
-    if history:
-        pipe.sadd(redis_keys.user_watched(user_id), *history)
-    if history and write_recent:
-        recent = list(reversed(history[-history_length:]))  # newest first
-        pipe.rpush(redis_keys.user_recent(user_id), *recent)
+    args = [version, history_length, len(fields), *fields, *history]
+    pipe.register_script(_SEED_USER_SCRIPT)(keys=keys, args=args, client=pipe)

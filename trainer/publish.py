@@ -5,9 +5,11 @@ Order matters so serving never sees a half-loaded version:
 0. the version is listed in ``recsys:versions:pending``, so a publish that
    dies leaves keys a later cleanup finds;
 1. top lists go under version-scoped keys, beside the running version's;
-2. user state is seeded (aggregates replaced in one script per user, watched
-   sets unioned, recent lists written only where a user has none, so online
-   history survives);
+2. user state is seeded, one script per user: aggregates replaced when this
+   version is newer than the one that wrote them (so a republish, a rollback
+   or a publish that lost a race keeps newer facts and what was recorded
+   since), watched sets unioned, recent lists written only where a user has
+   none, so online history survives;
 3. ``recsys:current_version`` is switched by a compare-and-set script (only
    forward unless ``rollback``), and the version is added to
    ``recsys:versions``; a version that lost the race and was never served
@@ -52,6 +54,7 @@ class PublishReport:
     version: str
     top_list_keys: int = 0
     users: int = 0
+    users_replaced: int = 0  # hashes replaced: the rest were written by this or a newer version
     recent_written: int = 0
     removed_versions: list[str] = field(default_factory=list)
     removed_keys: int = 0
@@ -280,31 +283,25 @@ def publish(
     aggs = mv.user_aggregates
     ids = [str(u) for u in users["user_id"]]
     n_genres = len(mv.spec.genres)
-    # One round trip tells which users already have online history to keep.
-    check = redis_client.pipeline(transaction=False)
-    for uid in ids:
-        check.exists(redis_keys.user_recent(uid))
-    has_recent = check.execute()
     # Every rated item, held-out ones included; versions exported before the
     # column existed have the training history only.
     watched = users.get("watched", users["history"])
     for start in range(0, len(ids), chunk):
         pipe = redis_client.pipeline(transaction=False)
         for row in range(start, min(start + chunk, len(ids))):
-            write_recent = not has_recent[row]
-            history = watched[row]
             seed_user_commands(
                 pipe,
                 mv.spec,
                 ids[row],
                 _profile(users, row),
                 UserAggregates.from_flat(aggs[row], n_genres),
-                history,
+                [str(i) for i in watched[row]],
                 history_length=history_length,
-                write_recent=write_recent,
+                version=mv.version,
             )
-            report.recent_written += int(write_recent and bool(history))
-        pipe.execute()
+        for did in pipe.execute():
+            report.users_replaced += int(did) & 1
+            report.recent_written += (int(did) >> 1) & 1
         done = min(start + chunk, len(ids))
         if done == len(ids) or (done // chunk) % 10 == 0:
             _progress(quiet, f"users {done:,}/{len(ids):,}")
@@ -457,7 +454,8 @@ def cli_publish(args: argparse.Namespace, settings) -> int:
     )
     print(
         f"published version {report.version}: {report.top_list_keys} top lists, "
-        f"{report.users} users ({report.recent_written} recent lists written), "
+        f"{report.users} users ({report.users_replaced} states replaced, "
+        f"{report.recent_written} recent lists written), "
         f"{len(report.removed_versions)} old versions removed, {report.seconds:.1f}s"
     )
     if report.cleanup_error:

@@ -88,11 +88,35 @@ async def test_republish_keeps_online_interactions(published_version, redis_url,
         )
     finally:
         await r.aclose()
-    publish(published_version, client, quiet=True)
+    trained = len(mv.users["history"][0])
+    assert int(client.hget(redis_keys.user_state(uid), "n")) == trained + 1
+    report = publish(published_version, client, quiet=True)
     assert client.lindex(redis_keys.user_recent(uid), 0) == unseen
     assert unseen in client.smembers(redis_keys.user_watched(uid))
-    # Aggregates go back to the batch values: training data is the source of truth.
-    assert int(client.hget(redis_keys.user_state(uid), "n")) == len(mv.users["history"][0])
+    # The same snapshot again (every `recsys up` start): nothing newer to replace
+    # the aggregates with, so the recorded interaction still counts.
+    assert report.users_replaced == 0
+    assert int(client.hget(redis_keys.user_state(uid), "n")) == trained + 1
+
+
+def test_a_newer_version_replaces_the_aggregates_an_older_one_does_not(
+    client, trained_version, tmp_path
+):
+    """Training data is the source of truth up to its snapshot: the newest snapshot."""
+    v1, v2 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2))
+    mv = ModelVersion.open(v1)
+    uid = str(mv.users["user_id"][0])
+    state = redis_keys.user_state(uid)
+    assert publish(v1, client, quiet=True).users_replaced == len(mv.users["user_id"])
+    client.hset(state, "n", 999)  # stands in for online interactions since
+    assert publish(v2, client, quiet=True).users_replaced == len(mv.users["user_id"])
+    assert int(client.hget(state, "n")) == len(mv.users["history"][0])
+    assert client.hget(state, "pv") == "2"
+    client.hset(state, "n", 999)
+    # A rollback to 1 serves 1's model; the users' newer facts stay.
+    report = publish(v1, client, quiet=True, rollback=True)
+    assert report.switched and report.users_replaced == 0
+    assert int(client.hget(state, "n")) == 999
 
 
 def test_publish_switches_and_cleans_old_versions(redis_url, client, trained_version, tmp_path):
@@ -517,3 +541,66 @@ def test_a_publish_switching_while_another_starts_stays_published(
     assert raced and not report.switched and client.get(redis_keys.CURRENT_VERSION) == "4"
     assert "4" in client.zrange(redis_keys.VERSIONS, 0, -1), "the served version left the set"
     assert client.zscore(redis_keys.VERSIONS_PENDING, "4") is None
+
+
+def test_an_older_publish_losing_a_race_keeps_the_newer_versions_user_state(
+    client, trained_version, tmp_path, monkeypatch
+):
+    """Only the pointer switch was compare-and-set: the loser overwrote every user after."""
+    v1, v2 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2))
+    mv = ModelVersion.open(v2)
+    seed = publish_module.seed_user_commands
+    raced: list[bool] = []
+
+    def racing_seed(*args, **kwargs):
+        if not raced:
+            raced.append(True)
+            publish(v2, client, quiet=True)
+            for uid in mv.users["user_id"]:  # marks what version 2 wrote
+                client.hset(redis_keys.user_state(str(uid)), "n", 777)
+        return seed(*args, **kwargs)
+
+    monkeypatch.setattr(publish_module, "seed_user_commands", racing_seed)
+    report = publish(v1, client, quiet=True)
+    assert raced and not report.switched and report.users_replaced == 0
+    for uid in mv.users["user_id"]:
+        assert client.hget(redis_keys.user_state(str(uid)), "n") == "777"
+
+
+def test_an_interaction_recorded_during_a_publish_is_kept_once_within_the_cap(
+    client, redis_url, trained_version, tmp_path, monkeypatch
+):
+    """The recent list was checked for in one pass and pushed in another."""
+    import asyncio
+
+    v1 = _numbered_copy(trained_version, tmp_path, 1)
+    mv = ModelVersion.open(v1)
+    row = max(range(len(mv.users["user_id"])), key=lambda r: len(mv.users["watched"][r]))
+    uid = str(mv.users["user_id"][row])
+    item = str(mv.users["watched"][row][0])
+    cap = 10
+    assert len(mv.users["watched"][row]) > cap
+    seed = publish_module.seed_user_commands
+    recorded: list[bool] = []
+
+    def record_first(pipe, spec, user_id, *args, **kwargs):
+        if user_id == uid and not recorded:
+            recorded.append(True)
+
+            async def record():
+                r = aioredis.Redis.from_url(redis_url)
+                try:
+                    await record_interaction(
+                        r, spec, uid, item, mv.item_genre_names(mv.item_index[item]), None,
+                        history_length=cap,
+                    )  # fmt: skip
+                finally:
+                    await r.aclose()
+
+            asyncio.run(record())
+        return seed(pipe, spec, user_id, *args, **kwargs)
+
+    monkeypatch.setattr(publish_module, "seed_user_commands", record_first)
+    publish(v1, client, quiet=True, history_length=cap)
+    recent = client.lrange(redis_keys.user_recent(uid), 0, -1)
+    assert recorded and recent == [item], "the online list is kept as it is, not appended to"

@@ -331,7 +331,9 @@ class Ranker:
             rows,
             query.k,
             False,
-            read_watched=False,
+            # No state passed on: retrieval's read failed (or an old retrieval),
+            # so it filtered nothing it could not read; this read drops it.
+            read_watched=answer.user_state is None,
             variant=variant.name,
             stored=stored,
             deadline=deadline,

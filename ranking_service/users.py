@@ -96,6 +96,9 @@ async def fetch_users(
         if isinstance(stored, Exception):
             _log_degraded(stored)
             out[i] = (None, True)
+        elif stored.corrupt:  # counted as a failed read; its watched set still applies
+            _log_degraded(ValueError(stored.corrupt))
+            out[i] = (stored, True)
         else:
             out[i] = (stored, False)
     return out

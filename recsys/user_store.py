@@ -44,6 +44,10 @@ class StoredUser:
     aggregates: UserAggregates | None = None
     recent: list[str] = field(default_factory=list)  # newest first
     watched: set[str] = field(default_factory=set)
+    # Why the state hash could not be decoded ("" when it could): the user is
+    # then served as unknown, but the watched set and recent list, read fine,
+    # still keep watched items out of the answer.
+    corrupt: str = ""
 
 
 def state_to_pb(spec: FeatureSpec, user: StoredUser, out: retrieval_pb2.StoredUserState) -> None:
@@ -112,7 +116,11 @@ def _decode(
     spec: FeatureSpec, user_id: str, replies: Sequence, recent_n: int, with_watched: bool
 ) -> StoredUser:
     """One user's replies, in ``_queue_reads`` order → StoredUser."""
-    decoded = decode_user_state(spec, replies[0])
+    corrupt = ""
+    try:
+        decoded = decode_user_state(spec, replies[0])
+    except ValueError as exc:  # a corrupt hash: the other keys still count
+        decoded, corrupt = None, str(exc)
     at = 1
     recent: list[str] = []
     if recent_n > 0:
@@ -120,7 +128,8 @@ def _decode(
         at += 1
     watched = set(_texts(replies[at])) if with_watched else set()
     if decoded is None:
-        return StoredUser(user_id, known=bool(recent or watched), recent=recent, watched=watched)
+        known = bool(recent or watched)
+        return StoredUser(user_id, known, recent=recent, watched=watched, corrupt=corrupt)
     profile, agg = decoded
     return StoredUser(user_id, True, profile, agg, recent, watched)
 

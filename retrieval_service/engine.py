@@ -572,6 +572,15 @@ class RetrievalEngine:
             if isinstance(got, BaseException):  # this user's own read failed
                 raise got
             stored = got
+            if stored.corrupt:
+                # The hash does not decode (corrupt or foreign data): served as
+                # unknown, but its watched set and recent list, read fine, apply.
+                error = "user state unavailable: ValueError"
+                metrics.HYDRATE_FAILURES.inc()
+                log.warning(
+                    "hydrate failed",
+                    extra={"fields": {"user": q.user_id, "error": f"{error}: {stored.corrupt}"}},
+                )
         except TimeoutError:  # asyncio's: the wait ran out (Redis' own timeouts are RedisError)
             # The caller's fault only when its deadline, not redis_timeout_s,
             # set a wait shorter than a healthy read needs.
@@ -613,8 +622,10 @@ class RetrievalEngine:
         if stated:
             agg = aggregates_from_genre_ratings(served.model.spec, f.genre_ratings)
         cache = served.top_cache if self.settings.top_list_cache else None
+        # A corrupt hash came from a Redis that answered: its top lists still can.
+        reachable = error is None or (read is not None and bool(read.corrupt))
         batch = RedisBatch(
-            self.redis, available=error is None, cache=cache, timeout_s=self.redis_timeout_s
+            self.redis, available=reachable, cache=cache, timeout_s=self.redis_timeout_s
         )
         batch.round_trips = 1  # the hydration pipeline
         # A request's history may be a raw watch log: repeats would crowd

@@ -169,6 +169,14 @@ class ModelVersion:
         for key in ("version", "feature_spec", "target", "files"):
             if key not in manifest:
                 raise ArtifactError(f"{mpath} lacks the '{key}' entry")
+        if path.name.isdigit() and str(manifest["version"]) != path.name:
+            # The services find a version's Redis top lists by the manifest's
+            # number and its directory by the pointer's: a copy renamed without
+            # its manifest was served as one version and read another's lists.
+            raise ArtifactError(
+                f"{path}: the directory is version {path.name} but its manifest says "
+                f"version {manifest['version']!r}; a version's directory must carry its number"
+            )
         files: dict[str, dict[str, Any]] = manifest["files"]
         for rel in REQUIRED_FILES:
             if rel not in files:

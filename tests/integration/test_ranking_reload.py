@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -32,18 +33,26 @@ def second_version(train_version, tmp_path_factory) -> Path:
     return path
 
 
-def install(src: Path, model_dir: Path, name: str) -> Path:
-    """Copies a version in under a temporary name, then renames it into place."""
+def _staged(src: Path, model_dir: Path, name: str) -> Path:
+    """A copy of ``src`` under a temporary name, its manifest numbered ``name``."""
     tmp = model_dir / f".tmp-{name}"
     shutil.copytree(src, tmp)
+    manifest = json.loads((tmp / "manifest.json").read_text())
+    manifest["version"] = name
+    (tmp / "manifest.json").write_text(json.dumps(manifest))
+    return tmp
+
+
+def install(src: Path, model_dir: Path, name: str) -> Path:
+    """Copies a version in under a temporary name, then renames it into place."""
+    tmp = _staged(src, model_dir, name)
     final = model_dir / name
     os.rename(tmp, final)
     return final
 
 
 def corrupt_copy(src: Path, model_dir: Path, name: str) -> Path:
-    tmp = model_dir / f".tmp-{name}"
-    shutil.copytree(src, tmp)
+    tmp = _staged(src, model_dir, name)
     vec = tmp / "item_vectors.npy"
     data = bytearray(vec.read_bytes())
     data[-3] ^= 0x5A  # same size, wrong sha256

@@ -109,7 +109,7 @@ def test_exported_version_is_complete_and_consistent(trained_version):
 
 @pytest.mark.parametrize("damage", ["corrupt", "truncate", "no_manifest"])
 def test_damaged_version_is_refused(trained_version, tmp_path, damage):
-    broken = tmp_path / "7"
+    broken = tmp_path / "broken"
     shutil.copytree(trained_version, broken)
     if damage == "corrupt":
         arr = np.load(broken / A.ITEM_VECTORS, allow_pickle=False)
@@ -321,3 +321,14 @@ def test_a_column_constant_in_training_does_not_swamp_the_tower():
     # The other features still decide: the two users stay apart, each as before.
     np.testing.assert_allclose(ea, eb, atol=1e-4)
     assert abs(float(ea[0] @ ea[1])) < 0.999
+
+
+def test_a_numbered_directory_must_hold_that_version(trained_version, tmp_path):
+    """models/5 holding version 1 was served as 5 while reading version 1's top lists."""
+    copy = tmp_path / "5"
+    shutil.copytree(trained_version, copy)
+    with pytest.raises(A.ArtifactError, match=r"version 5 but its manifest says version '1'"):
+        A.ModelVersion.open(copy)
+    named = tmp_path / "candidate"  # not a number: any name may hold a version
+    shutil.copytree(trained_version, named)
+    assert A.ModelVersion.open(named).version == trained_version.name

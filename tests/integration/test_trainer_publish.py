@@ -167,7 +167,7 @@ def test_publish_keeps_the_versions_the_config_pins(client, trained_version, tmp
 
 
 def test_publish_refuses_incomplete_version(redis_url, client, trained_version, tmp_path):
-    broken = tmp_path / "9"
+    broken = tmp_path / "broken" / trained_version.name
     shutil.copytree(trained_version, broken)
     (broken / "top_lists.json").write_text("{}")
     with pytest.raises(Exception, match=r"top_lists\.json"):
@@ -181,7 +181,7 @@ def test_publish_refuses_a_copy_whose_name_is_not_its_version(client, trained_ve
     """models/5 holding version 1 would publish pointer 1 while the copy sits at 5."""
     copy = tmp_path / "5"
     shutil.copytree(trained_version, copy)
-    with pytest.raises(Exception, match=r"named '5' but its manifest says version '1'"):
+    with pytest.raises(Exception, match=r"version 5 but its manifest says version '1'"):
         publish(copy, client, quiet=True)
     assert client.get(redis_keys.CURRENT_VERSION) is None
 

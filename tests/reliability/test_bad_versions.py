@@ -108,6 +108,9 @@ RANKING_ONLY = [
 def install(src: Path, model_dir: Path, name: str, damage: Callable[[Path], None] | None) -> None:
     tmp = model_dir / f".tmp-{name}"
     shutil.copytree(src, tmp)
+    manifest = json.loads((tmp / "manifest.json").read_text())
+    manifest["version"] = name  # numbered as its directory, as the writer does
+    (tmp / "manifest.json").write_text(json.dumps(manifest))
     if damage is not None:
         damage(tmp)
     os.rename(tmp, model_dir / name)  # appears whole, as the trainer's writer does

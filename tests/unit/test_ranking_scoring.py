@@ -143,7 +143,7 @@ def test_host_vectors_stay_memory_mapped(model):
 
 
 def test_load_rejects_a_corrupt_version(version_dir, tmp_path):
-    bad = tmp_path / "9"
+    bad = tmp_path / "bad-copy"
     shutil.copytree(version_dir, bad)
     vec = bad / "item_vectors.npy"
     data = bytearray(vec.read_bytes())

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
@@ -439,8 +440,14 @@ class VersionWriter:
                 # rename() onto a non-existent directory is atomic on POSIX; if
                 # another writer took this number first we pick the next one.
                 os.rename(self.path, target)
-            except OSError:
-                continue
+            except OSError as exc:
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY) or target.exists():
+                    continue
+                # Not a lost race (no space, read-only, not permitted): another
+                # number would fail the same way, a hundred times over.
+                raise ArtifactError(
+                    f"could not move the new version into {self.model_dir}: {exc.strerror or exc}"
+                ) from exc
             self.final_path = target
             return target
         raise ArtifactError(f"could not allocate a version number under {self.model_dir}")

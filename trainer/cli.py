@@ -12,7 +12,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from recsys.artifacts import latest_version
+from recsys.artifacts import ArtifactError, latest_version
 from recsys.config import RecsysSettings
 from recsys.errors import UserFacingError
 
@@ -118,9 +118,21 @@ def _train_and_report(args: argparse.Namespace, settings: RecsysSettings, cfg) -
             f"{dataset.n_items:,} items, {dataset.n_ratings:,} ratings",
             file=sys.stderr,
         )
-    result = train(
-        dataset, settings.model_dir, cfg, evaluate=True, plots=not args.no_plots, quiet=args.quiet
-    )
+    try:
+        result = train(
+            dataset,
+            settings.model_dir,
+            cfg,
+            evaluate=True,
+            plots=not args.no_plots,
+            quiet=args.quiet,
+        )
+    except (OSError, ArtifactError) as exc:
+        # A full disk or a model dir that refuses the rename: one line, not a
+        # traceback from numpy's writer (the temporary directory is removed).
+        raise UserFacingError(
+            f"could not write the new version under {settings.model_dir}: {exc}"
+        ) from exc
     print(format_report(result.metrics))
     print(f"\nversion {result.version_dir.name} written to {result.version_dir}")
     if args.publish:

@@ -200,3 +200,31 @@ def test_train_refuses_an_id_the_services_would_refuse(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "item id 'https://example.com/" in err and "at most 256 allowed" in err
     assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())
+
+
+@pytest.mark.parametrize("code", ["EPERM", "ENOSPC", "EROFS"])
+def test_a_model_dir_that_refuses_the_new_version_is_one_clear_error(
+    tmp_path, capsys, monkeypatch, code
+):
+    """Every rename failure was taken for a lost race: 100 tries, then a traceback."""
+    import errno
+    import os
+
+    real = os.rename
+    tries: list[str] = []
+
+    def refuse(src, dst, *a, **kw):
+        if os.path.basename(str(dst)).isdigit():
+            tries.append(str(dst))
+            raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+        return real(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "rename", refuse)
+    model_dir = tmp_path / "m"
+    argv = ["train", "--data", DATA, "--model-dir", str(model_dir), "--epochs", "1", "--no-plots"]
+    assert main([*argv, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "could not write the new version under" in err and "could not move" in err
+    assert os.strerror(getattr(errno, code)) in err and "Traceback" not in err
+    assert len(tries) == 1
+    assert not [p for p in model_dir.iterdir() if p.name.startswith(".tmp-")]

@@ -181,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow publishing a version older than the one Redis serves (moves the services back)",
     )
     p.add_argument(
+        "--no-switch",
+        action="store_true",
+        help="write the version's top lists only, for an A/B arm or pinned_version that "
+        "serves it beside the current one (the config must pin it); the pointer and "
+        "users' state stay",
+    )
+    p.add_argument(
         "--if-unpublished",
         action="store_true",
         help="do nothing when Redis already names a current version (bootstrap: finishes "

@@ -218,6 +218,7 @@ def publish(
     protect: Iterable[str] = (),
     rollback: bool = False,
     pending_timeout_s: float = PENDING_TIMEOUT_S,
+    switch: bool = True,
 ) -> PublishReport:
     """Loads a version's Redis data and switches the current-version pointer to it.
 
@@ -239,6 +240,10 @@ def publish(
         rollback: Allow the pointer to move back to an older version.
         pending_timeout_s: Age past which another publish's unfinished
             version (it died before its switch) is cleaned up.
+        switch: False writes the version's top lists only, for an A/B arm or
+            a rollback pin that serves it beside the current version: no
+            pointer switch, no user state; listed as published just before
+            the current version, so ``protect`` must keep it.
 
     Raises:
         ArtifactError: The version directory is incomplete or corrupt.
@@ -257,7 +262,11 @@ def publish(
             f"manifest says version {mv.version!r}; a version's directory must carry its number"
         )
     current = current_version(redis_client)
-    if not rollback and _newer(current, mv.version):
+    if not switch and current is None:
+        raise OlderThanServed(
+            "nothing is published yet: publish a version normally before adding one beside it"
+        )
+    if switch and not rollback and _newer(current, mv.version):
         raise OlderThanServed(
             f"Redis serves version {current}, newer than {mv.version}: nothing published "
             "(recsys publish --rollback moves the services back on purpose)"
@@ -279,6 +288,8 @@ def publish(
     pipe.execute()
     _progress(quiet, f"{report.top_list_keys} top lists under version {mv.version}")
 
+    if not switch:
+        return _beside_current(redis_client, mv.version, report, keep, protect, t0, quiet)
     users = mv.users
     aggs = mv.user_aggregates
     ids = [str(u) for u in users["user_id"]]
@@ -335,6 +346,35 @@ def publish(
             quiet,
             f"removed versions {', '.join(report.removed_versions)} ({report.removed_keys} keys)",
         )
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _beside_current(
+    redis_client,
+    version: str,
+    report: PublishReport,
+    keep: int,
+    protect: Iterable[str],
+    t0: float,
+    quiet: bool,
+) -> PublishReport:
+    """Lists a version whose top lists were written as published, without switching to it."""
+    current = current_version(redis_client)
+    at = redis_client.zscore(redis_keys.VERSIONS, current) if current is not None else None
+    # Just before the current version's switch: a later entry would be taken
+    # for a publish that never switched (_published_versions).
+    score = (at - 1e-3) if at is not None else time.time()
+    redis_client.zadd(redis_keys.VERSIONS, {version: score})
+    redis_client.zrem(redis_keys.VERSIONS_PENDING, version)
+    report.switched = False
+    _progress(quiet, f"version {version}'s top lists written beside current version {current}")
+    try:
+        removed, keys = cleanup_versions(redis_client, keep, protect={version, *protect})
+        report.removed_versions += removed
+        report.removed_keys += keys
+    except RedisError as exc:
+        report.cleanup_error = f"{type(exc).__name__}: {exc}"
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -398,6 +438,7 @@ def publish_with_settings(
     keep: int = 2,
     quiet: bool = False,
     rollback: bool = False,
+    switch: bool = True,
 ) -> PublishReport:
     """Publishes ``version_dir`` to the configured Redis; what both CLI paths run.
 
@@ -412,6 +453,14 @@ def publish_with_settings(
     """
     import redis
 
+    pins = pinned_versions(settings)
+    if not switch and Path(version_dir).name not in pins:
+        # Unpinned, the next publish's clean-up would delete what this writes.
+        raise UserFacingError(
+            f"--no-switch: version {Path(version_dir).name} is not pinned by the config "
+            "(an experiment variant's model_version or a pinned_version); pin it first, "
+            "so publishes keep its top lists"
+        )
     # Publishing moves much more data than a request: allow long reads.
     client = redis.Redis.from_url(settings.redis_url.get_secret_value(), socket_timeout=60)
     try:
@@ -421,8 +470,9 @@ def publish_with_settings(
             keep=keep,
             history_length=settings.retrieval.history_length,
             quiet=quiet,
-            protect=pinned_versions(settings),
+            protect=pins,
             rollback=rollback,
+            switch=switch,
         )
     except (ArtifactError, OlderThanServed) as exc:
         raise UserFacingError(str(exc)) from exc
@@ -449,8 +499,13 @@ def cli_publish(args: argparse.Namespace, settings) -> int:
         if latest is None:
             raise UserFacingError(f"no complete model version under {settings.model_dir}")
         version_dir = Path(settings.model_dir) / latest
+    no_switch = getattr(args, "no_switch", False)
     report = publish_with_settings(
-        version_dir, settings, keep=args.keep, rollback=getattr(args, "rollback", False)
+        version_dir,
+        settings,
+        keep=args.keep,
+        rollback=getattr(args, "rollback", False),
+        switch=not no_switch,
     )
     print(
         f"published version {report.version}: {report.top_list_keys} top lists, "
@@ -464,7 +519,11 @@ def cli_publish(args: argparse.Namespace, settings) -> int:
             "the next publish does it",
             file=sys.stderr,
         )
-    if not report.switched:
+    if no_switch:
+        print(
+            f"version {report.version}'s top lists are in Redis; the current version is unchanged"
+        )
+    elif not report.switched:
         print(f"version {report.version} is not current: a newer one was published meanwhile")
     elif getattr(args, "keep_dirs", 0):
         try:

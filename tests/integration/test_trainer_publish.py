@@ -604,3 +604,51 @@ def test_an_interaction_recorded_during_a_publish_is_kept_once_within_the_cap(
     publish(v1, client, quiet=True, history_length=cap)
     recent = client.lrange(redis_keys.user_recent(uid), 0, -1)
     assert recorded and recent == [item], "the online list is kept as it is, not appended to"
+
+
+def test_a_pinned_version_gets_its_top_lists_beside_the_current_one(
+    client, trained_version, tmp_path
+):
+    """An A/B arm pinned to version 1 while 3 is current: publishing 1 was refused,
+    and --rollback (or a newer candidate) moved every user's arm."""
+    v1, v3, v4 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 3, 4))
+    mv = ModelVersion.open(v1)
+    uid = str(mv.users["user_id"][0])
+    publish(v1, client, quiet=True)
+    publish(v3, client, quiet=True, keep=1)
+    assert not client.exists(redis_keys.top_popular("1"))
+    client.hset(redis_keys.user_state(uid), "n", 555)  # recorded online since
+    report = publish(v1, client, quiet=True, keep=1, protect={"1"}, switch=False)
+    assert not report.switched and report.users == 0
+    assert client.get(redis_keys.CURRENT_VERSION) == "3"
+    assert client.exists(redis_keys.top_popular("1"))
+    assert client.hget(redis_keys.user_state(uid), "n") == "555"
+    assert client.zscore(redis_keys.VERSIONS_PENDING, "1") is None
+    # Kept by later publishes while pinned, like any protected version.
+    publish(v4, client, quiet=True, keep=1, protect={"1"})
+    assert client.exists(redis_keys.top_popular("1"))
+    assert client.zrange(redis_keys.VERSIONS, 0, -1) == ["1", "4"]
+
+
+def test_no_switch_needs_a_pin_and_a_published_version(
+    redis_url, trained_version, tmp_path, capsys, monkeypatch
+):
+    from recsys.cli import main
+
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    shutil.move(_numbered_copy(trained_version, tmp_path, 1), model_dir / "1")
+    argv = [
+        "publish",
+        str(model_dir / "1"),
+        "--model-dir",
+        str(model_dir),
+        "--redis-url",
+        redis_url,
+    ]
+    assert main([*argv, "--no-switch"]) == 2
+    assert "is not pinned by the config" in capsys.readouterr().err
+    monkeypatch.setenv("RECSYS_RANKING__PINNED_VERSION", "1")
+    assert main([*argv, "--no-switch"]) == 2
+    assert "nothing is published yet" in capsys.readouterr().err
+    assert redis.Redis.from_url(redis_url).get(redis_keys.CURRENT_VERSION) is None

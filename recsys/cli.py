@@ -188,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
         "users' state stay",
     )
     p.add_argument(
+        "--replace-user-state",
+        action="store_true",
+        help="replace every user's stored aggregates with this version's, even where a "
+        "newer version wrote them (a model dir started over); `recsys up` passes it "
+        "after it trains",
+    )
+    p.add_argument(
         "--if-unpublished",
         action="store_true",
         help="do nothing when Redis already names a current version (bootstrap: finishes "

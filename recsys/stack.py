@@ -227,7 +227,8 @@ def start_stack(
         )
         if other:
             say(f"[2/4] version {latest} was trained on other data than {data}")
-        if retrain or latest is None or other:
+        trained = retrain or latest is None or other
+        if trained:
             say(f"[2/4] training on {data or 'the built-in synthetic dataset'} → {model_dir}")
             cmd = _recsys("train", "--data", data or "synthetic", "--no-plots")
             if quiet:
@@ -239,7 +240,12 @@ def start_stack(
         # The embedded Redis is this command's own: the model dir is the truth,
         # so a newer version it still names (the model dir was emptied and
         # trained again) must not refuse the publish, as it would another's.
-        run_step(_recsys("publish", *(["--rollback"] if redis is not None else [])), env)
+        flags = ["--rollback"] if redis is not None else []
+        if trained:
+            # This run's training is the truth for users too, even numbered
+            # below what Redis holds (a model dir emptied and trained again).
+            flags.append("--replace-user-state")
+        run_step(_recsys("publish", *flags), env)
 
         logs = log_dir or Path(tempfile.mkdtemp(prefix="recsys-logs-"))
         logs.mkdir(parents=True, exist_ok=True)

@@ -277,28 +277,38 @@ return {redis.call('LLEN', recent), tonumber(redis.call('HGET', state, 'nr') or 
 # state, and a recent list checked for in one pass and written in another took
 # an online interaction recorded in between twice (and past the cap).
 # KEYS: state hash, watched set, recent list.
-# ARGV: version, history_length, number of hash fields n, the n fields, then
-#       the history, oldest first.
+# ARGV: version, history_length, number of hash fields n, force ("1": replace
+#       whatever wrote the hash), the n fields, then the history, oldest first.
 # The hash is replaced only by a version newer than the one that wrote it
 # (field pv): republishing a version (every `recsys up`), a rollback, or an
 # older publish that lost a race keeps the newer facts and the aggregates
-# RecordInteraction added since. Returns 1 (hash replaced) + 2 (recent written).
+# RecordInteraction added since. A key of the wrong type is corrupt and
+# replaced, so one bad key cannot fail the whole publish. Returns 1 (hash
+# replaced) + 2 (recent written).
 _SEED_USER_SCRIPT = """
 local version = tonumber(ARGV[1])
 local keep = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
-local wrote = tonumber(redis.call('HGET', KEYS[1], 'pv') or '')
-local replace = not (version and wrote and wrote >= version)
+local force = ARGV[4] == '1'
+local kind = redis.call('TYPE', KEYS[1])['ok']
+local wrote = nil
+if kind == 'hash' then wrote = tonumber(redis.call('HGET', KEYS[1], 'pv') or '') end
+-- A key of another type is corrupt: the batch state replaces it.
+local replace = force or kind ~= 'hash' or not (version and wrote and wrote >= version)
 if replace then
   redis.call('DEL', KEYS[1])
-  if n > 0 then redis.call('HSET', KEYS[1], 'pv', ARGV[1], unpack(ARGV, 4, 3 + n)) end
+  if n > 0 then redis.call('HSET', KEYS[1], 'pv', ARGV[1], unpack(ARGV, 5, 4 + n)) end
 end
-local first, last = 4 + n, #ARGV
+local first, last = 5 + n, #ARGV
+local wtype = redis.call('TYPE', KEYS[2])['ok']
+if wtype ~= 'set' and wtype ~= 'none' then redis.call('DEL', KEYS[2]) end
 local recent = 0
 if last >= first then
   for i = first, last, 5000 do
     redis.call('SADD', KEYS[2], unpack(ARGV, i, math.min(i + 4999, last)))
   end
+  local rtype = redis.call('TYPE', KEYS[3])['ok']
+  if rtype ~= 'list' and rtype ~= 'none' then redis.call('DEL', KEYS[3]) end
   if redis.call('EXISTS', KEYS[3]) == 0 then
     for i = last, math.max(first, last - keep + 1), -1 do
       redis.call('RPUSH', KEYS[3], ARGV[i])
@@ -405,6 +415,7 @@ def seed_user_commands(
     *,
     history_length: int,
     version: str,
+    force: bool = False,
 ) -> None:
     """Queues the script that writes one user's batch-computed state (its reply: see below).
 
@@ -413,8 +424,10 @@ def seed_user_commands(
     the source of truth up to its snapshot; an older or the same snapshot
     would only undo what was recorded since); the watched set is a union, so
     interactions recorded online are kept; the recent list is written only
-    where the user has none, so online history is never overwritten. The
-    script answers 1 when it replaced the hash, plus 2 when it wrote the list.
+    where the user has none, so online history is never overwritten.
+    ``force`` replaces the hash whatever version wrote it (a model dir
+    started over under lower numbers). The script answers 1 when it replaced
+    the hash, plus 2 when it wrote the list.
     """
     keys = [
         redis_keys.user_state(user_id),
@@ -422,5 +435,5 @@ def seed_user_commands(
         redis_keys.user_recent(user_id),
     ]
     fields = [x for kv in encode_user_state(spec, profile, agg).items() for x in kv]
-    args = [version, history_length, len(fields), *fields, *history]
+    args = [version, history_length, len(fields), "1" if force else "0", *fields, *history]
     pipe.register_script(_SEED_USER_SCRIPT)(keys=keys, args=args, client=pipe)

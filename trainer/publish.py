@@ -141,7 +141,10 @@ def cleanup_versions(
     """
     current, published = _published_versions(redis_client)
     kept = {*protect, *([current] if current is not None else [])}
-    old = [v for v in published[: max(len(published) - keep, 0)] if v not in kept]
+    # Protected versions (pins, a publish's own) do not count toward keep: a
+    # pin listed among the newest would cost the previous version its grace.
+    counted = [v for v in published if v not in kept or v == current]
+    old = [v for v in counted[: max(len(counted) - keep, 0)] if v not in kept]
     cutoff = time.time() - pending_timeout_s
     dead = [
         v.decode() if isinstance(v, bytes) else v
@@ -219,6 +222,7 @@ def publish(
     rollback: bool = False,
     pending_timeout_s: float = PENDING_TIMEOUT_S,
     switch: bool = True,
+    replace_users: bool = False,
 ) -> PublishReport:
     """Loads a version's Redis data and switches the current-version pointer to it.
 
@@ -244,6 +248,9 @@ def publish(
             a rollback pin that serves it beside the current version: no
             pointer switch, no user state; listed as published just before
             the current version, so ``protect`` must keep it.
+        replace_users: Replace every user's aggregates whatever version wrote
+            them (a model dir started over, whose new version 1 is older than
+            the facts Redis holds).
 
     Raises:
         ArtifactError: The version directory is incomplete or corrupt.
@@ -309,6 +316,7 @@ def publish(
                 [str(i) for i in watched[row]],
                 history_length=history_length,
                 version=mv.version,
+                force=replace_users,
             )
         for did in pipe.execute():
             report.users_replaced += int(did) & 1
@@ -439,6 +447,7 @@ def publish_with_settings(
     quiet: bool = False,
     rollback: bool = False,
     switch: bool = True,
+    replace_users: bool = False,
 ) -> PublishReport:
     """Publishes ``version_dir`` to the configured Redis; what both CLI paths run.
 
@@ -473,6 +482,7 @@ def publish_with_settings(
             protect=pins,
             rollback=rollback,
             switch=switch,
+            replace_users=replace_users,
         )
     except (ArtifactError, OlderThanServed) as exc:
         raise UserFacingError(str(exc)) from exc
@@ -506,6 +516,7 @@ def cli_publish(args: argparse.Namespace, settings) -> int:
         keep=args.keep,
         rollback=getattr(args, "rollback", False),
         switch=not no_switch,
+        replace_users=getattr(args, "replace_user_state", False),
     )
     print(
         f"published version {report.version}: {report.top_list_keys} top lists, "

@@ -130,9 +130,10 @@ class AnnoySimilarSource(SourceBase):
         return rows, scores
 
     async def retrieve(self, ctx: RetrievalContext, k: int) -> Sequence[Candidate]:
-        if ctx.hydrate_error and not ctx.recent_from_request:
+        if ctx.hydrate_error and not ctx.recent_from_request and not ctx.recent:
             # No stored history could be read: an empty answer would look like
-            # a user with no history, so say what happened instead.
+            # a user with no history, so say what happened instead. (A history
+            # read fine beside a hash that did not decode is still used.)
             raise RedisUnavailable(ctx.hydrate_error)
         served = ctx.served
         index = served.item_index

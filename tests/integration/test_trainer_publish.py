@@ -652,3 +652,49 @@ def test_no_switch_needs_a_pin_and_a_published_version(
     assert main([*argv, "--no-switch"]) == 2
     assert "nothing is published yet" in capsys.readouterr().err
     assert redis.Redis.from_url(redis_url).get(redis_keys.CURRENT_VERSION) is None
+
+
+def test_publish_with_one_wrong_typed_user_hash_still_publishes(client, trained_version, tmp_path):
+    """A corrupt (wrong-typed) user key is replaced by the batch state, not a failed publish."""
+    v1 = _numbered_copy(trained_version, tmp_path, 1)
+    mv = ModelVersion.open(v1)
+    uid = str(mv.users["user_id"][0])
+    client.set(redis_keys.user_state(uid), "not a hash")
+    client.set(redis_keys.user_watched(uid), "not a set")
+    client.set(redis_keys.user_recent(uid), "not a list")
+    publish(v1, client, quiet=True)
+    assert client.get(redis_keys.CURRENT_VERSION) == "1"
+    assert client.type(redis_keys.user_state(uid)) == "hash"
+    assert client.type(redis_keys.user_watched(uid)) == "set"
+    assert client.type(redis_keys.user_recent(uid)) == "list"
+
+
+def test_no_switch_keeps_the_previous_versions_grace(client, trained_version, tmp_path):
+    """--keep 2 keeps the version before the current one; --no-switch should not take its place."""
+    v1, v2, v3 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2, 3))
+    publish(v1, client, quiet=True)
+    publish(v2, client, quiet=True)
+    publish(v3, client, quiet=True)  # keeps 2 (grace) and 3
+    assert client.exists(redis_keys.top_popular("2"))
+    publish(v1, client, quiet=True, protect={"1"}, switch=False)
+    assert client.exists(redis_keys.top_popular("1"))
+    assert client.exists(redis_keys.top_popular("2")), client.zrange(redis_keys.VERSIONS, 0, -1)
+
+
+def test_up_on_an_emptied_model_dir_writes_the_new_datas_users(client, trained_version, tmp_path):
+    """`recsys up` keeps its Redis in var/redis: a model dir emptied and trained on
+    other data is version 1 again, below the pv=2 its users carry; up passes
+    replace_users after it trains, so the new data's users are written."""
+    from tests.conftest import _train_version
+
+    old = _numbered_copy(trained_version, tmp_path, 2)  # data_seed 0
+    new = _train_version(tmp_path / "models", data_seed=7, n_countries=5)  # other data: version 1
+    assert new.name == "1"
+    publish(old, client, quiet=True)
+    report = publish(new, client, quiet=True, rollback=True, replace_users=True)  # as up runs it
+    mv = ModelVersion.open(new)
+    uid = str(mv.users["user_id"][0])
+    want = str(mv.users["country"][0])
+    assert report.switched
+    assert client.hget(redis_keys.user_state(uid), "pv") == "1", report
+    assert client.hget(redis_keys.user_state(uid), "country") == want

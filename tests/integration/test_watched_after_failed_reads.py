@@ -62,3 +62,26 @@ async def test_watched_items_stay_out_for_a_user_whose_hash_does_not_decode(
     assert not leaked, f"{len(leaked)}/{len(bad.items)} recommended items were already watched"
     assert not rank.items, "Rank returned watched candidates"
     assert rank.watched_dropped == 20
+
+
+async def test_a_corrupt_hash_keeps_the_recent_list_for_similar_to_recent(
+    trained_version, redis_server, published_version, serve_both
+):
+    """The history read fine beside a hash that does not decode: similar_to_recent uses it."""
+    from recsys.v1 import common_pb2, retrieval_pb2
+
+    mv = ModelVersion.open(trained_version)
+    uid = str(mv.users["user_id"][0])
+    c = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    assert c.llen(redis_keys.user_recent(uid)) > 0
+    c.hset(redis_keys.user_state(uid), "sum", "n/a")
+    c.close()
+    async with serve_both(trained_version.parent, redis_server.url) as stack:
+        resp = await stack.retrieval.Retrieve(
+            retrieval_pb2.RetrieveRequest(user=common_pb2.UserContext(user_id=uid), budget=50),
+            timeout=10,
+        )
+    reports = {r.source: (r.status, r.message, r.count) for r in resp.source_reports}
+    status, _, count = reports["similar_to_recent"]
+    assert status == common_pb2.SOURCE_STATUS_OK and count > 0, reports
+    assert resp.degraded, "served as unknown: the answer says so"

@@ -186,6 +186,21 @@ def test_publish_refuses_a_copy_whose_name_is_not_its_version(client, trained_ve
     assert client.get(redis_keys.CURRENT_VERSION) is None
 
 
+def _before_first_user(monkeypatch, then) -> list[bool]:
+    """Runs ``then`` (another publish, usually) just before a publish writes its first user."""
+    seed = publish_module.seed_user_commands
+    raced: list[bool] = []
+
+    def racing_seed(*args, **kwargs):
+        if not raced:
+            raced.append(True)
+            then()
+        return seed(*args, **kwargs)
+
+    monkeypatch.setattr(publish_module, "seed_user_commands", racing_seed)
+    return raced
+
+
 def _numbered_copy(src, root, n: int):
     d = root / str(n)
     shutil.copytree(src, d)
@@ -214,16 +229,8 @@ def test_an_older_publish_finishing_last_does_not_move_the_pointer_back(
     """Version 2 is published while version 1's (slower) publish is writing its users."""
 
     v1, v2 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2))
-    seed = publish_module.seed_user_commands
-    raced: list[bool] = []
-
-    def racing_seed(*args, **kwargs):
-        if not raced:  # version 1's first user: version 2 is published meanwhile
-            raced.append(True)
-            publish(v2, client, quiet=True)
-        return seed(*args, **kwargs)
-
-    monkeypatch.setattr(publish_module, "seed_user_commands", racing_seed)
+    # Version 1's first user: version 2 is published meanwhile.
+    raced = _before_first_user(monkeypatch, lambda: publish(v2, client, quiet=True))
     report = publish(v1, client, quiet=True)
     assert raced and not report.switched
     assert client.get(redis_keys.CURRENT_VERSION) == "2"
@@ -461,16 +468,7 @@ def test_a_served_version_republished_and_losing_a_race_keeps_its_keys(
 
     v1, v2 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2))
     publish(v1, client, quiet=True)
-    seed = publish_module.seed_user_commands
-    raced: list[bool] = []
-
-    def racing_seed(*args, **kwargs):
-        if not raced:
-            raced.append(True)
-            publish(v2, client, quiet=True)
-        return seed(*args, **kwargs)
-
-    monkeypatch.setattr(publish_module, "seed_user_commands", racing_seed)
+    raced = _before_first_user(monkeypatch, lambda: publish(v2, client, quiet=True))
     report = publish(v1, client, quiet=True)
     assert raced and not report.switched and client.get(redis_keys.CURRENT_VERSION) == "2"
     # Replicas still on 1 until they reload: its top lists stay (keep=2).
@@ -549,18 +547,13 @@ def test_an_older_publish_losing_a_race_keeps_the_newer_versions_user_state(
     """Only the pointer switch was compare-and-set: the loser overwrote every user after."""
     v1, v2 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2))
     mv = ModelVersion.open(v2)
-    seed = publish_module.seed_user_commands
-    raced: list[bool] = []
 
-    def racing_seed(*args, **kwargs):
-        if not raced:
-            raced.append(True)
-            publish(v2, client, quiet=True)
-            for uid in mv.users["user_id"]:  # marks what version 2 wrote
-                client.hset(redis_keys.user_state(str(uid)), "n", 777)
-        return seed(*args, **kwargs)
+    def newer_wins() -> None:
+        publish(v2, client, quiet=True)
+        for uid in mv.users["user_id"]:  # marks what version 2 wrote
+            client.hset(redis_keys.user_state(str(uid)), "n", 777)
 
-    monkeypatch.setattr(publish_module, "seed_user_commands", racing_seed)
+    raced = _before_first_user(monkeypatch, newer_wins)
     report = publish(v1, client, quiet=True)
     assert raced and not report.switched and report.users_replaced == 0
     for uid in mv.users["user_id"]:

@@ -197,8 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--if-unpublished",
         action="store_true",
-        help="do nothing when Redis already names a current version (bootstrap: finishes "
-        "a first run whose training succeeded but whose publish did not)",
+        help="do nothing when Redis already names a current version the model dir holds "
+        "(bootstrap: finishes a first run whose training succeeded but whose publish did "
+        "not); a version it does not hold (a recreated model store) is published over, "
+        "as with --rollback --replace-user-state",
     )
 
     p = sub.add_parser("serve", help="run a gRPC service")

@@ -498,11 +498,21 @@ def cli_publish(args: argparse.Namespace, settings) -> int:
     """``recsys publish [version_dir] [--keep N] [--if-unpublished]``."""
     if getattr(args, "keep_dirs", 0) < 0:
         raise UserFacingError("--keep-dirs must be 0 (keep every directory) or more")
+    rollback = getattr(args, "rollback", False)
+    replace_users = getattr(args, "replace_user_state", False)
     if getattr(args, "if_unpublished", False):
         current = _current_pointer(settings)
-        if current is not None:
+        if current is not None and (Path(settings.model_dir) / current).is_dir():
             print(f"Redis already serves version {current}; nothing published")
             return 0
+        if current is not None:
+            # The model store was recreated while Redis kept its data: the
+            # store's versions are the truth now, numbered below the pointer.
+            print(
+                f"Redis names version {current}, which {settings.model_dir} does not hold "
+                "(a recreated model store): publishing the store's version over it"
+            )
+            rollback = replace_users = True
     version_dir = args.version_dir
     if version_dir is None:
         latest = latest_version(settings.model_dir)
@@ -514,9 +524,9 @@ def cli_publish(args: argparse.Namespace, settings) -> int:
         version_dir,
         settings,
         keep=args.keep,
-        rollback=getattr(args, "rollback", False),
+        rollback=rollback,
         switch=not no_switch,
-        replace_users=getattr(args, "replace_user_state", False),
+        replace_users=replace_users,
     )
     print(
         f"published version {report.version}: {report.top_list_keys} top lists, "

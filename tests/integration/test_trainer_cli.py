@@ -135,10 +135,19 @@ def test_publish_if_unpublished_finishes_a_failed_first_run_only(cli_model_dir, 
     client = redis.Redis.from_url(redis_url, decode_responses=True)
     try:
         assert client.get(redis_keys.CURRENT_VERSION) == "1"
-        client.set(redis_keys.CURRENT_VERSION, "7")  # e.g. a later publish elsewhere
+        assert main(args) == 0  # the bootstrap's retry after a published first run
+        assert "already serves version 1; nothing published" in capsys.readouterr().out
+        # A model store recreated while Redis kept its data: the pointer names a
+        # version the store does not hold, and the services would serve the
+        # store's newest without its top lists. The store's version goes over it.
+        client.set(redis_keys.CURRENT_VERSION, "7")
+        uid = str(ModelVersion.open(cli_model_dir / "1").users["user_id"][0])
+        client.hset(redis_keys.user_state(uid), "pv", "7")  # the old store's users
         assert main(args) == 0
-        assert "already serves version 7; nothing published" in capsys.readouterr().out
-        assert client.get(redis_keys.CURRENT_VERSION) == "7"
+        out = capsys.readouterr().out
+        assert "names version 7, which" in out and "published version 1" in out
+        assert client.hget(redis_keys.user_state(uid), "pv") == "1", "users start over too"
+        assert client.get(redis_keys.CURRENT_VERSION) == "1"
     finally:
         client.close()
 

@@ -283,7 +283,9 @@ class TrainerSettings(_Strict):
     embedding_dim: int = Field(32, ge=2, description="Width of the user and item vectors.")
     epochs: int = Field(30, ge=1, description="Most epochs (early stopping may end sooner).")
     batch_size: int = Field(256, ge=1, description="Training batch size.")
-    learning_rate: float = Field(1e-3, gt=0, description="Adam's learning rate.")
+    learning_rate: float = Field(
+        1e-3, gt=0, allow_inf_nan=False, description="Adam's learning rate."
+    )
     patience: int = Field(
         3, ge=0, description="Epochs without validation improvement before stopping (0: never)."
     )
@@ -316,6 +318,14 @@ class TrainerSettings(_Strict):
         "examples, so the model learns which items a user would pick from the whole catalogue "
         "(top-N quality) rather than only how a watched item is rated. 0 trains on ratings alone.",
     )
+
+    @model_validator(mode="after")
+    def _plateau_needs_patience(self) -> TrainerSettings:
+        # The plateau schedule watches the validation loss, which patience 0
+        # leaves out: the factor was taken and silently never applied.
+        if self.lr_plateau_factor > 0 and self.patience == 0:
+            raise ValueError("lr_plateau_factor > 0 needs patience > 0 (a validation split)")
+        return self
 
 
 # --- experiments and tracing ----------------------------------------------------------

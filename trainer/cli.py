@@ -31,11 +31,6 @@ def _hidden_units(text: str | None) -> tuple[int, ...] | None:
     return units
 
 
-def _positive(name: str, value: float | None) -> None:
-    if value is not None and value <= 0:
-        raise UserFacingError(f"{name} must be positive (got {value})")
-
-
 def _check_writable_model_dir(model_dir: Path) -> None:
     """Refuses, before any training, a model dir the new version could not be written to."""
     existing = model_dir
@@ -50,33 +45,39 @@ def _check_writable_model_dir(model_dir: Path) -> None:
 
 def cli_train(args: argparse.Namespace, settings: RecsysSettings) -> int:
     """Trains on ``--data``, exports a version under the model dir and prints the report."""
+    from pydantic import ValidationError
+
+    from recsys.config import TrainerSettings
     from trainer.train import TrainConfig
 
-    for flag in ("epochs", "batch_size", "learning_rate", "embedding_dim", "annoy_trees"):
-        _positive("--" + flag.replace("_", "-"), getattr(args, flag, None))
-    if args.seed is not None and not 0 <= args.seed < 2**32:
-        raise UserFacingError(f"--seed must be in 0..{2**32 - 1} (got {args.seed})")
-    cfg = TrainConfig.from_settings(
-        settings.trainer,
-        objective=args.objective,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        hidden_units=_hidden_units(args.hidden_units),
-        embedding_dim=args.embedding_dim,
-        id_embeddings=True if args.id_embeddings else None,
-        annoy_trees=args.annoy_trees,
-        negatives=getattr(args, "negatives", None),
-        dropout=getattr(args, "dropout", None),
-        lr_plateau_factor=getattr(args, "lr_plateau_factor", None),
-        seed=args.seed,
-        data_spec=args.data,
-    )
-    for name, value in (("--dropout", cfg.dropout), ("--lr-plateau-factor", cfg.lr_plateau_factor)):
-        if not 0 <= value < 1:
-            raise UserFacingError(f"{name} must be in [0, 1) (got {value})")
-    if cfg.negatives < 0:
-        raise UserFacingError(f"--negatives must be 0 or more (got {cfg.negatives})")
+    flags = {
+        "objective": args.objective,
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "hidden_units": _hidden_units(args.hidden_units),
+        "embedding_dim": args.embedding_dim,
+        "id_embeddings": True if args.id_embeddings else None,
+        "annoy_trees": args.annoy_trees,
+        "negatives": getattr(args, "negatives", None),
+        "dropout": getattr(args, "dropout", None),
+        "lr_plateau_factor": getattr(args, "lr_plateau_factor", None),
+        "seed": args.seed,
+    }
+    given = {k: v for k, v in flags.items() if v is not None}
+    try:
+        # The [trainer] section's own checks, with the flags in it: a flag
+        # took values (an embedding width of 1, 200 negatives) the file refuses.
+        trainer = TrainerSettings.model_validate({**settings.trainer.model_dump(), **given})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str(err["loc"][0]) if err["loc"] else ""
+        if not name:  # a check across fields
+            where = "trainer settings"
+        else:
+            where = f"--{name.replace('_', '-')}" if name in given else f"trainer.{name}"
+        raise UserFacingError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
+    cfg = TrainConfig.from_settings(trainer, data_spec=args.data)
     if cfg.negatives and cfg.objective != "binary":
         raise UserFacingError(
             f"--negatives {cfg.negatives} needs --objective binary: a rating model has no "

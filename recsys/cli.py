@@ -273,8 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--requests", type=int, help="stop after this many requests")
     p.add_argument("--users", choices=["uniform", "zipf"], default="uniform")
-    p.add_argument("--candidates", type=int, default=1000, help="candidate list size for Rank")
-    p.add_argument("--k", type=int, default=20)
+    p.add_argument(
+        "--candidates", type=_non_negative_int32, default=1000, help="candidate list size for Rank"
+    )
+    p.add_argument("--k", type=_non_negative_int32, default=20)
     p.add_argument(
         "--variant", default="", help="force this A/B variant on every request (one arm's load)"
     )
@@ -288,12 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings_for(args: argparse.Namespace) -> RecsysSettings:
     overrides: dict = {}
-    if getattr(args, "model_dir", None):
-        overrides["model_dir"] = args.model_dir
-    if getattr(args, "redis_url", None):
-        overrides["redis_url"] = args.redis_url
-    if getattr(args, "log_level", None):
-        overrides["log_level"] = args.log_level
+    # A flag given empty (an unset variable in a script) is checked like any
+    # value, not taken for no flag: `--redis-url ""` published to the default.
+    for name in ("model_dir", "redis_url", "log_level"):
+        if getattr(args, name, None) is not None:
+            overrides[name] = getattr(args, name)
     return load_settings(getattr(args, "config", None), **overrides)
 
 

@@ -192,6 +192,7 @@ class RankingSettings(ServerSettings):
     metrics_port: int = _metrics_port(9092)
     retrieval_address: str = Field(
         "127.0.0.1:50051",
+        min_length=1,
         description="host:port, or dns:///name:port for round-robin over a headless Service.",
     )
     retrieval_timeout_s: float = Field(

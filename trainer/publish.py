@@ -498,6 +498,23 @@ def cli_publish(args: argparse.Namespace, settings) -> int:
     """``recsys publish [version_dir] [--keep N] [--if-unpublished]``."""
     if getattr(args, "keep_dirs", 0) < 0:
         raise UserFacingError("--keep-dirs must be 0 (keep every directory) or more")
+    if getattr(args, "no_switch", False):
+        # It writes top lists only: these would be taken and silently ignored.
+        clash = [
+            flag
+            for flag, on in (
+                ("--rollback", getattr(args, "rollback", False)),
+                ("--replace-user-state", getattr(args, "replace_user_state", False)),
+                ("--keep-dirs", getattr(args, "keep_dirs", 0) > 0),
+                ("--if-unpublished", getattr(args, "if_unpublished", False)),
+            )
+            if on
+        ]
+        if clash:
+            raise UserFacingError(
+                f"--no-switch writes a pinned version's top lists only: {', '.join(clash)} "
+                "cannot apply to it"
+            )
     rollback = getattr(args, "rollback", False)
     replace_users = getattr(args, "replace_user_state", False)
     if getattr(args, "if_unpublished", False):

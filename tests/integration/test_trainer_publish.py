@@ -691,3 +691,16 @@ def test_up_on_an_emptied_model_dir_writes_the_new_datas_users(client, trained_v
     assert report.switched
     assert client.hget(redis_keys.user_state(uid), "pv") == "1", report
     assert client.hget(redis_keys.user_state(uid), "country") == want
+
+
+@pytest.mark.parametrize(
+    "flag", [["--rollback"], ["--replace-user-state"], ["--keep-dirs", "1"], ["--if-unpublished"]]
+)
+def test_no_switch_refuses_flags_it_would_ignore(
+    redis_url, trained_version, tmp_path, capsys, flag
+):
+    from recsys.cli import main
+
+    argv = ["publish", str(trained_version), "--redis-url", redis_url, "--no-switch", *flag]
+    assert main(argv) == 2
+    assert f"{flag[0]} cannot apply to it" in capsys.readouterr().err

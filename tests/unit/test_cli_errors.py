@@ -27,6 +27,10 @@ def _no_service_needed(monkeypatch, tmp_path):
             ["serve", "retrieval", "--port", "0", "--port-file", "/nonexistent/dir/port"],
             "cannot write the port file /nonexistent/dir/port",
         ),
+        # Empty values (an unset variable in a script) are checked, not dropped.
+        (["serve", "ranking", "--retrieval-address", ""], "invalid flag: --retrieval-address"),
+        (["publish", "--redis-url", ""], "redis_url: Value error, not a valid"),
+        (["publish", "--log-level", ""], "log_level: Input should be"),
     ],
 )
 def test_a_bad_flag_is_one_clear_line(argv, message, capsys):
@@ -68,5 +72,13 @@ def test_generate_data_refuses_a_file_as_its_output(tmp_path, capsys):
 def test_recommend_refuses_a_k_the_wire_cannot_carry(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["recommend", "--user", "1", "--k", "99999999999"])
+    assert exit_.value.code == 2
+    assert "outside 0..2147483647" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--k", "--candidates"])
+def test_loadtest_refuses_counts_the_wire_cannot_carry(capsys, flag):
+    with pytest.raises(SystemExit) as exit_:
+        main(["loadtest", "--target", "127.0.0.1:1", "--requests", "1", flag, "3000000000"])
     assert exit_.value.code == 2
     assert "outside 0..2147483647" in capsys.readouterr().err

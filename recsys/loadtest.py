@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 import numpy as np
 
+from recsys import redis_keys
 from recsys.errors import UserFacingError
 
 if TYPE_CHECKING:
@@ -723,8 +724,10 @@ async def run_load(config: LoadConfig, *, progress_stream: TextIO | None = None)
 # --- known users ------------------------------------------------------------------------
 
 
-def known_ids(model_dir: str | Path) -> tuple[list[str], list[str], str | None]:
-    """User ids and item ids of the latest version under ``model_dir``.
+def known_ids(
+    model_dir: str | Path, version: str | None = None
+) -> tuple[list[str], list[str], str | None]:
+    """User ids and item ids of ``version`` (default: the latest) under ``model_dir``.
 
     Returns:
         ``(user_ids, item_ids, version)``; empty lists and None when there is
@@ -732,8 +735,10 @@ def known_ids(model_dir: str | Path) -> tuple[list[str], list[str], str | None]:
     """
     from recsys.artifacts import ArtifactError, open_version
 
+    if version is not None and not (Path(model_dir) / version).is_dir():
+        version = None
     try:
-        mv = open_version(model_dir)
+        mv = open_version(model_dir, version)
         users = mv.users
         user_ids = [str(u) for u in users.get("user_id", [])] if isinstance(users, dict) else []
         return user_ids, list(mv.item_ids), mv.version
@@ -742,6 +747,27 @@ def known_ids(model_dir: str | Path) -> tuple[list[str], list[str], str | None]:
 
 
 # --- CLI ----------------------------------------------------------------------------------
+
+
+def _published_version(settings) -> str | None:
+    """The version Redis names, which the services serve; None when Redis is not reached.
+
+    The newest directory is not it after a rollback: ids drawn from it were
+    reported as the served version, and some were users the served one lacks.
+    """
+    import redis
+
+    try:
+        client = redis.Redis.from_url(
+            settings.redis_url.get_secret_value(), socket_timeout=1, socket_connect_timeout=1
+        )
+        try:
+            raw = client.get(redis_keys.CURRENT_VERSION)
+        finally:
+            client.close()
+    except (redis.RedisError, OSError, ValueError):
+        return None
+    return raw.decode() if isinstance(raw, bytes) else raw
 
 
 def _default_target(rpc: str, settings) -> str:
@@ -763,7 +789,7 @@ def cli_loadtest(args, settings) -> int:
     metadata: tuple[tuple[str, str], ...] = ()
     if server.auth_token is not None:
         metadata = (("authorization", f"Bearer {server.auth_token.get_secret_value()}"),)
-    user_ids, item_ids, version = known_ids(settings.model_dir)
+    user_ids, item_ids, version = known_ids(settings.model_dir, _published_version(settings))
     if not user_ids:
         print(
             f"recsys loadtest: no model version under {settings.model_dir}; "

@@ -245,3 +245,34 @@ async def test_relay_carries_each_call_through_a_batched_hop():
         # Both ends are separate processes, as the services are.
         assert set(relay.pids) == {"relay_front", "relay_leaf"}
     assert relay.port is None and relay.procs == []
+
+
+def test_ids_come_from_the_version_redis_names(trained_version, tmp_path, redis_url):
+    """After a rollback the newest directory is not the served version."""
+    import shutil
+
+    import redis
+
+    from recsys import redis_keys
+    from recsys.config import load_settings
+    from recsys.loadtest import _published_version
+
+    models = tmp_path / "models"
+    shutil.copytree(trained_version, models / trained_version.name)
+    newer = models / "9"
+    shutil.copytree(trained_version, newer)
+    manifest = json.loads((newer / "manifest.json").read_text())
+    manifest["version"] = "9"
+    (newer / "manifest.json").write_text(json.dumps(manifest))
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.set(redis_keys.CURRENT_VERSION, trained_version.name)
+        served = _published_version(load_settings(redis_url=redis_url))
+    finally:
+        client.delete(redis_keys.CURRENT_VERSION)
+        client.close()
+    assert served == trained_version.name
+    assert known_ids(models, served)[2] == trained_version.name
+    assert known_ids(models)[2] == "9"  # without Redis: the newest
+    assert known_ids(models, "42")[2] == "9"  # a version the dir lacks: the newest
+    assert _published_version(load_settings(redis_url="redis://127.0.0.1:1/0")) is None

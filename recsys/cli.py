@@ -211,14 +211,17 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         sp = serve.add_parser(name, help=f"serve {what}", description=f"Serves {what}.")
         _common(sp)
-        sp.add_argument("--host", help="bind address")
+        sp.add_argument("--host", help="bind address (IPv6: :: or ::1, brackets optional)")
         sp.add_argument("--port", type=int, help="gRPC port (0 = any free port)")
         sp.add_argument("--metrics-port", type=int, help="Prometheus port (0 = off)")
         sp.add_argument("--port-file", type=Path, help="write the bound port here once serving")
         sp.add_argument("--workers", type=int, help="server processes sharing the port (default 1)")
         if name == "ranking":
             sp.add_argument("--device", choices=["auto", "cpu", "gpu"])
-            sp.add_argument("--retrieval-address", help="host:port of the retrieval service")
+            sp.add_argument(
+                "--retrieval-address",
+                help="host:port of the retrieval service ([::1]:PORT for IPv6)",
+            )
 
     p = sub.add_parser(
         "up",

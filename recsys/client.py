@@ -193,9 +193,7 @@ class RecommenderClient:
     @classmethod
     def from_settings(cls, settings: RecsysSettings, **kwargs: Any) -> RecommenderClient:
         """Client for the addresses the local config serves on."""
-        r, k = settings.retrieval, settings.ranking
-        host = lambda h: "127.0.0.1" if h in ("0.0.0.0", "::", "[::]") else h  # noqa: E731
-        return cls(f"{host(k.host)}:{k.port}", f"{host(r.host)}:{r.port}", **kwargs)
+        return cls(settings.ranking.local_address, settings.retrieval.local_address, **kwargs)
 
     def _call(self, method, request):
         return method(request, timeout=self.timeout_s, metadata=self._metadata)

@@ -9,6 +9,7 @@ machine.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import tomllib
@@ -76,6 +77,15 @@ def _check_token(token: SecretStr | None, field: str) -> None:
         raise ValueError(f"{field}: empty; leave it out to turn auth off")
 
 
+def grpc_address(host: str, port: int) -> str:
+    """``host:port`` as gRPC parses it: an IPv6 literal goes in brackets (``[::1]:50051``).
+
+    ``host`` is the bare form the settings keep; sockets and HTTP servers
+    bind that form as it is.
+    """
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _port(default: int) -> Any:
     return Field(default, ge=0, le=65535, description="gRPC port; 0 picks a free one.")
 
@@ -87,7 +97,11 @@ def _metrics_port(default: int) -> Any:
 class ServerSettings(_Strict):
     """Settings every gRPC server shares (the defaults are retrieval's ports)."""
 
-    host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 in containers.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Bind address; 0.0.0.0 in containers, :: for every IPv6 and IPv4 "
+        "address. An IPv6 address is written with or without brackets (::1 or [::1]).",
+    )
     port: int = _port(50051)
     metrics_port: int = _metrics_port(9091)
     max_id_bytes: int = Field(256, ge=1, description="Longest accepted user or item id.")
@@ -122,6 +136,28 @@ class ServerSettings(_Strict):
         description="Server processes sharing the port (SO_REUSEPORT); their metrics are "
         "served together on metrics_port.",
     )
+
+    @field_validator("host")
+    @classmethod
+    def _bare_host(cls, v: str) -> str:
+        # Kept bare: socket and http.server binds refuse "[::]", gRPC takes
+        # the literal in brackets (grpc_address adds them where it needs them).
+        bare = v[1:-1] if v.startswith("[") and v.endswith("]") else v
+        if bare != v or ":" in bare:
+            try:
+                ipaddress.IPv6Address(bare)
+            except ValueError:
+                raise ValueError(
+                    f"{v!r} is not an IPv6 address (the port goes in port, not host)"
+                ) from None
+        return bare
+
+    @property
+    def local_address(self) -> str:
+        """``host:port`` a client on this machine dials: a wildcard bind is reached on loopback."""
+        # gRPC binds "::" dual-stack, so IPv4 loopback reaches that wildcard too.
+        host = "127.0.0.1" if self.host in ("", "0.0.0.0", "::") else self.host
+        return grpc_address(host, self.port)
 
     @model_validator(mode="after")
     def _check_server_tls(self) -> ServerSettings:
@@ -193,7 +229,8 @@ class RankingSettings(ServerSettings):
     retrieval_address: str = Field(
         "127.0.0.1:50051",
         min_length=1,
-        description="host:port, or dns:///name:port for round-robin over a headless Service.",
+        description="host:port ([::1]:50051 for an IPv6 address), or dns:///name:port for "
+        "round-robin over a headless Service.",
     )
     retrieval_timeout_s: float = Field(
         0.2,

@@ -772,10 +772,7 @@ def _published_version(settings) -> str | None:
 
 def _default_target(rpc: str, settings) -> str:
     server = settings.ranking if _SERVICE_OF[rpc] == "RankingService" else settings.retrieval
-    host = server.host
-    if host in ("0.0.0.0", "", "::", "[::]"):  # a wildcard bind is reached on loopback
-        host = "127.0.0.1"
-    return f"{host}:{server.port}"
+    return server.local_address
 
 
 def cli_loadtest(args, settings) -> int:

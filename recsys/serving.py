@@ -41,7 +41,13 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from recsys import redis_keys
 from recsys.artifacts import MANIFEST, latest_version, list_versions
-from recsys.config import CURRENT_VERSION, RecsysSettings, ServerSettings, TLSSettings
+from recsys.config import (
+    CURRENT_VERSION,
+    RecsysSettings,
+    ServerSettings,
+    TLSSettings,
+    grpc_address,
+)
 from recsys.embedded_redis import die_with_parent, die_with_parent_prefix
 from recsys.errors import UserFacingError
 
@@ -401,7 +407,7 @@ def create_server(
         ),
         server,
     )
-    address = f"{settings.host}:{settings.port}"
+    address = grpc_address(settings.host, settings.port)
     try:
         if settings.tls.enabled:
             port = server.add_secure_port(address, server_credentials(settings.tls))
@@ -477,7 +483,7 @@ def start_metrics(port: int, host: str, multiprocess_dir: str | None = None) -> 
 
     Args:
         port: Port of the endpoint; 0 starts nothing.
-        host: Address to bind.
+        host: Address to bind, bare (``::``, not ``[::]``).
         multiprocess_dir: A supervisor's ``PROMETHEUS_MULTIPROC_DIR``: the
             endpoint then shows every worker's metrics combined instead of
             this process's own.
@@ -496,7 +502,8 @@ def start_metrics(port: int, host: str, multiprocess_dir: str | None = None) -> 
     try:
         httpd, _thread = start_http_server(port, addr=host, registry=registry)
     except OSError as exc:
-        raise UserFacingError(f"cannot serve /metrics on {host}:{port}: {exc}") from None
+        where = grpc_address(host, port)
+        raise UserFacingError(f"cannot serve /metrics on {where}: {exc}") from None
     return httpd
 
 
@@ -541,6 +548,8 @@ class WorkerSlot:
 @contextlib.contextmanager
 def reserve_port(host: str, port: int):
     """Binds (without listening) ``host:port`` with SO_REUSEPORT and yields the port.
+
+    ``host`` is bare, as the settings keep it (``::1``, not ``[::1]``).
 
     Port 0 becomes one free port that every worker then binds; holding the
     socket open keeps any other program from taking the port meanwhile. A

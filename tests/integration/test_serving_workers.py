@@ -78,9 +78,9 @@ def test_reserve_port_shares_a_free_port():
         plain.close()
 
 
-def _scrape(port: int) -> dict[str, float]:
-    """Samples of ``/metrics`` as {'name{labels}': value}."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+def _scrape(port: int, host: str = "127.0.0.1") -> dict[str, float]:
+    """Samples of ``/metrics`` as {'name{labels}': value} (``host`` as a URL writes it)."""
+    text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read().decode()
     out = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -98,6 +98,7 @@ def _serve_retrieval(
     workers: int,
     stderr,
     env_extra: dict[str, str] | None = None,
+    host: str | None = None,
 ) -> subprocess.Popen:
     """``recsys serve retrieval`` with ``workers`` processes, clear of the caller's config."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
@@ -109,6 +110,7 @@ def _serve_retrieval(
             sys.executable, "-m", "recsys.cli", "serve", "retrieval",
             "--model-dir", str(version.parent), "--redis-url", redis_url,
             "--port", "0", "--metrics-port", str(metrics_port), "--port-file", str(port_file),
+            *(("--host", host) if host else ()),
         ],
         env=env,
         stderr=stderr,
@@ -122,6 +124,14 @@ def _wait_port_file(proc: subprocess.Popen, port_file: Path) -> None:
     while not port_file.exists():
         assert proc.poll() is None, proc.stderr.read()
         assert time.monotonic() < deadline, "no port file"
+        time.sleep(0.05)
+
+
+def _wait_serving(channel: grpc.Channel, deadline: float) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+    check = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
+    while health.Check(check, timeout=5).status != health_pb2.HealthCheckResponse.SERVING:
+        assert time.monotonic() < deadline, "never SERVING"
         time.sleep(0.05)
 
 
@@ -148,11 +158,7 @@ def test_two_workers_both_answer_and_sigterm_stops_all(
                 f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)]
             )
             channels.append(ch)
-            health = health_pb2_grpc.HealthStub(ch)
-            check = health_pb2.HealthCheckRequest(service=SERVICE_NAME)
-            while health.Check(check, timeout=5).status != health_pb2.HealthCheckResponse.SERVING:
-                assert time.monotonic() < deadline, "never SERVING"
-                time.sleep(0.05)
+            _wait_serving(ch, deadline)
             res = retrieval_pb2_grpc.RetrievalServiceStub(ch).Retrieve(
                 retrieval_pb2.RetrieveRequest(
                     user=common_pb2.UserContext(user_id="worker-user"), budget=10
@@ -274,3 +280,52 @@ def test_workers_draining_longer_than_the_margin_still_stop_cleanly(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
+@pytest.mark.parametrize(("host", "workers"), [("::1", 1), ("[::1]", 2)])
+def test_an_ipv6_host_serves_grpc_and_metrics(
+    published_version: Path, redis_url: str, tmp_path: Path, host: str, workers: int
+):
+    """gRPC was handed ``:::PORT`` for ``::1``; the port reservation and /metrics, ``[::1]``.
+
+    Two workers take the supervisor's path (its port reservation and shared
+    /metrics); one worker binds its own /metrics.
+    """
+    port_file = tmp_path / "port"
+    metrics_port = free_port()
+    proc = _serve_retrieval(
+        published_version,
+        redis_url,
+        port_file,
+        metrics_port,
+        workers=workers,
+        stderr=subprocess.PIPE,
+        host=host,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        _wait_port_file(proc, port_file)
+        with grpc.insecure_channel(f"[::1]:{int(port_file.read_text())}") as ch:
+            _wait_serving(ch, deadline)
+            res = retrieval_pb2_grpc.RetrievalServiceStub(ch).Retrieve(
+                retrieval_pb2.RetrieveRequest(
+                    user=common_pb2.UserContext(user_id="v6-user"), budget=10
+                ),
+                timeout=5,
+            )
+        assert len(res.candidates) == 10
+        got = _scrape(metrics_port, "[::1]")
+        assert got.get("recsys_rpc_total{code=OK,method=Retrieve,service=retrieval}") == 1
+    finally:
+        proc.terminate()
+        proc.wait(30)

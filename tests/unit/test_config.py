@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from recsys.config import ConfigError, load_settings
+from recsys.config import ConfigError, grpc_address, load_settings, with_flags
+from recsys.errors import UserFacingError
 
 
 def test_defaults_work_on_one_machine(monkeypatch):
@@ -145,6 +146,37 @@ def test_an_empty_token_is_refused_not_auth_off(overrides, field):
     """An unset ${TOKEN} in a manifest must not serve every caller without a word."""
     with pytest.raises(ConfigError, match=field):
         load_settings(**overrides)
+
+
+@pytest.mark.parametrize(
+    ("host", "bare", "bind", "dial"),
+    [
+        ("127.0.0.1", "127.0.0.1", "127.0.0.1:7001", "127.0.0.1:7001"),
+        ("0.0.0.0", "0.0.0.0", "0.0.0.0:7001", "127.0.0.1:7001"),
+        ("::", "::", "[::]:7001", "127.0.0.1:7001"),
+        ("[::]", "::", "[::]:7001", "127.0.0.1:7001"),
+        ("::1", "::1", "[::1]:7001", "[::1]:7001"),
+        ("[::1]", "::1", "[::1]:7001", "[::1]:7001"),
+        ("localhost", "localhost", "localhost:7001", "localhost:7001"),
+    ],
+)
+def test_an_ipv6_host_is_kept_bare_and_bracketed_for_grpc(host, bare, bind, dial):
+    """gRPC misparsed ":::7001"; sockets and /metrics could not bind "[::]"."""
+    s = load_settings(retrieval={"host": host, "port": 7001}).retrieval
+    assert s.host == bare
+    assert grpc_address(s.host, s.port) == bind
+    assert s.local_address == dial
+    flagged = with_flags(load_settings(), "ranking", {"host": host}).ranking
+    assert flagged.host == bare
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0:50051", "::1]", "[::1", "[127.0.0.1]", "[]", "[ab::zz]"])
+def test_a_host_that_is_no_address_is_refused(host):
+    """A port in host, or brackets around no IPv6 address, would fail only at bind."""
+    with pytest.raises(ConfigError, match=r"ranking\.host: .*is not an IPv6 address"):
+        load_settings(ranking={"host": host})
+    with pytest.raises(UserFacingError, match=r"--host: .*is not an IPv6 address"):
+        with_flags(load_settings(), "ranking", {"host": host})
 
 
 def test_a_malformed_redis_url_is_refused_without_its_password():

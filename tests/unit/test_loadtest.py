@@ -327,6 +327,11 @@ def test_default_targets_follow_the_owning_service():
     assert _default_target("Rank", s) == "127.0.0.2:6002"
     assert _default_target("Retrieve", s) == "127.0.0.1:6001"
     assert _default_target("SimilarItems", s) == "127.0.0.1:6001"
+    v6 = load_settings(
+        retrieval={"host": "[::]", "port": 6001}, ranking={"host": "::1", "port": 6002}
+    )
+    assert _default_target("Recommend", v6) == "[::1]:6002"
+    assert _default_target("Retrieve", v6) == "127.0.0.1:6001"
 
 
 async def test_not_sent_uses_the_schedules_own_test_of_what_was_due(monkeypatch):

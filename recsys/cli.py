@@ -72,11 +72,26 @@ def client_tls(args: argparse.Namespace) -> TLSSettings | None:
     )
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(
+    p: argparse.ArgumentParser,
+    *,
+    model_dir: bool = False,
+    redis_url: bool = False,
+    log_level: bool = False,
+) -> None:
+    """``--config``, and the setting overrides the command's handler reads.
+
+    A command is given only the overrides it uses: one it would ignore
+    (``recommend --model-dir``, ``evaluate --redis-url``) is then refused as an
+    unrecognized argument instead of being taken and silently doing nothing.
+    """
     p.add_argument("--config", type=Path, help="TOML config file (default: $RECSYS_CONFIG)")
-    p.add_argument("--model-dir", type=Path, help="model versions root (default from config)")
-    p.add_argument("--redis-url", help="Redis URL (default: $RECSYS_REDIS_URL)")
-    p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
+    if model_dir:
+        p.add_argument("--model-dir", type=Path, help="model versions root (default from config)")
+    if redis_url:
+        p.add_argument("--redis-url", help="Redis URL (default: $RECSYS_REDIS_URL)")
+    if log_level:
+        p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
 
 
 def _version() -> str:
@@ -119,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Loads a dataset, splits it (seeded 80/20), trains the user and item "
         "towers, evaluates against baselines and writes a checksummed version directory.",
     )
-    _common(p)
+    _common(p, model_dir=True, redis_url=True)
     p.add_argument("--data", default="synthetic", help=DATA_HELP)
     p.add_argument("--objective", choices=["rating", "binary"], help="training target")
     p.add_argument("--epochs", type=int, help="maximum epochs (early stopping may end sooner)")
@@ -151,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Recomputes RMSE/MAE, Recall@10, NDCG@10 and the retrieval budget curve "
         "for a version on its dataset's held-out split.",
     )
-    _common(p)
+    _common(p, model_dir=True)
     p.add_argument("--version", help="version to evaluate (default: latest)")
     p.add_argument("--data", help="dataset (default: the one the version was trained on)")
     p.add_argument("--compare", help="second version: print the difference with a bootstrap CI")
@@ -164,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         "switches recsys:current_version atomically; old versions' keys are removed "
         "after a grace period.",
     )
-    _common(p)
+    _common(p, model_dir=True, redis_url=True)
     p.add_argument("version_dir", nargs="?", type=Path, help="version directory (default: latest)")
     p.add_argument("--keep", type=int, default=2, help="published versions to keep in Redis")
     p.add_argument(
@@ -210,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("ranking", "Rank and Recommend with the two-tower model"),
     ):
         sp = serve.add_parser(name, help=f"serve {what}", description=f"Serves {what}.")
-        _common(sp)
+        _common(sp, model_dir=True, redis_url=True, log_level=True)
         sp.add_argument("--host", help="bind address (IPv6: :: or ::1, brackets optional)")
         sp.add_argument("--port", type=int, help="gRPC port (0 = any free port)")
         sp.add_argument("--metrics-port", type=int, help="Prometheus port (0 = off)")
@@ -231,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         "trained on other data than --data names, publishes it, starts both services and "
         "waits for them to be SERVING (over TLS: listening).",
     )
-    _common(p)
+    _common(p, model_dir=True, redis_url=True, log_level=True)
     p.add_argument("--data", help=DATA_HELP)
     p.add_argument("--demo", action="store_true", help="print recommendations, then stop")
     p.add_argument(
@@ -263,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Closed-loop (concurrency) or open-loop (fixed rate, latency from the "
         "intended send time) load against one RPC.",
     )
-    _common(p)
+    _common(p, model_dir=True, redis_url=True)
     p.add_argument("--rpc", choices=["Recommend", "Rank", "Retrieve", "SimilarItems"],
                    default="Recommend")  # fmt: skip
     p.add_argument("--target", help="host:port (default: the service that owns --rpc)")

@@ -45,6 +45,9 @@ def _check_writable_model_dir(model_dir: Path) -> None:
 
 def cli_train(args: argparse.Namespace, settings: RecsysSettings) -> int:
     """Trains on ``--data``, exports a version under the model dir and prints the report."""
+    if getattr(args, "redis_url", None) is not None and not args.publish:
+        # Only the publish reaches Redis: without it the URL would do nothing.
+        raise UserFacingError("--redis-url is for --publish (training alone does not use Redis)")
     from pydantic import ValidationError
 
     from recsys.config import TrainerSettings

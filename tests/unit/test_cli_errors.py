@@ -30,7 +30,7 @@ def _no_service_needed(monkeypatch, tmp_path):
         # Empty values (an unset variable in a script) are checked, not dropped.
         (["serve", "ranking", "--retrieval-address", ""], "invalid flag: --retrieval-address"),
         (["publish", "--redis-url", ""], "redis_url: Value error, not a valid"),
-        (["publish", "--log-level", ""], "log_level: Input should be"),
+        (["serve", "ranking", "--log-level", ""], "log_level: Input should be"),
     ],
 )
 def test_a_bad_flag_is_one_clear_line(argv, message, capsys):

@@ -136,6 +136,14 @@ class ModelVersion:
         self.spec = FeatureSpec.from_dict(manifest["feature_spec"])
         self.target = TargetScale.from_dict(manifest["target"])
 
+    @property
+    def created_epoch_s(self) -> int:
+        """When the version was committed, in whole seconds since the epoch (0: not recorded)."""
+        try:
+            return int(_dt.datetime.fromisoformat(self.manifest["created_at"]).timestamp())
+        except (KeyError, TypeError, ValueError):
+            return 0
+
     @classmethod
     def open(cls, path: str | Path, *, verify: bool = True) -> ModelVersion:
         """Opens and checks a version directory.

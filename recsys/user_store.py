@@ -271,18 +271,22 @@ end
 return {redis.call('LLEN', recent), tonumber(redis.call('HGET', state, 'nr') or '0'), 0}
 """
 
-# A user's state hash replaced in one step. KEYS: the hash; ARGV: field/value pairs.
 # One user's batch state, as one script: Redis runs every whole command it
 # got, so a publisher cut off between a DEL and an HSET left the user with no
 # state, and a recent list checked for in one pass and written in another took
 # an online interaction recorded in between twice (and past the cap).
 # KEYS: state hash, watched set, recent list.
 # ARGV: version, history_length, number of hash fields n, force ("1": replace
-#       whatever wrote the hash), the n fields, then the history, oldest first.
-# The hash is replaced only by a version newer than the one that wrote it
-# (field pv): republishing a version (every `recsys up`), a rollback, or an
-# older publish that lost a race keeps the newer facts and the aggregates
-# RecordInteraction added since. A key of the wrong type is corrupt and
+#       whatever wrote the hash), the version's creation time (whole seconds
+#       since the epoch), the n fields, then the history, oldest first.
+# The hash is replaced only by a snapshot newer than the one that wrote it,
+# ordered by (creation time, version number) in fields pt and pv:
+# republishing a version (every `recsys up`), a rollback, or an older publish
+# that lost a race keeps the newer facts and the aggregates RecordInteraction
+# added since. The time comes first because numbers are reused: a version
+# directory deleted and trained again gets its number back, and its users
+# must not keep the deleted snapshot's facts. A hash stamped before pt
+# existed is compared by number alone. A key of the wrong type is corrupt and
 # replaced, so one bad key cannot fail the whole publish. Returns 1 (hash
 # replaced) + 2 (recent written).
 _SEED_USER_SCRIPT = """
@@ -290,16 +294,27 @@ local version = tonumber(ARGV[1])
 local keep = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
 local force = ARGV[4] == '1'
+local made = tonumber(ARGV[5])
 local kind = redis.call('TYPE', KEYS[1])['ok']
-local wrote = nil
-if kind == 'hash' then wrote = tonumber(redis.call('HGET', KEYS[1], 'pv') or '') end
+local newer = false  -- the stored hash comes from this snapshot or a newer one
+if kind == 'hash' and version then
+  local stamp = redis.call('HMGET', KEYS[1], 'pv', 'pt')
+  local wrote, wrote_at = tonumber(stamp[1] or ''), tonumber(stamp[2] or '')
+  if wrote and wrote_at and made then
+    newer = wrote_at > made or (wrote_at == made and wrote >= version)
+  elseif wrote and not stamp[2] then
+    newer = wrote >= version
+  end
+end
 -- A key of another type is corrupt: the batch state replaces it.
-local replace = force or kind ~= 'hash' or not (version and wrote and wrote >= version)
+local replace = force or kind ~= 'hash' or not newer
 if replace then
   redis.call('DEL', KEYS[1])
-  if n > 0 then redis.call('HSET', KEYS[1], 'pv', ARGV[1], unpack(ARGV, 5, 4 + n)) end
+  if n > 0 then
+    redis.call('HSET', KEYS[1], 'pv', ARGV[1], 'pt', ARGV[5], unpack(ARGV, 6, 5 + n))
+  end
 end
-local first, last = 5 + n, #ARGV
+local first, last = 6 + n, #ARGV
 local wtype = redis.call('TYPE', KEYS[2])['ok']
 if wtype ~= 'set' and wtype ~= 'none' then redis.call('DEL', KEYS[2]) end
 local recent = 0
@@ -415,14 +430,17 @@ def seed_user_commands(
     *,
     history_length: int,
     version: str,
+    created_at: int,
     force: bool = False,
 ) -> None:
     """Queues the script that writes one user's batch-computed state (its reply: see below).
 
-    Used by ``recsys publish``. The aggregates hash is replaced when
-    ``version`` is newer than the version that last wrote it (training data is
-    the source of truth up to its snapshot; an older or the same snapshot
-    would only undo what was recorded since); the watched set is a union, so
+    Used by ``recsys publish``. The aggregates hash is replaced when this
+    snapshot is newer than the one that last wrote it, by ``(created_at,
+    version)`` (training data is the source of truth up to its snapshot; an
+    older or the same snapshot would only undo what was recorded since; a
+    reused version number with a later ``created_at`` is a new snapshot); the
+    watched set is a union, so
     interactions recorded online are kept; the recent list is written only
     where the user has none, so online history is never overwritten.
     ``force`` replaces the hash whatever version wrote it (a model dir
@@ -435,5 +453,6 @@ def seed_user_commands(
         redis_keys.user_recent(user_id),
     ]
     fields = [x for kv in encode_user_state(spec, profile, agg).items() for x in kv]
-    args = [version, history_length, len(fields), "1" if force else "0", *fields, *history]
+    args = [version, history_length, len(fields), "1" if force else "0", created_at]
+    args += [*fields, *history]
     pipe.register_script(_SEED_USER_SCRIPT)(keys=keys, args=args, client=pipe)

@@ -316,6 +316,7 @@ def publish(
                 [str(i) for i in watched[row]],
                 history_length=history_length,
                 version=mv.version,
+                created_at=mv.created_epoch_s,
                 force=replace_users,
             )
         for did in pipe.execute():

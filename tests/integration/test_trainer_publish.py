@@ -201,13 +201,58 @@ def _before_first_user(monkeypatch, then) -> list[bool]:
     return raced
 
 
-def _numbered_copy(src, root, n: int):
+def _numbered_copy(src, root, n: int, created_at: str | None = None):
     d = root / str(n)
     shutil.copytree(src, d)
     m = json.loads((d / "manifest.json").read_text())
     m["version"] = str(n)
+    if created_at is not None:
+        m["created_at"] = created_at
     (d / "manifest.json").write_text(json.dumps(m))
     return d
+
+
+def test_a_reused_version_number_with_a_later_snapshot_replaces_the_aggregates(
+    client, trained_version, tmp_path
+):
+    """A deleted version's number comes back with the next training: that is a new snapshot."""
+    old = _numbered_copy(trained_version, tmp_path / "old", 2, "2026-01-01T00:00:00+00:00")
+    mv = ModelVersion.open(old)
+    uid = str(mv.users["user_id"][0])
+    state = redis_keys.user_state(uid)
+    trained = len(mv.users["history"][0])
+    publish(old, client, quiet=True)
+    assert client.hmget(state, "pv", "pt") == ["2", "1767225600"]
+    client.hset(state, "n", 999)  # the deleted snapshot's facts (and online ones since)
+    # Version 2 deleted, the model dir trained again: a new "2", made later.
+    new = _numbered_copy(trained_version, tmp_path / "new", 2, "2026-01-02T00:00:00+00:00")
+    assert publish(new, client, quiet=True).users_replaced == len(mv.users["user_id"])
+    assert int(client.hget(state, "n")) == trained
+    # The model dir emptied and trained from 1 again: a lower number, a later snapshot.
+    client.hset(state, "n", 999)
+    one = _numbered_copy(trained_version, tmp_path / "one", 1, "2026-01-03T00:00:00+00:00")
+    report = publish(one, client, quiet=True, rollback=True)
+    assert report.users_replaced == len(mv.users["user_id"])
+    assert int(client.hget(state, "n")) == trained
+    assert client.hmget(state, "pv", "pt") == ["1", "1767398400"]
+    # Republishing the older "2" (a rollback) keeps the later snapshot's facts.
+    client.hset(state, "n", 999)
+    assert publish(new, client, quiet=True).users_replaced == 0
+    assert int(client.hget(state, "n")) == 999
+
+
+def test_a_hash_stamped_before_creation_times_is_ordered_by_number(
+    client, trained_version, tmp_path
+):
+    """Hashes written before ``pt`` existed keep the number rule until a publish restamps them."""
+    v2 = _numbered_copy(trained_version, tmp_path, 2)
+    mv = ModelVersion.open(v2)
+    uids = [str(u) for u in mv.users["user_id"][:2]]
+    client.hset(redis_keys.user_state(uids[0]), mapping={"pv": "3", "n": 999})
+    client.hset(redis_keys.user_state(uids[1]), mapping={"pv": "1", "n": 999})
+    publish(v2, client, quiet=True)
+    assert int(client.hget(redis_keys.user_state(uids[0]), "n")) == 999, "3 is newer than 2"
+    assert int(client.hget(redis_keys.user_state(uids[1]), "n")) == len(mv.users["history"][1])
 
 
 def test_publish_moves_the_pointer_back_only_when_asked(client, trained_version, tmp_path):

@@ -1,9 +1,10 @@
 """Client channels: one builder for the Python client and the ranking→retrieval hop.
 
 Retries and load balancing come from gRPC's own service config rather than
-hand-written loops: ``UNAVAILABLE`` (and only that) is retried with
-exponential backoff, and ``round_robin`` spreads calls over every address a
-``dns:///`` target resolves to. That matters on Kubernetes: HTTP/2 keeps one
+hand-written loops: ``UNAVAILABLE`` and ``CANCELLED`` (what a server that
+is going away answers) are retried with exponential backoff, and
+``round_robin`` spreads calls over every address a ``dns:///`` target
+resolves to. That matters on Kubernetes: HTTP/2 keeps one
 long-lived connection, so behind a ClusterIP every call would go to the one
 pod the connection landed on; a headless Service plus ``dns:///`` and
 round-robin gives one subchannel per pod.
@@ -24,7 +25,7 @@ SERVICES = ("recsys.v1.RankingService", "recsys.v1.RetrievalService")
 
 
 def service_config(*, max_attempts: int = 4, round_robin: bool = True) -> str:
-    """Service config JSON: retry UNAVAILABLE with backoff; optional round-robin.
+    """Service config JSON: retry UNAVAILABLE and CANCELLED with backoff; optional round-robin.
 
     ``max_attempts`` below 2 leaves the retry policy out (gRPC rejects a
     policy with fewer than two attempts, failing every call on the channel).
@@ -36,7 +37,11 @@ def service_config(*, max_attempts: int = 4, round_robin: bool = True) -> str:
             "initialBackoff": "0.05s",
             "maxBackoff": "1s",
             "backoffMultiplier": 2,
-            "retryableStatusCodes": ["UNAVAILABLE"],
+            # CANCELLED too: a server that stops answers the calls it had not
+            # dispatched yet with it, which a caller racing a replica's drain
+            # meets. gRPC never retries a cancel the caller made itself, and
+            # every method is safe to repeat (RecordInteraction by its event_id).
+            "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"],
         }
     cfg: dict = {"methodConfig": [method]}
     if round_robin:

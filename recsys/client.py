@@ -6,7 +6,8 @@ Three lines for a backend team::
     with RecommenderClient("ranking:50052", "retrieval:50051") as rc:
         for item in rc.recommend("42", k=10).items: ...
 
-Deadlines on every call, retries with backoff for ``UNAVAILABLE`` only and
+Deadlines on every call, retries with backoff for ``UNAVAILABLE`` and
+``CANCELLED`` (what a stopping server answers) only, and
 round-robin over every address a ``dns:///`` target resolves to come from
 :mod:`recsys.channels`; TLS and a bearer token are optional.
 """
@@ -289,7 +290,7 @@ class RecommenderClient:
         The server counts each ``event_id`` once per user (for a day), which
         makes retries safe. Without one, a fresh id is made for this call and
         remembered for :data:`OWN_RETRY_WINDOW_S` only, so the channel's own
-        retries on ``UNAVAILABLE`` (sent when the write may already have
+        retries on ``UNAVAILABLE`` or ``CANCELLED`` (sent when the write may already have
         landed) cannot count it twice; pass your own to make retries of your
         own safe too.
         """

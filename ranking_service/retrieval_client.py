@@ -120,7 +120,7 @@ class RetrievalClient:
         # CPU (both ends, all Python) was about a third of each service's
         # time per Recommend. Off (None) with a batch size of 1.
         self._batcher: MicroBatcher[tuple[Any, float], Any] | None = None
-        # Batchers switched off on UNIMPLEMENTED; kept so close() stops them.
+        # Batchers switched off on UNIMPLEMENTED and still busy; kept so close() stops them.
         self._retired: list[MicroBatcher[tuple[Any, float], Any]] = []
         self._settings = settings
         # When batching, switched off by an old server, is tried again (monotonic).
@@ -247,9 +247,15 @@ class RetrievalClient:
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:
                 # A retrieval server older than RetrieveMany: one call each from now on.
                 if self._batcher is not None:
+                    # Batching is retried every RETRY_BATCHING_S for as long as the
+                    # old server serves: keep only the retired batchers still busy.
+                    done = [b for b in self._retired if b.idle]
+                    self._retired = [b for b in self._retired if not b.idle]
                     self._retired.append(self._batcher)
                     self._batcher = None
                     self._retry_batching_at = time.monotonic() + RETRY_BATCHING_S
+                    for b in done:
+                        await b.close()
                 alone = await asyncio.gather(*(self._retrieve_many([j]) for j in jobs))
                 return [one for (one,) in alone]
             return [exc] * len(jobs)

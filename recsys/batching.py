@@ -312,6 +312,11 @@ class MicroBatcher(Generic[Req, Res]):
                 partial(loop.run_in_executor, self._executor, self.fn, [p.request for p in batch]),
             )
 
+    @property
+    def idle(self) -> bool:
+        """An inline batcher with nothing queued, armed or running: dropping it leaves nothing."""
+        return self.inline and not (self._pending or self._batch_tasks or self._timer)
+
     async def close(self) -> None:
         """Stops the worker; queued and later requests fail with BatcherClosed."""
         self._closed = True

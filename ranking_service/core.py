@@ -32,10 +32,11 @@ from ranking_service.retrieval_client import (
 from ranking_service.users import UserQuery, feature_rows, fetch_users, resolve_inputs
 from ranking_service.validation import RankQuery, RecommendQuery
 from recsys.batching import MicroBatcher
+from recsys.capped import CappedDict
 from recsys.config import CURRENT_VERSION
 from recsys.errors import ThrottledWarning
 from recsys.experiments import Experiment, Variant
-from recsys.explain import Reason, explain, source_kinds
+from recsys.explain import TOP_IN_COUNTRY, Reason, explain, source_kinds
 from recsys.features import check_genre_names
 from recsys.tracing import NOOP, Tracing
 from recsys.user_store import READ_SHARE_OF_DEADLINE, StoredUser, state_from_pb
@@ -166,12 +167,16 @@ class Ranker:
         self.retrieval = retrieval
         self.experiment = experiment or Experiment()
         self.kinds = kinds if kinds is not None else source_kinds(())
+        # The sources whose reason names the user's country: only their items'
+        # reasons depend on it, so only their cache keys carry it (a caller
+        # sending distinct countries would otherwise make every key new).
+        self._country_sources = frozenset(s for s, k in self.kinds.items() if k == TOP_IN_COUNTRY)
         self.tracing = tracing
         # Per model version: (sources, seed, genre, country) -> reasons. Few
         # distinct provenances recur across answers, and explaining one (with
         # its seed's title) cost about as much as scoring.
         self._reasons: weakref.WeakKeyDictionary[
-            LoadedModel, dict[tuple[tuple[str, ...], str, str, str], tuple[Reason, ...]]
+            LoadedModel, CappedDict[tuple[tuple[str, ...], str, str, str], tuple[Reason, ...]]
         ] = weakref.WeakKeyDictionary()
         # One loaded model per model track ("current" or a pinned version);
         # ``model`` is the default variant's, the one callers without a variant get.
@@ -363,8 +368,9 @@ class Ranker:
         model = out.model
         cache = self._reasons.get(model)
         if cache is None:
-            cache = self._reasons[model] = {}
+            cache = self._reasons[model] = CappedDict(REASON_CACHE_ENTRIES)
         country = out.country or ""
+        by_country = self._country_sources
         for it in out.items:
             c = it.candidate
             if c is None:
@@ -374,14 +380,14 @@ class Ranker:
             else:
                 sources, seed, genre = tuple(c.sources), c.seed_item_id or "", c.genre or ""
             it.sources = sources
-            it.why = key = (sources, seed, genre, country)
+            regional = country if not by_country.isdisjoint(sources) else ""
+            it.why = key = (sources, seed, genre, regional)
             reasons = cache.get(key)
             if reasons is None:
                 reasons = tuple(
-                    explain(c, kinds=self.kinds, title_of=model.title_of, country=country)
+                    explain(c, kinds=self.kinds, title_of=model.title_of, country=regional)
                 )
-                if len(cache) < REASON_CACHE_ENTRIES:
-                    cache[key] = reasons
+                cache.put(key, reasons)
             it.reasons = reasons
 
     async def _rank_rows(

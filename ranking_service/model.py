@@ -198,8 +198,6 @@ class LoadedModel:
     def __post_init__(self) -> None:
         self.marks = RowMarks(len(self.index))
 
-    _genre_cache: dict[int, tuple[str, ...]] = field(default_factory=dict, repr=False)
-
     @property
     def name(self) -> str:
         """The version string (directory name)."""
@@ -334,12 +332,12 @@ class LoadedModel:
             )
 
     def genres(self, row: int) -> tuple[str, ...]:
-        """Genre names of the item at ``row`` (cached per model)."""
-        got = self._genre_cache.get(row)
-        if got is None:
-            got = tuple(self.version.item_genre_names(row))
-            self._genre_cache[row] = got
-        return got
+        """Genre names of the item at ``row``.
+
+        Not memoised: it is read when an item's answer template is built,
+        and the templates are the (bounded) memo.
+        """
+        return tuple(self.version.item_genre_names(row))
 
     def title(self, row: int) -> str:
         """Display title of the item at ``row`` (empty when absent)."""

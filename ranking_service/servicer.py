@@ -21,6 +21,7 @@ from ranking_service.validation import (
     parse_recommend,
 )
 from recsys.batching import BatcherClosed
+from recsys.capped import CappedDict
 from recsys.config import RankingSettings
 from recsys.experiments import UnknownVariant, observe_request
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc
@@ -48,11 +49,11 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         self.retrieval_limits = retrieval
         # Per model version: row -> the item's static fields (id, title,
         # genres) as an encoded ScoredItem, built once instead of per answer.
-        self._templates: weakref.WeakKeyDictionary[LoadedModel, dict[int, bytes]] = (
+        self._templates: weakref.WeakKeyDictionary[LoadedModel, CappedDict[int, bytes]] = (
             weakref.WeakKeyDictionary()
         )
         # Per model version: RankedItem.why -> its sources and reasons, encoded.
-        self._provenance: weakref.WeakKeyDictionary[LoadedModel, dict[Any, bytes]] = (
+        self._provenance: weakref.WeakKeyDictionary[LoadedModel, CappedDict[Any, bytes]] = (
             weakref.WeakKeyDictionary()
         )
 
@@ -66,10 +67,10 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         model = out.model
         cache = self._templates.get(model)
         if cache is None:
-            cache = self._templates[model] = {}
+            cache = self._templates[model] = CappedDict(TEMPLATE_CACHE_ITEMS)
         provenance = self._provenance.get(model)
         if provenance is None:
-            provenance = self._provenance[model] = {}
+            provenance = self._provenance[model] = CappedDict(PROVENANCE_CACHE_ENTRIES)
         add = container.add
         for it in out.items:
             template = cache.get(it.row)
@@ -77,8 +78,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                 template = ranking_pb2.ScoredItem(
                     item_id=it.item_id, title=model.title(it.row), genres=model.genres(it.row)
                 ).SerializeToString()
-                if len(cache) < TEMPLATE_CACHE_ITEMS:
-                    cache[it.row] = template
+                cache.put(it.row, template)
             item = add()
             if debug:
                 item.MergeFromString(template)
@@ -91,8 +91,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                 msg = ranking_pb2.ScoredItem()
                 _provenance(msg, it, model, debug=False)
                 why = msg.SerializeToString()
-                if len(provenance) < PROVENANCE_CACHE_ENTRIES:
-                    provenance[it.why] = why
+                provenance.put(it.why, why)
             try:
                 item.MergeFromString(template + _SCORE_KEY + _FLOAT32.pack(it.score) + why)
             except OverflowError:  # beyond float32: let protobuf round it as it would

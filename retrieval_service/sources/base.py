@@ -55,6 +55,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from redis.exceptions import NoScriptError
 
 from recsys import redis_keys
+from recsys.capped import CappedDict
 from recsys.features import UserAggregates, UserProfile
 from recsys.features import top_genres as _rank_genres
 from recsys.rows import RowMarks
@@ -408,7 +409,7 @@ class TopListCache:
         # converted once on first use instead of once per request.
         self._arrays: dict[str, tuple[np.ndarray, np.ndarray, bool]] = {}
         # Answers that sources derive from copied lists only (see :meth:`remember`).
-        self._derived: dict[Hashable, Any] = {}
+        self._derived: CappedDict[Hashable, Any] = CappedDict(max_keys)
 
     def recall(self, key: Hashable) -> Any:
         """What :meth:`remember` kept under ``key``, or None."""
@@ -420,11 +421,11 @@ class TopListCache:
         The copies are of lists that never change while the version is
         served, so such an answer stays right for the cache's lifetime, and a
         source asked the same question again (the same favourite genres, the
-        same ``k``) can skip the work. Bounded like the copies; the value
-        must not be mutated by whoever recalls it.
+        same ``k``) can skip the work. At most ``max_keys`` answers, emptied
+        when full so the questions asked now fill it again; the value must
+        not be mutated by whoever recalls it.
         """
-        if len(self._derived) < self.max_keys:
-            self._derived[key] = value
+        self._derived.put(key, value)
 
     def cacheable(self, key: str) -> bool:
         """True for keys of this version's model outputs."""

@@ -109,3 +109,31 @@ async def test_client_and_table_show_reasons(stack, mv, published_version):
     assert all(it.reasons[0].ref == seed for it in recs.items)
     table = format_table(recs)
     assert table.count(f"Because you watched {title(mv, seed)}"[:43]) == 4
+
+
+async def test_distinct_countries_do_not_grow_the_reason_memo_of_other_sources(
+    serve_both, trained_version, redis_server, published_version, mv
+):
+    """Only a regional reason depends on the country, so only its memo key carries it."""
+    uid = mv.users["user_id"][0]
+    async with serve_both(trained_version.parent, redis_server.url) as s:
+        ranker = s.ranking_server.ranker
+
+        async def answer(country: str, *sources: str):
+            user = common_pb2.UserContext(
+                user_id=uid, features=common_pb2.UserFeatures(country=country)
+            )
+            return await recommend(s.ranking, user, *sources)
+
+        first = await answer("country-0", "top_genre")
+        memo = ranker._reasons[ranker.model]
+        size = len(memo)
+        assert size > 0
+        for n in range(1, 30):
+            again = await answer(f"country-{n}", "top_genre")
+            assert [i.reasons for i in again.items] == [i.reasons for i in first.items]
+        assert len(memo) == size, "a key per country"
+        # The regional reason still names the caller's own country.
+        for country in mv.spec.countries[:2]:
+            regional = await answer(country, "top_country")
+            assert {r.ref for i in regional.items for r in i.reasons} == {country}

@@ -244,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Starts Redis (embedded unless RECSYS_REDIS_URL is set), trains (on "
         "--data, else the built-in dataset) when no version exists or the newest was "
         "trained on other data than --data names, publishes it, starts both services and "
-        "waits for them to be SERVING (over TLS: listening).",
+        "waits for them to be SERVING (over TLS: listening). A configured port that is in "
+        "use is refused before anything starts; port 0 picks a free one, and up prints the "
+        "`recsys recommend --target ...` that reaches it.",
     )
     _common(p, model_dir=True, redis_url=True, log_level=True)
     p.add_argument("--data", help=DATA_HELP)

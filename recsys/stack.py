@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -36,6 +37,9 @@ from recsys.errors import UserFacingError
 
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
+        # As gRPC binds: a port an old stack's connections leave in TIME_WAIT is
+        # free to it, only one something listens on (or holds) is not.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -43,8 +47,33 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _pick_port(preferred: int) -> int:
-    return preferred if preferred and _port_free(preferred) else free_port()
+def _refuse_busy_ports(settings: RecsysSettings) -> None:
+    """Raises before anything starts when a service's configured port is taken.
+
+    Moving the service to another port instead left ``recsys recommend``,
+    which dials the configured one, failing or talking to an old stack.
+
+    Raises:
+        UserFacingError: Naming the service, the port and the ways out.
+    """
+    for name, port in (("retrieval", settings.retrieval.port), ("ranking", settings.ranking.port)):
+        if port and not _port_free(port):
+            raise UserFacingError(
+                f"{name} port {port} on 127.0.0.1 is in use (another `recsys up`?): stop what "
+                f"holds it, or set [{name}] port = 0 (RECSYS_{name.upper()}__PORT=0) for any "
+                "free port"
+            )
+
+
+def recommend_hint(address: str, config_file: Path | None, tls: bool) -> str:
+    """The ``recsys recommend`` command line that reaches the ranking service at ``address``."""
+    cmd = ["recsys", "recommend", "--target", address]
+    if config_file is not None:
+        # The file holds the token (and TLS) the service asks for.
+        cmd += ["--config", str(config_file)]
+    if tls:
+        cmd += ["--tls-ca", "CA_FILE"]
+    return shlex.join([*cmd, "--user", "42", "--k", "10"])
 
 
 def _exited(service: str, proc: subprocess.Popen, log: Path | None) -> UserFacingError:
@@ -197,8 +226,14 @@ def start_stack(
         config_file: The TOML file ``settings`` came from: every child (train,
             publish, both services) reads it too, so its tokens, TLS, sources
             and trainer settings apply to the whole stack.
+
+    Raises:
+        UserFacingError: A configured (non-zero) port is in use (before
+            anything starts), or a service did not come up.
+        subprocess.CalledProcessError: Training or publishing failed.
     """
     say = (lambda *_a: None) if quiet else (lambda *a: print(*a, flush=True))
+    _refuse_busy_ports(settings)
     model_dir = Path(settings.model_dir).resolve()
     redis = None
     if redis_url is None:
@@ -249,8 +284,9 @@ def start_stack(
 
         logs = log_dir or Path(tempfile.mkdtemp(prefix="recsys-logs-"))
         logs.mkdir(parents=True, exist_ok=True)
-        r_port = _pick_port(settings.retrieval.port)
-        k_port = _pick_port(settings.ranking.port)
+        # Port 0: any free one (`recommend` is then told where, below).
+        r_port = settings.retrieval.port or free_port()
+        k_port = settings.ranking.port or free_port()
         stack.retrieval_address = f"127.0.0.1:{r_port}"
         stack.ranking_address = f"127.0.0.1:{k_port}"
         services = [
@@ -302,6 +338,10 @@ def start_stack(
         ):
             # Over TLS the health check is skipped: listening, not known SERVING.
             say(f"{name} {'listening (TLS)' if tls else 'SERVING'} on {address}")
+        if not settings.ranking.port:
+            cfg = Path(config_file).resolve() if config_file is not None else None
+            hint = recommend_hint(stack.ranking_address, cfg, settings.ranking.tls.enabled)
+            say(f"ranking was given a free port; ask it with: {hint}")
         return stack
     except BaseException:
         stack.stop()

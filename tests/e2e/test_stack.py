@@ -35,8 +35,7 @@ def _port_open(address: str) -> bool:
 def _stack(model_dir: Path, tmp: Path, monkeypatch):
     monkeypatch.delenv("RECSYS_REDIS_URL", raising=False)
     settings = load_settings(model_dir=model_dir)
-    # Ports 0 would be chosen anyway if the defaults are busy; force free ones
-    # so a developer's running stack does not collide with the test.
+    # Free ports: `up` refuses the default ones while a developer's stack holds them.
     settings.retrieval.port = 0
     settings.ranking.port = 0
     return start_stack(settings, quiet=True, log_dir=tmp / "logs", health_timeout_s=180)

@@ -160,7 +160,8 @@ class ModelVersion:
         path = Path(path)
         mpath = path / MANIFEST
         if not path.is_dir():
-            raise ArtifactError(f"model version {path} does not exist")
+            # Absolute: a relative path was taken from a working directory the user may not know.
+            raise ArtifactError(f"model version {path.absolute()} does not exist")
         if not mpath.is_file():
             raise ArtifactError(f"model version {path} is incomplete: no {MANIFEST}")
         try:

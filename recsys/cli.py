@@ -180,7 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
         "after a grace period.",
     )
     _common(p, model_dir=True, redis_url=True)
-    p.add_argument("version_dir", nargs="?", type=Path, help="version directory (default: latest)")
+    p.add_argument(
+        "version_dir",
+        nargs="?",
+        type=Path,
+        help="version directory, or a version's name in --model-dir when no such path exists "
+        "(`publish 3`; default: the latest)",
+    )
     p.add_argument("--keep", type=int, default=2, help="published versions to keep in Redis")
     p.add_argument(
         "--keep-dirs",

@@ -537,6 +537,9 @@ def cli_publish(args: argparse.Namespace, settings) -> int:
         if latest is None:
             raise UserFacingError(f"no complete model version under {settings.model_dir}")
         version_dir = Path(settings.model_dir) / latest
+    elif len(version_dir.parts) == 1 and not version_dir.exists():
+        # A bare name (`publish 3`) is a version of the model dir, as `evaluate --version 3`.
+        version_dir = Path(settings.model_dir) / version_dir
     no_switch = getattr(args, "no_switch", False)
     report = publish_with_settings(
         version_dir,

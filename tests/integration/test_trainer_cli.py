@@ -77,6 +77,15 @@ def test_publish_cli_makes_latest_current(cli_model_dir, redis_url, capsys):
         client.close()
 
 
+def test_publish_takes_a_version_name_from_the_model_dir(
+    cli_model_dir, redis_url, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)  # no ./1 here: `1` is the model dir's version 1
+    argv = ["publish", "1", "--model-dir", str(cli_model_dir), "--redis-url", redis_url]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "published version 1" in capsys.readouterr().out
+
+
 def test_train_publish_keeps_the_versions_the_config_pins(
     cli_model_dir, redis_url, tmp_path, monkeypatch, capsys
 ):

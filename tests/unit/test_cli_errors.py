@@ -53,6 +53,17 @@ def test_a_metrics_port_in_use_is_one_clear_line(capsys):
     assert f"cannot serve /metrics on 127.0.0.1:{port}" in err and "Traceback" not in err
 
 
+def test_publish_names_the_directory_it_looked_for(tmp_path, monkeypatch, capsys):
+    """``publish 9`` looks in the model dir, and says where: it said "version 9 does not exist"."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["publish", "9"]) == 2
+    err = capsys.readouterr().err
+    assert f"model version {tmp_path / 'models' / '9'} does not exist" in err, err
+    # A path is taken as it is, and named from the root.
+    assert main(["publish", "elsewhere/9"]) == 2
+    assert f"model version {tmp_path / 'elsewhere' / '9'} does not exist" in capsys.readouterr().err
+
+
 def test_train_refuses_a_model_dir_it_cannot_write_before_training(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -248,6 +249,15 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def reproduce_line(argv: Sequence[str]) -> str:
+    """The shell command that reruns this comparison from the repository root.
+
+    Quoted, so a setting with spaces (``--b-env 'RECSYS_TRAINER__HIDDEN_UNITS=[64, 32]'``)
+    pastes back as one argument.
+    """
+    return shlex.join(["python", "-m", "bench.ab", *argv])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry point."""
     args = _parser().parse_args(argv)
@@ -266,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: --starts: {exc}", file=sys.stderr)
         return 2
     print(f"machine: {describe_machine(machine_info())}", flush=True)
-    print(f"reproduce: python -m bench.ab {' '.join(sys.argv[1:] if argv is None else argv)}")
+    print(f"reproduce: {reproduce_line(sys.argv[1:] if argv is None else argv)}")
     for side in (a, b):
         print(f"side {side.label}: tree {side.tree}, env {side.env or '{}'}", flush=True)
     result = run(

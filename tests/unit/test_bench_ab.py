@@ -1,11 +1,21 @@
 """bench.ab's pure parts: environment parsing, round order, the summary, the side context."""
 
 import os
+import shlex
 from pathlib import Path
 
 import pytest
 
-from bench.ab import Side, _as_side, main, parse_env, round_order, split_rounds, summarise
+from bench.ab import (
+    Side,
+    _as_side,
+    main,
+    parse_env,
+    reproduce_line,
+    round_order,
+    split_rounds,
+    summarise,
+)
 
 
 def test_parse_env_accepts_name_value_pairs_and_names_a_bad_item():
@@ -60,3 +70,10 @@ def test_the_cli_refuses_bad_arguments_before_starting_anything(capsys):
     assert main(["--rounds", "0"]) == 2
     assert main(["--rounds", "2", "--starts", "3"]) == 2
     assert "--starts" in capsys.readouterr().err
+
+
+def test_the_reproduce_line_pastes_back_as_the_same_arguments():
+    argv = ["--b-env", "RECSYS_TRAINER__HIDDEN_UNITS=[64, 32]", "--out", "a b.json"]
+    line = reproduce_line(argv)
+    assert line.startswith("python -m bench.ab ")
+    assert shlex.split(line)[3:] == argv

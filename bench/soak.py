@@ -69,6 +69,18 @@ def _quarter_mean(values: list[float], last: bool) -> float:
     return statistics.fmean(part)
 
 
+def intervals(duration_s: float) -> tuple[float, int]:
+    """How ``duration_s`` measured seconds are cut: (seconds per interval, intervals).
+
+    About 5 s intervals up to a minute and 10 s beyond, but at least 4 (the
+    baseline is the first quarter); their total is ``duration_s`` itself, not
+    the nearest multiple of the nominal interval (``--duration 10`` measured 20 s).
+    """
+    nominal = 5.0 if duration_s <= 60 else 10.0
+    n = max(4, round(duration_s / nominal))
+    return duration_s / n, n
+
+
 def summarise(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Slopes and end/start ratios of RSS and latency over the measured intervals."""
     ts = [s["t_s"] for s in samples]
@@ -103,21 +115,23 @@ def run(quick: bool = False, duration_s: float | None = None, rate: float = RATE
     from recsys.stack import start_stack
 
     duration = duration_s or (30.0 if quick else 300.0)
-    interval = 5.0 if duration <= 60 else 10.0
-    n_intervals = max(4, round(duration / interval))
+    interval, n_intervals = intervals(duration)
     command = "python -m bench.soak" + (" --quick" if quick else "")
     if duration_s:
         command += f" --duration {duration_s:g}"
     if rate != RATE:
         command += f" --rate {rate:g}"
-    print(f"== soak: Recommend at {rate:g} req/s for {n_intervals * interval:.0f} s ==")
+    print(
+        f"== soak: Recommend at {rate:g} req/s for {duration:g} s "
+        f"({n_intervals} intervals of {interval:.3g} s) =="
+    )
     print(f"machine: {describe_machine()}\nreproduce: {command}", flush=True)
     out: dict[str, Any] = {
         "setup": {
             "rpc": "Recommend",
             "rate": rate,
             "concurrency_cap": CONCURRENCY,
-            "interval_s": interval,
+            "interval_s": round(interval, 3),
             "intervals": n_intervals,
             "k": K,
             "budget": BUDGET,
@@ -189,10 +203,17 @@ def run(quick: bool = False, duration_s: float | None = None, rate: float = RATE
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="30 s instead of 5 minutes")
-    p.add_argument("--duration", type=float, help="measured seconds (overrides --quick)")
+    p.add_argument(
+        "--duration",
+        type=float,
+        help="measured seconds, cut into at least 4 equal intervals after a warm-up one "
+        "(default 300; overrides --quick)",
+    )
     p.add_argument("--rate", type=float, default=RATE, help="requests per second")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
+    if args.duration is not None and args.duration <= 0:
+        p.error("--duration must be more than 0 seconds")
     result = run(args.quick, args.duration, args.rate)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str))

@@ -1,0 +1,20 @@
+"""bench.soak's pure parts: how the measured time is cut into intervals."""
+
+import pytest
+
+from bench.soak import intervals, main
+
+
+@pytest.mark.parametrize(
+    ("duration", "count"), [(7, 4), (10, 4), (30, 6), (60, 12), (65, 6), (95, 10), (300, 30)]
+)
+def test_the_intervals_add_up_to_the_duration_asked_for(duration, count):
+    interval, n = intervals(duration)
+    # --duration 10 measured 4 intervals of 5 s (20 s), 95 measured 100 s.
+    assert n == count and interval * n == pytest.approx(duration)
+
+
+def test_a_duration_that_is_not_positive_is_refused(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--duration", "0"])
+    assert exc.value.code == 2 and "--duration must be more than 0" in capsys.readouterr().err

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from types import UnionType
 from typing import Any, Literal, Union, get_args, get_origin
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, SecretStr
 from pydantic_core import PydanticUndefined
@@ -48,7 +49,13 @@ def _default(field: Any) -> str:
     if value is PydanticUndefined:
         return "required"
     if isinstance(value, SecretStr):
-        return "(secret)"
+        # Shown when it is a URL without credentials (the local Redis); one with
+        # a user or password, or query parameters (`?password=`), or a secret
+        # of any other kind (a token) stays hidden.
+        value = value.get_secret_value()
+        url = urlsplit(value)
+        if not (url.scheme and url.hostname) or url.username is not None or url.query:
+            return "(secret)"
     if isinstance(value, BaseModel):
         return "see below"
     if isinstance(value, Path):

@@ -6,7 +6,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 REPO = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location(
@@ -42,3 +42,18 @@ def test_a_setting_without_a_description_fails_the_render(monkeypatch):
     monkeypatch.setitem(TracingSettings.model_fields, "undocumented", field)
     with pytest.raises(SystemExit, match=r"tracing\.undocumented has no description"):
         gen_config_docs.render()
+
+
+@pytest.mark.parametrize(
+    ("default", "shown"),
+    [
+        # The local Redis has no password: its URL is the default a reader needs.
+        ("redis://127.0.0.1:6379/0", '`"redis://127.0.0.1:6379/0"`'),
+        ("redis://:pw@10.0.0.5:6379/0", "(secret)"),
+        ("rediss://app@redis.internal/0", "(secret)"),
+        ("redis://redis.internal/0?password=pw", "(secret)"),
+        ("a-token", "(secret)"),
+    ],
+)
+def test_a_secret_default_is_shown_only_when_it_carries_no_credentials(default, shown):
+    assert gen_config_docs._default(Field(SecretStr(default))) == shown

@@ -94,6 +94,15 @@ def _common(
         p.add_argument("--log-level", help="DEBUG, INFO, WARNING or ERROR")
 
 
+def _setting_help(section: str, key: str, text: str) -> str:
+    """Help for a flag that overrides ``[section] key``, naming that setting's default.
+
+    The flag's own default stays None, so the config file and environment still apply.
+    """
+    default = RecsysSettings.model_fields[section].annotation.model_fields[key].default
+    return f"{text} (default: [{section}] {key}, else {default})"
+
+
 def _version() -> str:
     """The installed package's version (``unknown`` when run from a bare source tree)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -122,11 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p)
     p.add_argument("out", type=Path, help="output directory")
-    p.add_argument("--users", type=int, default=2000)
-    p.add_argument("--items", type=int, default=1500)
-    p.add_argument("--ratings", type=int, default=100_000)
-    p.add_argument("--countries", type=int, default=6)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--users", type=int, default=2000, help="users (default %(default)s)")
+    p.add_argument("--items", type=int, default=1500, help="catalogue size (default %(default)s)")
+    p.add_argument(
+        "--ratings",
+        type=int,
+        default=100_000,
+        help="ratings, at most one per user and item (default %(default)s)",
+    )
+    p.add_argument("--countries", type=int, default=6, help="user countries (default %(default)s)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="same seed, same files (default %(default)s)"
+    )
 
     p = sub.add_parser(
         "train",
@@ -138,10 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="synthetic", help=DATA_HELP)
     p.add_argument("--objective", choices=["rating", "binary"], help="training target")
     p.add_argument("--epochs", type=int, help="maximum epochs (early stopping may end sooner)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--learning-rate", type=float)
+    p.add_argument(
+        "--batch-size", type=int, help=_setting_help("trainer", "batch_size", "training batch size")
+    )
+    p.add_argument(
+        "--learning-rate",
+        type=float,
+        help=_setting_help("trainer", "learning_rate", "Adam's learning rate"),
+    )
     p.add_argument("--hidden-units", help="comma-separated hidden layer sizes, e.g. 256,128")
-    p.add_argument("--embedding-dim", type=int)
+    p.add_argument(
+        "--embedding-dim",
+        type=int,
+        help=_setting_help("trainer", "embedding_dim", "width of the user and item vectors"),
+    )
     p.add_argument("--id-embeddings", action="store_true", help="hybrid: add item id embeddings")
     p.add_argument("--dropout", type=float, help="dropout after each hidden layer, 0 <= x < 1")
     p.add_argument(
@@ -149,13 +175,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="multiply the learning rate by this when validation stalls (0: constant rate)",
     )
-    p.add_argument("--annoy-trees", type=int)
+    p.add_argument(
+        "--annoy-trees",
+        type=int,
+        help=_setting_help("trainer", "annoy_trees", "trees of the Annoy index"),
+    )
     p.add_argument(
         "--negatives",
         type=int,
         help="binary objective: unrated items sampled per rating as negatives (0: none)",
     )
-    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--seed", type=int, help=_setting_help("trainer", "seed", "seed of weights and shuffling")
+    )
     p.add_argument("--publish", action="store_true", help="publish to Redis when done")
     p.add_argument("--no-plots", action="store_true", help="skip PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -187,7 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="version directory, or a version's name in --model-dir when no such path exists "
         "(`publish 3`; default: the latest)",
     )
-    p.add_argument("--keep", type=int, default=2, help="published versions to keep in Redis")
+    p.add_argument(
+        "--keep",
+        type=int,
+        default=2,
+        help="published versions to keep in Redis (default %(default)s)",
+    )
     p.add_argument(
         "--keep-dirs",
         type=int,
@@ -238,7 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--port-file", type=Path, help="write the bound port here once serving")
         sp.add_argument("--workers", type=int, help="server processes sharing the port (default 1)")
         if name == "ranking":
-            sp.add_argument("--device", choices=["auto", "cpu", "gpu"])
+            sp.add_argument(
+                "--device",
+                choices=["auto", "cpu", "gpu"],
+                help=_setting_help("ranking", "device", "where scoring runs; auto: a visible GPU"),
+            )
             sp.add_argument(
                 "--retrieval-address",
                 help="host:port of the retrieval service ([::1]:PORT for IPv6)",
@@ -275,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="items to return (0: the server's default_k)",
     )
     p.add_argument("--target", help="ranking service address (default from config)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--debug", action="store_true", help="include per-item debug scores")
     p.add_argument("--variant", default="", help="force an experiment variant (debugging)")
     _client_tls_flags(p)
@@ -288,9 +329,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(p, model_dir=True, redis_url=True)
     p.add_argument("--rpc", choices=["Recommend", "Rank", "Retrieve", "SimilarItems"],
-                   default="Recommend")  # fmt: skip
+                   default="Recommend", help="the RPC to load (default %(default)s)")  # fmt: skip
     p.add_argument("--target", help="host:port (default: the service that owns --rpc)")
-    p.add_argument("--concurrency", type=int, default=16)
+    p.add_argument(
+        "--concurrency",
+        type=int,
+        default=16,
+        help="closed loop: calls kept in flight; open loop: the most in flight at once "
+        "(default %(default)s)",
+    )
     p.add_argument("--rate", type=float, help="open loop: requests per second")
     p.add_argument(
         "--duration",
@@ -298,18 +345,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop starting requests after this many seconds (default 10 unless --requests)",
     )
     p.add_argument("--requests", type=int, help="stop after this many requests")
-    p.add_argument("--users", choices=["uniform", "zipf"], default="uniform")
     p.add_argument(
-        "--candidates", type=_non_negative_int32, default=1000, help="candidate list size for Rank"
+        "--users",
+        choices=["uniform", "zipf"],
+        default="uniform",
+        help="how request users (SimilarItems: items) are drawn from the served version's "
+        "(default %(default)s)",
     )
-    p.add_argument("--k", type=_non_negative_int32, default=20)
+    p.add_argument(
+        "--candidates",
+        type=_non_negative_int32,
+        default=1000,
+        help="candidate list size for Rank (default %(default)s)",
+    )
+    p.add_argument(
+        "--k",
+        type=_non_negative_int32,
+        default=20,
+        help="items per answer: Recommend's k, Rank's top_k, SimilarItems' k (default %(default)s)",
+    )
     p.add_argument(
         "--variant", default="", help="force this A/B variant on every request (one arm's load)"
     )
     p.add_argument("--unpacked", action="store_true",
                    help="Retrieve: one Candidate message per item with score maps (an older "
                    "client) instead of the packed answer the ranking service asks for")  # fmt: skip
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     _client_tls_flags(p)
     return parser
 

@@ -7,6 +7,7 @@ U`` parsed and did nothing, so a user could not tell the flag was ignored.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,33 @@ def test_train_refuses_a_redis_url_without_publish(tmp_path, capsys):
     argv = ["train", "--model-dir", str(tmp_path / "a-file" / "models"), "--epochs", "1"]
     assert main([*argv, "--quiet", "--redis-url", "redis://127.0.0.1:1/0"]) == 2
     assert "--redis-url is for --publish" in capsys.readouterr().err
+
+
+def _options(parser: argparse.ArgumentParser, name: str = "recsys"):
+    """(command, option) for every option of every subcommand."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub, child in action.choices.items():
+                yield from _options(child, f"{name} {sub}")
+        elif action.option_strings:
+            yield name, action
+
+
+def test_every_option_has_help_that_shows_its_default():
+    """``generate-data --users`` and ``train --batch-size`` showed a bare name in --help."""
+    missing = []
+    for command, action in _options(build_parser()):
+        flag = action.option_strings[-1]
+        shown = action.default in (None, False, "", argparse.SUPPRESS) or (
+            action.help is not None
+            and ("%(default)s" in action.help or str(action.default) in action.help)
+        )
+        if not action.help or not shown:
+            missing.append(f"{command} {flag}")
+    assert not missing, missing
+
+
+def test_a_config_backed_flag_names_the_setting_and_its_default(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    assert "[trainer] batch_size, else 256" in " ".join(capsys.readouterr().out.split())

@@ -125,3 +125,11 @@ def test_the_quick_start_names_the_pythons_pyproject_accepts():
     quick_start = (REPO / "README.md").read_text().split("## Quick start", 1)[1]
     quick_start = quick_start.split("\n## ", 1)[0]
     assert f"Python {', '.join(accepted[:-1])} or {accepted[-1]}" in quick_start, accepted
+
+
+def test_the_readme_lists_every_benchmark_area_python_m_bench_runs():
+    from bench.__main__ import AREAS
+
+    performance = (REPO / "README.md").read_text().split("## Performance", 1)[1]
+    listed = re.findall(r"`(?:bench/)?(\w+)\.py`", performance.split("\n\n", 2)[1])
+    assert listed == list(AREAS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -11,6 +12,21 @@ from recsys.embedded_redis import EmbeddedRedis
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("RECSYS_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """Undoes what a test's ``serve`` run did to root logging.
+
+    ``configure_logging`` gives the root logger a handler on the ``sys.stderr``
+    of that moment, which under ``capsys`` is a capture stream closed when the
+    test ends; a later test that logs would print "Logging error" tracebacks.
+    """
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

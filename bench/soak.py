@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import statistics
 import sys
 import tempfile
@@ -212,8 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rate", type=float, default=RATE, help="requests per second")
     p.add_argument("--json", type=Path, help="also write the figures here")
     args = p.parse_args(argv)
-    if args.duration is not None and args.duration <= 0:
-        p.error("--duration must be more than 0 seconds")
+    if args.duration is not None and not (math.isfinite(args.duration) and args.duration > 0):
+        p.error(f"--duration must be a number of seconds above 0, not {args.duration}")
+    if not (math.isfinite(args.rate) and args.rate > 0):
+        p.error(f"--rate must be a number of requests per second above 0, not {args.rate}")
     result = run(args.quick, args.duration, args.rate)
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str))

@@ -451,9 +451,10 @@ async def serve(
     await stop.wait()
     log.info("draining", extra={"fields": {"grace_s": handle.settings.grace_s}})
     await handle.health.enter_graceful_shutdown()
-    # Calls already on the wire when stop() begins can be cancelled by gRPC
-    # (CANCELLED is not retried), so first let clients that watch health see
-    # NOT_SERVING and route elsewhere; this process still serves meanwhile.
+    # Calls already on the wire when stop() begins can be cancelled by gRPC;
+    # the project's channels retry that CANCELLED, but other callers may not,
+    # so first let clients that watch health see NOT_SERVING and route
+    # elsewhere; this process still serves meanwhile.
     await asyncio.sleep(handle.settings.drain_delay_s)
     for t in tasks:
         t.cancel()

@@ -35,34 +35,44 @@ from recsys.embedded_redis import EmbeddedRedis, die_with_parent_prefix, free_po
 from recsys.errors import UserFacingError
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
+def _port_free(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
         # As gRPC binds: a port an old stack's connections leave in TIME_WAIT is
         # free to it, only one something listens on (or holds) is not.
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            s.bind(("127.0.0.1", port))
+            s.bind((host or "0.0.0.0", port))
         except OSError:
             return False
     return True
 
 
-def _refuse_busy_ports(settings: RecsysSettings) -> None:
-    """Raises before anything starts when a service's configured port is taken.
+def _ports(settings: RecsysSettings, *, any_free: bool) -> tuple[int, int]:
+    """The retrieval and ranking ports ``up`` serves on: the configured ones, checked.
 
-    Moving the service to another port instead left ``recsys recommend``,
-    which dials the configured one, failing or talking to an old stack.
+    Port 0 means any free port. A configured port that is taken is refused
+    before anything starts: moving the service elsewhere left ``recsys
+    recommend``, which dials the configured one, failing or talking to an
+    old stack. ``any_free`` (the demo, whose own client is told the address)
+    moves instead.
 
     Raises:
         UserFacingError: Naming the service, the port and the ways out.
     """
-    for name, port in (("retrieval", settings.retrieval.port), ("ranking", settings.ranking.port)):
-        if port and not _port_free(port):
-            raise UserFacingError(
-                f"{name} port {port} on 127.0.0.1 is in use (another `recsys up`?): stop what "
-                f"holds it, or set [{name}] port = 0 (RECSYS_{name.upper()}__PORT=0) for any "
-                "free port"
-            )
+    picked = []
+    for name, server in (("retrieval", settings.retrieval), ("ranking", settings.ranking)):
+        port = server.port
+        if port and not _port_free(server.host, port):
+            if not any_free:
+                raise UserFacingError(
+                    f"{name} port {port} on {server.host} is in use (another `recsys up`?): "
+                    f"stop what holds it, or set [{name}] port = 0 "
+                    f"(RECSYS_{name.upper()}__PORT=0) for any free port"
+                )
+            port = 0
+        picked.append(port or free_port())
+    return picked[0], picked[1]
 
 
 def recommend_hint(address: str, config_file: Path | None, tls: bool) -> str:
@@ -212,6 +222,7 @@ def start_stack(
     health_timeout_s: float = 120.0,
     log_dir: Path | None = None,
     config_file: Path | None = None,
+    any_free_port: bool = False,
 ) -> Stack:
     """Brings the whole system up and returns once both services are SERVING.
 
@@ -226,14 +237,18 @@ def start_stack(
         config_file: The TOML file ``settings`` came from: every child (train,
             publish, both services) reads it too, so its tokens, TLS, sources
             and trainer settings apply to the whole stack.
+        any_free_port: Move a service whose configured port is in use to a
+            free one instead of refusing (for callers that dial
+            ``Stack.ranking_address`` themselves, like the demo).
 
     Raises:
         UserFacingError: A configured (non-zero) port is in use (before
-            anything starts), or a service did not come up.
+            anything starts, unless ``any_free_port``), or a service did not
+            come up.
         subprocess.CalledProcessError: Training or publishing failed.
     """
     say = (lambda *_a: None) if quiet else (lambda *a: print(*a, flush=True))
-    _refuse_busy_ports(settings)
+    r_port, k_port = _ports(settings, any_free=any_free_port)
     model_dir = Path(settings.model_dir).resolve()
     redis = None
     if redis_url is None:
@@ -284,11 +299,13 @@ def start_stack(
 
         logs = log_dir or Path(tempfile.mkdtemp(prefix="recsys-logs-"))
         logs.mkdir(parents=True, exist_ok=True)
-        # Port 0: any free one (`recommend` is then told where, below).
-        r_port = settings.retrieval.port or free_port()
-        k_port = settings.ranking.port or free_port()
-        stack.retrieval_address = f"127.0.0.1:{r_port}"
-        stack.ranking_address = f"127.0.0.1:{k_port}"
+        # The services bind the configured hosts; local clients (the demo,
+        # ranking's retrieval hop, `recommend`) dial them as local_address does.
+        hosts = {"retrieval": settings.retrieval.host, "ranking": settings.ranking.host}
+        r_local = settings.retrieval.model_copy(update={"port": r_port})
+        k_local = settings.ranking.model_copy(update={"port": k_port})
+        stack.retrieval_address = r_local.local_address
+        stack.ranking_address = k_local.local_address
         services = [
             (
                 "retrieval",
@@ -314,7 +331,7 @@ def start_stack(
             log = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
             port_file = logs / f"{name}.port"
             port_file.unlink(missing_ok=True)
-            cmd = _recsys("serve", name, "--host", "127.0.0.1", *extra)
+            cmd = _recsys("serve", name, "--host", hosts[name], *extra)
             proc = subprocess.Popen(
                 [*die_with_parent_prefix(), *cmd, "--port-file", str(port_file)],
                 env=env,
@@ -338,7 +355,7 @@ def start_stack(
         ):
             # Over TLS the health check is skipped: listening, not known SERVING.
             say(f"{name} {'listening (TLS)' if tls else 'SERVING'} on {address}")
-        if not settings.ranking.port:
+        if k_port != settings.ranking.port:
             cfg = Path(config_file).resolve() if config_file is not None else None
             hint = recommend_hint(stack.ranking_address, cfg, settings.ranking.tls.enabled)
             say(f"ranking was given a free port; ask it with: {hint}")
@@ -437,6 +454,8 @@ def cli_up(args, settings: RecsysSettings) -> int:
             retrain=args.retrain,
             redis_url=redis_url,
             config_file=Path(config_file) if config_file else None,
+            # The demo asks the stack where it is; a busy configured port moves.
+            any_free_port=args.demo,
         )
     except subprocess.CalledProcessError as exc:
         step = " ".join(exc.cmd[exc.cmd.index("recsys.cli") + 1 :])

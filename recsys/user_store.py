@@ -279,16 +279,18 @@ return {redis.call('LLEN', recent), tonumber(redis.call('HGET', state, 'nr') or 
 # ARGV: version, history_length, number of hash fields n, force ("1": replace
 #       whatever wrote the hash), the version's creation time (whole seconds
 #       since the epoch), the n fields, then the history, oldest first.
-# The hash is replaced only by a snapshot newer than the one that wrote it,
-# ordered by (creation time, version number) in fields pt and pv:
-# republishing a version (every `recsys up`), a rollback, or an older publish
-# that lost a race keeps the newer facts and the aggregates RecordInteraction
-# added since. The time comes first because numbers are reused: a version
-# directory deleted and trained again gets its number back, and its users
-# must not keep the deleted snapshot's facts. A hash stamped before pt
-# existed is compared by number alone. A key of the wrong type is corrupt and
-# replaced, so one bad key cannot fail the whole publish. Returns 1 (hash
-# replaced) + 2 (recent written).
+# The hash is replaced by a snapshot newer than the one that wrote it (hash
+# fields pv and pt): one with a higher version number or a later creation
+# time. Republishing a version (every `recsys up`), a rollback, or an older
+# publish that lost a race is older by both, so it keeps the newer facts and
+# the aggregates RecordInteraction added since. Either one alone is not
+# enough: numbers are reused (a version directory deleted and trained again
+# gets its number back, a model dir emptied starts from 1 again), and a
+# trainer's clock may run behind the one before it. A hash stamped before pt
+# existed, or a version without a creation time, is compared by number
+# alone. A key of the wrong type is corrupt and replaced, so one bad key
+# cannot fail the whole publish. Returns 1 (hash replaced) + 2 (recent
+# written).
 _SEED_USER_SCRIPT = """
 local version = tonumber(ARGV[1])
 local keep = tonumber(ARGV[2])
@@ -301,7 +303,7 @@ if kind == 'hash' and version then
   local stamp = redis.call('HMGET', KEYS[1], 'pv', 'pt')
   local wrote, wrote_at = tonumber(stamp[1] or ''), tonumber(stamp[2] or '')
   if wrote and wrote_at and made then
-    newer = wrote_at > made or (wrote_at == made and wrote >= version)
+    newer = wrote >= version and wrote_at >= made
   elseif wrote and not stamp[2] then
     newer = wrote >= version
   end
@@ -436,11 +438,11 @@ def seed_user_commands(
     """Queues the script that writes one user's batch-computed state (its reply: see below).
 
     Used by ``recsys publish``. The aggregates hash is replaced when this
-    snapshot is newer than the one that last wrote it, by ``(created_at,
-    version)`` (training data is the source of truth up to its snapshot; an
-    older or the same snapshot would only undo what was recorded since; a
-    reused version number with a later ``created_at`` is a new snapshot); the
-    watched set is a union, so
+    snapshot is newer than the one that last wrote it: a higher ``version``
+    or a later ``created_at`` (training data is the source of truth up to
+    its snapshot; an older or the same snapshot would only undo what was
+    recorded since; a reused or restarted version number with a later
+    ``created_at`` is a new snapshot); the watched set is a union, so
     interactions recorded online are kept; the recent list is written only
     where the user has none, so online history is never overwritten.
     ``force`` replaces the hash whatever version wrote it (a model dir

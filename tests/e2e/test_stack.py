@@ -203,3 +203,65 @@ def test_up_serves_a_model_dir_emptied_and_trained_again(
         assert redis.Redis.from_url(stack.redis_url).get(redis_keys.CURRENT_VERSION) == b"1"
     finally:
         stack.stop()
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+def test_up_serves_the_configured_host_where_the_client_dials(
+    trained_version: Path, tmp_path: Path, monkeypatch
+):
+    """``up`` bound 127.0.0.1 whatever the config said; ``recommend`` dialled [::1]."""
+    from recsys.embedded_redis import free_port
+
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    shutil.copytree(trained_version, model_dir / trained_version.name)
+    monkeypatch.delenv("RECSYS_REDIS_URL", raising=False)
+    settings = load_settings(model_dir=model_dir)
+    for server in (settings.retrieval, settings.ranking):
+        server.host, server.port = "::1", free_port()
+    stack = start_stack(settings, quiet=True, log_dir=tmp_path / "logs", health_timeout_s=180)
+    try:
+        assert stack.ranking_address == f"[::1]:{settings.ranking.port}"
+        # What `recsys recommend` does with the same config.
+        with RecommenderClient.from_settings(settings, timeout_s=10) as c:
+            assert c.recommend(str(open_version(model_dir).users["user_id"][0]), k=5).items
+    finally:
+        stack.stop()
+
+
+def test_the_demo_moves_off_a_busy_configured_port(
+    trained_version: Path, tmp_path: Path, monkeypatch
+):
+    """Only ``up`` without ``--demo`` refuses: the demo's client asks the stack where it is."""
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    shutil.copytree(trained_version, model_dir / trained_version.name)
+    monkeypatch.delenv("RECSYS_REDIS_URL", raising=False)
+    settings = load_settings(model_dir=model_dir)
+    settings.retrieval.port = 0
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        settings.ranking.port = busy = other.getsockname()[1]
+        stack = start_stack(
+            settings,
+            quiet=True,
+            log_dir=tmp_path / "logs",
+            health_timeout_s=180,
+            any_free_port=True,
+        )
+        try:
+            assert not stack.ranking_address.endswith(f":{busy}")
+            with RecommenderClient(stack.ranking_address, stack.retrieval_address) as c:
+                assert c.recommend(str(open_version(model_dir).users["user_id"][0]), k=5).items
+        finally:
+            stack.stop()

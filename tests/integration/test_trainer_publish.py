@@ -235,10 +235,35 @@ def test_a_reused_version_number_with_a_later_snapshot_replaces_the_aggregates(
     assert report.users_replaced == len(mv.users["user_id"])
     assert int(client.hget(state, "n")) == trained
     assert client.hmget(state, "pv", "pt") == ["1", "1767398400"]
-    # Republishing the older "2" (a rollback) keeps the later snapshot's facts.
+    # Republishing it (every `recsys up` start) keeps what was recorded since.
     client.hset(state, "n", 999)
-    assert publish(new, client, quiet=True).users_replaced == 0
+    assert publish(one, client, quiet=True).users_replaced == 0
     assert int(client.hget(state, "n")) == 999
+
+
+def test_a_higher_version_from_a_clock_behind_still_replaces_the_aggregates(
+    client, trained_version, tmp_path
+):
+    """Version 4 trained after 3 on a machine whose clock runs two minutes behind."""
+    v3 = _numbered_copy(trained_version, tmp_path / "a", 3, "2026-01-01T00:02:00+00:00")
+    v4 = _numbered_copy(trained_version, tmp_path / "b", 4, "2026-01-01T00:00:00+00:00")
+    mv = ModelVersion.open(v3)
+    state = redis_keys.user_state(str(mv.users["user_id"][0]))
+    publish(v3, client, quiet=True)
+    client.hset(state, "n", 999)
+    assert publish(v4, client, quiet=True).users_replaced == len(mv.users["user_id"])
+    assert client.hmget(state, "pv", "pt") == ["4", "1767225600"]
+
+
+def test_a_version_without_a_creation_time_is_ordered_by_number(client, trained_version, tmp_path):
+    v1 = _numbered_copy(trained_version, tmp_path / "a", 1, "2026-01-01T00:00:00+00:00")
+    v2 = _numbered_copy(trained_version, tmp_path / "b", 2, "not a time")
+    mv = ModelVersion.open(v1)
+    state = redis_keys.user_state(str(mv.users["user_id"][0]))
+    publish(v1, client, quiet=True)
+    client.hset(state, "n", 999)
+    assert publish(v2, client, quiet=True).users_replaced == len(mv.users["user_id"])
+    assert int(client.hget(state, "n")) != 999
 
 
 def test_a_hash_stamped_before_creation_times_is_ordered_by_number(

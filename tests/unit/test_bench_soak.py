@@ -14,7 +14,20 @@ def test_the_intervals_add_up_to_the_duration_asked_for(duration, count):
     assert n == count and interval * n == pytest.approx(duration)
 
 
-def test_a_duration_that_is_not_positive_is_refused(capsys):
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--duration", "0"),
+        ("--duration", "-5"),
+        ("--duration", "nan"),
+        ("--duration", "inf"),
+        ("--rate", "0"),
+        ("--rate", "nan"),
+    ],
+)
+def test_a_duration_or_rate_that_is_no_positive_number_is_refused(capsys, flag, value):
+    """nan and inf passed the check and ended in a traceback from round()."""
     with pytest.raises(SystemExit) as exc:
-        main(["--duration", "0"])
-    assert exc.value.code == 2 and "--duration must be more than 0" in capsys.readouterr().err
+        main([flag, value])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"{flag} must be a number" in err and value in err

@@ -21,6 +21,8 @@ from recsys.artifacts import ModelVersion
 from recsys.config import load_settings
 from recsys.embedded_redis import free_port
 from recsys.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
+from retrieval_service.engine import RetrieveQuery
+from retrieval_service.errors import DeadlineExceeded
 from retrieval_service.server import SERVICE_NAME, build_server
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -871,3 +873,128 @@ async def test_record_interaction_remembers_its_event_id_for_the_window_asked(
         await server.stub.RecordInteraction(too_long, timeout=5)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith("dedupe_window_s:")
+
+
+async def test_request_exclude_ids_never_come_back(server, mv: ModelVersion):
+    """The request's ``exclude_item_ids`` are filtered like watched items."""
+    first = await server.stub.Retrieve(request("cold-exclude", 20), timeout=5)
+    exclude = [c.item_id for c in first.candidates[:5]]
+    assert len(exclude) == 5
+    res = await server.stub.Retrieve(
+        request("cold-exclude", 20, exclude_item_ids=exclude), timeout=5
+    )
+    assert not {c.item_id for c in res.candidates} & set(exclude)
+
+
+async def test_stated_genres_do_not_override_a_known_users_history(server, mv: ModelVersion):
+    """Stated genres are for cold users: a watcher's history still picks the genre lists."""
+    user, _ = typical_user(mv)
+    plain = await server.stub.Retrieve(
+        retrieval_pb2.RetrieveRequest(
+            user=common_pb2.UserContext(user_id=user), budget=30, sources=["top_genre"]
+        ),
+        timeout=5,
+    )
+    used = {c.genre for c in plain.candidates}
+    other = next(g for g in mv.spec.genres if g not in used)
+    stated = await server.stub.Retrieve(
+        retrieval_pb2.RetrieveRequest(
+            user=common_pb2.UserContext(
+                user_id=user, features=common_pb2.UserFeatures(genre_ratings={other: 5.0})
+            ),
+            budget=30,
+            sources=["top_genre"],
+        ),
+        timeout=5,
+    )
+    assert [c.item_id for c in stated.candidates] == [c.item_id for c in plain.candidates]
+
+
+async def test_request_country_overrides_the_stored_one(server, mv: ModelVersion):
+    """A country sent with the request wins over the stored one."""
+    user, _ = typical_user(mv)
+    r = redis.Redis.from_url(server.settings.redis_url.get_secret_value())
+    stored = r.hget(redis_keys.user_state(user), "country")
+    stored = stored.decode() if stored else ""
+    other = next(c for c in mv.spec.countries if c != stored)
+    cold = await server.stub.Retrieve(
+        retrieval_pb2.RetrieveRequest(
+            user=common_pb2.UserContext(
+                user_id="nobody-country", features=common_pb2.UserFeatures(country=other)
+            ),
+            budget=5000,
+            sources=["top_country"],
+        ),
+        timeout=5,
+    )
+    watched = {m.decode() for m in r.smembers(redis_keys.user_watched(user))}
+    recent = {m.decode() for m in r.lrange(redis_keys.user_recent(user), 0, -1)}
+    want = [c.item_id for c in cold.candidates if c.item_id not in watched | recent][:10]
+    res = await server.stub.Retrieve(
+        retrieval_pb2.RetrieveRequest(
+            user=common_pb2.UserContext(
+                user_id=user, features=common_pb2.UserFeatures(country=other)
+            ),
+            budget=10,
+            sources=["top_country"],
+        ),
+        timeout=5,
+    )
+    assert [c.item_id for c in res.candidates] == want
+
+
+async def test_a_corrupt_hash_still_gets_the_top_lists(server, mv: ModelVersion):
+    """A corrupt hash is that user's problem, not Redis being down: the top lists still answer."""
+    user = "corrupt-hash-user"
+    r = redis.Redis.from_url(server.settings.redis_url.get_secret_value())
+    r.hset(redis_keys.user_state(user), mapping={"n": "not-a-number", "sum": "x"})
+    r.sadd(redis_keys.user_watched(user), mv.item_ids[0])
+    try:
+        res = await server.stub.Retrieve(
+            retrieval_pb2.RetrieveRequest(
+                user=common_pb2.UserContext(
+                    user_id=user, features=common_pb2.UserFeatures(country=mv.spec.countries[0])
+                ),
+                budget=20,
+                sources=["top_country"],
+            ),
+            timeout=5,
+        )
+    finally:
+        r.delete(redis_keys.user_state(user), redis_keys.user_watched(user))
+    reports = {x.source: x for x in res.source_reports}
+    assert reports["top_country"].status == common_pb2.SOURCE_STATUS_OK, reports
+    assert len(res.candidates) == 20
+
+
+async def test_every_source_timing_out_on_a_short_deadline_is_deadline_exceeded(
+    plugin_path, published, redis_server
+):
+    """A deadline too short for any source is the caller's DEADLINE_EXCEEDED, not UNAVAILABLE."""
+    sources = [*default_sources(), {"name": "slow_long", "type": "test_slow", "timeout_ms": 5000}]
+    settings = settings_for(published.parent, redis_server.url, sources=sources)
+    async with Running(settings) as srv:
+        with pytest.raises(DeadlineExceeded):
+            await srv.app.engine.retrieve(RetrieveQuery("u", sources=["slow_long"]), timeout_s=0.2)
+
+
+@pytest.mark.parametrize("key", ["watched", "recent"])
+async def test_a_wrong_typed_watched_or_recent_key_degrades_not_fails(server, mv, key):
+    """A wrong-typed watched set or recent list degrades that answer; it was INTERNAL."""
+    user = f"wrongtype-{key}"
+    r = redis.Redis.from_url(server.settings.redis_url.get_secret_value())
+    bad = redis_keys.user_watched(user) if key == "watched" else redis_keys.user_recent(user)
+    r.set(bad, "not-a-collection")
+    try:
+        res = await server.stub.Retrieve(request(user, 10), timeout=5)
+    finally:
+        r.delete(bad)
+    assert len(res.candidates) == 10 and res.degraded
+
+
+async def test_a_bad_recent_id_is_named_by_its_position_in_the_request(server):
+    """The error names the bad id by its position in the request, not in the newest-first list."""
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await server.stub.Retrieve(request("u", 5, recent_item_ids=["1", "", "2", "3"]), timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("user.recent_item_ids[1]:"), err.value.details()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import redis
 
+from recsys import redis_keys
 from recsys.artifacts import ModelVersion
 from recsys.client import RecommenderClient, format_table
 from recsys.v1 import common_pb2, ranking_pb2, retrieval_pb2
@@ -137,3 +139,32 @@ async def test_distinct_countries_do_not_grow_the_reason_memo_of_other_sources(
         for country in mv.spec.countries[:2]:
             regional = await answer(country, "top_country")
             assert {r.ref for i in regional.items for r in i.reasons} == {country}
+
+
+async def test_regional_reason_names_the_stored_country(stack, mv, published_version, redis_server):
+    """A known user who sends no country gets the stored one as the regional reason's ref."""
+    ranking, _, _, _ = stack
+    r = redis.Redis.from_url(redis_server.url)
+    uid, country = None, None
+    for u in mv.users["user_id"]:
+        c = r.hget(redis_keys.user_state(str(u)), "country")
+        if c:
+            uid, country = str(u), c.decode()
+            break
+    assert uid is not None
+    resp = await recommend(ranking, common_pb2.UserContext(user_id=uid), "top_country")
+    assert {(x.kind, x.ref) for it in resp.items for x in it.reasons} == {
+        ("top_in_country", country)
+    }
+
+
+async def test_regional_reason_is_not_shared_across_countries(stack, mv, published_version):
+    """The reason memo never gives one user another's country."""
+    ranking, _, _, _ = stack
+    a, b = mv.spec.countries[0], mv.spec.countries[1]
+    for n, country in enumerate((a, b, a)):
+        user = common_pb2.UserContext(
+            user_id=f"fresh-country-{n}", features=common_pb2.UserFeatures(country=country)
+        )
+        resp = await recommend(ranking, user, "top_country")
+        assert {x.ref for it in resp.items for x in it.reasons} == {country}

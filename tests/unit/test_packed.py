@@ -287,3 +287,14 @@ def test_provenance_reads_the_same_fields_as_the_properties():
     order = [len(cands) - 1, 0, 0, *range(len(cands))]
     assert cands.provenance_many(order) == [cands[i].provenance() for i in order]
     assert cands.provenance_many([]) == []
+
+
+@pytest.mark.parametrize("top", [0x7F, 0x80, 0x81, 0x3FFF, 0x4000, 2**63 + 5])
+def test_varints_at_the_byte_boundaries_match_protobuf(top):
+    """One byte up to 127, two from 128: the boundaries a random draw rarely hits."""
+    from google.protobuf.internal.encoder import _VarintBytes
+
+    from recsys.packed import _varints
+
+    values = np.asarray([0, 1, top - 1, top], np.uint64)
+    assert _varints(values) == b"".join(_VarintBytes(int(v)) for v in values)

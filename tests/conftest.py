@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,16 @@ from recsys.embedded_redis import EmbeddedRedis
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("RECSYS_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+def ipv6_loopback() -> bool:
+    """True when this machine can bind ``::1`` (CI containers may have IPv6 off)."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
 
 
 @pytest.fixture(autouse=True)

@@ -21,6 +21,7 @@ from recsys.artifacts import open_version
 from recsys.client import RecommenderClient
 from recsys.config import load_settings
 from recsys.stack import start_stack
+from tests.conftest import ipv6_loopback
 
 pytestmark = pytest.mark.slow
 
@@ -205,27 +206,24 @@ def test_up_serves_a_model_dir_emptied_and_trained_again(
         stack.stop()
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
+def _own_copy(trained_version: Path, tmp_path: Path, monkeypatch):
+    """Settings for a stack of its own: a copy of the trained version, an embedded Redis."""
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    shutil.copytree(trained_version, model_dir / trained_version.name)
+    monkeypatch.delenv("RECSYS_REDIS_URL", raising=False)
+    return load_settings(model_dir=model_dir)
 
 
-@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback here")
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback here")
 def test_up_serves_the_configured_host_where_the_client_dials(
     trained_version: Path, tmp_path: Path, monkeypatch
 ):
     """``up`` bound 127.0.0.1 whatever the config said; ``recommend`` dialled [::1]."""
     from recsys.embedded_redis import free_port
 
-    model_dir = tmp_path / "models"
-    model_dir.mkdir()
-    shutil.copytree(trained_version, model_dir / trained_version.name)
-    monkeypatch.delenv("RECSYS_REDIS_URL", raising=False)
-    settings = load_settings(model_dir=model_dir)
+    settings = _own_copy(trained_version, tmp_path, monkeypatch)
+    model_dir = settings.model_dir
     for server in (settings.retrieval, settings.ranking):
         server.host, server.port = "::1", free_port()
     stack = start_stack(settings, quiet=True, log_dir=tmp_path / "logs", health_timeout_s=180)
@@ -242,11 +240,8 @@ def test_the_demo_moves_off_a_busy_configured_port(
     trained_version: Path, tmp_path: Path, monkeypatch
 ):
     """Only ``up`` without ``--demo`` refuses: the demo's client asks the stack where it is."""
-    model_dir = tmp_path / "models"
-    model_dir.mkdir()
-    shutil.copytree(trained_version, model_dir / trained_version.name)
-    monkeypatch.delenv("RECSYS_REDIS_URL", raising=False)
-    settings = load_settings(model_dir=model_dir)
+    settings = _own_copy(trained_version, tmp_path, monkeypatch)
+    model_dir = settings.model_dir
     settings.retrieval.port = 0
     with socket.socket() as other:
         other.bind(("127.0.0.1", 0))

@@ -20,6 +20,7 @@ from recsys.embedded_redis import free_port
 from recsys.serving import reserve_port
 from recsys.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
 from retrieval_service.server import SERVICE_NAME
+from tests.conftest import ipv6_loopback
 
 
 def _children(pid: int) -> list[int]:
@@ -282,16 +283,7 @@ def test_workers_draining_longer_than_the_margin_still_stop_cleanly(
             proc.wait()
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
+@pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")
 @pytest.mark.parametrize(("host", "workers"), [("::1", 1), ("[::1]", 2)])
 def test_an_ipv6_host_serves_grpc_and_metrics(
     published_version: Path, redis_url: str, tmp_path: Path, host: str, workers: int

@@ -102,6 +102,20 @@ async def test_a_failing_batch_fails_its_callers_only(inline):
 
 
 @pytest.mark.parametrize("inline", [False, True])
+async def test_a_batch_function_that_loses_answers_fails_its_callers(inline):
+    """Too few results cannot be matched to callers: each one fails instead of waiting forever."""
+    b = MicroBatcher(lambda batch: batch[1:], max_batch_size=2, max_wait_s=0.05, inline=inline)
+    try:
+        r = await asyncio.wait_for(
+            asyncio.gather(b.submit("a"), b.submit("b"), return_exceptions=True), timeout=5
+        )
+        assert all(isinstance(x, RuntimeError) for x in r), r
+        assert "returned 1 results for 2 requests" in str(r[0])
+    finally:
+        await b.close()
+
+
+@pytest.mark.parametrize("inline", [False, True])
 async def test_cancelled_callers_cost_no_model_time(inline):
     fn = Recorder()
     b = MicroBatcher(fn, max_batch_size=8, max_wait_s=0.05, inline=inline)

@@ -72,7 +72,7 @@ def _child(area: str, quick: bool, result_file: Path) -> int:
     except BaseException:
         result_file.write_text(json.dumps({"error": traceback.format_exc()}))
         return 1
-    result_file.write_text(json.dumps({"result": common._jsonable(result)}))
+    result_file.write_text(json.dumps({"result": common.jsonable(result)}))
     return 0
 
 

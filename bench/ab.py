@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shlex
 import statistics
@@ -43,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import describe_machine, machine_info, stack_on_copy
+from bench.common import describe_machine, jsonable, machine_info, stack_on_copy
 
 REPO = Path(__file__).resolve().parents[1]
 CONCURRENCY = 64
@@ -88,29 +89,48 @@ def round_order(rounds: int) -> list[tuple[int, str]]:
 def summarise(
     rows: dict[str, list[dict[str, float]]], per_start: Sequence[int] | None = None
 ) -> dict[str, Any]:
-    """Means and medians per side, and the B/A throughput ratio of each round (and start)."""
+    """Means and medians per side, and the B/A throughput ratio of each round (and start).
+
+    A round without a figure (no OK answer, so no p99; no answer from A, so
+    no ratio) is left out of the means and medians, which would otherwise
+    depend on where NaN sorts, and counted instead (``*_dropped``,
+    ``rounds_a_answered_nothing``): a run of many minutes still reports.
+    """
     out: dict[str, Any] = {}
     for label in ("A", "B"):
         side = rows[label]
-        out[label] = {
-            key: {
-                "mean": round(statistics.mean(r[key] for r in side), 3),
-                "median": round(statistics.median(r[key] for r in side), 3),
-            }
-            for key in ("qps", "p99_ms", "cpu_ranking_ms", "cpu_retrieval_ms")
-        }
+        out[label] = {key: _stats([r[key] for r in side]) for key in _FIGURES}
         out[label]["errors"] = sum(int(r["errors"]) for r in side)
-    ratios = [b["qps"] / a["qps"] for a, b in zip(rows["A"], rows["B"], strict=True)]
+    ratios = [
+        b["qps"] / a["qps"] if a["qps"] > 0 else math.nan
+        for a, b in zip(rows["A"], rows["B"], strict=True)
+    ]
     out["qps_ratio_per_round"] = [round(x, 3) for x in ratios]
-    out["qps_ratio_median"] = round(statistics.median(ratios), 3)
-    out["b_wins"] = sum(x > 1.0 for x in ratios)
+    out["qps_ratio_median"] = _stats(ratios)["median"]
+    out["b_wins"] = sum(x > 1.0 for x in ratios if math.isfinite(x))
+    out["rounds_a_answered_nothing"] = sum(a["qps"] <= 0 for a in rows["A"])
     if per_start is not None:
         medians, at = [], 0
         for n in per_start:
-            medians.append(round(statistics.median(ratios[at : at + n]), 3))
+            medians.append(_stats(ratios[at : at + n])["median"])
             at += n
         out["qps_ratio_median_per_start"] = medians
     return out
+
+
+_FIGURES = ("qps", "p99_ms", "cpu_ranking_ms", "cpu_retrieval_ms")
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    """Mean and median of the finite values (NaN when none), and how many were not."""
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return {"mean": math.nan, "median": math.nan, "dropped": len(values)}
+    return {
+        "mean": round(statistics.mean(finite), 3),
+        "median": round(statistics.median(finite), 3),
+        "dropped": len(values) - len(finite),
+    }
 
 
 @contextlib.contextmanager
@@ -297,7 +317,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"B/A median per start: {s['qps_ratio_median_per_start']}")
     if args.out:
-        args.out.write_text(json.dumps({"machine": machine_info(), **result}, indent=2))
+        args.out.write_text(json.dumps(jsonable({"machine": machine_info(), **result}), indent=2))
     return 0
 
 

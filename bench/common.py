@@ -197,17 +197,18 @@ def header(title: str, area: str | None = None, quick: bool = False) -> str:
 # --- results ----------------------------------------------------------------------
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """``obj`` as plain JSON types: non-finite floats become null (``json`` writes bare NaN)."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, str | int | float | bool) or obj is None:
         return obj
     if hasattr(obj, "item"):  # numpy scalars
-        return _jsonable(obj.item())
+        return jsonable(obj.item())
     if isinstance(obj, Path):
         return str(obj)
     return str(obj)
@@ -243,7 +244,8 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         if not math.isfinite(v):
             return "n/a"
-        return f"{v:.4g}" if abs(v) < 1e5 else f"{v:,.0f}"
+        # .4g writes 36,980 as 3.698e+04: four significant digits only below 1,000.
+        return f"{v:.4g}" if abs(v) < 1e3 else f"{v:,.1f}" if abs(v) < 1e5 else f"{v:,.0f}"
     if v is None:
         return "n/a"
     return str(v)
@@ -354,7 +356,7 @@ def write_results(
         "ratios": collect_ratios(results),
         "results": results,
     }
-    report = _jsonable(report)
+    report = jsonable(report)
     out_dir.mkdir(parents=True, exist_ok=True)
     host = "".join(c if c.isalnum() or c in "-_" else "-" for c in machine["host"]) or "host"
     stem = f"{started_at.strftime('%Y-%m-%d')}-{host}"

@@ -479,4 +479,4 @@ def run(quick: bool = False) -> dict:
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--catalogue-child":
         sys.exit(_catalogue_child(sys.argv[2]))
-    print(json.dumps(common._jsonable(run(quick="--quick" in sys.argv)), indent=2))
+    print(json.dumps(common.jsonable(run(quick="--quick" in sys.argv)), indent=2))

@@ -1,7 +1,9 @@
 """bench.ab's pure parts: environment parsing, round order, the summary, the side context."""
 
+import math
 import os
 import shlex
+import statistics
 from pathlib import Path
 
 import pytest
@@ -49,7 +51,7 @@ def test_summary_ratios_medians_and_wins():
     assert s["qps_ratio_median_per_start"] == [1.0, 1.5]
     assert s["qps_ratio_median"] == 1.1
     assert s["b_wins"] == 2
-    assert s["A"]["qps"] == {"mean": 133.333, "median": 100}
+    assert s["A"]["qps"] == {"mean": 133.333, "median": 100, "dropped": 0}
     assert s["B"]["errors"] == 2 and s["A"]["errors"] == 0
 
 
@@ -77,3 +79,29 @@ def test_the_reproduce_line_pastes_back_as_the_same_arguments():
     line = reproduce_line(argv)
     assert line.startswith("python -m bench.ab ")
     assert shlex.split(line)[3:] == argv
+
+
+def _row(qps: float, p99: float = 10.0) -> dict[str, float]:
+    return {"qps": qps, "p99_ms": p99, "errors": 0, "cpu_ranking_ms": 1.0, "cpu_retrieval_ms": 0.5}
+
+
+def test_a_round_where_side_a_answered_nothing_is_counted_not_a_crash():
+    """It was a ZeroDivisionError after every round had run: the whole A/B lost."""
+    rows = {
+        "A": [_row(100.0), _row(0.0, math.nan), _row(101.0)],
+        "B": [_row(102.0), _row(99.0), _row(98.0)],
+    }
+    s = summarise(rows, [3])
+    assert s["rounds_a_answered_nothing"] == 1
+    assert s["b_wins"] == 1
+    assert s["qps_ratio_median"] == round(statistics.median([102 / 100, 98 / 101]), 3)
+    assert s["A"]["p99_ms"] == {"mean": 10.0, "median": 10.0, "dropped": 1}
+
+
+def test_the_medians_do_not_depend_on_where_a_missing_p99_falls():
+    orders = ([10.0, math.nan, 12.0], [math.nan, 10.0, 12.0], [10.0, 12.0, math.nan])
+    got = {
+        summarise({"A": [_row(100, p) for p in o], "B": [_row(100)] * 3})["A"]["p99_ms"]["median"]
+        for o in orders
+    }
+    assert got == {11.0}

@@ -9,7 +9,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from retrieval_service.served import ServedVersion, cosine_from_angular
+from retrieval_service.served import TUNED_SEARCH_K, ServedVersion, cosine_from_angular
 from retrieval_service.sources.base import (
     Candidate,
     CandidateBlock,
@@ -29,7 +29,7 @@ class AnnoySimilarConfig(SourceConfig):
     seeds: int = Field(10, ge=1, description="How many of the newest recent items seed the search.")
     per_seed: int = Field(50, ge=1, description="Neighbours fetched per seed.")
     search_k: int = Field(
-        750,
+        TUNED_SEARCH_K,
         description="Nodes Annoy inspects per query (-1: n_trees * (per_seed + 1)). Tuned with "
         "the trainer's default 10 trees: recall@10 0.957, recall@50 0.90 on 100K x 32 vectors "
         "(bench/retrieval.py sweeps trees and search_k). An index built with more trees costs "

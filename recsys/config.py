@@ -407,7 +407,10 @@ class ExperimentSettings(_Strict):
     variants: list[VariantSettings] = Field(
         default_factory=list,
         description="The arms: [[experiments.variants]] tables with name, share, "
-        "model_version and sources overrides; shares sum to 1.",
+        "model_version and sources overrides; shares sum to 1. Their order is part of "
+        "the assignment (slices are laid out in it, so reordering moves users), and the "
+        "first is the default variant (requests without a user id, SimilarItems without "
+        "one).",
     )
 
     @model_validator(mode="after")

@@ -8,8 +8,11 @@ Bucketing hashes ``(experiment name, user id)`` with BLAKE2b into a number
 in ``[0, 1)`` and picks the variant whose slice of the cumulative shares
 holds it. The hash is stable across processes, machines and Python versions
 (unlike ``hash()``), so a user stays in one variant for as long as the
-experiment's name and shares stay the same. Renaming the experiment
+experiment's name, its variants' order and their shares stay the same: the
+slices are laid out in config order, so reordering the variants moves users
+(and changes the default variant, the first one). Renaming the experiment
 reshuffles everyone, which is how a new experiment gets fresh buckets.
+Requests without a user id get the default variant.
 
 With no variants configured there is one implicit variant, ``default``,
 that serves the current model version and the configured sources, and
@@ -128,8 +131,13 @@ class Experiment:
         return [v.name for v in self.variants]
 
     def assign(self, user_id: str) -> Variant:
-        """The variant a user is bucketed into."""
-        if not self.active:
+        """The variant a user is bucketed into; a request without a user gets the default one.
+
+        An empty id would hash to one fixed bucket, sending every anonymous
+        ``Rank`` to whichever arm that bucket falls in (depending on the
+        experiment's name), whatever the shares.
+        """
+        if not self.active or not user_id:
             return self.default
         i = bisect.bisect_right(self._bounds, bucket(self.name, user_id))
         # A zero-share variant has an empty slice; min() guards a rounding edge.

@@ -37,6 +37,14 @@ def test_shares_within_two_percent_over_100k_users(shares):
         assert abs(counts[v] / n - share) < 0.02, (v, counts[v] / n, share)
 
 
+def test_a_request_without_a_user_gets_the_default_variant():
+    """The empty id hashed to one bucket: every anonymous Rank went to that arm."""
+    exp = experiment(0.9, 0.1, name="exp-24")
+    assert bucket("exp-24", "") > 0.9, "the empty id's bucket lies in v1's slice"
+    assert exp.assign("").name == exp.resolve("").name == "v0" == exp.default.name
+    assert exp.resolve("", "v1").name == "v1", "forcing still works"
+
+
 def test_assignment_is_deterministic_and_sticky():
     a, b = experiment(0.5, 0.5), experiment(0.5, 0.5)
     users = [f"u{i}" for i in range(2000)]

@@ -121,6 +121,30 @@ def summarise(
 _FIGURES = ("qps", "p99_ms", "cpu_ranking_ms", "cpu_retrieval_ms")
 
 
+def summary_lines(s: dict[str, Any]) -> list[str]:
+    """The console summary of :func:`summarise`'s result, saying what it left out."""
+    lines = []
+    for label in ("A", "B"):
+        x = s[label]
+        missing = {k: x[k]["dropped"] for k in _FIGURES if x[k].get("dropped")}
+        lines.append(
+            f"{label}: {x['qps']['mean']:.1f} req/s mean ({x['qps']['median']:.1f} median), "
+            f"p99 {x['p99_ms']['mean']:.1f} ms, cpu/call ranking {x['cpu_ranking_ms']['mean']:.3f}"
+            f" retrieval {x['cpu_retrieval_ms']['mean']:.3f} ms, errors {x['errors']}"
+            + (f"; rounds without a figure (left out): {missing}" if missing else "")
+        )
+    ratios = s["qps_ratio_per_round"]
+    nothing = s.get("rounds_a_answered_nothing", 0)
+    lines.append(
+        f"B/A throughput per round: {ratios}; median {s['qps_ratio_median']:.3f}; B better in "
+        f"{s['b_wins']} of {len(ratios) - nothing}"
+        + (f" ({nothing} rounds where A answered nothing, left out)" if nothing else "")
+    )
+    if "qps_ratio_median_per_start" in s:
+        lines.append(f"B/A median per start: {s['qps_ratio_median_per_start']}")
+    return lines
+
+
 def _stats(values: list[float]) -> dict[str, float]:
     """Mean and median of the finite values (NaN when none), and how many were not."""
     finite = [v for v in values if math.isfinite(v)]
@@ -303,19 +327,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         a, b, rounds=args.rounds, starts=args.starts, duration=args.duration, warmup=args.warmup,
         model_dir=args.model_dir, say=lambda line: print(line, flush=True),
     )  # fmt: skip
-    s = result["summary"]
-    for label in ("A", "B"):
-        x = s[label]
-        print(
-            f"{label}: {x['qps']['mean']:.1f} req/s mean ({x['qps']['median']:.1f} median), "
-            f"p99 {x['p99_ms']['mean']:.1f} ms, cpu/call ranking {x['cpu_ranking_ms']['mean']:.3f}"
-            f" retrieval {x['cpu_retrieval_ms']['mean']:.3f} ms, errors {x['errors']}"
-        )
-    print(
-        f"B/A throughput per round: {s['qps_ratio_per_round']}; median "
-        f"{s['qps_ratio_median']:.3f}; B better in {s['b_wins']} of {len(s['qps_ratio_per_round'])}"
-    )
-    print(f"B/A median per start: {s['qps_ratio_median_per_start']}")
+    for line in summary_lines(result["summary"]):
+        print(line)
+
     if args.out:
         args.out.write_text(json.dumps(jsonable({"machine": machine_info(), **result}), indent=2))
     return 0

@@ -404,15 +404,20 @@ class RequestFactory:
 
     def payload(self, index: int) -> bytes:
         """The serialised request for population member ``index``."""
+        if self.config.rpc == "Rank":
+            # Fields concatenated on the wire read as one message. Only the
+            # user's few bytes are cached per index: whole payloads would hold
+            # every candidate list twice.
+            head = self._cache.get(index)
+            if head is None:
+                head = self._rank_head(index).SerializeToString()
+                if len(self._cache) < _CACHE_CAP:
+                    self._cache[index] = head
+            return head + self._rank_candidates(index % _CACHE_CAP)
         cached = self._cache.get(index)
         if cached is not None:
             return cached
-        if self.config.rpc == "Rank":
-            # Fields concatenated on the wire read as one message.
-            head = self._rank_head(index).SerializeToString()
-            data = head + self._rank_candidates(index % _CACHE_CAP)
-        else:
-            data = self.build(index).SerializeToString()
+        data = self.build(index).SerializeToString()
         if len(self._cache) < _CACHE_CAP:
             self._cache[index] = data
         return data

@@ -13,6 +13,7 @@ out (children also get SIGTERM if this process dies, via
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shlex
@@ -36,15 +37,41 @@ from recsys.errors import UserFacingError
 
 
 def _port_free(host: str, port: int) -> bool:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as s:
-        # As gRPC binds: a port an old stack's connections leave in TIME_WAIT is
-        # free to it, only one something listens on (or holds) is not.
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host or "0.0.0.0", port))
-        except OSError:
-            return False
+    """False when something holds ``port`` on any address ``host`` names here.
+
+    Raises:
+        UserFacingError: ``host`` is no address of this machine (a name that
+            does not resolve, another machine's IP): binding would fail later,
+            after training, whatever the port.
+    """
+    try:
+        addresses = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise UserFacingError(f"host {host!r} does not resolve here: {exc.strerror}") from None
+    failure = None
+    bindable = False
+    for family, kind, proto, _name, address in addresses:
+        with socket.socket(family, kind, proto) as s:
+            # As gRPC binds: a port an old stack's connections leave in TIME_WAIT
+            # is free to it, only one something listens on (or holds) is not.
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    return False
+                # gRPC serves on the addresses it can bind ("localhost" may
+                # name an ::1 this machine lacks): only none at all is fatal.
+                failure = exc
+            else:
+                bindable = True
+    if not bindable:
+        why = failure.strerror if failure is not None else "no address"
+        raise UserFacingError(
+            f"cannot listen on {host!r} here: {why} (is it an address of this machine?)"
+        )
     return True
 
 

@@ -302,9 +302,10 @@ local newer = false  -- the stored hash comes from this snapshot or a newer one
 if kind == 'hash' and version then
   local stamp = redis.call('HMGET', KEYS[1], 'pv', 'pt')
   local wrote, wrote_at = tonumber(stamp[1] or ''), tonumber(stamp[2] or '')
-  if wrote and wrote_at and made then
+  -- A time of 0 is "not recorded" (and 0 is true in Lua): number alone then.
+  if wrote and wrote_at and wrote_at > 0 and made and made > 0 then
     newer = wrote >= version and wrote_at >= made
-  elseif wrote and not stamp[2] then
+  elseif wrote and (not stamp[2] or wrote_at == 0 or made == 0) then
     newer = wrote >= version
   end
 end

@@ -264,6 +264,11 @@ def test_a_version_without_a_creation_time_is_ordered_by_number(client, trained_
     client.hset(state, "n", 999)
     assert publish(v2, client, quiet=True).users_replaced == len(mv.users["user_id"])
     assert int(client.hget(state, "n")) != 999
+    assert client.hget(state, "pt") == "0"
+    # Stamped without a time, so a rollback to the timed 1 is older by number.
+    client.hset(state, "n", 999)
+    assert publish(v1, client, quiet=True, rollback=True).users_replaced == 0
+    assert int(client.hget(state, "n")) == 999
 
 
 def test_a_hash_stamped_before_creation_times_is_ordered_by_number(

@@ -17,6 +17,7 @@ from bench.ab import (
     round_order,
     split_rounds,
     summarise,
+    summary_lines,
 )
 
 
@@ -96,6 +97,16 @@ def test_a_round_where_side_a_answered_nothing_is_counted_not_a_crash():
     assert s["b_wins"] == 1
     assert s["qps_ratio_median"] == round(statistics.median([102 / 100, 98 / 101]), 3)
     assert s["A"]["p99_ms"] == {"mean": 10.0, "median": 10.0, "dropped": 1}
+
+
+def test_the_console_summary_says_which_rounds_it_left_out():
+    rows = {
+        "A": [_row(100.0), _row(0.0, math.nan), _row(101.0)],
+        "B": [_row(102.0), _row(99.0), _row(98.0)],
+    }
+    text = "\n".join(summary_lines(summarise(rows, [3])))
+    assert "B better in 1 of 2 (1 rounds where A answered nothing, left out)" in text
+    assert "{'p99_ms': 1}" in text
 
 
 def test_the_medians_do_not_depend_on_where_a_missing_p99_falls():

@@ -144,8 +144,11 @@ def test_rank_requests_carry_distinct_candidates_from_the_catalogue():
     assert len(req.candidate_item_ids) == 100
     assert len(set(req.candidate_item_ids)) == 100
     assert set(req.candidate_item_ids) <= set(items)
-    # Built once and cached: the same bytes come back.
-    assert f.payload(1) is f.payload(1)
+    # The candidate list is serialised once; only the user's bytes are kept
+    # per user (a whole payload cached as well held every list twice).
+    assert f.payload(1) == f.payload(1)
+    assert list(f._candidates) == [1] and f._cache[1] == f.payload(1)[: len(f._cache[1])]
+    assert len(f._cache[1]) < 20
     # More candidates than items: the whole catalogue.
     small = RequestFactory(LoadConfig(rpc="Rank", item_ids=items[:5], candidates=100))
     assert len(ranking_pb2.RankRequest.FromString(small.payload(0)).candidate_item_ids) == 5

@@ -16,7 +16,7 @@ import pytest
 from recsys.cli import build_parser
 from recsys.config import load_settings
 from recsys.errors import UserFacingError
-from recsys.stack import recommend_hint, start_stack
+from recsys.stack import _port_free, recommend_hint, start_stack
 
 
 @pytest.mark.parametrize("service", ["retrieval", "ranking"])
@@ -46,3 +46,27 @@ def test_the_hint_for_a_free_port_is_a_command_recommend_parses():
     assert (args.command, args.target, args.config) == ("recommend", "127.0.0.1:40123", config)
     tls = build_parser().parse_args(shlex.split(recommend_hint("[::1]:1", None, tls=True))[1:])
     assert (tls.target, tls.config, tls.tls_ca) == ("[::1]:1", None, Path("CA_FILE"))
+
+
+@pytest.mark.parametrize("host", ["192.0.2.1", "no-such-host.invalid"])
+def test_a_host_that_is_not_this_machines_is_said_so_not_called_busy(host, tmp_path: Path):
+    """Every bind failure read as "in use", and the advice (port 0) failed after training."""
+    settings = load_settings(model_dir=tmp_path / "models")
+    settings.retrieval.port = 0
+    settings.ranking.host, settings.ranking.port = host, 50999
+    with pytest.raises(UserFacingError) as err:
+        start_stack(
+            settings, data="csv:/nonexistent", redis_url="redis://127.0.0.1:1/0", quiet=True
+        )
+    msg = str(err.value)
+    assert repr(host) in msg and "in use" not in msg, msg
+    assert not (tmp_path / "models").exists()
+
+
+def test_a_port_held_on_one_of_a_names_addresses_is_busy():
+    """``localhost`` names 127.0.0.1 (and ::1 where there is one): a holder of either counts."""
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        assert not _port_free("localhost", other.getsockname()[1])
+        assert not _port_free("0.0.0.0", other.getsockname()[1])

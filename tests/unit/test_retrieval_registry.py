@@ -152,8 +152,9 @@ async def test_record_validation():
     engine = _engine()
     with pytest.raises(InvalidArgument, match=r"^user_id: must not be empty"):
         await engine.record("", "1", None)
-    with pytest.raises(InvalidArgument, match=r"^timestamp"):
-        await engine.record("u", "1", None, timestamp=-5)
+    for negative in (-5, -1):  # -1 is the edge a sentinel check would let through
+        with pytest.raises(InvalidArgument, match=r"^timestamp: -\d+ is negative"):
+            await engine.record("u", "1", None, timestamp=negative)
     with pytest.raises(Unavailable):
         await engine.record("u", "1", 4.0)
     assert NotFound.code == "NOT_FOUND" and InvalidArgument.code == "INVALID_ARGUMENT"

@@ -170,3 +170,22 @@ def test_only_this_packages_sources_skip_the_block_alignment_check():
         pass
 
     assert not _builtin(Plugin(built[-1].config))
+
+
+def test_a_sources_answer_is_cut_to_what_it_was_asked_for():
+    """A plugin that returns more than ``k`` gets ``k`` counted, as a list or as a block."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from retrieval_service.engine import _as_block
+    from retrieval_service.sources.base import Candidate, CandidateBlock
+
+    ids = [f"i{n}" for n in range(20)]
+    served = SimpleNamespace(item_ids=ids, item_index={s: n for n, s in enumerate(ids)})
+    block = CandidateBlock(ids, np.arange(10, dtype=np.int64), np.linspace(1, 0, 10))
+    for trusted in (True, False):
+        cut = _as_block(block, 3, served, trusted=trusted)
+        assert cut.rows.tolist() == [0, 1, 2]
+    listed = _as_block([Candidate(item_id=s, score=1.0) for s in ids[:8]], 3, served)
+    assert [ids[r] for r in listed.rows.tolist()] == ids[:3]

@@ -779,3 +779,18 @@ def test_no_switch_refuses_flags_it_would_ignore(
     argv = ["publish", str(trained_version), "--redis-url", redis_url, "--no-switch", *flag]
     assert main(argv) == 2
     assert f"{flag[0]} cannot apply to it" in capsys.readouterr().err
+
+
+def test_a_published_recent_list_is_the_newest_history_length_items(
+    client, trained_version, tmp_path
+):
+    """Exactly ``history_length`` entries, newest first: the cap is not one off."""
+    v1 = _numbered_copy(trained_version, tmp_path, 1)
+    mv = ModelVersion.open(v1)
+    row = max(range(len(mv.users["user_id"])), key=lambda r: len(mv.users["watched"][r]))
+    watched = [str(i) for i in mv.users["watched"][row]]
+    cap = 7
+    assert len(watched) > cap + 1
+    publish(v1, client, quiet=True, history_length=cap)
+    recent = client.lrange(redis_keys.user_recent(str(mv.users["user_id"][row])), 0, -1)
+    assert recent == watched[::-1][:cap]

@@ -50,3 +50,21 @@ async def test_redis_down_degrades_every_user_of_the_batch():
     finally:
         await client.aclose()
     assert got == [(None, True), (None, False), (None, True)]
+
+
+async def test_a_user_read_returns_the_newest_recent_n_items(redis_url):
+    """Exactly ``recent_n``, newest first, alone and in a batch (the range end is inclusive)."""
+    from recsys.user_store import UserRead, load_users
+
+    client = aredis.Redis.from_url(redis_url)
+    try:
+        for i in range(8):
+            await record_interaction(
+                client, SPEC, "c", f"item{i}", ["Drama"], None, history_length=20
+            )
+        alone = await load_user(client, SPEC, "c", recent_n=3)
+        assert alone.recent == ["item7", "item6", "item5"]
+        (batch,) = await load_users(client, [UserRead(SPEC, "c", recent_n=3)])
+        assert batch.recent == alone.recent
+    finally:
+        await client.aclose()

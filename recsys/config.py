@@ -153,11 +153,15 @@ class ServerSettings(_Strict):
         return bare
 
     @property
-    def local_address(self) -> str:
-        """``host:port`` a client on this machine dials: a wildcard bind is reached on loopback."""
+    def dial_host(self) -> str:
+        """The host a client on this machine dials: a wildcard bind is reached on loopback."""
         # gRPC binds "::" dual-stack, so IPv4 loopback reaches that wildcard too.
-        host = "127.0.0.1" if self.host in ("", "0.0.0.0", "::") else self.host
-        return grpc_address(host, self.port)
+        return "127.0.0.1" if self.host in ("", "0.0.0.0", "::") else self.host
+
+    @property
+    def local_address(self) -> str:
+        """``host:port`` a client on this machine dials (:attr:`dial_host`, the port)."""
+        return grpc_address(self.dial_host, self.port)
 
     @model_validator(mode="after")
     def _check_server_tls(self) -> ServerSettings:

@@ -31,7 +31,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsys.artifacts import latest_version, open_version
-from recsys.config import CONFIG_ENV, RecsysSettings
+from recsys.config import CONFIG_ENV, RecsysSettings, grpc_address
 from recsys.embedded_redis import EmbeddedRedis, die_with_parent_prefix, free_port
 from recsys.errors import UserFacingError
 
@@ -328,28 +328,26 @@ def start_stack(
         logs.mkdir(parents=True, exist_ok=True)
         # The services bind the configured hosts; local clients (the demo,
         # ranking's retrieval hop, `recommend`) dial them as local_address does.
-        hosts = {"retrieval": settings.retrieval.host, "ranking": settings.ranking.host}
-        r_local = settings.retrieval.model_copy(update={"port": r_port})
-        k_local = settings.ranking.model_copy(update={"port": k_port})
-        stack.retrieval_address = r_local.local_address
-        stack.ranking_address = k_local.local_address
+        r, k = settings.retrieval, settings.ranking
+        stack.retrieval_address = grpc_address(r.dial_host, r_port)
+        stack.ranking_address = grpc_address(k.dial_host, k_port)
         services = [
             (
                 "retrieval",
                 "recsys.v1.RetrievalService",
                 stack.retrieval_address,
-                ["--port", str(r_port), "--metrics-port", "0"],
-                settings.retrieval.tls.enabled,
+                ["--host", r.host, "--port", str(r_port), "--metrics-port", "0"],
+                r.tls.enabled,
             ),
             (
                 "ranking",
                 "recsys.v1.RankingService",
                 stack.ranking_address,
                 [
-                    "--port", str(k_port), "--metrics-port", "0",
+                    "--host", k.host, "--port", str(k_port), "--metrics-port", "0",
                     "--retrieval-address", stack.retrieval_address,
                 ],
-                settings.ranking.tls.enabled,
+                k.tls.enabled,
             ),
         ]  # fmt: skip
         say(f"[4/4] starting services (logs in {logs})")
@@ -358,7 +356,7 @@ def start_stack(
             log = open(logs / f"{name}.log", "ab")  # noqa: SIM115 - lives as long as the child
             port_file = logs / f"{name}.port"
             port_file.unlink(missing_ok=True)
-            cmd = _recsys("serve", name, "--host", hosts[name], *extra)
+            cmd = _recsys("serve", name, *extra)
             proc = subprocess.Popen(
                 [*die_with_parent_prefix(), *cmd, "--port-file", str(port_file)],
                 env=env,

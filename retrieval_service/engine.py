@@ -1101,11 +1101,9 @@ class RetrievalEngine:
             raise InvalidArgument("k", f"{k} is outside 1..{self.settings.max_similar_k}")
         if user_id:
             _check_id("user_id", user_id, limit)
-        if user_id or variant:
-            chosen = self._variant(user_id, variant, "variant")
-            served = self._served_for(chosen, self.tracks)
-        else:
-            chosen, served = self.experiment.default, self.current()
+        # Without a user or a forced variant this is the default variant's track.
+        chosen = self._variant(user_id, variant, "variant")
+        served = self._served_for(chosen, self.tracks)
         if item_id not in served.item_index:
             raise NotFound(f"item_id {item_id!r} is not in catalogue version {served.version}")
         return served.similar(item_id, k), served.version, chosen.name

@@ -149,7 +149,7 @@ async def load_user(
     Raises:
         redis.RedisError: When Redis cannot be reached; callers degrade.
     """
-    pipe = redis.pipeline(transaction=False)
+    pipe = redis.pipeline(transaction=True)  # one snapshot: see load_users
     _queue_reads(pipe, user_id, recent_n, with_watched)
     return _decode(spec, user_id, await pipe.execute(), recent_n, with_watched)
 
@@ -190,7 +190,12 @@ async def load_users(
     """
     if not reads:
         return []
-    pipe = redis.pipeline(transaction=False)
+    # MULTI/EXEC: Redis runs another client's commands (a RecordInteraction
+    # script) between two socket reads of a large pipeline (~16 KB and up),
+    # so without it a user could be read with an interaction in the watched
+    # set but not yet in the aggregates. Per-command errors still come back
+    # per user, and the client parses the one EXEC reply no slower.
+    pipe = redis.pipeline(transaction=True)
     sizes = [_queue_reads(pipe, r.user_id, r.recent_n, r.with_watched) for r in reads]
     async with asyncio.timeout(timeout_s):
         replies = await pipe.execute(raise_on_error=False)

@@ -106,6 +106,7 @@ class RetrievalClient:
             self.address,
             aio=True,
             tls=settings.retrieval_tls,
+            tls_setting="ranking.retrieval_tls",
             max_message_bytes=settings.max_message_bytes,
             max_attempts=2,
         )

@@ -77,6 +77,7 @@ def create_channel(
     *,
     aio: bool = False,
     tls: TLSSettings | None = None,
+    tls_setting: str = "tls",
     max_message_bytes: int = 16 * 1024 * 1024,
     max_attempts: int = 4,
     round_robin: bool = True,
@@ -89,15 +90,21 @@ def create_channel(
         aio: Return a ``grpc.aio.Channel`` instead of a blocking one.
         tls: TLS settings; a CA (and for mutual TLS a client cert/key) when
             enabled. ``None`` or no files means plaintext.
+        tls_setting: Where ``tls`` sits in the config, for the message
+            about an unusable file (``ranking.retrieval_tls``).
         max_message_bytes: Largest message either way.
         max_attempts: Attempts per call for UNAVAILABLE (1 disables retries).
         round_robin: Balance over all resolved addresses.
+
+    Raises:
+        UserFacingError: A TLS file is unusable (the message names it and
+            ``tls_setting``).
     """
     options = channel_options(max_message_bytes, max_attempts=max_attempts, round_robin=round_robin)
     secure = tls is not None and (tls.ca_file is not None or tls.enabled)
     mod = grpc.aio if aio else grpc
     if secure:
-        return mod.secure_channel(target, channel_credentials(tls), options=options)
+        return mod.secure_channel(target, channel_credentials(tls, tls_setting), options=options)
     return mod.insecure_channel(target, options=options)
 
 

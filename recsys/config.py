@@ -41,7 +41,13 @@ class _Strict(BaseModel):
 
 
 class TLSSettings(_Strict):
-    """Server or client TLS material; all paths are PEM files."""
+    """Server or client TLS material; all paths are PEM files.
+
+    Read and checked at start-up: a file that is missing or unreadable,
+    holds no PEM certificate (an empty CA file included) or no private key,
+    or a key that is not the certificate's stops the service with a message
+    naming the setting.
+    """
 
     cert_file: Path | None = Field(None, description="This side's certificate (PEM).")
     key_file: Path | None = Field(None, description="This side's private key (PEM).")

@@ -24,6 +24,7 @@ import select
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -315,26 +316,106 @@ def grpc_options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-def _read(path: Path | None) -> bytes | None:
-    return Path(path).read_bytes() if path else None
+@dataclass(frozen=True)
+class TLSFiles:
+    """The PEM contents of one side's :class:`TLSSettings`, read and checked."""
+
+    cert: bytes | None
+    key: bytes | None
+    ca: bytes | None
 
 
-def server_credentials(tls: TLSSettings) -> grpc.ServerCredentials:
-    """TLS (or mutual TLS when a CA is set) from PEM paths."""
-    ca = _read(tls.ca_file)
+def _holds_certificates(pem: bytes) -> bool:
+    try:
+        # As str, cadata is PEM (as bytes it would be DER); "" raises ValueError.
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=pem.decode("ascii"))
+    except (ssl.SSLError, ValueError):  # UnicodeDecodeError is a ValueError
+        return False
+    return True
+
+
+def read_tls_files(tls: TLSSettings, setting: str) -> TLSFiles:
+    """Reads the files ``tls`` names, refusing any that gRPC could not use.
+
+    gRPC takes whatever bytes it is given and fails later and elsewhere: a
+    server's bad certificate or key reads "Failed to bind to address", a
+    client's bad CA makes every call UNAVAILABLE, and an empty CA file read
+    as no CA (mutual TLS then checked no client). So each file is
+    checked here, at start-up, with the standard library's OpenSSL: it is
+    readable, a certificate file holds at least one PEM certificate, and
+    the key is the certificate's.
+
+    Args:
+        tls: One side's TLS settings.
+        setting: Where ``tls`` sits in the config (``retrieval.tls``); the
+            errors name ``<setting>.<field>``.
+
+    Returns:
+        The files' bytes, None for a path that is not set.
+
+    Raises:
+        UserFacingError: ``<setting>.<field>: <path>: <problem>``.
+    """
+
+    def read(name: str) -> bytes | None:
+        path = getattr(tls, name)
+        if path is None:
+            return None
+        try:
+            return Path(path).read_bytes()
+        except OSError as exc:
+            problem = (exc.strerror or str(exc)).lower()
+            raise UserFacingError(f"{setting}.{name}: {path}: {problem}") from None
+
+    files = TLSFiles(cert=read("cert_file"), key=read("key_file"), ca=read("ca_file"))
+    for name, pem in (("cert_file", files.cert), ("ca_file", files.ca)):
+        if pem is not None and not _holds_certificates(pem):
+            path = getattr(tls, name)
+            raise UserFacingError(f"{setting}.{name}: {path}: holds no PEM certificate")
+    if files.key is not None:
+        where = f"{setting}.key_file: {tls.key_file}"
+        if b"PRIVATE KEY-----" not in files.key:
+            raise UserFacingError(f"{where}: holds no PEM private key")
+        try:
+            # An encrypted key gets the empty password (and fails) rather
+            # than OpenSSL's prompt on the terminal; gRPC takes no password.
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(
+                tls.cert_file, tls.key_file, password=lambda: b""
+            )
+        except ssl.SSLError as exc:
+            if exc.reason == "KEY_VALUES_MISMATCH":
+                problem = f"not the key of {setting}.cert_file {tls.cert_file}"
+            elif b"ENCRYPTED" in files.key:  # PKCS#8's header, or the legacy Proc-Type
+                problem = "encrypted (gRPC takes no password)"
+            else:
+                problem = "not a usable private key"
+            raise UserFacingError(f"{where}: {problem}") from None
+    return files
+
+
+def server_credentials(tls: TLSSettings, setting: str) -> grpc.ServerCredentials:
+    """TLS (or mutual TLS with ``require_client_cert``) from PEM paths.
+
+    Raises:
+        UserFacingError: A file is unusable (see :func:`read_tls_files`).
+    """
+    files = read_tls_files(tls, setting)
     return grpc.ssl_server_credentials(
-        [(_read(tls.key_file), _read(tls.cert_file))],
-        root_certificates=ca,
-        require_client_auth=bool(ca) and tls.require_client_cert,
+        [(files.key, files.cert)],
+        root_certificates=files.ca,
+        require_client_auth=tls.require_client_cert,
     )
 
 
-def channel_credentials(tls: TLSSettings) -> grpc.ChannelCredentials:
-    """Client TLS: CA to trust, plus a client cert/key for mutual TLS."""
+def channel_credentials(tls: TLSSettings, setting: str = "tls") -> grpc.ChannelCredentials:
+    """Client TLS: CA to trust, plus a client cert/key for mutual TLS.
+
+    Raises:
+        UserFacingError: A file is unusable (see :func:`read_tls_files`).
+    """
+    files = read_tls_files(tls, setting)
     return grpc.ssl_channel_credentials(
-        root_certificates=_read(tls.ca_file),
-        private_key=_read(tls.key_file),
-        certificate_chain=_read(tls.cert_file),
+        root_certificates=files.ca, private_key=files.key, certificate_chain=files.cert
     )
 
 
@@ -423,9 +504,12 @@ def create_server(
         server,
     )
     address = grpc_address(settings.host, settings.port)
+    # Built (and its files checked) first: gRPC reports an unusable
+    # certificate or key as an address that did not bind.
+    credentials = server_credentials(settings.tls, f"{label}.tls") if settings.tls.enabled else None
     try:
-        if settings.tls.enabled:
-            port = server.add_secure_port(address, server_credentials(settings.tls))
+        if credentials is not None:
+            port = server.add_secure_port(address, credentials)
         else:
             port = server.add_insecure_port(address)
     except RuntimeError as exc:  # gRPC's way of saying the address did not bind

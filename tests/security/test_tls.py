@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from pathlib import Path
 
 import grpc
 import pytest
@@ -13,8 +14,10 @@ from ranking_service.server import build_server as build_ranking
 from ranking_service.testing import ranking_settings
 from recsys.channels import create_channel
 from recsys.cli import main as cli_main
-from recsys.config import load_settings
+from recsys.config import RetrievalSettings, TLSSettings, load_settings
+from recsys.errors import UserFacingError
 from recsys.loadtest import LoadConfig, run_load
+from recsys.serving import create_server
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 from retrieval_service.server import build_server as build_retrieval
 
@@ -102,6 +105,67 @@ async def test_mutual_tls_refuses_clients_without_a_valid_cert(pki, published_ve
         assert len((await similar(address, pki.client_tls())).items) == 3
         for tls in (pki.client_tls(with_cert=False), pki.client_tls(rogue=True), None):
             assert (await refused(address, tls)).code() == grpc.StatusCode.UNAVAILABLE
+
+
+def _encrypted_key(pki, path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(pki.server_key.read_bytes(), None)
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "path", "problem"),
+    [
+        pytest.param("cert_file", "{tmp}/nope.crt", "no such file or directory", id="missing"),
+        pytest.param("cert_file", "{tmp}", "is a directory", id="directory"),
+        pytest.param("cert_file", "{tmp}/garbage.pem", "holds no PEM certificate", id="not PEM"),
+        pytest.param("cert_file", "{server_key}", "holds no PEM certificate", id="key as cert"),
+        pytest.param("key_file", "{tmp}/garbage.pem", "holds no PEM private key", id="bad key"),
+        pytest.param(
+            "key_file", "{client_key}", "not the key of retrieval.tls.cert_file", id="other key"
+        ),
+        pytest.param("key_file", "{tmp}/encrypted.key", "encrypted", id="encrypted key"),
+        # Read as no CA at all, it turned mutual TLS off: clients without a
+        # certificate were served.
+        pytest.param("ca_file", "{tmp}/empty.pem", "holds no PEM certificate", id="empty CA"),
+        pytest.param("ca_file", "{tmp}/garbage.pem", "holds no PEM certificate", id="not PEM CA"),
+    ],
+)
+async def test_an_unusable_tls_file_is_refused_at_start_naming_the_setting(
+    pki, tmp_path, field, path, problem
+):
+    """Before, a traceback, "cannot listen on ...: Failed to bind to address", or a
+    server without the client check."""
+    (tmp_path / "garbage.pem").write_text("not a certificate\n")
+    (tmp_path / "empty.pem").write_bytes(b"")
+    _encrypted_key(pki, tmp_path / "encrypted.key")
+    bad = Path(path.format(tmp=tmp_path, server_key=pki.server_key, client_key=pki.client_key))
+    tls = pki.server_tls(mutual=True).model_copy(update={field: bad})
+    settings = RetrievalSettings(host="127.0.0.1", port=0, metrics_port=0, tls=tls)
+    with pytest.raises(UserFacingError) as err:
+        create_server(settings, label="retrieval", service_names=["x"], register=lambda s: None)
+    assert str(err.value).startswith(f"retrieval.tls.{field}: {bad}: {problem}"), err.value
+
+
+@pytest.mark.parametrize("content", [None, "not a certificate\n"], ids=["missing", "not PEM"])
+async def test_ranking_refuses_an_unusable_retrieval_ca_at_start(tmp_path, content):
+    """Before, a traceback (missing), or a ranking that reported SERVING and
+    answered every Recommend with the popular fallback (not PEM)."""
+    ca = tmp_path / "ca.pem"
+    if content is not None:
+        ca.write_text(content)
+    settings = ranking_settings(
+        tmp_path, "redis://127.0.0.1:1/0", retrieval_tls=TLSSettings(ca_file=ca)
+    )
+    with pytest.raises(UserFacingError, match=f"^ranking.retrieval_tls.ca_file: {ca}: "):
+        build_ranking(settings)
 
 
 async def test_recommend_end_to_end_over_mutual_tls(pki, published_version, redis_url):

@@ -248,10 +248,14 @@ class RankingSettings(ServerSettings):
         description="Deadline of the call to retrieval (a Recommend's own deadline may cut it).",
     )
     retrieval_tls: TLSSettings = Field(
-        TLSSettings(), description="Client TLS towards retrieval (ca_file, cert for mTLS)."
+        TLSSettings(),
+        description="Client TLS towards retrieval (ca_file, cert for mTLS); `recsys up` "
+        "refuses one that does not match retrieval.tls.",
     )
     retrieval_auth_token: SecretStr | None = Field(
-        None, description="Bearer token sent to retrieval (its auth_token)."
+        None,
+        description="Bearer token sent to retrieval (its auth_token; `recsys up` refuses "
+        "a mismatch).",
     )
     # 32, not 16: under 64 closed-loop streams the wider call saved ~5% of
     # Recommend's CPU per request (same-session A/B); 64 measured the same as 32.

@@ -102,6 +102,51 @@ def _ports(settings: RecsysSettings, *, any_free: bool) -> tuple[int, int]:
     return picked[0], picked[1]
 
 
+def _check_hop(settings: RecsysSettings) -> None:
+    """Refuses a config whose ranking could not reach its own retrieval.
+
+    ``up`` starts both services from the one config, so the hop's client
+    side (``ranking.retrieval_*``) must match retrieval's server side. A
+    mismatch did not stop either service from reporting SERVING: every
+    Recommend was the popular fallback (``UNAUTHENTICATED`` or
+    ``UNAVAILABLE``), and ``up`` said all was well.
+
+    Raises:
+        UserFacingError: Naming the settings on both sides.
+    """
+    r, k = settings.retrieval, settings.ranking
+    token = r.auth_token.get_secret_value() if r.auth_token else None
+    sent = k.retrieval_auth_token.get_secret_value() if k.retrieval_auth_token else None
+    hop_tls = k.retrieval_tls.ca_file is not None or k.retrieval_tls.enabled
+    problems = []
+    if token is not None and sent != token:
+        how = "is not set" if sent is None else "differs"
+        problems.append(
+            f"retrieval.auth_token is set but ranking.retrieval_auth_token {how}: set it to "
+            "the same token (RECSYS_RANKING__RETRIEVAL_AUTH_TOKEN)"
+        )
+    if r.tls.enabled and not hop_tls:
+        problems.append(
+            "retrieval.tls is on but ranking.retrieval_tls is not: set "
+            "ranking.retrieval_tls.ca_file to the CA of retrieval.tls.cert_file"
+        )
+    elif r.tls.require_client_cert and not k.retrieval_tls.enabled:
+        problems.append(
+            "retrieval.tls.require_client_cert is on but ranking.retrieval_tls has no "
+            "cert_file/key_file for ranking to present"
+        )
+    if hop_tls and not r.tls.enabled:
+        problems.append(
+            "ranking.retrieval_tls is set but retrieval.tls is off: ranking would speak "
+            "TLS to a plaintext retrieval"
+        )
+    if problems:
+        raise UserFacingError(
+            "ranking could not call retrieval (every Recommend would be the popular "
+            f"fallback): {'; '.join(problems)}"
+        )
+
+
 def recommend_hint(address: str, config_file: Path | None, tls: bool) -> str:
     """The ``recsys recommend`` command line that reaches the ranking service at ``address``."""
     cmd = ["recsys", "recommend", "--target", address]
@@ -269,12 +314,14 @@ def start_stack(
             ``Stack.ranking_address`` themselves, like the demo).
 
     Raises:
-        UserFacingError: A configured (non-zero) port is in use (before
-            anything starts, unless ``any_free_port``), or a service did not
-            come up.
+        UserFacingError: The ranking→retrieval hop's settings do not match
+            retrieval's (token, TLS) or a configured (non-zero) port is in use
+            (both before anything starts; the port unless ``any_free_port``),
+            or a service did not come up.
         subprocess.CalledProcessError: Training or publishing failed.
     """
     say = (lambda *_a: None) if quiet else (lambda *a: print(*a, flush=True))
+    _check_hop(settings)
     r_port, k_port = _ports(settings, any_free=any_free_port)
     model_dir = Path(settings.model_dir).resolve()
     redis = None

@@ -78,9 +78,30 @@ class TLSSettings(_Strict):
 
 
 def _check_token(token: SecretStr | None, field: str) -> None:
-    """An empty token (an unset variable in a manifest) must not turn auth off silently."""
-    if token is not None and not token.get_secret_value().strip():
+    """Refuses a token that would turn auth off silently or that no call could carry.
+
+    An empty token (an unset variable in a manifest) would turn auth off. A
+    header value gRPC refuses (outside printable ASCII: a token read from a
+    file keeps its trailing newline) would fail every call as ``INTERNAL``,
+    and as a server's token no client could send it. Leading or trailing
+    spaces gRPC sends, but proxies may strip them. The messages never echo
+    the secret.
+    """
+    if token is None:
+        return
+    value = token.get_secret_value()
+    if not value.strip():
         raise ValueError(f"{field}: empty; leave it out to turn auth off")
+    if value != value.strip():
+        raise ValueError(
+            f"{field}: starts or ends with whitespace (a newline kept from the file "
+            "it was read from?); remove it"
+        )
+    if not all(" " <= c <= "~" for c in value):
+        raise ValueError(
+            f"{field}: holds a character gRPC cannot send in a header; use printable "
+            "ASCII (letters, digits, punctuation, inner spaces)"
+        )
 
 
 def grpc_address(host: str, port: int) -> str:

@@ -149,6 +149,34 @@ def test_an_empty_token_is_refused_not_auth_off(overrides, field):
 
 
 @pytest.mark.parametrize(
+    ("token", "message"),
+    [
+        ("hop-token\n", "starts or ends with whitespace"),  # a Secret made --from-file
+        (" hop-token", "starts or ends with whitespace"),
+        ("hop-tökén", "cannot send in a header"),
+        ("hop\ttoken", "cannot send in a header"),
+        ("hop\x7ftoken", "cannot send in a header"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("section", "field"),
+    [("retrieval", "auth_token"), ("ranking", "auth_token"), ("ranking", "retrieval_auth_token")],
+)
+def test_a_token_grpc_cannot_send_is_refused(token, message, section, field):
+    """gRPC refuses such a header value: every call failed INTERNAL, or no client matched."""
+    with pytest.raises(ConfigError, match=rf"{section}: .*, {field}: .*{message}") as err:
+        load_settings(**{section: {field: token}})
+    assert token.strip() not in str(err.value)  # the secret is not echoed
+
+
+def test_a_token_of_printable_ascii_with_inner_spaces_is_accepted():
+    token = "a b!#$%&'()*+,-./:;<=>?@[]^_`{|}~"  # every one of them gRPC sends as it is
+    assert (
+        load_settings(ranking={"auth_token": token}).ranking.auth_token.get_secret_value() == token
+    )
+
+
+@pytest.mark.parametrize(
     ("host", "bare", "bind", "dial"),
     [
         ("127.0.0.1", "127.0.0.1", "127.0.0.1:7001", "127.0.0.1:7001"),

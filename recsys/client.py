@@ -9,7 +9,7 @@ Three lines for a backend team::
 Deadlines on every call, retries with backoff for ``UNAVAILABLE`` and
 ``CANCELLED`` (what a stopping server answers) only, and
 round-robin over every address a ``dns:///`` target resolves to come from
-:mod:`recsys.channels`; TLS and a bearer token are optional.
+:mod:`recsys.channels`; TLS and bearer tokens (one per service) are optional.
 """
 
 from __future__ import annotations
@@ -156,6 +156,11 @@ def _items(msgs) -> list[Recommendation]:
     return out
 
 
+def _bearer(token: str | None) -> tuple[tuple[str, str], ...]:
+    """The ``authorization`` metadata for ``token`` (none for None or ``""``)."""
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
 class RecommenderClient:
     """Blocking client for the ranking and retrieval services.
 
@@ -164,8 +169,13 @@ class RecommenderClient:
         retrieval_target: Retrieval service address, for ``similar`` and
             ``record``; None if the caller only ranks.
         timeout_s: Deadline of each call.
-        tls: Optional TLS/mTLS settings (CA, client cert and key).
-        token: Optional bearer token sent as ``authorization`` metadata.
+        tls: Optional TLS/mTLS settings (CA, client cert and key) towards ranking.
+        token: Optional bearer token sent to ranking as ``authorization`` metadata.
+        retrieval_tls: TLS settings towards retrieval; None: the same as ``tls``.
+        retrieval_token: Bearer token sent to retrieval; None: the same as
+            ``token`` (one token for both services), ``""``: none. Services
+            with tokens of their own need it: retrieval refuses the ranking
+            token, and should never see it.
         max_attempts: Attempts per call on ``UNAVAILABLE`` (1 = no retries).
     """
 
@@ -177,27 +187,42 @@ class RecommenderClient:
         timeout_s: float = 2.0,
         tls: TLSSettings | None = None,
         token: str | None = None,
+        retrieval_tls: TLSSettings | None = None,
+        retrieval_token: str | None = None,
         max_attempts: int = 4,
     ):
         self.timeout_s = timeout_s
-        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self._ranking_metadata = _bearer(token)
+        self._retrieval_metadata = _bearer(token if retrieval_token is None else retrieval_token)
         self._ranking_channel = create_channel(ranking_target, tls=tls, max_attempts=max_attempts)
         self._ranking = ranking_pb2_grpc.RankingServiceStub(self._ranking_channel)
         self._retrieval_channel = None
         self._retrieval = None
         if retrieval_target:
             self._retrieval_channel = create_channel(
-                retrieval_target, tls=tls, max_attempts=max_attempts
+                retrieval_target,
+                tls=tls if retrieval_tls is None else retrieval_tls,
+                max_attempts=max_attempts,
             )
             self._retrieval = retrieval_pb2_grpc.RetrievalServiceStub(self._retrieval_channel)
 
     @classmethod
     def from_settings(cls, settings: RecsysSettings, **kwargs: Any) -> RecommenderClient:
-        """Client for the addresses the local config serves on."""
+        """Client for the addresses the local config serves on.
+
+        Each service gets the token the config gives it (``ranking.auth_token``,
+        ``retrieval.auth_token``; none where it has none) unless ``kwargs``
+        name one.
+        """
+        for name, secret in (
+            ("token", settings.ranking.auth_token),
+            ("retrieval_token", settings.retrieval.auth_token),
+        ):
+            kwargs.setdefault(name, secret.get_secret_value() if secret is not None else "")
         return cls(settings.ranking.local_address, settings.retrieval.local_address, **kwargs)
 
-    def _call(self, method, request):
-        return method(request, timeout=self.timeout_s, metadata=self._metadata)
+    def _call(self, method, request, metadata: tuple[tuple[str, str], ...]):
+        return method(request, timeout=self.timeout_s, metadata=metadata)
 
     def recommend(
         self,
@@ -220,7 +245,7 @@ class RecommenderClient:
             debug=debug,
             sources=list(sources),
         )
-        resp = self._call(self._ranking.Recommend, req)
+        resp = self._call(self._ranking.Recommend, req, self._ranking_metadata)
         return Recommendations(
             items=_items(resp.items),
             model_version=resp.model_version,
@@ -261,7 +286,7 @@ class RecommenderClient:
             include_watched=include_watched,
             debug=debug,
         )
-        resp = self._call(self._ranking.Rank, req)
+        resp = self._call(self._ranking.Rank, req, self._ranking_metadata)
         return Recommendations(
             items=_items(resp.items), model_version=resp.model_version, variant=resp.variant
         )
@@ -274,6 +299,7 @@ class RecommenderClient:
         resp = self._call(
             self._require_retrieval().SimilarItems,
             retrieval_pb2.SimilarItemsRequest(item_id=item_id, k=k, user_id=user_id),
+            self._retrieval_metadata,
         )
         return [SimilarItem(i.item_id, float(i.score)) for i in resp.items]
 
@@ -301,7 +327,9 @@ class RecommenderClient:
             req.event_id, req.dedupe_window_s = uuid.uuid4().hex, OWN_RETRY_WINDOW_S
         if rating is not None:
             req.rating = rating
-        resp = self._call(self._require_retrieval().RecordInteraction, req)
+        resp = self._call(
+            self._require_retrieval().RecordInteraction, req, self._retrieval_metadata
+        )
         # An id made for this call can only have been seen by this call's own
         # earlier attempt (a retry of a write that landed): not a duplicate to
         # the caller, whose interaction was recorded once.

@@ -21,6 +21,8 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsys.cli import main as cli_main
+from recsys.client import RecommenderClient
+from recsys.config import load_settings
 from recsys.embedded_redis import EmbeddedRedis, die_with_parent_prefix
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 
@@ -164,6 +166,24 @@ async def test_tokens_redis_password_and_no_secrets_leak(
             printed = capsys.readouterr()
             assert len(json.loads(printed.out)["items"]) == 5
             seen += [printed.out, printed.err]
+            # The Python client sends each service the token the config gives it:
+            # the ranking token to retrieval was refused (similar, record failed).
+            settings = load_settings(
+                ranking={"port": int(k_addr.rsplit(":", 1)[1]), "auth_token": TOKEN_K},
+                retrieval={"port": int(r_addr.rsplit(":", 1)[1]), "auth_token": TOKEN_R},
+            )
+
+            def use_client() -> tuple[int, int, int]:
+                with RecommenderClient.from_settings(settings, timeout_s=10) as rc:
+                    recs = rc.recommend("1", k=5)
+                    assert not recs.retrieval_fallback
+                    return (
+                        len(recs.items),
+                        len(rc.similar("1", k=3)),
+                        rc.record("sec-user", "2").history_length,
+                    )
+
+            assert await asyncio.to_thread(use_client) == (5, 3, 2)
 
             # Wrong password: reads degrade, writes fail, and nobody is told the password.
             deg = await b.Retrieve(retrieve, timeout=5)

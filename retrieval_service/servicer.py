@@ -39,8 +39,14 @@ _STATUS = {
 }
 
 
-def query_from_pb(request: retrieval_pb2.RetrieveRequest) -> RetrieveQuery:
-    """Domain query from a ``RetrieveRequest`` (the proto's history is oldest first)."""
+def query_from_pb(request: retrieval_pb2.RetrieveRequest, *, max_ids: int) -> RetrieveQuery:
+    """Domain query from a ``RetrieveRequest`` (the proto's history is oldest first).
+
+    Args:
+        request: The request.
+        max_ids: The engine's ``max_request_ids``: a longer id list is passed
+            uncopied (and unreversed) for the engine's count check to refuse.
+    """
     user = request.user
     f = user.features
     features = RequestFeatures(
@@ -54,12 +60,15 @@ def query_from_pb(request: retrieval_pb2.RetrieveRequest) -> RetrieveQuery:
             dict(f.genre_ratings) if len(f.genre_ratings) <= MAX_GENRE_RATINGS else f.genre_ratings
         ),
     )
+    # Copying a 4-million-entry list cost ~300 MB and most of a second on the
+    # event loop before the engine refused it; len() of the protobuf list is free.
+    sources, recent, exclude = request.sources, user.recent_item_ids, user.exclude_item_ids
     return RetrieveQuery(
         user_id=user.user_id,
         budget=request.budget,
-        sources=tuple(request.sources),
-        recent=tuple(reversed(user.recent_item_ids)),
-        exclude=tuple(user.exclude_item_ids),
+        sources=tuple(sources) if len(sources) <= max_ids else sources,
+        recent=tuple(reversed(recent)) if len(recent) <= max_ids else recent,
+        exclude=tuple(exclude) if len(exclude) <= max_ids else exclude,
         features=features,
         variant=user.variant,
     )
@@ -232,7 +241,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         start = time.perf_counter()
         tr = self.engine.tracing
         with tr.span("retrieval.Retrieve", parent=parent, kind=SpanKind.SERVER) as span:
-            result = await self.engine.retrieve(query_from_pb(request), timeout_s=timeout_s)
+            query = query_from_pb(request, max_ids=self.engine.settings.max_request_ids)
+            result = await self.engine.retrieve(query, timeout_s=timeout_s)
             if tr.enabled:
                 span.set_attributes(
                     {
@@ -290,8 +300,9 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         """Untraced ``RetrieveMany``: the engine runs the members as one batch."""
         start = time.perf_counter()
         requests = request.requests
+        max_ids = self.engine.settings.max_request_ids
         results = await self.engine.retrieve_many(
-            [query_from_pb(r) for r in requests], timeout_s=timeout
+            [query_from_pb(r, max_ids=max_ids) for r in requests], timeout_s=timeout
         )
         # Every member is answered when the batch is: that is its latency.
         elapsed = time.perf_counter() - start

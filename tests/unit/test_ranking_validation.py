@@ -190,7 +190,7 @@ def test_a_huge_genre_map_is_counted_before_it_is_copied(monkeypatch):
     with pytest.raises(InvalidArgument, match=r"^user\.features\.genre_ratings: 1001 entries"):
         parse_recommend(recommend(user=ctx), LIMITS)
     # Retrieval's conversion leaves it uncopied for the engine's check to refuse.
-    q = retrieval_servicer.query_from_pb(retrieval_pb2.RetrieveRequest(user=ctx))
+    q = retrieval_servicer.query_from_pb(retrieval_pb2.RetrieveRequest(user=ctx), max_ids=10)
     assert len(q.features.genre_ratings) == MAX_GENRE_RATINGS + 1
 
 

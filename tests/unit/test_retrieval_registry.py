@@ -134,6 +134,45 @@ async def test_retrieve_validation_happens_before_anything_else(query, field):
     assert str(err.value).startswith(field + ": ")
 
 
+@pytest.mark.parametrize("field", ["sources", "recent_item_ids", "exclude_item_ids"])
+async def test_an_id_list_over_the_limit_is_refused_before_it_is_copied(field, monkeypatch):
+    """A 16 MiB Retrieve of 4.2M ids cost +289 MiB and ~850 ms of copies on the
+    event loop before the count check refused it."""
+    import builtins
+
+    import retrieval_service.servicer as servicer
+    from recsys.v1 import common_pb2, retrieval_pb2
+
+    copied: list[int] = []
+
+    def counting_tuple(values=()):
+        copied.append(len(out := builtins.tuple(values)))
+        return out
+
+    monkeypatch.setattr(servicer, "tuple", counting_tuple, raising=False)
+
+    def request(n: int) -> retrieval_pb2.RetrieveRequest:
+        ids = [f"i{i}" for i in range(n)]
+        if field == "sources":
+            return retrieval_pb2.RetrieveRequest(
+                user=common_pb2.UserContext(user_id="u"), sources=ids
+            )
+        return retrieval_pb2.RetrieveRequest(
+            user=common_pb2.UserContext(user_id="u", **{field: ids})
+        )
+
+    at_limit = servicer.query_from_pb(request(10), max_ids=10)
+    assert max(copied) == 10
+    if field == "recent_item_ids":  # newest first, as before
+        assert at_limit.recent == tuple(f"i{i}" for i in reversed(range(10)))
+    copied.clear()
+    over = servicer.query_from_pb(request(11), max_ids=10)
+    assert max(copied) == 0  # the other two lists, empty
+    name = field if field == "sources" else f"user.{field}"
+    with pytest.raises(InvalidArgument, match=rf"^{name}: 11 entries, at most 10 allowed$"):
+        await _engine(max_request_ids=10).retrieve(over)
+
+
 async def test_valid_query_without_a_version_is_unavailable():
     with pytest.raises(Unavailable, match="no model version loaded"):
         await _engine().retrieve(RetrieveQuery("u", budget=10, sources=("popular",)))

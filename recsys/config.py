@@ -252,6 +252,11 @@ class RetrievalSettings(ServerSettings):
         return self
 
 
+# Most requests in one RetrieveMany call: retrieval refuses more, and ranking's
+# retrieval_batch_size cannot ask for more.
+MAX_RETRIEVE_MANY = 256
+
+
 class RankingSettings(ServerSettings):
     """Ranking service settings."""
 
@@ -283,7 +288,7 @@ class RankingSettings(ServerSettings):
     retrieval_batch_size: int = Field(
         32,
         ge=1,
-        le=256,
+        le=MAX_RETRIEVE_MANY,
         description="Most concurrent Recommend calls whose retrieval goes out in one "
         "RetrieveMany call (1: one Retrieve call per Recommend). Tracing sends each "
         "request alone so its trace context travels with it.",

@@ -64,7 +64,10 @@ RPC_TOTAL = Counter("recsys_rpc_total", "RPCs by final status code.", ["service"
 # multiprocess_mode only matters with several workers (see run_service): how
 # the supervisor's /metrics combines the workers' values of a gauge.
 RPC_IN_FLIGHT = Gauge(
-    "recsys_rpc_in_flight", "RPCs being handled now.", ["service"], multiprocess_mode="livesum"
+    "recsys_rpc_in_flight",
+    "Calls being handled now, as max_concurrent_rpcs counts them.",
+    ["service"],
+    multiprocess_mode="livesum",
 )
 # A multi-worker supervisor's wait for its workers beyond their drain time.
 STOP_MARGIN_S = 5.0
@@ -161,12 +164,34 @@ class _Abort(Exception):
     pass
 
 
+# The handler attribute counts_as_calls sets, read by GuardInterceptor.
+_CALLS = "recsys_calls"
+
+
+def counts_as_calls(calls: Callable[[Any], int]) -> Callable[[Callable], Callable]:
+    """Marks a unary handler whose call does the work of ``calls(request)`` calls.
+
+    :class:`GuardInterceptor` counts it as that many against its bound
+    (``max_concurrent_rpcs``; at most the whole bound, so it always fits an
+    otherwise idle server), so a batch cannot do hundreds of calls' work in
+    one slot while other callers wait behind it on the event loop.
+    """
+
+    def mark(handler: Callable) -> Callable:
+        setattr(handler, _CALLS, calls)
+        return handler
+
+    return mark
+
+
 class GuardInterceptor(grpc.aio.ServerInterceptor):
     """Metrics, a concurrency bound and an optional bearer-token check.
 
     Above ``max_concurrent`` in-flight calls a new call fails at once with
     RESOURCE_EXHAUSTED, so overload sheds load instead of growing a queue
-    that times out for everyone.
+    that times out for everyone. A handler marked with
+    :func:`counts_as_calls` counts as that many calls once its request is
+    parsed, and is refused the same way when they do not fit.
     """
 
     def __init__(self, service: str, max_concurrent: int, token: str | None):
@@ -201,6 +226,7 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
         gauge = RPC_IN_FLIGHT.labels(self.service)
         latency = RPC_LATENCY.labels(self.service, short)
         ok_total = RPC_TOTAL.labels(self.service, short, "OK")
+        calls = getattr(inner, _CALLS, None)
 
         async def guarded(raw, context: grpc.aio.ServicerContext):
             if self.token is not None:
@@ -215,12 +241,10 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             if self.in_flight >= self.max_concurrent:
                 RPC_REJECTED.labels(self.service, "overload").inc()
                 RPC_TOTAL.labels(self.service, short, "RESOURCE_EXHAUSTED").inc()
-                await context.abort(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"server busy: {self.in_flight} calls in flight (limit {self.max_concurrent})",
-                )
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._busy(self.in_flight))
             self.in_flight += 1
             gauge.inc()
+            taken = 1
             start = time.perf_counter()
             code = "OK"
             try:
@@ -232,6 +256,19 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                         await context.abort(
                             grpc.StatusCode.INVALID_ARGUMENT, f"malformed request: {exc}"
                         )
+                if calls is not None:
+                    n = min(calls(request), self.max_concurrent)
+                    if n > 1:
+                        others = self.in_flight - 1
+                        if others + n > self.max_concurrent:
+                            # RPC_TOTAL is counted below, as for any code set in here.
+                            RPC_REJECTED.labels(self.service, "overload").inc()
+                            await context.abort(
+                                grpc.StatusCode.RESOURCE_EXHAUSTED, self._busy(others, n)
+                            )
+                        self.in_flight += n - 1
+                        gauge.inc(n - 1)
+                        taken = n
                 return await inner(request, context)
             except asyncio.CancelledError:
                 # gRPC cancels the handler when the caller's deadline passes,
@@ -243,8 +280,8 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
                 code = _code_name(context) or "UNKNOWN"
                 raise
             finally:
-                self.in_flight -= 1
-                gauge.dec()
+                self.in_flight -= taken
+                gauge.dec(taken)
                 if code == "OK":
                     code = _code_name(context) or "OK"
                 latency.observe(time.perf_counter() - start)
@@ -255,6 +292,11 @@ class GuardInterceptor(grpc.aio.ServerInterceptor):
             request_deserializer=None,
             response_serializer=handler.response_serializer,
         )
+
+    def _busy(self, in_flight: int, calls: int = 1) -> str:
+        """The overload refusal's message."""
+        counted = f"; this one counts as {calls}" if calls > 1 else ""
+        return f"server busy: {in_flight} calls in flight (limit {self.max_concurrent}){counted}"
 
 
 def _cancelled_code(context: grpc.aio.ServicerContext) -> str:

@@ -11,9 +11,10 @@ import numpy as np
 from opentelemetry.trace import SpanKind
 
 from recsys.checks import MAX_GENRE_RATINGS
+from recsys.config import MAX_RETRIEVE_MANY
 from recsys.experiments import observe_request
 from recsys.packed import pack
-from recsys.serving import RPC_TOTAL
+from recsys.serving import RPC_TOTAL, counts_as_calls
 from recsys.user_store import state_to_pb
 from recsys.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
 from retrieval_service.engine import (
@@ -27,10 +28,6 @@ from retrieval_service.errors import RetrievalError
 from retrieval_service.merge import Selection
 
 log = logging.getLogger("recsys.retrieval")
-
-# Most requests in one RetrieveMany (the ranking service sends at most its
-# configured retrieval batch size).
-MAX_RETRIEVE_MANY = 256
 
 _STATUS = {
     SourceStatus.OK: common_pb2.SOURCE_STATUS_OK,
@@ -269,6 +266,9 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             log.exception("retrieve failed")
             await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
 
+    # Each request in it counts against max_concurrent_rpcs as a Retrieve
+    # would: one 256-request call held the event loop for ~700 ms in one slot.
+    @counts_as_calls(lambda request: len(request.requests))
     async def RetrieveMany(self, request, context):
         n = len(request.requests)
         if n > MAX_RETRIEVE_MANY:

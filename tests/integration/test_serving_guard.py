@@ -100,3 +100,67 @@ async def test_callers_giving_up_are_counted_as_such_not_as_unknown():
     finally:
         await channel.close()
         await server.stop(0)
+
+
+async def test_each_request_in_a_retrieve_many_counts_against_the_bound():
+    """One RetrieveMany of 256 requests did their work in one slot: ~700 ms on the
+    event loop while every other caller waited behind it."""
+    import asyncio
+
+    from recsys.config import RetrievalSettings, _default_sources
+    from recsys.serving import RPC_REJECTED, RPC_TOTAL
+    from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
+    from retrieval_service.engine import RetrievalEngine
+    from retrieval_service.registry import build_sources
+    from retrieval_service.servicer import RetrievalServicer
+
+    release = asyncio.Event()
+
+    class Busy(RetrievalServicer):
+        """The real RetrieveMany (no version loaded: each request UNAVAILABLE); Retrieve waits."""
+
+        async def Retrieve(self, request, context):
+            await release.wait()
+            return retrieval_pb2.RetrieveResponse()
+
+    engine = RetrievalEngine(RetrievalSettings(), build_sources(_default_sources()), redis=None)
+    guard = GuardInterceptor("many-guard", max_concurrent=8, token=None)
+    server = grpc.aio.server(interceptors=[guard], options=grpc_options(4 << 20))
+    retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(Busy(engine), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+
+    one = retrieval_pb2.RetrieveRequest(user={"user_id": "u"})
+
+    def many(n: int) -> retrieval_pb2.RetrieveManyRequest:
+        return retrieval_pb2.RetrieveManyRequest(requests=[one] * n)
+
+    def overloads() -> float:
+        return RPC_REJECTED.labels("many-guard", "overload")._value.get()
+
+    try:
+        waiting = [asyncio.ensure_future(stub.Retrieve(one)) for _ in range(5)]
+        while guard.in_flight < 5:
+            await asyncio.sleep(0.01)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.RetrieveMany(many(4), timeout=5)  # 5 + 4 > 8
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert err.value.details() == (
+            "server busy: 5 calls in flight (limit 8); this one counts as 4"
+        )
+        assert overloads() == 1
+        assert (
+            RPC_TOTAL.labels("many-guard", "RetrieveMany", "RESOURCE_EXHAUSTED")._value.get() == 1
+        )
+        assert len((await stub.RetrieveMany(many(3), timeout=5)).outcomes) == 3  # 5 + 3 fit
+        assert guard.in_flight == 5
+        release.set()
+        await asyncio.gather(*waiting)
+        # Alone, a call larger than the bound takes all of it rather than never fitting.
+        assert len((await stub.RetrieveMany(many(20), timeout=5)).outcomes) == 20
+        assert guard.in_flight == 0 and overloads() == 1
+    finally:
+        await channel.close()
+        await server.stop(0)

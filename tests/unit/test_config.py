@@ -237,3 +237,15 @@ def test_a_json_list_in_the_environment_still_loads(monkeypatch):
     monkeypatch.setenv("RECSYS_TRAINER__SEED", "7")  # a scalar: no JSON needed
     settings = load_settings()
     assert settings.trainer.hidden_units == [64, 32] and settings.trainer.seed == 7
+
+
+def test_ranking_cannot_batch_more_retrievals_than_retrieval_accepts_in_one_call():
+    """A batch above retrieval's RetrieveMany limit would fail every Recommend in it."""
+    from recsys.config import MAX_RETRIEVE_MANY
+    from retrieval_service import servicer
+
+    assert servicer.MAX_RETRIEVE_MANY == MAX_RETRIEVE_MANY
+    ranking = load_settings(ranking={"retrieval_batch_size": MAX_RETRIEVE_MANY}).ranking
+    assert ranking.retrieval_batch_size == MAX_RETRIEVE_MANY
+    with pytest.raises(ConfigError, match="retrieval_batch_size"):
+        load_settings(ranking={"retrieval_batch_size": MAX_RETRIEVE_MANY + 1})

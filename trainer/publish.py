@@ -13,14 +13,17 @@ Order matters so serving never sees a half-loaded version:
 3. ``recsys:current_version`` is switched by a compare-and-set script (only
    forward unless ``rollback``), and the version is added to
    ``recsys:versions``; a version that lost the race and was never served
-   has its keys deleted;
+   has its keys deleted. The switch is refused when the version's pending
+   mark is gone: another publish's clean-up removed its keys meanwhile;
 4. keys of versions older than the newest ``keep`` are deleted (``SCAN``,
    never ``KEYS``), and those of publishes that died long ago. Keeping the
    previous version gives services that have not reloaded yet a grace
    period. Versions the config pins (an A/B variant's ``model_version``, a
    service's ``pinned_version``) are kept whatever their age: retrieval
    still reads their top lists. A failure here, after the switch, is a
-   warning: the next publish finishes it.
+   warning: the next publish finishes it. A version another publish is
+   writing (its pending mark is fresh: a rollback to the version about to
+   age out) is kept too.
 
 Every step uses large pipelines rather than one round trip per key.
 """
@@ -67,6 +70,10 @@ class OlderThanServed(ValueError):
     """Publishing would move the current-version pointer back without ``rollback``."""
 
 
+class RemovedWhilePublishing(RuntimeError):
+    """Another publish's clean-up removed the version while this publish wrote it."""
+
+
 def current_version(redis_client) -> str | None:
     """The version ``recsys:current_version`` names, or None (a synchronous client)."""
     raw = redis_client.get(redis_keys.CURRENT_VERSION)
@@ -82,10 +89,22 @@ def _newer(current: str | None, version: str) -> bool:
 
 # The pointer switch as one compare-and-set: moves forward (or anywhere with
 # ARGV[2] = "1"), else leaves it and answers the newer version it found.
-# KEYS: pointer, published-versions zset. ARGV: version, rollback, time.
+# Answers nil, moving nothing, when the version's pending mark is gone: a
+# clean-up removed its keys (and the mark) after they were written, and
+# switching would serve a version without top lists. (A publish of the same
+# version finishing meanwhile also takes the mark: a false alarm, and
+# publishing again is safe.) The mark is put back with the publish's start
+# time, as a publish that died leaves it, so a later clean-up removes
+# whatever was written after the removal.
+# KEYS: pointer, published-versions zset, pending zset.
+# ARGV: version, rollback, time, this publish's start time.
 _SWITCH_SCRIPT = """
-local cur = redis.call('GET', KEYS[1])
 local new = ARGV[1]
+if not redis.call('ZSCORE', KEYS[3], new) then
+  redis.call('ZADD', KEYS[3], ARGV[4], new)
+  return false
+end
+local cur = redis.call('GET', KEYS[1])
 if ARGV[2] ~= '1' and cur and tonumber(cur) and tonumber(new) and tonumber(cur) > tonumber(new) then
   return cur
 end
@@ -135,22 +154,27 @@ def cleanup_versions(
 
     Also deletes what a publish left that died before its switch: a version
     pending for longer than ``pending_timeout_s`` that was never published.
+    A version pending for less is being written by a publish (a rollback to
+    an old version, say) and is kept whatever its age.
 
     Returns:
         (removed versions, number of keys deleted).
     """
     current, published = _published_versions(redis_client)
-    kept = {*protect, *([current] if current is not None else [])}
+    cutoff = time.time() - pending_timeout_s
+    pending = [
+        (v.decode() if isinstance(v, bytes) else v, at)
+        for v, at in redis_client.zrange(redis_keys.VERSIONS_PENDING, 0, -1, withscores=True)
+    ]
+    # Deleted while a publish writes them, its switch would serve a version
+    # without top lists: kept as pins are.
+    writing = {v for v, at in pending if at > cutoff}
+    kept = {*protect, *writing, *([current] if current is not None else [])}
     # Protected versions (pins, a publish's own) do not count toward keep: a
     # pin listed among the newest would cost the previous version its grace.
     counted = [v for v in published if v not in kept or v == current]
     old = [v for v in counted[: max(len(counted) - keep, 0)] if v not in kept]
-    cutoff = time.time() - pending_timeout_s
-    dead = [
-        v.decode() if isinstance(v, bytes) else v
-        for v in redis_client.zrangebyscore(redis_keys.VERSIONS_PENDING, "-inf", cutoff)
-    ]
-    old += [v for v in dead if v not in kept and v not in published]
+    old += [v for v, at in pending if at <= cutoff and v not in kept and v not in published]
     removed_keys = sum(remove_version(redis_client, v) for v in old)
     return old, removed_keys
 
@@ -256,6 +280,8 @@ def publish(
         ArtifactError: The version directory is incomplete or corrupt.
         ValueError: ``keep`` < 1.
         OlderThanServed: Redis serves a newer version and ``rollback`` is off.
+        RemovedWhilePublishing: Another publish's clean-up removed the version
+            while this one wrote it; the pointer was not moved.
     """
     if keep < 1:
         raise ValueError("keep must be at least 1 (the version being published)")
@@ -283,7 +309,8 @@ def publish(
     _published_versions(redis_client)
     # Listed as pending before its keys are written, so a publish that dies
     # before the switch leaves keys a later cleanup finds.
-    redis_client.zadd(redis_keys.VERSIONS_PENDING, {mv.version: time.time()})
+    started = time.time()
+    redis_client.zadd(redis_keys.VERSIONS_PENDING, {mv.version: started})
 
     pipe = redis_client.pipeline(transaction=False)
     for key, entries in _top_list_keys(mv).items():
@@ -329,13 +356,21 @@ def publish(
 
     moved = redis_client.eval(
         _SWITCH_SCRIPT,
-        2,
+        3,
         redis_keys.CURRENT_VERSION,
         redis_keys.VERSIONS,
+        redis_keys.VERSIONS_PENDING,
         mv.version,
         "1" if rollback else "0",
         repr(time.time()),
+        repr(started),
     )
+    if moved is None:
+        raise RemovedWhilePublishing(
+            f"version {mv.version}'s keys were removed by another publish's clean-up while "
+            "this publish wrote them; the current version was not changed: publish "
+            f"{mv.version} again"
+        )
     if isinstance(moved, bytes):
         moved = moved.decode()
     report.switched = moved == "OK"
@@ -485,7 +520,7 @@ def publish_with_settings(
             switch=switch,
             replace_users=replace_users,
         )
-    except (ArtifactError, OlderThanServed) as exc:
+    except (ArtifactError, OlderThanServed, RemovedWhilePublishing) as exc:
         raise UserFacingError(str(exc)) from exc
     except ValueError as exc:
         raise UserFacingError(f"--keep: {exc}") from exc

@@ -536,6 +536,45 @@ def test_a_racing_publish_does_not_delete_the_keys_of_the_one_that_wins(
     assert client.exists(redis_keys.top_popular("3"))
 
 
+def test_a_rollback_racing_a_publish_keeps_the_lists_it_switches_to(
+    client, redis_url, trained_version, tmp_path
+):
+    """The nightly publish of 4 cleans up between the rollback's writes and its switch.
+
+    Version 2, one publish from ageing out, was counted as an old version:
+    its lists were deleted and the pointer still moved to it.
+    """
+    v1, v2, v3, v4 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2, 3, 4))
+    for v in (v1, v2, v3):
+        publish(v, client, quiet=True, keep=2)
+    slow = _SlowPublisher.from_url(redis_url)
+    slow.other = lambda: publish(v4, client, quiet=True, keep=2)
+    report = publish(v2, slow, quiet=True, rollback=True)
+    slow.close()
+    assert report.switched and client.get(redis_keys.CURRENT_VERSION) == "2"
+    assert client.exists(redis_keys.top_popular("2"))
+
+
+def test_a_publish_whose_version_was_removed_meanwhile_does_not_switch(
+    client, redis_url, trained_version, tmp_path
+):
+    """A publish slower than the pending timeout: another's clean-up removed its keys."""
+    v1, v2, v3, v4 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2, 3, 4))
+    for v in (v1, v2, v3):
+        publish(v, client, quiet=True, keep=2)
+    slow = _SlowPublisher.from_url(redis_url)
+    slow.other = lambda: publish(v4, client, quiet=True, keep=2, pending_timeout_s=0)
+    with pytest.raises(publish_module.RemovedWhilePublishing, match="publish 2 again"):
+        publish(v2, slow, quiet=True, rollback=True)
+    slow.close()
+    assert client.get(redis_keys.CURRENT_VERSION) == "4"
+    # Listed pending again, as a publish that died: its leftovers go once it is old.
+    assert client.zscore(redis_keys.VERSIONS_PENDING, "2") is not None
+    client.zadd(redis_keys.top_popular("2"), {"written-after-the-removal": 1.0})
+    removed, _ = publish_module.cleanup_versions(client, 2, pending_timeout_s=0)
+    assert removed == ["2"] and not client.exists(redis_keys.top_popular("2"))
+
+
 def test_a_served_version_republished_and_losing_a_race_keeps_its_keys(
     client, trained_version, tmp_path, monkeypatch
 ):

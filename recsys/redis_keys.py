@@ -17,6 +17,7 @@ key                                    type    holds
 ``recsys:v:<ver>:top:genre:<genre>``   zset    item id -> damped mean rating
 ``recsys:v:<ver>:top:country:<c>``     zset    item id -> score within the country
 ``recsys:v:<ver>:top:popular``         zset    item id -> popularity score
+``recsys:v:<ver>:<list>:staging:<t>``  zset    a list being written, renamed over ``<list>``
 ``recsys:user:{<uid>}``                hash    profile + running aggregates (features)
 ``recsys:user:{<uid>}:watched``        set     every item id the user interacted with
 ``recsys:user:{<uid>}:recent``         list    most recent item ids, newest first, capped
@@ -58,6 +59,16 @@ def top_country(version: str, country: str) -> str:
 def top_popular(version: str) -> str:
     """Sorted set of the most popular items overall."""
     return f"{_version_prefix(version)}:top:popular"
+
+
+def staging(key: str, token: str) -> str:
+    """Where one publish (``token``) writes a version's list ``key`` before renaming it over.
+
+    Under the version's prefix, so the version's clean-up also removes a copy
+    an interrupted publish left; the token keeps two publishes of one
+    version from writing into each other's copy.
+    """
+    return f"{key}:staging:{token}"
 
 
 def version_pattern(version: str) -> str:

@@ -4,7 +4,10 @@ Order matters so serving never sees a half-loaded version:
 
 0. the version is listed in ``recsys:versions:pending``, so a publish that
    dies leaves keys a later cleanup finds;
-1. top lists go under version-scoped keys, beside the running version's;
+1. top lists go under version-scoped keys, beside the running version's,
+   each written under a staging key and renamed over its own, so a
+   republished version's readers see its old list or its new one, never an
+   empty or half-written one;
 2. user state is seeded, one script per user: aggregates replaced when this
    version is newer than the one that wrote them (so a republish, a rollback
    or a publish that lost a race keeps newer facts and what was recorded
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import secrets
 import shutil
 import sys
 import time
@@ -312,12 +316,20 @@ def publish(
     started = time.time()
     redis_client.zadd(redis_keys.VERSIONS_PENDING, {mv.version: started})
 
+    # A list is replaced by one RENAME of a whole copy: deleting it and
+    # adding its entries (in ZADD_CHUNK parts) let other clients read a
+    # republished, served version's list empty or half-written in between.
+    token = secrets.token_hex(8)
     pipe = redis_client.pipeline(transaction=False)
     for key, entries in _top_list_keys(mv).items():
-        pipe.delete(key)
+        staging = redis_keys.staging(key, token)
         for start in range(0, len(entries), ZADD_CHUNK):
             part = entries[start : start + ZADD_CHUNK]
-            pipe.zadd(key, {str(item): float(score) for item, score in part})
+            pipe.zadd(staging, {str(item): float(score) for item, score in part})
+        if entries:
+            pipe.rename(staging, key)
+        else:
+            pipe.delete(key)
         report.top_list_keys += 1
     pipe.execute()
     _progress(quiet, f"{report.top_list_keys} top lists under version {mv.version}")

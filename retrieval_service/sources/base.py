@@ -367,9 +367,10 @@ class TopListCache:
     """Sorted-set ranges of one served version, kept in process after their first read.
 
     Only keys under the version's own prefix (``recsys:v:<version>:``) are
-    kept. Those are model outputs that ``recsys publish`` writes once, before
-    it moves the version pointer, and never rewrites, so a copy cannot go
-    stale while its version is served; the cache lives on the
+    kept. Those are model outputs that ``recsys publish`` writes before it
+    moves the version pointer; a republish writes the same lists, each
+    renamed whole over the old one, so a copy cannot go stale (or be taken
+    from an emptied list) while its version is served; the cache lives on the
     :class:`~retrieval_service.served.ServedVersion` and is dropped with it
     on the next swap. Redis stays the source: every entry is filled from a
     real read. An empty reply (a list not published yet, a segment with no

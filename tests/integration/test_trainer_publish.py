@@ -575,6 +575,85 @@ def test_a_publish_whose_version_was_removed_meanwhile_does_not_switch(
     assert removed == ["2"] and not client.exists(redis_keys.top_popular("2"))
 
 
+class _OneCommandAtATime(redis.Redis):
+    """Sends a pipeline's commands one at a time and calls ``look`` after each.
+
+    Without MULTI, Redis may run other clients' commands between any two of a
+    pipeline's: ``look`` reads what each of them could have read.
+    """
+
+    look = None
+
+    def pipeline(self, transaction=True, shard_hint=None):
+        pipe = super().pipeline(transaction, shard_hint)
+        run_whole = pipe.execute
+
+        def execute(raise_on_error=True):
+            if pipe.scripts:  # the users' seed scripts: not what is looked at
+                return run_whole(raise_on_error)
+            results = []
+            for args, options in pipe.command_stack:
+                results.append(self.execute_command(*args, **options))
+                self.look()
+            pipe.reset()
+            return results
+
+        pipe.execute = execute
+        return pipe
+
+
+def test_a_republished_served_versions_lists_are_never_read_short(
+    published_version, client, redis_url, monkeypatch
+):
+    """A republish deleted each list, then added it back in ZADD_CHUNK parts."""
+    monkeypatch.setattr(publish_module, "ZADD_CHUNK", 100)  # 250-entry lists in 3 parts
+    keys = list(publish_module._top_list_keys(ModelVersion.open(published_version)))
+    full = {k: client.zcard(k) for k in keys}
+    short: list[dict[str, int]] = []
+
+    def look() -> None:
+        reader = client.pipeline(transaction=False)
+        for k in keys:
+            reader.zcard(k)
+        seen = dict(zip(keys, reader.execute(), strict=True))
+        if seen != full:
+            short.append({k: n for k, n in seen.items() if n != full[k]})
+
+    stepped = _OneCommandAtATime.from_url(redis_url)
+    stepped.look = look
+    publish(published_version, stepped, quiet=True)
+    stepped.close()
+    assert short == []
+    assert not list(client.scan_iter(match="*:staging:*")), "every copy was renamed over its list"
+
+
+def test_a_republish_cut_off_mid_list_leaves_it_whole_and_its_copy_to_the_clean_up(
+    client, redis_server, trained_version, tmp_path, monkeypatch
+):
+    """Redis runs each whole command it got: the served list must not be left partial."""
+    import time
+
+    monkeypatch.setattr(publish_module, "ZADD_CHUNK", 100)
+    v1, v2, v3 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2, 3))
+    publish(v1, client, quiet=True)
+    popular = redis_keys.top_popular("1")
+    full = client.zrange(popular, 0, -1)
+    port = redis.Redis.from_url(redis_server.url).connection_pool.connection_kwargs["port"]
+    hop = _CutAfter(port, re.compile(re.escape(popular.encode())), 2)
+    via = redis.Redis(host="127.0.0.1", port=hop.address[1], socket_timeout=5)
+    with pytest.raises(redis.RedisError):
+        publish(v1, via, quiet=True)  # the served version, republished
+    assert hop.cut
+    time.sleep(0.2)  # Redis runs what reached it before the hang-up
+    assert client.zrange(popular, 0, -1) == full
+    assert list(client.scan_iter(match="*:staging:*")), "the cut copy"
+    for v in (v2, v3):
+        # (The cut publish's pending mark keeps version 1 until it is old: here at once.)
+        publish(v, client, quiet=True, keep=2, pending_timeout_s=0)
+    # Version 1 aged out: its keys, the cut copy among them, went with it.
+    assert not list(client.scan_iter(match=redis_keys.version_pattern("1")))
+
+
 def test_a_served_version_republished_and_losing_a_race_keeps_its_keys(
     client, trained_version, tmp_path, monkeypatch
 ):

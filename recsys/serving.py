@@ -155,6 +155,9 @@ def configure_logging(settings: RecsysSettings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
+    # A library's warning then comes out as a record in the chosen format
+    # (logger ``py.warnings``), not as a bare line in a JSON log stream.
+    logging.captureWarnings(True)
 
 
 # --- interceptors ------------------------------------------------------------------
@@ -657,6 +660,10 @@ WORKER_ENV = "RECSYS_WORKER"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # True in a worker process: serve() reports ready on SERVING instead of on listening.
 _ready_when_serving = False
+# How a worker may end once its supervisor stops it: 0 after draining, or, when
+# the stop reached it before its signal handlers were set up, killed by the
+# signal itself, or 130 (the CLI's KeyboardInterrupt exit).
+_STOPPED = frozenset({0, -signal.SIGTERM, -signal.SIGINT, 128 + signal.SIGINT})
 
 
 @dataclass(frozen=True)
@@ -680,6 +687,21 @@ class WorkerSlot:
             raise ValueError(f"{WORKER_ENV}={raw!r}: expected index:count:port:fd") from None
         return cls(index, count, port, fd)
 
+    def tag_logs(self) -> None:
+        """Adds ``worker`` (index) and ``pid`` fields to every log record of this process.
+
+        The workers share one log stream; the supervisor names a dead worker
+        by pid, and the index says which slot it held.
+        """
+        fields = {"worker": self.index, "pid": os.getpid()}
+
+        def add(record: logging.LogRecord) -> bool:
+            record.fields = {**getattr(record, "fields", {}), **fields}
+            return True
+
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(add)
+
     def notify_ready(self) -> None:
         """Tells the supervisor this worker's server has started."""
         with contextlib.suppress(OSError):
@@ -689,19 +711,31 @@ class WorkerSlot:
 
 @contextlib.contextmanager
 def reserve_port(host: str, port: int):
-    """Binds (without listening) ``host:port`` with SO_REUSEPORT and yields the port.
+    """Binds (without listening) ``host:port`` for the workers and yields the port.
 
     ``host`` is bare, as the settings keep it (``::1``, not ``[::1]``).
 
     Port 0 becomes one free port that every worker then binds; holding the
     socket open keeps any other program from taking the port meanwhile. A
     socket that does not listen receives no connections.
+
+    Raises:
+        UserFacingError: The port is taken, by anything: another multi-worker
+            service too, which a bind with SO_REUSEPORT would have joined.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
+        # Bound without SO_REUSEPORT first, so any socket already on the port
+        # refuses it, as it refuses a lone server (see create_server); turned
+        # on after, so the workers' SO_REUSEPORT binds share it. Linux checks
+        # each bound socket's flag at every later bind, and one socket leaves
+        # no moment in which the port is free.
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            raise UserFacingError(f"cannot listen on {grpc_address(host, port)}: {exc}") from None
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
         yield sock.getsockname()[1]
     finally:
         sock.close()
@@ -718,7 +752,8 @@ def run_service(
     """Runs a service as one process, or as ``server.workers`` processes on one port.
 
     With one worker, ``serve_one`` runs here. With more, this process becomes
-    a supervisor: it reserves the port (a free one when ``port`` is 0),
+    a supervisor: it reserves the port (a free one when ``port`` is 0; one
+    anything else holds, another service's workers included, is refused),
     starts ``workers`` copies of the same command line (``recsys`` ``argv``)
     that each build their own server, event loop, health servicer and
     version watcher and bind that port with SO_REUSEPORT, writes
@@ -730,7 +765,9 @@ def run_service(
     short-handed. The supervisor serves ``/metrics`` on ``metrics_port`` for
     all workers together (prometheus-client's multiprocess mode: each worker
     writes its values to files in a private directory the supervisor owns
-    and removes on exit), so one scrape target covers the pod.
+    and removes on exit), so one scrape target covers the pod; with
+    ``metrics_port`` 0 the workers keep their own, faster, registries.
+    Each worker's log records carry its ``worker`` index and ``pid``.
 
     Args:
         server: The service's server settings.
@@ -743,12 +780,17 @@ def run_service(
 
     Returns:
         The process exit code.
+
+    Raises:
+        UserFacingError: The port is taken, or the port file's directory is
+            not writable.
     """
     slot = WorkerSlot.from_env()
     if slot is not None:
         global _ready_when_serving
         _ready_when_serving = True
         die_with_parent()
+        slot.tag_logs()
         # The supervisor serves every worker's metrics (see _supervise).
         mine = server.model_copy(update={"port": slot.port, "metrics_port": 0})
         serve_one(mine, lambda _port: slot.notify_ready())
@@ -794,7 +836,8 @@ def _supervise(
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     procs: list[subprocess.Popen] = []
     code = 0
-    metrics_dir = _metrics_dir(label)
+    # Multiprocess mode only for a /metrics to serve: it slows every update.
+    metrics_dir = _metrics_dir(label) if server.metrics_port else None
     httpd = None
     try:
         with reserve_port(server.host, server.port) as port:
@@ -802,12 +845,10 @@ def _supervise(
             read_fd, write_fd = os.pipe()
             try:
                 for i in range(server.workers):
-                    env = {
-                        **os.environ,
-                        WORKER_ENV: f"{i}:{server.workers}:{port}:{write_fd}",
+                    env = {**os.environ, WORKER_ENV: f"{i}:{server.workers}:{port}:{write_fd}"}
+                    if metrics_dir is not None:
                         # Read when the worker first imports prometheus_client.
-                        MULTIPROC_ENV: metrics_dir,
-                    }
+                        env[MULTIPROC_ENV] = metrics_dir
                     procs.append(
                         subprocess.Popen(
                             [*die_with_parent_prefix(), sys.executable, "-m", "recsys.cli", *argv],
@@ -846,15 +887,20 @@ def _supervise(
             reap_metrics(procs, metrics_dir)
             if not stopping:
                 code = 1
+                dead = {p.pid: p.returncode for p in procs if p.returncode is not None}
                 log.error(
-                    "a worker exited; stopping the others", extra={"fields": {"service": label}}
+                    "a worker exited; stopping the others",
+                    extra={"fields": {"service": label, "exit_codes": dead}},
                 )
             # A worker drains for drain_delay_s + grace_s, then flushes its
             # spans (bounded by tracing.FLUSH_TIMEOUT_S) and closes clients.
             _stop_all(procs, server.drain_delay_s + server.grace_s + STOP_MARGIN_S, metrics_dir)
             # A worker that crashed or had to be killed while draining is a
-            # failed stop, whatever asked for it: the exit code says so.
-            failed = {p.pid: p.returncode for p in procs if p.returncode != 0}
+            # failed stop, whatever asked for it: the exit code says so. One
+            # stopped before it had set up its handlers (early in its start)
+            # died of the stop signal itself, or returned 130 for the
+            # KeyboardInterrupt: that is the stop that was asked for.
+            failed = {p.pid: p.returncode for p in procs if p.returncode not in _STOPPED}
             if failed and code == 0:
                 code = 1
                 log.error(
@@ -868,7 +914,8 @@ def _supervise(
         if httpd is not None:
             httpd.shutdown()
             httpd.server_close()
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     return code
 
 
@@ -887,14 +934,17 @@ def _metrics_dir(label: str) -> str:
     return tempfile.mkdtemp(prefix=f"recsys-{label}-metrics-", dir=base)
 
 
-def reap_metrics(procs: Sequence[subprocess.Popen], metrics_dir: str) -> None:
+def reap_metrics(procs: Sequence[subprocess.Popen], metrics_dir: str | None) -> None:
     """Drops the live gauges (in flight, ...) of every worker that has exited.
 
     prometheus-client keeps a ``livesum``/``livemax`` gauge file per process
     until told the process is dead; without this a worker that died would
     keep adding its last in-flight count to the pod's ``/metrics`` while the
     others drain. Counters and histograms are kept: their totals stay true.
+    Nothing to do without a directory (``metrics_port`` 0).
     """
+    if metrics_dir is None:
+        return
     from prometheus_client import multiprocess
 
     for p in procs:
@@ -1105,11 +1155,13 @@ class VersionWatcher:
             # Drop the old series, not just zero it: a pod that exported one
             # series per version it ever served would look, to an alert that
             # counts versions per service, like replicas that disagree. (With
-            # several workers the shared files keep the zero; the alert also
-            # filters on the value.)
+            # several workers the shared files keep the zero, as remove() is
+            # not implemented there and only warns; the alert also filters on
+            # the value.)
             MODEL_VERSION.labels(self.label, self.current).set(0)
-            with contextlib.suppress(KeyError):
-                MODEL_VERSION.remove(self.label, self.current)
+            if MULTIPROC_ENV not in os.environ:
+                with contextlib.suppress(KeyError):
+                    MODEL_VERSION.remove(self.label, self.current)
         MODEL_VERSION.labels(self.label, want).set(1)
         log.info("version loaded", extra={"fields": {"version": want, "previous": self.current}})
         self.current = want

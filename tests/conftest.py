@@ -32,12 +32,14 @@ def _root_logging_restored():
     ``configure_logging`` gives the root logger a handler on the ``sys.stderr``
     of that moment, which under ``capsys`` is a capture stream closed when the
     test ends; a later test that logs would print "Logging error" tracebacks.
+    Its capture of warnings into logging is undone too.
     """
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    logging.captureWarnings(False)
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -17,7 +18,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from recsys.embedded_redis import free_port
-from recsys.serving import reserve_port
+from recsys.errors import UserFacingError
+from recsys.serving import MULTIPROC_ENV, reserve_port
 from recsys.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
 from retrieval_service.server import SERVICE_NAME
 from tests.conftest import ipv6_loopback
@@ -79,6 +81,21 @@ def test_reserve_port_shares_a_free_port():
         plain.close()
 
 
+@pytest.mark.parametrize("reuseport", [False, True], ids=["plain", "reuseport"])
+def test_reserve_port_refuses_a_taken_port(reuseport: bool):
+    """Another service's workers (SO_REUSEPORT) were joined, not refused: traffic split."""
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, int(reuseport))
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        with (
+            pytest.raises(UserFacingError, match=rf"cannot listen on 127\.0\.0\.1:{port}: "),
+            reserve_port("127.0.0.1", port),
+        ):
+            pass
+
+
 def _scrape(port: int, host: str = "127.0.0.1") -> dict[str, float]:
     """Samples of ``/metrics`` as {'name{labels}': value} (``host`` as a URL writes it)."""
     text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5).read().decode()
@@ -100,6 +117,7 @@ def _serve_retrieval(
     stderr,
     env_extra: dict[str, str] | None = None,
     host: str | None = None,
+    port: int = 0,
 ) -> subprocess.Popen:
     """``recsys serve retrieval`` with ``workers`` processes, clear of the caller's config."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECSYS_")}
@@ -110,7 +128,8 @@ def _serve_retrieval(
         [
             sys.executable, "-m", "recsys.cli", "serve", "retrieval",
             "--model-dir", str(version.parent), "--redis-url", redis_url,
-            "--port", "0", "--metrics-port", str(metrics_port), "--port-file", str(port_file),
+            "--port", str(port), "--metrics-port", str(metrics_port),
+            "--port-file", str(port_file),
             *(("--host", host) if host else ()),
         ],
         env=env,
@@ -251,6 +270,84 @@ def test_a_worker_lost_while_draining_makes_the_stop_fail(
         os.kill(workers[0], signal.SIGKILL)  # lands within the 0.5 s drain delay
         assert proc.wait(timeout=60) == 1
         assert "a worker did not stop cleanly" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_busy_port_with_workers_is_a_clear_error(
+    published_version: Path, redis_url: str, tmp_path: Path
+):
+    """One worker said 'cannot listen on ...' (exit 2); two died with a traceback (exit 1)."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = _serve_retrieval(
+            published_version, redis_url, tmp_path / "port", 0, workers=2,
+            stderr=subprocess.PIPE, port=port,
+        )  # fmt: skip
+        try:
+            code = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    err = proc.stderr.read()
+    assert code == 2 and f"cannot listen on 127.0.0.1:{port}: " in err, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+
+
+def test_a_crashed_worker_is_named_and_metrics_off_skips_multiprocess_mode(
+    published_version: Path, redis_url: str, tmp_path: Path
+):
+    """The error said only 'a worker exited'; each worker now tags its records.
+
+    With ``metrics_port`` 0 nothing serves the combined /metrics, so the
+    workers keep their own registries instead of paying for multiprocess
+    mode's memory-mapped files.
+    """
+    port_file = tmp_path / "port"
+    proc = _serve_retrieval(
+        published_version, redis_url, port_file, 0, workers=2, stderr=subprocess.PIPE
+    )
+    try:
+        _wait_port_file(proc, port_file)
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        in_multiprocess_mode = [pid for pid in workers if MULTIPROC_ENV in _environ(pid)]
+        assert in_multiprocess_mode == []
+        os.kill(workers[0], signal.SIGKILL)  # e.g. the OOM killer
+        assert proc.wait(timeout=60) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    docs = [json.loads(line) for line in proc.stderr.read().splitlines()]
+    [crash] = [d for d in docs if d["msg"] == "a worker exited; stopping the others"]
+    assert crash["exit_codes"] == {str(workers[0]): -signal.SIGKILL}, crash
+    listening = {(d["worker"], d["pid"]) for d in docs if d["msg"] == "listening"}
+    assert {pid for _, pid in listening} == set(workers), listening
+    assert {index for index, _ in listening} == {0, 1}, listening
+
+
+def test_a_stop_while_workers_start_is_clean(
+    published_version: Path, redis_url: str, tmp_path: Path
+):
+    """A worker SIGTERMed before it set up its handlers died of it: the stop exited 1."""
+    proc = _serve_retrieval(
+        published_version, redis_url, tmp_path / "port", 0, workers=2, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 60
+        # The supervisor handles signals before it starts any worker.
+        while len(_children(proc.pid)) < 2:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+        assert code == 0, proc.stderr.read()[-2000:]
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -190,6 +191,21 @@ async def test_a_swap_leaves_one_version_series_per_service(tmp_path, own_redis)
         assert series() == {"2": 1.0}
     finally:
         await watcher.redis.aclose()
+
+
+async def test_a_swap_in_a_worker_writes_no_warning(tmp_path, monkeypatch):
+    """prometheus-client warns on remove() in multiprocess mode: a non-JSON line per swap."""
+    from recsys.serving import MULTIPROC_ENV
+
+    add_version(tmp_path, "1")
+    watcher = VersionWatcher(label="swap-worker", model_dir=tmp_path, load=Recorder())
+    await polls(watcher, 1)
+    add_version(tmp_path, "2")
+    monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))  # as a worker's supervisor sets it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        await polls(watcher, 1)
+    assert watcher.current == "2"
 
 
 async def test_a_pointer_that_vanishes_keeps_the_serving_version(tmp_path, own_redis):

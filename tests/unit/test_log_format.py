@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import sys
+import warnings
+from collections.abc import Callable
 
-from recsys.serving import JsonFormatter, TextFormatter
+import pytest
+
+from recsys.config import RecsysSettings
+from recsys.serving import JsonFormatter, TextFormatter, WorkerSlot, configure_logging
 
 
 def _record(msg: str, fields: dict | None = None, exc: bool = False) -> logging.LogRecord:
@@ -48,3 +55,37 @@ def test_a_line_without_fields_is_unchanged():
     assert TextFormatter().format(rec) == logging.Formatter(
         "%(asctime)s %(levelname)s %(name)s %(message)s"
     ).format(rec)
+
+
+def _json_logging(capsys: pytest.CaptureFixture[str]) -> Callable[[], list[str]]:
+    """``configure_logging`` in JSON; returns a function giving the lines written so far.
+
+    Called in the test itself: the handler keeps the ``sys.stderr`` of that
+    moment, and the one capsys gives a fixture is closed before the test runs.
+    """
+    configure_logging(RecsysSettings(log_format="json"))
+    return lambda: capsys.readouterr().err.splitlines()
+
+
+def test_a_library_warning_is_a_json_line(capsys):
+    """A warning printed as is put a non-JSON line in the stream a log pipeline parses."""
+    lines = _json_logging(capsys)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("something is deprecated", UserWarning, stacklevel=1)
+    [line] = lines()
+    doc = json.loads(line)
+    assert doc["logger"] == "py.warnings" and "something is deprecated" in doc["msg"]
+
+
+def test_a_worker_tags_each_record_with_its_index_and_pid(capsys):
+    lines = _json_logging(capsys)
+    WorkerSlot(index=1, count=2, port=50051, notify_fd=-1).tag_logs()
+    logging.getLogger("recsys.test").warning("plain")
+    logging.getLogger("recsys.test").warning("with fields", extra={"fields": {"version": "7"}})
+    docs = [json.loads(line) for line in lines()]
+    pid = os.getpid()
+    assert [(d["msg"], d.get("version"), d["worker"], d["pid"]) for d in docs] == [
+        ("plain", None, 1, pid),
+        ("with fields", "7", 1, pid),
+    ]

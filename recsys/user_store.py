@@ -18,8 +18,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+from redis.exceptions import ExecAbortError, OutOfMemoryError
 
 from recsys import redis_keys
 from recsys.features import (
@@ -112,6 +114,33 @@ def _queue_reads(pipe, user_id: str, recent_n: int, with_watched: bool) -> int:
     return n
 
 
+async def _read_snapshot(
+    redis, reads: Sequence[UserRead], raise_on_error: bool
+) -> tuple[list[int], list]:
+    """Runs ``reads``' commands as one snapshot: (commands per read, the replies in order).
+
+    MULTI/EXEC: Redis runs another client's commands (a RecordInteraction
+    script) between two socket reads of a large pipeline (~16 KB and up),
+    so without it a user could be read with an interaction in the watched
+    set but not yet in the aggregates. Per-command errors still come back
+    per user, and the client parses the one EXEC reply no slower. A Redis
+    at ``maxmemory`` with ``noeviction`` (how deploy/ runs it) refuses every
+    command queued in MULTI, reads too, so then the reads go as a plain
+    pipeline: served a little less consistent rather than not at all.
+    """
+
+    def queued(transaction: bool) -> tuple[list[int], Any]:
+        pipe = redis.pipeline(transaction=transaction)
+        return [_queue_reads(pipe, r.user_id, r.recent_n, r.with_watched) for r in reads], pipe
+
+    sizes, pipe = queued(True)
+    try:
+        return sizes, await pipe.execute(raise_on_error=raise_on_error)
+    except (OutOfMemoryError, ExecAbortError):
+        _, pipe = queued(False)
+        return sizes, await pipe.execute(raise_on_error=raise_on_error)
+
+
 def _decode(
     spec: FeatureSpec, user_id: str, replies: Sequence, recent_n: int, with_watched: bool
 ) -> StoredUser:
@@ -149,9 +178,10 @@ async def load_user(
     Raises:
         redis.RedisError: When Redis cannot be reached; callers degrade.
     """
-    pipe = redis.pipeline(transaction=True)  # one snapshot: see load_users
-    _queue_reads(pipe, user_id, recent_n, with_watched)
-    return _decode(spec, user_id, await pipe.execute(), recent_n, with_watched)
+    _, replies = await _read_snapshot(
+        redis, [UserRead(spec, user_id, recent_n, with_watched)], True
+    )
+    return _decode(spec, user_id, replies, recent_n, with_watched)
 
 
 @dataclass(frozen=True)
@@ -190,15 +220,8 @@ async def load_users(
     """
     if not reads:
         return []
-    # MULTI/EXEC: Redis runs another client's commands (a RecordInteraction
-    # script) between two socket reads of a large pipeline (~16 KB and up),
-    # so without it a user could be read with an interaction in the watched
-    # set but not yet in the aggregates. Per-command errors still come back
-    # per user, and the client parses the one EXEC reply no slower.
-    pipe = redis.pipeline(transaction=True)
-    sizes = [_queue_reads(pipe, r.user_id, r.recent_n, r.with_watched) for r in reads]
     async with asyncio.timeout(timeout_s):
-        replies = await pipe.execute(raise_on_error=False)
+        sizes, replies = await _read_snapshot(redis, reads, False)
     out: list[StoredUser | Exception] = []
     at = 0
     for r, size in zip(reads, sizes, strict=True):

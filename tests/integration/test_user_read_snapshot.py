@@ -4,7 +4,8 @@ Each RecordInteraction is one Lua script, but Redis runs other clients'
 commands between two socket reads of a large pipeline (~16 KB and up). A
 plain pipeline of HGETALL + LRANGE + SMEMBERS per user could therefore see
 an interaction in the watched set and recent list but not in the
-aggregates; the reads now go in one MULTI/EXEC.
+aggregates; the reads now go in one MULTI/EXEC, and as a plain pipeline
+when a full Redis refuses everything queued in MULTI.
 """
 
 from __future__ import annotations
@@ -84,3 +85,25 @@ async def test_a_large_batch_never_sees_half_an_interaction(redis_url):
         thread.join()
         await client.aclose()
     assert torn == []
+
+
+async def test_reads_still_work_when_redis_is_full(redis_url):
+    # deploy/ runs Redis with noeviction: at maxmemory it refuses every
+    # command queued in MULTI, reads too, where a plain pipeline still reads.
+    client = aioredis.Redis.from_url(redis_url)
+    admin = redis.Redis.from_url(redis_url)
+    policy = admin.config_get("maxmemory-policy")["maxmemory-policy"]
+    try:
+        for user in ("u1", "u2"):
+            await record_interaction(client, SPEC, user, "i1", ["Action"], 4.0, history_length=10)
+        admin.config_set("maxmemory-policy", "noeviction")
+        admin.config_set("maxmemory", 1)  # full: writes are refused from here on
+        got = await load_users(client, [UserRead(SPEC, u, recent_n=5) for u in ("u1", "u2")])
+        assert [(g.known, g.watched, g.recent) for g in got] == [(True, {"i1"}, ["i1"])] * 2
+        one = await load_user(client, SPEC, "u1", recent_n=5)
+        assert one.aggregates is not None and one.aggregates.watch_count == 1
+    finally:
+        admin.config_set("maxmemory", 0)
+        admin.config_set("maxmemory-policy", policy)
+        admin.close()
+        await client.aclose()

@@ -14,6 +14,7 @@ key                                    type    holds
 ``recsys:current_version``             string  version the services should serve
 ``recsys:versions``                    zset    published versions, scored by publish time
 ``recsys:versions:pending``            zset    versions a publish is writing, by start time
+``recsys:versions:removing:<ver>``     string  a clean-up is deleting the version (expires)
 ``recsys:v:<ver>:top:genre:<genre>``   zset    item id -> damped mean rating
 ``recsys:v:<ver>:top:country:<c>``     zset    item id -> score within the country
 ``recsys:v:<ver>:top:popular``         zset    item id -> popularity score
@@ -35,6 +36,14 @@ VERSIONS = f"{PREFIX}:versions"
 # Versions being written by a publish (zset: start time). Not counted toward
 # ``--keep``: a cleanup removes one only when its publish died long ago.
 VERSIONS_PENDING = f"{PREFIX}:versions:pending"
+
+
+def removing(version: str) -> str:
+    """Set while a clean-up deletes ``version``'s keys; a publish of it is refused meanwhile.
+
+    Outside the version's prefix, so the deletion it guards does not delete it.
+    """
+    return f"{VERSIONS}:removing:{version}"
 
 
 def _version_prefix(version: str) -> str:

@@ -26,7 +26,10 @@ Order matters so serving never sees a half-loaded version:
    still reads their top lists. A failure here, after the switch, is a
    warning: the next publish finishes it. A version another publish is
    writing (its pending mark is fresh: a rollback to the version about to
-   age out) is kept too.
+   age out) is kept too. Each removal first claims the version in one
+   script, skipping it when it became current or a publish started writing
+   it since the clean-up chose it; a publish of a version being removed is
+   refused (``RemovedWhilePublishing``) until the removal ends.
 
 Every step uses large pipelines rather than one round trip per key.
 """
@@ -75,7 +78,7 @@ class OlderThanServed(ValueError):
 
 
 class RemovedWhilePublishing(RuntimeError):
-    """Another publish's clean-up removed the version while this publish wrote it."""
+    """Another publish's clean-up removed (or is removing) the version this one writes."""
 
 
 def current_version(redis_client) -> str | None:
@@ -100,11 +103,13 @@ def _newer(current: str | None, version: str) -> bool:
 # publishing again is safe.) The mark is put back with the publish's start
 # time, as a publish that died leaves it, so a later clean-up removes
 # whatever was written after the removal.
-# KEYS: pointer, published-versions zset, pending zset.
+# A removal claim (KEYS[4]) refuses the switch the same way: that clean-up
+# is deleting the keys now.
+# KEYS: pointer, published-versions zset, pending zset, the version's removal claim.
 # ARGV: version, rollback, time, this publish's start time.
 _SWITCH_SCRIPT = """
 local new = ARGV[1]
-if not redis.call('ZSCORE', KEYS[3], new) then
+if redis.call('EXISTS', KEYS[4]) == 1 or not redis.call('ZSCORE', KEYS[3], new) then
   redis.call('ZADD', KEYS[3], ARGV[4], new)
   return false
 end
@@ -159,7 +164,9 @@ def cleanup_versions(
     Also deletes what a publish left that died before its switch: a version
     pending for longer than ``pending_timeout_s`` that was never published.
     A version pending for less is being written by a publish (a rollback to
-    an old version, say) and is kept whatever its age.
+    an old version, say) and is kept whatever its age. So is one chosen that
+    became current, or started being written, before its removal began
+    (:func:`remove_version`).
 
     Returns:
         (removed versions, number of keys deleted).
@@ -179,8 +186,13 @@ def cleanup_versions(
     counted = [v for v in published if v not in kept or v == current]
     old = [v for v in counted[: max(len(counted) - keep, 0)] if v not in kept]
     old += [v for v, at in pending if at <= cutoff and v not in kept and v not in published]
-    removed_keys = sum(remove_version(redis_client, v) for v in old)
-    return old, removed_keys
+    removed, removed_keys = [], 0
+    for v in old:
+        keys = remove_version(redis_client, v, pending_timeout_s=pending_timeout_s)
+        if keys is not None:
+            removed.append(v)
+            removed_keys += keys
+    return removed, removed_keys
 
 
 # Reads the pointer and moves never-switched entries in one step: with the
@@ -223,8 +235,69 @@ def _published_versions(redis_client) -> tuple[str | None, list[str]]:
     return cur or None, [v.decode() if isinstance(v, bytes) else v for v in versions]
 
 
-def remove_version(redis_client, version: str) -> int:
-    """Deletes one version's keys and its entry in the versions set; returns the key count."""
+# How long a removal claim outlives a clean-up that died holding it: far
+# longer than deleting one version's keys takes (a SCAN of the keyspace,
+# seconds for millions of keys), short enough that a rollback to the
+# version is not refused for long.
+REMOVING_TTL_S = 600
+
+# Claims a version for removal, or answers 0 and claims nothing when it is
+# current or a publish is writing it (a fresh pending mark) or another
+# clean-up holds the claim. In one step with the check: a rollback switching
+# to the version between a clean-up's choice and its deletion was served
+# without top lists. A publish marks its version pending only while no claim
+# exists (_MARK_SCRIPT), so one of the two always sees the other.
+# KEYS: pointer, pending zset, the version's removal claim.
+# ARGV: version, the pending cutoff (older marks are dead publishes'), claim TTL.
+_CLAIM_SCRIPT = """
+local v = ARGV[1]
+if redis.call('GET', KEYS[1]) == v then
+  return 0
+end
+local at = redis.call('ZSCORE', KEYS[2], v)
+if at and tonumber(at) > tonumber(ARGV[2]) then
+  return 0
+end
+if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[3]) then
+  return 0
+end
+return 1
+"""
+
+# Marks a version pending unless a clean-up is removing it: answers 0,
+# marking nothing, when the removal claim exists.
+# KEYS: pending zset, the version's removal claim. ARGV: version, start time.
+_MARK_SCRIPT = """
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return 0
+end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+return 1
+"""
+
+
+def remove_version(
+    redis_client, version: str, *, pending_timeout_s: float = PENDING_TIMEOUT_S
+) -> int | None:
+    """Deletes one version's keys and its entries in the versions sets.
+
+    Returns:
+        The number of keys deleted, or None when the version was kept: it is
+        current, a publish (pending for less than ``pending_timeout_s``) is
+        writing it, or another clean-up is removing it.
+    """
+    claimed = redis_client.eval(
+        _CLAIM_SCRIPT,
+        3,
+        redis_keys.CURRENT_VERSION,
+        redis_keys.VERSIONS_PENDING,
+        redis_keys.removing(version),
+        version,
+        repr(time.time() - pending_timeout_s),
+        REMOVING_TTL_S,
+    )
+    if not claimed:
+        return None
     removed, batch = 0, []
     for key in redis_client.scan_iter(match=redis_keys.version_pattern(version), count=1000):
         batch.append(key)
@@ -233,8 +306,13 @@ def remove_version(redis_client, version: str) -> int:
             batch = []
     if batch:
         removed += redis_client.unlink(*batch)
-    redis_client.zrem(redis_keys.VERSIONS, version)
-    redis_client.zrem(redis_keys.VERSIONS_PENDING, version)
+    # The claim goes with the entries, in one step: released first, a publish
+    # starting in between had its fresh pending mark removed.
+    pipe = redis_client.pipeline()
+    pipe.zrem(redis_keys.VERSIONS, version)
+    pipe.zrem(redis_keys.VERSIONS_PENDING, version)
+    pipe.delete(redis_keys.removing(version))
+    pipe.execute()
     return removed
 
 
@@ -285,7 +363,8 @@ def publish(
         ValueError: ``keep`` < 1.
         OlderThanServed: Redis serves a newer version and ``rollback`` is off.
         RemovedWhilePublishing: Another publish's clean-up removed the version
-            while this one wrote it; the pointer was not moved.
+            while this one wrote it, or is removing it as this one starts; the
+            pointer was not moved.
     """
     if keep < 1:
         raise ValueError("keep must be at least 1 (the version being published)")
@@ -314,7 +393,21 @@ def publish(
     # Listed as pending before its keys are written, so a publish that dies
     # before the switch leaves keys a later cleanup finds.
     started = time.time()
-    redis_client.zadd(redis_keys.VERSIONS_PENDING, {mv.version: started})
+    marked = redis_client.eval(
+        _MARK_SCRIPT,
+        2,
+        redis_keys.VERSIONS_PENDING,
+        redis_keys.removing(mv.version),
+        mv.version,
+        repr(started),
+    )
+    if not marked:
+        # Written now, its keys would be deleted by that clean-up as they land.
+        raise RemovedWhilePublishing(
+            f"another publish's clean-up is removing version {mv.version}'s keys; nothing "
+            f"was published: publish {mv.version} again (a clean-up that died holds the "
+            f"version for {REMOVING_TTL_S // 60} minutes at most)"
+        )
 
     # A list is replaced by one RENAME of a whole copy: deleting it and
     # adding its entries (in ZADD_CHUNK parts) let other clients read a
@@ -368,10 +461,11 @@ def publish(
 
     moved = redis_client.eval(
         _SWITCH_SCRIPT,
-        3,
+        4,
         redis_keys.CURRENT_VERSION,
         redis_keys.VERSIONS,
         redis_keys.VERSIONS_PENDING,
+        redis_keys.removing(mv.version),
         mv.version,
         "1" if rollback else "0",
         repr(time.time()),
@@ -452,8 +546,10 @@ def _after_switch(
         # its grace period like any other.
         never_served = redis_client.zscore(redis_keys.VERSIONS, version) is None
         if never_served and version not in protect:
-            report.removed_keys += remove_version(redis_client, version)
-            report.removed_versions.append(version)
+            keys = remove_version(redis_client, version, pending_timeout_s=pending_timeout_s)
+            if keys is not None:
+                report.removed_keys += keys
+                report.removed_versions.append(version)
     removed, keys = cleanup_versions(
         redis_client, keep, protect={version, *protect}, pending_timeout_s=pending_timeout_s
     )

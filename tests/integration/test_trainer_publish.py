@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -573,6 +574,109 @@ def test_a_publish_whose_version_was_removed_meanwhile_does_not_switch(
     client.zadd(redis_keys.top_popular("2"), {"written-after-the-removal": 1.0})
     removed, _ = publish_module.cleanup_versions(client, 2, pending_timeout_s=0)
     assert removed == ["2"] and not client.exists(redis_keys.top_popular("2"))
+
+
+class _RacesTheCleanUp(redis.Redis):
+    """Runs ``other`` inside this client's clean-up, at the point ``at`` names.
+
+    ``"chosen"``: once the clean-up has read what to remove; ``"deleting"``:
+    as it starts deleting version 2's keys.
+    """
+
+    other = None
+    at = "chosen"
+
+    def _reach(self, point: str) -> None:
+        if self.other is not None and self.at == point:
+            other, self.other = self.other, None
+            other()
+
+    def zrange(self, name, *args, **kwargs):
+        answer = super().zrange(name, *args, **kwargs)
+        if name == redis_keys.VERSIONS_PENDING:
+            self._reach("chosen")
+        return answer
+
+    def scan_iter(self, match=None, **kwargs):
+        if match == redis_keys.version_pattern("2"):
+            self._reach("deleting")
+        return super().scan_iter(match=match, **kwargs)
+
+
+def test_a_rollback_between_a_clean_ups_choice_and_its_deletion_keeps_its_lists(
+    client, redis_url, trained_version, tmp_path
+):
+    """The nightly publish of 4 chose version 2 to remove, then a rollback to 2 finished.
+
+    The deletion went on: the pointer named a version without top lists.
+    """
+    v1, v2, v3, v4 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2, 3, 4))
+    for v in (v1, v2, v3):
+        publish(v, client, quiet=True, keep=2)
+    nightly = _RacesTheCleanUp.from_url(redis_url)
+    nightly.other = lambda: publish(v2, client, quiet=True, rollback=True, keep=2)
+    report = publish(v4, nightly, quiet=True, keep=2)
+    nightly.close()
+    assert "2" not in report.removed_versions
+    assert client.get(redis_keys.CURRENT_VERSION) == "2"
+    assert client.exists(redis_keys.top_popular("2"))
+
+
+def test_a_rollback_while_a_clean_up_deletes_its_version_is_refused(
+    client, redis_url, trained_version, tmp_path
+):
+    """A rollback to 2 ran while the nightly publish of 4 was deleting 2's keys.
+
+    It switched to 2, and the deletion went on under it.
+    """
+    v1, v2, v3, v4 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2, 3, 4))
+    for v in (v1, v2, v3):
+        publish(v, client, quiet=True, keep=2)
+
+    def rollback():
+        with pytest.raises(publish_module.RemovedWhilePublishing, match="publish 2 again"):
+            publish(v2, client, quiet=True, rollback=True, keep=2)
+        # A clean-up that dies holding the claim holds the version for a while only.
+        assert 0 < client.ttl(redis_keys.removing("2")) <= publish_module.REMOVING_TTL_S
+
+    nightly = _RacesTheCleanUp.from_url(redis_url)
+    nightly.at, nightly.other = "deleting", rollback
+    report = publish(v4, nightly, quiet=True, keep=2)
+    nightly.close()
+    assert report.removed_versions == ["2"] and nightly.other is None
+    assert client.get(redis_keys.CURRENT_VERSION) == "4"
+    assert not client.exists(redis_keys.removing("2"))
+    # Once the clean-up is done, publishing it again rolls back.
+    publish(v2, client, quiet=True, rollback=True, keep=2)
+    assert client.get(redis_keys.CURRENT_VERSION) == "2"
+    assert client.exists(redis_keys.top_popular("2"))
+
+
+def test_a_publish_whose_version_a_clean_up_claimed_meanwhile_does_not_switch(
+    client, redis_url, trained_version, tmp_path
+):
+    """A publish slower than the pending timeout switching while a clean-up deletes its keys.
+
+    Its pending mark was still there (the clean-up removes it last).
+    """
+    v1, v2 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2))
+    publish(v1, client, quiet=True)
+    slow = _SlowPublisher.from_url(redis_url)
+    slow.other = lambda: client.set(redis_keys.removing("2"), "1", ex=60)
+    with pytest.raises(publish_module.RemovedWhilePublishing, match="publish 2 again"):
+        publish(v2, slow, quiet=True)
+    slow.close()
+    assert client.get(redis_keys.CURRENT_VERSION) == "1"
+
+
+def test_a_removal_keeps_a_version_a_publish_started_writing(published_version, client):
+    """A publish's mark added after the clean-up chose its version, before the deletion."""
+    version = published_version.name
+    client.set(redis_keys.CURRENT_VERSION, "elsewhere")
+    client.zadd(redis_keys.VERSIONS_PENDING, {version: time.time()})
+    assert publish_module.remove_version(client, version) is None
+    assert client.exists(redis_keys.top_popular(version))
+    assert not client.exists(redis_keys.removing(version))
 
 
 class _OneCommandAtATime(redis.Redis):

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from recsys.errors import ThrottledWarning
+from recsys.errors import ThrottledWarning, describe_error
 from recsys.features import (
     FeatureSpec,
     UserAggregates,
@@ -88,7 +88,8 @@ async def fetch_users(
     try:
         got = await load_users(redis, reads, timeout_s=timeout_s)
     except Exception as exc:  # redis.RedisError, OSError, timeouts: all degrade the same way
-        _log_degraded(exc)
+        waited = f"{timeout_s * 1e3:.0f} ms" if timeout_s is not None else ""
+        _log_degraded(describe_error(exc, waited=waited))
         for i in wanted:
             out[i] = (None, True)
         return out

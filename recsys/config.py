@@ -518,7 +518,10 @@ class RecsysSettings(BaseSettings):
         "read waits at most half the time left on the request's deadline if that is shorter "
         "(ranking's batch read: its most patient caller's half; a caller whose own half runs "
         "out is ranked from request and default features). The services bound each round "
-        "trip themselves; their client has no per-read socket timeout.",
+        "trip themselves; their client has no per-read socket timeout. A call that needs a "
+        "new pooled connection opens it within the same wait: the TCP connect (and TLS "
+        "handshake), then one round trip (HELLO; two with a database other than 0) before its "
+        "own, so against a distant Redis keep it above three round trips (four with TLS).",
     )
     redis_max_connections: int = Field(
         64, ge=1, description="Connection pool bound of each service process."

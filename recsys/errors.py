@@ -24,12 +24,33 @@ def shown(value: str) -> str:
     return f"{value[:SHOWN_CHARS]!r}… ({len(value)} characters)"
 
 
+def describe_error(exc: BaseException, *, waited: str = "") -> str:
+    """An exception as a log or error phrase: ``Type: message``, or ``Type`` alone.
+
+    ``str()`` of an exception raised without a message is empty: asyncio's
+    ``TimeoutError`` above all, which is how every bounded Redis call fails
+    when Redis stalls, so a warning read "features:  (1 since last report)".
+
+    Args:
+        exc: The exception.
+        waited: What bounded the wait (e.g. ``"250 ms"``): a
+            ``TimeoutError`` without a message reads ``TimeoutError: no reply
+            within <waited>``.
+    """
+    name = type(exc).__name__
+    text = str(exc)
+    if not text and waited and isinstance(exc, TimeoutError):
+        text = f"no reply within {waited}"
+    return f"{name}: {text}" if text else name
+
+
 class ThrottledWarning:
     """Logs a failure that every request repeats (Redis down) once per interval, with a count.
 
     Args:
         logger: Where the warning goes.
-        message: Its text; ``%s`` is the latest error, ``%d`` the failures since the last line.
+        message: Its text; ``%s`` is the latest error (an exception as
+            :func:`describe_error` puts it), ``%d`` the failures since the last line.
         every_s: Least time between two lines.
     """
 
@@ -44,5 +65,6 @@ class ThrottledWarning:
         now = time.monotonic()
         if now - self._last >= self.every_s:
             extra = {"fields": fields} if fields else None
-            self.logger.warning(self.message, exc, self._count, extra=extra)
+            text = describe_error(exc) if isinstance(exc, BaseException) else exc
+            self.logger.warning(self.message, text, self._count, extra=extra)
             self._last, self._count = now, 0

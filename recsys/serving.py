@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import gc
 import hmac
+import inspect
 import json
 import logging
 import os
@@ -983,6 +984,17 @@ def async_redis(settings: RecsysSettings):
     bound per round trip gives the same protection against a Redis that
     stops answering. A cancelled read closes its connection, so a late reply
     cannot be mistaken for the next command's.
+
+    A new connection is opened inside the bound of the call that needs it,
+    and a bound that runs out discards it half-built, so its handshake must
+    fit in that bound beside the command: it is cut to what the connection
+    needs (:func:`_lean_handshake`: ``HELLO`` or ``AUTH``, and ``SELECT``
+    for a database other than 0). No health-check ``PING`` either: it cost a
+    round trip on every connection idle for the interval, and caught nothing
+    the command itself does not: a pooled connection a Redis restart broke
+    fails the one call that finds it (redis-py retries nothing on a client
+    made by ``from_url``, and failed the call on a failed ``PING`` the same
+    way) and is replaced by the next.
     """
     import redis.asyncio as aioredis
 
@@ -991,8 +1003,35 @@ def async_redis(settings: RecsysSettings):
         socket_timeout=None,
         socket_connect_timeout=settings.redis_timeout_s,
         max_connections=settings.redis_max_connections,
-        health_check_interval=15,
+        health_check_interval=0,
+        **_lean_handshake(),
     )
+
+
+def _lean_handshake() -> dict[str, Any]:
+    """Client options that drop the optional commands of a new connection's handshake.
+
+    redis-py 8 sends ``CLIENT MAINT_NOTIFICATIONS`` (a round trip; for
+    managed clusters that announce failovers) and ``CLIENT SETINFO`` twice
+    (a round trip; the client's name and version, for ``CLIENT LIST``).
+    With the health-check ``PING``, a connection cost five round trips
+    before its first command: a Redis 100 ms away never answered a read
+    bounded at 250 ms. The options are detected, not assumed: the supported
+    redis-py range (``>=5.0``) includes versions that lack some of them.
+    """
+    from redis.asyncio.connection import AbstractConnection, ConnectionPool
+
+    connection = inspect.signature(AbstractConnection.__init__).parameters
+    options: dict[str, Any] = {}
+    if "driver_info" in connection:  # where it exists, lib_name and lib_version are deprecated
+        options["driver_info"] = None
+    elif "lib_name" in connection:
+        options["lib_name"] = options["lib_version"] = None
+    if "maint_notifications_config" in inspect.signature(ConnectionPool.__init__).parameters:
+        from redis.maint_notifications import MaintNotificationsConfig
+
+        options["maint_notifications_config"] = MaintNotificationsConfig(enabled=False)
+    return options
 
 
 class VersionWatcher:

@@ -31,7 +31,7 @@ from recsys import redis_keys
 from recsys.batching import MicroBatcher
 from recsys.checks import FieldError, check_features, check_id, check_source_names
 from recsys.config import CURRENT_VERSION, RetrievalSettings
-from recsys.errors import ThrottledWarning, shown
+from recsys.errors import ThrottledWarning, describe_error, shown
 from recsys.experiments import Experiment, UnknownVariant, Variant
 from recsys.features import (
     FeatureSpec,
@@ -581,7 +581,7 @@ class RetrievalEngine:
                     "hydrate failed",
                     extra={"fields": {"user": q.user_id, "error": f"{error}: {stored.corrupt}"}},
                 )
-        except TimeoutError:  # asyncio's: the wait ran out (Redis' own timeouts are RedisError)
+        except TimeoutError as exc:  # asyncio's: the wait ran out (Redis' own are RedisError)
             # The caller's fault only when its deadline, not redis_timeout_s,
             # set a wait shorter than a healthy read needs.
             if limit < self.redis_timeout_s and limit < HEALTHY_READ_S:
@@ -591,7 +591,7 @@ class RetrievalEngine:
             else:
                 error = "user state unavailable: TimeoutError"
                 metrics.HYDRATE_FAILURES.inc()
-                _log_redis_down(TimeoutError("no reply within redis_timeout_s"))
+                _log_redis_down(describe_error(exc, waited=f"{limit * 1e3:.0f} ms"))
         except _REDIS_ERRORS as exc:
             error = f"user state unavailable: {type(exc).__name__}"
             metrics.HYDRATE_FAILURES.inc()
@@ -681,7 +681,7 @@ class RetrievalEngine:
             message = f"no answer within {max(limit, 0) * 1e3:.0f} ms"
         elif exc is not None:
             status, block = SourceStatus.ERROR, None
-            message = f"{type(exc).__name__}: {exc}"[:200]
+            message = describe_error(exc)[:200]
             # An outage fails it on every request: one line per source and interval.
             warn = self._source_warnings.get(src.name)
             if warn is None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys.config import CURRENT_VERSION, ConfigError, RecsysSettings, ServerSettings, with_flags
-from recsys.errors import UserFacingError
+from recsys.errors import UserFacingError, describe_error
 from recsys.experiments import Experiment, source_entries
 from recsys.serving import (
     ServerHandle,
@@ -82,7 +82,7 @@ class RetrievalApp:
             async with asyncio.timeout(WARM_TIMEOUT_S):
                 fields["lists"] = await self.engine.warm(served)
         except Exception as exc:  # a cold cache is slower, not wrong: swap anyway
-            fields["error"] = f"{type(exc).__name__}: {exc}"
+            fields["error"] = describe_error(exc, waited=f"{WARM_TIMEOUT_S:g} s")
             log.warning("top lists not copied before serving", extra={"fields": fields})
             return
         fields["seconds"] = round(time.perf_counter() - start, 3)

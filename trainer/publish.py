@@ -50,7 +50,7 @@ from redis.exceptions import RedisError
 
 from recsys import redis_keys
 from recsys.artifacts import ArtifactError, ModelVersion, latest_version, list_versions
-from recsys.errors import UserFacingError
+from recsys.errors import UserFacingError, describe_error
 from recsys.features import UserAggregates, UserProfile
 from recsys.user_store import seed_user_commands
 
@@ -489,7 +489,7 @@ def publish(
     except RedisError as exc:
         # The publish itself is done (or decided): a clean-up cut short is
         # finished by the next publish, not worth failing this one for.
-        report.cleanup_error = f"{type(exc).__name__}: {exc}"
+        report.cleanup_error = describe_error(exc)
         _progress(quiet, f"old versions not cleaned up: {report.cleanup_error}")
     if report.removed_versions:
         _progress(
@@ -524,7 +524,7 @@ def _beside_current(
         report.removed_versions += removed
         report.removed_keys += keys
     except RedisError as exc:
-        report.cleanup_error = f"{type(exc).__name__}: {exc}"
+        report.cleanup_error = describe_error(exc)
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -578,7 +578,7 @@ def _current_pointer(settings) -> str | None:
     try:
         return current_version(client)
     except redis.RedisError as exc:
-        raise UserFacingError(f"Redis unreachable: {type(exc).__name__}: {exc}") from exc
+        raise UserFacingError(f"Redis unreachable: {describe_error(exc)}") from exc
     finally:
         client.close()
 
@@ -633,7 +633,7 @@ def publish_with_settings(
     except ValueError as exc:
         raise UserFacingError(f"--keep: {exc}") from exc
     except redis.RedisError as exc:
-        raise UserFacingError(f"Redis failed during publish: {type(exc).__name__}: {exc}") from exc
+        raise UserFacingError(f"Redis failed during publish: {describe_error(exc)}") from exc
     finally:
         client.close()
 

@@ -1,9 +1,11 @@
-"""A Redis that stops answering (SIGSTOP) against the services' own client.
+"""A Redis that stops answering (SIGSTOP), or answers late, against the services' own client.
 
 ``recsys.serving.async_redis`` sets no per-read socket timeout (redis-py
 would arm a timer per reply read), so every service call bounds its round
 trip itself. Each read below would hang for as long as Redis is frozen
 without its bound; ``asyncio.wait_for`` turns such a hang into a failure.
+A Redis far away (a proxy that delivers its replies late) must still be read
+within those bounds, a new connection's handshake included.
 """
 
 from __future__ import annotations
@@ -14,22 +16,26 @@ import os
 import signal
 import threading
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import redis
 
+from ranking_service import users as ranking_users
 from ranking_service.core import Ranker
 from ranking_service.model import LoadedModel
+from ranking_service.testing import SPEC
 from ranking_service.users import fetch_users
 from ranking_service.validation import parse_rank
 from recsys import redis_keys
 from recsys.artifacts import ModelVersion
-from recsys.config import RankingSettings, RecsysSettings
+from recsys.config import RankingSettings, RecsysSettings, load_settings
 from recsys.embedded_redis import EmbeddedRedis
 from recsys.serving import VersionWatcher, async_redis
 from recsys.user_store import UserRead, load_users
 from recsys.v1 import common_pb2, ranking_pb2
+from retrieval_service import server as retrieval_server
 from retrieval_service.sources.base import RedisBatch, RedisUnavailable
 from trainer.publish import publish
 
@@ -163,6 +169,116 @@ async def test_a_bound_landing_anywhere_in_a_read_neither_hangs_nor_desyncs(
         assert [u.watched for u in again] == [u.watched for u in truth]
     finally:
         await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def far_away(server: EmbeddedRedis, one_way_s: float) -> AsyncIterator[str]:
+    """A TCP proxy to ``server`` that hands over each reply ``one_way_s`` late; yields its URL.
+
+    A delay line, not a stall: every reply arrives, in order, as from a Redis
+    in another zone. Redis going away closes the proxied connection.
+    """
+    handlers: set[asyncio.Task] = set()
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay: float):
+        queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue()
+
+        async def send() -> None:
+            while (item := await queue.get()) is not None:
+                await asyncio.sleep(item[0] - time.monotonic())
+                writer.write(item[1])
+                await writer.drain()
+
+        sender = asyncio.ensure_future(send())
+        try:
+            while data := await reader.read(65536):
+                queue.put_nowait((time.monotonic() + delay, data))
+        finally:
+            queue.put_nowait(None)
+            with contextlib.suppress(OSError):
+                await sender
+            writer.close()
+
+    async def handle(client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        handlers.add(asyncio.current_task())  # type: ignore[arg-type]
+        try:
+            redis_r, redis_w = await asyncio.open_connection("127.0.0.1", server.port)
+        except OSError:
+            client_w.close()
+            return
+        await asyncio.gather(
+            pump(client_r, redis_w, 0.0), pump(redis_r, client_w, one_way_s), return_exceptions=True
+        )
+
+    proxy = await asyncio.start_server(handle, "127.0.0.1", 0)
+    try:
+        yield f"redis://127.0.0.1:{proxy.sockets[0].getsockname()[1]}/0"
+    finally:
+        proxy.close()
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+
+
+async def test_a_redis_80ms_away_is_read_within_redis_timeout_s_after_a_restart_too(own_redis):
+    """redis_timeout_s bounds one round trip (0.25 s); each one here takes 80 ms.
+
+    A call opens the connection it needs inside its own bound, and a bound
+    that runs out discards it half-built. redis-py 8's handshake (PING health
+    check, HELLO, CLIENT MAINT_NOTIFICATIONS, CLIENT SETINFO) took four round
+    trips before the command: no read ever completed, and none did again
+    after a Redis restart.
+    """
+    reads = [UserRead(SPEC, "u1")]
+    async with far_away(own_redis, 0.08) as url:
+        settings = RecsysSettings(redis_url=url, redis_timeout_s=0.25)
+        client = async_redis(settings)
+
+        async def read() -> str:
+            try:
+                (got,) = await load_users(client, reads, timeout_s=settings.redis_timeout_s)
+            except (TimeoutError, redis.RedisError) as exc:
+                return type(exc).__name__
+            return type(got).__name__
+
+        try:
+            assert await read() == "StoredUser"  # on a new connection
+            await asyncio.to_thread(own_redis.restart)
+            # The connection the restart broke fails the call that finds it;
+            # the next call opens a new one in time.
+            outcomes = [await read() for _ in range(3)]
+            assert outcomes[1:] == ["StoredUser", "StoredUser"], outcomes
+        finally:
+            await client.aclose()
+
+
+async def test_warnings_of_a_stalled_redis_name_the_cause(
+    own_redis, trained_version: Path, caplog, monkeypatch
+):
+    """``str(TimeoutError())`` is empty: ranking warned "features:  (1 since last report)"
+    and retrieval's copy at load "TimeoutError: "."""
+    monkeypatch.setattr(ranking_users._log_degraded, "_last", float("-inf"))  # a fresh interval
+    monkeypatch.setattr(retrieval_server, "WARM_TIMEOUT_S", BOUND_S)
+    client = async_redis(RecsysSettings(redis_url=own_redis.url, redis_timeout_s=BOUND_S))
+    settings = load_settings(
+        model_dir=trained_version.parent,
+        redis_url=own_redis.url,
+        retrieval={"port": 0, "metrics_port": 0},
+    )
+    _handle, app = retrieval_server.build_server(settings, redis=client)
+    os.kill(own_redis.proc.pid, signal.SIGSTOP)
+    try:
+        with caplog.at_level("WARNING"):
+            got = await fetch_users(client, [(SPEC, "u1", True)], timeout_s=0.05)
+            await app.load(trained_version)
+    finally:
+        os.kill(own_redis.proc.pid, signal.SIGCONT)
+        await app.close()
+    assert got == [(None, True)]
+    (ranking,) = [r.getMessage() for r in caplog.records if "user reads failing" in r.getMessage()]
+    assert "features: TimeoutError: no reply within 50 ms (1 since last report)" in ranking
+    (copy,) = [r for r in caplog.records if r.getMessage() == "top lists not copied before serving"]
+    assert copy.fields["error"] == f"TimeoutError: no reply within {BOUND_S:g} s"
 
 
 async def test_the_top_list_copy_at_load_is_bounded(own_redis, trained_version: Path, monkeypatch):

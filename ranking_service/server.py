@@ -17,6 +17,7 @@ from ranking_service.model import Device, LoadedModel, TowerRuntime, resolve_dev
 from ranking_service.retrieval_client import RetrievalClient
 from ranking_service.servicer import RankingServicer
 from ranking_service.validation import RetrievalLimits
+from recsys.artifacts import manifest_digest
 from recsys.config import CURRENT_VERSION, RecsysSettings, ServerSettings, with_flags
 from recsys.experiments import Experiment
 from recsys.explain import source_kinds
@@ -75,8 +76,10 @@ class RankingServer:
         Raises:
             ArtifactError: The version is rejected; the old one keeps serving.
         """
-        model = next((m for m in self.ranker.models.values() if m.name == Path(path).name), None)
-        if model is None:  # not loaded for another track already
+        name, digest = Path(path).name, manifest_digest(path)
+        loaded = self.ranker.models.values()
+        model = next((m for m in loaded if m.name == name and m.version.digest == digest), None)
+        if model is None:  # not loaded for another track already (the same build of it)
             model = await asyncio.to_thread(
                 LoadedModel.load, path, self.device, runtime=self.tower_runtime
             )

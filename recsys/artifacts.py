@@ -116,6 +116,19 @@ def list_versions(model_dir: str | Path) -> list[str]:
     return sorted(found, key=int)
 
 
+def manifest_digest(version_dir: str | Path) -> str | None:
+    """The sha256 of a version's manifest, or None when it has none (or it cannot be read).
+
+    What tells apart two versions under one number (a directory deleted and
+    trained again gets its number back): the manifest holds its
+    ``created_at`` and the checksum of every other file.
+    """
+    try:
+        return hashlib.sha256((Path(version_dir) / MANIFEST).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
 def latest_version(model_dir: str | Path) -> str | None:
     """Highest complete version, or None."""
     versions = list_versions(model_dir)
@@ -129,9 +142,11 @@ class ModelVersion:
     several worker processes share one copy through the page cache.
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any]):
+    def __init__(self, path: Path, manifest: dict[str, Any], digest: str = ""):
         self.path = path
         self.manifest = manifest
+        # The manifest's sha256 (manifest_digest) as opened: which build of the version this is.
+        self.digest = digest
         self.version = str(manifest["version"])
         self.spec = FeatureSpec.from_dict(manifest["feature_spec"])
         self.target = TargetScale.from_dict(manifest["target"])
@@ -165,8 +180,9 @@ class ModelVersion:
         if not mpath.is_file():
             raise ArtifactError(f"model version {path} is incomplete: no {MANIFEST}")
         try:
-            manifest = json.loads(mpath.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            raw = mpath.read_bytes()
+            manifest = json.loads(raw)
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ArtifactError(f"{mpath} is not valid JSON: {exc}") from exc
         schema = manifest.get("schema_version")
         if not isinstance(schema, int):
@@ -206,7 +222,7 @@ class ModelVersion:
             if verify and sha256_file(fp) != info["sha256"]:
                 raise ArtifactError(f"model version {path}: checksum mismatch for {rel}")
         try:
-            mv = cls(path, manifest)
+            mv = cls(path, manifest, hashlib.sha256(raw).hexdigest())
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"{mpath}: bad feature spec or target: {exc}") from exc
         mv._check_shapes()

@@ -42,7 +42,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Gauge, Histogram
 
 from recsys import redis_keys
-from recsys.artifacts import MANIFEST, latest_version, list_versions
+from recsys.artifacts import MANIFEST, latest_version, list_versions, manifest_digest
 from recsys.config import (
     CURRENT_VERSION,
     RecsysSettings,
@@ -84,6 +84,13 @@ MODEL_VERSION = Gauge(
 )
 VERSION_REJECTED = Counter(
     "recsys_version_rejected_total", "Versions that failed to load.", ["service"]
+)
+VERSION_MISSING = Gauge(
+    "recsys_version_missing",
+    "1 while the version to serve (the published pointer's, or a pinned one) is not on "
+    "this replica's disk.",
+    ["service"],
+    multiprocess_mode="livemax",
 )
 LOOP_LAG = Histogram(
     "recsys_event_loop_lag_seconds",
@@ -1044,7 +1051,10 @@ class VersionWatcher:
     serving, only the pointer moves it: while Redis is unreachable, the
     pointer names a version not on disk yet, or a pointer it followed has
     vanished (Redis restarted empty), the current one stays (newest on disk
-    may be unpublished, or newer than a rollback). A version the
+    may be unpublished, or newer than a rollback); a wanted version not on
+    disk is logged once and exported (``recsys_version_missing``). The
+    served version is reloaded when its directory comes to hold another
+    build (deleted and trained again under its number). A version the
     loader rejects (bad checksum, failed warm-up, files still arriving) is
     remembered and retried only once any of its files changes (the rest of a
     copy, or a re-copy); a pinned version that is not on disk yet is waited
@@ -1076,16 +1086,25 @@ class VersionWatcher:
         # Each rejected version's files (_tree_stamp) when it was rejected.
         self._rejected_at: dict[str, tuple[int, ...] | None] = {}
         self._missing_logged: str | None = None
+        # The wanted version last said to be missing from disk (None: the wanted one is here).
+        self._absent_logged: str | None = None
+        # The served build's manifest_digest, and the manifest's stat when it
+        # was last read with what it held: a poll stats it, reads it only
+        # when that changed.
+        self._served_digest: str | None = None
+        self._manifest_seen: tuple[tuple[int, ...], str | None] | None = None
         # Set once a pointer was read: from then on its absence means it was
         # lost, not that this deployment follows the newest version on disk.
         self._followed_pointer = False
         # Exported at 0 from the start: increase() never counts a series' first
         # sample, so a first rejection that created it at 1 raised no alert.
         VERSION_REJECTED.labels(label)
+        VERSION_MISSING.labels(label)
 
     async def wanted(self) -> str | None:
         """The version that should be served now, or None if there is none."""
         if self.pinned:
+            self._on_disk(self.pinned, (self.model_dir / self.pinned / MANIFEST).is_file())
             return self.pinned
         if self.redis is not None:
             try:
@@ -1099,16 +1118,61 @@ class VersionWatcher:
                 if raw is not None:
                     self._followed_pointer = True
                     v = raw.decode() if isinstance(raw, bytes) else str(raw)
-                    if v in list_versions(self.model_dir):
+                    here = v in list_versions(self.model_dir)
+                    self._on_disk(v, here)
+                    if here:
                         return v
                     if self.current is not None:
-                        return self.current  # published, not on disk here yet
+                        return self.current  # published, not on disk here (yet)
                 elif self.current is not None and self._followed_pointer:
                     # The pointer this service followed is gone (a Redis
                     # restarted empty, a failover, a flush): stay, or a
                     # rolled-back or unpublished newer directory would serve.
                     return self.current
         return latest_version(self.model_dir)
+
+    def _on_disk(self, version: str, here: bool) -> None:
+        """Exports whether the wanted ``version`` is on this disk; when not, says so once.
+
+        The current version keeps serving meanwhile (a copy still on its
+        way), which from outside looks like a rollout that finished: a copy
+        that never comes must show.
+        """
+        VERSION_MISSING.labels(self.label).set(0 if here else 1)
+        if here:
+            self._absent_logged = None  # said again if one goes missing again
+        elif self._absent_logged != version:
+            self._absent_logged = version
+            log.warning(
+                "wanted version is not on disk yet",
+                extra={
+                    "fields": {
+                        "version": version,
+                        "serving": self.current,
+                        "model_dir": str(self.model_dir),
+                    }
+                },
+            )
+
+    def _rebuilt(self) -> bool:
+        """True when the served version's directory now holds another build of it.
+
+        A version deleted and trained again gets its number back: compared by
+        name alone, a running service kept the old build for good while a
+        replica started later loaded the new one, both reporting the same
+        version. Every poll stats the manifest; it is read only when that
+        changed (a re-copy of the same build changes the stat, not the digest).
+        """
+        manifest = self.model_dir / str(self.current) / MANIFEST
+        try:
+            st = manifest.stat()
+        except OSError:
+            return False  # removed, or replaced right now: the loaded build keeps serving
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if self._manifest_seen is None or self._manifest_seen[0] != key:
+            self._manifest_seen = (key, manifest_digest(manifest.parent))
+        digest = self._manifest_seen[1]
+        return None not in (digest, self._served_digest) and digest != self._served_digest
 
     async def poll_once(self) -> bool:
         """Loads the wanted version if it changed; True when a swap happened."""
@@ -1121,7 +1185,7 @@ class VersionWatcher:
                     extra={"fields": {"model_dir": str(self.model_dir)}},
                 )
             return False
-        if want == self.current:
+        if want == self.current and not self._rebuilt():
             return False
         path = self.model_dir / want
         if not (path / MANIFEST).is_file():
@@ -1132,13 +1196,7 @@ class VersionWatcher:
             if stamp is None or stamp == self._rejected_at.get(want):
                 return await self._fall_back(want)
             del self.rejected[want]  # its files changed since: worth another try
-        if stamp is None:  # a pinned version not copied in yet
-            if self._missing_logged != want:
-                self._missing_logged = want
-                log.warning(
-                    "wanted version is not on disk yet",
-                    extra={"fields": {"version": want, "serving": self.current}},
-                )
+        if stamp is None:  # a pinned version not copied in yet (wanted() said so)
             return False
         if not await self._try_load(want, stamp):
             return await self._fall_back(want)
@@ -1146,6 +1204,8 @@ class VersionWatcher:
 
     async def _try_load(self, version: str, stamp: tuple[int, ...] | None) -> bool:
         """Loads ``version`` and makes it current; False (remembered) when it is rejected."""
+        # Read before the load: a build replacing it meanwhile is then seen as new.
+        digest = manifest_digest(self.model_dir / version)
         try:
             await self.load(self.model_dir / version)
         except Exception as exc:
@@ -1158,6 +1218,7 @@ class VersionWatcher:
             )
             return False
         self._swapped_to(version)
+        self._served_digest, self._manifest_seen = digest, None
         return True
 
     async def _fall_back(self, rejected: str) -> bool:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from recsys.artifacts import manifest_digest
 from recsys.config import CURRENT_VERSION, ConfigError, RecsysSettings, ServerSettings, with_flags
 from recsys.errors import UserFacingError, describe_error
 from recsys.experiments import Experiment, source_entries
@@ -63,10 +64,12 @@ class RetrievalApp:
     async def load(self, path: Path, track: str = CURRENT_VERSION) -> None:
         """Loads ``path`` off the event loop into ``track``; SERVING once every track has one.
 
-        Tracks that want the same version share one loaded copy.
+        Tracks that want the same version share one loaded copy (the same
+        build: a number reused after its directory was deleted is another).
         """
-        name = Path(path).name
-        served = next((v for v in self.engine.tracks.values() if v.version == name), None)
+        name, digest = Path(path).name, manifest_digest(path)
+        loaded = self.engine.tracks.values()
+        served = next((v for v in loaded if v.version == name and v.model.digest == digest), None)
         if served is None:
             served = await asyncio.to_thread(self.engine.load_version, path)
             await self._warm(served)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -114,6 +115,82 @@ async def test_first_load_with_redis_down_takes_the_newest_on_disk(tmp_path, own
         await watcher.redis.aclose()
 
 
+def missing_gauge(label: str) -> float | None:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("recsys_version_missing", {"service": label})
+
+
+async def test_a_pointer_to_a_version_missing_here_is_said_once_and_exported(
+    tmp_path, own_redis, caplog
+):
+    """A copy that never arrives kept the old version serving without a word."""
+    add_version(tmp_path, "1")
+    point_at(own_redis.url, "1")
+    loader = Recorder()
+    watcher = watcher_for(tmp_path, own_redis.url, loader)
+    try:
+        await polls(watcher, 1)
+        assert missing_gauge("test") == 0
+        with caplog.at_level("WARNING", logger="recsys.serving"):
+            for version in ("7", "1", "7"):  # said again once it went missing again
+                point_at(own_redis.url, version)
+                await polls(watcher)
+        said = [r.fields for r in caplog.records if r.getMessage().startswith("wanted version")]
+        assert said == [
+            {"version": "7", "serving": "1", "model_dir": str(tmp_path)},
+            {"version": "7", "serving": "1", "model_dir": str(tmp_path)},
+        ]
+        assert watcher.current == "1" and missing_gauge("test") == 1
+        add_version(tmp_path, "7")
+        await polls(watcher, 1)
+        assert watcher.current == "7" and missing_gauge("test") == 0
+    finally:
+        await watcher.redis.aclose()
+
+
+async def test_a_version_trained_again_under_its_number_is_loaded(tmp_path, own_redis):
+    """A deleted version's number is reused: the running service loads the new build,
+    as a replica started now does, and a re-copy of the same build is no new build."""
+    add_version(tmp_path, "1", json.dumps({"created_at": "2026-01-01T00:00:00+00:00"}))
+    point_at(own_redis.url, "1")
+    loader = Recorder()
+    watcher = watcher_for(tmp_path, own_redis.url, loader)
+    try:
+        await polls(watcher, 1)
+        manifest = tmp_path / "1" / MANIFEST
+        time.sleep(0.02)  # a later mtime
+        manifest.write_text(manifest.read_text())  # the same build copied again
+        await polls(watcher)
+        assert loader.loaded == ["1"]
+        shutil.rmtree(tmp_path / "1")
+        add_version(tmp_path, "1", json.dumps({"created_at": "2026-02-01T00:00:00+00:00"}))
+        await polls(watcher)
+        assert watcher.current == "1" and loader.loaded == ["1", "1"]
+    finally:
+        await watcher.redis.aclose()
+
+
+async def test_a_rejected_new_build_is_retried_only_once_its_files_change(tmp_path, own_redis):
+    add_version(tmp_path, "1", json.dumps({"build": "first"}))
+    point_at(own_redis.url, "1")
+    loader = Recorder()
+    watcher = watcher_for(tmp_path, own_redis.url, loader)
+    try:
+        await polls(watcher, 1)
+        loader.failing.add("1")
+        add_version(tmp_path, "1", json.dumps({"build": "second, broken"}))
+        await polls(watcher)
+        assert loader.loaded == ["1", "1"] and "broken" in watcher.rejected["1"]
+        assert watcher.current == "1"  # the first build still serves
+        loader.failing.clear()
+        (tmp_path / "1" / "item_vectors.npy").write_bytes(b"the rest of the copy")
+        await polls(watcher)
+        assert loader.loaded == ["1", "1", "1"] and watcher.rejected == {}
+    finally:
+        await watcher.redis.aclose()
+
+
 async def test_pinned_version_is_loaded_once_it_arrives(tmp_path, own_redis):
     add_version(tmp_path, "1")
     loader = Recorder()
@@ -121,9 +198,11 @@ async def test_pinned_version_is_loaded_once_it_arrives(tmp_path, own_redis):
     try:
         await polls(watcher)
         assert watcher.current is None and loader.loaded == [] and watcher.rejected == {}
+        assert missing_gauge("test") == 1
         add_version(tmp_path, "4")
         await polls(watcher, 1)
         assert watcher.current == "4" and loader.loaded == ["4"]
+        assert missing_gauge("test") == 0
     finally:
         await watcher.redis.aclose()
 

@@ -1,0 +1,83 @@
+"""A version deleted and trained again under its own number replaces the old build in
+running services, as in a replica started afterwards (both services, real servers).
+
+Compared by name alone, a running service kept the old build for good while a
+new replica loaded the new one, both reporting the same ``model_version``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from ranking_service.testing import ranking_settings
+from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
+
+from .conftest import publish_into, retrieval_settings, serving_ranking, serving_retrieval
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+@pytest.fixture(scope="module")
+def retrained(train_version, tmp_path_factory) -> Path:
+    """Version 1 trained again with another seed: what a deleted version 1 comes back as."""
+    return train_version(tmp_path_factory.mktemp("retrained"), seed=1, epochs=1)
+
+
+def put(src: Path, dst: Path) -> None:
+    """Copies a version into place whole, as the trainer's writer renames it in."""
+    tmp = dst.with_name(f".tmp-{dst.name}")
+    shutil.copytree(src, tmp)
+    os.rename(tmp, dst)
+
+
+async def similar_items(ch: grpc.aio.Channel) -> tuple[str, list[str]]:
+    stub = retrieval_pb2_grpc.RetrievalServiceStub(ch)
+    r = await stub.SimilarItems(retrieval_pb2.SimilarItemsRequest(item_id="1", k=10), timeout=5)
+    return r.index_version, [i.item_id for i in r.items]
+
+
+async def ranked(ch: grpc.aio.Channel) -> tuple[str, list[float]]:
+    stub = ranking_pb2_grpc.RankingServiceStub(ch)
+    request = ranking_pb2.RankRequest(candidate_item_ids=["1", "2", "3", "4", "5"], top_k=5)
+    r = await stub.Rank(request, timeout=5)
+    return r.model_version, sorted(round(i.score, 4) for i in r.items)
+
+
+SERVICES = {
+    "retrieval": (retrieval_settings, serving_retrieval, similar_items),
+    "ranking": (ranking_settings, serving_ranking, ranked),
+}
+
+
+@pytest.mark.parametrize("service", list(SERVICES))
+async def test_a_version_trained_again_under_its_number_is_served(
+    service, trained_version, retrained, tmp_path, rel_redis
+):
+    settings_for, serving, answer = SERVICES[service]
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    put(trained_version, model_dir / "1")
+    publish_into(rel_redis.url, model_dir / "1")
+    settings = settings_for(model_dir, rel_redis.url, reload_interval_s=0.1)
+    async with serving(settings) as (address, _server), grpc.aio.insecure_channel(address) as ch:
+        old = await answer(ch)
+        shutil.rmtree(model_dir / "1")
+        put(retrained, model_dir / "1")
+        publish_into(rel_redis.url, model_dir / "1")
+        deadline = time.monotonic() + 60
+        while (now := await answer(ch)) == old:
+            assert time.monotonic() < deadline, "the old build of version 1 still serves"
+            await asyncio.sleep(0.1)
+        async with (
+            serving(settings) as (fresh, _),
+            grpc.aio.insecure_channel(fresh) as fresh_ch,
+        ):
+            assert await answer(fresh_ch) == now  # what a replica started now serves
+    assert now[0] == "1"

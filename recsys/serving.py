@@ -728,17 +728,24 @@ def reserve_port(host: str, port: int):
     socket that does not listen receives no connections.
 
     Raises:
-        UserFacingError: The port is taken, by anything: another multi-worker
-            service too, which a bind with SO_REUSEPORT would have joined.
+        UserFacingError: The port is taken: a socket listens on it (another
+            multi-worker service's workers too, which a bind with
+            SO_REUSEPORT would have joined), or one is bound to it without
+            SO_REUSEADDR.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        # Bound without SO_REUSEPORT first, so any socket already on the port
-        # refuses it, as it refuses a lone server (see create_server); turned
-        # on after, so the workers' SO_REUSEPORT binds share it. Linux checks
-        # each bound socket's flag at every later bind, and one socket leaves
-        # no moment in which the port is free.
+        # Bound without SO_REUSEPORT first, so any socket listening on the
+        # port refuses it, as it refuses a lone server (see create_server);
+        # turned on after, so the workers' SO_REUSEPORT binds share it. Linux
+        # checks each bound socket's flag at every later bind, and one socket
+        # leaves no moment in which the port is free. SO_REUSEADDR, which
+        # gRPC sets for a lone server too, lets the bind pass the connections
+        # a service just stopped on this port left in TIME_WAIT (for a
+        # minute); without it a restart on a fixed port failed "address
+        # already in use". A listening socket still refuses it.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:

@@ -42,15 +42,18 @@ def _socket_inodes(pid: int) -> set[str]:
     return found
 
 
-def _established_server_inodes(port: int) -> set[str]:
-    """Inodes of accepted connections on ``port`` (server side, ESTABLISHED)."""
-    found = set()
+ESTABLISHED, TIME_WAIT = "01", "06"  # /proc/net/tcp's st column
+
+
+def _server_inodes(port: int, state: str = ESTABLISHED) -> list[str]:
+    """Inodes of the connections in ``state`` on local ``port`` (0 for TIME_WAIT's)."""
+    found = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             cols = line.split()
             local_port = int(cols[1].rsplit(":", 1)[1], 16)
-            if local_port == port and cols[3] == "01":
-                found.add(cols[9])
+            if local_port == port and cols[3] == state:
+                found.append(cols[9])
     return found
 
 
@@ -94,6 +97,26 @@ def test_reserve_port_refuses_a_taken_port(reuseport: bool):
             reserve_port("127.0.0.1", port),
         ):
             pass
+
+
+def test_reserve_port_takes_a_port_whose_connections_wait_in_time_wait():
+    """A multi-worker service stopped with clients connected could not start again
+    on its port for a minute: 'cannot listen on ...: Address already in use'."""
+    with socket.socket() as server:
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            accepted, _ = server.accept()
+            accepted.close()  # closed by the server first, as a stopping service does
+            assert client.recv(1) == b""
+    deadline = time.monotonic() + 10
+    while not _server_inodes(port, TIME_WAIT):  # once the client's FIN is in
+        assert time.monotonic() < deadline, "no connection in TIME_WAIT"
+        time.sleep(0.01)
+    with reserve_port("127.0.0.1", port) as reserved:
+        assert reserved == port
 
 
 def _scrape(port: int, host: str = "127.0.0.1") -> dict[str, float]:
@@ -186,7 +209,7 @@ def test_two_workers_both_answer_and_sigterm_stops_all(
                 timeout=5,
             )
             assert res.index_version == published_version.name and len(res.candidates) == 10
-        accepted = _established_server_inodes(port)
+        accepted = set(_server_inodes(port))
         per_worker = {pid: len(_socket_inodes(pid) & accepted) for pid in workers}
         assert all(n > 0 for n in per_worker.values()), per_worker
         assert sum(per_worker.values()) == 24, per_worker

@@ -672,6 +672,8 @@ _ready_when_serving = False
 # the stop reached it before its signal handlers were set up, killed by the
 # signal itself, or 130 (the CLI's KeyboardInterrupt exit).
 _STOPPED = frozenset({0, -signal.SIGTERM, -signal.SIGINT, 128 + signal.SIGINT})
+# The CLI's exit code for a UserFacingError: a setting or file refused at start.
+_REFUSED = 2
 
 
 @dataclass(frozen=True)
@@ -886,7 +888,14 @@ def _supervise(
                     readable, _, _ = select.select([pipe], [], [], 0.2)
                     if readable:
                         chunk = pipe.read(4096)
-                        if not chunk:  # every worker closed its end
+                        if not chunk:
+                            # Every worker closed its end, each one not ready
+                            # by exiting: reaped (its exit is all but done), so
+                            # the error below names them.
+                            for i, p in enumerate(procs):
+                                if i not in ready:
+                                    with contextlib.suppress(subprocess.TimeoutExpired):
+                                        p.wait(1.0)
                             break
                         buffer += chunk
                         *lines, buffer = buffer.split(b"\n")
@@ -900,9 +909,9 @@ def _supervise(
                 while not stopping and all(p.poll() is None for p in procs):
                     time.sleep(0.2)
             reap_metrics(procs, metrics_dir)
+            dead: dict[int, int] = {}
             if not stopping:
-                code = 1
-                dead = {p.pid: p.returncode for p in procs if p.returncode is not None}
+                dead = {p.pid: p.returncode for p in procs if p.poll() is not None}
                 log.error(
                     "a worker exited; stopping the others",
                     extra={"fields": {"service": label, "exit_codes": dead}},
@@ -915,13 +924,21 @@ def _supervise(
             # stopped before it had set up its handlers (early in its start)
             # died of the stop signal itself, or returned 130 for the
             # KeyboardInterrupt: that is the stop that was asked for.
-            failed = {p.pid: p.returncode for p in procs if p.returncode not in _STOPPED}
-            if failed and code == 0:
-                code = 1
+            failed = {
+                p.pid: p.returncode
+                for p in procs
+                if p.pid not in dead and p.returncode not in _STOPPED
+            }
+            if failed:
                 log.error(
                     "a worker did not stop cleanly",
                     extra={"fields": {"service": label, "exit_codes": failed}},
                 )
+            if failed or not stopping:
+                # Workers that failed to start and all refused their settings
+                # (a bad TLS file, say): the service exits as one worker would.
+                refused = {*dead.values(), *failed.values()} == {_REFUSED}
+                code = _REFUSED if refused and len(ready) < len(procs) else 1
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

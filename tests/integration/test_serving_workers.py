@@ -355,6 +355,44 @@ def test_a_crashed_worker_is_named_and_metrics_off_skips_multiprocess_mode(
     assert {index for index, _ in listening} == {0, 1}, listening
 
 
+def test_workers_refusing_their_settings_exit_2_and_are_named(
+    published_version: Path, redis_url: str, tmp_path: Path
+):
+    """As one worker does (operations.md): it was exit 1, and a log naming no worker.
+
+    Each worker exits 2 on the missing certificate unless the supervisor's
+    stop reaches it first; those that exited are named with their code.
+    """
+    missing = tmp_path / "missing.pem"
+    proc = _serve_retrieval(
+        published_version, redis_url, tmp_path / "port", 0, workers=2, stderr=subprocess.PIPE,
+        env_extra={
+            "RECSYS_RETRIEVAL__TLS__CERT_FILE": str(missing),
+            "RECSYS_RETRIEVAL__TLS__KEY_FILE": str(missing),
+        },
+    )  # fmt: skip
+    try:
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = proc.stderr.read()
+    assert code == 2, err[-2000:]
+    assert f"retrieval.tls.cert_file: {missing}: no such file or directory" in err
+    docs = [json.loads(line) for line in err.splitlines() if line.startswith("{")]
+    [crash] = [d for d in docs if d["msg"] == "a worker exited; stopping the others"]
+    # Workers that died together were not reaped yet: {}.
+    assert crash["exit_codes"], crash
+    named = {
+        exit_code
+        for d in docs
+        if d["msg"] in (crash["msg"], "a worker did not stop cleanly")
+        for exit_code in d["exit_codes"].values()
+    }
+    assert named == {2}, err[-2000:]
+
+
 def test_a_stop_while_workers_start_is_clean(
     published_version: Path, redis_url: str, tmp_path: Path
 ):

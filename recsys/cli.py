@@ -45,17 +45,21 @@ def _client_tls_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tls-key", type=Path, help="key of --tls-cert (PEM)")
 
 
+# The TLSSettings field each --tls-* flag sets.
+_TLS_FLAG_FIELDS = {"--tls-ca": "ca_file", "--tls-cert": "cert_file", "--tls-key": "key_file"}
+
+
 def client_tls(args: argparse.Namespace) -> TLSSettings | None:
     """The client TLS the ``--tls-*`` flags ask for; None (plaintext) without any.
 
     Raises:
-        UserFacingError: Only one of ``--tls-cert``/``--tls-key``, or a file that
-            cannot be read (the message names the flag).
+        UserFacingError: Only one of ``--tls-cert``/``--tls-key``, or a file
+            gRPC could not use (see :func:`recsys.serving.read_tls_files`);
+            the message names the flag.
     """
-    paths = {
-        flag: getattr(args, flag[2:].replace("-", "_"), None)
-        for flag in ("--tls-ca", "--tls-cert", "--tls-key")
-    }
+    from recsys.serving import read_tls_files
+
+    paths = {flag: getattr(args, flag[2:].replace("-", "_"), None) for flag in _TLS_FLAG_FIELDS}
     if not any(paths.values()):
         return None
     if (paths["--tls-cert"] is None) != (paths["--tls-key"] is None):
@@ -63,13 +67,12 @@ def client_tls(args: argparse.Namespace) -> TLSSettings | None:
         if paths["--tls-cert"] is None:
             given, missing = missing, given
         raise UserFacingError(f"{given} needs {missing} (mutual TLS takes both)")
-    for flag, path in paths.items():
-        if path is not None and not Path(path).is_file():
-            raise UserFacingError(f"{flag}: {path} is not a readable file")
     # With only a certificate and key, the server is checked against the system's CAs.
-    return TLSSettings(
-        ca_file=paths["--tls-ca"], cert_file=paths["--tls-cert"], key_file=paths["--tls-key"]
-    )
+    tls = TLSSettings(**{field: paths[flag] for flag, field in _TLS_FLAG_FIELDS.items()})
+    # Checked here, where the flags are known: the channel's own check would
+    # name the setting (tls.ca_file) that no command line has.
+    read_tls_files(tls, {field: flag for flag, field in _TLS_FLAG_FIELDS.items()})
+    return tls
 
 
 def _common(

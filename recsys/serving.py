@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -378,16 +378,31 @@ class TLSFiles:
     ca: bytes | None
 
 
+def _checking_context() -> ssl.SSLContext:
+    """An OpenSSL context that refuses only what gRPC cannot use either.
+
+    Python's default security level (2) refuses an RSA key under 2048 bits
+    and a certificate signed with SHA-1, which gRPC serves with; level 0
+    checks that the files parse and that the key is the certificate's.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.set_ciphers("ALL:@SECLEVEL=0")
+    return ctx
+
+
 def _holds_certificates(pem: bytes) -> bool:
     try:
-        # As str, cadata is PEM (as bytes it would be DER); "" raises ValueError.
-        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=pem.decode("ascii"))
-    except (ssl.SSLError, ValueError):  # UnicodeDecodeError is a ValueError
+        # As str, cadata is PEM (as bytes it would be DER); "" raises
+        # ValueError. Text around the blocks is skipped, as gRPC skips it:
+        # CA bundles label their certificates, in UTF-8 too; the blocks
+        # themselves are base64.
+        _checking_context().load_verify_locations(cadata=pem.decode("ascii", errors="ignore"))
+    except (ssl.SSLError, ValueError):
         return False
     return True
 
 
-def read_tls_files(tls: TLSSettings, setting: str) -> TLSFiles:
+def read_tls_files(tls: TLSSettings, setting: str | Mapping[str, str]) -> TLSFiles:
     """Reads the files ``tls`` names, refusing any that gRPC could not use.
 
     gRPC takes whatever bytes it is given and fails later and elsewhere: a
@@ -401,14 +416,20 @@ def read_tls_files(tls: TLSSettings, setting: str) -> TLSFiles:
     Args:
         tls: One side's TLS settings.
         setting: Where ``tls`` sits in the config (``retrieval.tls``); the
-            errors name ``<setting>.<field>``.
+            errors name ``<setting>.<field>``. Or each field's own name for
+            the errors: ``{"ca_file": "--tls-ca", ...}`` for the flags that
+            set them.
 
     Returns:
         The files' bytes, None for a path that is not set.
 
     Raises:
-        UserFacingError: ``<setting>.<field>: <path>: <problem>``.
+        UserFacingError: ``<setting>.<field>: <path>: <problem>`` (with a
+            mapping, the field's name from it).
     """
+
+    def named(field: str) -> str:
+        return f"{setting}.{field}" if isinstance(setting, str) else setting[field]
 
     def read(name: str) -> bytes | None:
         path = getattr(tls, name)
@@ -418,26 +439,24 @@ def read_tls_files(tls: TLSSettings, setting: str) -> TLSFiles:
             return Path(path).read_bytes()
         except OSError as exc:
             problem = (exc.strerror or str(exc)).lower()
-            raise UserFacingError(f"{setting}.{name}: {path}: {problem}") from None
+            raise UserFacingError(f"{named(name)}: {path}: {problem}") from None
 
     files = TLSFiles(cert=read("cert_file"), key=read("key_file"), ca=read("ca_file"))
     for name, pem in (("cert_file", files.cert), ("ca_file", files.ca)):
         if pem is not None and not _holds_certificates(pem):
             path = getattr(tls, name)
-            raise UserFacingError(f"{setting}.{name}: {path}: holds no PEM certificate")
+            raise UserFacingError(f"{named(name)}: {path}: holds no PEM certificate")
     if files.key is not None:
-        where = f"{setting}.key_file: {tls.key_file}"
+        where = f"{named('key_file')}: {tls.key_file}"
         if b"PRIVATE KEY-----" not in files.key:
             raise UserFacingError(f"{where}: holds no PEM private key")
         try:
             # An encrypted key gets the empty password (and fails) rather
             # than OpenSSL's prompt on the terminal; gRPC takes no password.
-            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_cert_chain(
-                tls.cert_file, tls.key_file, password=lambda: b""
-            )
+            _checking_context().load_cert_chain(tls.cert_file, tls.key_file, password=lambda: b"")
         except ssl.SSLError as exc:
             if exc.reason == "KEY_VALUES_MISMATCH":
-                problem = f"not the key of {setting}.cert_file {tls.cert_file}"
+                problem = f"not the key of {named('cert_file')} {tls.cert_file}"
             elif b"ENCRYPTED" in files.key:  # PKCS#8's header, or the legacy Proc-Type
                 problem = "encrypted (gRPC takes no password)"
             else:

@@ -20,6 +20,7 @@ from recsys.loadtest import LoadConfig, run_load
 from recsys.serving import create_server
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 from retrieval_service.server import build_server as build_retrieval
+from tests.conftest import issue_certificate
 
 from .conftest import wait_serving
 
@@ -166,6 +167,41 @@ async def test_ranking_refuses_an_unusable_retrieval_ca_at_start(tmp_path, conte
     )
     with pytest.raises(UserFacingError, match=f"^ranking.retrieval_tls.ca_file: {ca}: "):
         build_ranking(settings)
+
+
+@contextlib.asynccontextmanager
+async def bare_server(tls: TLSSettings):
+    """A started server with only health, on ``tls``, its health SERVING; yields its address."""
+    settings = RetrievalSettings(host="127.0.0.1", port=0, metrics_port=0, tls=tls)
+    handle = create_server(settings, label="retrieval", service_names=[], register=lambda s: None)
+    await handle.server.start()
+    try:
+        await handle.set_serving(True)
+        yield f"127.0.0.1:{handle.port}"
+    finally:
+        await handle.server.stop(0)
+
+
+async def test_a_1024_bit_rsa_key_is_not_refused_at_start(tmp_path):
+    """Refused as "not a usable private key" (Python's OpenSSL checks at security
+    level 2, which a SHA-1 signature fails too), though gRPC serves with it."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    ca, ca_path, _ = issue_certificate(tmp_path, "ca", "recsys test CA", ca=True)
+    weak = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    _, cert, key = issue_certificate(tmp_path, "server", "recsys server", ca, server=True, key=weak)
+    async with bare_server(TLSSettings(cert_file=cert, key_file=key)) as address:
+        await wait_serving(address, "", TLSSettings(ca_file=ca_path), timeout_s=10)
+
+
+async def test_a_ca_bundle_with_utf8_labels_is_not_refused_at_start(pki, tmp_path):
+    """Bundles name each certificate above its block (curl's cacert.pem, in UTF-8):
+    refused as "holds no PEM certificate", though gRPC reads them."""
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes("Certificat racine de Zürich\n=====\n".encode() + pki.ca.read_bytes())
+    tls = pki.server_tls(mutual=True).model_copy(update={"ca_file": bundle})
+    async with bare_server(tls) as address:
+        await wait_serving(address, "", pki.client_tls(), timeout_s=10)
 
 
 async def test_recommend_end_to_end_over_mutual_tls(pki, published_version, redis_url):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -29,15 +30,15 @@ def test_no_flags_means_plaintext(command):
 
 
 @pytest.mark.parametrize("command", ["recommend", "loadtest"])
-def test_flags_become_client_tls_settings(command, pem):
-    only_ca = client_tls(parsed(command, "--tls-ca", str(pem["ca"])))
-    assert (only_ca.ca_file, only_ca.cert_file, only_ca.key_file) == (pem["ca"], None, None)
+def test_flags_become_client_tls_settings(command, pki):
+    only_ca = client_tls(parsed(command, "--tls-ca", str(pki.ca)))
+    assert (only_ca.ca_file, only_ca.cert_file, only_ca.key_file) == (pki.ca, None, None)
     mutual = client_tls(
-        parsed(command, "--tls-ca", str(pem["ca"]), "--tls-cert", str(pem["cert"]),
-               "--tls-key", str(pem["key"]))
+        parsed(command, "--tls-ca", str(pki.ca), "--tls-cert", str(pki.client_cert),
+               "--tls-key", str(pki.client_key))
     )  # fmt: skip
     assert (mutual.ca_file, mutual.cert_file, mutual.key_file) == (
-        pem["ca"], pem["cert"], pem["key"]
+        pki.ca, pki.client_cert, pki.client_key
     )  # fmt: skip
 
 
@@ -46,13 +47,25 @@ def test_flags_become_client_tls_settings(command, pem):
     [
         (["--tls-cert", "{cert}"], "--tls-cert needs --tls-key"),
         (["--tls-ca", "{ca}", "--tls-key", "{key}"], "--tls-key needs --tls-cert"),
-        (["--tls-ca", "{missing}"], "--tls-ca: {missing} is not a readable file"),
+        (["--tls-ca", "{missing}"], "--tls-ca: {missing}: no such file or directory"),
         (["--tls-cert", "{cert}", "--tls-key", "{missing}"], "--tls-key: {missing}"),
+        # Was "tls.ca_file: ...", a setting no command line has.
+        (["--tls-ca", "{ca}"], "--tls-ca: {ca}: holds no PEM certificate"),
+        (["--tls-cert", "{client_cert}", "--tls-key", "{key}"], "--tls-key: {key}: holds no"),
+        (
+            ["--tls-cert", "{client_cert}", "--tls-key", "{server_key}"],
+            "--tls-key: {server_key}: not the key of --tls-cert {client_cert}",
+        ),
     ],
 )
-def test_bad_flags_are_refused_naming_the_flag(flags, message, pem, tmp_path):
-    names = {**{k: str(v) for k, v in pem.items()}, "missing": str(tmp_path / "nope.pem")}
-    with pytest.raises(UserFacingError, match=message.format(**names)):
+def test_bad_flags_are_refused_naming_the_flag(flags, message, pem, pki, tmp_path):
+    names = {
+        **{k: str(v) for k, v in pem.items()},
+        "missing": str(tmp_path / "nope.pem"),
+        "client_cert": str(pki.client_cert),
+        "server_key": str(pki.server_key),
+    }
+    with pytest.raises(UserFacingError, match=re.escape(message.format(**names))):
         client_tls(parsed("loadtest", *(f.format(**names) for f in flags)))
 
 

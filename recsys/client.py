@@ -212,13 +212,17 @@ class RecommenderClient:
 
         Each service gets the token the config gives it (``ranking.auth_token``,
         ``retrieval.auth_token``; none where it has none) unless ``kwargs``
-        name one.
+        name one. A ``token`` passed without ``retrieval_token`` goes to
+        retrieval too where the config gives retrieval none, as it does
+        with the constructor.
         """
-        for name, secret in (
-            ("token", settings.ranking.auth_token),
-            ("retrieval_token", settings.retrieval.auth_token),
-        ):
-            kwargs.setdefault(name, secret.get_secret_value() if secret is not None else "")
+        ranking, retrieval = settings.ranking.auth_token, settings.retrieval.auth_token
+        if retrieval is not None:
+            kwargs.setdefault("retrieval_token", retrieval.get_secret_value())
+        elif "token" not in kwargs:
+            # The config's ranking token, taken below, is not retrieval's.
+            kwargs.setdefault("retrieval_token", "")
+        kwargs.setdefault("token", ranking.get_secret_value() if ranking is not None else "")
         return cls(settings.ranking.local_address, settings.retrieval.local_address, **kwargs)
 
     def _call(self, method, request, metadata: tuple[tuple[str, str], ...]):

@@ -1,15 +1,18 @@
-"""The Python client against both real services: defaults, retries, what it returns."""
+"""The Python client against real services: defaults, retries, tokens, what it returns."""
 
 from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 import pytest_asyncio
 import redis.exceptions
 
 from recsys.artifacts import ModelVersion
 from recsys.client import RecommenderClient, Recorded
+from recsys.config import load_settings
+from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -85,3 +88,44 @@ async def test_an_id_the_client_made_is_remembered_minutes_not_a_day(stack, mv: 
     assert 24 * 3600 - 60 < ttls.pop("mine") <= 24 * 3600  # the caller's own id: a day
     (generated,) = ttls.values()
     assert 0 < generated <= OWN_RETRY_WINDOW_S
+
+
+class _Authorizations(retrieval_pb2_grpc.RetrievalServiceServicer):
+    """Answers SimilarItems with nothing, keeping each call's ``authorization``."""
+
+    def __init__(self) -> None:
+        self.seen: list[str | None] = []
+
+    async def SimilarItems(self, request, context):
+        self.seen.append(dict(context.invocation_metadata()).get("authorization"))
+        return retrieval_pb2.SimilarItemsResponse()
+
+
+@pytest.mark.parametrize(
+    ("ranking_token", "retrieval_token", "kwargs", "sent"),
+    [
+        # The README: left out, retrieval_token is token. It was "" (none sent).
+        (None, None, {"token": "shared"}, "Bearer shared"),
+        (None, "r", {"token": "k"}, "Bearer r"),
+        ("k", None, {}, None),  # the config's ranking token is not retrieval's
+    ],
+    ids=["caller's token", "config's retrieval token", "config's ranking token"],
+)
+async def test_from_settings_sends_retrieval_the_token_it_should(
+    ranking_token, retrieval_token, kwargs, sent
+):
+    servicer = _Authorizations()
+    server = grpc.aio.server()
+    retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    settings = load_settings(
+        ranking={"auth_token": ranking_token},
+        retrieval={"host": "127.0.0.1", "port": port, "auth_token": retrieval_token},
+    )
+    try:
+        with RecommenderClient.from_settings(settings, max_attempts=1, **kwargs) as c:
+            await asyncio.to_thread(c.similar, "1", 3)
+    finally:
+        await server.stop(0)
+    assert servicer.seen == [sent]

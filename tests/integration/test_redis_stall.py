@@ -258,6 +258,7 @@ async def test_warnings_of_a_stalled_redis_name_the_cause(
     """``str(TimeoutError())`` is empty: ranking warned "features:  (1 since last report)"
     and retrieval's copy at load "TimeoutError: "."""
     monkeypatch.setattr(ranking_users._log_degraded, "_last", float("-inf"))  # a fresh interval
+    monkeypatch.setattr(ranking_users._log_degraded, "_count", 0)  # not earlier tests' failures
     monkeypatch.setattr(retrieval_server, "WARM_TIMEOUT_S", BOUND_S)
     client = async_redis(RecsysSettings(redis_url=own_redis.url, redis_timeout_s=BOUND_S))
     settings = load_settings(

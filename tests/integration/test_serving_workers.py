@@ -299,6 +299,16 @@ def test_a_worker_lost_while_draining_makes_the_stop_fail(
             proc.wait()
 
 
+def _exit_code(proc: subprocess.Popen, timeout_s: float) -> int:
+    """Waits for ``proc``'s exit code; kills it (and fails) if it outlives ``timeout_s``."""
+    try:
+        return proc.wait(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_a_busy_port_with_workers_is_a_clear_error(
     published_version: Path, redis_url: str, tmp_path: Path
 ):
@@ -311,12 +321,7 @@ def test_a_busy_port_with_workers_is_a_clear_error(
             published_version, redis_url, tmp_path / "port", 0, workers=2,
             stderr=subprocess.PIPE, port=port,
         )  # fmt: skip
-        try:
-            code = proc.wait(timeout=60)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+        code = _exit_code(proc, 60)
     err = proc.stderr.read()
     assert code == 2 and f"cannot listen on 127.0.0.1:{port}: " in err, err[-2000:]
     assert "Traceback" not in err, err[-2000:]
@@ -371,12 +376,7 @@ def test_workers_refusing_their_settings_exit_2_and_are_named(
             "RECSYS_RETRIEVAL__TLS__KEY_FILE": str(missing),
         },
     )  # fmt: skip
-    try:
-        code = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    code = _exit_code(proc, 120)
     err = proc.stderr.read()
     assert code == 2, err[-2000:]
     assert f"retrieval.tls.cert_file: {missing}: no such file or directory" in err

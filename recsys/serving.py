@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import hmac
 import inspect
@@ -755,22 +756,37 @@ def reserve_port(host: str, port: int):
             SO_REUSEADDR.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # Bound without SO_REUSEPORT, so any socket bound or listening on the
+    # port refuses it, as it refuses a lone server (see create_server);
+    # turned on after, so the workers' SO_REUSEPORT binds share it. Linux
+    # checks each bound socket's flag at every later bind, and one socket
+    # leaves no moment in which the port is free.
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        # Bound without SO_REUSEPORT first, so any socket listening on the
-        # port refuses it, as it refuses a lone server (see create_server);
-        # turned on after, so the workers' SO_REUSEPORT binds share it. Linux
-        # checks each bound socket's flag at every later bind, and one socket
-        # leaves no moment in which the port is free. SO_REUSEADDR, which
-        # gRPC sets for a lone server too, lets the bind pass the connections
-        # a service just stopped on this port left in TIME_WAIT (for a
-        # minute); without it a restart on a fixed port failed "address
-        # already in use". A listening socket still refuses it.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
-            raise UserFacingError(f"cannot listen on {grpc_address(host, port)}: {exc}") from None
+            if exc.errno != errno.EADDRINUSE or port == 0:
+                raise UserFacingError(
+                    f"cannot listen on {grpc_address(host, port)}: {exc}"
+                ) from None
+            # Perhaps only the connections a service just stopped on this
+            # port left in TIME_WAIT (for a minute), which a restart on a
+            # fixed port met as "address already in use". SO_REUSEADDR passes
+            # those, and still meets a listening socket and another service's
+            # reservation (bound without it). It is cleared again after, so a
+            # later reservation is refused by this one (kernels that read the
+            # flag at each bind; on others that window stays open).
+            sock.close()
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as again:
+                raise UserFacingError(
+                    f"cannot listen on {grpc_address(host, port)}: {again}"
+                ) from None
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 0)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         yield sock.getsockname()[1]
     finally:

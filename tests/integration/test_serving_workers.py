@@ -99,9 +99,8 @@ def test_reserve_port_refuses_a_taken_port(reuseport: bool):
             pass
 
 
-def test_reserve_port_takes_a_port_whose_connections_wait_in_time_wait():
-    """A multi-worker service stopped with clients connected could not start again
-    on its port for a minute: 'cannot listen on ...: Address already in use'."""
+def _port_in_time_wait() -> int:
+    """A free port with a connection its server closed first, now in TIME_WAIT."""
     with socket.socket() as server:
         server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         server.bind(("127.0.0.1", 0))
@@ -115,8 +114,42 @@ def test_reserve_port_takes_a_port_whose_connections_wait_in_time_wait():
     while not _server_inodes(port, TIME_WAIT):  # once the client's FIN is in
         assert time.monotonic() < deadline, "no connection in TIME_WAIT"
         time.sleep(0.01)
+    return port
+
+
+def test_reserve_port_takes_a_port_whose_connections_wait_in_time_wait():
+    """A multi-worker service stopped with clients connected could not start again
+    on its port for a minute: 'cannot listen on ...: Address already in use'."""
+    port = _port_in_time_wait()
     with reserve_port("127.0.0.1", port) as reserved:
         assert reserved == port
+
+
+def test_a_second_reservation_of_a_port_is_refused():
+    """Two supervisors starting at once both reserved the port (SO_REUSEADDR on
+    both, neither listening yet) and their workers then split its traffic."""
+    with reserve_port("127.0.0.1", 0) as port:
+        with (
+            pytest.raises(UserFacingError, match=rf"cannot listen on 127\.0\.0\.1:{port}: "),
+            reserve_port("127.0.0.1", port),
+        ):
+            pass
+        worker = socket.socket()  # the first one's workers still bind it
+        worker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        worker.bind(("127.0.0.1", port))
+        worker.close()
+
+
+def test_a_reservation_through_time_wait_refuses_a_second_one():
+    """The TIME_WAIT path binds with SO_REUSEADDR; clearing it after keeps the
+    port from a second supervisor (on kernels that read the flag at each bind)."""
+    port = _port_in_time_wait()
+    with (
+        reserve_port("127.0.0.1", port),
+        pytest.raises(UserFacingError),
+        reserve_port("127.0.0.1", port),
+    ):
+        pass
 
 
 def _scrape(port: int, host: str = "127.0.0.1") -> dict[str, float]:

@@ -1183,14 +1183,18 @@ class VersionWatcher:
                         return v
                     if self.current is not None:
                         return self.current  # published, not on disk here (yet)
-                elif self.current is not None and self._followed_pointer:
-                    # The pointer this service followed is gone (a Redis
-                    # restarted empty, a failover, a flush): stay, or a
-                    # rolled-back or unpublished newer directory would serve.
-                    return self.current
+                else:
+                    # No pointer, so no wanted version can be missing: a gauge
+                    # left at 1 by a pointer that then vanished alerted for good.
+                    self._on_disk(None, True)
+                    if self.current is not None and self._followed_pointer:
+                        # The pointer this service followed is gone (a Redis
+                        # restarted empty, a failover, a flush): stay, or a
+                        # rolled-back or unpublished newer directory would serve.
+                        return self.current
         return latest_version(self.model_dir)
 
-    def _on_disk(self, version: str, here: bool) -> None:
+    def _on_disk(self, version: str | None, here: bool) -> None:
         """Exports whether the wanted ``version`` is on this disk; when not, says so once.
 
         The current version keeps serving meanwhile (a copy still on its

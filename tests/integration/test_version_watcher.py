@@ -303,6 +303,31 @@ async def test_a_pointer_that_vanishes_keeps_the_serving_version(tmp_path, own_r
         await watcher.redis.aclose()
 
 
+async def test_a_vanished_pointer_clears_the_missing_version_alert(tmp_path, own_redis, caplog):
+    """The pointer named a version never copied here, then Redis lost the pointer
+    (restarted empty): nothing wanted was missing, yet recsys_version_missing stayed 1."""
+    add_version(tmp_path, "1")
+    point_at(own_redis.url, "1")
+    watcher = watcher_for(tmp_path, own_redis.url, Recorder())
+    try:
+        await polls(watcher, 1)
+        point_at(own_redis.url, "9")
+        await polls(watcher)
+        assert missing_gauge("test") == 1
+        redis.Redis.from_url(own_redis.url).flushall()
+        await polls(watcher)
+        assert watcher.current == "1" and missing_gauge("test") == 0
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="recsys.serving"):
+            point_at(own_redis.url, "9")  # missing again: said again
+            await polls(watcher)
+        said = [r.fields for r in caplog.records if r.getMessage().startswith("wanted version")]
+        assert said == [{"version": "9", "serving": "1", "model_dir": str(tmp_path)}]
+        assert missing_gauge("test") == 1
+    finally:
+        await watcher.redis.aclose()
+
+
 async def test_a_rejected_version_is_retried_when_the_rest_of_its_copy_lands(tmp_path, own_redis):
     """The manifest can arrive first; the files it lists come later, itself unchanged."""
     async with second_version_rejected(tmp_path, own_redis.url) as (watcher, loader):

@@ -17,12 +17,12 @@ from ranking_service.model import Device, LoadedModel, TowerRuntime, resolve_dev
 from ranking_service.retrieval_client import RetrievalClient
 from ranking_service.servicer import RankingServicer
 from ranking_service.validation import RetrievalLimits
-from recsys.artifacts import manifest_digest
 from recsys.config import CURRENT_VERSION, RecsysSettings, ServerSettings, with_flags
 from recsys.experiments import Experiment
 from recsys.explain import source_kinds
 from recsys.serving import (
     ServerHandle,
+    SharedLoads,
     VersionWatcher,
     async_redis,
     configure_logging,
@@ -60,6 +60,9 @@ class RankingServer:
     tower_runtime: TowerRuntime = "session"
     _background: asyncio.Task | None = None
     watchers: dict[str, VersionWatcher] = field(default_factory=dict)
+    _loads: SharedLoads[LoadedModel] = field(
+        default_factory=lambda: SharedLoads(lambda m: (m.name, m.version.digest)), repr=False
+    )
 
     @property
     def port(self) -> int:
@@ -76,13 +79,7 @@ class RankingServer:
         Raises:
             ArtifactError: The version is rejected; the old one keeps serving.
         """
-        name, digest = Path(path).name, manifest_digest(path)
-        loaded = self.ranker.models.values()
-        model = next((m for m in loaded if m.name == name and m.version.digest == digest), None)
-        if model is None:  # not loaded for another track already (the same build of it)
-            model = await asyncio.to_thread(
-                LoadedModel.load, path, self.device, runtime=self.tower_runtime
-            )
+        model = await self._loads.get(path, self.ranker.models.values(), self._load_copy)
         self.ranker.swap(model, track)
         settle_heap()
         log.info(
@@ -100,6 +97,11 @@ class RankingServer:
         )
         if self.ranker.ready():  # every variant has its model
             await self.handle.set_serving(True)
+
+    async def _load_copy(self, path: Path) -> LoadedModel:
+        return await asyncio.to_thread(
+            LoadedModel.load, path, self.device, runtime=self.tower_runtime
+        )
 
     async def follow_versions(self) -> None:
         """Loads the wanted versions now, then keeps following them."""

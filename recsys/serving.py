@@ -34,7 +34,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 from grpc_health.v1 import health as grpc_health
@@ -1384,6 +1384,68 @@ def track_watchers(
             redis_timeout_s=redis_timeout_s,
         )
     return out
+
+
+Copy = TypeVar("Copy")
+
+
+class SharedLoads(Generic[Copy]):
+    """Loads each build of a version once for all the model tracks that want it.
+
+    Tracks that want one version (the default arm following the pointer at
+    it, an arm pinning it) share one loaded copy: one found among the copies
+    the tracks serve, or one still loading. A version rebuilt under its
+    number is seen by every track's watcher in the same poll, so matching
+    the served copies alone loaded it once per track, and every copy stayed
+    in memory. A load that fails fails every track waiting on it with the
+    same error, and nothing is kept: the next try loads again. One cut
+    short (the service stopping) is loaded again by the next track waiting.
+
+    Args:
+        build_of: A loaded copy's version name and manifest digest
+            (:func:`recsys.artifacts.manifest_digest`).
+    """
+
+    def __init__(self, build_of: Callable[[Copy], tuple[str, str | None]]):
+        self.build_of = build_of
+        self._loading: dict[tuple[str, str | None], asyncio.Future[Copy]] = {}
+
+    async def get(
+        self, path: Path, served: Iterable[Copy], load: Callable[[Path], Awaitable[Copy]]
+    ) -> Copy:
+        """The loaded copy of the build at ``path``: a served or loading one, else ``load(path)``.
+
+        Args:
+            path: The version directory.
+            served: The copies the tracks serve now.
+            load: Loads (and warms) a copy; its errors reach every caller waiting on it.
+        """
+        build = (Path(path).name, manifest_digest(path))
+        found = next((c for c in served if self.build_of(c) == build), None)
+        if found is not None:
+            return found
+        while (loading := self._loading.get(build)) is not None:
+            try:
+                # Shielded: this caller's cancellation must not cancel the load.
+                return await asyncio.shield(loading)
+            except asyncio.CancelledError:
+                if not loading.cancelled():
+                    raise  # this caller was cancelled
+        done: asyncio.Future[Copy] = asyncio.get_running_loop().create_future()
+        self._loading[build] = done
+        try:
+            copy = await load(path)
+        except asyncio.CancelledError:
+            done.cancel()
+            raise
+        except BaseException as exc:
+            done.set_exception(exc)
+            done.exception()  # retrieved: no "never retrieved" log when no track waited
+            raise
+        finally:
+            del self._loading[build]
+        done.set_result(copy)
+        return copy
 
 
 async def follow_versions(watchers: Iterable[VersionWatcher]) -> None:

@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from recsys.artifacts import manifest_digest
 from recsys.config import CURRENT_VERSION, ConfigError, RecsysSettings, ServerSettings, with_flags
 from recsys.errors import UserFacingError, describe_error
 from recsys.experiments import Experiment, source_entries
 from recsys.serving import (
     ServerHandle,
+    SharedLoads,
     VersionWatcher,
     async_redis,
     configure_logging,
@@ -42,6 +42,7 @@ from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
 from retrieval_service.engine import WARM_TIMEOUT_S, RetrievalEngine
 from retrieval_service.errors import SourceConfigError
 from retrieval_service.registry import build_sources
+from retrieval_service.served import ServedVersion
 from retrieval_service.servicer import RetrievalServicer
 
 log = logging.getLogger("recsys.retrieval")
@@ -60,6 +61,9 @@ class RetrievalApp:
     watcher: VersionWatcher | None = None  # the default variant's track
     watchers: dict[str, VersionWatcher] = field(default_factory=dict)  # one per model track
     _task: asyncio.Task | None = field(default=None, repr=False)
+    _loads: SharedLoads[ServedVersion] = field(
+        default_factory=lambda: SharedLoads(lambda v: (v.version, v.model.digest)), repr=False
+    )
 
     async def load(self, path: Path, track: str = CURRENT_VERSION) -> None:
         """Loads ``path`` off the event loop into ``track``; SERVING once every track has one.
@@ -67,16 +71,16 @@ class RetrievalApp:
         Tracks that want the same version share one loaded copy (the same
         build: a number reused after its directory was deleted is another).
         """
-        name, digest = Path(path).name, manifest_digest(path)
-        loaded = self.engine.tracks.values()
-        served = next((v for v in loaded if v.version == name and v.model.digest == digest), None)
-        if served is None:
-            served = await asyncio.to_thread(self.engine.load_version, path)
-            await self._warm(served)
+        served = await self._loads.get(path, self.engine.tracks.values(), self._load_copy)
         self.engine.swap(served, track)
         settle_heap()
         if self.engine.ready():
             await self.handle.set_serving(True)
+
+    async def _load_copy(self, path: Path) -> ServedVersion:
+        served = await asyncio.to_thread(self.engine.load_version, path)
+        await self._warm(served)
+        return served
 
     async def _warm(self, served: Any) -> None:
         start = time.perf_counter()

@@ -17,6 +17,7 @@ import grpc
 import pytest
 
 from ranking_service.testing import ranking_settings
+from recsys.config import ExperimentSettings
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 
 from .conftest import publish_into, retrieval_settings, serving_ranking, serving_retrieval
@@ -81,3 +82,47 @@ async def test_a_version_trained_again_under_its_number_is_served(
         ):
             assert await answer(fresh_ch) == now  # what a replica started now serves
     assert now[0] == "1"
+
+
+TRACKS = {  # the copy each model track serves, by track
+    "retrieval": lambda app: app.engine.tracks,
+    "ranking": lambda srv: srv.ranker.models,
+}
+
+# The default arm follows the pointer (at 1), the other pins 1: two tracks, one build.
+PINNED_ARM = ExperimentSettings(
+    name="pinned-arm",
+    variants=[
+        {"name": "control", "share": 0.5},
+        {"name": "pinned", "share": 0.5, "model_version": "1"},
+    ],
+)
+
+
+@pytest.mark.parametrize("service", list(SERVICES))
+async def test_tracks_sharing_a_build_share_its_rebuilt_copy(
+    service, trained_version, retrained, tmp_path, rel_redis
+):
+    """Both tracks' watchers see the rebuild in one poll: each loaded its own copy of it
+    (a copy was matched among the served ones only, not the loads under way), and
+    memory held the new build twice for good."""
+    settings_for, serving, _answer = SERVICES[service]
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    put(trained_version, model_dir / "1")
+    publish_into(rel_redis.url, model_dir / "1")
+    settings = settings_for(model_dir, rel_redis.url, reload_interval_s=0.1)
+    settings = settings.model_copy(update={"experiments": PINNED_ARM})
+    async with serving(settings) as (_address, server):
+        tracks = TRACKS[service](server)
+        old = tracks["current"]
+        assert tracks["1"] is old  # one copy to begin with
+        shutil.rmtree(model_dir / "1")
+        put(retrained, model_dir / "1")
+        deadline = time.monotonic() + 60
+        while any(copy is old for copy in TRACKS[service](server).values()):
+            assert time.monotonic() < deadline, "the old build of version 1 still serves"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(1.0)  # a second copy, if loading, is swapped in by now
+        tracks = TRACKS[service](server)
+    assert tracks["current"] is tracks["1"], "each track keeps its own copy of one build"

@@ -238,7 +238,7 @@ class RetrievalSettings(ServerSettings):
     top_list_cache: bool = Field(
         True,
         description="Keep the served version's top lists in process after their first Redis "
-        "read (they never change within a version), saving the second round trip.",
+        "read (they never change within a build of a version), saving the second round trip.",
     )
 
     @model_validator(mode="after")

@@ -19,6 +19,7 @@ key                                    type    holds
 ``recsys:v:<ver>:top:country:<c>``     zset    item id -> score within the country
 ``recsys:v:<ver>:top:popular``         zset    item id -> popularity score
 ``recsys:v:<ver>:<list>:staging:<t>``  zset    a list being written, renamed over ``<list>``
+``recsys:v:<ver>:build``               string  manifest digest of the build the lists are of
 ``recsys:user:{<uid>}``                hash    profile + running aggregates (features)
 ``recsys:user:{<uid>}:watched``        set     every item id the user interacted with
 ``recsys:user:{<uid>}:recent``         list    most recent item ids, newest first, capped
@@ -68,6 +69,18 @@ def top_country(version: str, country: str) -> str:
 def top_popular(version: str) -> str:
     """Sorted set of the most popular items overall."""
     return f"{_version_prefix(version)}:top:popular"
+
+
+def version_build(version: str) -> str:
+    """Which build of ``version`` its top lists were published for (its manifest digest).
+
+    A version number reused after its directory was deleted names another
+    build, with other lists: retrieval keeps in-process copies of a served
+    build's lists only while this names that build. Written by ``recsys
+    publish`` in one transaction with the lists' renames; versions published
+    before it existed have none (their build is unknown).
+    """
+    return f"{_version_prefix(version)}:build"
 
 
 def staging(key: str, token: str) -> str:

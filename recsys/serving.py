@@ -1332,16 +1332,21 @@ class VersionWatcher:
 
     async def run(self) -> None:
         """Polls forever (cancel to stop)."""
-        while True:
-            await asyncio.sleep(self.interval_s)
-            with contextlib.suppress(Exception):
-                await self.poll_once()
-            # redis-py's asyncio client (8.x) can swallow a cancellation that
-            # lands while a read is in flight; a stop request must still end
-            # this loop, or the server's shutdown waits on it forever.
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
-                raise asyncio.CancelledError
+        await poll_forever(self.interval_s, self.poll_once)
+
+
+async def poll_forever(interval_s: float, poll: Callable[[], Awaitable[Any]]) -> None:
+    """Calls ``poll`` every ``interval_s`` until cancelled; its errors wait for the next call."""
+    while True:
+        await asyncio.sleep(interval_s)
+        with contextlib.suppress(Exception):
+            await poll()
+        # redis-py's asyncio client (8.x) can swallow a cancellation that
+        # lands while a read is in flight; a stop request must still end
+        # this loop, or the server's shutdown waits on it forever.
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise asyncio.CancelledError
 
 
 def track_watchers(

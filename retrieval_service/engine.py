@@ -70,6 +70,7 @@ from retrieval_service.sources.base import (
     CandidateBlock,
     CandidateSource,
     RedisBatch,
+    RedisUnavailable,
     RetrievalContext,
     await_each,
 )
@@ -417,8 +418,8 @@ class RetrievalEngine:
                 served.source_state[src.name] = prepare(served)
         return served
 
-    async def warm(self, served: ServedVersion) -> int:
-        """Copies a version's top lists into its cache before the version serves.
+    async def warm(self, served: ServedVersion) -> int | None:
+        """Copies a version's top lists into a new cache before the version serves.
 
         Without it the first requests on a new version (after a start or a
         swap) all miss the empty copies, and Redis may not hold the read
@@ -428,8 +429,16 @@ class RetrievalEngine:
         and popular list of the version, each as wide as a miss would read,
         then each copy's rows converted once. Off with ``retrieval.top_list_cache``.
 
+        Nothing is copied while Redis holds the lists of another build of the
+        version (:meth:`lists_build`): a version trained again under its
+        number lands, and is loaded, before ``recsys publish`` writes its
+        lists; the copy made then kept the old build's lists for good.
+        :meth:`lists_changed` says when to call this again.
+
         Returns:
-            How many lists were copied. None at all marks the copy ``absent``
+            How many lists were copied; None when Redis holds another build's
+            (the cache is not ``trusted``: requests read the lists from Redis).
+            None copied marks the cache ``absent``
             (:class:`~retrieval_service.sources.base.TopListsMissing`).
 
         Raises:
@@ -439,20 +448,68 @@ class RetrievalEngine:
         """
         if not self.settings.top_list_cache:
             return 0
-        cache = served.top_cache
+        # Bounded itself, as the reads below: a caller's timeout cancels only
+        # its wait, and the read would otherwise hold a pooled connection.
+        build = await self.lists_build(served, timeout_s=WARM_TIMEOUT_S)
+        if build is not None and build != served.model.digest:
+            served.top_cache.trusted = False
+            return None
+        cache = served.new_top_cache(build)
         spec, version = served.model.spec, served.version
         keys = [redis_keys.top_genre(version, g) for g in spec.genres]
         keys += [redis_keys.top_country(version, c) for c in spec.countries]
         keys.append(redis_keys.top_popular(version))
-        # Bounded itself: a caller's timeout cancels only its wait, and the
-        # read would otherwise hold a pooled connection until Redis answers.
         batch = RedisBatch(self.redis, cache=cache, timeout_s=WARM_TIMEOUT_S)
         width = cache.width(1)
-        # Plain entries: each copy's rows are converted once, below.
-        await await_each([batch.top(k, width) for k in keys])
+        try:
+            # Plain entries: each copy's rows are converted once, below.
+            await await_each([batch.top(k, width) for k in keys])
+        finally:
+            # Even part way: every copy is of this build's lists, and a new
+            # object leaves requests under way with the one they had.
+            served.top_cache = cache
         copied = sum(cache.get_rows(k, width) is not None for k in keys)
         cache.absent = copied == 0
         return copied
+
+    async def lists_build(self, served: ServedVersion, timeout_s: float) -> str | None:
+        """The build whose top lists Redis holds under ``served``'s version number.
+
+        ``recsys:v:<version>:build``, the manifest digest ``recsys publish``
+        wrote with the lists. None: not written (published before the key
+        existed): the build is unknown, and the lists are taken as the served
+        build's, as they always were.
+
+        Raises:
+            RedisUnavailable: Redis failed, or did not answer within ``timeout_s``.
+        """
+        try:
+            async with asyncio.timeout(timeout_s):
+                raw = await self.redis.get(redis_keys.version_build(served.version))
+        except _REDIS_ERRORS as exc:
+            raise RedisUnavailable(f"redis read failed: {type(exc).__name__}") from exc
+        return raw.decode() if isinstance(raw, bytes) else raw
+
+    async def lists_changed(self, served: ServedVersion) -> bool:
+        """True when Redis's top lists of ``served`` changed build since its cache was made.
+
+        One ``GET`` (:meth:`lists_build`), polled at the version watchers'
+        interval; on True, :meth:`warm` makes the cache again. Either Redis now holds
+        another build's lists (a version trained again and published, this
+        replica not reloaded yet: the cache stops being used), or it holds
+        the served build's and the cache was not made from them (not trusted,
+        or made while the build was unknown).
+
+        Raises:
+            RedisUnavailable: Redis failed, or did not answer within ``redis_timeout_s``.
+        """
+        if not self.settings.top_list_cache:
+            return False
+        build = await self.lists_build(served, timeout_s=self.redis_timeout_s)
+        cache = served.top_cache
+        if build is not None and build != served.model.digest:
+            return cache.trusted
+        return not cache.trusted or (build is not None and build != cache.build)
 
     def swap(self, served: ServedVersion, track: str = CURRENT_VERSION) -> None:
         """Makes ``served`` the version of ``track``; calls in flight keep the one they had."""
@@ -621,7 +678,9 @@ class RetrievalEngine:
         stated = (agg is None or agg.watch_count == 0) and bool(f.genre_ratings)
         if stated:
             agg = aggregates_from_genre_ratings(served.model.spec, f.genre_ratings)
-        cache = served.top_cache if self.settings.top_list_cache else None
+        cache = served.top_cache
+        if not (self.settings.top_list_cache and cache.trusted):
+            cache = None  # off, or Redis holds another build's lists: read them, keep none
         # A corrupt hash came from a Redis that answered: its top lists still can.
         reachable = error is None or (read is not None and bool(read.corrupt))
         batch = RedisBatch(

@@ -62,7 +62,7 @@ class ServedVersion:
     _marks: list[RowMarks] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.top_cache = TopListCache(self.model.version, index=self.item_index)
+        self.top_cache = self.new_top_cache()
         rows, scores, seen = [], [], set()
         for item, score in self.popular:
             row = self.item_index.get(item)
@@ -78,6 +78,10 @@ class ServedVersion:
     def version(self) -> str:
         """The version string (directory name)."""
         return self.model.version
+
+    def new_top_cache(self, build: str | None = None) -> TopListCache:
+        """An empty :class:`TopListCache` for this version, made under ``build``."""
+        return TopListCache(self.model.version, index=self.item_index, build=build)
 
     def rows_of(self, ids: Iterable[str], n: int = -1) -> np.ndarray:
         """Catalogue rows of ``ids``, ids outside the catalogue left out.

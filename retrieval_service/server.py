@@ -32,6 +32,7 @@ from recsys.serving import (
     configure_logging,
     create_server,
     follow_versions,
+    poll_forever,
     run_service,
     serve,
     settle_heap,
@@ -93,6 +94,14 @@ class RetrievalApp:
             log.warning("top lists not copied before serving", extra={"fields": fields})
             return
         fields["seconds"] = round(time.perf_counter() - start, 3)
+        if fields["lists"] is None:
+            # Copied once publish writes this build's (_follow_lists).
+            log.warning(
+                "top lists in Redis are of another build of this version: read from "
+                "Redis, not copied, until this build's are published",
+                extra={"fields": fields},
+            )
+            return
         if served.top_cache.absent:
             # Logged once here; until the lists appear its genre and country
             # sources report an error on every answer (TopListsMissing).
@@ -107,7 +116,23 @@ class RetrievalApp:
         """Loads the wanted versions now, then follows new ones until cancelled."""
         if not self.watchers and self.watcher is None:
             raise RuntimeError("RetrievalApp has no version watcher")
-        await follow_versions(self.watchers.values() or [self.watcher])
+        await asyncio.gather(
+            follow_versions(self.watchers.values() or [self.watcher]),
+            poll_forever(self.settings.retrieval.reload_interval_s, self._follow_lists),
+        )
+
+    async def _follow_lists(self) -> None:
+        """Copies a served build's top lists again once Redis holds another build's or its own.
+
+        A version trained again under its number is loaded before ``recsys
+        publish`` writes its lists (the watcher polls faster than a publish
+        runs): its copy was made from the old build's lists and kept them
+        for good, while a replica started afterwards served the new ones.
+        One ``GET`` per served copy each poll.
+        """
+        for served in {id(v): v for v in self.engine.tracks.values()}.values():
+            if await self.engine.lists_changed(served):
+                await self._warm(served)
 
     async def start(self) -> None:
         """Starts serving in the current event loop (tests and embedding)."""

@@ -7,7 +7,8 @@ Order matters so serving never sees a half-loaded version:
 1. top lists go under version-scoped keys, beside the running version's,
    each written under a staging key and renamed over its own, so a
    republished version's readers see its old list or its new one, never an
-   empty or half-written one;
+   empty or half-written one; the renames and ``recsys:v:<ver>:build`` (the
+   manifest digest of the build they are of) are one transaction;
 2. user state is seeded, one script per user: aggregates replaced when this
    version is newer than the one that wrote them (so a republish, a rollback
    or a publish that lost a race keeps newer facts and what was recorded
@@ -412,19 +413,25 @@ def publish(
     # A list is replaced by one RENAME of a whole copy: deleting it and
     # adding its entries (in ZADD_CHUNK parts) let other clients read a
     # republished, served version's list empty or half-written in between.
+    # The renames and the build they are of (the version number may have
+    # been trained again: another build, other lists) land in one
+    # transaction, so no reader sees one build's name over another's lists.
     token = secrets.token_hex(8)
     pipe = redis_client.pipeline(transaction=False)
+    swap = redis_client.pipeline(transaction=True)
     for key, entries in _top_list_keys(mv).items():
         staging = redis_keys.staging(key, token)
         for start in range(0, len(entries), ZADD_CHUNK):
             part = entries[start : start + ZADD_CHUNK]
             pipe.zadd(staging, {str(item): float(score) for item, score in part})
         if entries:
-            pipe.rename(staging, key)
+            swap.rename(staging, key)
         else:
-            pipe.delete(key)
+            swap.delete(key)
         report.top_list_keys += 1
+    swap.set(redis_keys.version_build(mv.version), mv.digest)
     pipe.execute()
+    swap.execute()
     _progress(quiet, f"{report.top_list_keys} top lists under version {mv.version}")
 
     if not switch:

@@ -368,14 +368,20 @@ class TopListCache:
 
     Only keys under the version's own prefix (``recsys:v:<version>:``) are
     kept. Those are model outputs that ``recsys publish`` writes before it
-    moves the version pointer; a republish writes the same lists, each
-    renamed whole over the old one, so a copy cannot go stale (or be taken
-    from an emptied list) while its version is served; the cache lives on the
-    :class:`~retrieval_service.served.ServedVersion` and is dropped with it
-    on the next swap. Redis stays the source: every entry is filled from a
-    real read. An empty reply (a list not published yet, a segment with no
-    list) is not kept, so it is read again next time. Bounded by key count;
-    past the bound, reads simply go to Redis.
+    moves the version pointer; a republish of the same build writes the same
+    lists, each renamed whole over the old one, so a copy cannot go stale (or
+    be taken from an emptied list) while its build is served; the cache
+    lives on the :class:`~retrieval_service.served.ServedVersion` and is
+    dropped with it on the next swap. A version number trained again names
+    another build with other lists: Redis says whose lists it holds
+    (``recsys:v:<version>:build``), and while that names another build the
+    engine hands requests no cache (``trusted`` False) and reads the lists
+    through; once it names the served build, a new cache is filled
+    (:meth:`~retrieval_service.engine.RetrievalEngine.warm`). Redis stays
+    the source: every entry is filled from a real read. An empty reply (a
+    list not published yet, a segment with no list) is not kept, so it is
+    read again next time. Bounded by key count; past the bound, reads simply
+    go to Redis.
 
     ``absent`` is set when the copy made before the version served found
     none of its lists in Redis. Until a read finds one, an empty reply of
@@ -388,6 +394,8 @@ class TopListCache:
         max_keys: Most keys kept.
         min_width: Entries fetched on a miss, at least, so the slightly
             different ``n`` of later requests are served from the copy.
+        build: What ``recsys:v:<version>:build`` said when the copies were
+            made (None: not written, by a publish from before it existed).
     """
 
     def __init__(
@@ -397,9 +405,13 @@ class TopListCache:
         max_keys: int = 4096,
         min_width: int = 1000,
         index: Mapping[str, int] | None = None,
+        build: str | None = None,
     ):
         self.version = version
         self.prefix = redis_keys.version_prefix(version)
+        self.build = build
+        # False once Redis holds another build's lists: requests get no cache.
+        self.trusted = True
         self.absent = False
         self.max_keys = max_keys
         self.min_width = min_width
@@ -419,7 +431,7 @@ class TopListCache:
     def remember(self, key: Hashable, value: Any) -> None:
         """Keeps a source's answer computed from this cache's copies alone.
 
-        The copies are of lists that never change while the version is
+        The copies are of lists that never change while the build is
         served, so such an answer stays right for the cache's lifetime, and a
         source asked the same question again (the same favourite genres, the
         same ``k``) can skip the work. At most ``max_keys`` answers, emptied

@@ -805,11 +805,24 @@ async def test_redis_down_degrades_to_memory_sources(published: Path, mv: ModelV
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+@pytest.mark.parametrize("build_named", [True, False], ids=["build-named", "build-unknown"])
 async def test_first_request_finds_the_top_lists_already_copied(
-    published: Path, redis_server, mv: ModelVersion
+    published: Path, redis_server, mv: ModelVersion, build_named: bool
 ):
     # A server of its own, so this is the version's first request.
     settings = settings_for(published.parent, redis_server.url)
+    build = redis_keys.version_build(mv.version)
+    sync = redis.Redis.from_url(redis_server.url)
+    if not build_named:  # published by a recsys from before the key: its lists are copied too
+        sync.delete(build)
+    try:
+        await _first_request_from_copies(settings, redis_server, mv)
+    finally:
+        sync.set(build, mv.digest)
+        sync.close()
+
+
+async def _first_request_from_copies(settings, redis_server, mv: ModelVersion) -> None:
     async with Running(settings, counting_client(redis_server.url)) as running:
         cache = running.app.engine.served.top_cache
         keys = [redis_keys.top_genre(mv.version, g) for g in mv.spec.genres]

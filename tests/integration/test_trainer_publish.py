@@ -1016,3 +1016,28 @@ def test_a_published_recent_list_is_the_newest_history_length_items(
     publish(v1, client, quiet=True, history_length=cap)
     recent = client.lrange(redis_keys.user_recent(str(mv.users["user_id"][row])), 0, -1)
     assert recent == watched[::-1][:cap]
+
+
+def test_a_version_trained_again_is_named_as_its_build_with_its_lists_only(
+    client, redis_url, trained_version, tmp_path
+):
+    """``recsys:v:<ver>:build`` says whose lists Redis holds under a reused number: retrieval
+    copies a served build's lists only while it names that build. It must not name the new
+    build before every list of it is in."""
+    old = _numbered_copy(trained_version, tmp_path / "old", 1)
+    new = _numbered_copy(trained_version, tmp_path / "new", 1, "2030-01-01T00:00:00+00:00")
+    build = redis_keys.version_build("1")
+    publish(old, client, quiet=True)
+    assert client.get(build) == ModelVersion.open(old).digest
+    digest = ModelVersion.open(new).digest
+    early: list[list[str]] = []
+
+    def look() -> None:
+        if client.get(build) == digest and (copies := list(client.scan_iter("*:staging:*"))):
+            early.append(copies)  # the new build named over lists not renamed in yet
+
+    stepped = _OneCommandAtATime.from_url(redis_url)
+    stepped.look = look
+    publish(new, stepped, quiet=True)
+    stepped.close()
+    assert client.get(build) == digest and early == []

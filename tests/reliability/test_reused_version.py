@@ -126,3 +126,58 @@ async def test_tracks_sharing_a_build_share_its_rebuilt_copy(
         await asyncio.sleep(1.0)  # a second copy, if loading, is swapped in by now
         tracks = TRACKS[service](server)
     assert tracks["current"] is tracks["1"], "each track keeps its own copy of one build"
+
+
+@pytest.fixture(scope="module")
+def other_lists(train_version, tmp_path_factory) -> Path:
+    """Version 1 trained again on other data: other top lists, as a retrain's usually are."""
+    return train_version(tmp_path_factory.mktemp("other-lists"), seed=1, epochs=1, data_seed=1)
+
+
+async def top_country(ch: grpc.aio.Channel) -> list[str]:
+    stub = retrieval_pb2_grpc.RetrievalServiceStub(ch)
+    user = {"user_id": "cold-reused", "features": {"country": "us"}}
+    request = retrieval_pb2.RetrieveRequest(user=user, budget=50, sources=["top_country"])
+    r = await stub.Retrieve(request, timeout=5)
+    assert not r.degraded, r.source_reports
+    return [c.item_id for c in r.candidates]
+
+
+async def test_a_rebuilt_version_serves_its_own_top_lists_once_published(
+    trained_version, other_lists, tmp_path, rel_redis
+):
+    """The watcher loads a rebuilt version before ``recsys publish`` writes its lists (the
+    trainer renames it in first): its top-list copy was made from the old build's lists
+    and kept them for good, while a replica started afterwards served the new ones."""
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    put(trained_version, model_dir / "1")
+    publish_into(rel_redis.url, model_dir / "1")
+    settings = retrieval_settings(model_dir, rel_redis.url, reload_interval_s=0.1)
+    async with (
+        serving_retrieval(settings) as (address, app),
+        grpc.aio.insecure_channel(address) as ch,
+    ):
+        old_similar, old_tops = await similar_items(ch), await top_country(ch)
+        shutil.rmtree(model_dir / "1")
+        put(other_lists, model_dir / "1")
+        deadline = time.monotonic() + 60
+        while await similar_items(ch) == old_similar:
+            assert time.monotonic() < deadline, "the old build of version 1 still serves"
+            await asyncio.sleep(0.1)
+        # Redis holds the old build's lists until the publish: those are read.
+        assert await top_country(ch) == old_tops
+        publish_into(rel_redis.url, model_dir / "1")
+        deadline = time.monotonic() + 20
+        # Read from Redis at once; copied again at the next poll.
+        while (now := await top_country(ch)) == old_tops or not app.engine.served.top_cache.trusted:
+            assert time.monotonic() < deadline, "the old build's top lists still serve"
+            await asyncio.sleep(0.1)
+        served = app.engine.served
+        assert served.top_cache.build == served.model.digest and len(served.top_cache) > 0
+        assert await top_country(ch) == now  # from the copy
+        async with (
+            serving_retrieval(settings) as (fresh, _),
+            grpc.aio.insecure_channel(fresh) as fch,
+        ):
+            assert await top_country(fch) == now  # what a replica started now serves

@@ -1404,7 +1404,8 @@ class SharedLoads(Generic[Copy]):
     the served copies alone loaded it once per track, and every copy stayed
     in memory. A load that fails fails every track waiting on it with the
     same error, and nothing is kept: the next try loads again. One cut
-    short (the service stopping) is loaded again by the next track waiting.
+    short while its owner alone was cancelled is loaded again by the next
+    track waiting; a stop cancels every track, and none loads again.
 
     Args:
         build_of: A loaded copy's version name and manifest digest
@@ -1434,8 +1435,12 @@ class SharedLoads(Generic[Copy]):
                 # Shielded: this caller's cancellation must not cancel the load.
                 return await asyncio.shield(loading)
             except asyncio.CancelledError:
-                if not loading.cancelled():
-                    raise  # this caller was cancelled
+                task = asyncio.current_task()
+                if not loading.cancelled() or (task is not None and task.cancelling()):
+                    # This caller was cancelled (perhaps together with the
+                    # load's owner, as a stopping service cancels every
+                    # track): loading again would hold its stop up.
+                    raise
         done: asyncio.Future[Copy] = asyncio.get_running_loop().create_future()
         self._loading[build] = done
         try:

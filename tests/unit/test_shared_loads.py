@@ -107,3 +107,19 @@ async def test_a_waiting_track_cancelled_leaves_the_load_running(tmp_path):
         await waiter
     load.gate.set()
     assert (await owner).name == "1" and load.calls == 1
+
+
+@pytest.mark.parametrize("owner_first", [True, False], ids=["owner-first", "waiter-first"])
+async def test_a_stop_cancelling_every_track_starts_no_new_load(tmp_path, owner_first: bool):
+    """The waiting track, cancelled together with the load's owner, loaded the
+    build again, and the service's stop waited for that whole extra load."""
+    path, load, shared = version(tmp_path), Loader(), loads()
+    owner = asyncio.ensure_future(shared.get(path, [], load))
+    await asyncio.sleep(0)
+    waiter = asyncio.ensure_future(shared.get(path, [], load))
+    await asyncio.sleep(0)
+    tracks = (owner, waiter) if owner_first else (waiter, owner)
+    asyncio.gather(*tracks).cancel()  # what a SIGTERM does to the watchers' gather
+    await asyncio.sleep(0.05)
+    assert load.calls == 1
+    assert owner.cancelled() and waiter.cancelled()

@@ -275,9 +275,7 @@ def test_two_workers_both_answer_and_sigterm_stops_all(
     finally:
         for ch in channels:
             ch.close()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _reap(proc)
         for pid in workers:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
@@ -327,9 +325,14 @@ def test_a_worker_lost_while_draining_makes_the_stop_fail(
         assert proc.wait(timeout=60) == 1
         assert "a worker did not stop cleanly" in proc.stderr.read()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _reap(proc)
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    """Kills ``proc`` if the test left it running."""
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def _exit_code(proc: subprocess.Popen, timeout_s: float) -> int:
@@ -337,9 +340,7 @@ def _exit_code(proc: subprocess.Popen, timeout_s: float) -> int:
     try:
         return proc.wait(timeout=timeout_s)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _reap(proc)
 
 
 def test_a_busy_port_with_workers_is_a_clear_error(
@@ -382,9 +383,7 @@ def test_a_crashed_worker_is_named_and_metrics_off_skips_multiprocess_mode(
         os.kill(workers[0], signal.SIGKILL)  # e.g. the OOM killer
         assert proc.wait(timeout=60) == 1
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _reap(proc)
     docs = [json.loads(line) for line in proc.stderr.read().splitlines()]
     [crash] = [d for d in docs if d["msg"] == "a worker exited; stopping the others"]
     assert crash["exit_codes"] == {str(workers[0]): -signal.SIGKILL}, crash
@@ -443,9 +442,7 @@ def test_a_stop_while_workers_start_is_clean(
         code = proc.wait(timeout=60)
         assert code == 0, proc.stderr.read()[-2000:]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _reap(proc)
 
 
 def test_workers_draining_longer_than_the_margin_still_stop_cleanly(
@@ -469,9 +466,7 @@ def test_workers_draining_longer_than_the_margin_still_stop_cleanly(
         code = proc.wait(timeout=60)
         assert code == 0, proc.stderr.read()[-2000:]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _reap(proc)
 
 
 @pytest.mark.skipif(not ipv6_loopback(), reason="no IPv6 loopback (::1) on this machine")

@@ -84,7 +84,13 @@ async def _serving(server: Any, port: int, service: str) -> AsyncIterator[tuple[
     await server.start()
     address = f"127.0.0.1:{port}"
     try:
-        await wait_serving(address, service)
+        try:
+            await wait_serving(address, service)
+        except TimeoutError as exc:
+            # Why: a rejected version's reason is only a structured log field.
+            watchers = getattr(server, "watchers", {})
+            rejected = {track: w.rejected for track, w in watchers.items() if w.rejected}
+            raise TimeoutError(f"{exc}; versions rejected: {rejected}") from exc
         yield address, server
     finally:
         await server.stop(0)

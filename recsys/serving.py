@@ -1144,7 +1144,8 @@ class VersionWatcher:
         self.rejected: dict[str, str] = {}
         # Each rejected version's files (_tree_stamp) when it was rejected.
         self._rejected_at: dict[str, tuple[int, ...] | None] = {}
-        self._missing_logged: str | None = None
+        # Whether "no version to serve" was said since something was served.
+        self._none_logged = False
         # The wanted version last said to be missing from disk (None: the wanted one is here).
         self._absent_logged: str | None = None
         # The served build's manifest_digest, and the manifest's stat when it
@@ -1241,8 +1242,8 @@ class VersionWatcher:
         """Loads the wanted version if it changed; True when a swap happened."""
         want = await self.wanted()
         if want is None:
-            if self._missing_logged != "":
-                self._missing_logged = ""  # once, until something changes
+            if not self._none_logged:
+                self._none_logged = True  # once, until something is served
                 log.warning(
                     "no version to serve: no complete version under the model dir",
                     extra={"fields": {"model_dir": str(self.model_dir)}},
@@ -1328,7 +1329,7 @@ class VersionWatcher:
         MODEL_VERSION.labels(self.label, want).set(1)
         log.info("version loaded", extra={"fields": {"version": want, "previous": self.current}})
         self.current = want
-        self._missing_logged = None
+        self._none_logged = False
 
     async def run(self) -> None:
         """Polls forever (cancel to stop)."""

@@ -328,33 +328,30 @@ def _code_name(context: grpc.aio.ServicerContext) -> str | None:
 # --- server ------------------------------------------------------------------------
 
 
-# More tracked objects than this after a swap's collection get frozen. A
-# version of the trainer's model adds ~5,000; TensorFlow's import ~270,000.
-FREEZE_ABOVE = 100_000
-
-
 def settle_heap() -> None:
     """Keeps the collector off the long-lived heap after a version is swapped in.
 
     TensorFlow and the first version are hundreds of thousands of long-lived
     objects; left in the oldest generation, every full collection walks them
     (~150 ms pauses in the ranking process under load, each one stalling
-    every in-flight call). So after collecting, when the collector still
-    tracks more than ``FREEZE_ABOVE`` objects (the first version, or a load
-    that imported a large library), everything alive moves to the permanent
+    every in-flight call). So the first call in a process (nothing frozen
+    yet) collects and then moves everything alive to the permanent
     generation.
 
-    Otherwise this is only a collection. A later version's few thousand
-    objects stay with the collector, so the collection walks them and what
-    else was allocated since (2-12 ms in the ranking process, against the
-    150-300 ms an unfreeze and full collection took on every swap), and it
-    frees a retired later version's reference cycles. A version that was
-    frozen keeps its cycles frozen once retired: ~4 MB of TensorFlow graph
-    objects for the trainer's model, once per process in practice (the item
-    vectors and tables have no cycles and are freed at once).
+    Later calls only collect. A later version's few thousand objects stay
+    with the collector, so the collection walks them and what else was
+    allocated since (2-12 ms in the ranking process, against the 150-300 ms
+    an unfreeze and full collection took on every swap), and it frees a
+    retired later version's reference cycles. A version that was frozen
+    keeps its cycles frozen once retired: ~4 MB of TensorFlow graph objects
+    for the trainer's model, once per process. The frozen count decides,
+    not a count of tracked objects: ``gc.get_objects()`` holds a reference
+    to every object while another thread loads a version, and CPython then
+    refused to resize a tuple that thread was building ("bad argument to
+    internal function" from a SavedModel load).
     """
     gc.collect()
-    if len(gc.get_objects()) > FREEZE_ABOVE:
+    if gc.get_freeze_count() == 0:  # the process's first version
         gc.freeze()
 
 

@@ -231,6 +231,14 @@ class RetrievalSettings(ServerSettings):
         10_000, ge=1, description="Most ids in one request list (recent, exclude, sources)."
     )
     history_length: int = Field(50, ge=1, description="Recent-history entries kept per user.")
+    interaction_log_length: int = Field(
+        200,
+        ge=0,
+        description="Online interactions kept per user for `recsys publish` to replay onto the "
+        "batch aggregates it writes (~130 bytes of Redis an entry; the oldest beyond this are "
+        "dropped; 0: no log, and a publish that replaces a user's aggregates then drops what "
+        "was recorded online).",
+    )
     sources: list[dict[str, Any]] = Field(
         default_factory=_default_sources,
         description="Candidate sources, each {name, type, budget, weight, timeout_ms, ...}.",

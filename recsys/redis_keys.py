@@ -24,6 +24,7 @@ key                                    type    holds
 ``recsys:user:{<uid>}:watched``        set     every item id the user interacted with
 ``recsys:user:{<uid>}:recent``         list    most recent item ids, newest first, capped
 ``recsys:user:{<uid>}:event:<id>``     string  a recorded event id (for dedupe_window_s)
+``recsys:user:{<uid>}:log``            stream  online interactions (replayed by publish), capped
 =====================================  ======  =========================================
 
 ``<uid>`` has backslashes and ``}`` escaped (see :func:`_user`).
@@ -124,6 +125,15 @@ def user_watched(user_id: str) -> str:
 def user_recent(user_id: str) -> str:
     """List of recent item ids, newest first."""
     return f"{_user(user_id)}:recent"
+
+
+def user_log(user_id: str) -> str:
+    """Stream of the interactions recorded online, oldest first, capped.
+
+    A publish that replaces the user's aggregates with batch values replays
+    these onto them, since the trainer's data does not hold them.
+    """
+    return f"{_user(user_id)}:log"
 
 
 def user_event(user_id: str, event_id: str) -> str:

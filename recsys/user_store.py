@@ -243,15 +243,19 @@ async def load_users(
 # corrupt counter), so a refused write would still count the interaction and
 # a retry would count it again. The script checks everything first, then
 # writes. With an event key, a second call with the same key changes nothing
-# (a retry after a lost reply). Keys: state hash, recent list, watched set,
-# and the event marker only when there is one (every key must be in the
-# user's Redis Cluster slot, so no placeholder key). ARGV: item, history
-# length, event TTL, number of integer fields, then field/increment pairs
-# (integers first, then floats).
+# (a retry after a lost reply). The interaction also goes to the user's log
+# (a stream capped at the log length; 0: none), with the increments it
+# applied, for a publish that replaces the aggregates to replay. Keys: state
+# hash, recent list, watched set, log, and the event marker only when there
+# is one (every key must be in the user's Redis Cluster slot, so no
+# placeholder key). ARGV: item, history length, event TTL, number of integer
+# fields, log length, event time, rating ('' for a watch), then
+# field/increment pairs (integers first, then floats).
 _RECORD_SCRIPT = """
-local state, recent, watched, event = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local state, recent, watched, ilog, event = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local item, keep, ttl, n_int = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local kinds = {{state, 'hash'}, {recent, 'list'}, {watched, 'set'}}
+local log_len = tonumber(ARGV[5])
+local kinds = {{state, 'hash'}, {recent, 'list'}, {watched, 'set'}, {ilog, 'stream'}}
 for _, kv in ipairs(kinds) do
   local t = redis.call('TYPE', kv[1])['ok']
   if t ~= 'none' and t ~= kv[2] then
@@ -267,7 +271,7 @@ local function decimal(v, int)
   return e == '' or string.match(e, '^[eE][%-+]?%d+$') ~= nil
 end
 local fields = {}
-for i = 5, #ARGV, 2 do fields[#fields + 1] = ARGV[i] end
+for i = 8, #ARGV, 2 do fields[#fields + 1] = ARGV[i] end
 if #fields > 0 then
   local now = redis.call('HMGET', state, unpack(fields))
   for i, v in ipairs(now) do
@@ -289,12 +293,16 @@ redis.call('LREM', recent, 0, item)
 redis.call('LPUSH', recent, item)
 redis.call('LTRIM', recent, 0, keep - 1)
 redis.call('SADD', watched, item)
-for i = 5, #ARGV, 2 do
-  if (i - 5) / 2 < n_int then
+for i = 8, #ARGV, 2 do
+  if (i - 8) / 2 < n_int then
     redis.call('HINCRBY', state, ARGV[i], ARGV[i + 1])
   else
     redis.call('HINCRBYFLOAT', state, ARGV[i], ARGV[i + 1])
   end
+end
+if log_len > 0 then
+  redis.call('XADD', ilog, 'MAXLEN', log_len, '*', 'item', item, 'ts', ARGV[6], 'r', ARGV[7],
+    'i', ARGV[4], unpack(ARGV, 8))
 end
 return {redis.call('LLEN', recent), tonumber(redis.call('HGET', state, 'nr') or '0'), 0}
 """
@@ -303,10 +311,12 @@ return {redis.call('LLEN', recent), tonumber(redis.call('HGET', state, 'nr') or 
 # got, so a publisher cut off between a DEL and an HSET left the user with no
 # state, and a recent list checked for in one pass and written in another took
 # an online interaction recorded in between twice (and past the cap).
-# KEYS: state hash, watched set, recent list.
+# KEYS: state hash, watched set, recent list, interaction log.
 # ARGV: version, history_length, number of hash fields n, force ("1": replace
 #       whatever wrote the hash), the version's creation time (whole seconds
-#       since the epoch), the n fields, then the history, oldest first.
+#       since the epoch), the log cutoff (ms since the epoch: the training
+#       data holds the log's entries before it; 0: none of them), the n
+#       fields, then the history, oldest first.
 # The hash is replaced by a snapshot newer than the one that wrote it (hash
 # fields pv and pt): one with a higher version number or a later creation
 # time. Republishing a version (every `recsys up`), a rollback, or an older
@@ -316,15 +326,21 @@ return {redis.call('LLEN', recent), tonumber(redis.call('HGET', state, 'nr') or 
 # gets its number back, a model dir emptied starts from 1 again), and a
 # trainer's clock may run behind the one before it. A hash stamped before pt
 # existed, or a version without a creation time, is compared by number
-# alone. A key of the wrong type is corrupt and replaced, so one bad key
-# cannot fail the whole publish. Returns 1 (hash replaced) + 2 (recent
-# written).
+# alone. A replaced hash gets the increments of every logged interaction
+# from the cutoff on added back (the batch values do not hold them; in the
+# same script, so one recorded meanwhile is counted once), and entries
+# before the cutoff leave the log (the batch values hold them). A key of the
+# wrong type is corrupt and replaced, so one bad key cannot fail the whole
+# publish; a log entry that is not one RecordInteraction wrote is skipped.
+# Returns {1 (hash replaced) + 2 (recent written), entries replayed, entries
+# left in the log}.
 _SEED_USER_SCRIPT = """
 local version = tonumber(ARGV[1])
 local keep = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
 local force = ARGV[4] == '1'
 local made = tonumber(ARGV[5])
+local cutoff = tonumber(ARGV[6]) or 0
 local kind = redis.call('TYPE', KEYS[1])['ok']
 local newer = false  -- the stored hash comes from this snapshot or a newer one
 if kind == 'hash' and version then
@@ -339,13 +355,53 @@ if kind == 'hash' and version then
 end
 -- A key of another type is corrupt: the batch state replaces it.
 local replace = force or kind ~= 'hash' or not newer
+local ltype = redis.call('TYPE', KEYS[4])['ok']
+if ltype ~= 'stream' and ltype ~= 'none' then redis.call('DEL', KEYS[4]) end
+if cutoff > 0 and ltype == 'stream' then
+  redis.call('XTRIM', KEYS[4], 'MINID', string.format('%d', cutoff))
+end
+local replayed = 0
 if replace then
   redis.call('DEL', KEYS[1])
   if n > 0 then
-    redis.call('HSET', KEYS[1], 'pv', ARGV[1], 'pt', ARGV[5], unpack(ARGV, 6, 5 + n))
+    redis.call('HSET', KEYS[1], 'pv', ARGV[1], 'pt', ARGV[5], unpack(ARGV, 7, 6 + n))
+    if ltype == 'stream' then
+      local from = cutoff > 0 and string.format('%d', cutoff) or '-'
+      for _, entry in ipairs(redis.call('XRANGE', KEYS[4], from, '+')) do
+        local f = entry[2]
+        local at, n_int = nil, nil
+        for j = 1, #f - 1, 2 do
+          if f[j] == 'i' then at, n_int = j + 2, tonumber(f[j + 1]) break end
+        end
+        -- Checked before any write: HINCRBY stops the script at a bad value,
+        -- after the writes before it.
+        local ok = at ~= nil and n_int ~= nil and (#f - at) % 2 == 1
+        if ok then
+          for j = at, #f, 2 do
+            local v = f[j + 1]
+            if (j - at) / 2 < n_int then
+              ok = ok and #v <= 18 and string.match(v, '^%-?%d+$') ~= nil
+            else
+              local x = tonumber(v)
+              ok = ok and x ~= nil and x == x and x ~= math.huge and x ~= -math.huge
+            end
+          end
+        end
+        if ok then
+          for j = at, #f, 2 do
+            if (j - at) / 2 < n_int then
+              redis.call('HINCRBY', KEYS[1], f[j], f[j + 1])
+            else
+              redis.call('HINCRBYFLOAT', KEYS[1], f[j], tonumber(f[j + 1]))
+            end
+          end
+          replayed = replayed + 1
+        end
+      end
+    end
   end
 end
-local first, last = 6 + n, #ARGV
+local first, last = 7 + n, #ARGV
 local wtype = redis.call('TYPE', KEYS[2])['ok']
 if wtype ~= 'set' and wtype ~= 'none' then redis.call('DEL', KEYS[2]) end
 local recent = 0
@@ -362,7 +418,9 @@ if last >= first then
     recent = 2
   end
 end
-return (replace and 1 or 0) + recent
+local left = 0
+if redis.call('EXISTS', KEYS[4]) == 1 then left = redis.call('XLEN', KEYS[4]) end
+return {(replace and 1 or 0) + recent, replayed, left}
 """
 
 # Largest share of the time left on a request's deadline that its user read
@@ -400,14 +458,18 @@ async def record_interaction(
     history_length: int,
     event_id: str = "",
     event_ttl_s: int = 0,
+    log_length: int = 0,
+    timestamp: int = 0,
 ) -> Recorded:
     """Applies one interaction atomically: all of it or, on an error, none of it.
 
     Appends to the recent list (capped at ``history_length``, an older
     occurrence of the item moved to the front), adds to the watched set and
     increments the feature aggregates exactly as
-    :meth:`recsys.features.UserAggregates.add` would. One Lua script, so the
-    checks and the writes are one step for Redis.
+    :meth:`recsys.features.UserAggregates.add` would, and appends the
+    interaction and those increments to the user's log (when
+    ``log_length``). One Lua script, so the checks and the writes are one
+    step for Redis.
 
     Args:
         redis: ``redis.asyncio.Redis`` client.
@@ -421,6 +483,9 @@ async def record_interaction(
             same user within :data:`EVENT_TTL_S` writes nothing and reports
             ``duplicate``. Empty: no de-duplication.
         event_ttl_s: How long ``event_id`` is remembered (0: :data:`EVENT_TTL_S`).
+        log_length: Cap of the user's interaction log, which ``recsys publish``
+            replays onto the batch aggregates it writes (0: not logged).
+        timestamp: The event's time (seconds since the epoch, 0: unknown), kept in the log.
 
     Raises:
         CorruptUserState: A key of the wrong type or a corrupt counter;
@@ -435,10 +500,12 @@ async def record_interaction(
         redis_keys.user_state(user_id),
         redis_keys.user_recent(user_id),
         redis_keys.user_watched(user_id),
+        redis_keys.user_log(user_id),
     ]
     if event_id:
         keys.append(redis_keys.user_event(user_id, event_id))
-    args: list = [item_id, history_length, event_ttl_s or EVENT_TTL_S, len(ints)]
+    args: list = [item_id, history_length, event_ttl_s or EVENT_TTL_S, len(ints), log_length]
+    args += [timestamp, "" if rating is None else repr(float(rating))]
     for f, v in (*ints.items(), *floats.items()):
         args += [f, v]
     script = redis.register_script(_RECORD_SCRIPT)
@@ -463,6 +530,7 @@ def seed_user_commands(
     version: str,
     created_at: int,
     force: bool = False,
+    log_cutoff_ms: int = 0,
 ) -> None:
     """Queues the script that writes one user's batch-computed state (its reply: see below).
 
@@ -475,15 +543,21 @@ def seed_user_commands(
     interactions recorded online are kept; the recent list is written only
     where the user has none, so online history is never overwritten.
     ``force`` replaces the hash whatever version wrote it (a model dir
-    started over under lower numbers). The script answers 1 when it replaced
-    the hash, plus 2 when it wrote the list.
+    started over under lower numbers). A replaced hash gets the interactions
+    in the user's log from ``log_cutoff_ms`` on added back, since the batch
+    values leave them out, and log entries before ``log_cutoff_ms`` (which
+    the training data holds; 0: none) are dropped. The script answers
+    ``[flags, replayed, left]``: flags 1 when it replaced the hash plus 2
+    when it wrote the list, the log entries it replayed, and the entries the
+    log holds now.
     """
     keys = [
         redis_keys.user_state(user_id),
         redis_keys.user_watched(user_id),
         redis_keys.user_recent(user_id),
+        redis_keys.user_log(user_id),
     ]
     fields = [x for kv in encode_user_state(spec, profile, agg).items() for x in kv]
     args = [version, history_length, len(fields), "1" if force else "0", created_at]
-    args += [*fields, *history]
+    args += [log_cutoff_ms, *fields, *history]
     pipe.register_script(_SEED_USER_SCRIPT)(keys=keys, args=args, client=pipe)

@@ -1229,6 +1229,8 @@ class RetrievalEngine:
                     history_length=self.settings.history_length,
                     event_id=event_id,
                     event_ttl_s=dedupe_window_s,
+                    log_length=self.settings.interaction_log_length,
+                    timestamp=timestamp,
                 )
         except CorruptUserState as exc:
             log.error("corrupt user state", extra={"fields": {"user": user_id, "error": str(exc)}})

@@ -67,6 +67,8 @@ class PublishReport:
     users: int = 0
     users_replaced: int = 0  # hashes replaced: the rest were written by this or a newer version
     recent_written: int = 0
+    interactions_replayed: int = 0  # logged online interactions added back to replaced hashes
+    full_logs: int = 0  # users whose log is at its cap: older interactions may have left it
     removed_versions: list[str] = field(default_factory=list)
     removed_keys: int = 0
     seconds: float = 0.0
@@ -330,6 +332,7 @@ def publish(
     pending_timeout_s: float = PENDING_TIMEOUT_S,
     switch: bool = True,
     replace_users: bool = False,
+    log_length: int = 0,
 ) -> PublishReport:
     """Loads a version's Redis data and switches the current-version pointer to it.
 
@@ -358,6 +361,9 @@ def publish(
         replace_users: Replace every user's aggregates whatever version wrote
             them (a model dir started over, whose new version 1 is older than
             the facts Redis holds).
+        log_length: The services' ``retrieval.interaction_log_length``: a
+            user's log that long may have dropped older interactions, which
+            a replaced hash then leaves out (counted in ``full_logs``).
 
     Raises:
         ArtifactError: The version directory is incomplete or corrupt.
@@ -458,9 +464,11 @@ def publish(
                 created_at=mv.created_epoch_s,
                 force=replace_users,
             )
-        for did in pipe.execute():
-            report.users_replaced += int(did) & 1
-            report.recent_written += (int(did) >> 1) & 1
+        for flags, replayed, left in pipe.execute():
+            report.users_replaced += int(flags) & 1
+            report.recent_written += (int(flags) >> 1) & 1
+            report.interactions_replayed += int(replayed)
+            report.full_logs += int(0 < log_length <= int(left))
         done = min(start + chunk, len(ids))
         if done == len(ids) or (done // chunk) % 10 == 0:
             _progress(quiet, f"users {done:,}/{len(ids):,}")
@@ -629,6 +637,7 @@ def publish_with_settings(
             client,
             keep=keep,
             history_length=settings.retrieval.history_length,
+            log_length=settings.retrieval.interaction_log_length,
             quiet=quiet,
             protect=pins,
             rollback=rollback,
@@ -702,9 +711,17 @@ def cli_publish(args: argparse.Namespace, settings) -> int:
     print(
         f"published version {report.version}: {report.top_list_keys} top lists, "
         f"{report.users} users ({report.users_replaced} states replaced, "
+        f"{report.interactions_replayed} online interactions replayed onto them, "
         f"{report.recent_written} recent lists written), "
         f"{len(report.removed_versions)} old versions removed, {report.seconds:.1f}s"
     )
+    if report.full_logs:
+        print(
+            f"publish: {report.full_logs} users' interaction logs are full "
+            f"(retrieval.interaction_log_length); interactions recorded online before "
+            "their oldest entry are not in their replaced aggregates",
+            file=sys.stderr,
+        )
     if report.cleanup_error:
         print(
             f"publish: old versions' keys not cleaned up ({report.cleanup_error}); "

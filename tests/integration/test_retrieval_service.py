@@ -186,7 +186,10 @@ async def test_record_interaction_is_seen_by_next_retrieve(server: Running, mv: 
     assert first.candidates
     item = first.candidates[0].item_id
     res = await server.stub.RecordInteraction(
-        retrieval_pb2.RecordInteractionRequest(user_id=user, item_id=item, rating=5.0), timeout=5
+        retrieval_pb2.RecordInteractionRequest(
+            user_id=user, item_id=item, rating=5.0, timestamp=1_700_000_123
+        ),
+        timeout=5,
     )
     assert (res.history_length, res.rating_count) == (1, 1)
     second = await server.stub.Retrieve(request(user, 50), timeout=5)
@@ -198,6 +201,9 @@ async def test_record_interaction_is_seen_by_next_retrieve(server: Running, mv: 
     r = redis.Redis.from_url(server.settings.redis_url.get_secret_value())
     assert r.lrange(redis_keys.user_recent(user), 0, -1) == [item.encode()]
     assert r.hget(redis_keys.user_state(user), "nr") == b"1"
+    # Logged for the next publish to replay (retrieval.interaction_log_length, 200).
+    [(_, logged)] = r.xrange(redis_keys.user_log(user))
+    assert (logged[b"item"], logged[b"ts"], logged[b"r"]) == (item.encode(), b"1700000123", b"5.0")
 
 
 async def test_record_interaction_retried_with_its_event_id_counts_once(

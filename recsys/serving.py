@@ -84,7 +84,9 @@ MODEL_VERSION = Gauge(
     multiprocess_mode="livemax",
 )
 VERSION_REJECTED = Counter(
-    "recsys_version_rejected_total", "Versions that failed to load.", ["service"]
+    "recsys_version_rejected_total",
+    "Model version loads that failed (each failed retry of a version counts).",
+    ["service"],
 )
 VERSION_MISSING = Gauge(
     "recsys_version_missing",
@@ -1097,6 +1099,27 @@ def _lean_handshake() -> dict[str, Any]:
     return options
 
 
+# A rejected version whose files did not change is tried again after
+# REJECTED_RETRY_FIRST_S, the wait doubling with each failure up to
+# REJECTED_RETRY_MAX_S. Not every failure is in the files (a transient
+# OSError or MemoryError, a Redis or disk hiccup during warm-up): without a
+# retry, one such failure kept a replica that served nothing NOT_SERVING
+# until a restart. The cap bounds how long a cause that went away goes
+# unnoticed; a version that stays broken costs a load every 10 minutes.
+REJECTED_RETRY_FIRST_S = 30.0
+REJECTED_RETRY_MAX_S = 600.0
+
+
+@dataclass
+class _Rejection:
+    """A version's last failed load: of which files, how many tries, when to try again."""
+
+    stamp: tuple[int, ...] | None  # _tree_stamp of the files it tried
+    attempt: int  # tries of these files so far
+    delay_s: float  # the wait before the next one
+    retry_at: float  # the watcher's clock when it is due
+
+
 class VersionWatcher:
     """Follows the version to serve and hands new ones to a loader.
 
@@ -1112,11 +1135,27 @@ class VersionWatcher:
     served version is reloaded when its directory comes to hold another
     build (deleted and trained again under its number). A version the
     loader rejects (bad checksum, failed warm-up, files still arriving) is
-    remembered and retried only once any of its files changes (the rest of a
-    copy, or a re-copy); a pinned version that is not on disk yet is waited
-    for, not rejected. The previous version keeps serving throughout, and a
-    replica that serves nothing yet falls back to the newest older version
-    that loads (not on a pinned track).
+    remembered and retried at once when any of its files changes (the rest
+    of a copy, or a re-copy), else after a backoff
+    (``REJECTED_RETRY_FIRST_S``, doubling with each failure up to
+    ``REJECTED_RETRY_MAX_S``), as a failure need not be in the files (a
+    transient OSError, a Redis hiccup during warm-up); a pinned version
+    that is not on disk yet is waited for, not rejected. The previous
+    version keeps serving throughout, and a replica that serves nothing yet
+    falls back to the newest older version that loads (not on a pinned
+    track).
+
+    Args:
+        label: Service name in logs and metrics.
+        model_dir: Versions root.
+        load: Loads (verifies, warms) a version directory and serves it; an
+            error rejects the version.
+        redis: Client to read the published pointer from (None: none).
+        pinned: Version to serve whatever the pointer says.
+        interval_s: Time between polls (:meth:`run`).
+        redis_timeout_s: Longest wait for the pointer's read.
+        clock: Monotonic seconds the retry backoff is measured with (tests
+            pass a fake one).
     """
 
     def __init__(
@@ -1129,6 +1168,7 @@ class VersionWatcher:
         pinned: str | None = None,
         interval_s: float = 2.0,
         redis_timeout_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.label = label
         self.model_dir = Path(model_dir)
@@ -1139,8 +1179,9 @@ class VersionWatcher:
         self.interval_s = interval_s
         self.current: str | None = None
         self.rejected: dict[str, str] = {}
-        # Each rejected version's files (_tree_stamp) when it was rejected.
-        self._rejected_at: dict[str, tuple[int, ...] | None] = {}
+        # Each rejected version's files when it was rejected, and its backoff.
+        self._rejections: dict[str, _Rejection] = {}
+        self._clock = clock
         # Whether "no version to serve" was said since something was served.
         self._none_logged = False
         # The wanted version last said to be missing from disk (None: the wanted one is here).
@@ -1253,31 +1294,65 @@ class VersionWatcher:
             stamp = None
         else:
             stamp = await asyncio.to_thread(_tree_stamp, path)
-        if want in self.rejected:
-            if stamp is None or stamp == self._rejected_at.get(want):
-                return await self._fall_back(want)
-            del self.rejected[want]  # its files changed since: worth another try
+        if want in self.rejected and not self._retry_due(want, stamp):
+            return await self._fall_back(want)
         if stamp is None:  # a pinned version not copied in yet (wanted() said so)
             return False
         if not await self._try_load(want, stamp):
             return await self._fall_back(want)
         return True
 
+    def _retry_due(self, version: str, stamp: tuple[int, ...] | None) -> bool:
+        """Whether rejected ``version`` is worth another try now.
+
+        It is once any of its files changed (``stamp``, see
+        :func:`_tree_stamp`), or once its backoff ran out; never while it
+        has no manifest.
+        """
+        rejection = self._rejections[version]
+        if stamp is None:
+            return False
+        return stamp != rejection.stamp or self._clock() >= rejection.retry_at
+
     async def _try_load(self, version: str, stamp: tuple[int, ...] | None) -> bool:
         """Loads ``version`` and makes it current; False (remembered) when it is rejected."""
         # Read before the load: a build replacing it meanwhile is then seen as new.
         digest = manifest_digest(self.model_dir / version)
+        before = self._rejections.get(version)
+        if before is None or before.stamp != stamp:
+            before = None  # new files: a first try, the backoff starts over
+        attempt = 1 if before is None else before.attempt + 1
         try:
             await self.load(self.model_dir / version)
         except Exception as exc:
+            delay_s = (
+                REJECTED_RETRY_FIRST_S
+                if before is None
+                else min(before.delay_s * 2, REJECTED_RETRY_MAX_S)
+            )
             self.rejected[version] = str(exc)
-            self._rejected_at[version] = stamp
+            self._rejections[version] = _Rejection(stamp, attempt, delay_s, self._clock() + delay_s)
             VERSION_REJECTED.labels(self.label).inc()
             log.error(
                 "version rejected",
-                extra={"fields": {"version": version, "error": str(exc), "serving": self.current}},
+                extra={
+                    "fields": {
+                        "version": version,
+                        "error": str(exc),
+                        "serving": self.current,
+                        "attempt": attempt,
+                        "retry_in_s": delay_s,
+                    }
+                },
             )
             return False
+        self.rejected.pop(version, None)
+        self._rejections.pop(version, None)
+        if attempt > 1:
+            log.info(
+                "rejected version loaded on retry",
+                extra={"fields": {"version": version, "attempt": attempt}},
+            )
         self._swapped_to(version)
         self._served_digest, self._manifest_seen = digest, None
         return True
@@ -1299,13 +1374,13 @@ class VersionWatcher:
             if v.isdigit() and rejected.isdigit() and int(v) < int(rejected)
         ]
         for v in reversed(older):
-            if v in self.rejected:
+            stamp = await asyncio.to_thread(_tree_stamp, self.model_dir / v)
+            if v in self.rejected and not self._retry_due(v, stamp):
                 continue
             log.error(
                 "wanted version rejected and nothing served yet: serving an older one",
                 extra={"fields": {"wanted": rejected, "version": v}},
             )
-            stamp = await asyncio.to_thread(_tree_stamp, self.model_dir / v)
             if await self._try_load(v, stamp):
                 return True
         return False

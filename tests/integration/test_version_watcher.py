@@ -9,6 +9,7 @@ manifest: what is under test is the choice of version, not loading one
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import shutil
@@ -23,7 +24,7 @@ import redis.asyncio as aredis
 from recsys import redis_keys
 from recsys.artifacts import MANIFEST
 from recsys.embedded_redis import EmbeddedRedis
-from recsys.serving import VersionWatcher
+from recsys.serving import REJECTED_RETRY_FIRST_S, REJECTED_RETRY_MAX_S, VersionWatcher
 
 
 class Recorder:
@@ -171,7 +172,7 @@ async def test_a_version_trained_again_under_its_number_is_loaded(tmp_path, own_
         await watcher.redis.aclose()
 
 
-async def test_a_rejected_new_build_is_retried_only_once_its_files_change(tmp_path, own_redis):
+async def test_a_rejected_new_build_is_retried_at_once_when_its_files_change(tmp_path, own_redis):
     add_version(tmp_path, "1", json.dumps({"build": "first"}))
     point_at(own_redis.url, "1")
     loader = Recorder()
@@ -228,10 +229,10 @@ async def second_version_rejected(model_dir: Path, url: str):
         await watcher.redis.aclose()
 
 
-async def test_rejected_version_is_retried_only_after_its_manifest_changes(tmp_path, own_redis):
+async def test_rejected_version_is_retried_at_once_when_its_manifest_changes(tmp_path, own_redis):
     async with second_version_rejected(tmp_path, own_redis.url) as (watcher, loader):
         await polls(watcher)
-        assert loader.loaded == ["1", "2"]  # fixed loader, same files: not retried
+        assert loader.loaded == ["1", "2"]  # fixed loader, same files: not before its backoff
         add_version(tmp_path, "2", json.dumps({"copied": "again"}))  # a fixed re-copy
         await polls(watcher, 1)
         assert watcher.current == "2" and loader.loaded == ["1", "2", "2"]
@@ -381,6 +382,124 @@ async def test_a_pinned_track_does_not_fall_back(tmp_path, own_redis):
         assert watcher.current is None and loader.loaded == ["2"]
     finally:
         await watcher.redis.aclose()
+
+
+class FakeClock:
+    """The watcher's clock, moved by hand: a backoff of minutes without waiting for it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def rejections(caplog) -> list[tuple[str, int, float]]:
+    """(version, attempt, retry_in_s) of each "version rejected" line."""
+    return [
+        (r.fields["version"], r.fields["attempt"], r.fields["retry_in_s"])
+        for r in caplog.records
+        if r.getMessage() == "version rejected"
+    ]
+
+
+def rejected_count(label: str) -> float | None:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("recsys_version_rejected_total", {"service": label})
+
+
+@pytest.mark.parametrize("serving", [None, "1"], ids=["serving-nothing", "serving-older"])
+async def test_a_version_that_failed_once_is_retried_after_the_backoff(tmp_path, caplog, serving):
+    """A failure not in the files (a transient OSError, a Redis hiccup in warm-up) kept
+    a replica NOT_SERVING, or on the older version, until its files were touched."""
+    if serving:
+        add_version(tmp_path, serving)
+    clock, loader = FakeClock(), Recorder()
+    label = f"retry-once-{serving}"
+    watcher = VersionWatcher(label=label, model_dir=tmp_path, load=loader, clock=clock)
+    await polls(watcher, 1)
+    add_version(tmp_path, "2")
+    loader.failing.add("2")
+    with caplog.at_level("INFO", logger="recsys.serving"):
+        await polls(watcher, 1)
+        assert watcher.current == serving and "2" in watcher.rejected
+        loader.failing.clear()  # what failed has gone away; the files are the same
+        clock.now = REJECTED_RETRY_FIRST_S - 0.1
+        await polls(watcher)
+        assert watcher.current == serving and loader.loaded.count("2") == 1
+        clock.now = REJECTED_RETRY_FIRST_S
+        await polls(watcher)
+    assert watcher.current == "2" and loader.loaded.count("2") == 2 and watcher.rejected == {}
+    assert rejections(caplog) == [("2", 1, REJECTED_RETRY_FIRST_S)]
+    assert rejected_count(label) == 1
+    retried = [r.fields for r in caplog.records if r.getMessage().endswith("loaded on retry")]
+    assert retried == [{"version": "2", "attempt": 2}]
+
+
+async def test_a_version_that_stays_broken_is_retried_at_a_doubling_then_capped_rate(
+    tmp_path, caplog
+):
+    """No tight loop: two hours of polls load it a handful of times, and 1 keeps serving."""
+    add_version(tmp_path, "1")
+    clock, loader = FakeClock(), Recorder()
+    watcher = VersionWatcher(label="retry-capped", model_dir=tmp_path, load=loader, clock=clock)
+    await polls(watcher, 1)
+    add_version(tmp_path, "2")
+    loader.failing.add("2")
+    tried_at: list[float] = []
+    with caplog.at_level("ERROR", logger="recsys.serving"):
+        for t in range(0, 2 * 3600, 10):  # a poll every 10 s
+            clock.now = float(t)
+            before = len(loader.loaded)
+            await watcher.poll_once()
+            if len(loader.loaded) > before:
+                tried_at.append(clock.now)
+    assert watcher.current == "1"
+    gaps = [b - a for a, b in itertools.pairwise(tried_at)]
+    assert gaps[0] == REJECTED_RETRY_FIRST_S
+    assert all(b == min(2 * a, REJECTED_RETRY_MAX_S) for a, b in itertools.pairwise(gaps))
+    assert gaps.count(REJECTED_RETRY_MAX_S) >= 5  # capped: it keeps trying, ~6 an hour
+    said = rejections(caplog)
+    assert [attempt for _v, attempt, _in in said] == list(range(1, len(tried_at) + 1))
+    assert [wait for _v, _a, wait in said] == [*gaps, REJECTED_RETRY_MAX_S]
+    assert rejected_count("retry-capped") == len(tried_at)
+
+
+async def test_a_files_change_retries_at_once_and_starts_the_backoff_over(tmp_path, caplog):
+    clock, loader = FakeClock(), Recorder()
+    add_version(tmp_path, "1")
+    loader.failing.add("1")
+    watcher = VersionWatcher(label="retry-files", model_dir=tmp_path, load=loader, clock=clock)
+    with caplog.at_level("ERROR", logger="recsys.serving"):
+        await polls(watcher, 1)
+        clock.now = REJECTED_RETRY_FIRST_S  # retried and rejected again: the wait doubles
+        await polls(watcher)
+        clock.now += 1
+        (tmp_path / "1" / "item_vectors.npy").write_bytes(b"the rest of the copy")
+        await polls(watcher)  # new files, still broken: tried once, at once
+    assert loader.loaded == ["1", "1", "1"]
+    assert [attempt_wait for _v, *attempt_wait in rejections(caplog)] == [
+        [1, REJECTED_RETRY_FIRST_S],
+        [2, 2 * REJECTED_RETRY_FIRST_S],
+        [1, REJECTED_RETRY_FIRST_S],
+    ]
+
+
+async def test_a_fall_back_retries_an_older_version_after_its_backoff(tmp_path):
+    """The wanted version stays broken and the older one failed once: the replica
+    served nothing for good, as the fall-back skipped every rejected version."""
+    add_version(tmp_path, "1")
+    add_version(tmp_path, "2")
+    clock, loader = FakeClock(), Recorder()
+    loader.failing.update({"1", "2"})
+    watcher = VersionWatcher(label="retry-older", model_dir=tmp_path, load=loader, clock=clock)
+    await polls(watcher)
+    assert watcher.current is None and loader.loaded == ["2", "1"]
+    loader.failing.discard("1")
+    clock.now = REJECTED_RETRY_FIRST_S
+    await polls(watcher)
+    assert watcher.current == "1" and loader.loaded == ["2", "1", "2", "1"]
 
 
 async def test_the_rejection_counter_exists_at_zero_before_any_rejection(tmp_path):

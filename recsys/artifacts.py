@@ -152,6 +152,18 @@ class ModelVersion:
         self.target = TargetScale.from_dict(manifest["target"])
 
     @property
+    def log_cutoff_ms(self) -> int:
+        """The interaction-log ratings its training data holds: those before this (0: none).
+
+        Set when the version was trained with ``--interactions``
+        (:mod:`trainer.interactions`); ``recsys publish`` replays only the
+        logged ratings from this time on.
+        """
+        merged = self.manifest.get("dataset", {}).get("interactions") or {}
+        cutoff = merged.get("cutoff_ms", 0)
+        return cutoff if isinstance(cutoff, int) and cutoff > 0 else 0
+
+    @property
     def created_epoch_s(self) -> int:
         """When the version was committed, in whole seconds since the epoch (0: not recorded)."""
         try:

@@ -22,6 +22,7 @@ _HANDLERS = {
     "train": "trainer.cli:cli_train",
     "evaluate": "trainer.cli:cli_evaluate",
     "publish": "trainer.publish:cli_publish",
+    "export-interactions": "trainer.interactions:cli_export",
     "serve retrieval": "retrieval_service.server:cli_serve",
     "serve ranking": "ranking_service.server:cli_serve",
     "up": "recsys.stack:cli_up",
@@ -191,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--seed", type=int, help=_setting_help("trainer", "seed", "seed of weights and shuffling")
     )
+    p.add_argument(
+        "--interactions",
+        type=Path,
+        metavar="DIR",
+        help="also train on the ratings `recsys export-interactions` wrote to DIR (the "
+        "services' interaction logs); publish then replays only the newer ones",
+    )
     p.add_argument("--publish", action="store_true", help="publish to Redis when done")
     p.add_argument("--no-plots", action="store_true", help="skip PNG plots")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -263,6 +271,18 @@ def build_parser() -> argparse.ArgumentParser:
         "not); a version it does not hold (a recreated model store) is published over, "
         "as with --rollback --replace-user-state",
     )
+
+    p = sub.add_parser(
+        "export-interactions",
+        help="write the ratings recorded online to a directory, for `train --interactions`",
+        description="Reads every user's interaction log in Redis (what RecordInteraction "
+        "recorded) and writes the ratings from before now to DIR/ratings.csv, with the "
+        "cutoff in DIR/export.json. Unrated watches are left out (publish keeps replaying "
+        "them). The logs are not changed.",
+    )
+    _common(p, redis_url=True)
+    p.add_argument("out", type=Path, metavar="DIR", help="output directory")
+    p.add_argument("--quiet", action="store_true", help="no summary line")
 
     p = sub.add_parser("serve", help="run a gRPC service")
     serve = p.add_subparsers(dest="service", required=True, metavar="SERVICE")

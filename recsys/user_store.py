@@ -315,7 +315,7 @@ return {redis.call('LLEN', recent), tonumber(redis.call('HGET', state, 'nr') or 
 # ARGV: version, history_length, number of hash fields n, force ("1": replace
 #       whatever wrote the hash), the version's creation time (whole seconds
 #       since the epoch), the log cutoff (ms since the epoch: the training
-#       data holds the log's entries before it; 0: none of them), the n
+#       data holds the log's ratings before it; 0: none of them), the n
 #       fields, then the history, oldest first.
 # The hash is replaced by a snapshot newer than the one that wrote it (hash
 # fields pv and pt): one with a higher version number or a later creation
@@ -326,12 +326,13 @@ return {redis.call('LLEN', recent), tonumber(redis.call('HGET', state, 'nr') or 
 # gets its number back, a model dir emptied starts from 1 again), and a
 # trainer's clock may run behind the one before it. A hash stamped before pt
 # existed, or a version without a creation time, is compared by number
-# alone. A replaced hash gets the increments of every logged interaction
-# from the cutoff on added back (the batch values do not hold them; in the
-# same script, so one recorded meanwhile is counted once), and entries
-# before the cutoff leave the log (the batch values hold them). A key of the
-# wrong type is corrupt and replaced, so one bad key cannot fail the whole
-# publish; a log entry that is not one RecordInteraction wrote is skipped.
+# alone. A replaced hash gets the increments of the logged interactions
+# the batch values do not hold added back (in the same script, so one
+# recorded meanwhile is counted once): every watch, and ratings from the
+# cutoff on. The log is not trimmed here: a later snapshot trained without
+# the export needs all of it again. A key of the wrong type is corrupt and
+# replaced, so one bad key cannot fail the whole publish; a log entry that
+# is not one RecordInteraction wrote is skipped.
 # Returns {1 (hash replaced) + 2 (recent written), entries replayed, entries
 # left in the log}.
 _SEED_USER_SCRIPT = """
@@ -357,25 +358,25 @@ end
 local replace = force or kind ~= 'hash' or not newer
 local ltype = redis.call('TYPE', KEYS[4])['ok']
 if ltype ~= 'stream' and ltype ~= 'none' then redis.call('DEL', KEYS[4]) end
-if cutoff > 0 and ltype == 'stream' then
-  redis.call('XTRIM', KEYS[4], 'MINID', string.format('%d', cutoff))
-end
 local replayed = 0
 if replace then
   redis.call('DEL', KEYS[1])
   if n > 0 then
     redis.call('HSET', KEYS[1], 'pv', ARGV[1], 'pt', ARGV[5], unpack(ARGV, 7, 6 + n))
     if ltype == 'stream' then
-      local from = cutoff > 0 and string.format('%d', cutoff) or '-'
-      for _, entry in ipairs(redis.call('XRANGE', KEYS[4], from, '+')) do
+      for _, entry in ipairs(redis.call('XRANGE', KEYS[4], '-', '+')) do
         local f = entry[2]
-        local at, n_int = nil, nil
+        local at, n_int, rated = nil, nil, false
         for j = 1, #f - 1, 2 do
+          if f[j] == 'r' then rated = f[j + 1] ~= '' end
           if f[j] == 'i' then at, n_int = j + 2, tonumber(f[j + 1]) break end
         end
+        local ms = tonumber(string.match(entry[1], '^(%d+)'))
         -- Checked before any write: HINCRBY stops the script at a bad value,
-        -- after the writes before it.
+        -- after the writes before it. A rating from before the cutoff is in
+        -- the batch values already; a watch never is (the data has ratings only).
         local ok = at ~= nil and n_int ~= nil and (#f - at) % 2 == 1
+        ok = ok and not (rated and ms < cutoff)
         if ok then
           for j = at, #f, 2 do
             local v = f[j + 1]
@@ -543,10 +544,11 @@ def seed_user_commands(
     interactions recorded online are kept; the recent list is written only
     where the user has none, so online history is never overwritten.
     ``force`` replaces the hash whatever version wrote it (a model dir
-    started over under lower numbers). A replaced hash gets the interactions
-    in the user's log from ``log_cutoff_ms`` on added back, since the batch
-    values leave them out, and log entries before ``log_cutoff_ms`` (which
-    the training data holds; 0: none) are dropped. The script answers
+    started over under lower numbers). A replaced hash gets the logged
+    interactions the batch values leave out added back: every unrated one,
+    and the ratings from ``log_cutoff_ms`` on (the training data holds the
+    log's ratings before it, :mod:`trainer.interactions`; 0: none). The
+    script answers
     ``[flags, replayed, left]``: flags 1 when it replaced the hash plus 2
     when it wrote the list, the log entries it replayed, and the entries the
     log holds now.

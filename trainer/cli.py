@@ -111,10 +111,10 @@ def _sigterm_unwinds() -> Iterator[None]:
 
 def _train_and_report(args: argparse.Namespace, settings: RecsysSettings, cfg) -> int:
     from trainer.evaluate import format_report
-    from trainer.loaders import load_dataset
+    from trainer.interactions import load_training_data
     from trainer.train import train
 
-    dataset = load_dataset(args.data)
+    dataset, merged = load_training_data(args.data, getattr(args, "interactions", None))
     dataset.check_ids(min(settings.retrieval.max_id_bytes, settings.ranking.max_id_bytes))
     if not args.quiet:
         print(
@@ -122,6 +122,15 @@ def _train_and_report(args: argparse.Namespace, settings: RecsysSettings, cfg) -
             f"{dataset.n_items:,} items, {dataset.n_ratings:,} ratings",
             file=sys.stderr,
         )
+        if merged is not None:
+            left = merged.unknown_users + merged.unknown_items + merged.out_of_range
+            print(
+                f"train: {merged.rows:,} of them from the interaction logs ({merged.directory}); "
+                f"{left:,} left out ({merged.unknown_users:,} of users and "
+                f"{merged.unknown_items:,} of items the data does not have, "
+                f"{merged.out_of_range:,} outside its rating scale)",
+                file=sys.stderr,
+            )
     try:
         result = train(
             dataset,
@@ -130,6 +139,7 @@ def _train_and_report(args: argparse.Namespace, settings: RecsysSettings, cfg) -
             evaluate=True,
             plots=not args.no_plots,
             quiet=args.quiet,
+            interactions=merged,
         )
     except (OSError, ArtifactError) as exc:
         # A full disk or a model dir that refuses the rename: one line, not a

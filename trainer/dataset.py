@@ -49,6 +49,10 @@ class Dataset:
     timestamp: np.ndarray  # int64 [n_ratings] Unix seconds
     rating_min: float = 1.0
     rating_max: float = 5.0
+    # The last this many ratings came from the services' interaction logs
+    # (trainer.interactions): they always train, and the split of the rest is
+    # the one the dataset alone gets.
+    logged_rows: int = 0
 
     @property
     def n_users(self) -> int:
@@ -71,21 +75,26 @@ class Dataset:
         Ratings are shuffled with ``numpy.random.default_rng(seed).permutation``
         and the first ``1 - test_fraction`` go to training. For MovieLens 100K
         with seed 0 this is exactly the split the reference figures use.
+        Ratings merged from the interaction logs (``logged_rows``) are left
+        out of the shuffle and all train: the dataset's own split stays as it
+        was, and publish counts every exported rating as in the aggregates.
 
         Raises:
             DataError: Either side would be empty (too few ratings for the
                 fraction): the metrics of an empty test set are NaN.
         """
-        order = np.random.default_rng(seed).permutation(self.n_ratings)
-        cut = round(self.n_ratings * (1.0 - test_fraction))
-        if cut == 0 or cut == self.n_ratings:
+        n = self.n_ratings - self.logged_rows
+        order = np.random.default_rng(seed).permutation(n)
+        cut = round(n * (1.0 - test_fraction))
+        if cut == 0 or cut == n:
             side = "training" if cut == 0 else "test"
             raise DataError(
-                f"dataset {self.name} has {self.n_ratings} rating(s): a test_fraction of "
+                f"dataset {self.name} has {n} rating(s): a test_fraction of "
                 f"{test_fraction} leaves the {side} split empty; add ratings or change "
                 "trainer.test_fraction"
             )
-        return order[:cut], order[cut:]
+        logged = np.arange(n, self.n_ratings, dtype=order.dtype)
+        return np.concatenate([order[:cut], logged]), order[cut:]
 
     def check_ids(self, max_bytes: int) -> None:
         """Raises DataError for a user or item id the services would refuse.

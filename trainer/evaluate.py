@@ -447,9 +447,12 @@ def load_for_evaluation(
     elif not spec:
         raise UserFacingError(f"version {mv.version} does not record its dataset spec; pass --data")
     else:
-        from trainer.loaders import load_dataset
+        from trainer.interactions import load_training_data
 
-        dataset = load_dataset(spec)
+        # Trained with an interaction-log export: the same ratings again, or
+        # the sha256 check below refuses the data.
+        merged = (info.get("interactions") or {}).get("directory")
+        dataset, _ = load_training_data(spec, merged)
     if info.get("sha256") and dataset.sha256() != info["sha256"]:
         raise UserFacingError(
             f"dataset {spec!r} is not the data version {mv.version} was trained on "

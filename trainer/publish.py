@@ -463,6 +463,7 @@ def publish(
                 version=mv.version,
                 created_at=mv.created_epoch_s,
                 force=replace_users,
+                log_cutoff_ms=mv.log_cutoff_ms,
             )
         for flags, replayed, left in pipe.execute():
             report.users_replaced += int(flags) & 1

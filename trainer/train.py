@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from trainer.dataset import DataError, Dataset
+from trainer.interactions import Merged
 from trainer.prepare import Prepared, prepare
 
 # The evaluation split is fixed (seed 0) whatever the model seed, so figures
@@ -234,9 +235,17 @@ def fit(p: Prepared, cfg: TrainConfig, *, quiet: bool = False):
     return tt, history, len(history.get("loss", []))
 
 
-def dataset_manifest(dataset: Dataset, p: Prepared, cfg: TrainConfig) -> dict[str, Any]:
-    """The manifest's ``dataset`` entry (also what ``recsys evaluate`` reloads from)."""
+def dataset_manifest(
+    dataset: Dataset, p: Prepared, cfg: TrainConfig, interactions: Merged | None = None
+) -> dict[str, Any]:
+    """The manifest's ``dataset`` entry (also what ``recsys evaluate`` reloads from).
+
+    ``interactions``: the interaction-log export merged into the data, whose
+    cutoff tells ``recsys publish`` which logged ratings the version holds.
+    """
+    extra = {} if interactions is None else {"interactions": interactions.to_dict()}
     return {
+        **extra,
         "name": dataset.name,
         "source": dataset.source,
         "spec": cfg.data_spec,
@@ -262,6 +271,7 @@ def train(
     evaluate: bool = True,
     plots: bool = True,
     quiet: bool = False,
+    interactions: Merged | None = None,
 ) -> TrainResult:
     """Trains on ``dataset`` and exports a new version under ``model_dir``.
 
@@ -272,6 +282,8 @@ def train(
         evaluate: Compute the evaluation report (``metrics.json``, plots).
         plots: Write PNG plots with the report.
         quiet: No progress bars or messages.
+        interactions: The interaction-log export merged into ``dataset``
+            (:func:`trainer.interactions.load_training_data`), recorded in the manifest.
 
     Returns:
         The new version's path, its metrics and timings.
@@ -305,7 +317,7 @@ def train(
             )
 
     manifest = {
-        "dataset": dataset_manifest(dataset, p, cfg),
+        "dataset": dataset_manifest(dataset, p, cfg, interactions),
         "model": {"epochs_run": epochs_run, "train_seconds": round(train_seconds, 2)},
         "training": {**cfg.to_dict(), "history": history},
     }

@@ -158,33 +158,35 @@ def _seed(client, mv: ModelVersion, row: int, version: str, cutoff_ms: int) -> l
     return pipe.execute()[0]
 
 
-def test_entries_before_the_cutoff_leave_the_log_and_are_not_replayed(
+def test_ratings_before_the_cutoff_are_not_replayed_and_watches_are(
     client, redis_url, two_versions
 ):
-    """The training data of a snapshot with a cutoff holds the log's entries before it."""
+    """A snapshot's training data holds the log's ratings before its cutoff, no watches."""
     mv, _ = two_versions
     uid = str(mv.users["user_id"][0])
-    items = _unseen(mv, 0, 3)
+    items = _unseen(mv, 0, 4)
+    ratings = [4.0, None, 3.0, 5.0]
     ids = []
-    for item in items:
-        _record(redis_url, mv, uid, [item], [4.0], log_length=10)
+    for item, rating in zip(items, ratings, strict=True):
+        _record(redis_url, mv, uid, [item], [rating], log_length=10)
         ids.append(client.xrange(redis_keys.user_log(uid))[-1][0])
         while client.time()[0] * 1000 + client.time()[1] // 1000 <= int(ids[-1].split("-")[0]):
             pass  # the next entry in a later millisecond, so a cutoff can fall between them
-    cutoff = int(ids[1].split("-")[0])  # the first entry is before it, the others from it on
+    cutoff = int(ids[3].split("-")[0])  # the first three are before it, the last one not
 
     flags, replayed, left = _seed(client, mv, 0, "2", cutoff)
 
-    assert flags & 1 and replayed == 2 and left == 2
-    assert [e for e, _ in client.xrange(redis_keys.user_log(uid))] == ids[1:]
+    assert flags & 1 and (replayed, left) == (2, 4)
+    assert [e for e, _ in client.xrange(redis_keys.user_log(uid))] == ids, "the log is kept"
     np.testing.assert_allclose(
-        _stored(client, mv, uid).flat(), _expected(mv, 0, items[1:], [4.0, 4.0]).flat()
+        _stored(client, mv, uid).flat(),
+        _expected(mv, 0, [items[1], items[3]], [None, 5.0]).flat(),
     )
-    # An older snapshot (not replacing the hash) still trims what its data holds.
-    client.hset(redis_keys.user_state(uid), "n", 999)
-    flags, replayed, left = _seed(client, mv, 0, "1", int(ids[2].split("-")[0]))
-    assert (flags & 1, replayed, left) == (0, 0, 1)
-    assert client.hget(redis_keys.user_state(uid), "n") == "999"
+    # Trained again without the export (no cutoff): every entry is replayed.
+    assert _seed(client, mv, 0, "3", 0)[1] == 4
+    np.testing.assert_allclose(
+        _stored(client, mv, uid).flat(), _expected(mv, 0, items, ratings).flat()
+    )
 
 
 def test_a_log_entry_no_recording_wrote_is_skipped(client, redis_url, two_versions):

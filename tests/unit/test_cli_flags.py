@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[list[str], set[str]]] = {
     # Reads versions from the model dir only.
     "evaluate": ([], {"--model-dir"}),
     "publish": ([], {"--model-dir", "--redis-url"}),
+    # Reads the users' interaction logs from Redis into OUT.
+    "export-interactions": (["out"], {"--redis-url"}),
     # Services: versions from the model dir, Redis, and configure_logging.
     "serve retrieval": ([], EVERY),
     "serve ranking": ([], EVERY),

@@ -278,6 +278,7 @@ def test_k8s_commands_parse_with_the_real_cli(rendered, overlay):
         ("Deployment", "ranking", "ranking"): {("serve", "ranking")},
         # Train into an empty store, or publish a version a failed first run left.
         ("Job", "recsys-bootstrap", "train"): {("train", None), ("publish", None)},
+        ("CronJob", "recsys-retrain", "export"): {("export-interactions", None)},
         ("CronJob", "recsys-retrain", "train"): {("train", None)},
         ("CronJob", "recsys-retrain", "publish"): {("publish", None)},
     }

@@ -223,8 +223,9 @@ def test_services_mount_models_read_only_and_the_trainer_read_write(rendered, ov
     for name in ("retrieval", "ranking"):
         c = pod_spec(find(docs, "Deployment", name))["containers"][0]
         assert {m["mountPath"]: m.get("readOnly", False) for m in c["volumeMounts"]}["/models"]
-    train = pod_spec(find(docs, "CronJob", "recsys-retrain"))["initContainers"][0]
-    assert not {m["mountPath"]: m.get("readOnly", False) for m in train["volumeMounts"]}["/models"]
+    # The export writes beside the versions, where `recsys evaluate` finds it.
+    for c in pod_spec(find(docs, "CronJob", "recsys-retrain"))["initContainers"]:
+        assert not {m["mountPath"]: m.get("readOnly", False) for m in c["volumeMounts"]}["/models"]
     # A publish that deletes old version directories must be able to.
     for c in (c for doc in workloads(docs) for c in containers(doc)):
         if "--keep-dirs" in (c.get("args") or []) + (c.get("command") or []):
@@ -258,8 +259,11 @@ def test_trainer_jobs_train_then_publish_once_at_a_time(rendered):
     cron = find(docs, "CronJob", "recsys-retrain")
     assert cron["spec"]["concurrencyPolicy"] == "Forbid"
     spec = pod_spec(cron)
-    assert [c["args"][0] for c in spec["initContainers"]] == ["train"]
+    assert [c["args"][0] for c in spec["initContainers"]] == ["export-interactions", "train"]
     assert [c["args"][0] for c in spec["containers"]] == ["publish"]
+    # The ratings recorded online train the next version, from where the export wrote them.
+    export, train = spec["initContainers"]
+    assert train["args"][train["args"].index("--interactions") + 1] == export["args"][1]
     boot = pod_spec(find(docs, "Job", "recsys-bootstrap"))["containers"][0]
     script = boot["args"][0]
     assert "/models/[0-9]*" in script and "recsys train" in script and "--publish" in script

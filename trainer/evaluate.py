@@ -454,9 +454,11 @@ def load_for_evaluation(
         merged = (info.get("interactions") or {}).get("directory")
         dataset, _ = load_training_data(spec, merged)
     if info.get("sha256") and dataset.sha256() != info["sha256"]:
+        export = (info.get("interactions") or {}).get("directory")
         raise UserFacingError(
             f"dataset {spec!r} is not the data version {mv.version} was trained on "
             "(sha256 differs), so its held-out split would not be held out"
+            + (f" (or the interaction export in {export} was replaced since)" if export else "")
         )
     if prepared is None:
         split = info.get("split", {})

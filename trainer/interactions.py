@@ -93,6 +93,10 @@ def export_interactions(
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    # First: an export cut short must not leave the last one's cutoff beside
+    # this one's ratings (training would count the ratings between the two
+    # cutoffs twice). Without export.json the directory is refused.
+    (out / EXPORT_META).unlink(missing_ok=True)
     sec, usec = redis_client.time()
     # Redis's clock, the one stream ids come from: an entry recorded after
     # this read gets an id from this millisecond on, so "before the cutoff"

@@ -160,3 +160,25 @@ def test_a_bad_export_is_refused_naming_the_file(tmp_path, meta, csv_text, messa
     (tmp_path / "ratings.csv").write_text(csv_text)
     with pytest.raises(DataError, match=message):
         merge_interactions(load_dataset(DATA), tmp_path)
+
+
+def test_an_export_cut_short_leaves_no_cutoff_to_train_with(redis_url, tmp_path, monkeypatch):
+    """A cut-off export must not pair the last export's cutoff with newer ratings."""
+    import trainer.interactions as interactions
+    from trainer.dataset import DataError
+
+    client = redis.Redis.from_url(redis_url)
+    try:
+        interactions.export_interactions(client, tmp_path, quiet=True)
+        assert (tmp_path / "export.json").is_file()
+
+        def dies(*args, **kwargs):
+            raise OSError("disk full")
+
+        monkeypatch.setattr(interactions, "_export_logs", dies)
+        with pytest.raises(OSError):
+            interactions.export_interactions(client, tmp_path, quiet=True)
+    finally:
+        client.close()
+    with pytest.raises(DataError, match=r"export\.json: no such file"):
+        merge_interactions(load_dataset(DATA), tmp_path)

@@ -235,9 +235,9 @@ class RetrievalSettings(ServerSettings):
         200,
         ge=0,
         description="Online interactions kept per user for `recsys publish` to replay onto the "
-        "batch aggregates it writes (~130 bytes of Redis an entry; the oldest beyond this are "
-        "dropped; 0: no log, and a publish that replaces a user's aggregates then drops what "
-        "was recorded online).",
+        "batch aggregates it writes (~190 bytes of Redis an entry; the oldest beyond this are "
+        "dropped, and each publish cuts the logs to it; 0: no log, and a publish that "
+        "replaces a user's aggregates then drops what was recorded online).",
     )
     sources: list[dict[str, Any]] = Field(
         default_factory=_default_sources,

@@ -25,6 +25,7 @@ key                                    type    holds
 ``recsys:user:{<uid>}:recent``         list    most recent item ids, newest first, capped
 ``recsys:user:{<uid>}:event:<id>``     string  a recorded event id (for dedupe_window_s)
 ``recsys:user:{<uid>}:log``            stream  online interactions (replayed by publish), capped
+``recsys:user:{<uid>}:log:<kind>``     hash    the log's watches' or ratings' increments, summed
 =====================================  ======  =========================================
 
 ``<uid>`` has backslashes and ``}`` escaped (see :func:`_user`).
@@ -134,6 +135,16 @@ def user_log(user_id: str) -> str:
     these onto them, since the trainer's data does not hold them.
     """
     return f"{_user(user_id)}:log"
+
+
+def user_log_sums(user_id: str, kind: str) -> str:
+    """Hash of the summed aggregate increments of the log's ``watches`` or ``ratings``.
+
+    Kept equal to the log's entries by every script that changes the log, so
+    a publish adds a user's logged interactions back with one read instead
+    of one write per field of every entry.
+    """
+    return f"{_user(user_id)}:log:{kind}"
 
 
 def user_event(user_id: str, event_id: str) -> str:

@@ -238,21 +238,132 @@ async def load_users(
     return out
 
 
+# Lua both user scripts share: the interaction log and its sums. Each log
+# entry holds what RecordInteraction applied (item, event time ts, rating r
+# ('' for a watch), i, then the aggregate increments, 'n' first); the two
+# sums hashes hold the increments of the log's watches and of its ratings,
+# summed, so that a publish adds a user's log back with one read per hash
+# instead of one write per field of every entry (a full log was ~2,400
+# writes, and Redis answers no one else meanwhile). Every change to the log
+# goes through here and keeps the sums equal to it; sums that do not match
+# the log (keys edited or deleted by hand) are rebuilt from it, and an entry
+# no recording wrote is dropped then.
+_LOG_LUA = """
+-- An aggregate field's kind by its name: HINCRBY counts, HINCRBYFLOAT sums.
+local function counter(name)
+  local p = string.sub(name, 1, 3)
+  return name == 'n' or name == 'nr' or p == 'gw:' or p == 'gr:'
+end
+local function amount(name)
+  return name == 'sum' or string.sub(name, 1, 3) == 'gs:'
+end
+-- A plain, finite decimal: Lua's tonumber also takes hex and padding, which
+-- HINCRBY and the Python reader refuse, so such a value would fail mid-write.
+local function decimal(v, int)
+  if int then return #v <= 18 and string.match(v, '^%-?%d+$') ~= nil end
+  local m, e = string.match(v, '^%-?(%d*%.?%d*)(.*)$')
+  if not m or not string.find(m, '%d') then return false end
+  if e ~= '' and string.match(e, '^[eE][%-+]?%d+$') == nil then return false end
+  local x = tonumber(v)
+  return x ~= nil and x == x and x ~= math.huge and x ~= -math.huge
+end
+local function valid(name, v)
+  if counter(name) then return decimal(v, true) end
+  return amount(name) and decimal(v, false)
+end
+-- An entry's increments {name, value, ...} and whether it is a rating; nil
+-- for an entry RecordInteraction did not write.
+local function increments(f)
+  local at, rated = nil, false
+  for j = 1, #f - 1, 2 do
+    if f[j] == 'r' then rated = f[j + 1] ~= '' end
+    if f[j] == 'i' then at = j + 2 break end
+  end
+  if at == nil or f[at] ~= 'n' or f[at + 1] ~= '1' or (#f - at) % 2 == 0 then return nil end
+  local out = {}
+  for j = at, #f, 2 do
+    if not valid(f[j], f[j + 1]) then return nil end
+    out[#out + 1] = f[j]
+    out[#out + 1] = f[j + 1]
+  end
+  return out, rated
+end
+-- Adds inc to hash key (sign 1) or takes it away (sign -1); with prune, a
+-- field back at 0 goes, so the sums stay as small as what the log holds.
+local function apply(key, inc, sign, prune)
+  for j = 1, #inc, 2 do
+    local now
+    if counter(inc[j]) then
+      now = redis.call('HINCRBY', key, inc[j], sign * tonumber(inc[j + 1]))
+    else
+      now = tonumber(redis.call('HINCRBYFLOAT', key, inc[j], sign * tonumber(inc[j + 1])))
+    end
+    if prune and now == 0 then redis.call('HDEL', key, inc[j]) end
+  end
+end
+-- Whether the sums describe the log (the log is a stream or missing): hashes
+-- of valid numbers whose entry counts add up to its length.
+local function sums_ok(ilog, wsum, rsum)
+  local total = 0
+  for _, key in ipairs({wsum, rsum}) do
+    local t = redis.call('TYPE', key)['ok']
+    if t ~= 'none' then
+      if t ~= 'hash' then return false end
+      local kv = redis.call('HGETALL', key)
+      for j = 1, #kv, 2 do
+        if not valid(kv[j], kv[j + 1]) then return false end
+        if kv[j] == 'n' then total = total + tonumber(kv[j + 1]) end
+      end
+    end
+  end
+  return total == redis.call('XLEN', ilog)
+end
+local function rebuild(ilog, wsum, rsum)
+  redis.call('DEL', wsum, rsum)
+  for _, e in ipairs(redis.call('XRANGE', ilog, '-', '+')) do
+    local inc, rated = increments(e[2])
+    if inc then
+      apply(rated and rsum or wsum, inc, 1, false)
+    else
+      redis.call('XDEL', ilog, e[1])
+    end
+  end
+end
+-- Keeps at most cap entries, taking the ones that leave out of the sums.
+local function cap_log(ilog, wsum, rsum, cap)
+  if cap <= 0 then
+    redis.call('DEL', ilog, wsum, rsum)
+    return
+  end
+  local over = redis.call('XLEN', ilog) - cap
+  if over <= 0 then return end
+  for _, e in ipairs(redis.call('XRANGE', ilog, '-', '+', 'COUNT', over)) do
+    local inc, rated = increments(e[2])
+    if inc then apply(rated and rsum or wsum, inc, -1, true) end
+  end
+  redis.call('XTRIM', ilog, 'MAXLEN', cap)
+end
+"""
+
 # One interaction, applied all or nothing. A MULTI block cannot promise that:
 # Redis runs the commands after a failing one (a key of the wrong type, a
 # corrupt counter), so a refused write would still count the interaction and
 # a retry would count it again. The script checks everything first, then
 # writes. With an event key, a second call with the same key changes nothing
 # (a retry after a lost reply). The interaction also goes to the user's log
-# (a stream capped at the log length; 0: none), with the increments it
-# applied, for a publish that replaces the aggregates to replay. Keys: state
-# hash, recent list, watched set, log, and the event marker only when there
-# is one (every key must be in the user's Redis Cluster slot, so no
-# placeholder key). ARGV: item, history length, event TTL, number of integer
-# fields, log length, event time, rating ('' for a watch), then
-# field/increment pairs (integers first, then floats).
-_RECORD_SCRIPT = """
-local state, recent, watched, ilog, event = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+# (a stream capped at the log length, oldest out first; 0: none) and its
+# increments to the log's sums, for a publish that replaces the aggregates
+# to add back. Keys: state hash, recent list, watched set, log, watch sums,
+# rating sums, and the event marker only when there is one (every key must
+# be in the user's Redis Cluster slot, so no placeholder key). ARGV: item,
+# history length, event TTL, number of integer fields, log length, event
+# time, rating ('' for a watch), then field/increment pairs (integers first,
+# 'n' leading, then floats).
+_RECORD_SCRIPT = (
+    _LOG_LUA
+    + """
+local state, recent, watched, ilog = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local wsum, rsum, event = KEYS[5], KEYS[6], KEYS[7]
 local item, keep, ttl, n_int = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local log_len = tonumber(ARGV[5])
 local kinds = {{state, 'hash'}, {recent, 'list'}, {watched, 'set'}, {ilog, 'stream'}}
@@ -262,25 +373,14 @@ for _, kv in ipairs(kinds) do
     return redis.error_reply('CORRUPT ' .. kv[1] .. ' is a ' .. t .. ', not a ' .. kv[2])
   end
 end
--- Plain decimal only: Lua's tonumber also takes hex and padding, which
--- HINCRBY and the Python reader refuse, so such a field would fail mid-write.
-local function decimal(v, int)
-  if int then return #v <= 18 and string.match(v, '^%-?%d+$') ~= nil end
-  local m, e = string.match(v, '^%-?(%d*%.?%d*)(.*)$')
-  if not m or not string.find(m, '%d') then return false end
-  return e == '' or string.match(e, '^[eE][%-+]?%d+$') ~= nil
-end
 local fields = {}
 for i = 8, #ARGV, 2 do fields[#fields + 1] = ARGV[i] end
 if #fields > 0 then
   local now = redis.call('HMGET', state, unpack(fields))
   for i, v in ipairs(now) do
-    if v then
-      local x = decimal(v, i <= n_int) and tonumber(v)
-      if not x or x ~= x or x == math.huge or x == -math.huge then
-        local what = state .. ' field ' .. fields[i]
-        return redis.error_reply('CORRUPT ' .. what .. ' is not a number')
-      end
+    if v and not decimal(v, i <= n_int) then
+      local what = state .. ' field ' .. fields[i]
+      return redis.error_reply('CORRUPT ' .. what .. ' is not a number')
     end
   end
 end
@@ -289,10 +389,13 @@ if event then
     return {redis.call('LLEN', recent), tonumber(redis.call('HGET', state, 'nr') or '0'), 1}
   end
 end
+-- The first write is one Redis refuses at maxmemory (noeviction): once a
+-- script has written, Redis lets the rest of it past the limit, and LREM
+-- is not refused.
+redis.call('SADD', watched, item)
 redis.call('LREM', recent, 0, item)
 redis.call('LPUSH', recent, item)
 redis.call('LTRIM', recent, 0, keep - 1)
-redis.call('SADD', watched, item)
 for i = 8, #ARGV, 2 do
   if (i - 8) / 2 < n_int then
     redis.call('HINCRBY', state, ARGV[i], ARGV[i + 1])
@@ -301,22 +404,27 @@ for i = 8, #ARGV, 2 do
   end
 end
 if log_len > 0 then
-  redis.call('XADD', ilog, 'MAXLEN', log_len, '*', 'item', item, 'ts', ARGV[6], 'r', ARGV[7],
-    'i', ARGV[4], unpack(ARGV, 8))
+  if not sums_ok(ilog, wsum, rsum) then rebuild(ilog, wsum, rsum) end
+  cap_log(ilog, wsum, rsum, log_len - 1)
+  redis.call('XADD', ilog, '*', 'item', item, 'ts', ARGV[6], 'r', ARGV[7], 'i', ARGV[4],
+    unpack(ARGV, 8))
+  apply(ARGV[7] ~= '' and rsum or wsum, {unpack(ARGV, 8)}, 1, false)
 end
 return {redis.call('LLEN', recent), tonumber(redis.call('HGET', state, 'nr') or '0'), 0}
 """
+)
 
 # One user's batch state, as one script: Redis runs every whole command it
 # got, so a publisher cut off between a DEL and an HSET left the user with no
 # state, and a recent list checked for in one pass and written in another took
 # an online interaction recorded in between twice (and past the cap).
-# KEYS: state hash, watched set, recent list, interaction log.
+# KEYS: state hash, watched set, recent list, log, watch sums, rating sums.
 # ARGV: version, history_length, number of hash fields n, force ("1": replace
 #       whatever wrote the hash), the version's creation time (whole seconds
 #       since the epoch), the log cutoff (ms since the epoch: the training
-#       data holds the log's ratings before it; 0: none of them), the n
-#       fields, then the history, oldest first.
+#       data holds the log's ratings before it; 0: none of them), the log
+#       length to keep (-1: as it is), the n fields, then the history,
+#       oldest first.
 # The hash is replaced by a snapshot newer than the one that wrote it (hash
 # fields pv and pt): one with a higher version number or a later creation
 # time. Republishing a version (every `recsys up`), a rollback, or an older
@@ -326,26 +434,31 @@ return {redis.call('LLEN', recent), tonumber(redis.call('HGET', state, 'nr') or 
 # gets its number back, a model dir emptied starts from 1 again), and a
 # trainer's clock may run behind the one before it. A hash stamped before pt
 # existed, or a version without a creation time, is compared by number
-# alone. A replaced hash gets the increments of the logged interactions
-# the batch values do not hold added back (in the same script, so one
-# recorded meanwhile is counted once): every watch, and ratings from the
-# cutoff on. The log is not trimmed here: a later snapshot trained without
-# the export needs all of it again. A key of the wrong type is corrupt and
-# replaced, so one bad key cannot fail the whole publish; a log entry that
-# is not one RecordInteraction wrote is skipped.
-# Returns {1 (hash replaced) + 2 (recent written), entries replayed, entries
-# left in the log}.
-_SEED_USER_SCRIPT = """
+# alone. The log is first cut to the configured length (a length lowered,
+# or 0, frees its memory here). A replaced hash then gets back what the log
+# holds and the batch values do not (in the same script, so one recorded
+# meanwhile is counted once): every watch (the watch sums), and the ratings
+# from the cutoff on (the rating sums when there is no cutoff; else the
+# entries from it, usually the few recorded since the export). The log is
+# not trimmed at the cutoff: a later snapshot trained without the export
+# needs all of it again. A key of the wrong type is corrupt and replaced, so
+# one bad key cannot fail the whole publish. Returns {1 (hash replaced) + 2
+# (recent written), interactions added back, entries left in the log}.
+_SEED_USER_SCRIPT = (
+    _LOG_LUA
+    + """
+local state, ilog, wsum, rsum = KEYS[1], KEYS[4], KEYS[5], KEYS[6]
 local version = tonumber(ARGV[1])
 local keep = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
 local force = ARGV[4] == '1'
 local made = tonumber(ARGV[5])
 local cutoff = tonumber(ARGV[6]) or 0
-local kind = redis.call('TYPE', KEYS[1])['ok']
+local cap = tonumber(ARGV[7]) or -1
+local kind = redis.call('TYPE', state)['ok']
 local newer = false  -- the stored hash comes from this snapshot or a newer one
 if kind == 'hash' and version then
-  local stamp = redis.call('HMGET', KEYS[1], 'pv', 'pt')
+  local stamp = redis.call('HMGET', state, 'pv', 'pt')
   local wrote, wrote_at = tonumber(stamp[1] or ''), tonumber(stamp[2] or '')
   -- A time of 0 is "not recorded" (and 0 is true in Lua): number alone then.
   if wrote and wrote_at and wrote_at > 0 and made and made > 0 then
@@ -356,53 +469,34 @@ if kind == 'hash' and version then
 end
 -- A key of another type is corrupt: the batch state replaces it.
 local replace = force or kind ~= 'hash' or not newer
-local ltype = redis.call('TYPE', KEYS[4])['ok']
-if ltype ~= 'stream' and ltype ~= 'none' then redis.call('DEL', KEYS[4]) end
+local ltype = redis.call('TYPE', ilog)['ok']
+if ltype ~= 'stream' and ltype ~= 'none' then redis.call('DEL', ilog, wsum, rsum) end
+if not sums_ok(ilog, wsum, rsum) then rebuild(ilog, wsum, rsum) end
+if cap >= 0 then cap_log(ilog, wsum, rsum, cap) end
 local replayed = 0
 if replace then
-  redis.call('DEL', KEYS[1])
+  redis.call('DEL', state)
   if n > 0 then
-    redis.call('HSET', KEYS[1], 'pv', ARGV[1], 'pt', ARGV[5], unpack(ARGV, 7, 6 + n))
-    if ltype == 'stream' then
-      for _, entry in ipairs(redis.call('XRANGE', KEYS[4], '-', '+')) do
-        local f = entry[2]
-        local at, n_int, rated = nil, nil, false
-        for j = 1, #f - 1, 2 do
-          if f[j] == 'r' then rated = f[j + 1] ~= '' end
-          if f[j] == 'i' then at, n_int = j + 2, tonumber(f[j + 1]) break end
-        end
-        local ms = tonumber(string.match(entry[1], '^(%d+)'))
-        -- Checked before any write: HINCRBY stops the script at a bad value,
-        -- after the writes before it. A rating from before the cutoff is in
-        -- the batch values already; a watch never is (the data has ratings only).
-        local ok = at ~= nil and n_int ~= nil and (#f - at) % 2 == 1
-        ok = ok and not (rated and ms < cutoff)
-        if ok then
-          for j = at, #f, 2 do
-            local v = f[j + 1]
-            if (j - at) / 2 < n_int then
-              ok = ok and #v <= 18 and string.match(v, '^%-?%d+$') ~= nil
-            else
-              local x = tonumber(v)
-              ok = ok and x ~= nil and x == x and x ~= math.huge and x ~= -math.huge
-            end
-          end
-        end
-        if ok then
-          for j = at, #f, 2 do
-            if (j - at) / 2 < n_int then
-              redis.call('HINCRBY', KEYS[1], f[j], f[j + 1])
-            else
-              redis.call('HINCRBYFLOAT', KEYS[1], f[j], tonumber(f[j + 1]))
-            end
-          end
+    redis.call('HSET', state, 'pv', ARGV[1], 'pt', ARGV[5], unpack(ARGV, 8, 7 + n))
+    local watches = redis.call('HGETALL', wsum)
+    apply(state, watches, 1, false)
+    replayed = tonumber(redis.call('HGET', wsum, 'n') or '0')
+    if cutoff <= 0 then
+      apply(state, redis.call('HGETALL', rsum), 1, false)
+      replayed = replayed + tonumber(redis.call('HGET', rsum, 'n') or '0')
+    else
+      -- Ratings before the cutoff are in the batch values already.
+      for _, e in ipairs(redis.call('XRANGE', ilog, string.format('%d', cutoff), '+')) do
+        local inc, rated = increments(e[2])
+        if inc and rated then
+          apply(state, inc, 1, false)
           replayed = replayed + 1
         end
       end
     end
   end
 end
-local first, last = 7 + n, #ARGV
+local first, last = 8 + n, #ARGV
 local wtype = redis.call('TYPE', KEYS[2])['ok']
 if wtype ~= 'set' and wtype ~= 'none' then redis.call('DEL', KEYS[2]) end
 local recent = 0
@@ -419,10 +513,9 @@ if last >= first then
     recent = 2
   end
 end
-local left = 0
-if redis.call('EXISTS', KEYS[4]) == 1 then left = redis.call('XLEN', KEYS[4]) end
-return {(replace and 1 or 0) + recent, replayed, left}
+return {(replace and 1 or 0) + recent, replayed, redis.call('XLEN', ilog)}
 """
+)
 
 # Largest share of the time left on a request's deadline that its user read
 # may wait for Redis: a hung Redis must not use up the whole deadline, or the
@@ -502,6 +595,8 @@ async def record_interaction(
         redis_keys.user_recent(user_id),
         redis_keys.user_watched(user_id),
         redis_keys.user_log(user_id),
+        redis_keys.user_log_sums(user_id, "watches"),
+        redis_keys.user_log_sums(user_id, "ratings"),
     ]
     if event_id:
         keys.append(redis_keys.user_event(user_id, event_id))
@@ -532,6 +627,7 @@ def seed_user_commands(
     created_at: int,
     force: bool = False,
     log_cutoff_ms: int = 0,
+    log_length: int | None = None,
 ) -> None:
     """Queues the script that writes one user's batch-computed state (its reply: see below).
 
@@ -547,8 +643,10 @@ def seed_user_commands(
     started over under lower numbers). A replaced hash gets the logged
     interactions the batch values leave out added back: every unrated one,
     and the ratings from ``log_cutoff_ms`` on (the training data holds the
-    log's ratings before it, :mod:`trainer.interactions`; 0: none). The
-    script answers
+    log's ratings before it, :mod:`trainer.interactions`; 0: none). With
+    ``log_length``, the log is first cut to that many newest entries (0:
+    removed), so a lowered ``retrieval.interaction_log_length`` frees its
+    memory. The script answers
     ``[flags, replayed, left]``: flags 1 when it replaced the hash plus 2
     when it wrote the list, the log entries it replayed, and the entries the
     log holds now.
@@ -558,8 +656,10 @@ def seed_user_commands(
         redis_keys.user_watched(user_id),
         redis_keys.user_recent(user_id),
         redis_keys.user_log(user_id),
+        redis_keys.user_log_sums(user_id, "watches"),
+        redis_keys.user_log_sums(user_id, "ratings"),
     ]
     fields = [x for kv in encode_user_state(spec, profile, agg).items() for x in kv]
     args = [version, history_length, len(fields), "1" if force else "0", created_at]
-    args += [log_cutoff_ms, *fields, *history]
+    args += [log_cutoff_ms, -1 if log_length is None else log_length, *fields, *history]
     pipe.register_script(_SEED_USER_SCRIPT)(keys=keys, args=args, client=pipe)

@@ -332,7 +332,7 @@ def publish(
     pending_timeout_s: float = PENDING_TIMEOUT_S,
     switch: bool = True,
     replace_users: bool = False,
-    log_length: int = 0,
+    log_length: int | None = None,
 ) -> PublishReport:
     """Loads a version's Redis data and switches the current-version pointer to it.
 
@@ -361,9 +361,10 @@ def publish(
         replace_users: Replace every user's aggregates whatever version wrote
             them (a model dir started over, whose new version 1 is older than
             the facts Redis holds).
-        log_length: The services' ``retrieval.interaction_log_length``: a
-            user's log that long may have dropped older interactions, which
-            a replaced hash then leaves out (counted in ``full_logs``).
+        log_length: The services' ``retrieval.interaction_log_length``:
+            each user's interaction log is cut to it (0: removed; None: logs
+            left as they are). A replaced hash whose log is that long may
+            lack older interactions the cap dropped (counted in ``full_logs``).
 
     Raises:
         ArtifactError: The version directory is incomplete or corrupt.
@@ -464,12 +465,14 @@ def publish(
                 created_at=mv.created_epoch_s,
                 force=replace_users,
                 log_cutoff_ms=mv.log_cutoff_ms,
+                log_length=log_length,
             )
         for flags, replayed, left in pipe.execute():
-            report.users_replaced += int(flags) & 1
+            replaced = int(flags) & 1
+            report.users_replaced += replaced
             report.recent_written += (int(flags) >> 1) & 1
             report.interactions_replayed += int(replayed)
-            report.full_logs += int(0 < log_length <= int(left))
+            report.full_logs += replaced * int(0 < (log_length or 0) <= int(left))
         done = min(start + chunk, len(ids))
         if done == len(ids) or (done // chunk) % 10 == 0:
             _progress(quiet, f"users {done:,}/{len(ids):,}")

@@ -243,3 +243,123 @@ def test_an_interaction_recorded_as_publish_reaches_the_user_counts_once(
     np.testing.assert_allclose(
         _stored(client, mv, uid).flat(), _expected(mv, 0, [item], [5.0]).flat()
     )
+
+
+def _summed(client, uid: str) -> dict[str, dict[str, float]]:
+    """The log's entries summed in Python, by kind, as the sums hashes should hold them."""
+    out: dict[str, dict[str, float]] = {"watches": {}, "ratings": {}}
+    for _, f in client.xrange(redis_keys.user_log(uid)):
+        names = list(f)
+        incs = names[names.index("i") + 1 :]
+        into = out["ratings" if f["r"] else "watches"]
+        for name in incs:
+            into[name] = into.get(name, 0.0) + float(f[name])
+    return {k: {n: v for n, v in d.items() if v} for k, d in out.items()}
+
+
+def _sums(client, uid: str) -> dict[str, dict[str, float]]:
+    out = {}
+    for kind in ("watches", "ratings"):
+        stored = client.hgetall(redis_keys.user_log_sums(uid, kind))
+        out[kind] = {k: float(v) for k, v in stored.items() if float(v)}
+    return out
+
+
+def test_the_sums_follow_the_log_as_the_cap_drops_its_oldest(client, redis_url, two_versions):
+    mv, _ = two_versions
+    uid = str(mv.users["user_id"][0])
+    items = _unseen(mv, 0, 9)
+    ratings = [4.0, None, 2.5, None, None, 5.0, 1.0, None, 3.5]
+    for item, rating in zip(items, ratings, strict=True):
+        _record(redis_url, mv, uid, [item], [rating], log_length=4)
+        assert _sums(client, uid) == _summed(client, uid)
+    assert [f["item"] for _, f in client.xrange(redis_keys.user_log(uid))] == items[5:]
+    assert _sums(client, uid)["watches"]["n"] == 1 and _sums(client, uid)["ratings"]["n"] == 3
+
+
+def test_sums_edited_or_lost_by_hand_are_rebuilt_from_the_log(client, redis_url, two_versions):
+    mv, v2 = two_versions
+    uid = str(mv.users["user_id"][0])
+    items = _unseen(mv, 0, 4)
+    _record(redis_url, mv, uid, items[:2], [4.0, None], log_length=10)
+    client.hset(redis_keys.user_log_sums(uid, "ratings"), "sum", "lots")
+    client.delete(redis_keys.user_log_sums(uid, "watches"))
+    _record(redis_url, mv, uid, items[2:3], [2.0], log_length=10)
+    assert _sums(client, uid) == _summed(client, uid)
+    client.set(redis_keys.user_log_sums(uid, "watches"), "junk")  # another type
+    client.hset(redis_keys.user_log_sums(uid, "ratings"), "n", 7)  # counts that do not add up
+    report = publish(v2, client, quiet=True)
+    assert report.interactions_replayed == 3
+    np.testing.assert_allclose(
+        _stored(client, mv, uid).flat(), _expected(mv, 0, items[:3], [4.0, None, 2.0]).flat()
+    )
+    # The log deleted by hand: the sums it leaves describe nothing.
+    client.delete(redis_keys.user_log(uid))
+    publish(_numbered_copy(v2, v2.parent / "more", 3), client, quiet=True)
+    np.testing.assert_allclose(_stored(client, mv, uid).flat(), mv.user_aggregates[0])
+
+
+def test_an_entry_with_a_count_in_a_sum_field_does_not_stop_the_publish(
+    client, redis_url, two_versions
+):
+    """A hand-written entry whose 'sum' sat where counts go failed HINCRBY mid-script."""
+    mv, v2 = two_versions
+    uid = str(mv.users["user_id"][0])
+    log_key = redis_keys.user_log(uid)
+    client.xadd(log_key, {"item": "x", "r": "", "i": "1", "sum": "1"})
+    items = _unseen(mv, 0, 2)
+    _record(redis_url, mv, uid, items, [4.0, None], log_length=10)
+    report = publish(v2, client, quiet=True)
+    assert report.switched and client.get(redis_keys.CURRENT_VERSION) == "2"
+    assert report.interactions_replayed == 2
+    np.testing.assert_allclose(
+        _stored(client, mv, uid).flat(), _expected(mv, 0, items, [4.0, None]).flat()
+    )
+    assert [f["item"] for _, f in client.xrange(log_key)] == items, "the stray entry is dropped"
+
+
+def test_publish_cuts_the_logs_to_the_configured_length(client, redis_url, two_versions, tmp_path):
+    mv, v2 = two_versions
+    uid = str(mv.users["user_id"][0])
+    items = _unseen(mv, 0, 6)
+    ratings = [4.0, None, 2.0, 5.0, None, 3.0]
+    _record(redis_url, mv, uid, items, ratings, log_length=100)
+    report = publish(v2, client, quiet=True, log_length=2)  # the setting lowered since
+    assert (report.interactions_replayed, report.full_logs) == (2, 1)
+    assert [f["item"] for _, f in client.xrange(redis_keys.user_log(uid))] == items[4:]
+    assert _sums(client, uid) == _summed(client, uid)
+    np.testing.assert_allclose(
+        _stored(client, mv, uid).flat(), _expected(mv, 0, items[4:], ratings[4:]).flat()
+    )
+    # Turned off: the next publish frees the logs.
+    publish(_numbered_copy(v2, tmp_path / "more", 3), client, quiet=True, log_length=0)
+    assert not client.exists(
+        redis_keys.user_log(uid),
+        redis_keys.user_log_sums(uid, "watches"),
+        redis_keys.user_log_sums(uid, "ratings"),
+    )
+
+
+def test_full_logs_are_reported_only_for_hashes_publish_replaced(client, redis_url, two_versions):
+    mv, _ = two_versions
+    uid = str(mv.users["user_id"][0])
+    _record(redis_url, mv, uid, _unseen(mv, 0, 3), [4.0] * 3, log_length=3)
+    # Version 1 again: the hash it finds holds the online interactions, nothing is replaced.
+    report = publish(mv.path, client, quiet=True, log_length=3)
+    assert (report.users_replaced, report.full_logs, report.interactions_replayed) == (0, 0, 0)
+
+
+def test_a_full_redis_refuses_a_record_without_an_event_id_whole(client, redis_url, two_versions):
+    """A script that has written goes on past maxmemory: its first write must be refused."""
+    from redis.exceptions import ResponseError
+
+    mv, _ = two_versions
+    uid = str(mv.users["user_id"][0])
+    before = {k: client.dump(k) for k in client.keys(f"*{{{uid}}}*")}
+    client.config_set("maxmemory", "1")
+    try:
+        with pytest.raises(ResponseError, match="OOM"):  # the service answers UNAVAILABLE
+            _record(redis_url, mv, uid, _unseen(mv, 0, 1), [4.0], log_length=10)
+    finally:
+        client.config_set("maxmemory", "0")
+    assert {k: client.dump(k) for k in client.keys(f"*{{{uid}}}*")} == before

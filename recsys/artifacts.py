@@ -19,6 +19,8 @@ A model directory holds numbered versions, TF-Serving style::
         users.json           known users: ids, demographics, training history, all watched
         user_aggregates.npy  float64 [n_users, 3 + 3G] (see AGGREGATE_COLUMNS)
         user_features.npy    float32 [n_users, F_user] precomputed user features
+        logged/*.npy         the ratings from the interaction logs it trained on, when
+                             trained with --interactions (see LOGGED_RATINGS)
         metrics.json, *.png  evaluation report (optional, checksummed when present)
 
 Versions are written to a hidden temporary directory and renamed into place
@@ -67,6 +69,13 @@ REQUIRED_FILES = (
     TOP_LISTS, USERS, USER_AGGREGATES, USER_FEATURES,
 )  # fmt: skip
 REQUIRED_DIRS = (USER_TOWER, ITEM_TOWER)
+# The ratings from the services' interaction logs a version trained on
+# (trainer.interactions), column -> file: user and item rows int32, rating
+# float32, timestamp int64 (Unix seconds). `recsys evaluate` rebuilds the
+# version's training data from them, not from an export since replaced.
+LOGGED_RATINGS = {
+    name: f"logged/{name}.npy" for name in ("rating_user", "rating_item", "rating", "timestamp")
+}
 # The tower SavedModels are called through this signature with these names.
 SIGNATURE = "serving_default"
 INPUT_KEY = "features"
@@ -356,6 +365,12 @@ class ModelVersion:
         """float32 [n_users, F_user], as the trainer computed them."""
         return self._npy(USER_FEATURES, mmap=False)
 
+    def logged_ratings(self) -> dict[str, np.ndarray] | None:
+        """The interaction-log ratings it trained on, by column (``LOGGED_RATINGS``; None: none)."""
+        if not all(rel in self.manifest["files"] for rel in LOGGED_RATINGS.values()):
+            return None
+        return {name: self._npy(rel, mmap=False) for name, rel in LOGGED_RATINGS.items()}
+
     # --- models -------------------------------------------------------------------
 
     def load_tower(self, name: str = USER_TOWER):
@@ -390,15 +405,16 @@ def open_version(model_dir: str | Path, version: str | None = None) -> ModelVers
     return ModelVersion.open(Path(model_dir) / version)
 
 
-# A writer's temporary directory untouched this long belongs to a trainer that
-# was killed (an export takes minutes at most): the next writer removes it.
+# A writer's temporary directory untouched this long belongs to a trainer (or
+# an interaction export) that was killed (either takes minutes at most): the
+# next writer removes it.
 STALE_TEMP_S = 6 * 3600.0
 
 
-def _remove_stale_temps(model_dir: Path) -> None:
-    """Deletes ``.tmp-*`` directories that killed writers left (never a live one)."""
+def remove_stale_temps(root: Path) -> None:
+    """Deletes ``.tmp-*`` directories under ``root`` that killed writers left (never a live one)."""
     cutoff = time.time() - STALE_TEMP_S
-    for p in model_dir.glob(".tmp-*"):
+    for p in root.glob(".tmp-*"):
         with contextlib.suppress(OSError):  # another writer's, or removed meanwhile
             if p.is_dir() and p.stat().st_mtime < cutoff:
                 shutil.rmtree(p)
@@ -418,7 +434,7 @@ class VersionWriter:
     def __init__(self, model_dir: str | Path):
         self.model_dir = Path(model_dir)
         self.model_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temps(self.model_dir)
+        remove_stale_temps(self.model_dir)
         self.path = self.model_dir / f".tmp-{uuid.uuid4().hex}"
         self.path.mkdir()
         self.final_path: Path | None = None

@@ -196,8 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--interactions",
         type=Path,
         metavar="DIR",
-        help="also train on the ratings `recsys export-interactions` wrote to DIR (the "
-        "services' interaction logs); publish then replays only the newer ones",
+        help="also train on the ratings `recsys export-interactions` wrote to DIR (its "
+        "newest export, or DIR itself when it is one export; the services' interaction "
+        "logs), kept in the version; publish then replays only the newer ones",
     )
     p.add_argument("--publish", action="store_true", help="publish to Redis when done")
     p.add_argument("--no-plots", action="store_true", help="skip PNG plots")
@@ -276,12 +277,21 @@ def build_parser() -> argparse.ArgumentParser:
         "export-interactions",
         help="write the ratings recorded online to a directory, for `train --interactions`",
         description="Reads every user's interaction log in Redis (what RecordInteraction "
-        "recorded) and writes the ratings from before now to DIR/ratings.csv, with the "
-        "cutoff in DIR/export.json. Unrated watches are left out (publish keeps replaying "
-        "them). The logs are not changed.",
+        "recorded) and writes the ratings from before now to a new export, "
+        "DIR/<cutoff_ms>/ratings.csv with the cutoff in DIR/<cutoff_ms>/export.json, which "
+        "appears whole or not at all. Unrated watches are left out (publish keeps replaying "
+        "them), and so are malformed entries (counted). The logs are not changed.",
     )
     _common(p, redis_url=True)
-    p.add_argument("out", type=Path, metavar="DIR", help="output directory")
+    p.add_argument("out", type=Path, metavar="DIR", help="directory of the exports")
+    p.add_argument(
+        "--keep",
+        type=int,
+        default=3,
+        metavar="N",
+        help="exports to keep in DIR, this one included; older ones are deleted "
+        "(default %(default)s)",
+    )
     p.add_argument("--quiet", action="store_true", help="no summary line")
 
     p = sub.add_parser("serve", help="run a gRPC service")

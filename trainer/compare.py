@@ -100,17 +100,21 @@ def bootstrap_compare(
     confidence: float = CONFIDENCE,
     seed: int = 0,
     max_users: int = 2000,
+    other_prepared: Prepared | None = None,
 ) -> dict[str, Any]:
     """Paired user-level bootstrap of ``other - base`` on the held-out rows of ``p``.
 
     Args:
-        p: Prepared dataset and split (both versions must be trained on it).
+        p: Prepared dataset and split (the base version must be trained on it).
         base: ``(user_vectors [n_users, D], item_vectors [n_items, D], TargetScale)``.
         other: The same for the second version (its D may differ).
         resamples: Bootstrap replicates.
         confidence: Two-sided level of the percentile interval.
         seed: Seed of the resampling (and nothing else).
         max_users: Users ranked for Recall/NDCG, sampled as ``recsys evaluate`` does.
+        other_prepared: The second version's, when it was trained on other
+            interaction-log ratings (its own training histories; the held-out
+            rows of ``p``). Default: ``p``.
 
     Returns:
         ``{"metrics": {name: {"base", "other", "diff", "ci", "better", "significant"}},
@@ -125,7 +129,7 @@ def bootstrap_compare(
     threshold = base[2].like_threshold
     ranked_users, relevant = ranking_users(p, threshold, max_users=max_users)
     a = _per_user(p, *base, ranked_users, relevant)
-    b = _per_user(p, *other, ranked_users, relevant)
+    b = _per_user(other_prepared or p, *other, ranked_users, relevant)
     n_rated = np.bincount(d.rating_user[p.test_rows], minlength=d.n_users).astype(np.float64)
     ranked = np.zeros(d.n_users)
     ranked[ranked_users] = 1.0
@@ -186,6 +190,10 @@ def compare_versions(
 ) -> dict[str, Any]:
     """Compares two exported versions on their common held-out split.
 
+    Versions trained on the same data with different interaction-log exports
+    share it too (the merged ratings always train); each is then scored with
+    its own training data's features and histories.
+
     Raises:
         UserFacingError: A version cannot be opened, the two were trained on
             different data (dataset sha256) or splits, or the data cannot be
@@ -218,7 +226,9 @@ def compare_versions(
         )
     spec = data_spec or recorded_spec(ia) or recorded_spec(ib)
     mv_a, p, users_a = load_for_evaluation(base_dir, spec)
-    mv_b, _, users_b = load_for_evaluation(other_dir, data_spec, prepared=p)
+    # Its own split when it trained on other interaction-log ratings: the same
+    # held-out rows, its own features and training histories.
+    mv_b, p_b, users_b = load_for_evaluation(other_dir, data_spec, prepared=p)
     result = bootstrap_compare(
         p,
         (users_a, np.asarray(mv_a.item_vectors, np.float32), mv_a.target),
@@ -226,6 +236,7 @@ def compare_versions(
         resamples=resamples,
         confidence=confidence,
         seed=seed,
+        other_prepared=p_b,
     )
     return {
         "base": {"version": mv_a.version, "path": str(base_dir)},

@@ -6,6 +6,7 @@ so a 1M-item synthetic catalogue fits comfortably in memory.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 
@@ -17,6 +18,16 @@ from recsys.errors import UserFacingError
 
 class DataError(UserFacingError):
     """Bad input data; the message names the file and, where it applies, the row."""
+
+
+# The per-rating columns and their dtypes (what the ratings merged from the
+# interaction logs consist of).
+RATING_COLUMNS = {
+    "rating_user": np.int32,
+    "rating_item": np.int32,
+    "rating": np.float32,
+    "timestamp": np.int64,
+}
 
 
 @dataclass
@@ -115,15 +126,57 @@ class Dataset:
                     ) from None
 
     def sha256(self) -> str:
-        """Content hash (ids, side information and ratings) for the manifest."""
+        """Content hash (ids, side information and ratings) for the manifest.
+
+        The ratings merged from the interaction logs (``logged_rows``) are
+        left out: the held-out split depends on the rest alone, so versions
+        trained on the same data with different exports share it
+        (``recsys evaluate --compare``). :meth:`logged_sha256` is theirs.
+        """
         h = hashlib.sha256()
         for part in (self.genres, self.user_ids, self.user_country, self.item_ids):
             h.update("\x1f".join(part).encode())
             h.update(b"\x1e")
         h.update("\x1f".join(str(x) for x in self.user_gender + self.user_occupation).encode())
+        n = self.n_ratings - self.logged_rows
         for arr in (
             self.user_age, self.item_year, self.item_genres,
-            self.rating_user, self.rating_item, self.rating, self.timestamp,
+            self.rating_user[:n], self.rating_item[:n], self.rating[:n], self.timestamp[:n],
         ):  # fmt: skip
             h.update(np.ascontiguousarray(arr).tobytes())
         return h.hexdigest()
+
+    def logged(self) -> dict[str, np.ndarray]:
+        """The ratings merged from the interaction logs, by column (``RATING_COLUMNS``)."""
+        n = self.n_ratings - self.logged_rows
+        return {name: getattr(self, name)[n:] for name in RATING_COLUMNS}
+
+    def logged_sha256(self) -> str:
+        """Content hash of the ratings merged from the interaction logs (of none: a constant)."""
+        h = hashlib.sha256()
+        for arr in self.logged().values():
+            h.update(np.ascontiguousarray(arr).tobytes())
+        return h.hexdigest()
+
+    def with_logged(self, **columns: np.ndarray | list) -> Dataset:
+        """This dataset's own ratings with ``columns`` as the merged ones (none: without any).
+
+        Args:
+            columns: Every one of ``RATING_COLUMNS`` (user and item rows of
+                this dataset), or nothing; they replace the ratings merged before.
+
+        Raises:
+            ValueError: Some columns missing, or of different lengths.
+        """
+        if not columns and not self.logged_rows:
+            return self
+        added = {name: np.asarray(columns.get(name, ()), t) for name, t in RATING_COLUMNS.items()}
+        lengths = {len(a) for a in added.values()}
+        if (columns and set(columns) != set(RATING_COLUMNS)) or len(lengths) != 1:
+            raise ValueError(f"logged ratings take all of {sorted(RATING_COLUMNS)}, alike long")
+        n = self.n_ratings - self.logged_rows
+        return dataclasses.replace(
+            self,
+            **{name: np.concatenate([getattr(self, name)[:n], a]) for name, a in added.items()},
+            logged_rows=len(added["rating"]),
+        )

@@ -411,16 +411,18 @@ def load_for_evaluation(
 ) -> tuple[Any, Prepared, np.ndarray]:
     """Opens a version, rebuilds its held-out split and embeds every known user.
 
-    The dataset is reloaded from the spec in the manifest (or ``data_spec``)
-    and re-split with the stored fraction and seed; users are embedded by the
+    The dataset is reloaded from the spec in the manifest (or ``data_spec``),
+    with the interaction-log ratings the version keeps when it was trained on
+    an export, and re-split with the stored fraction and seed; users are embedded by the
     exported user-tower SavedModel, so figures describe the artifacts serving
     loads, not an in-memory Keras model.
 
     Args:
         version_dir: The version directory.
         data_spec: Dataset spec overriding the manifest's.
-        prepared: An already rebuilt split to reuse (another version's); its data
-            and feature spec must be the ones this version was trained on.
+        prepared: An already rebuilt split (another version's) of the same dataset
+            and split: reused when this version trained on the same logged
+            ratings too, else only its dataset is (with this version's ratings).
 
     Returns:
         ``(ModelVersion, Prepared, user vectors float32 [n_users, D])``.
@@ -433,6 +435,7 @@ def load_for_evaluation(
 
     from recsys import artifacts as A
     from recsys.errors import UserFacingError
+    from trainer.interactions import version_training_data
     from trainer.prepare import prepare
 
     try:
@@ -442,25 +445,26 @@ def load_for_evaluation(
     info = mv.manifest.get("dataset", {})
     spec = data_spec or recorded_spec(info)
     if prepared is not None:
-        p = prepared
-        dataset = p.dataset
+        dataset = prepared.dataset
     elif not spec:
         raise UserFacingError(f"version {mv.version} does not record its dataset spec; pass --data")
     else:
-        from trainer.interactions import load_training_data
+        from trainer.loaders import load_dataset
 
-        # Trained with an interaction-log export: the same ratings again, or
-        # the sha256 check below refuses the data.
-        merged = (info.get("interactions") or {}).get("directory")
-        dataset, _ = load_training_data(spec, merged)
+        dataset = load_dataset(spec)
+    # The ratings merged from an interaction-log export come from the version
+    # itself; the hash below is of the dataset's own (they decide the split).
+    dataset = version_training_data(mv, dataset)
     if info.get("sha256") and dataset.sha256() != info["sha256"]:
-        export = (info.get("interactions") or {}).get("directory")
         raise UserFacingError(
             f"dataset {spec!r} is not the data version {mv.version} was trained on "
             "(sha256 differs), so its held-out split would not be held out"
-            + (f" (or the interaction export in {export} was replaced since)" if export else "")
         )
-    if prepared is None:
+    if prepared is not None and prepared.dataset.logged_sha256() == dataset.logged_sha256():
+        p = prepared
+    else:
+        # Other logged ratings are other training rows, features and
+        # histories: only the held-out rows are the same.
         split = info.get("split", {})
         train_rows, test_rows = dataset.split(split.get("test_fraction", 0.2), split.get("seed", 0))
         p = prepare(dataset, train_rows, test_rows)

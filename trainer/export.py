@@ -209,6 +209,11 @@ def export_version(
         w.write_json(A.USERS, users_json(p))
         w.write_npy(A.USER_AGGREGATES, p.user_agg)
         w.write_npy(A.USER_FEATURES, p.user_features)
+        if d.logged_rows:
+            # The interaction-log ratings it trained on: `recsys evaluate`
+            # rebuilds its training data from the version, not from an export.
+            for name, column in d.logged().items():
+                w.write_npy(A.LOGGED_RATINGS[name], column)
         metrics = report(w.path, vectors) if report is not None else {}
         body = {
             **manifest,

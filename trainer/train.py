@@ -242,6 +242,10 @@ def dataset_manifest(
 
     ``interactions``: the interaction-log export merged into the data, whose
     cutoff tells ``recsys publish`` which logged ratings the version holds.
+    ``sha256`` is of the data without them (what ``--data`` loads, which
+    alone decides the held-out split), so versions trained on it with
+    different exports are compared on the same held-out rows; the merged
+    ratings' own hash is in ``interactions``.
     """
     extra = {} if interactions is None else {"interactions": interactions.to_dict()}
     return {

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import os
+import shutil
+import time
 
 import numpy as np
 import pytest
@@ -14,9 +17,15 @@ import redis.asyncio as aioredis
 from recsys import redis_keys
 from recsys.artifacts import ModelVersion
 from recsys.cli import main
+from recsys.errors import UserFacingError
 from recsys.features import UserAggregates, decode_user_state
 from recsys.user_store import record_interaction
-from trainer.interactions import merge_interactions, user_of_log_key
+from trainer.interactions import (
+    complete_exports,
+    export_interactions,
+    merge_interactions,
+    user_of_log_key,
+)
 from trainer.loaders import load_dataset
 
 DATA = "synthetic:users=300,items=250,ratings=15000,seed=3"
@@ -71,13 +80,20 @@ def test_ratings_recorded_online_train_the_next_version_and_count_once(redis_url
     capsys.readouterr()
 
     assert main(["export-interactions", str(out), "--redis-url", redis_url, "--quiet"]) == 0
-    meta = json.loads((out / "export.json").read_text())
-    with (out / "ratings.csv").open(newline="") as fh:
+    (export,) = complete_exports(out)
+    meta = json.loads((export / "export.json").read_text())
+    assert export.name == str(meta["cutoff_ms"])
+    with (export / "ratings.csv").open(newline="") as fh:
         rows = list(csv.reader(fh))
     assert rows[0] == ["userId", "movieId", "rating", "timestamp"]
     assert sorted(rows[1:]) == sorted([[uid, rated, "4.5", rows[1][3]], ["only-online", rated,
                                        "2.0", rows[2][3]]])  # fmt: skip
-    assert (meta["rows"], meta["users"], meta["watches_left_out"]) == (2, 2, 1)
+    assert (meta["rows"], meta["users"], meta["watches_left_out"], meta["malformed"]) == (
+        2,
+        2,
+        1,
+        0,
+    )
     _record(redis_url, v1, uid, later, 1.0)  # after the export: not in it
 
     rc = main(["train", "--data", DATA, "--interactions", str(out), "--model-dir", str(models),
@@ -90,6 +106,7 @@ def test_ratings_recorded_online_train_the_next_version_and_count_once(redis_url
         1,
         meta["cutoff_ms"],
     )
+    assert merged["directory"] == str(export.resolve())
     assert v2.log_cutoff_ms == meta["cutoff_ms"]
     # The dataset's own split is unchanged, so the batch values are v1's plus the export.
     want = UserAggregates.from_flat(v1.user_aggregates[row], len(v1.spec.genres))
@@ -109,13 +126,9 @@ def test_ratings_recorded_online_train_the_next_version_and_count_once(redis_url
     _add(want, v1, later, 1.0)
     np.testing.assert_allclose(decoded[1].flat(), want.flat())
 
-    # evaluate reloads the data with the same export merged (its sha256 matches)...
+    # evaluate rebuilds the training data from the version, which keeps the merged ratings.
+    shutil.rmtree(out)
     assert main(["evaluate", "--model-dir", str(models), "--version", "2", "--json"]) == 0
-    # ...and says so when the export is gone.
-    (out / "export.json").unlink()
-    capsys.readouterr()
-    assert main(["evaluate", "--model-dir", str(models), "--version", "2"]) == 2
-    assert "export.json: no such file" in capsys.readouterr().err
 
 
 def test_merged_ratings_always_train_and_leave_the_datasets_split_alone(tmp_path):
@@ -139,6 +152,9 @@ def test_merged_ratings_always_train_and_leave_the_datasets_split_alone(tmp_path
     logged = [data.n_ratings, data.n_ratings + 1]
     np.testing.assert_array_equal(train, np.concatenate([base_train, logged]))
     assert merged.rating[-1] == 4.5 and merged.timestamp[-1] == 11
+    # The dataset's hash is of its own rows (they alone decide the split).
+    assert merged.sha256() == data.sha256() and info.sha256 == merged.logged_sha256()
+    assert info.sha256 != data.logged_sha256()
 
 
 @pytest.mark.parametrize(
@@ -162,23 +178,179 @@ def test_a_bad_export_is_refused_naming_the_file(tmp_path, meta, csv_text, messa
         merge_interactions(load_dataset(DATA), tmp_path)
 
 
-def test_an_export_cut_short_leaves_no_cutoff_to_train_with(redis_url, tmp_path, monkeypatch):
-    """A cut-off export must not pair the last export's cutoff with newer ratings."""
+def test_an_export_cut_short_leaves_the_last_one_whole(redis_url, tmp_path, monkeypatch):
+    """A cut-off export leaves nothing behind: training takes the last whole one."""
     import trainer.interactions as interactions
-    from trainer.dataset import DataError
 
     client = redis.Redis.from_url(redis_url)
     try:
-        interactions.export_interactions(client, tmp_path, quiet=True)
-        assert (tmp_path / "export.json").is_file()
+        first = interactions.export_interactions(client, tmp_path, quiet=True)
 
         def dies(*args, **kwargs):
             raise OSError("disk full")
 
         monkeypatch.setattr(interactions, "_export_logs", dies)
+        time.sleep(0.01)
         with pytest.raises(OSError):
             interactions.export_interactions(client, tmp_path, quiet=True)
     finally:
         client.close()
-    with pytest.raises(DataError, match=r"export\.json: no such file"):
-        merge_interactions(load_dataset(DATA), tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == [first.directory.name]
+    _, info = merge_interactions(load_dataset(DATA), tmp_path)
+    assert info.cutoff_ms == first.cutoff_ms
+
+
+class _ScanTwice(redis.Redis):
+    """A client whose SCAN returns every key a second time, in later steps.
+
+    Redis does that when the keyspace shrinks during a scan (SCAN promises
+    every key at least once), which a test cannot time: this replays the
+    keys the real SCAN returned.
+    """
+
+    def scan_iter(self, *args, **kwargs):
+        keys = list(super().scan_iter(*args, **kwargs))
+        yield from keys
+        yield from keys
+
+
+def test_a_log_the_scan_returns_twice_is_exported_once(redis_url, tmp_path):
+    data = load_dataset(DATA)
+    client = _ScanTwice.from_url(redis_url)
+    try:
+        for uid in data.user_ids[:3]:
+            client.xadd(
+                redis_keys.user_log(uid), {"item": data.item_ids[0], "ts": "0", "r": "4", "i": "0"}
+            )
+        time.sleep(0.01)  # an entry of the cutoff's own millisecond is left to publish
+        report = export_interactions(client, tmp_path, scan_count=2, quiet=True)
+    finally:
+        client.close()
+    assert (report.users, report.rows) == (3, 3)
+    _, info = merge_interactions(data, tmp_path)
+    assert info.rows == 3
+
+
+def test_nightly_versions_stay_comparable_and_evaluate_without_their_export(redis_url, tmp_path):
+    from trainer.compare import compare_versions
+    from trainer.evaluate import evaluate_version
+
+    models, out = tmp_path / "models", tmp_path / "models" / "interactions"
+    assert main(["train", "--data", DATA, "--model-dir", str(models), *TRAIN]) == 0
+    v1 = ModelVersion.open(models / "1")
+    for night in range(2):  # two nights, the CronJob's steps, more ratings each day
+        for row in range(0, 300, 10):
+            unseen = [i for i in v1.item_ids if i not in set(v1.users["watched"][row])]
+            for item in unseen[night * 5 : night * 5 + 5]:
+                _record(redis_url, v1, str(v1.users["user_id"][row]), item, 5.0)
+        time.sleep(0.01)
+        assert main(["export-interactions", str(out), "--redis-url", redis_url, "--quiet"]) == 0
+        assert main(["train", "--data", DATA, "--interactions", str(out),
+                     "--model-dir", str(models), *TRAIN]) == 0  # fmt: skip
+    shutil.rmtree(out)  # the versions keep the ratings they trained on
+    infos = [ModelVersion.open(models / v).manifest["dataset"] for v in "123"]
+    # One dataset, one split: the merged ratings have their own hash.
+    assert len({info["sha256"] for info in infos}) == 1 and "interactions" not in infos[0]
+    assert [info["interactions"]["rows"] for info in infos[1:]] == [150, 300]
+    assert infos[1]["interactions"]["sha256"] != infos[2]["interactions"]["sha256"]
+    assert (models / "2" / "logged").is_dir() and not (models / "1" / "logged").exists()
+
+    alone = {v: evaluate_version(models / v) for v in "123"}
+    for a, b in (("2", "3"), ("1", "3")):
+        m = compare_versions(models / a, models / b)["metrics"]
+        # Each version is scored as it is alone: its own training data's features.
+        for side, v in (("base", a), ("other", b)):
+            assert m["rmse"][side] == pytest.approx(alone[v]["model"]["rmse"], abs=1e-9)
+            for name in ("recall@10", "ndcg@10"):
+                assert m[name][side] == pytest.approx(alone[v]["top10"]["model"][name])
+
+    # A version trained on an export before versions kept its ratings says so.
+    manifest = json.loads((models / "2" / "manifest.json").read_text())
+    del manifest["dataset"]["interactions"]["sha256"]
+    (models / "2" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserFacingError, match="train it again"):
+        evaluate_version(models / "2")
+
+
+def test_a_training_run_reads_one_export_whatever_another_writes(redis_url, tmp_path, monkeypatch):
+    """An export landing while a merge reads must not pair one's cutoff with another's ratings."""
+    import pathlib
+
+    data = load_dataset(DATA)
+    uid, item = data.user_ids[0], data.item_ids[0]
+    client = redis.Redis.from_url(redis_url)
+    try:
+        first = export_interactions(client, tmp_path, quiet=True)  # no ratings yet
+        client.xadd(redis_keys.user_log(uid), {"item": item, "ts": "0", "r": "4.0", "i": "0"})
+        time.sleep(0.01)
+        real_open = pathlib.Path.open
+
+        def racing_open(self, *args, **kwargs):
+            if self.name == "ratings.csv" and not racing_open.done:
+                racing_open.done = True  # a second export (a manual Job) lands meanwhile
+                export_interactions(client, tmp_path, quiet=True)
+            return real_open(self, *args, **kwargs)
+
+        racing_open.done = False
+        monkeypatch.setattr(pathlib.Path, "open", racing_open)
+        _, info = merge_interactions(data, tmp_path)
+        monkeypatch.undo()
+        _, after = merge_interactions(data, tmp_path)
+    finally:
+        client.close()
+    # The rating is newer than the first export's cutoff: publish replays it, so
+    # only the second export may hold it.
+    assert (info.cutoff_ms, info.rows) == (first.cutoff_ms, 0)
+    assert after.cutoff_ms > first.cutoff_ms and after.rows == 1
+
+
+def test_the_newest_exports_are_kept_and_killed_ones_cleared(redis_url, tmp_path, capsys):
+    from recsys.artifacts import STALE_TEMP_S
+
+    killed, running = tmp_path / ".tmp-killed", tmp_path / ".tmp-running"
+    killed.mkdir()
+    running.mkdir()
+    old = time.time() - STALE_TEMP_S - 60
+    os.utime(killed, (old, old))
+    client = redis.Redis.from_url(redis_url)
+    try:
+        cutoffs = []
+        for _ in range(4):
+            cutoffs.append(export_interactions(client, tmp_path, keep=3, quiet=True).cutoff_ms)
+            time.sleep(0.002)  # one export a millisecond
+    finally:
+        client.close()
+    kept = complete_exports(tmp_path)
+    assert [int(p.name) for p in kept] == cutoffs[1:]
+    assert {p.name for p in tmp_path.iterdir()} == {p.name for p in kept} | {running.name}
+    # --interactions takes the newest export in the directory, or the one it names.
+    data = load_dataset(DATA)
+    assert merge_interactions(data, tmp_path)[1].cutoff_ms == cutoffs[-1]
+    assert merge_interactions(data, kept[0])[1].cutoff_ms == cutoffs[1]
+    capsys.readouterr()
+    argv = ["export-interactions", str(tmp_path), "--keep", "0", "--redis-url", redis_url]
+    assert main(argv) == 2
+    assert "--keep must be 1 or more" in capsys.readouterr().err
+
+
+def test_a_malformed_log_entry_is_skipped_and_counted(redis_url, tmp_path, capsys):
+    data = load_dataset(DATA)
+    uid, item = data.user_ids[0], data.item_ids[0]
+    client = redis.Redis.from_url(redis_url)
+    try:
+        for fields in (
+            {"item": item, "ts": "0", "r": "x", "i": "0"},  # not a number
+            {"item": item, "ts": "0", "r": "inf", "i": "0"},  # not finite
+            {"ts": "0", "r": "4.0", "i": "0"},  # no item
+            {"item": item, "ts": "0", "r": "4.0", "i": "0"},
+        ):
+            client.xadd(redis_keys.user_log(uid), fields)
+        time.sleep(0.01)
+        report = export_interactions(client, tmp_path)
+    finally:
+        client.close()
+    _, info = merge_interactions(data, tmp_path)  # one bad entry used to fail every training
+    assert info.rows == report.rows == 1
+    assert report.malformed == 3
+    assert json.loads((report.directory / "export.json").read_text())["malformed"] == 3
+    assert "3 malformed entries skipped" in capsys.readouterr().err

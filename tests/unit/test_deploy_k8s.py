@@ -223,7 +223,7 @@ def test_services_mount_models_read_only_and_the_trainer_read_write(rendered, ov
     for name in ("retrieval", "ranking"):
         c = pod_spec(find(docs, "Deployment", name))["containers"][0]
         assert {m["mountPath"]: m.get("readOnly", False) for m in c["volumeMounts"]}["/models"]
-    # The export writes beside the versions, where `recsys evaluate` finds it.
+    # The export writes its directory of exports beside the versions.
     for c in pod_spec(find(docs, "CronJob", "recsys-retrain"))["initContainers"]:
         assert not {m["mountPath"]: m.get("readOnly", False) for m in c["volumeMounts"]}["/models"]
     # A publish that deletes old version directories must be able to.

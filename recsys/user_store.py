@@ -288,48 +288,85 @@ local function increments(f)
   end
   return out, rated
 end
--- Adds inc to hash key (sign 1) or takes it away (sign -1); with prune, a
--- field back at 0 goes, so the sums stay as small as what the log holds.
-local function apply(key, inc, sign, prune)
-  for j = 1, #inc, 2 do
-    local now
-    if counter(inc[j]) then
-      now = redis.call('HINCRBY', key, inc[j], sign * tonumber(inc[j + 1]))
-    else
-      now = tonumber(redis.call('HINCRBYFLOAT', key, inc[j], sign * tonumber(inc[j + 1])))
+-- Entries' increments added up in Lua, by kind ([false]: watches, [true]:
+-- ratings; only_rated leaves watches out), and the ids of entries no
+-- recording wrote. Written once a field afterwards, not once an entry.
+local function total(entries, only_rated)
+  local t, stray = {[false] = {}, [true] = {}}, {}
+  for _, e in ipairs(entries) do
+    local inc, rated = increments(e[2])
+    if inc == nil then
+      stray[#stray + 1] = e[1]
+    elseif rated or not only_rated then
+      local into = t[rated]
+      for j = 1, #inc, 2 do into[inc[j]] = (into[inc[j]] or 0) + tonumber(inc[j + 1]) end
     end
-    if prune and now == 0 then redis.call('HDEL', key, inc[j]) end
   end
+  return t, stray
+end
+-- A hash of numbers as a table.
+local function numbers(key)
+  local kv, t = redis.call('HGETALL', key), {}
+  for j = 1, #kv, 2 do t[kv[j]] = tonumber(kv[j + 1]) end
+  return t
+end
+-- Adds tbl (field -> amount) to hash key, one write a field; sign -1 takes
+-- it away, and then a count back at 0 goes with its sum.
+local function add(key, tbl, sign)
+  local gone = {}
+  for name, v in pairs(tbl) do
+    if counter(name) then
+      local now = redis.call('HINCRBY', key, name, string.format('%d', sign * v))
+      if sign < 0 and now == 0 then
+        gone[#gone + 1] = name
+        if name == 'nr' then gone[#gone + 1] = 'sum' end
+        if string.sub(name, 1, 3) == 'gr:' then gone[#gone + 1] = 'gs:' .. string.sub(name, 4) end
+      end
+    else
+      redis.call('HINCRBYFLOAT', key, name, sign * v)
+    end
+  end
+  -- After the loop: a sum taken off after its count went would come back.
+  if #gone > 0 then redis.call('HDEL', key, unpack(gone)) end
 end
 -- Whether the sums describe the log (the log is a stream or missing): hashes
--- of valid numbers whose entry counts add up to its length.
-local function sums_ok(ilog, wsum, rsum)
-  local total = 0
-  for _, key in ipairs({wsum, rsum}) do
-    local t = redis.call('TYPE', key)['ok']
+-- whose entry counts add up to its length, with valid numbers in every field
+-- (names nil) or in the given fields of hash key (a record's cheaper check:
+-- reading both hashes whole cost ~50 µs a record).
+local function sums_ok(ilog, wsum, rsum, key, names)
+  local seen = 0
+  for _, k in ipairs({wsum, rsum}) do
+    local t = redis.call('TYPE', k)['ok']
     if t ~= 'none' then
       if t ~= 'hash' then return false end
-      local kv = redis.call('HGETALL', key)
+      local kv = names and {'n', redis.call('HGET', k, 'n')} or redis.call('HGETALL', k)
       for j = 1, #kv, 2 do
-        if not valid(kv[j], kv[j + 1]) then return false end
-        if kv[j] == 'n' then total = total + tonumber(kv[j + 1]) end
+        if kv[j + 1] then
+          if not valid(kv[j], kv[j + 1]) then return false end
+          if kv[j] == 'n' then seen = seen + tonumber(kv[j + 1]) end
+        end
       end
     end
   end
-  return total == redis.call('XLEN', ilog)
+  if seen ~= redis.call('XLEN', ilog) then return false end
+  if names and #names > 0 then
+    local now = redis.call('HMGET', key, unpack(names))
+    for i = 1, #names do
+      if now[i] and not valid(names[i], now[i]) then return false end
+    end
+  end
+  return true
 end
 local function rebuild(ilog, wsum, rsum)
   redis.call('DEL', wsum, rsum)
-  for _, e in ipairs(redis.call('XRANGE', ilog, '-', '+')) do
-    local inc, rated = increments(e[2])
-    if inc then
-      apply(rated and rsum or wsum, inc, 1, false)
-    else
-      redis.call('XDEL', ilog, e[1])
-    end
-  end
+  local t, stray = total(redis.call('XRANGE', ilog, '-', '+'), false)
+  for _, id in ipairs(stray) do redis.call('XDEL', ilog, id) end
+  add(wsum, t[false], 1)
+  add(rsum, t[true], 1)
 end
--- Keeps at most cap entries, taking the ones that leave out of the sums.
+-- Keeps the newest cap entries (0: no log), taking the ones that leave out
+-- of the sums. XTRIM goes first: a script that has written goes on past
+-- maxmemory, and XTRIM is not refused there (HINCRBY is).
 local function cap_log(ilog, wsum, rsum, cap)
   if cap <= 0 then
     redis.call('DEL', ilog, wsum, rsum)
@@ -337,11 +374,32 @@ local function cap_log(ilog, wsum, rsum, cap)
   end
   local over = redis.call('XLEN', ilog) - cap
   if over <= 0 then return end
-  for _, e in ipairs(redis.call('XRANGE', ilog, '-', '+', 'COUNT', over)) do
-    local inc, rated = increments(e[2])
-    if inc then apply(rated and rsum or wsum, inc, -1, true) end
+  if over > cap then  -- more leave than stay: add up the ones that stay
+    redis.call('XTRIM', ilog, 'MAXLEN', cap)
+    rebuild(ilog, wsum, rsum)
+    return
   end
+  local t = total(redis.call('XRANGE', ilog, '-', '+', 'COUNT', over), false)
   redis.call('XTRIM', ilog, 'MAXLEN', cap)
+  local keys = {[false] = wsum, [true] = rsum}
+  for rated, key in pairs(keys) do
+    local names = {}
+    for name in pairs(t[rated]) do names[#names + 1] = name end
+    if #names > 0 then
+      local now = redis.call('HMGET', key, unpack(names))
+      for i = 1, #names do
+        if not now[i] or not valid(names[i], now[i]) then
+          rebuild(ilog, wsum, rsum)  -- sums that lack what left: start over
+          return
+        end
+      end
+    end
+  end
+  for rated, key in pairs(keys) do
+    add(key, t[rated], -1)
+    -- None of its kind left: drop it whole (float sums seldom come back to 0).
+    if not redis.call('HGET', key, 'n') then redis.call('DEL', key) end
+  end
 end
 """
 
@@ -404,11 +462,17 @@ for i = 8, #ARGV, 2 do
   end
 end
 if log_len > 0 then
-  if not sums_ok(ilog, wsum, rsum) then rebuild(ilog, wsum, rsum) end
+  local into = ARGV[7] ~= '' and rsum or wsum
+  if not sums_ok(ilog, wsum, rsum, into, fields) then rebuild(ilog, wsum, rsum) end
   cap_log(ilog, wsum, rsum, log_len - 1)
   redis.call('XADD', ilog, '*', 'item', item, 'ts', ARGV[6], 'r', ARGV[7], 'i', ARGV[4],
     unpack(ARGV, 8))
-  apply(ARGV[7] ~= '' and rsum or wsum, {unpack(ARGV, 8)}, 1, false)
+  local inc = {}
+  for i = 8, #ARGV, 2 do inc[ARGV[i]] = tonumber(ARGV[i + 1]) end
+  add(into, inc, 1)
+else
+  -- The log turned off: what it held goes with the user's next record.
+  redis.call('DEL', ilog, wsum, rsum)
 end
 return {redis.call('LLEN', recent), tonumber(redis.call('HGET', state, 'nr') or '0'), 0}
 """
@@ -478,22 +542,27 @@ if replace then
   redis.call('DEL', state)
   if n > 0 then
     redis.call('HSET', state, 'pv', ARGV[1], 'pt', ARGV[5], unpack(ARGV, 8, 7 + n))
-    local watches = redis.call('HGETALL', wsum)
-    apply(state, watches, 1, false)
-    replayed = tonumber(redis.call('HGET', wsum, 'n') or '0')
-    if cutoff <= 0 then
-      apply(state, redis.call('HGETALL', rsum), 1, false)
-      replayed = replayed + tonumber(redis.call('HGET', rsum, 'n') or '0')
-    else
-      -- Ratings before the cutoff are in the batch values already.
-      for _, e in ipairs(redis.call('XRANGE', ilog, string.format('%d', cutoff), '+')) do
-        local inc, rated = increments(e[2])
-        if inc and rated then
-          apply(state, inc, 1, false)
-          replayed = replayed + 1
+    local watches = numbers(wsum)
+    add(state, watches, 1)
+    local ratings = numbers(rsum)
+    if cutoff > 0 then
+      -- Ratings before the cutoff are in the batch values already. Whichever
+      -- side of it is shorter is read: from the cutoff on (usually the few
+      -- recorded since the export), or before it, taken off the sums.
+      local half = math.floor(redis.call('XLEN', ilog) / 2) + 1
+      local from = string.format('%d', cutoff)
+      local after = redis.call('XRANGE', ilog, from, '+', 'COUNT', half)
+      if #after < half then
+        ratings = total(after, true)[true]
+      else
+        local before = redis.call('XRANGE', ilog, '-', string.format('%d', cutoff - 1))
+        for name, v in pairs(total(before, true)[true]) do
+          ratings[name] = (ratings[name] or 0) - v
         end
       end
     end
+    add(state, ratings, 1)
+    replayed = (watches['n'] or 0) + (ratings['n'] or 0)
   end
 end
 local first, last = 8 + n, #ARGV

@@ -141,7 +141,9 @@ def test_the_log_is_capped_and_publish_says_when_it_is_full(client, redis_url, t
     )
 
 
-def _seed(client, mv: ModelVersion, row: int, version: str, cutoff_ms: int) -> list:
+def _seed(
+    client, mv: ModelVersion, row: int, version: str, cutoff_ms: int, log_length: int | None = None
+) -> list:
     pipe = client.pipeline(transaction=False)
     seed_user_commands(
         pipe,
@@ -154,6 +156,7 @@ def _seed(client, mv: ModelVersion, row: int, version: str, cutoff_ms: int) -> l
         version=version,
         created_at=mv.created_epoch_s,
         log_cutoff_ms=cutoff_ms,
+        log_length=log_length,
     )
     return pipe.execute()[0]
 
@@ -182,8 +185,15 @@ def test_ratings_before_the_cutoff_are_not_replayed_and_watches_are(
         _stored(client, mv, uid).flat(),
         _expected(mv, 0, [items[1], items[3]], [None, 5.0]).flat(),
     )
+    # A cutoff with most of the log after it (an older export): the shorter
+    # side, before it, is read and taken off the sums; the same result.
+    cutoff = int(ids[1].split("-")[0])
+    assert _seed(client, mv, 0, "3", cutoff)[1] == 3
+    np.testing.assert_allclose(
+        _stored(client, mv, uid).flat(), _expected(mv, 0, items[1:], ratings[1:]).flat()
+    )
     # Trained again without the export (no cutoff): every entry is replayed.
-    assert _seed(client, mv, 0, "3", 0)[1] == 4
+    assert _seed(client, mv, 0, "4", 0)[1] == 4
     np.testing.assert_allclose(
         _stored(client, mv, uid).flat(), _expected(mv, 0, items, ratings).flat()
     )
@@ -257,6 +267,14 @@ def _summed(client, uid: str) -> dict[str, dict[str, float]]:
     return {k: {n: v for n, v in d.items() if v} for k, d in out.items()}
 
 
+def _sums_match(client, uid: str) -> bool:
+    """The sums hashes hold what the log's entries add up to (floats to rounding)."""
+    got, want = _sums(client, uid), _summed(client, uid)
+    return all(
+        got[k].keys() == want[k].keys() and got[k] == pytest.approx(want[k], abs=1e-9) for k in want
+    )
+
+
 def _sums(client, uid: str) -> dict[str, dict[str, float]]:
     out = {}
     for kind in ("watches", "ratings"):
@@ -272,7 +290,7 @@ def test_the_sums_follow_the_log_as_the_cap_drops_its_oldest(client, redis_url, 
     ratings = [4.0, None, 2.5, None, None, 5.0, 1.0, None, 3.5]
     for item, rating in zip(items, ratings, strict=True):
         _record(redis_url, mv, uid, [item], [rating], log_length=4)
-        assert _sums(client, uid) == _summed(client, uid)
+        assert _sums_match(client, uid)
     assert [f["item"] for _, f in client.xrange(redis_keys.user_log(uid))] == items[5:]
     assert _sums(client, uid)["watches"]["n"] == 1 and _sums(client, uid)["ratings"]["n"] == 3
 
@@ -285,7 +303,7 @@ def test_sums_edited_or_lost_by_hand_are_rebuilt_from_the_log(client, redis_url,
     client.hset(redis_keys.user_log_sums(uid, "ratings"), "sum", "lots")
     client.delete(redis_keys.user_log_sums(uid, "watches"))
     _record(redis_url, mv, uid, items[2:3], [2.0], log_length=10)
-    assert _sums(client, uid) == _summed(client, uid)
+    assert _sums_match(client, uid)
     client.set(redis_keys.user_log_sums(uid, "watches"), "junk")  # another type
     client.hset(redis_keys.user_log_sums(uid, "ratings"), "n", 7)  # counts that do not add up
     report = publish(v2, client, quiet=True)
@@ -327,7 +345,7 @@ def test_publish_cuts_the_logs_to_the_configured_length(client, redis_url, two_v
     report = publish(v2, client, quiet=True, log_length=2)  # the setting lowered since
     assert (report.interactions_replayed, report.full_logs) == (2, 1)
     assert [f["item"] for _, f in client.xrange(redis_keys.user_log(uid))] == items[4:]
-    assert _sums(client, uid) == _summed(client, uid)
+    assert _sums_match(client, uid)
     np.testing.assert_allclose(
         _stored(client, mv, uid).flat(), _expected(mv, 0, items[4:], ratings[4:]).flat()
     )
@@ -363,3 +381,51 @@ def test_a_full_redis_refuses_a_record_without_an_event_id_whole(client, redis_u
     finally:
         client.config_set("maxmemory", "0")
     assert {k: client.dump(k) for k in client.keys(f"*{{{uid}}}*")} == before
+
+
+def test_a_log_cut_by_fewer_than_it_keeps_takes_the_leavers_off_the_sums(
+    client, redis_url, two_versions
+):
+    mv, _ = two_versions
+    uid = str(mv.users["user_id"][0])
+    items = _unseen(mv, 0, 6)
+    ratings = [3.3, None, 4.7, 2.9, None, 3.1]  # sums that seldom come back to exactly 0
+    _record(redis_url, mv, uid, items, ratings, log_length=100)
+    flags, replayed, left = _seed(client, mv, 0, "2", 0, log_length=4)
+    assert flags & 1
+    assert (replayed, left) == (4, 4) and _sums_match(client, uid)
+    np.testing.assert_allclose(
+        _stored(client, mv, uid).flat(), _expected(mv, 0, items[2:], ratings[2:]).flat()
+    )
+    # Watches push every rating out: no rating sums are left, not a residue of them.
+    _record(redis_url, mv, uid, _unseen(mv, 0, 10)[6:], [None] * 4, log_length=4)
+    assert not client.exists(redis_keys.user_log_sums(uid, "ratings"))
+    assert _sums_match(client, uid)
+
+
+def test_the_log_turned_off_goes_with_the_next_record(client, redis_url, two_versions):
+    mv, _ = two_versions
+    uid = str(mv.users["user_id"][0])
+    items = _unseen(mv, 0, 3)
+    _record(redis_url, mv, uid, items[:2], [4.0, None], log_length=10)
+    _record(redis_url, mv, uid, items[2:], [5.0], log_length=0)
+    assert not client.exists(
+        redis_keys.user_log(uid),
+        redis_keys.user_log_sums(uid, "watches"),
+        redis_keys.user_log_sums(uid, "ratings"),
+    )
+
+
+def test_a_full_redis_still_lets_publish_cut_the_logs(client, redis_url, two_versions):
+    """The cut's first write must be one Redis allows past maxmemory (XTRIM, not HINCRBY)."""
+    mv, _ = two_versions
+    uid = str(mv.users["user_id"][0])
+    items = _unseen(mv, 0, 8)
+    _record(redis_url, mv, uid, items, [4.0, None] * 4, log_length=100)
+    client.config_set("maxmemory", "1")
+    try:
+        flags, _, left = _seed(client, mv, 0, "1", 0, log_length=6)  # not newer: no replace
+    finally:
+        client.config_set("maxmemory", "0")
+    assert not flags & 1 and left == 6
+    assert _sums_match(client, uid)

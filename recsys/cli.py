@@ -277,10 +277,12 @@ def build_parser() -> argparse.ArgumentParser:
         "export-interactions",
         help="write the ratings recorded online to a directory, for `train --interactions`",
         description="Reads every user's interaction log in Redis (what RecordInteraction "
-        "recorded) and writes the ratings from before now to a new export, "
-        "DIR/<cutoff_ms>/ratings.csv with the cutoff in DIR/<cutoff_ms>/export.json, which "
-        "appears whole or not at all. Unrated watches are left out (publish keeps replaying "
-        "them), and so are malformed entries (counted). The logs are not changed.",
+        "recorded) and writes a new export, DIR/<cutoff_ms>/ratings.csv with the cutoff in "
+        "DIR/<cutoff_ms>/export.json, which appears whole or not at all: every rating of the "
+        "newest previous export in DIR (so a rating stays exported after newer interactions "
+        "pushed it out of its capped log), then the logs' ratings from before now that it "
+        "lacks. Unrated watches are left out (publish keeps replaying them), and so are "
+        "malformed entries (counted). The logs are not changed.",
     )
     _common(p, redis_url=True)
     p.add_argument("out", type=Path, metavar="DIR", help="directory of the exports")
@@ -289,8 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=3,
         metavar="N",
-        help="exports to keep in DIR, this one included; older ones are deleted "
-        "(default %(default)s)",
+        help="exports to keep in DIR, this one included; older ones are deleted, the "
+        "newest holds their ratings (default %(default)s)",
     )
     p.add_argument("--quiet", action="store_true", help="no summary line")
 

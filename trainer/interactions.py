@@ -6,14 +6,18 @@ module the trainer never sees them: each version is trained on its dataset
 alone, and ``recsys publish`` replays the whole log onto the batch
 aggregates it writes. The loop closes in three steps:
 
-1. ``recsys export-interactions DIR`` writes every *rating* the logs hold
-   from before the export started to a new directory ``DIR/<cutoff_ms>/``
-   (``ratings.csv``: userId, movieId, rating, timestamp; ``export.json``
-   with the cutoff, Redis's clock in milliseconds when the export started).
-   It is built under a temporary name and renamed into place whole, so it
-   never changes once there; the oldest exports beyond ``--keep`` go.
-   Watches without a rating are left out (the datasets are ratings only),
-   and so are entries no recording wrote (counted as malformed).
+1. ``recsys export-interactions DIR`` writes a new directory
+   ``DIR/<cutoff_ms>/`` (``ratings.csv``: userId, movieId, rating,
+   timestamp, logId, the log entry's stream id; ``export.json`` with the
+   cutoff, Redis's clock in milliseconds when the export started). It holds
+   every row of the newest previous export, then every *rating* the logs
+   hold from before the cutoff that it does not (by user and logId): the
+   logs are capped, so a rating once exported must stay in every later
+   export, or it would leave training once newer interactions pushed it out
+   of its log. It is built under a temporary name and renamed into place
+   whole, so it never changes once there; the oldest exports beyond
+   ``--keep`` go. Watches without a rating are left out (the datasets are
+   ratings only), and so are entries no recording wrote (counted as malformed).
 2. ``recsys train --interactions DIR`` appends the newest export's ratings
    to ``--data`` (always on the training side of the split, so the held-out
    split of the dataset itself stays what it was and every exported rating
@@ -43,9 +47,10 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from recsys import redis_keys
 from recsys.artifacts import remove_stale_temps
@@ -54,11 +59,17 @@ from trainer.dataset import DataError, Dataset
 
 EXPORT_META = "export.json"
 EXPORT_RATINGS = "ratings.csv"
-EXPORT_FORMAT = 1
+# 2: rows carry their log entry's stream id, and each export carries the
+# previous one's rows. An export of format 1 (before that) is not carried:
+# the next export starts over from the logs, as every export did then.
+EXPORT_FORMAT = 2
+OLD_FORMAT = 1
 # Exports kept in DIR (the newest): a training run that picked one while
 # newer ones land still finds it.
 KEEP_EXPORTS = 3
-HEADER = ["userId", "movieId", "rating", "timestamp"]
+HEADER = ["userId", "movieId", "rating", "timestamp", "logId"]
+# The logs' new rows, beside the export being written until it is assembled.
+_LOG_ROWS = "log-rows.csv"
 _LOG_PATTERN = "recsys:user:{*}:log"
 _ESCAPED = re.compile(r"\\(.)", re.DOTALL)
 
@@ -83,11 +94,19 @@ class ExportReport:
 
     directory: Path  # DIR/<cutoff_ms>
     cutoff_ms: int  # the logs' ratings from before this are in the export
+    previous: Path | None = None  # the export whose rows it carries
+    started_over: Path | None = None  # a previous export of OLD_FORMAT, not carried
+    carried: int = 0  # rows of the previous export (all of them)
+    new: int = 0  # ratings from the logs the previous export did not hold
     users: int = 0  # logs read
-    rows: int = 0  # ratings written
     watches: int = 0  # unrated interactions left out
     malformed: int = 0  # entries no recording wrote (no item, a rating that is no number): skipped
     seconds: float = 0.0
+
+    @property
+    def rows(self) -> int:
+        """Ratings written."""
+        return self.carried + self.new
 
 
 def complete_exports(root: str | Path) -> list[Path]:
@@ -108,9 +127,12 @@ def export_interactions(
     scan_count: int = 500,
     quiet: bool = False,
 ) -> ExportReport:
-    """Writes the ratings the users' logs hold from before now to ``out_dir/<cutoff_ms>/``.
+    """Writes the exported ratings plus the logs' ones from before now to ``out_dir/<cutoff_ms>/``.
 
-    The export is written to a temporary directory and renamed into place
+    The export holds every row of the newest previous export in ``out_dir``
+    and then the logs' ratings it does not hold (by user and log entry id),
+    so a rating stays exported after it left its capped log. The export is
+    written to a temporary directory and renamed into place
     whole, so a training run reads one export's cutoff and ratings together
     whatever another export does meanwhile; then the exports older than the
     ``keep`` newest, and temporary directories killed exports left, are removed.
@@ -127,6 +149,8 @@ def export_interactions(
 
     Raises:
         ValueError: ``keep`` < 1.
+        DataError: The previous export is malformed (carrying nothing from
+            it would drop the ratings it holds that left the logs).
     """
     if keep < 1:
         raise ValueError("keep must be at least 1 (the export being written)")
@@ -146,27 +170,37 @@ def export_interactions(
         cutoff_ms = int(sec) * 1000 + int(usec) // 1000
         last = str(cutoff_ms - 1)
         report = ExportReport(root / str(cutoff_ms), cutoff_ms)
-        with (tmp / EXPORT_RATINGS).open("w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(HEADER)
-            # SCAN returns a key twice when the keyspace shrinks meanwhile: a
-            # log exported twice would train twice.
-            seen: set[str] = set()
-            keys: list[str] = []
-            for raw in redis_client.scan_iter(match=_LOG_PATTERN, count=scan_count, _type="stream"):
-                key = _text(raw)
-                if key in seen:
-                    continue
-                seen.add(key)
-                keys.append(key)
-                if len(keys) >= scan_count:
-                    _export_logs(redis_client, keys, last, writer, report)
-                    keys = []
-            _export_logs(redis_client, keys, last, writer, report)
+        previous = _open_previous(root, report)
+        with previous or contextlib.nullcontext():
+            # (user, log id) of every log row: the previous export's rows are
+            # streamed, so memory grows with the logs, not with what was exported.
+            logged: set[tuple[str, str]] = set()
+            with (tmp / _LOG_ROWS).open("w", newline="", encoding="utf-8") as fh:
+                writer = csv.writer(fh)
+                # SCAN returns a key twice when the keyspace shrinks meanwhile: a
+                # log exported twice would train twice.
+                seen: set[str] = set()
+                keys: list[str] = []
+                for raw in redis_client.scan_iter(
+                    match=_LOG_PATTERN, count=scan_count, _type="stream"
+                ):
+                    key = _text(raw)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    keys.append(key)
+                    if len(keys) >= scan_count:
+                        _export_logs(redis_client, keys, last, writer, report, logged)
+                        keys = []
+                _export_logs(redis_client, keys, last, writer, report, logged)
+            _assemble(tmp, previous, logged, report)
         meta = {
             "format": EXPORT_FORMAT,
             "cutoff_ms": cutoff_ms,
             "rows": report.rows,
+            "previous": report.previous.name if report.previous else None,
+            "carried": report.carried,
+            "new": report.new,
             "users": report.users,
             "watches_left_out": report.watches,
             "malformed": report.malformed,
@@ -184,13 +218,74 @@ def export_interactions(
     _prune(root, keep)
     report.seconds = time.perf_counter() - t0
     if not quiet:
+        if report.previous:
+            source = f"carried from export {report.previous.name}"
+        elif report.started_over:
+            source = (
+                f"carried: export {report.started_over.name} is of format {OLD_FORMAT}, "
+                "without log ids, so this one starts over from the logs"
+            )
+        else:
+            source = "carried: no previous export"
         print(
-            f"export-interactions: {report.rows:,} ratings from {report.users:,} users' logs "
-            f"({report.watches:,} unrated watches left out, {report.malformed:,} malformed "
-            f"entries skipped) to {report.directory}",
+            f"export-interactions: {report.rows:,} ratings ({report.carried:,} {source}; "
+            f"{report.new:,} new from {report.users:,} users' logs, {report.watches:,} unrated "
+            f"watches left out, {report.malformed:,} malformed entries skipped) "
+            f"to {report.directory}",
             file=sys.stderr,
         )
     return report
+
+
+def _open_previous(root: Path, report: ExportReport) -> IO[str] | None:
+    """Opens the ratings of the newest export before ``report``'s cutoff, to carry.
+
+    Opened before the logs are read: an export landing meanwhile may prune
+    it, and an open file stays readable. An export with a later cutoff (one
+    running beside this one) is not carried: publish replays its newer
+    ratings. None when there is no such export, or it is of
+    ``OLD_FORMAT`` (``report.started_over``): its rows have no log ids to
+    tell which the logs still hold.
+
+    Raises:
+        DataError: Its ``export.json`` is malformed.
+    """
+    while True:
+        older = [p for p in complete_exports(root) if int(p.name) < report.cutoff_ms]
+        if not older:
+            return None
+        try:
+            if _read_meta(older[-1])[0] == OLD_FORMAT:
+                report.started_over = older[-1]
+                return None
+            fh = (older[-1] / EXPORT_RATINGS).open(newline="", encoding="utf-8")
+        except FileNotFoundError:
+            continue  # pruned since listed, by an export that landed after it
+        report.previous = older[-1]
+        return fh
+
+
+def _assemble(
+    tmp: Path, previous: IO[str] | None, logged: set[tuple[str, str]], report: ExportReport
+) -> None:
+    """Writes ``tmp``'s ratings: the previous export's rows, then the log rows it lacks."""
+    log_rows = tmp / _LOG_ROWS
+    with (tmp / EXPORT_RATINGS).open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(HEADER)
+        if previous is not None:
+            # A carried row comes from the export, not the log: once exported,
+            # a rating trains as it was, and every export begins with the last.
+            for _, row in _rows(previous.name, previous):
+                writer.writerow(row)
+                logged.discard((row[0], row[-1]))
+                report.carried += 1
+        with log_rows.open(newline="", encoding="utf-8") as rows:
+            for row in csv.reader(rows):
+                if (row[0], row[-1]) in logged:
+                    writer.writerow(row)
+                    report.new += 1
+    log_rows.unlink()
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -208,8 +303,18 @@ def _text(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def _export_logs(redis_client, keys: list[str], last: str, writer, report: ExportReport) -> None:
-    """Reads ``keys``' entries up to ``last`` in one pipeline and writes their ratings."""
+def _export_logs(
+    redis_client,
+    keys: list[str],
+    last: str,
+    writer,
+    report: ExportReport,
+    logged: set[tuple[str, str]],
+) -> None:
+    """Reads ``keys``' entries up to ``last`` in one pipeline and writes their ratings.
+
+    Each rating written also goes into ``logged`` as (user id, log id).
+    """
     users = [(key, user_of_log_key(key)) for key in keys]
     users = [(key, uid) for key, uid in users if uid is not None]
     if not users:
@@ -235,8 +340,9 @@ def _export_logs(redis_client, keys: list[str], last: str, writer, report: Expor
             ts = f.get("ts", "0")
             if not ts.isdigit() or ts == "0":  # no event time given: when it was recorded
                 ts = str(int(_text(entry_id).split("-")[0]) // 1000)
-            writer.writerow([uid, item, rating, ts])
-            report.rows += 1
+            log_id = _text(entry_id)
+            writer.writerow([uid, item, rating, ts, log_id])
+            logged.add((uid, log_id))
 
 
 def _finite(text: str) -> bool:
@@ -283,19 +389,18 @@ def merge_interactions(dataset: Dataset, directory: str | Path) -> tuple[Dataset
         d = exports[-1]
     meta_path, rows_path = d / EXPORT_META, d / EXPORT_RATINGS
     try:
-        meta = json.loads(meta_path.read_text())
+        export_format, cutoff = _read_meta(d)
     except FileNotFoundError:
         raise DataError(
             f"{meta_path}: no such file; --interactions takes a directory "
             "`recsys export-interactions` wrote, or one export in it"
         ) from None
-    except (OSError, ValueError) as exc:
-        raise DataError(f"{meta_path}: {exc}") from exc
-    if not isinstance(meta, dict):
-        meta = {}
-    cutoff = meta.get("cutoff_ms")
-    if meta.get("format") != EXPORT_FORMAT or not isinstance(cutoff, int) or cutoff <= 0:
-        raise DataError(f"{meta_path}: not an export of format {EXPORT_FORMAT} with a cutoff_ms")
+    if export_format != EXPORT_FORMAT:
+        raise DataError(
+            f"{meta_path}: an export of format {export_format}, which does not carry the "
+            "ratings earlier exports held; run `recsys export-interactions` and train on "
+            "the new export"
+        )
     users = {u: i for i, u in enumerate(dataset.user_ids)}
     items = {it: i for i, it in enumerate(dataset.item_ids)}
     new_user: list[int] = []
@@ -305,12 +410,7 @@ def merge_interactions(dataset: Dataset, directory: str | Path) -> tuple[Dataset
     unknown_users = unknown_items = out_of_range = 0
     try:
         with rows_path.open(newline="", encoding="utf-8") as fh:
-            reader = csv.reader(fh)
-            if next(reader, None) != HEADER:
-                raise DataError(f"{rows_path}: line 1: the header is not {','.join(HEADER)}")
-            for line, row in enumerate(reader, start=2):
-                if len(row) != 4:
-                    raise DataError(f"{rows_path}: line {line}: {len(row)} fields, not 4")
+            for line, row in _rows(rows_path, fh):
                 try:
                     rating, ts = float(row[2]), int(row[3])
                 except ValueError:
@@ -342,6 +442,47 @@ def merge_interactions(dataset: Dataset, directory: str | Path) -> tuple[Dataset
         merged.logged_sha256(),
     )  # fmt: skip
     return merged, info
+
+
+def _read_meta(d: Path) -> tuple[int, int]:
+    """Export ``d``'s format (``EXPORT_FORMAT`` or ``OLD_FORMAT``) and cutoff_ms.
+
+    Raises:
+        FileNotFoundError: ``d`` has no ``export.json``.
+        DataError: It is no export of a known format with a cutoff.
+    """
+    path = d / EXPORT_META
+    try:
+        meta = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: {exc}") from exc
+    if not isinstance(meta, dict):
+        meta = {}
+    export_format, cutoff = meta.get("format"), meta.get("cutoff_ms")
+    if (
+        export_format not in (OLD_FORMAT, EXPORT_FORMAT)
+        or not isinstance(cutoff, int)
+        or cutoff <= 0
+    ):
+        raise DataError(f"{path}: not an export of format {EXPORT_FORMAT} with a cutoff_ms")
+    return export_format, cutoff
+
+
+def _rows(path: str | Path, fh: IO[str]) -> Iterator[tuple[int, list[str]]]:
+    """An export's ratings read from ``fh`` (its file ``path``): (line, fields) after the header.
+
+    Raises:
+        DataError: The header is not ``HEADER``, or a row has another number of fields.
+    """
+    reader = csv.reader(fh)
+    if next(reader, None) != HEADER:
+        raise DataError(f"{path}: line 1: the header is not {','.join(HEADER)}")
+    for line, row in enumerate(reader, start=2):
+        if len(row) != len(HEADER):
+            raise DataError(f"{path}: line {line}: {len(row)} fields, not {len(HEADER)}")
+        yield line, row
 
 
 def load_training_data(
@@ -405,5 +546,8 @@ def cli_export(args, settings) -> int:
         raise UserFacingError(f"cannot write the export to {args.out}: {exc}") from exc
     finally:
         client.close()
-    print(f"exported {report.rows} ratings (cutoff_ms {report.cutoff_ms}) to {report.directory}")
+    print(
+        f"exported {report.rows} ratings ({report.new} new; cutoff_ms {report.cutoff_ms}) "
+        f"to {report.directory}"
+    )
     return 0

@@ -20,7 +20,9 @@ from recsys.cli import main
 from recsys.errors import UserFacingError
 from recsys.features import UserAggregates, decode_user_state
 from recsys.user_store import record_interaction
+from trainer.dataset import DataError
 from trainer.interactions import (
+    HEADER,
     complete_exports,
     export_interactions,
     merge_interactions,
@@ -30,6 +32,7 @@ from trainer.loaders import load_dataset
 
 DATA = "synthetic:users=300,items=250,ratings=15000,seed=3"
 TRAIN = ["--epochs", "1", "--hidden-units", "32,16", "--annoy-trees", "3", "--quiet", "--no-plots"]
+H = ",".join(HEADER)  # an export's ratings.csv header
 
 
 def _record(url: str, mv: ModelVersion, uid: str, item: str, rating: float | None) -> None:
@@ -85,11 +88,12 @@ def test_ratings_recorded_online_train_the_next_version_and_count_once(redis_url
     assert export.name == str(meta["cutoff_ms"])
     with (export / "ratings.csv").open(newline="") as fh:
         rows = list(csv.reader(fh))
-    assert rows[0] == ["userId", "movieId", "rating", "timestamp"]
+    assert rows[0] == ["userId", "movieId", "rating", "timestamp", "logId"]
     # No event time was given: each row carries the second its entry was recorded.
     assert sorted(r[:3] for r in rows[1:]) == sorted([[uid, rated, "4.5"],
                                                       ["only-online", rated, "2.0"]])  # fmt: skip
     assert all(abs(int(r[3]) - time.time()) < 120 for r in rows[1:])
+    assert all(int(r[4].split("-")[0]) // 1000 == int(r[3]) for r in rows[1:])
     assert (meta["rows"], meta["users"], meta["watches_left_out"], meta["malformed"]) == (
         2,
         2,
@@ -133,16 +137,20 @@ def test_ratings_recorded_online_train_the_next_version_and_count_once(redis_url
     assert main(["evaluate", "--model-dir", str(models), "--version", "2", "--json"]) == 0
 
 
+def _write_export(out, *rows: str) -> None:
+    """An export of ``rows`` (userId,movieId,rating,timestamp,logId) in directory ``out``."""
+    out.mkdir()
+    (out / "export.json").write_text(json.dumps({"format": 2, "cutoff_ms": 5}))
+    (out / "ratings.csv").write_text("\n".join([",".join(HEADER), *rows]) + "\n")
+
+
 def test_merged_ratings_always_train_and_leave_the_datasets_split_alone(tmp_path):
     data = load_dataset(DATA)
     out = tmp_path / "export"
-    out.mkdir()
-    (out / "export.json").write_text(json.dumps({"format": 1, "cutoff_ms": 5}))
     users, items = data.user_ids, data.item_ids
-    lines = ["userId,movieId,rating,timestamp", f"{users[0]},{items[0]},3,10",
-             f"{users[1]},{items[1]},4.5,11", f"nobody,{items[1]},4,12",
-             f"{users[1]},no-such-item,4,13", f"{users[2]},{items[2]},99,14"]  # fmt: skip
-    (out / "ratings.csv").write_text("\n".join(lines) + "\n")
+    _write_export(out, f"{users[0]},{items[0]},3,10,1-0", f"{users[1]},{items[1]},4.5,11,2-0",
+                  f"nobody,{items[1]},4,12,3-0", f"{users[1]},no-such-item,4,13,4-0",
+                  f"{users[2]},{items[2]},99,14,5-0")  # fmt: skip
 
     merged, info = merge_interactions(data, out)
 
@@ -162,17 +170,17 @@ def test_merged_ratings_always_train_and_leave_the_datasets_split_alone(tmp_path
 @pytest.mark.parametrize(
     "meta, csv_text, message",
     [
-        (None, "userId,movieId,rating,timestamp\n", "export.json: no such file"),
-        ({"format": 2, "cutoff_ms": 5}, "userId,movieId,rating,timestamp\n", "not an export"),
-        ({"format": 1}, "userId,movieId,rating,timestamp\n", "cutoff_ms"),
-        ({"format": 1, "cutoff_ms": 5}, "user,item,rating,timestamp\n", "line 1: the header"),
-        ({"format": 1, "cutoff_ms": 5}, "userId,movieId,rating,timestamp\n1,2,x,3\n", "line 2"),
-        ({"format": 1, "cutoff_ms": 5}, "userId,movieId,rating,timestamp\n1,2\n", "2 fields"),
+        (None, f"{H}\n", "export.json: no such file"),
+        ({"format": 3, "cutoff_ms": 5}, f"{H}\n", "not an export"),
+        ({"format": 2}, f"{H}\n", "cutoff_ms"),
+        # Before rows carried their log id: export again rather than lose what left the logs.
+        ({"format": 1, "cutoff_ms": 5}, f"{H}\n", "an export of format 1"),
+        ({"format": 2, "cutoff_ms": 5}, "userId,movieId,rating,timestamp\n", "line 1: the header"),
+        ({"format": 2, "cutoff_ms": 5}, f"{H}\n1,2,x,3,1-0\n", "line 2"),
+        ({"format": 2, "cutoff_ms": 5}, f"{H}\n1,2\n", "2 fields, not 5"),
     ],
 )
 def test_a_bad_export_is_refused_naming_the_file(tmp_path, meta, csv_text, message):
-    from trainer.dataset import DataError
-
     if meta is not None:
         (tmp_path / "export.json").write_text(json.dumps(meta))
     (tmp_path / "ratings.csv").write_text(csv_text)
@@ -231,6 +239,75 @@ def test_a_log_the_scan_returns_twice_is_exported_once(redis_url, tmp_path):
     assert (report.users, report.rows) == (3, 3)
     _, info = merge_interactions(data, tmp_path)
     assert info.rows == 3
+
+
+def test_a_rating_once_exported_stays_in_every_later_export(redis_url, tmp_path, capsys):
+    """The logs are capped: a rating newer interactions push out of its log still trains."""
+    data = load_dataset(DATA)
+    uid, items = data.user_ids[0], data.item_ids
+    client = redis.Redis.from_url(redis_url)
+
+    def log(*entries: tuple[str, str]) -> None:  # as RecordInteraction does with log_length 3
+        for item, rating in entries:
+            fields = {"item": item, "ts": "0", "r": rating, "i": "0"}
+            client.xadd(redis_keys.user_log(uid), fields, maxlen=3, approximate=False)
+
+    def export():
+        time.sleep(0.01)  # an entry of the cutoff's own millisecond is left to publish
+        report = export_interactions(client, tmp_path)
+        return report, merge_interactions(data, tmp_path)[1]
+
+    try:
+        log((items[0], "5"))
+        first, _ = export()
+        log((items[1], "4"), (items[2], ""))  # the first rating is still in the log
+        second, merged = export()
+        assert merged.rows == 2
+        log(*[(items[3 + n], "") for n in range(3)])  # three watches push both ratings out
+        third, merged = export()
+    finally:
+        client.close()
+    assert merged.rows == 2
+    got = [(r.previous, r.carried, r.new) for r in (first, second, third)]
+    assert got == [(None, 0, 1), (first.directory, 1, 1), (second.directory, 2, 0)]
+    # Carried rows come from the export, so each export begins with the one before.
+    text = [(r.directory / "ratings.csv").read_text() for r in (first, second, third)]
+    assert text[1].startswith(text[0]) and text[2] == text[1]
+    meta = json.loads((third.directory / "export.json").read_text())
+    assert (meta["rows"], meta["previous"], meta["carried"], meta["new"]) == (
+        2,
+        second.directory.name,
+        2,
+        0,
+    )
+    assert f"2 ratings (2 carried from export {second.directory.name}; 0 new" in (
+        capsys.readouterr().err
+    )
+
+
+def test_an_export_after_one_of_the_old_format_starts_over(redis_url, tmp_path, capsys):
+    """Old rows lack log ids, so which of them the logs still hold is unknown: none is carried."""
+    old = tmp_path / "5"
+    old.mkdir()
+    (old / "export.json").write_text(json.dumps({"format": 1, "cutoff_ms": 5}))
+    (old / "ratings.csv").write_text("userId,movieId,rating,timestamp\nu,i,4,1\n")
+    data = load_dataset(DATA)
+    client = redis.Redis.from_url(redis_url)
+    try:
+        client.xadd(redis_keys.user_log(data.user_ids[0]),
+                    {"item": data.item_ids[0], "ts": "0", "r": "4", "i": "0"})  # fmt: skip
+        time.sleep(0.01)
+        report = export_interactions(client, tmp_path)
+        assert (report.started_over, report.previous, report.rows) == (old, None, 1)
+        assert "export 5 is of format 1, without log ids" in capsys.readouterr().err
+        # A broken previous export is refused: starting over would lose what left the logs.
+        (report.directory / "ratings.csv").write_text("userId,movieId\n")
+        time.sleep(0.01)
+        with pytest.raises(DataError, match=r"ratings\.csv: line 1: the header"):
+            export_interactions(client, tmp_path, quiet=True)
+    finally:
+        client.close()
+    assert len(complete_exports(tmp_path)) == 2
 
 
 def test_nightly_versions_stay_comparable_and_evaluate_without_their_export(redis_url, tmp_path):

@@ -198,7 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="also train on the ratings `recsys export-interactions` wrote to DIR (its "
         "newest export, or DIR itself when it is one export; the services' interaction "
-        "logs), kept in the version; publish then replays only the newer ones",
+        "logs), kept in the version (those of a (user, item) pair the split holds out do not "
+        "train); publish then replays only the newer ones",
     )
     p.add_argument("--publish", action="store_true", help="publish to Redis when done")
     p.add_argument("--no-plots", action="store_true", help="skip PNG plots")

@@ -122,15 +122,6 @@ def _train_and_report(args: argparse.Namespace, settings: RecsysSettings, cfg) -
             f"{dataset.n_items:,} items, {dataset.n_ratings:,} ratings",
             file=sys.stderr,
         )
-        if merged is not None:
-            left = merged.unknown_users + merged.unknown_items + merged.out_of_range
-            print(
-                f"train: {merged.rows:,} of them from the interaction logs ({merged.directory}); "
-                f"{left:,} left out ({merged.unknown_users:,} of users and "
-                f"{merged.unknown_items:,} of items the data does not have, "
-                f"{merged.out_of_range:,} outside its rating scale)",
-                file=sys.stderr,
-            )
     try:
         result = train(
             dataset,

@@ -87,8 +87,12 @@ class Dataset:
         and the first ``1 - test_fraction`` go to training. For MovieLens 100K
         with seed 0 this is exactly the split the reference figures use.
         Ratings merged from the interaction logs (``logged_rows``) are left
-        out of the shuffle and all train: the dataset's own split stays as it
-        was, and publish counts every exported rating as in the aggregates.
+        out of the shuffle: the dataset's own split stays as it was. They
+        train, except those of a (user, item) pair the split holds out,
+        which are on neither side: trained on, the pair would be on both and
+        the test set would score the model on a rating it learnt. Like the
+        dataset's own held-out ratings, they are then in no published
+        aggregates (publish replays only the ratings from the export's cutoff on).
 
         Raises:
             DataError: Either side would be empty (too few ratings for the
@@ -104,8 +108,15 @@ class Dataset:
                 f"{test_fraction} leaves the {side} split empty; add ratings or change "
                 "trainer.test_fraction"
             )
+        test = order[cut:]
         logged = np.arange(n, self.n_ratings, dtype=order.dtype)
-        return np.concatenate([order[:cut], logged]), order[cut:]
+        if self.logged_rows:
+            logged = logged[~np.isin(self._pair_keys(logged), self._pair_keys(test))]
+        return np.concatenate([order[:cut], logged]), test
+
+    def _pair_keys(self, rows: np.ndarray) -> np.ndarray:
+        """One int64 per rating of ``rows``: its (user, item) pair."""
+        return self.rating_user[rows].astype(np.int64) * self.n_items + self.rating_item[rows]
 
     def check_ids(self, max_bytes: int) -> None:
         """Raises DataError for a user or item id the services would refuse.

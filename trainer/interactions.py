@@ -19,12 +19,12 @@ aggregates it writes. The loop closes in three steps:
    ``--keep`` go. Watches without a rating are left out (the datasets are
    ratings only), and so are entries no recording wrote (counted as malformed).
 2. ``recsys train --interactions DIR`` appends the newest export's ratings
-   to ``--data`` (always on the training side of the split, so the held-out
-   split of the dataset itself stays what it was and every exported rating
-   reaches the aggregates), records the export, its cutoff and the merged
-   ratings' hash in the manifest, and keeps those ratings in the version
-   (``recsys.artifacts.LOGGED_RATINGS``), where ``recsys evaluate`` finds
-   them again.
+   to ``--data`` (outside the split, so the held-out split of the dataset
+   itself stays what it was; they all train except those of a held-out
+   (user, item) pair, see ``Dataset.split``), records the export, its
+   cutoff and the merged ratings' hash in the manifest, and keeps those
+   ratings in the version (``recsys.artifacts.LOGGED_RATINGS``), where
+   ``recsys evaluate`` finds them again.
 3. ``recsys publish`` of that version then replays only what the training
    data does not hold: every watch, and the ratings from the cutoff on.
 
@@ -363,6 +363,9 @@ class Merged:
     unknown_items: int  # ratings of items not in the catalogue (left out)
     out_of_range: int  # ratings outside the dataset's scale (left out)
     sha256: str  # of the ratings appended (Dataset.logged_sha256), which the version keeps
+    # Of the rows appended, those of a (user, item) pair the dataset's split
+    # holds out: they do not train (Dataset.split). Set by trainer.train.train.
+    held_out_pairs: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest's ``dataset.interactions`` entry."""

@@ -245,7 +245,8 @@ def dataset_manifest(
     ``sha256`` is of the data without them (what ``--data`` loads, which
     alone decides the held-out split), so versions trained on it with
     different exports are compared on the same held-out rows; the merged
-    ratings' own hash is in ``interactions``.
+    ratings' own hash is in ``interactions``, and so is how many of them
+    the split left out (``held_out_pairs``, see ``Dataset.split``).
     """
     extra = {} if interactions is None else {"interactions": interactions.to_dict()}
     return {
@@ -265,6 +266,19 @@ def dataset_manifest(
             "n_test": len(p.test_rows),
         },
     }
+
+
+def _print_merged(m: Merged) -> None:
+    """The summary line of the export merged into the data (after the dataset's line)."""
+    left = m.unknown_users + m.unknown_items + m.out_of_range
+    print(
+        f"train: {m.rows:,} of them from the interaction logs ({m.directory}), "
+        f"{m.held_out_pairs:,} of those not trained on (the split holds out the "
+        f"dataset's rating of the same user and item); {left:,} left out "
+        f"({m.unknown_users:,} of users and {m.unknown_items:,} of items the data does "
+        f"not have, {m.out_of_range:,} outside its rating scale)",
+        file=sys.stderr,
+    )
 
 
 def train(
@@ -298,6 +312,12 @@ def train(
     if dataset.n_ratings == 0:
         raise DataError(f"dataset {dataset.name} ({dataset.source}) has no ratings")
     train_rows, test_rows = dataset.split(cfg.test_fraction, cfg.split_seed)
+    if interactions is not None:
+        # The logged ratings the split left out: their (user, item) pair is held out.
+        held_out = dataset.n_ratings - len(train_rows) - len(test_rows)
+        interactions = dataclasses.replace(interactions, held_out_pairs=held_out)
+        if not quiet:
+            _print_merged(interactions)
     p = prepare(dataset, train_rows, test_rows)
     t0 = time.perf_counter()
     tt, history, epochs_run = fit(p, cfg, quiet=quiet)

@@ -144,7 +144,7 @@ def _write_export(out, *rows: str) -> None:
     (out / "ratings.csv").write_text("\n".join([",".join(HEADER), *rows]) + "\n")
 
 
-def test_merged_ratings_always_train_and_leave_the_datasets_split_alone(tmp_path):
+def test_merged_ratings_train_and_leave_the_datasets_split_alone(tmp_path):
     data = load_dataset(DATA)
     out = tmp_path / "export"
     users, items = data.user_ids, data.item_ids
@@ -165,6 +165,33 @@ def test_merged_ratings_always_train_and_leave_the_datasets_split_alone(tmp_path
     # The dataset's hash is of its own rows (they alone decide the split).
     assert merged.sha256() == data.sha256() and info.sha256 == merged.logged_sha256()
     assert info.sha256 != data.logged_sha256()
+
+
+def test_a_logged_rating_of_a_held_out_pair_trains_on_neither_side(tmp_path, capsys):
+    """Trained on, the pair's held-out rating would score the model on a rating it learnt."""
+    data = load_dataset(DATA)
+    base_train, base_test = data.split(0.2, 0)
+    held = int(base_test[0])
+    u, i = int(data.rating_user[held]), int(data.rating_item[held])
+    rated = set(data.rating_item[data.rating_user == u].tolist())
+    unrated = next(j for j in range(data.n_items) if j not in rated)
+    uid, items = data.user_ids[u], data.item_ids
+    out = tmp_path / "export"
+    _write_export(out, f"{uid},{items[i]},1,10,1-0", f"{uid},{items[unrated]},2,11,2-0")
+
+    merged, _ = merge_interactions(data, out)
+    train, test = merged.split(0.2, 0)
+
+    np.testing.assert_array_equal(test, base_test)
+    np.testing.assert_array_equal(train, np.concatenate([base_train, [data.n_ratings + 1]]))
+    models = tmp_path / "models"
+    capsys.readouterr()
+    argv = ["train", "--data", DATA, "--interactions", str(out), "--model-dir", str(models)]
+    assert main([*argv, *(a for a in TRAIN if a != "--quiet")]) == 0
+    info = ModelVersion.open(models / "1").manifest["dataset"]
+    assert (info["interactions"]["rows"], info["interactions"]["held_out_pairs"]) == (2, 1)
+    assert info["split"]["n_train"] == len(base_train) + 1
+    assert "1 of those not trained on" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -39,6 +39,7 @@ import contextlib
 import csv
 import dataclasses
 import errno
+import fcntl
 import json
 import math
 import os
@@ -69,7 +70,8 @@ OLD_FORMAT = 1
 KEEP_EXPORTS = 3
 HEADER = ["userId", "movieId", "rating", "timestamp", "logId"]
 # The logs' new rows, beside the export being written until it is assembled.
-_LOG_ROWS = "log-rows.csv"
+# Logs per pipelined read: a full log is 200 entries, so ~20k entries at a time.
+_LOGS_PER_READ = 100
 _LOG_PATTERN = "recsys:user:{*}:log"
 _ESCAPED = re.compile(r"\\(.)", re.DOTALL)
 
@@ -157,65 +159,8 @@ def export_interactions(
     t0 = time.perf_counter()
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(root)
-    # A unique name: every container's export runs as PID 1.
-    tmp = root / f".tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
-        sec, usec = redis_client.time()
-        # Redis's clock, the one stream ids come from: an entry recorded after
-        # this read gets an id from this millisecond on, so "before the cutoff"
-        # is exactly what this export can see. The read ends one millisecond
-        # short, since entries of the cutoff's own millisecond may still come.
-        cutoff_ms = int(sec) * 1000 + int(usec) // 1000
-        last = str(cutoff_ms - 1)
-        report = ExportReport(root / str(cutoff_ms), cutoff_ms)
-        previous = _open_previous(root, report)
-        with previous or contextlib.nullcontext():
-            # (user, log id) of every log row: the previous export's rows are
-            # streamed, so memory grows with the logs, not with what was exported.
-            logged: set[tuple[str, str]] = set()
-            with (tmp / _LOG_ROWS).open("w", newline="", encoding="utf-8") as fh:
-                writer = csv.writer(fh)
-                # SCAN returns a key twice when the keyspace shrinks meanwhile: a
-                # log exported twice would train twice.
-                seen: set[str] = set()
-                keys: list[str] = []
-                for raw in redis_client.scan_iter(
-                    match=_LOG_PATTERN, count=scan_count, _type="stream"
-                ):
-                    key = _text(raw)
-                    if key in seen:
-                        continue
-                    seen.add(key)
-                    keys.append(key)
-                    if len(keys) >= scan_count:
-                        _export_logs(redis_client, keys, last, writer, report, logged)
-                        keys = []
-                _export_logs(redis_client, keys, last, writer, report, logged)
-            _assemble(tmp, previous, logged, report)
-        meta = {
-            "format": EXPORT_FORMAT,
-            "cutoff_ms": cutoff_ms,
-            "rows": report.rows,
-            "previous": report.previous.name if report.previous else None,
-            "carried": report.carried,
-            "new": report.new,
-            "users": report.users,
-            "watches_left_out": report.watches,
-            "malformed": report.malformed,
-        }
-        (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
-        try:
-            os.rename(tmp, report.directory)
-        except OSError as exc:
-            # Another export of the same millisecond is in place: it read the
-            # same entries (none can get an id before the cutoff any more).
-            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    _prune(root, keep)
+    with _exclusive(root):
+        report = _export_locked(redis_client, root, keep, scan_count)
     report.seconds = time.perf_counter() - t0
     if not quiet:
         if report.previous:
@@ -237,55 +182,146 @@ def export_interactions(
     return report
 
 
-def _open_previous(root: Path, report: ExportReport) -> IO[str] | None:
-    """Opens the ratings of the newest export before ``report``'s cutoff, to carry.
+@contextlib.contextmanager
+def _exclusive(root: Path) -> Iterator[None]:
+    """Holds ``root/.lock`` (an ``flock``): one export at a time writes into ``root``.
 
-    Opened before the logs are read: an export landing meanwhile may prune
-    it, and an open file stays readable. An export with a later cutoff (one
-    running beside this one) is not carried: publish replays its newer
-    ratings. None when there is no such export, or it is of
-    ``OLD_FORMAT`` (``report.started_over``): its rows have no log ids to
-    tell which the logs still hold.
+    Two overlapping exports (a "train now" Job beside the nightly one) could
+    otherwise lose a rating: the earlier one read it, it left its capped log
+    before the later one read the logs, and the later one, landing as the
+    newest, carried an export from before it. The second waits, then reads
+    Redis's clock and carries the first.
+    """
+    with (root / ".lock").open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _export_locked(redis_client, root: Path, keep: int, scan_count: int) -> ExportReport:
+    """The export itself, with the lock held."""
+    remove_stale_temps(root)
+    # A unique name: every container's export runs as PID 1.
+    tmp = root / f".tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        sec, usec = redis_client.time()
+        # Redis's clock, the one stream ids come from: an entry recorded after
+        # this read gets an id from this millisecond on, so "before the cutoff"
+        # is exactly what this export can see. The read ends one millisecond
+        # short, since entries of the cutoff's own millisecond may still come.
+        cutoff_ms = int(sec) * 1000 + int(usec) // 1000
+        report = ExportReport(root / str(cutoff_ms), cutoff_ms)
+        with (tmp / EXPORT_RATINGS).open("w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(HEADER)
+            newest = _carry(root, report, writer)
+            _read_logs(redis_client, str(cutoff_ms - 1), scan_count, writer, report, newest)
+        meta = {
+            "format": EXPORT_FORMAT,
+            "cutoff_ms": cutoff_ms,
+            "rows": report.rows,
+            "previous": report.previous.name if report.previous else None,
+            "carried": report.carried,
+            "new": report.new,
+            "users": report.users,
+            "watches_left_out": report.watches,
+            "malformed": report.malformed,
+        }
+        (tmp / EXPORT_META).write_text(json.dumps(meta, indent=2) + "\n")
+        try:
+            os.rename(tmp, report.directory)
+        except OSError as exc:
+            # An export of the same millisecond is in place (the one before
+            # this, fast): it read the same entries, and carried its previous.
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _prune(root, keep)
+    return report
+
+
+def _log_id(text: str) -> tuple[int, int]:
+    """A stream entry id ``<ms>-<seq>`` as numbers (ids compare as these pairs)."""
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq)
+
+
+def _carry(root: Path, report: ExportReport, writer) -> dict[str, tuple[int, int]]:
+    """Copies the newest previous export's rows; returns each user's newest log id in it.
+
+    A user's log only ever loses its oldest entries and gains ones with
+    higher ids (a stream's ids only grow), so the log ratings this export
+    must add are exactly those past that id: a per-user number, not a set
+    of every exported rating (which grew ~300 bytes a rating). Nothing is
+    carried from an export of ``OLD_FORMAT`` (``report.started_over``): its
+    rows have no log ids.
 
     Raises:
-        DataError: Its ``export.json`` is malformed.
+        DataError: The previous export is malformed or incomplete (carrying
+            nothing from it would drop the ratings it holds that left the logs).
     """
-    while True:
-        older = [p for p in complete_exports(root) if int(p.name) < report.cutoff_ms]
-        if not older:
-            return None
-        try:
-            if _read_meta(older[-1])[0] == OLD_FORMAT:
-                report.started_over = older[-1]
-                return None
-            fh = (older[-1] / EXPORT_RATINGS).open(newline="", encoding="utf-8")
-        except FileNotFoundError:
-            continue  # pruned since listed, by an export that landed after it
-        report.previous = older[-1]
-        return fh
-
-
-def _assemble(
-    tmp: Path, previous: IO[str] | None, logged: set[tuple[str, str]], report: ExportReport
-) -> None:
-    """Writes ``tmp``'s ratings: the previous export's rows, then the log rows it lacks."""
-    log_rows = tmp / _LOG_ROWS
-    with (tmp / EXPORT_RATINGS).open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(HEADER)
-        if previous is not None:
+    newest: dict[str, tuple[int, int]] = {}
+    older = [p for p in complete_exports(root) if int(p.name) < report.cutoff_ms]
+    if not older:
+        return newest
+    previous = older[-1]
+    if _read_meta(previous)[0] == OLD_FORMAT:
+        report.started_over = previous
+        return newest
+    path = previous / EXPORT_RATINGS
+    try:
+        fh = path.open(newline="", encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(
+            f"{path}: no such file, though {previous / EXPORT_META} is there; restore it, or "
+            f"move {previous} away to export from the logs alone (the ratings it held that "
+            "left the logs are then lost)"
+        ) from None
+    report.previous = previous
+    with fh:
+        for line, row in _rows(path, fh):
             # A carried row comes from the export, not the log: once exported,
             # a rating trains as it was, and every export begins with the last.
-            for _, row in _rows(previous.name, previous):
-                writer.writerow(row)
-                logged.discard((row[0], row[-1]))
-                report.carried += 1
-        with log_rows.open(newline="", encoding="utf-8") as rows:
-            for row in csv.reader(rows):
-                if (row[0], row[-1]) in logged:
-                    writer.writerow(row)
-                    report.new += 1
-    log_rows.unlink()
+            writer.writerow(row)
+            report.carried += 1
+            try:
+                at = _log_id(row[-1])
+            except ValueError:
+                raise DataError(
+                    f"{path}: line {line}: log id {row[-1]!r} is not <ms>-<seq>"
+                ) from None
+            if at > newest.get(row[0], (-1, -1)):
+                newest[row[0]] = at
+    return newest
+
+
+def _read_logs(
+    redis_client,
+    last: str,
+    scan_count: int,
+    writer,
+    report: ExportReport,
+    newest: dict[str, tuple[int, int]],
+) -> None:
+    """Writes the logs' ratings up to ``last`` that are past each user's ``newest`` exported."""
+    # SCAN returns a key twice when the keyspace shrinks meanwhile: a log
+    # exported twice would train twice.
+    seen: set[str] = set()
+    keys: list[str] = []
+    for raw in redis_client.scan_iter(match=_LOG_PATTERN, count=scan_count, _type="stream"):
+        key = _text(raw)
+        if key in seen:
+            continue
+        seen.add(key)
+        keys.append(key)
+        if len(keys) >= _LOGS_PER_READ:
+            _export_logs(redis_client, keys, last, writer, report, newest)
+            keys = []
+    _export_logs(redis_client, keys, last, writer, report, newest)
 
 
 def _prune(root: Path, keep: int) -> None:
@@ -309,19 +345,21 @@ def _export_logs(
     last: str,
     writer,
     report: ExportReport,
-    logged: set[tuple[str, str]],
+    newest: dict[str, tuple[int, int]],
 ) -> None:
-    """Reads ``keys``' entries up to ``last`` in one pipeline and writes their ratings.
+    """Reads ``keys``' entries up to ``last`` in one pipeline and writes the new ratings.
 
-    Each rating written also goes into ``logged`` as (user id, log id).
+    New: past the user's ``newest`` log id in the carried export.
     """
     users = [(key, user_of_log_key(key)) for key in keys]
     users = [(key, uid) for key, uid in users if uid is not None]
     if not users:
         return
     pipe = redis_client.pipeline(transaction=False)
-    for key, _ in users:
-        pipe.xrange(key, "-", last)
+    for key, uid in users:
+        # Only what the carried export does not hold comes back.
+        done = newest.get(uid)
+        pipe.xrange(key, "-" if done is None else f"({done[0]}-{done[1]}", last)
     for (_, uid), entries in zip(users, pipe.execute(raise_on_error=False), strict=True):
         if isinstance(entries, Exception):
             continue  # replaced by another type since the scan saw it
@@ -340,9 +378,8 @@ def _export_logs(
             ts = f.get("ts", "0")
             if not ts.isdigit() or ts == "0":  # no event time given: when it was recorded
                 ts = str(int(_text(entry_id).split("-")[0]) // 1000)
-            log_id = _text(entry_id)
-            writer.writerow([uid, item, rating, ts, log_id])
-            logged.add((uid, log_id))
+            writer.writerow([uid, item, rating, ts, _text(entry_id)])
+            report.new += 1
 
 
 def _finite(text: str) -> bool:

@@ -232,7 +232,7 @@ def test_an_export_cut_short_leaves_the_last_one_whole(redis_url, tmp_path, monk
             interactions.export_interactions(client, tmp_path, quiet=True)
     finally:
         client.close()
-    assert [p.name for p in tmp_path.iterdir()] == [first.directory.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", first.directory.name]
     _, info = merge_interactions(load_dataset(DATA), tmp_path)
     assert info.cutoff_ms == first.cutoff_ms
 
@@ -428,7 +428,8 @@ def test_the_newest_exports_are_kept_and_killed_ones_cleared(redis_url, tmp_path
         client.close()
     kept = complete_exports(tmp_path)
     assert [int(p.name) for p in kept] == cutoffs[1:]
-    assert {p.name for p in tmp_path.iterdir()} == {p.name for p in kept} | {running.name}
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {p.name for p in kept} | {running.name, ".lock"}
     # --interactions takes the newest export in the directory, or the one it names.
     data = load_dataset(DATA)
     assert merge_interactions(data, tmp_path)[1].cutoff_ms == cutoffs[-1]
@@ -460,3 +461,73 @@ def test_a_malformed_log_entry_is_skipped_and_counted(redis_url, tmp_path, capsy
     assert report.malformed == 3
     assert json.loads((report.directory / "export.json").read_text())["malformed"] == 3
     assert "3 malformed entries skipped" in capsys.readouterr().err
+
+
+def test_overlapping_exports_run_one_after_the_other(redis_url, tmp_path, monkeypatch):
+    """A 'train now' Job beside the nightly one: the later export must carry the earlier.
+
+    Unserialised, export A read a rating, the rating then left its capped log,
+    export B read the logs without it and, landing as the newest, became what
+    every later export carried: the rating was lost for good.
+    """
+    import threading
+
+    import trainer.interactions as interactions
+
+    data = load_dataset(DATA)
+    uid, items = data.user_ids[0], data.item_ids
+    client = redis.Redis.from_url(redis_url)
+
+    def log(item: str) -> None:
+        fields = {"item": item, "ts": "0", "r": "4", "i": "0"}
+        client.xadd(redis_keys.user_log(uid), fields, maxlen=1, approximate=False)
+        time.sleep(0.005)  # the next entry, or an export's cutoff, in a later millisecond
+
+    a_read, go_on = threading.Event(), threading.Event()
+    real = interactions._read_logs
+
+    def hold_a(*args, **kwargs):
+        real(*args, **kwargs)
+        if threading.current_thread().name == "A":  # A has read the logs; it lands later
+            a_read.set()
+            go_on.wait(10)
+
+    monkeypatch.setattr(interactions, "_read_logs", hold_a)
+    reports = {}
+
+    def export(name: str) -> None:
+        reports[name] = export_interactions(redis.Redis.from_url(redis_url), tmp_path, quiet=True)
+
+    try:
+        log(items[0])
+        a = threading.Thread(name="A", target=export, args=("A",))
+        a.start()
+        assert a_read.wait(10)
+        log(items[1])  # the first rating leaves its log (cap 1)
+        b = threading.Thread(name="B", target=export, args=("B",))
+        b.start()
+        b.join(0.5)
+        assert b.is_alive(), "B waits for A"
+        go_on.set()
+        a.join(10)
+        b.join(10)
+    finally:
+        go_on.set()
+        client.close()
+    assert reports["B"].previous == reports["A"].directory
+    newest = complete_exports(tmp_path)[-1]
+    with (newest / "ratings.csv").open(newline="") as fh:
+        assert [r[1] for r in list(csv.reader(fh))[1:]] == [items[0], items[1]]
+
+
+def test_an_export_whose_ratings_file_is_missing_is_refused_not_retried(redis_url, tmp_path):
+    """It spun at full CPU, taking the missing file for an export pruned meanwhile."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        first = export_interactions(client, tmp_path, quiet=True)
+        (first.directory / "ratings.csv").unlink()  # a partial restore, a copy cut short
+        time.sleep(0.005)
+        with pytest.raises(DataError, match=r"ratings\.csv: no such file"):
+            export_interactions(client, tmp_path, quiet=True)
+    finally:
+        client.close()

@@ -80,6 +80,11 @@ class Dataset:
         """Number of ratings."""
         return int(self.rating.shape[0])
 
+    @property
+    def n_own_ratings(self) -> int:
+        """Ratings of the dataset itself: the first ones, before any ``logged_rows``."""
+        return self.n_ratings - self.logged_rows
+
     def split(self, test_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
         """Random rating split: ``(train_rows, test_rows)``.
 
@@ -98,7 +103,7 @@ class Dataset:
             DataError: Either side would be empty (too few ratings for the
                 fraction): the metrics of an empty test set are NaN.
         """
-        n = self.n_ratings - self.logged_rows
+        n = self.n_own_ratings
         order = np.random.default_rng(seed).permutation(n)
         cut = round(n * (1.0 - test_fraction))
         if cut == 0 or cut == n:
@@ -149,7 +154,7 @@ class Dataset:
             h.update("\x1f".join(part).encode())
             h.update(b"\x1e")
         h.update("\x1f".join(str(x) for x in self.user_gender + self.user_occupation).encode())
-        n = self.n_ratings - self.logged_rows
+        n = self.n_own_ratings
         for arr in (
             self.user_age, self.item_year, self.item_genres,
             self.rating_user[:n], self.rating_item[:n], self.rating[:n], self.timestamp[:n],
@@ -159,7 +164,7 @@ class Dataset:
 
     def logged(self) -> dict[str, np.ndarray]:
         """The ratings merged from the interaction logs, by column (``RATING_COLUMNS``)."""
-        n = self.n_ratings - self.logged_rows
+        n = self.n_own_ratings
         return {name: getattr(self, name)[n:] for name in RATING_COLUMNS}
 
     def logged_sha256(self) -> str:
@@ -185,7 +190,7 @@ class Dataset:
         lengths = {len(a) for a in added.values()}
         if (columns and set(columns) != set(RATING_COLUMNS)) or len(lengths) != 1:
             raise ValueError(f"logged ratings take all of {sorted(RATING_COLUMNS)}, alike long")
-        n = self.n_ratings - self.logged_rows
+        n = self.n_own_ratings
         return dataclasses.replace(
             self,
             **{name: np.concatenate([getattr(self, name)[:n], a]) for name, a in added.items()},

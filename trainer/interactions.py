@@ -11,7 +11,7 @@ aggregates it writes. The loop closes in three steps:
    timestamp, logId, the log entry's stream id; ``export.json`` with the
    cutoff, Redis's clock in milliseconds when the export started). It holds
    every row of the newest previous export, then every *rating* the logs
-   hold from before the cutoff that it does not (by user and logId): the
+   hold from before the cutoff past the user's newest logId in it: the
    logs are capped, so a rating once exported must stay in every later
    export, or it would leave training once newer interactions pushed it out
    of its log. It is built under a temporary name and renamed into place
@@ -69,7 +69,6 @@ OLD_FORMAT = 1
 # newer ones land still finds it.
 KEEP_EXPORTS = 3
 HEADER = ["userId", "movieId", "rating", "timestamp", "logId"]
-# The logs' new rows, beside the export being written until it is assembled.
 # Logs per pipelined read: a full log is 200 entries, so ~20k entries at a time.
 _LOGS_PER_READ = 100
 _LOG_PATTERN = "recsys:user:{*}:log"
@@ -375,10 +374,11 @@ def _export_logs(
             if not item or not _finite(rating):
                 report.malformed += 1
                 continue
+            log_id = _text(entry_id)
             ts = f.get("ts", "0")
             if not ts.isdigit() or ts == "0":  # no event time given: when it was recorded
-                ts = str(int(_text(entry_id).split("-")[0]) // 1000)
-            writer.writerow([uid, item, rating, ts, _text(entry_id)])
+                ts = str(int(log_id.split("-")[0]) // 1000)
+            writer.writerow([uid, item, rating, ts, log_id])
             report.new += 1
 
 

@@ -4,6 +4,9 @@
 compares the stack as it is (A) with the same stack under other settings
 (B); ``--a-tree`` / ``--b-tree`` run a side from another checkout of the
 repository (its services are started with that checkout first on the path).
+The load is ``Recommend`` through both services (``bench.e2e``'s); ``--rpc
+Rank`` puts ``bench.ranking``'s ``Rank`` load (1,000 candidates a call) on
+the ranking service instead.
 
 Why not two ``python -m bench`` runs: these machines change speed by ±10%
 within minutes, more than most changes worth measuring. So both sides'
@@ -48,6 +51,7 @@ from bench.common import describe_machine, jsonable, machine_info, stack_on_copy
 
 REPO = Path(__file__).resolve().parents[1]
 CONCURRENCY = 64
+AB_RPCS = ("Recommend", "Rank")
 
 
 @dataclass
@@ -179,23 +183,29 @@ def _start(side: Side, model_src: Path, tmp: Path):
         return stack_on_copy(src, tmp / side.label)
 
 
-def _round(stack, users: list[str], duration: float, warmup: float) -> dict[str, float]:
+def _round(
+    stack, users: list[str], items: list[str], duration: float, warmup: float, rpc: str
+) -> dict[str, float]:
     from bench.e2e import BUDGET, K, _inspect, measured, per_call_ms
+    from bench.ranking import rank_load
     from recsys.loadtest import LoadConfig
 
     pids = {"ranking": stack.procs[1].pid, "retrieval": stack.procs[0].pid}
-    cfg = LoadConfig(
-        rpc="Recommend",
-        target=stack.ranking_address,
-        concurrency=CONCURRENCY,
-        duration_s=duration,
-        warmup_s=warmup,
-        k=K,
-        budget=BUDGET,
-        user_ids=users,
-        timeout_s=2.0,
-        inspect=_inspect,
-    )
+    if rpc == "Rank":
+        cfg = rank_load(stack.ranking_address, items, duration, warmup)
+    else:
+        cfg = LoadConfig(
+            rpc="Recommend",
+            target=stack.ranking_address,
+            concurrency=CONCURRENCY,
+            duration_s=duration,
+            warmup_s=warmup,
+            k=K,
+            budget=BUDGET,
+            user_ids=users,
+            timeout_s=2.0,
+            inspect=_inspect,
+        )
     report, cpu_s = measured(cfg, pids)
     # The servers' CPU covers the warm-up too, which ran at about the same rate.
     cpu = per_call_ms(cpu_s, report.qps, warmup, duration)
@@ -217,6 +227,7 @@ def run(
     duration: float = 5.0,
     warmup: float = 1.0,
     model_dir: Path | None = None,
+    rpc: str = "Recommend",
     say=print,
 ) -> dict[str, Any]:
     """Starts both sides' stacks, measures them in alternating rounds, stops them.
@@ -229,7 +240,12 @@ def run(
         duration, warmup: Seconds of each measured round and of its warm-up.
         model_dir: A trained model directory to copy for both sides; None
             trains the built-in synthetic dataset first (about a minute).
+        rpc: ``Recommend`` (through both services) or ``Rank`` (the ranking
+            service alone; retrieval stays up, idle, and its CPU per call is
+            near 0).
     """
+    if rpc not in AB_RPCS:
+        raise ValueError(f"rpc must be one of {AB_RPCS}, got {rpc!r}")
     from bench.e2e import _train
     from recsys.loadtest import known_ids
 
@@ -238,7 +254,7 @@ def run(
         if model_dir is None:
             model_dir = tmp / "trained"
             _train(model_dir, 3, tmp / "train.log")
-        users, _items, version = known_ids(model_dir)
+        users, items, version = known_ids(model_dir)
         per_start = split_rounds(rounds, starts)
         rows: dict[str, list[dict[str, float]]] = {"A": [], "B": []}
         done = 0
@@ -252,9 +268,9 @@ def run(
                 # The first round after start-up runs slow (caches, allocator,
                 # connections): one unrecorded round per side first.
                 for side in order:
-                    _round(stacks[side.label], users, duration, warmup)
+                    _round(stacks[side.label], users, items, duration, warmup, rpc)
                 for r, label in round_order(n):
-                    row = _round(stacks[label], users, duration, warmup)
+                    row = _round(stacks[label], users, items, duration, warmup, rpc)
                     rows[label].append(row)
                     say(
                         f"round {done + r + 1:2d} {label}: {row['qps']:7.1f} req/s  p99 "
@@ -268,6 +284,7 @@ def run(
     return {
         "sides": {s.label: {"env": s.env, "tree": str(s.tree)} for s in (a, b)},
         "model_version": version,
+        "rpc": rpc,
         "rounds": rows,
         "summary": summarise(rows, per_start),
     }
@@ -289,6 +306,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=5.0, help="seconds per measured round")
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--model-dir", type=Path, help="trained model directory (default: train)")
+    p.add_argument(
+        "--rpc",
+        choices=AB_RPCS,
+        default="Recommend",
+        help="Recommend through both services, or Rank (1,000 candidates) on ranking alone",
+    )
     p.add_argument("--out", type=Path, help="also write the results as JSON here")
     return p
 
@@ -323,9 +346,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"reproduce: {reproduce_line(sys.argv[1:] if argv is None else argv)}")
     for side in (a, b):
         print(f"side {side.label}: tree {side.tree}, env {side.env or '{}'}", flush=True)
+    print(f"load: {args.rpc}, {CONCURRENCY} closed-loop streams", flush=True)
     result = run(
         a, b, rounds=args.rounds, starts=args.starts, duration=args.duration, warmup=args.warmup,
-        model_dir=args.model_dir, say=lambda line: print(line, flush=True),
+        model_dir=args.model_dir, rpc=args.rpc, say=lambda line: print(line, flush=True),
     )  # fmt: skip
     for line in summary_lines(result["summary"]):
         print(line)

@@ -223,6 +223,25 @@ def _scrape_batch_sizes(metrics_port: int) -> dict[str, float]:
 RANK_WORKERS = (1, 2)
 
 
+RANK_USERS = [f"load-user-{i}" for i in range(1000)]
+
+
+def rank_load(target: str, item_ids: list[str], duration_s: float, warmup_s: float):
+    """The ``Rank`` load this benchmark and ``bench.ab --rpc Rank`` put on ``target``.
+
+    64 closed-loop streams, each call 1,000 candidates drawn from
+    ``item_ids`` for one of 1,000 users the model does not know: every call
+    reads Redis, finds no state and ranks with the default user features.
+    """
+    from recsys.loadtest import LoadConfig
+
+    return LoadConfig(
+        rpc="Rank", target=target, concurrency=64, duration_s=duration_s, warmup_s=warmup_s,
+        user_ids=RANK_USERS, item_ids=item_ids, candidates=N_CANDIDATES, k=TOP_K,
+        timeout_s=10.0,
+    )  # fmt: skip
+
+
 def rpc_load(version: Path, quick: bool) -> dict[str, Any]:
     from bench.echo import EchoProcess
     from ranking_service.testing import wait_serving
@@ -231,15 +250,11 @@ def rpc_load(version: Path, quick: bool) -> dict[str, Any]:
     from recsys.loadtest import LoadConfig, run_load
 
     mv = ModelVersion.open(version)
-    users = [f"load-user-{i}" for i in range(1000)]
+    item_ids = list(mv.item_ids)
     duration, warmup = (3.0, 1.0) if quick else (10.0, 2.0)
 
     def config(target: str) -> LoadConfig:
-        return LoadConfig(
-            rpc="Rank", target=target, concurrency=64, duration_s=duration, warmup_s=warmup,
-            user_ids=users, item_ids=list(mv.item_ids), candidates=N_CANDIDATES, k=TOP_K,
-            timeout_s=10.0,
-        )  # fmt: skip
+        return rank_load(target, item_ids, duration, warmup)
 
     out: dict[str, Any] = {}
     by_workers: dict[int, Any] = {}

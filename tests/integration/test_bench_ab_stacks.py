@@ -35,3 +35,24 @@ def test_two_stacks_are_measured_in_alternating_rounds(trained_version, tmp_path
     assert len(out["summary"]["qps_ratio_per_round"]) == 3
     assert len(out["summary"]["qps_ratio_median_per_start"]) == 2
     assert out["sides"]["B"]["env"] == {"RECSYS_RANKING__RETRIEVAL_MAX_IN_FLIGHT": "1"}
+
+
+def test_rank_mode_loads_the_ranking_service_alone(trained_version, tmp_path):
+    out = run(
+        Side("A"),
+        Side("B"),
+        rounds=1,
+        starts=1,
+        duration=1.0,
+        warmup=0.5,
+        model_dir=trained_version.parent,
+        rpc="Rank",
+        say=lambda line: None,
+    )
+    assert out["rpc"] == "Rank"
+    for label in ("A", "B"):
+        (row,) = out["rounds"][label]
+        assert row["qps"] > 0 and row["errors"] == 0
+        # Rank never reaches retrieval, which is up and idle: its CPU per call
+        # is a small fraction of ranking's (Recommend's is about 0.7 of it).
+        assert row["cpu_retrieval_ms"] < 0.2 * row["cpu_ranking_ms"]

@@ -116,3 +116,12 @@ def test_the_medians_do_not_depend_on_where_a_missing_p99_falls():
         for o in orders
     }
     assert got == {11.0}
+
+
+def test_an_unknown_rpc_is_refused_before_anything_starts(tmp_path: Path):
+    from bench.ab import run
+
+    with pytest.raises(ValueError, match="'Retrieve'"):
+        run(Side("A"), Side("B"), rpc="Retrieve", model_dir=tmp_path / "absent")
+    with pytest.raises(SystemExit):
+        main(["--rpc", "Retrieve"])

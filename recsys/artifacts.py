@@ -21,6 +21,7 @@ A model directory holds numbered versions, TF-Serving style::
         user_features.npy    float32 [n_users, F_user] precomputed user features
         logged/*.npy         the ratings from the interaction logs it trained on, when
                              trained with --interactions (see LOGGED_RATINGS)
+        logged/user_ids.json the users only those logs knew (see LOGGED_USERS)
         metrics.json, *.png  evaluation report (optional, checksummed when present)
 
 Versions are written to a hidden temporary directory and renamed into place
@@ -76,6 +77,9 @@ REQUIRED_DIRS = (USER_TOWER, ITEM_TOWER)
 LOGGED_RATINGS = {
     name: f"logged/{name}.npy" for name in ("rating_user", "rating_item", "rating", "timestamp")
 }
+# The users only those logs knew, appended to the dataset's own (JSON list of
+# ids, in row order); absent when there were none.
+LOGGED_USERS = "logged/user_ids.json"
 # The tower SavedModels are called through this signature with these names.
 SIGNATURE = "serving_default"
 INPUT_KEY = "features"
@@ -370,6 +374,15 @@ class ModelVersion:
         if not all(rel in self.manifest["files"] for rel in LOGGED_RATINGS.values()):
             return None
         return {name: self._npy(rel, mmap=False) for name, rel in LOGGED_RATINGS.items()}
+
+    def logged_user_ids(self) -> list[str]:
+        """Users only the interaction logs knew, which it trained on (``LOGGED_USERS``)."""
+        if LOGGED_USERS not in self.manifest["files"]:
+            return []
+        ids = self._json(LOGGED_USERS)
+        if not isinstance(ids, list) or not all(isinstance(x, str) for x in ids):
+            raise ArtifactError(f"{self.path / LOGGED_USERS}: expected a JSON list of user ids")
+        return ids
 
     # --- models -------------------------------------------------------------------
 

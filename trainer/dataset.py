@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,6 +65,9 @@ class Dataset:
     # (trainer.interactions): they always train, and the split of the rest is
     # the one the dataset alone gets.
     logged_rows: int = 0
+    # The last this many users are known from those logs alone (users who
+    # came after the data was collected): their side features are unknown.
+    logged_users: int = 0
 
     @property
     def n_users(self) -> int:
@@ -79,6 +83,11 @@ class Dataset:
     def n_ratings(self) -> int:
         """Number of ratings."""
         return int(self.rating.shape[0])
+
+    @property
+    def n_own_users(self) -> int:
+        """Users of the dataset itself: the first ones, before any ``logged_users``."""
+        return self.n_users - self.logged_users
 
     @property
     def n_own_ratings(self) -> int:
@@ -150,13 +159,15 @@ class Dataset:
         (``recsys evaluate --compare``). :meth:`logged_sha256` is theirs.
         """
         h = hashlib.sha256()
-        for part in (self.genres, self.user_ids, self.user_country, self.item_ids):
+        u = self.n_own_users
+        for part in (self.genres, self.user_ids[:u], self.user_country[:u], self.item_ids):
             h.update("\x1f".join(part).encode())
             h.update(b"\x1e")
-        h.update("\x1f".join(str(x) for x in self.user_gender + self.user_occupation).encode())
+        people = self.user_gender[:u] + self.user_occupation[:u]
+        h.update("\x1f".join(str(x) for x in people).encode())
         n = self.n_own_ratings
         for arr in (
-            self.user_age, self.item_year, self.item_genres,
+            self.user_age[:u], self.item_year, self.item_genres,
             self.rating_user[:n], self.rating_item[:n], self.rating[:n], self.timestamp[:n],
         ):  # fmt: skip
             h.update(np.ascontiguousarray(arr).tobytes())
@@ -167,32 +178,62 @@ class Dataset:
         n = self.n_own_ratings
         return {name: getattr(self, name)[n:] for name in RATING_COLUMNS}
 
+    def logged_user_ids(self) -> list[str]:
+        """Ids of the users the interaction logs alone know, in their row order."""
+        return self.user_ids[self.n_own_users :]
+
     def logged_sha256(self) -> str:
-        """Content hash of the ratings merged from the interaction logs (of none: a constant)."""
+        """Content hash of the ratings merged from the interaction logs (of none: a constant).
+
+        It covers the users those alone know too, when there are any (so a
+        version trained before such users were added keeps its hash).
+        """
         h = hashlib.sha256()
         for arr in self.logged().values():
             h.update(np.ascontiguousarray(arr).tobytes())
+        if self.logged_users:
+            h.update(b"\x1e" + "\x1f".join(self.logged_user_ids()).encode())
         return h.hexdigest()
 
-    def with_logged(self, **columns: np.ndarray | list) -> Dataset:
+    def with_logged(self, users: Sequence[str] = (), **columns: np.ndarray | list) -> Dataset:
         """This dataset's own ratings with ``columns`` as the merged ones (none: without any).
 
         Args:
+            users: Ids of users the dataset lacks, appended after its own with
+                unknown side features (rows ``n_own_users`` on); they replace
+                the users merged before.
             columns: Every one of ``RATING_COLUMNS`` (user and item rows of
-                this dataset), or nothing; they replace the ratings merged before.
+                this dataset, the appended users included), or nothing; they
+                replace the ratings merged before.
 
         Raises:
-            ValueError: Some columns missing, or of different lengths.
+            ValueError: Some columns missing, or of different lengths; a
+                user row out of range; an appended user the dataset has.
         """
-        if not columns and not self.logged_rows:
+        if not columns and not users and not self.logged_rows and not self.logged_users:
             return self
         added = {name: np.asarray(columns.get(name, ()), t) for name, t in RATING_COLUMNS.items()}
         lengths = {len(a) for a in added.values()}
         if (columns and set(columns) != set(RATING_COLUMNS)) or len(lengths) != 1:
             raise ValueError(f"logged ratings take all of {sorted(RATING_COLUMNS)}, alike long")
-        n = self.n_own_ratings
+        u, n = self.n_own_users, self.n_own_ratings
+        users = [str(x) for x in users]
+        if set(users) & set(self.user_ids[:u]) or len(set(users)) != len(users):
+            raise ValueError("appended users must be new to the dataset and distinct")
+        rows = added["rating_user"]
+        if len(rows) and not (int(rows.min()) >= 0 and int(rows.max()) < u + len(users)):
+            raise ValueError(f"a logged rating's user row is outside 0..{u + len(users) - 1}")
+        k = len(users)
         return dataclasses.replace(
             self,
+            user_ids=self.user_ids[:u] + users,
+            # Unknown, as a loader leaves a user without side information,
+            # except the country: none, so no country's top list counts them.
+            user_age=np.concatenate([self.user_age[:u], np.full(k, np.nan)]),
+            user_gender=self.user_gender[:u] + [None] * k,
+            user_occupation=self.user_occupation[:u] + [None] * k,
+            user_country=self.user_country[:u] + [""] * k,
+            logged_users=k,
             **{name: np.concatenate([getattr(self, name)[:n], a]) for name, a in added.items()},
             logged_rows=len(added["rating"]),
         )

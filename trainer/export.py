@@ -214,6 +214,8 @@ def export_version(
             # rebuilds its training data from the version, not from an export.
             for name, column in d.logged().items():
                 w.write_npy(A.LOGGED_RATINGS[name], column)
+        if d.logged_users:
+            w.write_json(A.LOGGED_USERS, d.logged_user_ids())
         metrics = report(w.path, vectors) if report is not None else {}
         body = {
             **manifest,

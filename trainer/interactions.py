@@ -396,7 +396,7 @@ class Merged:
     directory: str  # the export read (DIR/<cutoff_ms>)
     cutoff_ms: int
     rows: int  # ratings appended
-    unknown_users: int  # ratings of users the dataset does not have (left out)
+    new_users: int  # users only the logs know, appended with unknown side features
     unknown_items: int  # ratings of items not in the catalogue (left out)
     out_of_range: int  # ratings outside the dataset's scale (left out)
     sha256: str  # of the ratings appended (Dataset.logged_sha256), which the version keeps
@@ -413,10 +413,13 @@ def merge_interactions(dataset: Dataset, directory: str | Path) -> tuple[Dataset
     """Appends an export's ratings to ``dataset``; they always train (``Dataset.logged_rows``).
 
     ``directory`` is the one ``recsys export-interactions`` wrote to (its
-    newest complete export is read) or one export in it. Ratings of users or
-    items the dataset does not have, or outside its rating scale, are left
-    out and counted: a user only the logs know has no side features to
-    train with (publish replays that user's log as before).
+    newest complete export is read) or one export in it. A user the dataset
+    does not have (one who came after it was collected) is appended to it
+    with unknown side features, as a loader leaves a user without them: the
+    model learns them from their ratings, and the version's publish seeds
+    them like every other user. Ratings of items the dataset does not have,
+    or outside its rating scale, are left out and counted: an item has no
+    features to learn from without its catalogue row.
 
     Raises:
         DataError: The directory holds no complete export, or a malformed one.
@@ -441,13 +444,14 @@ def merge_interactions(dataset: Dataset, directory: str | Path) -> tuple[Dataset
             "ratings earlier exports held; run `recsys export-interactions` and train on "
             "the new export"
         )
-    users = {u: i for i, u in enumerate(dataset.user_ids)}
+    users = {u: i for i, u in enumerate(dataset.user_ids[: dataset.n_own_users])}
+    added_users: list[str] = []  # in the order the export first names them
     items = {it: i for i, it in enumerate(dataset.item_ids)}
     new_user: list[int] = []
     new_item: list[int] = []
     new_rating: list[float] = []
     new_ts: list[int] = []
-    unknown_users = unknown_items = out_of_range = 0
+    unknown_items = out_of_range = 0
     try:
         with rows_path.open(newline="", encoding="utf-8") as fh:
             for line, row in _rows(rows_path, fh):
@@ -458,14 +462,16 @@ def merge_interactions(dataset: Dataset, directory: str | Path) -> tuple[Dataset
                         f"{rows_path}: line {line}: rating {row[2]!r} or timestamp "
                         f"{row[3]!r} is not a number"
                     ) from None
-                u, i = users.get(row[0]), items.get(row[1])
-                if u is None:
-                    unknown_users += 1
-                elif i is None:
+                i = items.get(row[1])
+                if i is None:
                     unknown_items += 1
                 elif not dataset.rating_min <= rating <= dataset.rating_max:
                     out_of_range += 1
                 else:
+                    u = users.get(row[0])
+                    if u is None:
+                        u = users[row[0]] = len(users)
+                        added_users.append(row[0])
                     new_user.append(u)
                     new_item.append(i)
                     new_rating.append(rating)
@@ -475,10 +481,11 @@ def merge_interactions(dataset: Dataset, directory: str | Path) -> tuple[Dataset
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"{rows_path}: {exc}") from exc
     merged = dataset.with_logged(
-        rating_user=new_user, rating_item=new_item, rating=new_rating, timestamp=new_ts
-    )
+        added_users,
+        rating_user=new_user, rating_item=new_item, rating=new_rating, timestamp=new_ts,
+    )  # fmt: skip
     info = Merged(
-        str(d), cutoff, len(new_user), unknown_users, unknown_items, out_of_range,
+        str(d), cutoff, len(new_user), len(added_users), unknown_items, out_of_range,
         merged.logged_sha256(),
     )  # fmt: skip
     return merged, info
@@ -560,7 +567,17 @@ def version_training_data(mv, dataset: Dataset) -> Dataset:
             f"{merged.get('directory')} before versions kept the ratings they trained on, "
             "so its training data cannot be rebuilt; train it again to evaluate it"
         )
-    out = dataset.with_logged(**(mv.logged_ratings() or {}))
+    from recsys.artifacts import ArtifactError
+
+    try:
+        out = dataset.with_logged(mv.logged_user_ids(), **(mv.logged_ratings() or {}))
+    except ArtifactError as exc:
+        raise UserFacingError(str(exc)) from None
+    except ValueError as exc:  # files that do not fit the dataset: changed or another one
+        raise UserFacingError(
+            f"version {mv.version}: the interaction-log ratings it keeps do not fit its "
+            f"dataset ({exc})"
+        ) from None
     if out.logged_sha256() != merged["sha256"]:
         raise UserFacingError(
             f"version {mv.version}: the interaction-log ratings it keeps are not the ones it "

@@ -147,7 +147,8 @@ def _profile(users: dict[str, list], row: int) -> UserProfile:
         age=float(age) if age is not None and math.isfinite(age) else None,
         gender=users["gender"][row],
         occupation=users["occupation"][row],
-        country=users["country"][row],
+        # "": a user only the interaction logs knew (trainer.dataset.with_logged).
+        country=users["country"][row] or None,
     )
 
 

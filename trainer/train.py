@@ -270,13 +270,14 @@ def dataset_manifest(
 
 def _print_merged(m: Merged) -> None:
     """The summary line of the export merged into the data (after the dataset's line)."""
-    left = m.unknown_users + m.unknown_items + m.out_of_range
+    left = m.unknown_items + m.out_of_range
     print(
         f"train: {m.rows:,} of them from the interaction logs ({m.directory}), "
         f"{m.held_out_pairs:,} of those not trained on (the split holds out the "
-        f"dataset's rating of the same user and item); {left:,} left out "
-        f"({m.unknown_users:,} of users and {m.unknown_items:,} of items the data does "
-        f"not have, {m.out_of_range:,} outside its rating scale)",
+        f"dataset's rating of the same user and item); {m.new_users:,} users only the "
+        f"logs know, added with unknown side features; {left:,} ratings left out "
+        f"({m.unknown_items:,} of items the data does not have, {m.out_of_range:,} "
+        "outside its rating scale)",
         file=sys.stderr,
     )
 

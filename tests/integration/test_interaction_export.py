@@ -78,7 +78,8 @@ def test_ratings_recorded_online_train_the_next_version_and_count_once(redis_url
     rated, watched, later = [str(i) for i in v1.item_ids if i not in seen][:3]
     _record(redis_url, v1, uid, rated, 4.5)
     _record(redis_url, v1, uid, watched, None)
-    _record(redis_url, v1, "only-online", rated, 2.0)  # no side features to train with
+    # A user the data does not have: trained with unknown side features.
+    _record(redis_url, v1, "only-online", rated, 2.0)
     out = tmp_path / "export"
     capsys.readouterr()
 
@@ -107,11 +108,23 @@ def test_ratings_recorded_online_train_the_next_version_and_count_once(redis_url
     assert rc == 0
     v2 = ModelVersion.open(models / "2")
     merged = v2.manifest["dataset"]["interactions"]
-    assert (merged["rows"], merged["unknown_users"], merged["cutoff_ms"]) == (
-        1,
+    assert (merged["rows"], merged["new_users"], merged["cutoff_ms"]) == (
+        2,
         1,
         meta["cutoff_ms"],
     )
+    assert v2.logged_user_ids() == ["only-online"]
+    new_row = v2.users["user_id"].index("only-online")
+    assert new_row == len(v1.users["user_id"])  # after the dataset's own users
+    assert [v2.users[f][new_row] for f in ("age", "gender", "occupation", "country")] == [
+        None,
+        None,
+        None,
+        "",
+    ]
+    only_online = UserAggregates.empty(v1.spec)
+    _add(only_online, v1, rated, 2.0)
+    np.testing.assert_allclose(v2.user_aggregates[new_row], only_online.flat())
     assert merged["directory"] == str(export.resolve())
     assert v2.log_cutoff_ms == meta["cutoff_ms"]
     # The dataset's own split is unchanged, so the batch values are v1's plus the export.
@@ -131,6 +144,14 @@ def test_ratings_recorded_online_train_the_next_version_and_count_once(redis_url
     _add(want, v1, watched, None)
     _add(want, v1, later, 1.0)
     np.testing.assert_allclose(decoded[1].flat(), want.flat())
+    # The new user is seeded like any other: the rating it trained on counts once.
+    client = redis.Redis.from_url(redis_url)
+    try:
+        stored = decode_user_state(v2.spec, client.hgetall(redis_keys.user_state("only-online")))
+    finally:
+        client.close()
+    assert stored is not None and stored[0].country is None
+    np.testing.assert_allclose(stored[1].flat(), only_online.flat())
 
     # evaluate rebuilds the training data from the version, which keeps the merged ratings.
     shutil.rmtree(out)
@@ -154,14 +175,18 @@ def test_merged_ratings_train_and_leave_the_datasets_split_alone(tmp_path):
 
     merged, info = merge_interactions(data, out)
 
-    assert (info.rows, info.unknown_users, info.unknown_items, info.out_of_range) == (2, 1, 1, 1)
-    assert merged.logged_rows == 2 and merged.n_ratings == data.n_ratings + 2
+    assert (info.rows, info.new_users, info.unknown_items, info.out_of_range) == (3, 1, 1, 1)
+    assert merged.logged_rows == 3 and merged.n_ratings == data.n_ratings + 3
+    # "nobody" joins after the dataset's users, without side features.
+    assert merged.user_ids == [*users, "nobody"] and merged.logged_user_ids() == ["nobody"]
+    assert merged.rating_user[-1] == data.n_users and merged.user_country[-1] == ""
+    assert np.isnan(merged.user_age[-1]) and merged.user_gender[-1] is None
     train, test = merged.split(0.2, 0)
     base_train, base_test = data.split(0.2, 0)
     np.testing.assert_array_equal(test, base_test)
-    logged = [data.n_ratings, data.n_ratings + 1]
+    logged = [data.n_ratings, data.n_ratings + 1, data.n_ratings + 2]
     np.testing.assert_array_equal(train, np.concatenate([base_train, logged]))
-    assert merged.rating[-1] == 4.5 and merged.timestamp[-1] == 11
+    assert merged.rating[-2] == 4.5 and merged.timestamp[-2] == 11
     # The dataset's hash is of its own rows (they alone decide the split).
     assert merged.sha256() == data.sha256() and info.sha256 == merged.logged_sha256()
     assert info.sha256 != data.logged_sha256()
@@ -531,3 +556,20 @@ def test_an_export_whose_ratings_file_is_missing_is_refused_not_retried(redis_ur
             export_interactions(client, tmp_path, quiet=True)
     finally:
         client.close()
+
+
+def test_a_version_whose_kept_users_are_gone_is_refused_by_name(tmp_path):
+    """Without the users only the logs knew, the kept ratings point past the dataset's users."""
+    from trainer.interactions import version_training_data
+
+    data = load_dataset(DATA)
+    out = tmp_path / "export"
+    _write_export(out, f"newcomer,{data.item_ids[0]},4,10,1-0")
+    models = tmp_path / "models"
+    argv = ["train", "--data", DATA, "--interactions", str(out), "--model-dir", str(models)]
+    assert main([*argv, *TRAIN]) == 0
+    mv = ModelVersion.open(models / "1")
+    assert version_training_data(mv, data).logged_user_ids() == ["newcomer"]
+    mv.manifest["files"].pop("logged/user_ids.json")
+    with pytest.raises(UserFacingError, match="do not fit its dataset"):
+        version_training_data(mv, data)

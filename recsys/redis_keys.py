@@ -26,6 +26,7 @@ key                                    type    holds
 ``recsys:user:{<uid>}:event:<id>``     string  a recorded event id (for dedupe_window_s)
 ``recsys:user:{<uid>}:log``            stream  online interactions (replayed by publish), capped
 ``recsys:user:{<uid>}:log:<kind>``     hash    the log's watches' or ratings' increments, summed
+``recsys:user:{<uid>}:log:retired``    hash    the counts of the watches the log's cap pushed out
 =====================================  ======  =========================================
 
 ``<uid>`` has backslashes and ``}`` escaped (see :func:`_user`).
@@ -145,6 +146,15 @@ def user_log_sums(user_id: str, kind: str) -> str:
     of one write per field of every entry.
     """
     return f"{_user(user_id)}:log:{kind}"
+
+
+def user_retired_watches(user_id: str) -> str:
+    """Hash of the summed counts of the watches the log's cap pushed out.
+
+    A publish adds every watch back onto the batch aggregates (no training
+    data holds one), so those that left the log must still count.
+    """
+    return f"{_user(user_id)}:log:retired"
 
 
 def user_event(user_id: str, event_id: str) -> str:

@@ -364,23 +364,53 @@ local function rebuild(ilog, wsum, rsum)
   add(wsum, t[false], 1)
   add(rsum, t[true], 1)
 end
--- Keeps the newest cap entries (0: no log), taking the ones that leave out
--- of the sums. XTRIM goes first: a script that has written goes on past
--- maxmemory, and XTRIM is not refused there (HINCRBY is).
-local function cap_log(ilog, wsum, rsum, cap)
+-- Adds the counts of watches that left the log to xsum: no training data
+-- holds a watch, so a publish must add every watch back, not only the ones
+-- still in the log (the oldest of an active user's were lost at each publish).
+-- A hash edited by hand into something HINCRBY refuses is dropped first
+-- (nothing to rebuild it from), so a record or publish never fails half-way.
+local function retire(xsum, tbl)
+  local kept, names = {}, {}
+  for name, v in pairs(tbl) do
+    if counter(name) and v > 0 then
+      kept[name] = v
+      names[#names + 1] = name
+    end
+  end
+  if #names == 0 then return end
+  local t = redis.call('TYPE', xsum)['ok']
+  if t == 'hash' then
+    local now = redis.call('HMGET', xsum, unpack(names))
+    for i = 1, #names do
+      if now[i] and not decimal(now[i], true) then t = 'bad' break end
+    end
+  end
+  if t ~= 'hash' and t ~= 'none' then redis.call('DEL', xsum) end
+  add(xsum, kept, 1)
+end
+-- Keeps the newest cap entries (0: no log, and no retired watches), taking
+-- the ones that leave out of the sums and their watches into xsum. XTRIM
+-- goes first: a script that has written goes on past maxmemory, and XTRIM
+-- is not refused there (HINCRBY is).
+local function cap_log(ilog, wsum, rsum, xsum, cap)
   if cap <= 0 then
-    redis.call('DEL', ilog, wsum, rsum)
+    redis.call('DEL', ilog, wsum, rsum, xsum)
     return
   end
   local over = redis.call('XLEN', ilog) - cap
   if over <= 0 then return end
   if over > cap then  -- more leave than stay: add up the ones that stay
+    local was = numbers(wsum)
     redis.call('XTRIM', ilog, 'MAXLEN', cap)
     rebuild(ilog, wsum, rsum)
+    local now = numbers(wsum)
+    for name, v in pairs(was) do was[name] = v - (now[name] or 0) end
+    retire(xsum, was)
     return
   end
   local t = total(redis.call('XRANGE', ilog, '-', '+', 'COUNT', over), false)
   redis.call('XTRIM', ilog, 'MAXLEN', cap)
+  retire(xsum, t[false])
   local keys = {[false] = wsum, [true] = rsum}
   for rated, key in pairs(keys) do
     local names = {}
@@ -411,9 +441,11 @@ end
 # (a retry after a lost reply). The interaction also goes to the user's log
 # (a stream capped at the log length, oldest out first; 0: none) and its
 # increments to the log's sums, for a publish that replaces the aggregates
-# to add back. Keys: state hash, recent list, watched set, log, watch sums,
-# rating sums, and the event marker only when there is one (every key must
-# be in the user's Redis Cluster slot, so no placeholder key). ARGV: item,
+# to add back (and a watch the cap pushes out of the log to the retired
+# watches). Keys: state hash, recent list, watched set, log, watch sums,
+# rating sums, retired watches, and the event marker only when there is one
+# (every key must be in the user's Redis Cluster slot, so no placeholder
+# key). ARGV: item,
 # history length, event TTL, number of integer fields, log length, event
 # time, rating ('' for a watch), then field/increment pairs (integers first,
 # 'n' leading, then floats).
@@ -421,7 +453,7 @@ _RECORD_SCRIPT = (
     _LOG_LUA
     + """
 local state, recent, watched, ilog = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
-local wsum, rsum, event = KEYS[5], KEYS[6], KEYS[7]
+local wsum, rsum, xsum, event = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local item, keep, ttl, n_int = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local log_len = tonumber(ARGV[5])
 local kinds = {{state, 'hash'}, {recent, 'list'}, {watched, 'set'}, {ilog, 'stream'}}
@@ -464,7 +496,7 @@ end
 if log_len > 0 then
   local into = ARGV[7] ~= '' and rsum or wsum
   if not sums_ok(ilog, wsum, rsum, into, fields) then rebuild(ilog, wsum, rsum) end
-  cap_log(ilog, wsum, rsum, log_len - 1)
+  cap_log(ilog, wsum, rsum, xsum, log_len - 1)
   redis.call('XADD', ilog, '*', 'item', item, 'ts', ARGV[6], 'r', ARGV[7], 'i', ARGV[4],
     unpack(ARGV, 8))
   local inc = {}
@@ -472,7 +504,7 @@ if log_len > 0 then
   add(into, inc, 1)
 else
   -- The log turned off: what it held goes with the user's next record.
-  redis.call('DEL', ilog, wsum, rsum)
+  redis.call('DEL', ilog, wsum, rsum, xsum)
 end
 return {redis.call('LLEN', recent), tonumber(redis.call('HGET', state, 'nr') or '0'), 0}
 """
@@ -482,7 +514,8 @@ return {redis.call('LLEN', recent), tonumber(redis.call('HGET', state, 'nr') or 
 # got, so a publisher cut off between a DEL and an HSET left the user with no
 # state, and a recent list checked for in one pass and written in another took
 # an online interaction recorded in between twice (and past the cap).
-# KEYS: state hash, watched set, recent list, log, watch sums, rating sums.
+# KEYS: state hash, watched set, recent list, log, watch sums, rating sums,
+#       retired watches.
 # ARGV: version, history_length, number of hash fields n, force ("1": replace
 #       whatever wrote the hash), the version's creation time (whole seconds
 #       since the epoch), the log cutoff (ms since the epoch: the training
@@ -501,7 +534,8 @@ return {redis.call('LLEN', recent), tonumber(redis.call('HGET', state, 'nr') or 
 # alone. The log is first cut to the configured length (a length lowered,
 # or 0, frees its memory here). A replaced hash then gets back what the log
 # holds and the batch values do not (in the same script, so one recorded
-# meanwhile is counted once): every watch (the watch sums), and the ratings
+# meanwhile is counted once): every watch (the watch sums, and the retired
+# watches: those the cap pushed out of the log), and the ratings
 # from the cutoff on (the rating sums when there is no cutoff; else the
 # entries from it, usually the few recorded since the export). The log is
 # not trimmed at the cutoff: a later snapshot trained without the export
@@ -511,7 +545,7 @@ return {redis.call('LLEN', recent), tonumber(redis.call('HGET', state, 'nr') or 
 _SEED_USER_SCRIPT = (
     _LOG_LUA
     + """
-local state, ilog, wsum, rsum = KEYS[1], KEYS[4], KEYS[5], KEYS[6]
+local state, ilog, wsum, rsum, xsum = KEYS[1], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
 local version = tonumber(ARGV[1])
 local keep = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
@@ -536,13 +570,27 @@ local replace = force or kind ~= 'hash' or not newer
 local ltype = redis.call('TYPE', ilog)['ok']
 if ltype ~= 'stream' and ltype ~= 'none' then redis.call('DEL', ilog, wsum, rsum) end
 if not sums_ok(ilog, wsum, rsum) then rebuild(ilog, wsum, rsum) end
-if cap >= 0 then cap_log(ilog, wsum, rsum, cap) end
+-- Retired watches edited by hand into something else are dropped: nothing
+-- to rebuild them from, and one bad key must not fail the publish.
+local xtype = redis.call('TYPE', xsum)['ok']
+if xtype ~= 'hash' and xtype ~= 'none' then redis.call('DEL', xsum) end
+if xtype == 'hash' then
+  local kv = redis.call('HGETALL', xsum)
+  for j = 1, #kv, 2 do
+    if not counter(kv[j]) or not decimal(kv[j + 1], true) then
+      redis.call('DEL', xsum)
+      break
+    end
+  end
+end
+if cap >= 0 then cap_log(ilog, wsum, rsum, xsum, cap) end
 local replayed = 0
 if replace then
   redis.call('DEL', state)
   if n > 0 then
     redis.call('HSET', state, 'pv', ARGV[1], 'pt', ARGV[5], unpack(ARGV, 8, 7 + n))
     local watches = numbers(wsum)
+    for name, v in pairs(numbers(xsum)) do watches[name] = (watches[name] or 0) + v end
     add(state, watches, 1)
     local ratings = numbers(rsum)
     if cutoff > 0 then
@@ -666,6 +714,7 @@ async def record_interaction(
         redis_keys.user_log(user_id),
         redis_keys.user_log_sums(user_id, "watches"),
         redis_keys.user_log_sums(user_id, "ratings"),
+        redis_keys.user_retired_watches(user_id),
     ]
     if event_id:
         keys.append(redis_keys.user_event(user_id, event_id))
@@ -710,8 +759,9 @@ def seed_user_commands(
     where the user has none, so online history is never overwritten.
     ``force`` replaces the hash whatever version wrote it (a model dir
     started over under lower numbers). A replaced hash gets the logged
-    interactions the batch values leave out added back: every unrated one,
-    and the ratings from ``log_cutoff_ms`` on (the training data holds the
+    interactions the batch values leave out added back: every unrated one
+    (those the log's cap pushed out too), and the ratings from
+    ``log_cutoff_ms`` on (the training data holds the
     log's ratings before it, :mod:`trainer.interactions`; 0: none). With
     ``log_length``, the log is first cut to that many newest entries (0:
     removed), so a lowered ``retrieval.interaction_log_length`` frees its
@@ -727,6 +777,7 @@ def seed_user_commands(
         redis_keys.user_log(user_id),
         redis_keys.user_log_sums(user_id, "watches"),
         redis_keys.user_log_sums(user_id, "ratings"),
+        redis_keys.user_retired_watches(user_id),
     ]
     fields = [x for kv in encode_user_state(spec, profile, agg).items() for x in kv]
     args = [version, history_length, len(fields), "1" if force else "0", created_at]

@@ -268,10 +268,12 @@ def _summed(client, uid: str) -> dict[str, dict[str, float]]:
 
 
 def _log_keys_left(client, uid: str) -> int:
-    """How many of the user's log and sums keys exist."""
+    """How many of the user's log, sums and retired-watch keys exist."""
     kinds = ("watches", "ratings")
     return client.exists(
-        redis_keys.user_log(uid), *(redis_keys.user_log_sums(uid, k) for k in kinds)
+        redis_keys.user_log(uid),
+        *(redis_keys.user_log_sums(uid, k) for k in kinds),
+        redis_keys.user_retired_watches(uid),
     )
 
 
@@ -351,11 +353,13 @@ def test_publish_cuts_the_logs_to_the_configured_length(client, redis_url, two_v
     ratings = [4.0, None, 2.0, 5.0, None, 3.0]
     _record(redis_url, mv, uid, items, ratings, log_length=100)
     report = publish(v2, client, quiet=True, log_length=2)  # the setting lowered since
-    assert (report.interactions_replayed, report.full_logs) == (2, 1)
+    # The two kept, and the watch that left (no training data holds a watch).
+    assert (report.interactions_replayed, report.full_logs) == (3, 1)
     assert [f["item"] for _, f in client.xrange(redis_keys.user_log(uid))] == items[4:]
     assert _sums_match(client, uid)
     np.testing.assert_allclose(
-        _stored(client, mv, uid).flat(), _expected(mv, 0, items[4:], ratings[4:]).flat()
+        _stored(client, mv, uid).flat(),
+        _expected(mv, 0, [items[1], *items[4:]], [None, *ratings[4:]]).flat(),
     )
     # Turned off: the next publish frees the logs.
     publish(_numbered_copy(v2, tmp_path / "more", 3), client, quiet=True, log_length=0)
@@ -397,9 +401,10 @@ def test_a_log_cut_by_fewer_than_it_keeps_takes_the_leavers_off_the_sums(
     _record(redis_url, mv, uid, items, ratings, log_length=100)
     flags, replayed, left = _seed(client, mv, 0, "2", 0, log_length=4)
     assert flags & 1
-    assert (replayed, left) == (4, 4) and _sums_match(client, uid)
+    assert (replayed, left) == (5, 4) and _sums_match(client, uid)
     np.testing.assert_allclose(
-        _stored(client, mv, uid).flat(), _expected(mv, 0, items[2:], ratings[2:]).flat()
+        _stored(client, mv, uid).flat(),
+        _expected(mv, 0, items[1:], ratings[1:]).flat(),  # the rating that left is lost
     )
     # Watches push every rating out: no rating sums are left, not a residue of them.
     _record(redis_url, mv, uid, _unseen(mv, 0, 10)[6:], [None] * 4, log_length=4)
@@ -429,3 +434,80 @@ def test_a_full_redis_still_lets_publish_cut_the_logs(client, redis_url, two_ver
         client.config_set("maxmemory", "0")
     assert not flags & 1 and left == 6
     assert _sums_match(client, uid)
+
+
+def _retired(client, uid: str) -> dict[str, int]:
+    return {k: int(v) for k, v in client.hgetall(redis_keys.user_retired_watches(uid)).items()}
+
+
+def _watch_counts(mv: ModelVersion, items) -> dict[str, int]:
+    """What ``items`` watched add to ``n`` and the ``gw:`` counts."""
+    out = {"n": len(items)}
+    for item in items:
+        for g in mv.item_genre_names(mv.item_index[item]):
+            out[f"gw:{g}"] = out.get(f"gw:{g}", 0) + 1
+    return out
+
+
+def test_watches_the_cap_pushes_out_still_count_at_every_publish(client, redis_url, two_versions):
+    """An active user's oldest watches used to vanish from the aggregates at the next publish."""
+    mv, v2 = two_versions
+    uid = str(mv.users["user_id"][0])
+    items = _unseen(mv, 0, 9)
+    ratings = [None, 4.0, None, None, 2.0, None, None, 5.0, None]
+    _record(redis_url, mv, uid, items, ratings, log_length=3)
+    left_log = [i for i, r in zip(items[:6], ratings[:6], strict=True) if r is None]
+    assert _retired(client, uid) == _watch_counts(mv, left_log)
+    assert _sums_match(client, uid)
+
+    report = publish(v2, client, quiet=True, log_length=3)
+    # Every watch (4 that left, 2 in the log) and the ratings still in the log.
+    assert report.interactions_replayed == 4 + 3
+    watched = [(i, r) for i, r in zip(items, ratings, strict=True) if r is None or i in items[6:]]
+    want = _expected(mv, 0, [i for i, _ in watched], [r for _, r in watched])
+    np.testing.assert_allclose(_stored(client, mv, uid).flat(), want.flat())
+    # Again with a later snapshot: still every watch, once.
+    publish(_numbered_copy(v2, v2.parent / "later", 3), client, quiet=True, log_length=3)
+    np.testing.assert_allclose(_stored(client, mv, uid).flat(), want.flat())
+
+
+def test_a_log_cut_to_less_than_half_retires_its_watches_too(client, redis_url, two_versions):
+    """More leave than stay: the sums are rebuilt, and the watches that left are the difference."""
+    mv, _ = two_versions
+    uid = str(mv.users["user_id"][0])
+    items = _unseen(mv, 0, 8)
+    ratings = [None, 3.0, None, None, 4.5, None, 2.0, None]
+    _record(redis_url, mv, uid, items, ratings, log_length=100)
+    flags, replayed, left = _seed(client, mv, 0, "2", 0, log_length=2)
+    assert flags & 1 and left == 2 and _sums_match(client, uid)
+    gone = [i for i, r in zip(items[:6], ratings[:6], strict=True) if r is None]
+    assert _retired(client, uid) == _watch_counts(mv, gone)
+    assert replayed == len(gone) + 2
+
+
+@pytest.mark.parametrize("junk", ["type", "value", "name"])
+def test_retired_watches_edited_by_hand_are_dropped_not_fatal(
+    client, redis_url, two_versions, junk
+):
+    mv, _ = two_versions
+    uid = str(mv.users["user_id"][0])
+    items = _unseen(mv, 0, 6)
+    key = redis_keys.user_retired_watches(uid)
+    _record(redis_url, mv, uid, items[:4], [None] * 4, log_length=2)
+    assert _retired(client, uid)["n"] == 2
+    if junk == "type":
+        client.delete(key)
+        client.set(key, "junk")
+    elif junk == "value":
+        client.hset(key, "n", "lots")
+    else:
+        client.hset(key, "sum", "2.5")  # a watch has no rating sum
+    # A record at the cap neither fails nor writes half of itself.
+    _record(redis_url, mv, uid, items[4:5], [None], log_length=2)
+    assert client.xlen(redis_keys.user_log(uid)) == 2 and _sums_match(client, uid)
+    flags, replayed, _ = _seed(client, mv, 0, "2", 0, log_length=2)
+    assert flags & 1
+    retired = _retired(client, uid)
+    # "name" survives the record (only the fields it adds to are checked), not the publish.
+    assert retired == ({} if junk == "name" else _watch_counts(mv, items[2:3]))
+    assert replayed == 2 + sum(v for k, v in retired.items() if k == "n")

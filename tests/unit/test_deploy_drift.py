@@ -305,7 +305,12 @@ def test_compose_commands_parse_with_the_real_cli(compose):
         if svc.get("entrypoint") is None:
             container = {"args": svc["command"]}
         got = {parser.parse_args(argv).command for argv in _recsys_argvs(container)}
-        want = {"retrieval": {"serve"}, "ranking": {"serve"}, "retrain": {"train"}}.get(
+        want = {
+            "retrieval": {"serve"},
+            "ranking": {"serve"},
+            "retrain": {"train"},
+            "export": {"export-interactions"},
+        }.get(
             name,
             {"train", "publish"},  # the bootstrap: train, or publish what a failed run left
         )
@@ -320,6 +325,11 @@ def test_compose_services_wait_for_the_trained_version(compose):
         assert deps["redis"]["condition"] == "service_healthy"
     assert services["ranking"]["depends_on"]["retrieval"]["condition"] == "service_healthy"
     assert services["trainer"]["restart"] == "no"
+    # A retrain trains on what the export step just wrote, as the CronJob does.
+    retrain = services["retrain"]
+    assert retrain["depends_on"]["export"]["condition"] == "service_completed_successfully"
+    exported = services["export"]["command"][1]
+    assert retrain["command"][retrain["command"].index("--interactions") + 1] == exported
     for name in ("trainer", "retrieval", "ranking"):
         svc = services[name]
         assert svc["read_only"] is True and svc["cap_drop"] == ["ALL"], name

@@ -101,18 +101,25 @@ def _newer(current: str | None, version: str) -> bool:
 # ARGV[2] = "1"), else leaves it and answers the newer version it found.
 # Answers nil, moving nothing, when the version's pending mark is gone: a
 # clean-up removed its keys (and the mark) after they were written, and
-# switching would serve a version without top lists. (A publish of the same
-# version finishing meanwhile also takes the mark: a false alarm, and
-# publishing again is safe.) The mark is put back with the publish's start
-# time, as a publish that died leaves it, so a later clean-up removes
-# whatever was written after the removal.
+# switching would serve a version without top lists. The mark is put back
+# with the publish's start time, as a publish that died leaves it, so a later
+# clean-up removes whatever was written after the removal.
+# A publish of the same version that switched after this one started takes
+# the mark too, and that is no removal: the version is then in the published
+# zset with a later time, and a removal would have taken it out of there
+# (remove_version; its claim, checked here, covers it until then).
 # A removal claim (KEYS[4]) refuses the switch the same way: that clean-up
 # is deleting the keys now.
 # KEYS: pointer, published-versions zset, pending zset, the version's removal claim.
 # ARGV: version, rollback, time, this publish's start time.
 _SWITCH_SCRIPT = """
 local new = ARGV[1]
-if redis.call('EXISTS', KEYS[4]) == 1 or not redis.call('ZSCORE', KEYS[3], new) then
+local removed = redis.call('EXISTS', KEYS[4]) == 1
+if not removed and not redis.call('ZSCORE', KEYS[3], new) then
+  local at = tonumber(redis.call('ZSCORE', KEYS[2], new) or '')
+  removed = not at or at < tonumber(ARGV[4])
+end
+if removed then
   redis.call('ZADD', KEYS[3], ARGV[4], new)
   return false
 end

@@ -576,6 +576,40 @@ def test_a_publish_whose_version_was_removed_meanwhile_does_not_switch(
     assert removed == ["2"] and not client.exists(redis_keys.top_popular("2"))
 
 
+def test_two_publishes_of_one_version_at_once_both_succeed(
+    client, redis_url, trained_version, tmp_path
+):
+    """The one that switched first took the pending mark: not a removal, no "publish again"."""
+    v1, v2 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2))
+    publish(v1, client, quiet=True)
+    slow = _SlowPublisher.from_url(redis_url)
+    slow.other = lambda: publish(v2, client, quiet=True)
+    report = publish(v2, slow, quiet=True)
+    slow.close()
+    assert report.switched and client.get(redis_keys.CURRENT_VERSION) == "2"
+    assert client.exists(redis_keys.top_popular("2"))
+    assert client.zscore(redis_keys.VERSIONS_PENDING, "2") is None
+
+
+def test_a_version_switched_to_before_this_publish_began_is_no_excuse(
+    client, redis_url, trained_version, tmp_path
+):
+    """Published long ago and its mark gone, with no switch since this publish began: refused."""
+    v1, v2 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2))
+    publish(v1, client, quiet=True)
+    publish(v2, client, quiet=True)
+    slow = _SlowPublisher.from_url(redis_url)
+    # What a removal that finished before the switch leaves, minus the zset
+    # entry, and a published time from before this publish started.
+    slow.other = lambda: (
+        client.zrem(redis_keys.VERSIONS_PENDING, "2"),
+        client.zadd(redis_keys.VERSIONS, {"2": 1.0}),
+    )
+    with pytest.raises(publish_module.RemovedWhilePublishing, match="publish 2 again"):
+        publish(v2, slow, quiet=True)
+    slow.close()
+
+
 class _RacesTheCleanUp(redis.Redis):
     """Runs ``other`` inside this client's clean-up, at the point ``at`` names.
 

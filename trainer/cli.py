@@ -114,8 +114,11 @@ def _train_and_report(args: argparse.Namespace, settings: RecsysSettings, cfg) -
     from trainer.interactions import load_training_data
     from trainer.train import train
 
-    dataset, merged = load_training_data(args.data, getattr(args, "interactions", None))
-    dataset.check_ids(min(settings.retrieval.max_id_bytes, settings.ranking.max_id_bytes))
+    max_id_bytes = min(settings.retrieval.max_id_bytes, settings.ranking.max_id_bytes)
+    dataset, merged = load_training_data(
+        args.data, getattr(args, "interactions", None), max_id_bytes=max_id_bytes
+    )
+    dataset.check_ids(max_id_bytes)
     if not args.quiet:
         print(
             f"train: {dataset.name} from {dataset.source}: {dataset.n_users:,} users, "

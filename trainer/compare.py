@@ -60,6 +60,9 @@ def _per_user(
     relevant: dict[int, set[int]],
 ) -> _PerUser:
     d = p.dataset
+    # Held-out ratings are all of the dataset's own users, which both versions
+    # share; users only one version's interaction logs added come after them.
+    n_users = d.n_own_users
     test = p.test_rows
     tu, ti = d.rating_user[test], d.rating_item[test]
     sq = ab = None
@@ -67,10 +70,10 @@ def _per_user(
         dots = np.einsum("nd,nd->n", user_vectors[tu], item_vectors[ti])
         pred = np.clip(target.from_model(dots), p.spec.rating_min, p.spec.rating_max)
         err = pred.astype(np.float64) - d.rating[test].astype(np.float64)
-        sq = np.bincount(tu, weights=err**2, minlength=d.n_users)
-        ab = np.bincount(tu, weights=np.abs(err), minlength=d.n_users)
-    recall = np.zeros(d.n_users)
-    ndcg = np.zeros(d.n_users)
+        sq = np.bincount(tu, weights=err**2, minlength=n_users)
+        ab = np.bincount(tu, weights=np.abs(err), minlength=n_users)
+    recall = np.zeros(n_users)
+    ndcg = np.zeros(n_users)
     histories = p.histories
     for u in ranked.tolist():
         unseen = np.ones(d.n_items, bool)
@@ -130,20 +133,21 @@ def bootstrap_compare(
     ranked_users, relevant = ranking_users(p, threshold, max_users=max_users)
     a = _per_user(p, *base, ranked_users, relevant)
     b = _per_user(other_prepared or p, *other, ranked_users, relevant)
-    n_rated = np.bincount(d.rating_user[p.test_rows], minlength=d.n_users).astype(np.float64)
-    ranked = np.zeros(d.n_users)
+    n_users = d.n_own_users  # see _per_user
+    n_rated = np.bincount(d.rating_user[p.test_rows], minlength=n_users).astype(np.float64)
+    ranked = np.zeros(n_users)
     ranked[ranked_users] = 1.0
     stars = a.sq_err is not None and b.sq_err is not None
     names = [m for m in METRICS if stars or "@" in m]
     # Bootstrap units: every user with a held-out rating (zero-weight users add nothing).
     units = np.flatnonzero((n_rated > 0) | (ranked > 0))
-    full = np.zeros(d.n_users)
+    full = np.zeros(n_users)
     full[units] = 1.0
     rng = np.random.default_rng(seed)
     diffs = {m: np.empty(resamples) for m in names}
     for start in range(0, resamples, _BLOCK):
         n = min(_BLOCK, resamples - start)
-        w = np.zeros((n, d.n_users))
+        w = np.zeros((n, n_users))
         w[:, units] = rng.multinomial(len(units), np.full(len(units), 1.0 / len(units)), size=n)
         for m in names:
             diffs[m][start : start + n] = _metric(m, w, b, n_rated, ranked) - _metric(

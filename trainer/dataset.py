@@ -21,6 +21,9 @@ class DataError(UserFacingError):
     """Bad input data; the message names the file and, where it applies, the row."""
 
 
+# The country bucket of a user the data gives none (trainer.loaders).
+DEFAULT_COUNTRY = "unknown"
+
 # The per-rating columns and their dtypes (what the ratings merged from the
 # interaction logs consist of).
 RATING_COLUMNS = {
@@ -224,15 +227,18 @@ class Dataset:
         if len(rows) and not (int(rows.min()) >= 0 and int(rows.max()) < u + len(users)):
             raise ValueError(f"a logged rating's user row is outside 0..{u + len(users) - 1}")
         k = len(users)
+        # Unknown, as a loader leaves a user without side information: the
+        # country is the data's bucket for an unknown one when it has that
+        # bucket (a loader put its users there), else none at all, so no
+        # country's top list counts them.
+        country = DEFAULT_COUNTRY if DEFAULT_COUNTRY in self.user_country[:u] else ""
         return dataclasses.replace(
             self,
             user_ids=self.user_ids[:u] + users,
-            # Unknown, as a loader leaves a user without side information,
-            # except the country: none, so no country's top list counts them.
             user_age=np.concatenate([self.user_age[:u], np.full(k, np.nan)]),
             user_gender=self.user_gender[:u] + [None] * k,
             user_occupation=self.user_occupation[:u] + [None] * k,
-            user_country=self.user_country[:u] + [""] * k,
+            user_country=self.user_country[:u] + [country] * k,
             logged_users=k,
             **{name: np.concatenate([getattr(self, name)[:n], a]) for name, a in added.items()},
             logged_rows=len(added["rating"]),

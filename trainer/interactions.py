@@ -54,7 +54,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from recsys import redis_keys
-from recsys.artifacts import remove_stale_temps
+from recsys.artifacts import ArtifactError, remove_stale_temps
+from recsys.checks import FieldError, check_id
 from recsys.errors import UserFacingError
 from trainer.dataset import DataError, Dataset
 
@@ -403,13 +404,19 @@ class Merged:
     # Of the rows appended, those of a (user, item) pair the dataset's split
     # holds out: they do not train (Dataset.split). Set by trainer.train.train.
     held_out_pairs: int = 0
+    # Ratings of users only the logs know whose id the services refuse
+    # (max_id_bytes, lowered since they were recorded): left out, since one
+    # such id would otherwise fail every training on every later export.
+    refused_ids: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """The manifest's ``dataset.interactions`` entry."""
         return dataclasses.asdict(self)
 
 
-def merge_interactions(dataset: Dataset, directory: str | Path) -> tuple[Dataset, Merged]:
+def merge_interactions(
+    dataset: Dataset, directory: str | Path, *, max_id_bytes: int | None = None
+) -> tuple[Dataset, Merged]:
     """Appends an export's ratings to ``dataset``; they always train (``Dataset.logged_rows``).
 
     ``directory`` is the one ``recsys export-interactions`` wrote to (its
@@ -419,7 +426,10 @@ def merge_interactions(dataset: Dataset, directory: str | Path) -> tuple[Dataset
     model learns them from their ratings, and the version's publish seeds
     them like every other user. Ratings of items the dataset does not have,
     or outside its rating scale, are left out and counted: an item has no
-    features to learn from without its catalogue row.
+    features to learn from without its catalogue row. So are the ratings of
+    a new user whose id is longer than ``max_id_bytes`` (or holds a NUL):
+    the services would refuse every call with it, and ``recsys train``
+    refuses a dataset with such an id.
 
     Raises:
         DataError: The directory holds no complete export, or a malformed one.
@@ -451,7 +461,8 @@ def merge_interactions(dataset: Dataset, directory: str | Path) -> tuple[Dataset
     new_item: list[int] = []
     new_rating: list[float] = []
     new_ts: list[int] = []
-    unknown_items = out_of_range = 0
+    unknown_items = out_of_range = refused_ids = 0
+    refused: set[str] = set()
     try:
         with rows_path.open(newline="", encoding="utf-8") as fh:
             for line, row in _rows(rows_path, fh):
@@ -469,7 +480,14 @@ def merge_interactions(dataset: Dataset, directory: str | Path) -> tuple[Dataset
                     out_of_range += 1
                 else:
                     u = users.get(row[0])
+                    if u is None and row[0] in refused:
+                        refused_ids += 1
+                        continue
                     if u is None:
+                        if max_id_bytes is not None and not _servable(row[0], max_id_bytes):
+                            refused.add(row[0])
+                            refused_ids += 1
+                            continue
                         u = users[row[0]] = len(users)
                         added_users.append(row[0])
                     new_user.append(u)
@@ -486,9 +504,17 @@ def merge_interactions(dataset: Dataset, directory: str | Path) -> tuple[Dataset
     )  # fmt: skip
     info = Merged(
         str(d), cutoff, len(new_user), len(added_users), unknown_items, out_of_range,
-        merged.logged_sha256(),
+        merged.logged_sha256(), refused_ids=refused_ids,
     )  # fmt: skip
     return merged, info
+
+
+def _servable(user_id: str, max_bytes: int) -> bool:
+    try:
+        check_id(user_id, "user id", max_bytes)
+    except FieldError:
+        return False
+    return True
 
 
 def _read_meta(d: Path) -> tuple[int, int]:
@@ -533,7 +559,7 @@ def _rows(path: str | Path, fh: IO[str]) -> Iterator[tuple[int, list[str]]]:
 
 
 def load_training_data(
-    spec: str, interactions: str | Path | None = None
+    spec: str, interactions: str | Path | None = None, *, max_id_bytes: int | None = None
 ) -> tuple[Dataset, Merged | None]:
     """The dataset a ``--data`` spec names, with an export's ratings merged when given."""
     from trainer.loaders import load_dataset
@@ -541,7 +567,7 @@ def load_training_data(
     dataset = load_dataset(spec)
     if interactions is None:
         return dataset, None
-    return merge_interactions(dataset, interactions)
+    return merge_interactions(dataset, interactions, max_id_bytes=max_id_bytes)
 
 
 def version_training_data(mv, dataset: Dataset) -> Dataset:
@@ -567,8 +593,6 @@ def version_training_data(mv, dataset: Dataset) -> Dataset:
             f"{merged.get('directory')} before versions kept the ratings they trained on, "
             "so its training data cannot be rebuilt; train it again to evaluate it"
         )
-    from recsys.artifacts import ArtifactError
-
     try:
         out = dataset.with_logged(mv.logged_user_ids(), **(mv.logged_ratings() or {}))
     except ArtifactError as exc:

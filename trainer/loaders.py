@@ -47,10 +47,10 @@ from pathlib import Path
 import numpy as np
 from numpy.dtypes import StringDType
 
+from trainer.dataset import DEFAULT_COUNTRY as DEFAULT_COUNTRY  # its home: users without one
 from trainer.dataset import DataError, Dataset
 from trainer.regions import region_for_postal_code
 
-DEFAULT_COUNTRY = "unknown"
 ML100K_FILES = ("u.data", "u.item", "u.user", "u.genre")
 NO_GENRES = "(no genres listed)"
 SPEC_KINDS = ("synthetic", "movielens-100k", "movielens-latest-small", "csv")

@@ -180,6 +180,16 @@ def fit(p: Prepared, cfg: TrainConfig, *, quiet: bool = False):
         return x, y
 
     x_fit, y_fit = inputs(fit_rows)
+    user_sample = x_fit[0]
+    if p.dataset.logged_users:
+        # The user tower's input scaling is the dataset's own users': a few
+        # users only the interaction logs know (no age, gender, occupation)
+        # made a column constant for the dataset (age_missing) nearly so, and
+        # a nearly constant column scales its rare value to an extreme, for
+        # them and for every cold-start request with the same gap. Computed
+        # from the positives alone then (the negatives' users are not kept).
+        own = p.dataset.rating_user[fit_rows] < p.dataset.n_own_users
+        user_sample = user_sample[own]
     if cfg.negatives:
         x_fit, y_fit = add_negatives(
             p, fit_rows, x_fit, y_fit, cfg.negatives, rng, ids=cfg.id_embeddings
@@ -194,7 +204,7 @@ def fit(p: Prepared, cfg: TrainConfig, *, quiet: bool = False):
             learning_rate=cfg.learning_rate,
             l2=cfg.l2,
             dropout=cfg.dropout,
-            user_sample=x_fit[0],
+            user_sample=user_sample,
             item_sample=x_fit[1],
             n_items=p.dataset.n_items if cfg.id_embeddings else 0,
             id_l2=cfg.id_l2,
@@ -270,14 +280,15 @@ def dataset_manifest(
 
 def _print_merged(m: Merged) -> None:
     """The summary line of the export merged into the data (after the dataset's line)."""
-    left = m.unknown_items + m.out_of_range
+    left = m.unknown_items + m.out_of_range + m.refused_ids
     print(
         f"train: {m.rows:,} of them from the interaction logs ({m.directory}), "
         f"{m.held_out_pairs:,} of those not trained on (the split holds out the "
         f"dataset's rating of the same user and item); {m.new_users:,} users only the "
         f"logs know, added with unknown side features; {left:,} ratings left out "
         f"({m.unknown_items:,} of items the data does not have, {m.out_of_range:,} "
-        "outside its rating scale)",
+        f"outside its rating scale, {m.refused_ids:,} of new users whose id the services "
+        "refuse)",
         file=sys.stderr,
     )
 

@@ -573,3 +573,69 @@ def test_a_version_whose_kept_users_are_gone_is_refused_by_name(tmp_path):
     mv.manifest["files"].pop("logged/user_ids.json")
     with pytest.raises(UserFacingError, match="do not fit its dataset"):
         version_training_data(mv, data)
+
+
+@pytest.fixture(scope="module")
+def with_and_without_new_users(tmp_path_factory):
+    """Version 1 trained on the data alone, version 2 with one user only the logs know."""
+    tmp = tmp_path_factory.mktemp("new-users")
+    data = load_dataset(DATA)
+    models = tmp / "models"
+    assert main(["train", "--data", DATA, "--model-dir", str(models), *TRAIN]) == 0
+    out = tmp / "export"
+    items = data.item_ids
+    _write_export(out, f"newcomer,{items[0]},4,10,1-0", f"newcomer,{items[1]},5,11,1-1")
+    argv = ["train", "--data", DATA, "--interactions", str(out), "--model-dir", str(models)]
+    assert main([*argv, *TRAIN]) == 0
+    return models
+
+
+@pytest.mark.parametrize("base, other", [("1", "2"), ("2", "1")])
+def test_versions_with_and_without_new_users_compare(with_and_without_new_users, base, other):
+    """Per-user arrays were sized by each version's users: 301 against 300 failed the matmul."""
+    from trainer.compare import compare_versions
+
+    models = with_and_without_new_users
+    metrics = compare_versions(models / base, models / other)["metrics"]
+    assert np.isfinite(metrics["rmse"]["base"]) and np.isfinite(metrics["rmse"]["other"])
+    args = ["evaluate", "--model-dir", str(models), "--version", base, "--compare", other]
+    assert main([*args, "--json"]) == 0
+
+
+def test_new_users_leave_the_input_scaling_of_the_dataset_alone(with_and_without_new_users):
+    """Every user of the data has an age: age_missing stays a column the tower ignores.
+
+    With one new user (no age) in the scaling, the column's tiny variance
+    scaled that user's 1 (and every cold-start request's) to an extreme.
+    """
+    import tensorflow as tf
+
+    mv = ModelVersion.open(with_and_without_new_users / "2")
+    col = mv.spec.user_feature_names.index("age_missing")
+    rows = np.asarray(mv.user_features[:50], np.float32)
+    assert not rows[:, col].any()
+    flipped = rows.copy()
+    flipped[:, col] = 1.0
+    serve = mv.load_tower().signatures["serving_default"]
+    a, b = (serve(features=tf.constant(x))["embedding"].numpy() for x in (rows, flipped))
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_a_new_user_whose_id_the_services_refuse_is_left_out(tmp_path, monkeypatch, capsys):
+    """One such id in a cumulative export used to fail every later training."""
+    data = load_dataset(DATA)
+    out = tmp_path / "export"
+    long_id = "u" * 100
+    items = data.item_ids
+    _write_export(out, f"{long_id},{items[0]},4,10,1-0", f"{long_id},{items[1]},3,11,1-1",
+                  f"fine,{items[2]},5,12,2-0")  # fmt: skip
+    monkeypatch.setenv("RECSYS_RANKING__MAX_ID_BYTES", "64")
+    models = tmp_path / "models"
+    argv = ["train", "--data", DATA, "--interactions", str(out), "--model-dir", str(models)]
+    capsys.readouterr()
+    assert main([*argv, *(a for a in TRAIN if a != "--quiet")]) == 0
+    mv = ModelVersion.open(models / "1")
+    merged = mv.manifest["dataset"]["interactions"]
+    assert (merged["rows"], merged["new_users"], merged["refused_ids"]) == (1, 1, 2)
+    assert mv.logged_user_ids() == ["fine"]
+    assert "2 of new users whose id the services refuse" in capsys.readouterr().err

@@ -66,3 +66,17 @@ def test_bad_users_or_rows_are_refused(users, rows, problem):
     assert data.n_users == 40
     with pytest.raises(ValueError, match=problem):
         data.with_logged(users if users is not None else [data.user_ids[3]], **_ratings(rows, [0]))
+
+
+def test_new_users_join_the_unknown_country_bucket_where_the_data_has_one():
+    """A constant country column stays constant: the loader's bucket, not no country."""
+    import dataclasses
+
+    from trainer.loaders import DEFAULT_COUNTRY
+
+    data = load_dataset(DATA)
+    assert DEFAULT_COUNTRY not in data.user_country
+    assert data.with_logged(["x"], **_ratings([data.n_users], [0])).user_country[-1] == ""
+    bucket = dataclasses.replace(data, user_country=[DEFAULT_COUNTRY] * data.n_users)
+    merged = bucket.with_logged(["x"], **_ratings([data.n_users], [0]))
+    assert merged.user_country[-1] == DEFAULT_COUNTRY

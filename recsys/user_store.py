@@ -260,7 +260,8 @@ end
 -- A plain, finite decimal: Lua's tonumber also takes hex and padding, which
 -- HINCRBY and the Python reader refuse, so such a value would fail mid-write.
 local function decimal(v, int)
-  if int then return #v <= 18 and string.match(v, '^%-?%d+$') ~= nil end
+  -- Redis's own integer syntax: no leading zero, no '-0' (HINCRBY refuses them).
+  if int then return v == '0' or (#v <= 18 and string.match(v, '^%-?[1-9]%d*$') ~= nil) end
   local m, e = string.match(v, '^%-?(%d*%.?%d*)(.*)$')
   if not m or not string.find(m, '%d') then return false end
   if e ~= '' and string.match(e, '^[eE][%-+]?%d+$') == nil then return false end
@@ -388,13 +389,16 @@ local function retire(xsum, tbl)
   if t ~= 'hash' and t ~= 'none' then redis.call('DEL', xsum) end
   add(xsum, kept, 1)
 end
--- Keeps the newest cap entries (0: no log, and no retired watches), taking
--- the ones that leave out of the sums and their watches into xsum. XTRIM
--- goes first: a script that has written goes on past maxmemory, and XTRIM
--- is not refused there (HINCRBY is).
+-- Keeps the newest cap entries, taking the ones that leave out of the sums
+-- and their watches into xsum (cap 0: a record about to add the one entry a
+-- log of length 1 keeps). XTRIM goes first: a script that has written goes
+-- on past maxmemory, and XTRIM is not refused there (HINCRBY is). The log
+-- turned off is not this: its callers delete xsum with the log.
 local function cap_log(ilog, wsum, rsum, xsum, cap)
   if cap <= 0 then
-    redis.call('DEL', ilog, wsum, rsum, xsum)
+    local watches = numbers(wsum)
+    redis.call('DEL', ilog, wsum, rsum)
+    retire(xsum, watches)
     return
   end
   local over = redis.call('XLEN', ilog) - cap
@@ -583,7 +587,11 @@ if xtype == 'hash' then
     end
   end
 end
-if cap >= 0 then cap_log(ilog, wsum, rsum, xsum, cap) end
+if cap == 0 then
+  redis.call('DEL', ilog, wsum, rsum, xsum)  -- the log turned off: no replay either
+elseif cap > 0 then
+  cap_log(ilog, wsum, rsum, xsum, cap)
+end
 local replayed = 0
 if replace then
   redis.call('DEL', state)
@@ -764,11 +772,11 @@ def seed_user_commands(
     ``log_cutoff_ms`` on (the training data holds the
     log's ratings before it, :mod:`trainer.interactions`; 0: none). With
     ``log_length``, the log is first cut to that many newest entries (0:
-    removed), so a lowered ``retrieval.interaction_log_length`` frees its
-    memory. The script answers
+    removed, with the retired watches), so a lowered
+    ``retrieval.interaction_log_length`` frees its memory. The script answers
     ``[flags, replayed, left]``: flags 1 when it replaced the hash plus 2
-    when it wrote the list, the log entries it replayed, and the entries the
-    log holds now.
+    when it wrote the list, the interactions it replayed (retired watches
+    included), and the entries the log holds now.
     """
     keys = [
         redis_keys.user_state(user_id),

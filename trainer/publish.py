@@ -68,7 +68,7 @@ class PublishReport:
     users_replaced: int = 0  # hashes replaced: the rest were written by this or a newer version
     recent_written: int = 0
     interactions_replayed: int = 0  # logged online interactions added back to replaced hashes
-    full_logs: int = 0  # users whose log is at its cap: older interactions may have left it
+    full_logs: int = 0  # users whose log is at its cap: older unexported ratings may have left it
     removed_versions: list[str] = field(default_factory=list)
     removed_keys: int = 0
     seconds: float = 0.0
@@ -372,7 +372,9 @@ def publish(
         log_length: The services' ``retrieval.interaction_log_length``:
             each user's interaction log is cut to it (0: removed; None: logs
             left as they are). A replaced hash whose log is that long may
-            lack older interactions the cap dropped (counted in ``full_logs``).
+            lack older ratings the cap dropped before an export held them
+            (counted in ``full_logs``; watches the cap drops are kept apart
+            and replayed).
 
     Raises:
         ArtifactError: The version directory is incomplete or corrupt.
@@ -730,8 +732,9 @@ def cli_publish(args: argparse.Namespace, settings) -> int:
     if report.full_logs:
         print(
             f"publish: {report.full_logs} users' interaction logs are full "
-            f"(retrieval.interaction_log_length); interactions recorded online before "
-            "their oldest entry are not in their replaced aggregates",
+            f"(retrieval.interaction_log_length); ratings recorded online before their "
+            "oldest entry are in their replaced aggregates only if an export the version "
+            "trained on held them",
             file=sys.stderr,
         )
     if report.cleanup_error:

@@ -511,3 +511,49 @@ def test_retired_watches_edited_by_hand_are_dropped_not_fatal(
     # "name" survives the record (only the fields it adds to are checked), not the publish.
     assert retired == ({} if junk == "name" else _watch_counts(mv, items[2:3]))
     assert replayed == 2 + sum(v for k, v in retired.items() if k == "n")
+
+
+def test_a_log_of_length_one_still_keeps_every_watch(client, redis_url, two_versions):
+    """Each record cuts to 0 before adding its entry: that is no log turned off."""
+    mv, v2 = two_versions
+    uid = str(mv.users["user_id"][0])
+    items = _unseen(mv, 0, 4)
+    _record(redis_url, mv, uid, items, [None] * 4, log_length=1)
+    assert _retired(client, uid) == _watch_counts(mv, items[:3])
+    report = publish(v2, client, quiet=True, log_length=1)
+    assert report.interactions_replayed == 4
+    np.testing.assert_allclose(
+        _stored(client, mv, uid).flat(), _expected(mv, 0, items, [None] * 4).flat()
+    )
+
+
+@pytest.mark.parametrize("value", ["01", "-0"])
+def test_a_retired_count_redis_would_refuse_is_dropped_before_any_write(
+    client, redis_url, two_versions, value
+):
+    """Numbers HINCRBY refuses (a leading zero, -0) passed the check and failed scripts half-way."""
+    mv, v2 = two_versions
+    uid = str(mv.users["user_id"][0])
+    items = _unseen(mv, 0, 8)
+    key = redis_keys.user_retired_watches(uid)
+    _record(redis_url, mv, uid, items[:3], [None] * 3, log_length=2)
+    client.hset(key, "n", value)
+    _record(redis_url, mv, uid, items[3:4], [None], log_length=2)  # retires items[1]
+    assert _retired(client, uid) == _watch_counts(mv, items[1:2])
+    _record(redis_url, mv, uid, items[4:8], [None] * 4, log_length=100)
+    client.hset(key, "n", value)
+    report = publish(v2, client, quiet=True, log_length=4)  # cuts two: retired anew
+    assert report.switched and client.xlen(redis_keys.user_log(uid)) == 4
+    assert _retired(client, uid) == _watch_counts(mv, items[2:4])
+
+
+def test_a_state_counter_redis_would_refuse_fails_the_record_whole(client, redis_url, two_versions):
+    mv, _ = two_versions
+    uid = str(mv.users["user_id"][0])
+    state = redis_keys.user_state(uid)
+    client.hset(state, "n", "0" + client.hget(state, "n"))
+    recent = client.lrange(redis_keys.user_recent(uid), 0, -1)
+    with pytest.raises(CorruptUserState, match="field n is not a number"):
+        _record(redis_url, mv, uid, _unseen(mv, 0, 1), [None], log_length=10)
+    assert client.lrange(redis_keys.user_recent(uid), 0, -1) == recent
+    assert not _log_keys_left(client, uid)

@@ -180,6 +180,10 @@ def fit(p: Prepared, cfg: TrainConfig, *, quiet: bool = False):
         return x, y
 
     x_fit, y_fit = inputs(fit_rows)
+    if cfg.negatives:
+        x_fit, y_fit = add_negatives(
+            p, fit_rows, x_fit, y_fit, cfg.negatives, rng, ids=cfg.id_embeddings
+        )
     user_sample = x_fit[0]
     if p.dataset.logged_users:
         # The user tower's input scaling is the dataset's own users': a few
@@ -187,13 +191,10 @@ def fit(p: Prepared, cfg: TrainConfig, *, quiet: bool = False):
         # made a column constant for the dataset (age_missing) nearly so, and
         # a nearly constant column scales its rare value to an extreme, for
         # them and for every cold-start request with the same gap. Computed
-        # from the positives alone then (the negatives' users are not kept).
+        # from the positives alone then (the negatives' users are not kept;
+        # they follow the positives in x_fit).
         own = p.dataset.rating_user[fit_rows] < p.dataset.n_own_users
-        user_sample = user_sample[own]
-    if cfg.negatives:
-        x_fit, y_fit = add_negatives(
-            p, fit_rows, x_fit, y_fit, cfg.negatives, rng, ids=cfg.id_embeddings
-        )
+        user_sample = user_sample[: len(fit_rows)][own]
     strategy = tf.distribute.get_strategy()
     with strategy.scope():
         tt = build_two_tower(

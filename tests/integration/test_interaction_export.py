@@ -639,3 +639,33 @@ def test_a_new_user_whose_id_the_services_refuse_is_left_out(tmp_path, monkeypat
     assert (merged["rows"], merged["new_users"], merged["refused_ids"]) == (1, 1, 2)
     assert mv.logged_user_ids() == ["fine"]
     assert "2 of new users whose id the services refuse" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("new_users", [False, True])
+def test_the_scaling_sample_with_negatives(monkeypatch, new_users):
+    """Without new users it is every fit row, negatives included, as before they existed."""
+    import trainer.model as model_module
+    from trainer.prepare import prepare
+    from trainer.train import TrainConfig, fit
+
+    data = load_dataset("synthetic:users=80,items=60,ratings=2000,seed=0")
+    if new_users:
+        data = data.with_logged(
+            ["newcomer"], rating_user=[data.n_users] * 2, rating_item=[0, 1],
+            rating=[4.0, 2.0], timestamp=[1, 2],
+        )  # fmt: skip
+    train_rows, test_rows = data.split(0.2, 0)
+    seen = {}
+    real = model_module.build_two_tower
+
+    def spy(spec, **kw):
+        seen["user"], seen["item"] = kw["user_sample"], kw["item_sample"]
+        return real(spec, **kw)
+
+    monkeypatch.setattr(model_module, "build_two_tower", spy)
+    cfg = TrainConfig(objective="binary", negatives=3, epochs=1, hidden_units=(16,), patience=0)
+    fit(prepare(data, train_rows, test_rows), cfg, quiet=True)
+    n_fit = len(train_rows)  # no validation split with patience 0
+    assert len(seen["item"]) > n_fit  # the negatives are there
+    # With new users: the positives of the dataset's own users only.
+    assert len(seen["user"]) == (n_fit - 2 if new_users else len(seen["item"]))

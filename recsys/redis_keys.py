@@ -15,6 +15,7 @@ key                                    type    holds
 ``recsys:versions``                    zset    published versions, scored by publish time
 ``recsys:versions:pending``            zset    versions a publish is writing, by start time
 ``recsys:versions:removing:<ver>``     string  a clean-up is deleting the version (expires)
+``recsys:versions:removals:<ver>``     string  clean-ups that claimed the version (expires)
 ``recsys:v:<ver>:top:genre:<genre>``   zset    item id -> damped mean rating
 ``recsys:v:<ver>:top:country:<c>``     zset    item id -> score within the country
 ``recsys:v:<ver>:top:popular``         zset    item id -> popularity score
@@ -48,6 +49,16 @@ def removing(version: str) -> str:
     Outside the version's prefix, so the deletion it guards does not delete it.
     """
     return f"{VERSIONS}:removing:{version}"
+
+
+def removals(version: str) -> str:
+    """Counter of the clean-ups that have claimed ``version`` for removal.
+
+    A publish reads it when it marks the version pending and switches only if
+    it is unchanged: a removal that began meanwhile may have deleted keys it
+    wrote. Outside the version's prefix, so the deletion does not delete it.
+    """
+    return f"{VERSIONS}:removals:{version}"
 
 
 def _version_prefix(version: str) -> str:

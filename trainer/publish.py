@@ -99,27 +99,23 @@ def _newer(current: str | None, version: str) -> bool:
 
 # The pointer switch as one compare-and-set: moves forward (or anywhere with
 # ARGV[2] = "1"), else leaves it and answers the newer version it found.
-# Answers nil, moving nothing, when the version's pending mark is gone: a
-# clean-up removed its keys (and the mark) after they were written, and
-# switching would serve a version without top lists. The mark is put back
-# with the publish's start time, as a publish that died leaves it, so a later
-# clean-up removes whatever was written after the removal.
-# A publish of the same version that switched after this one started takes
-# the mark too, and that is no removal: the version is then in the published
-# zset with a later time, and a removal would have taken it out of there
-# (remove_version; its claim, checked here, covers it until then).
-# A removal claim (KEYS[4]) refuses the switch the same way: that clean-up
-# is deleting the keys now.
-# KEYS: pointer, published-versions zset, pending zset, the version's removal claim.
-# ARGV: version, rollback, time, this publish's start time.
+# Answers nil, moving nothing, when a clean-up claimed the version since this
+# publish marked it (the removals counter, KEYS[5], moved on from ARGV[5]) or
+# holds the claim now (KEYS[4]): it may have deleted keys this publish wrote,
+# and switching would serve a version without top lists. The counter, not the
+# pending mark, tells: the mark is one member per version, so another publish
+# of the same version takes it when it finishes (which made the second of two
+# at once fail for nothing) and a refused one puts it back (which let a third
+# through after a removal). The mark is put back with the publish's start
+# time, as a publish that died leaves it, so a later clean-up removes
+# whatever was written after the removal.
+# KEYS: pointer, published-versions zset, pending zset, the version's removal
+#       claim, the version's removals counter.
+# ARGV: version, rollback, time, this publish's start time, the counter at its mark.
 _SWITCH_SCRIPT = """
 local new = ARGV[1]
-local removed = redis.call('EXISTS', KEYS[4]) == 1
-if not removed and not redis.call('ZSCORE', KEYS[3], new) then
-  local at = tonumber(redis.call('ZSCORE', KEYS[2], new) or '')
-  removed = not at or at < tonumber(ARGV[4])
-end
-if removed then
+local removals = tonumber(redis.call('GET', KEYS[5]) or '0')
+if redis.call('EXISTS', KEYS[4]) == 1 or removals ~= tonumber(ARGV[5]) then
   redis.call('ZADD', KEYS[3], ARGV[4], new)
   return false
 end
@@ -251,15 +247,23 @@ def _published_versions(redis_client) -> tuple[str | None, list[str]]:
 # seconds for millions of keys), short enough that a rollback to the
 # version is not refused for long.
 REMOVING_TTL_S = 600
+# A version's removals counter lasts this long after its last claim: far
+# longer than a publish runs (one pending for PENDING_TIMEOUT_S is taken for
+# dead), and it goes by itself for versions long gone.
+REMOVALS_TTL_S = 7 * 24 * 3600
 
 # Claims a version for removal, or answers 0 and claims nothing when it is
 # current or a publish is writing it (a fresh pending mark) or another
 # clean-up holds the claim. In one step with the check: a rollback switching
 # to the version between a clean-up's choice and its deletion was served
 # without top lists. A publish marks its version pending only while no claim
-# exists (_MARK_SCRIPT), so one of the two always sees the other.
-# KEYS: pointer, pending zset, the version's removal claim.
-# ARGV: version, the pending cutoff (older marks are dead publishes'), claim TTL.
+# exists (_MARK_SCRIPT), so one of the two always sees the other. A claim
+# also counts in the version's removals counter, which a publish that marked
+# before it finds moved on at its switch (also when the clean-up died half
+# way and its claim expired).
+# KEYS: pointer, pending zset, the version's removal claim, its removals counter.
+# ARGV: version, the pending cutoff (older marks are dead publishes'), claim
+#       TTL, the counter's TTL.
 _CLAIM_SCRIPT = """
 local v = ARGV[1]
 if redis.call('GET', KEYS[1]) == v then
@@ -272,18 +276,22 @@ end
 if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[3]) then
   return 0
 end
+redis.call('INCR', KEYS[4])
+redis.call('EXPIRE', KEYS[4], ARGV[4])
 return 1
 """
 
-# Marks a version pending unless a clean-up is removing it: answers 0,
-# marking nothing, when the removal claim exists.
-# KEYS: pending zset, the version's removal claim. ARGV: version, start time.
+# Marks a version pending unless a clean-up is removing it: answers -1,
+# marking nothing, when the removal claim exists; else the version's
+# removals counter, which the switch checks.
+# KEYS: pending zset, the version's removal claim, its removals counter.
+# ARGV: version, start time.
 _MARK_SCRIPT = """
 if redis.call('EXISTS', KEYS[2]) == 1 then
-  return 0
+  return -1
 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-return 1
+return tonumber(redis.call('GET', KEYS[3]) or '0')
 """
 
 
@@ -299,13 +307,15 @@ def remove_version(
     """
     claimed = redis_client.eval(
         _CLAIM_SCRIPT,
-        3,
+        4,
         redis_keys.CURRENT_VERSION,
         redis_keys.VERSIONS_PENDING,
         redis_keys.removing(version),
+        redis_keys.removals(version),
         version,
         repr(time.time() - pending_timeout_s),
         REMOVING_TTL_S,
+        REMOVALS_TTL_S,
     )
     if not claimed:
         return None
@@ -411,15 +421,16 @@ def publish(
     # Listed as pending before its keys are written, so a publish that dies
     # before the switch leaves keys a later cleanup finds.
     started = time.time()
-    marked = redis_client.eval(
+    removals = redis_client.eval(
         _MARK_SCRIPT,
-        2,
+        3,
         redis_keys.VERSIONS_PENDING,
         redis_keys.removing(mv.version),
+        redis_keys.removals(mv.version),
         mv.version,
         repr(started),
     )
-    if not marked:
+    if removals < 0:
         # Written now, its keys would be deleted by that clean-up as they land.
         raise RemovedWhilePublishing(
             f"another publish's clean-up is removing version {mv.version}'s keys; nothing "
@@ -490,15 +501,17 @@ def publish(
 
     moved = redis_client.eval(
         _SWITCH_SCRIPT,
-        4,
+        5,
         redis_keys.CURRENT_VERSION,
         redis_keys.VERSIONS,
         redis_keys.VERSIONS_PENDING,
         redis_keys.removing(mv.version),
+        redis_keys.removals(mv.version),
         mv.version,
         "1" if rollback else "0",
         repr(time.time()),
         repr(started),
+        removals,
     )
     if moved is None:
         raise RemovedWhilePublishing(

@@ -591,23 +591,83 @@ def test_two_publishes_of_one_version_at_once_both_succeed(
     assert client.zscore(redis_keys.VERSIONS_PENDING, "2") is None
 
 
-def test_a_version_switched_to_before_this_publish_began_is_no_excuse(
-    client, redis_url, trained_version, tmp_path
+def test_two_publishes_of_one_version_agree_whatever_their_clocks(
+    client, redis_url, trained_version, tmp_path, monkeypatch
 ):
-    """Published long ago and its mark gone, with no switch since this publish began: refused."""
+    """The one that switches first runs on a host 30 s behind: no time is compared."""
+    import types
+
     v1, v2 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2))
     publish(v1, client, quiet=True)
-    publish(v2, client, quiet=True)
     slow = _SlowPublisher.from_url(redis_url)
-    # What a removal that finished before the switch leaves, minus the zset
-    # entry, and a published time from before this publish started.
-    slow.other = lambda: (
-        client.zrem(redis_keys.VERSIONS_PENDING, "2"),
-        client.zadd(redis_keys.VERSIONS, {"2": 1.0}),
-    )
+
+    def other_host():
+        behind = types.SimpleNamespace(
+            time=lambda: time.time() - 30, perf_counter=time.perf_counter
+        )
+        monkeypatch.setattr(publish_module, "time", behind)
+        try:
+            publish(v2, client, quiet=True)
+        finally:
+            monkeypatch.setattr(publish_module, "time", time)
+
+    slow.other = other_host
+    report = publish(v2, slow, quiet=True)
+    slow.close()
+    assert report.switched and client.get(redis_keys.CURRENT_VERSION) == "2"
+
+
+def test_a_removal_refuses_every_publish_that_marked_before_it(
+    client, redis_url, trained_version, tmp_path
+):
+    """Two rollbacks to 2 and the nightly publish of 4, whose clean-up removes 2 under both.
+
+    The first refused rollback put 2's pending mark back, and the second,
+    finding it, switched to a version without top lists.
+    """
+    v1, v2, v3, v4 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2, 3, 4))
+    for v in (v1, v2, v3):
+        publish(v, client, quiet=True, keep=2)
+    first, second = (_SlowPublisher.from_url(redis_url) for _ in range(2))
+    refused = []
+
+    def second_rollback():
+        with pytest.raises(publish_module.RemovedWhilePublishing, match="publish 2 again"):
+            publish(v2, second, quiet=True, rollback=True)
+        refused.append(2)
+
+    second.other = lambda: publish(v4, client, quiet=True, keep=1, pending_timeout_s=0)
+    first.other = second_rollback
+    with pytest.raises(publish_module.RemovedWhilePublishing, match="publish 2 again"):
+        publish(v2, first, quiet=True, rollback=True)
+    first.close()
+    second.close()
+    assert refused == [2] and client.get(redis_keys.CURRENT_VERSION) == "4"
+
+
+def test_a_clean_up_that_died_half_way_still_refuses_the_switch(
+    client, redis_url, trained_version, tmp_path
+):
+    """Its claim expired and it never got to its last step: the counter moved at the claim."""
+    v1, v2 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2))
+    publish(v1, client, quiet=True)
+    slow = _SlowPublisher.from_url(redis_url)
+
+    def died_half_way():
+        client.zrem(redis_keys.VERSIONS_PENDING, "2")  # as another publish of 2 finishing does
+        claimed = client.eval(
+            publish_module._CLAIM_SCRIPT, 4, redis_keys.CURRENT_VERSION,
+            redis_keys.VERSIONS_PENDING, redis_keys.removing("2"), redis_keys.removals("2"),
+            "2", repr(time.time()), 600, 600,
+        )  # fmt: skip
+        assert claimed
+        client.delete(redis_keys.top_popular("2"), redis_keys.removing("2"))
+
+    slow.other = died_half_way
     with pytest.raises(publish_module.RemovedWhilePublishing, match="publish 2 again"):
         publish(v2, slow, quiet=True)
     slow.close()
+    assert client.get(redis_keys.CURRENT_VERSION) == "1"
 
 
 class _RacesTheCleanUp(redis.Redis):

@@ -17,8 +17,9 @@ Order matters so serving never sees a half-loaded version:
 3. ``recsys:current_version`` is switched by a compare-and-set script (only
    forward unless ``rollback``), and the version is added to
    ``recsys:versions``; a version that lost the race and was never served
-   has its keys deleted. The switch is refused when the version's pending
-   mark is gone: another publish's clean-up removed its keys meanwhile;
+   has its keys deleted. The switch is refused when a clean-up claimed the
+   version since this publish marked it (``recsys:versions:removals:<ver>``
+   moved on) or holds the claim now: it may have deleted what was written;
 4. keys of versions older than the newest ``keep`` are deleted (``SCAN``,
    never ``KEYS``), and those of publishes that died long ago. Keeping the
    previous version gives services that have not reloaded yet a grace
@@ -108,7 +109,8 @@ def _newer(current: str | None, version: str) -> bool:
 # at once fail for nothing) and a refused one puts it back (which let a third
 # through after a removal). The mark is put back with the publish's start
 # time, as a publish that died leaves it, so a later clean-up removes
-# whatever was written after the removal.
+# whatever was written after the removal, unless another publish of the
+# version marked it later (its fresh mark must not look dead).
 # KEYS: pointer, published-versions zset, pending zset, the version's removal
 #       claim, the version's removals counter.
 # ARGV: version, rollback, time, this publish's start time, the counter at its mark.
@@ -116,7 +118,10 @@ _SWITCH_SCRIPT = """
 local new = ARGV[1]
 local removals = tonumber(redis.call('GET', KEYS[5]) or '0')
 if redis.call('EXISTS', KEYS[4]) == 1 or removals ~= tonumber(ARGV[5]) then
-  redis.call('ZADD', KEYS[3], ARGV[4], new)
+  local m = redis.call('ZSCORE', KEYS[3], new)
+  if not m or tonumber(m) < tonumber(ARGV[4]) then
+    redis.call('ZADD', KEYS[3], ARGV[4], new)
+  end
   return false
 end
 local cur = redis.call('GET', KEYS[1])
@@ -263,7 +268,7 @@ REMOVALS_TTL_S = 7 * 24 * 3600
 # way and its claim expired).
 # KEYS: pointer, pending zset, the version's removal claim, its removals counter.
 # ARGV: version, the pending cutoff (older marks are dead publishes'), claim
-#       TTL, the counter's TTL.
+#       TTL, the counter's TTL, the clean-up's token (the claim's value).
 _CLAIM_SCRIPT = """
 local v = ARGV[1]
 if redis.call('GET', KEYS[1]) == v then
@@ -273,7 +278,7 @@ local at = redis.call('ZSCORE', KEYS[2], v)
 if at and tonumber(at) > tonumber(ARGV[2]) then
   return 0
 end
-if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[3]) then
+if not redis.call('SET', KEYS[3], ARGV[5], 'NX', 'EX', ARGV[3]) then
   return 0
 end
 redis.call('INCR', KEYS[4])
@@ -283,15 +288,42 @@ return 1
 
 # Marks a version pending unless a clean-up is removing it: answers -1,
 # marking nothing, when the removal claim exists; else the version's
-# removals counter, which the switch checks.
+# removals counter, which the switch checks. The counter's TTL starts again
+# here, so it cannot lapse while this publish runs (a counter back at 0, or
+# at 1 again after one new claim, would pass for unmoved).
 # KEYS: pending zset, the version's removal claim, its removals counter.
-# ARGV: version, start time.
+# ARGV: version, start time, the counter's TTL.
 _MARK_SCRIPT = """
 if redis.call('EXISTS', KEYS[2]) == 1 then
   return -1
 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('EXPIRE', KEYS[3], ARGV[3])
 return tonumber(redis.call('GET', KEYS[3]) or '0')
+"""
+
+
+# A clean-up deletes one batch of a version's keys only while it still holds
+# its claim (its token is the claim's value), and renews the claim: one that
+# stalled past the claim's TTL (a paused pod, a slow SCAN) had deleted the
+# keys of a rollback that marked, wrote and switched after the claim lapsed.
+# KEYS: the claim, then the batch. ARGV: token, claim TTL. Answers -1 when
+# the claim is lost, else the keys deleted.
+_HELD_UNLINK = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+return redis.call('UNLINK', unpack(KEYS, 2))
+"""
+# The clean-up's last step, under the same condition: the version leaves the
+# versions sets and the claim goes, in one step (released first, a publish
+# starting in between had its fresh pending mark removed).
+# KEYS: the claim, published zset, pending zset. ARGV: token, version.
+_HELD_RELEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[2])
+redis.call('ZREM', KEYS[3], ARGV[2])
+redis.call('DEL', KEYS[1])
+return 1
 """
 
 
@@ -305,6 +337,7 @@ def remove_version(
         current, a publish (pending for less than ``pending_timeout_s``) is
         writing it, or another clean-up is removing it.
     """
+    token = secrets.token_hex(8)
     claimed = redis_client.eval(
         _CLAIM_SCRIPT,
         4,
@@ -316,24 +349,30 @@ def remove_version(
         repr(time.time() - pending_timeout_s),
         REMOVING_TTL_S,
         REMOVALS_TTL_S,
+        token,
     )
     if not claimed:
         return None
+    claim = redis_keys.removing(version)
     removed, batch = 0, []
+
+    def unlink(keys: list) -> int:
+        n = redis_client.eval(_HELD_UNLINK, 1 + len(keys), claim, *keys, token, REMOVING_TTL_S)
+        if n < 0:
+            # Past the claim's TTL a publish may have written the version anew.
+            raise RedisError(f"lost the claim on version {version}'s keys (it expired)")
+        return n
+
     for key in redis_client.scan_iter(match=redis_keys.version_pattern(version), count=1000):
         batch.append(key)
         if len(batch) >= 1000:
-            removed += redis_client.unlink(*batch)
+            removed += unlink(batch)
             batch = []
     if batch:
-        removed += redis_client.unlink(*batch)
-    # The claim goes with the entries, in one step: released first, a publish
-    # starting in between had its fresh pending mark removed.
-    pipe = redis_client.pipeline()
-    pipe.zrem(redis_keys.VERSIONS, version)
-    pipe.zrem(redis_keys.VERSIONS_PENDING, version)
-    pipe.delete(redis_keys.removing(version))
-    pipe.execute()
+        removed += unlink(batch)
+    redis_client.eval(
+        _HELD_RELEASE, 3, claim, redis_keys.VERSIONS, redis_keys.VERSIONS_PENDING, token, version
+    )
     return removed
 
 
@@ -429,6 +468,7 @@ def publish(
         redis_keys.removals(mv.version),
         mv.version,
         repr(started),
+        REMOVALS_TTL_S,
     )
     if removals < 0:
         # Written now, its keys would be deleted by that clean-up as they land.
@@ -463,7 +503,9 @@ def publish(
     _progress(quiet, f"{report.top_list_keys} top lists under version {mv.version}")
 
     if not switch:
-        return _beside_current(redis_client, mv.version, report, keep, protect, t0, quiet)
+        return _beside_current(
+            redis_client, mv.version, report, keep, protect, t0, quiet, started, removals
+        )
     users = mv.users
     aggs = mv.user_aggregates
     ids = [str(u) for u in users["user_id"]]
@@ -542,6 +584,26 @@ def publish(
     return report
 
 
+# Lists a version published beside the current one (no switch), under the
+# same condition as _SWITCH_SCRIPT: no clean-up claimed it since the mark.
+# KEYS: published zset, pending zset, the version's removal claim, its
+# removals counter. ARGV: version, listing score, publish start, counter at the mark.
+_BESIDE_SCRIPT = """
+local v = ARGV[1]
+local removals = tonumber(redis.call('GET', KEYS[4]) or '0')
+if redis.call('EXISTS', KEYS[3]) == 1 or removals ~= tonumber(ARGV[4]) then
+  local m = redis.call('ZSCORE', KEYS[2], v)
+  if not m or tonumber(m) < tonumber(ARGV[3]) then
+    redis.call('ZADD', KEYS[2], ARGV[3], v)
+  end
+  return 0
+end
+redis.call('ZADD', KEYS[1], ARGV[2], v)
+redis.call('ZREM', KEYS[2], v)
+return 1
+"""
+
+
 def _beside_current(
     redis_client,
     version: str,
@@ -550,6 +612,8 @@ def _beside_current(
     protect: Iterable[str],
     t0: float,
     quiet: bool,
+    started: float,
+    removals: int,
 ) -> PublishReport:
     """Lists a version whose top lists were written as published, without switching to it."""
     current = current_version(redis_client)
@@ -557,8 +621,16 @@ def _beside_current(
     # Just before the current version's switch: a later entry would be taken
     # for a publish that never switched (_published_versions).
     score = (at - 1e-3) if at is not None else time.time()
-    redis_client.zadd(redis_keys.VERSIONS, {version: score})
-    redis_client.zrem(redis_keys.VERSIONS_PENDING, version)
+    listed = redis_client.eval(
+        _BESIDE_SCRIPT, 4, redis_keys.VERSIONS, redis_keys.VERSIONS_PENDING,
+        redis_keys.removing(version), redis_keys.removals(version),
+        version, repr(score), repr(started), removals,
+    )  # fmt: skip
+    if not listed:
+        raise RemovedWhilePublishing(
+            f"version {version}'s keys were removed by another publish's clean-up while "
+            f"this publish wrote them: publish {version} again"
+        )
     report.switched = False
     _progress(quiet, f"version {version}'s top lists written beside current version {current}")
     try:

@@ -658,7 +658,7 @@ def test_a_clean_up_that_died_half_way_still_refuses_the_switch(
         claimed = client.eval(
             publish_module._CLAIM_SCRIPT, 4, redis_keys.CURRENT_VERSION,
             redis_keys.VERSIONS_PENDING, redis_keys.removing("2"), redis_keys.removals("2"),
-            "2", repr(time.time()), 600, 600,
+            "2", repr(time.time()), 600, 600, "token",
         )  # fmt: skip
         assert claimed
         client.delete(redis_keys.top_popular("2"), redis_keys.removing("2"))
@@ -695,6 +695,93 @@ class _RacesTheCleanUp(redis.Redis):
         if match == redis_keys.version_pattern("2"):
             self._reach("deleting")
         return super().scan_iter(match=match, **kwargs)
+
+
+def test_a_clean_up_stalled_past_its_claim_leaves_a_rollback_alone(
+    client, redis_url, trained_version, tmp_path, monkeypatch
+):
+    """The nightly publish of 4 claims 2, then stalls (a paused pod) past the claim's TTL.
+
+    A rollback to 2 marked, wrote and switched meanwhile; the clean-up woke and
+    deleted the lists the pointer named.
+    """
+    monkeypatch.setattr(publish_module, "REMOVING_TTL_S", 1)  # stands for 600 s
+    v1, v2, v3, v4 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2, 3, 4))
+    for v in (v1, v2, v3):
+        publish(v, client, quiet=True, keep=2)
+    rolled_back = []
+
+    def stall_then_rollback():
+        time.sleep(1.5)
+        rolled_back.append(publish(v2, client, quiet=True, rollback=True, keep=2).switched)
+
+    nightly = _RacesTheCleanUp.from_url(redis_url)
+    nightly.at, nightly.other = "deleting", stall_then_rollback
+    report = publish(v4, nightly, quiet=True, keep=2)
+    nightly.close()
+    assert rolled_back == [True] and client.get(redis_keys.CURRENT_VERSION) == "2"
+    assert client.exists(redis_keys.top_popular("2"))
+    assert client.zscore(redis_keys.VERSIONS, "2") is not None
+    assert "lost the claim" in (report.cleanup_error or "")
+
+
+def test_the_removals_counter_lasts_as_long_as_a_publish_that_read_it(
+    client, redis_url, trained_version, tmp_path, monkeypatch
+):
+    """Its TTL ran from the last claim: lapsing mid-publish, it read as moved (0, not 1)."""
+    monkeypatch.setattr(publish_module, "REMOVALS_TTL_S", 6)  # stands for 7 days
+    v1, v2, v3 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2, 3))
+    for v in (v1, v2, v3):
+        publish(v, client, quiet=True, keep=1)  # 3's clean-up removes 2
+    assert client.get(redis_keys.removals("2")) == "1"
+    time.sleep(4)  # the rollback starts 2 s before the counter would lapse
+    slow = _SlowPublisher.from_url(redis_url)
+    slow.other = lambda: time.sleep(3)  # and switches after that
+    report = publish(v2, slow, quiet=True, rollback=True)
+    slow.close()
+    assert report.switched and client.get(redis_keys.CURRENT_VERSION) == "2"
+
+
+def test_a_publish_beside_the_current_one_is_refused_after_a_removal(
+    client, redis_url, trained_version, tmp_path
+):
+    """An A/B arm's version, listed as published (switch=False) though a clean-up removed it."""
+    v1, v3, v4 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 3, 4))
+    publish(v1, client, quiet=True)
+    publish(v3, client, quiet=True, keep=1)
+
+    class _BeforeListing(redis.Redis):
+        other = None
+
+        def eval(self, script, *args, **kwargs):
+            if self.other is not None and script == publish_module._BESIDE_SCRIPT:
+                other, self.other = self.other, None
+                other()
+            return super().eval(script, *args, **kwargs)
+
+    arm = _BeforeListing.from_url(redis_url)
+    # A clean-up past the pending timeout, whose config lacks the arm's pin.
+    arm.other = lambda: publish(v4, client, quiet=True, keep=1, pending_timeout_s=0)
+    with pytest.raises(publish_module.RemovedWhilePublishing, match="publish 1 again"):
+        publish(v1, arm, quiet=True, keep=1, protect={"1"}, switch=False)
+    arm.close()
+    assert client.zscore(redis_keys.VERSIONS, "1") is None
+
+
+def test_a_refused_switch_keeps_a_fresher_mark_of_the_same_version(client):
+    """Its start time over another publish's later mark made that live publish look dead."""
+    client.zadd(redis_keys.VERSIONS_PENDING, {"2": 2000.0})  # another publish, started later
+    client.set(redis_keys.removals("2"), 1)  # a removal since this publish's mark (0)
+    keys = [
+        redis_keys.CURRENT_VERSION, redis_keys.VERSIONS, redis_keys.VERSIONS_PENDING,
+        redis_keys.removing("2"), redis_keys.removals("2"),
+    ]  # fmt: skip
+    args = ["2", "0", "3000.0", "1000.0", 0]
+    assert client.eval(publish_module._SWITCH_SCRIPT, len(keys), *keys, *args) is None
+    assert client.zscore(redis_keys.VERSIONS_PENDING, "2") == 2000.0
+    client.zrem(redis_keys.VERSIONS_PENDING, "2")  # gone: put back, as a dead publish's
+    assert client.eval(publish_module._SWITCH_SCRIPT, len(keys), *keys, *args) is None
+    assert client.zscore(redis_keys.VERSIONS_PENDING, "2") == 1000.0
 
 
 def test_a_rollback_between_a_clean_ups_choice_and_its_deletion_keeps_its_lists(

@@ -307,19 +307,30 @@ return tonumber(redis.call('GET', KEYS[3]) or '0')
 # its claim (its token is the claim's value), and renews the claim: one that
 # stalled past the claim's TTL (a paused pod, a slow SCAN) had deleted the
 # keys of a rollback that marked, wrote and switched after the claim lapsed.
-# KEYS: the claim, then the batch. ARGV: token, claim TTL. Answers -1 when
-# the claim is lost, else the keys deleted.
+# A claim found lost leaves the version half deleted: it is marked pending as
+# a long-dead publish (score 0; a live publish's mark stays), so a later
+# clean-up finishes it even where nothing else lists it (a version that lost
+# the race to a newer one and was never served).
+# KEYS: the claim, pending zset, then the batch. ARGV: token, claim TTL,
+# version. Answers -1 when the claim is lost, else the keys deleted.
 _HELD_UNLINK = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return -1 end
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  redis.call('ZADD', KEYS[2], 'NX', 0, ARGV[3])
+  return -1
+end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
-return redis.call('UNLINK', unpack(KEYS, 2))
+return redis.call('UNLINK', unpack(KEYS, 3))
 """
 # The clean-up's last step, under the same condition: the version leaves the
 # versions sets and the claim goes, in one step (released first, a publish
-# starting in between had its fresh pending mark removed).
+# starting in between had its fresh pending mark removed). A lost claim
+# marks the version as _HELD_UNLINK does.
 # KEYS: the claim, published zset, pending zset. ARGV: token, version.
 _HELD_RELEASE = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  redis.call('ZADD', KEYS[3], 'NX', 0, ARGV[2])
+  return 0
+end
 redis.call('ZREM', KEYS[2], ARGV[2])
 redis.call('ZREM', KEYS[3], ARGV[2])
 redis.call('DEL', KEYS[1])
@@ -356,11 +367,16 @@ def remove_version(
     claim = redis_keys.removing(version)
     removed, batch = 0, []
 
+    lost = f"lost the claim on version {version}'s keys (it expired)"
+
     def unlink(keys: list) -> int:
-        n = redis_client.eval(_HELD_UNLINK, 1 + len(keys), claim, *keys, token, REMOVING_TTL_S)
+        n = redis_client.eval(
+            _HELD_UNLINK, 2 + len(keys), claim, redis_keys.VERSIONS_PENDING, *keys,
+            token, REMOVING_TTL_S, version,
+        )  # fmt: skip
         if n < 0:
             # Past the claim's TTL a publish may have written the version anew.
-            raise RedisError(f"lost the claim on version {version}'s keys (it expired)")
+            raise RedisError(lost)
         return n
 
     for key in redis_client.scan_iter(match=redis_keys.version_pattern(version), count=1000):
@@ -370,9 +386,11 @@ def remove_version(
             batch = []
     if batch:
         removed += unlink(batch)
-    redis_client.eval(
+    released = redis_client.eval(
         _HELD_RELEASE, 3, claim, redis_keys.VERSIONS, redis_keys.VERSIONS_PENDING, token, version
     )
+    if not released:
+        raise RedisError(lost)
     return removed
 
 

@@ -725,6 +725,62 @@ def test_a_clean_up_stalled_past_its_claim_leaves_a_rollback_alone(
     assert "lost the claim" in (report.cleanup_error or "")
 
 
+def test_a_lost_race_whose_clean_up_lost_its_claim_is_finished_later(
+    client, redis_url, trained_version, tmp_path, monkeypatch
+):
+    """2 lost the race to 3 and was never served; its clean-up stalled past the claim.
+
+    Listed in neither versions set once the claim was lost, its keys were
+    never deleted by any later clean-up.
+    """
+    monkeypatch.setattr(publish_module, "REMOVING_TTL_S", 1)  # stands for 600 s
+    v1, v2, v3, v4 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2, 3, 4))
+    publish(v1, client, quiet=True)
+
+    class _Stalls(redis.Redis):
+        def scan_iter(self, match=None, **kwargs):
+            if match == redis_keys.version_pattern("2"):
+                time.sleep(1.5)  # the claim (EX 1) lapses
+            return super().scan_iter(match=match, **kwargs)
+
+    _before_first_user(monkeypatch, lambda: publish(v3, client, quiet=True))
+    slow = _Stalls.from_url(redis_url)
+    report = publish(v2, slow, quiet=True)
+    slow.close()
+    assert not report.switched and "lost the claim" in report.cleanup_error
+    monkeypatch.undo()
+    publish(v4, client, quiet=True, keep=1, pending_timeout_s=0)
+    assert not list(client.scan_iter(match=redis_keys.version_pattern("2")))
+
+
+def test_a_release_that_lost_its_claim_is_no_removal(
+    client, redis_url, trained_version, tmp_path, monkeypatch
+):
+    """A rollback to 2 switched between the clean-up's last batch and its release."""
+    monkeypatch.setattr(publish_module, "REMOVING_TTL_S", 1)  # stands for 600 s
+    v1, v2, v3, v4 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2, 3, 4))
+    for v in (v1, v2, v3):
+        publish(v, client, quiet=True, keep=2)
+
+    class _StallsBeforeRelease(redis.Redis):
+        other = None
+
+        def eval(self, script, *args, **kwargs):
+            if script == publish_module._HELD_RELEASE and self.other is not None:
+                other, self.other = self.other, None
+                time.sleep(1.5)  # a paused pod: the claim lapses
+                other()
+            return super().eval(script, *args, **kwargs)
+
+    nightly = _StallsBeforeRelease.from_url(redis_url)
+    nightly.other = lambda: publish(v2, client, quiet=True, rollback=True, keep=2)
+    report = publish(v4, nightly, quiet=True, keep=2)
+    nightly.close()
+    assert client.get(redis_keys.CURRENT_VERSION) == "2"
+    assert client.exists(redis_keys.top_popular("2"))
+    assert "2" not in report.removed_versions and "lost the claim" in report.cleanup_error
+
+
 def test_the_removals_counter_lasts_as_long_as_a_publish_that_read_it(
     client, redis_url, trained_version, tmp_path, monkeypatch
 ):

@@ -252,9 +252,10 @@ def _published_versions(redis_client) -> tuple[str | None, list[str]]:
 # seconds for millions of keys), short enough that a rollback to the
 # version is not refused for long.
 REMOVING_TTL_S = 600
-# A version's removals counter lasts this long after its last claim: far
-# longer than a publish runs (one pending for PENDING_TIMEOUT_S is taken for
-# dead), and it goes by itself for versions long gone.
+# A version's removals counter lasts this long after its last claim or
+# publish mark: far longer than a publish runs (one pending for
+# PENDING_TIMEOUT_S is taken for dead), and it goes by itself for versions
+# long gone.
 REMOVALS_TTL_S = 7 * 24 * 3600
 
 # Claims a version for removal, or answers 0 and claims nothing when it is
@@ -366,7 +367,6 @@ def remove_version(
         return None
     claim = redis_keys.removing(version)
     removed, batch = 0, []
-
     lost = f"lost the claim on version {version}'s keys (it expired)"
 
     def unlink(keys: list) -> int:

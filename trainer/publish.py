@@ -98,6 +98,25 @@ def _newer(current: str | None, version: str) -> bool:
     return int(current) > int(version)
 
 
+# Lua both scripts that end a publish share (_SWITCH_SCRIPT, _BESIDE_SCRIPT):
+# whether a clean-up claimed version v since this publish marked it (its
+# removals counter moved on from at_mark) or holds the claim now; if so, the
+# pending mark goes back with this publish's start time unless a later one
+# is there.
+_REMOVED_SINCE_MARK = """
+local function removed_since_mark(claim, counter, pending, v, started, at_mark)
+  local removals = tonumber(redis.call('GET', counter) or '0')
+  if redis.call('EXISTS', claim) == 0 and removals == tonumber(at_mark) then
+    return false
+  end
+  local m = redis.call('ZSCORE', pending, v)
+  if not m or tonumber(m) < tonumber(started) then
+    redis.call('ZADD', pending, started, v)
+  end
+  return true
+end
+"""
+
 # The pointer switch as one compare-and-set: moves forward (or anywhere with
 # ARGV[2] = "1"), else leaves it and answers the newer version it found.
 # Answers nil, moving nothing, when a clean-up claimed the version since this
@@ -114,14 +133,11 @@ def _newer(current: str | None, version: str) -> bool:
 # KEYS: pointer, published-versions zset, pending zset, the version's removal
 #       claim, the version's removals counter.
 # ARGV: version, rollback, time, this publish's start time, the counter at its mark.
-_SWITCH_SCRIPT = """
+_SWITCH_SCRIPT = (
+    _REMOVED_SINCE_MARK
+    + """
 local new = ARGV[1]
-local removals = tonumber(redis.call('GET', KEYS[5]) or '0')
-if redis.call('EXISTS', KEYS[4]) == 1 or removals ~= tonumber(ARGV[5]) then
-  local m = redis.call('ZSCORE', KEYS[3], new)
-  if not m or tonumber(m) < tonumber(ARGV[4]) then
-    redis.call('ZADD', KEYS[3], ARGV[4], new)
-  end
+if removed_since_mark(KEYS[4], KEYS[5], KEYS[3], new, ARGV[4], ARGV[5]) then
   return false
 end
 local cur = redis.call('GET', KEYS[1])
@@ -132,6 +148,7 @@ redis.call('SET', KEYS[1], new)
 redis.call('ZADD', KEYS[2], ARGV[3], new)
 return 'OK'
 """
+)
 
 
 def _progress(quiet: bool, msg: str) -> None:
@@ -606,20 +623,18 @@ def publish(
 # same condition as _SWITCH_SCRIPT: no clean-up claimed it since the mark.
 # KEYS: published zset, pending zset, the version's removal claim, its
 # removals counter. ARGV: version, listing score, publish start, counter at the mark.
-_BESIDE_SCRIPT = """
+_BESIDE_SCRIPT = (
+    _REMOVED_SINCE_MARK
+    + """
 local v = ARGV[1]
-local removals = tonumber(redis.call('GET', KEYS[4]) or '0')
-if redis.call('EXISTS', KEYS[3]) == 1 or removals ~= tonumber(ARGV[4]) then
-  local m = redis.call('ZSCORE', KEYS[2], v)
-  if not m or tonumber(m) < tonumber(ARGV[3]) then
-    redis.call('ZADD', KEYS[2], ARGV[3], v)
-  end
+if removed_since_mark(KEYS[3], KEYS[4], KEYS[2], v, ARGV[3], ARGV[4]) then
   return 0
 end
 redis.call('ZADD', KEYS[1], ARGV[2], v)
 redis.call('ZREM', KEYS[2], v)
 return 1
 """
+)
 
 
 def _beside_current(

@@ -480,11 +480,10 @@ def merge_interactions(
                     out_of_range += 1
                 else:
                     u = users.get(row[0])
-                    if u is None and row[0] in refused:
-                        refused_ids += 1
-                        continue
                     if u is None:
-                        if max_id_bytes is not None and not _servable(row[0], max_id_bytes):
+                        if row[0] in refused or (
+                            max_id_bytes is not None and not _servable(row[0], max_id_bytes)
+                        ):
                             refused.add(row[0])
                             refused_ids += 1
                             continue

@@ -365,11 +365,28 @@ local function rebuild(ilog, wsum, rsum)
   add(wsum, t[false], 1)
   add(rsum, t[true], 1)
 end
+-- Deletes the retired watches (xsum) unless they are a hash of counts
+-- HINCRBY takes, in every field (names nil: a publish's check) or in the
+-- given ones (a record's cheaper check). Edited by hand, they have nothing
+-- to be rebuilt from, and must not fail a record or publish half-way.
+local function check_retired(xsum, names)
+  local t = redis.call('TYPE', xsum)['ok']
+  if t == 'hash' and names then
+    local now = redis.call('HMGET', xsum, unpack(names))
+    for i = 1, #names do
+      if now[i] and not decimal(now[i], true) then t = 'bad' break end
+    end
+  elseif t == 'hash' then
+    local kv = redis.call('HGETALL', xsum)
+    for j = 1, #kv, 2 do
+      if not counter(kv[j]) or not decimal(kv[j + 1], true) then t = 'bad' break end
+    end
+  end
+  if t ~= 'hash' and t ~= 'none' then redis.call('DEL', xsum) end
+end
 -- Adds the counts of watches that left the log to xsum: no training data
 -- holds a watch, so a publish must add every watch back, not only the ones
 -- still in the log (the oldest of an active user's were lost at each publish).
--- A hash edited by hand into something HINCRBY refuses is dropped first
--- (nothing to rebuild it from), so a record or publish never fails half-way.
 local function retire(xsum, tbl)
   local kept, names = {}, {}
   for name, v in pairs(tbl) do
@@ -379,14 +396,7 @@ local function retire(xsum, tbl)
     end
   end
   if #names == 0 then return end
-  local t = redis.call('TYPE', xsum)['ok']
-  if t == 'hash' then
-    local now = redis.call('HMGET', xsum, unpack(names))
-    for i = 1, #names do
-      if now[i] and not decimal(now[i], true) then t = 'bad' break end
-    end
-  end
-  if t ~= 'hash' and t ~= 'none' then redis.call('DEL', xsum) end
+  check_retired(xsum, names)
   add(xsum, kept, 1)
 end
 -- Keeps the newest cap entries, taking the ones that leave out of the sums
@@ -449,10 +459,9 @@ end
 # watches). Keys: state hash, recent list, watched set, log, watch sums,
 # rating sums, retired watches, and the event marker only when there is one
 # (every key must be in the user's Redis Cluster slot, so no placeholder
-# key). ARGV: item,
-# history length, event TTL, number of integer fields, log length, event
-# time, rating ('' for a watch), then field/increment pairs (integers first,
-# 'n' leading, then floats).
+# key). ARGV: item, history length, event TTL, number of integer fields, log
+# length, event time, rating ('' for a watch), then field/increment pairs
+# (integers first, 'n' leading, then floats).
 _RECORD_SCRIPT = (
     _LOG_LUA
     + """
@@ -574,19 +583,7 @@ local replace = force or kind ~= 'hash' or not newer
 local ltype = redis.call('TYPE', ilog)['ok']
 if ltype ~= 'stream' and ltype ~= 'none' then redis.call('DEL', ilog, wsum, rsum) end
 if not sums_ok(ilog, wsum, rsum) then rebuild(ilog, wsum, rsum) end
--- Retired watches edited by hand into something else are dropped: nothing
--- to rebuild them from, and one bad key must not fail the publish.
-local xtype = redis.call('TYPE', xsum)['ok']
-if xtype ~= 'hash' and xtype ~= 'none' then redis.call('DEL', xsum) end
-if xtype == 'hash' then
-  local kv = redis.call('HGETALL', xsum)
-  for j = 1, #kv, 2 do
-    if not counter(kv[j]) or not decimal(kv[j + 1], true) then
-      redis.call('DEL', xsum)
-      break
-    end
-  end
-end
+check_retired(xsum)
 if cap == 0 then
   redis.call('DEL', ilog, wsum, rsum, xsum)  -- the log turned off: no replay either
 elseif cap > 0 then

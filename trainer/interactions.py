@@ -378,7 +378,7 @@ def _export_logs(
             log_id = _text(entry_id)
             ts = f.get("ts", "0")
             if not ts.isdigit() or ts == "0":  # no event time given: when it was recorded
-                ts = str(int(log_id.split("-")[0]) // 1000)
+                ts = str(_log_id(log_id)[0] // 1000)
             writer.writerow([uid, item, rating, ts, log_id])
             report.new += 1
 

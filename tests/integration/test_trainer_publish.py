@@ -512,12 +512,16 @@ def test_a_dead_publish_does_not_cost_the_served_version_its_grace(
 
 
 class _SlowPublisher(redis.Redis):
-    """Runs another publish just before this one's switch (two publishers racing)."""
+    """Runs ``other`` (another publish, usually) just before this client runs ``before``.
+
+    ``before`` is the pointer switch unless set to another script of the publish.
+    """
 
     other = None
+    before = publish_module._SWITCH_SCRIPT
 
     def eval(self, script, *args, **kwargs):
-        if self.other is not None and script == publish_module._SWITCH_SCRIPT:
+        if self.other is not None and script == self.before:
             other, self.other = self.other, None
             other()
         return super().eval(script, *args, **kwargs)
@@ -762,18 +766,12 @@ def test_a_release_that_lost_its_claim_is_no_removal(
     for v in (v1, v2, v3):
         publish(v, client, quiet=True, keep=2)
 
-    class _StallsBeforeRelease(redis.Redis):
-        other = None
+    def paused_then_rollback():
+        time.sleep(1.5)  # a paused pod: the claim lapses
+        publish(v2, client, quiet=True, rollback=True, keep=2)
 
-        def eval(self, script, *args, **kwargs):
-            if script == publish_module._HELD_RELEASE and self.other is not None:
-                other, self.other = self.other, None
-                time.sleep(1.5)  # a paused pod: the claim lapses
-                other()
-            return super().eval(script, *args, **kwargs)
-
-    nightly = _StallsBeforeRelease.from_url(redis_url)
-    nightly.other = lambda: publish(v2, client, quiet=True, rollback=True, keep=2)
+    nightly = _SlowPublisher.from_url(redis_url)
+    nightly.before, nightly.other = publish_module._HELD_RELEASE, paused_then_rollback
     report = publish(v4, nightly, quiet=True, keep=2)
     nightly.close()
     assert client.get(redis_keys.CURRENT_VERSION) == "2"
@@ -806,16 +804,8 @@ def test_a_publish_beside_the_current_one_is_refused_after_a_removal(
     publish(v1, client, quiet=True)
     publish(v3, client, quiet=True, keep=1)
 
-    class _BeforeListing(redis.Redis):
-        other = None
-
-        def eval(self, script, *args, **kwargs):
-            if self.other is not None and script == publish_module._BESIDE_SCRIPT:
-                other, self.other = self.other, None
-                other()
-            return super().eval(script, *args, **kwargs)
-
-    arm = _BeforeListing.from_url(redis_url)
+    arm = _SlowPublisher.from_url(redis_url)
+    arm.before = publish_module._BESIDE_SCRIPT
     # A clean-up past the pending timeout, whose config lacks the arm's pin.
     arm.other = lambda: publish(v4, client, quiet=True, keep=1, pending_timeout_s=0)
     with pytest.raises(publish_module.RemovedWhilePublishing, match="publish 1 again"):

@@ -283,7 +283,9 @@ REMOVALS_TTL_S = 7 * 24 * 3600
 # exists (_MARK_SCRIPT), so one of the two always sees the other. A claim
 # also counts in the version's removals counter, which a publish that marked
 # before it finds moved on at its switch (also when the clean-up died half
-# way and its claim expired).
+# way and its claim expired). A (dead) publish's mark drops to score 0, which
+# no publish's start time is: a refused switch puts its own back over it
+# during the claim, and the release removes only a 0.
 # KEYS: pointer, pending zset, the version's removal claim, its removals counter.
 # ARGV: version, the pending cutoff (older marks are dead publishes'), claim
 #       TTL, the counter's TTL, the clean-up's token (the claim's value).
@@ -301,6 +303,9 @@ if not redis.call('SET', KEYS[3], ARGV[5], 'NX', 'EX', ARGV[3]) then
 end
 redis.call('INCR', KEYS[4])
 redis.call('EXPIRE', KEYS[4], ARGV[4])
+if at then
+  redis.call('ZADD', KEYS[2], 0, v)
+end
 return 1
 """
 
@@ -341,8 +346,11 @@ return redis.call('UNLINK', unpack(KEYS, 3))
 """
 # The clean-up's last step, under the same condition: the version leaves the
 # versions sets and the claim goes, in one step (released first, a publish
-# starting in between had its fresh pending mark removed). A lost claim
-# marks the version as _HELD_UNLINK does.
+# starting in between had its fresh pending mark removed). The pending mark
+# goes only at score 0 (the claim's or a lost claim's): a publish that marked
+# before the claim and was refused at its switch put its start time back,
+# and what it wrote after the last batch must stay listed for a later
+# clean-up. A lost claim marks the version as _HELD_UNLINK does.
 # KEYS: the claim, published zset, pending zset. ARGV: token, version.
 _HELD_RELEASE = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
@@ -350,7 +358,10 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return 0
 end
 redis.call('ZREM', KEYS[2], ARGV[2])
-redis.call('ZREM', KEYS[3], ARGV[2])
+local m = redis.call('ZSCORE', KEYS[3], ARGV[2])
+if m and tonumber(m) == 0 then
+  redis.call('ZREM', KEYS[3], ARGV[2])
+end
 redis.call('DEL', KEYS[1])
 return 1
 """

@@ -779,6 +779,45 @@ def test_a_release_that_lost_its_claim_is_no_removal(
     assert "2" not in report.removed_versions and "lost the claim" in report.cleanup_error
 
 
+def test_a_switch_refused_inside_a_clean_up_keeps_its_mark_through_the_release(
+    client, redis_url, trained_version, tmp_path
+):
+    """A rollback to 2 past the pending timeout refused between a clean-up's last batch and release.
+
+    The refused switch kept 2's pending mark; the release removed it, so
+    what the rollback wrote after the last batch was listed nowhere and never
+    deleted.
+    """
+    v1, v2, v3 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2, 3))
+    for v in (v1, v2, v3):
+        publish(v, client, quiet=True, keep=3)
+
+    class _SwitchesInsideTheCleanUp(redis.Redis):
+        def eval(self, script, *args, **kwargs):
+            if script != publish_module._SWITCH_SCRIPT:
+                return super().eval(script, *args, **kwargs)
+            answer = []
+
+            def late_write_then_switch():
+                client.zadd(redis_keys.top_popular("2"), {"written-after-the-last-batch": 1.0})
+                answer.append(super(_SwitchesInsideTheCleanUp, self).eval(script, *args))
+
+            nightly = _SlowPublisher.from_url(redis_url)
+            nightly.before, nightly.other = publish_module._HELD_RELEASE, late_write_then_switch
+            assert publish_module.remove_version(nightly, "2", pending_timeout_s=0) is not None
+            nightly.close()
+            return answer[0]
+
+    slow = _SwitchesInsideTheCleanUp.from_url(redis_url)
+    with pytest.raises(publish_module.RemovedWhilePublishing, match="publish 2 again"):
+        publish(v2, slow, quiet=True, rollback=True)
+    slow.close()
+    assert client.get(redis_keys.CURRENT_VERSION) == "3"
+    assert client.zscore(redis_keys.VERSIONS_PENDING, "2") is not None
+    removed, _ = publish_module.cleanup_versions(client, 3, pending_timeout_s=0)
+    assert removed == ["2"] and not client.exists(redis_keys.top_popular("2"))
+
+
 def test_the_removals_counter_lasts_as_long_as_a_publish_that_read_it(
     client, redis_url, trained_version, tmp_path, monkeypatch
 ):

@@ -325,6 +325,19 @@ def _numbers(table: _Table, values: list[str], name: str, dtype: type) -> np.nda
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def _header_cells(path: Path) -> list[str] | None:
+    """The first line's comma-separated cells, stripped as _read strips a header.
+
+    None when the file cannot be read (_read then says why).
+    """
+    try:
+        with open(path, encoding="utf-8", errors="replace", newline="") as f:
+            line = f.readline().removeprefix("\ufeff")
+    except OSError:
+        return None
+    return [c.strip() for c in line.split(",")]
+
+
 def _optional_numbers(table: _Table, values: list[str], name: str) -> np.ndarray:
     """Float column where an empty cell means unknown (NaN)."""
     arr = np.asarray(values, dtype=_STR)
@@ -585,6 +598,10 @@ def load_movielens_100k(directory: str | Path) -> Dataset:
 
 RATINGS_HEADER = ("userId", "movieId", "rating", "timestamp")
 MOVIES_HEADER = ("movieId", "title", "genres")
+# The project's own movies.csv adds the release year: a title may end in
+# another year than the release date's (MovieLens 100K), and a year appended
+# to it would change the title.
+MOVIES_YEAR_HEADER = (*MOVIES_HEADER, "year")
 USERS_HEADER = ("userId", "age", "gender", "occupation", "country")
 
 
@@ -630,12 +647,19 @@ def _load_latest_layout(d: Path, name: str, *, extras: bool) -> Dataset:
             raise DataError(f"{gt.path}: no genres")
         _unique_ids(gt, vocabulary, "genre")
 
-    mt = _read(d / "movies.csv", MOVIES_HEADER, header=True)
+    movies_header = MOVIES_HEADER
+    if extras and _header_cells(d / "movies.csv") == list(MOVIES_YEAR_HEADER):
+        movies_header = MOVIES_YEAR_HEADER
+    mt = _read(d / "movies.csv", movies_header, header=True)
     if not mt:
         raise DataError(f"{mt.path}: no movies")
     item_ids = list(map(str.strip, mt.column(0)))
     item_index = _unique_ids(mt, item_ids, "movieId")
     titles = mt.column(1)
+    if movies_header is MOVIES_YEAR_HEADER:
+        year = _optional_numbers(mt, mt.column(3), "year")
+    else:
+        year = _year_from_titles(titles)
     genres, item_genres = _genre_matrix(mt, mt.column(2), vocabulary)
 
     user_index = None
@@ -688,7 +712,7 @@ def _load_latest_layout(d: Path, name: str, *, extras: bool) -> Dataset:
         user_country=country,
         item_ids=item_ids,
         item_title=titles,
-        item_year=_year_from_titles(titles),
+        item_year=year,
         item_genres=item_genres,
         rating_user=users,
         rating_item=items,

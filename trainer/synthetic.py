@@ -454,11 +454,13 @@ def write_csv(dataset: Dataset, out_dir: str | os.PathLike[str]) -> Path:
     """Writes ``dataset`` in the project's CSV format (what ``csv:<dir>`` loads).
 
     Files: ``ratings.csv`` (userId,movieId,rating,timestamp), ``movies.csv``
-    (movieId,title,genres with ``|`` between genres, ``(no genres listed)`` for
-    none), ``users.csv`` (userId,age,gender,occupation,country; empty cells for
-    unknown) and ``genres.txt`` (the genre vocabulary in order, one per line, so
-    genres no film uses and the column order survive the round trip). The
-    release year travels in the title, MovieLens style: ``Title (1995)``.
+    (movieId,title,genres,year with ``|`` between genres, ``(no genres listed)``
+    for none, an empty year for unknown), ``users.csv``
+    (userId,age,gender,occupation,country; empty cells for unknown) and
+    ``genres.txt`` (the genre vocabulary in order, one per line, so genres no
+    film uses and the column order survive the round trip). Titles are written
+    as they are: the year has its own column (a ``movies.csv`` without it,
+    MovieLens style, takes the year from a title ending in ``(1995)``).
 
     Args:
         dataset: Any dataset (synthetic or loaded).
@@ -494,11 +496,11 @@ def write_csv(dataset: Dataset, out_dir: str | os.PathLike[str]) -> Path:
     genre_names = np.asarray(dataset.genres, dtype=object)
     with open(out / MOVIES_CSV, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
-        w.writerow(["movieId", "title", "genres"])
+        w.writerow(["movieId", "title", "genres", "year"])
         for i, (iid, title) in enumerate(zip(dataset.item_ids, dataset.item_title, strict=True)):
             names = genre_names[dataset.item_genres[i].astype(bool)]
-            w.writerow([iid, _title_with_year(title, dataset.item_year[i]),
-                        "|".join(names) if names.size else NO_GENRES])  # fmt: skip
+            w.writerow([iid, title, "|".join(names) if names.size else NO_GENRES,
+                        _fmt_number(float(dataset.item_year[i]))])  # fmt: skip
 
     with open(out / USERS_CSV, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
@@ -516,14 +518,6 @@ def _fmt_number(x: float) -> str:
     if not math.isfinite(x):
         return ""
     return str(int(x)) if x.is_integer() else repr(x)
-
-
-def _title_with_year(title: str, year: float) -> str:
-    """The title as stored: with ``(year)`` appended unless already there or unknown."""
-    if not math.isfinite(year) or year <= 0:
-        return title
-    tag = f"({int(year)})"
-    return title if title.rstrip().endswith(tag) else f"{title} {tag}"
 
 
 def cli_generate(args: argparse.Namespace, settings: object) -> int:

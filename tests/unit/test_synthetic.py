@@ -228,6 +228,28 @@ def test_csv_round_trip_with_unknowns_and_half_stars(tmp_path):
     assert back.rating_min == expected_min
 
 
+def test_csv_round_trip_keeps_titles_that_end_in_another_year(tmp_path):
+    """MovieLens 100K: the release date's year is not always the title's."""
+    ds = generate(n_users=20, n_items=10, n_ratings=100)
+    ds.item_title[0], ds.item_year[0] = "Old Title (1995)", 1996.0
+    ds.item_title[1], ds.item_year[1] = "No Year At All", 2001.0
+    write_csv(ds, tmp_path)
+    back = load_dataset(f"csv:{tmp_path}")
+    assert back.item_title[:2] == ["Old Title (1995)", "No Year At All"]
+    assert list(back.item_year[:2]) == [1996.0, 2001.0]
+    assert back.sha256() == ds.sha256()
+
+
+def test_a_bad_year_in_movies_csv_names_the_line(tmp_path):
+    ds = generate(n_users=20, n_items=10, n_ratings=100)
+    write_csv(ds, tmp_path)
+    movies = (tmp_path / "movies.csv").read_text().splitlines()
+    movies[3] = movies[3].rsplit(",", 1)[0] + ",nineteen"
+    (tmp_path / "movies.csv").write_text("\n".join(movies) + "\n")
+    with pytest.raises(DataError, match=r"movies.csv, line 4: year 'nineteen'"):
+        load_dataset(f"csv:{tmp_path}")
+
+
 def test_generate_data_cli(tmp_path, capsys):
     out = tmp_path / "gen"
     argv = ["generate-data", str(out), "--users", "60", "--items", "50", "--ratings", "900"]

@@ -818,6 +818,18 @@ def test_a_switch_refused_inside_a_clean_up_keeps_its_mark_through_the_release(
     assert removed == ["2"] and not client.exists(redis_keys.top_popular("2"))
 
 
+def test_a_dead_publishs_version_leaves_pending_once_cleaned_up(client, trained_version, tmp_path):
+    """The claim sets a dead publish's mark to 0 and the release removes only a 0: both needed."""
+    v1, v2 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2))
+    publish(v1, client, quiet=True)
+    publish(v2, client, quiet=True)
+    client.zadd(redis_keys.VERSIONS_PENDING, {"3": time.time() - 10 * 3600})  # died 10 h ago
+    client.zadd(redis_keys.top_popular("3"), {"x": 1.0})
+    removed, _ = publish_module.cleanup_versions(client, 2)
+    assert removed == ["3"] and not client.exists(redis_keys.top_popular("3"))
+    assert client.zscore(redis_keys.VERSIONS_PENDING, "3") is None
+
+
 def test_the_removals_counter_lasts_as_long_as_a_publish_that_read_it(
     client, redis_url, trained_version, tmp_path, monkeypatch
 ):

@@ -13,6 +13,7 @@ import datetime as _dt
 import importlib
 import importlib.util
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -82,8 +83,13 @@ def _in_child(area: str, quick: bool, timeout: float) -> tuple[dict[str, Any] | 
         cmd = [sys.executable, "-m", "bench", "--child", area, "--result-file", str(result_file)]
         if quick:
             cmd.append("--quick")
+        # The area's temporary files go under this directory, so an area
+        # killed at its timeout leaves none behind.
+        scratch = Path(tmp) / "tmp"
+        scratch.mkdir()
+        env = {**os.environ, "TMPDIR": str(scratch)}
         try:
-            proc = subprocess.run(cmd, cwd=common.REPO, timeout=timeout, check=False)
+            proc = subprocess.run(cmd, cwd=common.REPO, timeout=timeout, check=False, env=env)
         except subprocess.TimeoutExpired:
             return None, f"timed out after {timeout:.0f} s"
         if not result_file.is_file():

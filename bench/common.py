@@ -31,6 +31,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from recsys.embedded_redis import die_with_parent_prefix
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -432,7 +434,10 @@ class ChildServers:
     def _spawn(self, cmd: list[str], port_file: Path, deadline: float, name: str) -> int:
         """Starts one child (kept in ``procs``) and returns the port it writes to ``port_file``."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        # In a session of its own (a Ctrl-C at the terminal is the parent's to
+        # handle), so only the parent-death signal stops it when the area's
+        # process is killed (bench's --timeout): without it, it ran on.
+        proc = subprocess.Popen([*die_with_parent_prefix(), *cmd], env=env, start_new_session=True)
         self.procs.append(proc)
         while time.monotonic() < deadline:
             if proc.poll() is not None:

@@ -370,9 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--concurrency",
         type=int,
-        default=16,
-        help="closed loop: calls kept in flight; open loop: the most in flight at once "
-        "(default %(default)s)",
+        help="closed loop: calls kept in flight (default 16); open loop: the most in flight "
+        "at once (default 512; it must exceed rate x latency, or calls wait for a slot)",
     )
     p.add_argument("--rate", type=float, help="open loop: requests per second")
     p.add_argument(

@@ -28,12 +28,14 @@ generator used is reported (``client_cpu_s``, ``client_cores``) because on a
 small machine the generator competes with the servers for the same cores;
 benchmarks run it in a process of its own, separate from the servers.
 
-Latency percentiles are exact (all samples kept and sorted, nearest-rank
-definition), which costs 8 bytes per request.
+Latency percentiles are exact (all samples kept, in ``array('d')`` buffers,
+and sorted; nearest-rank definition): 8 bytes per request, 16 in open loop,
+which also keeps each call's send lag.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import json
@@ -67,6 +69,13 @@ SYNTHETIC_USERS = 1000
 SYNTHETIC_ITEMS = 1000
 # A run with neither bound given stops starting requests after this long.
 DEFAULT_DURATION_S = 10.0
+# Open loop's default bound on calls in flight. It must exceed rate x latency
+# or the generator's own queue shows up as latency: 16 slots at 1,000 req/s
+# against a 50 ms server read as a 770 ms p50.
+OPEN_LOOP_CONCURRENCY = 512
+# Open loop's highest rate: above this the schedule's float arithmetic
+# (start + i / rate) stops advancing.
+MAX_RATE = 1e6
 # Requests built and serialised ahead of the run (per user/item index).
 _PREBUILD = 2048
 _CACHE_CAP = 16384
@@ -94,8 +103,10 @@ class LoadConfig:
         rpc: ``Recommend``, ``Rank``, ``Retrieve`` or ``SimilarItems``.
         target: ``host:port`` of the server, or any gRPC target (``dns:///name:port``,
             ``ipv4:a:p,b:p``): calls are spread over every address it resolves to.
-        concurrency: Closed loop: workers, each with one call in flight. Open
-            loop: the most calls in flight at once.
+        concurrency: Closed loop: workers, each with one call in flight
+            (default 16). Open loop: the most calls in flight at once (default
+            :data:`OPEN_LOOP_CONCURRENCY`); a call due while all are busy
+            waits, and the wait counts in its latency.
         rate: Open loop at this many requests per second; None for closed loop.
         duration_s: Stop starting requests after this many seconds (None: no limit).
         requests: Stop after this many requests (None: no limit).
@@ -104,7 +115,8 @@ class LoadConfig:
         zipf_exponent: Exponent ``s`` of the Zipf law, P(rank r) ∝ 1 / r^s.
         user_ids: Known users; synthetic ``"1".."N"`` when empty.
         item_ids: Catalogue for Rank candidates and SimilarItems; synthetic when empty.
-        candidates: Candidate list size for Rank.
+        candidates: Candidate list size for Rank, cut to the catalogue's size
+            (``LoadReport.candidates`` is what was sent).
         k: Items asked for (Recommend, Rank top_k, SimilarItems).
         budget: Retrieval budget for Recommend and Retrieve (0: server default).
         retrieve_packed: Retrieve asks for the packed answer without per-source
@@ -128,7 +140,7 @@ class LoadConfig:
 
     rpc: str = "Recommend"
     target: str = "127.0.0.1:50052"
-    concurrency: int = 16
+    concurrency: int | None = None
     rate: float | None = None
     duration_s: float | None = DEFAULT_DURATION_S
     requests: int | None = None
@@ -153,24 +165,39 @@ class LoadConfig:
 
     def __post_init__(self) -> None:
         method_path(self.rpc)
+        if self.concurrency is None:
+            self.concurrency = 16 if self.rate is None else OPEN_LOOP_CONCURRENCY
+
+        def finite_positive(x: float | None) -> bool:
+            return x is None or (math.isfinite(x) and x > 0)
+
         checks = [
             ("concurrency", self.concurrency >= 1, "must be at least 1"),
-            ("rate", self.rate is None or self.rate > 0, "must be positive"),
-            ("duration_s", self.duration_s is None or self.duration_s > 0, "must be positive"),
+            ("rate", finite_positive(self.rate), "must be a finite positive number"),
+            ("rate", self.rate is None or self.rate <= MAX_RATE, f"must be at most {MAX_RATE:g}"),
+            ("duration_s", finite_positive(self.duration_s), "must be a finite positive number"),
             ("requests", self.requests is None or self.requests >= 1, "must be at least 1"),
             (
                 "duration_s/requests",
                 self.duration_s is not None or self.requests is not None,
                 "set at least one bound so the run ends",
             ),
-            ("warmup_s", self.warmup_s >= 0, "must not be negative"),
+            (
+                "warmup_s",
+                math.isfinite(self.warmup_s) and self.warmup_s >= 0,
+                "must be a finite number, not negative",
+            ),
             ("users", self.users in ("uniform", "zipf"), "must be 'uniform' or 'zipf'"),
-            ("zipf_exponent", self.zipf_exponent > 0, "must be positive"),
+            (
+                "zipf_exponent",
+                finite_positive(self.zipf_exponent),
+                "must be a finite positive number",
+            ),
             ("candidates", self.candidates >= 1, "must be at least 1"),
             ("k", self.k >= 1, "must be at least 1"),
             ("budget", self.budget >= 0, "must not be negative"),
             ("streams_per_channel", self.streams_per_channel >= 1, "must be at least 1"),
-            ("timeout_s", self.timeout_s > 0, "must be positive"),
+            ("timeout_s", finite_positive(self.timeout_s), "must be a finite positive number"),
         ]
         for name, ok, why in checks:
             if not ok:
@@ -241,9 +268,13 @@ class LoadReport:
     """Outcome of one run (the warm-up excluded).
 
     ``sent`` counts every completed call; ``ok + sum(errors.values()) == sent``.
-    ``latency`` covers successful calls only, so fast failures cannot flatter
-    the percentiles; in open loop it is measured from each call's due time.
-    ``send_lag`` (open loop) is how late calls left compared with the schedule.
+    ``latency`` covers successful calls and calls that ran out of their
+    deadline (``DEADLINE_EXCEEDED``, at the time they took): other failures
+    are left out so fast ones cannot flatter the percentiles, and slow ones
+    are kept so a server slower than the deadline cannot either. In open loop
+    it is measured from each call's due time. ``send_lag`` (open loop) is how
+    late calls left compared with the schedule; ``slot_waits`` how many of
+    them were late because every one of the ``concurrency`` slots was busy.
     ``flagged`` counts OK responses that ``LoadConfig.inspect`` labelled.
     """
 
@@ -272,6 +303,12 @@ class LoadReport:
     # Open loop: calls due before the end that were never started because
     # every slot was still busy when the run's time was up.
     not_sent: int = 0
+    # Open loop: calls that found every in-flight slot busy at their due time.
+    slot_waits: int = 0
+    # Rank: candidates per request (run_load: cut to the catalogue's size).
+    candidates: int | None = None
+    # False when no channel reached the target within timeout_s at the start.
+    connected: bool = True
 
     @property
     def error_count(self) -> int:
@@ -286,10 +323,19 @@ class LoadReport:
         """A human-readable summary."""
         lat = self.latency
         mode = f"open loop at {self.rate:g}/s" if self.rate else "closed loop"
-        lines = [
+        cands = f", {self.candidates} candidates" if self.candidates is not None else ""
+        lines = (
+            []
+            if self.connected
+            else [
+                f"!! {self.target} accepted no connection at the start: the errors below are "
+                "the generator failing to connect, not the server answering"
+            ]
+        )
+        lines += [
             f"{self.rpc} -> {self.target}: {mode}, concurrency {self.concurrency}, "
             f"{self.channels} {'TLS' if self.tls else 'plaintext'} channel(s), "
-            f"users {self.users} over {self.n_users}",
+            f"users {self.users} over {self.n_users}{cands}",
             f"  duration     {self.elapsed_s:10.2f} s  (warm-up {self.warmup_s:g} s excluded)",
             f"  requests     {self.sent:10d}  ok {self.ok}  errors {self.error_count}",
             f"  throughput   {self.qps:10.1f} req/s  ({self.ok_qps:.1f} ok/s)",
@@ -303,10 +349,15 @@ class LoadReport:
                 f"  send lag     p50 {lag.p50_ms:.2f} ms  p99 {lag.p99_ms:.2f} ms  "
                 f"max {lag.max_ms:.2f} ms (behind schedule; counted in latency)"
             )
+        if self.slot_waits:
+            lines.append(
+                f"  slot waits   {self.slot_waits:10d}  due while all {self.concurrency} "
+                "in-flight slots were busy (rate x latency > --concurrency; counted in latency)"
+            )
         if self.not_sent:
             lines.append(
-                f"  not sent     {self.not_sent:10d}  due before the end, never started: "
-                "the server did not keep up with the rate"
+                f"  not sent     {self.not_sent:10d}  due before the end, never started: all "
+                f"{self.concurrency} in-flight slots were still busy"
             )
         lines.append(
             f"  client CPU   {self.client_cpu_s:10.2f} s  ({self.client_cores:.2f} cores busy "
@@ -388,6 +439,9 @@ class RequestFactory:
         self.config = config
         self.user_ids = list(config.user_ids) or [str(i) for i in range(1, SYNTHETIC_USERS + 1)]
         self.item_ids = list(config.item_ids) or [str(i) for i in range(1, SYNTHETIC_ITEMS + 1)]
+        # Rank: never more candidates than the catalogue holds (the report
+        # and the CLI say so when that cut the asked-for size).
+        self.candidates = min(config.candidates, len(self.item_ids))
         # SimilarItems is keyed by item, every other RPC by user.
         self.population = self.item_ids if config.rpc == "SimilarItems" else self.user_ids
         self._cache: dict[int, bytes] = {}
@@ -461,7 +515,7 @@ class RequestFactory:
             c = self.config
             n = len(self.item_ids)
             rng = np.random.default_rng((c.seed, slot))
-            rows = rng.choice(n, size=min(c.candidates, n), replace=False)
+            rows = rng.choice(n, size=self.candidates, replace=False)
             data = ranking_pb2.RankRequest(
                 candidate_item_ids=[self.item_ids[r] for r in rows], top_k=c.k
             ).SerializeToString()
@@ -479,14 +533,15 @@ CallFn = Callable[[int], Awaitable[str]]
 
 @dataclass
 class _Recorder:
-    latencies: list[float] = field(default_factory=list)
-    lags: list[float] = field(default_factory=list)
+    latencies: array.array = field(default_factory=lambda: array.array("d"))
+    lags: array.array = field(default_factory=lambda: array.array("d"))
     codes: Counter = field(default_factory=Counter)
     examples: dict[str, str] = field(default_factory=dict)
     sent: int = 0
     issued: int = 0
     last_done: float = 0.0
     not_sent: int = 0
+    slot_waits: int = 0
 
 
 async def _phase(
@@ -534,12 +589,20 @@ async def _phase(
         return seq, due
 
     async def worker() -> None:
+        after_a_call = False
         while (t := ticket()) is not None:
             seq, due = t
             if config.rate:
                 delay = due - clock()
                 if delay > 0:
                     await asyncio.sleep(delay)
+                elif delay < -_SLOT_WAIT_S and after_a_call:
+                    # Idle workers hold the next tickets ahead of time, so one
+                    # fresh from a call finding its new ticket overdue means
+                    # every slot was busy at the due time. (A first ticket late
+                    # is the start-up of the workers, not a slot wait.)
+                    rec.slot_waits += 1
+                after_a_call = True
             sent = clock()
             try:
                 code = await call(seq)
@@ -552,13 +615,20 @@ async def _phase(
             rec.sent += 1
             rec.codes[code] += 1
             rec.last_done = max(rec.last_done, done)
-            if code == "OK":
+            if code in _TIMED:
                 # Open loop: from the due time, so waiting for a free slot counts.
                 rec.latencies.append(done - due)
             if config.rate:
                 rec.lags.append(max(0.0, sent - due))
 
     await asyncio.gather(*(worker() for _ in range(config.concurrency)))
+
+
+# Outcomes whose time goes into the latency figures (see LoadReport).
+_TIMED = frozenset({"OK", "DEADLINE_EXCEEDED"})
+# Later than this past its due time at the ticket, a call waited for a slot
+# (not merely for the event loop).
+_SLOT_WAIT_S = 0.001
 
 
 def _code_of(exc: BaseException) -> str:
@@ -641,8 +711,12 @@ async def drive(
     if config.rate:
         # Open loop: the schedule's own span (N calls at R/s take N/R seconds),
         # or longer when the replies ran late. Ending at the last reply alone
-        # counted (N-1)/R + one latency: 4 calls at 2/s read as 2.66/s.
-        end = max(end, start + (rec.issued + rec.not_sent) / config.rate)
+        # counted (N-1)/R + one latency: 4 calls at 2/s read as 2.66/s. A
+        # duration bound caps the span: 1 call at 0.1/s in a 1 s run is 1 s.
+        span = (rec.issued + rec.not_sent) / config.rate
+        if config.duration_s is not None:
+            span = min(span, config.duration_s)
+        end = max(end, start + span)
     elapsed = max(end - start, 1e-9)
     cpu = time.process_time() - cpu0
     ok = rec.codes.get("OK", 0)
@@ -669,6 +743,7 @@ async def drive(
         tls=config.tls is not None,
         error_examples=dict(rec.examples),
         not_sent=rec.not_sent,
+        slot_waits=rec.slot_waits,
     )
 
 
@@ -745,7 +820,7 @@ async def run_load(config: LoadConfig, *, progress_stream: TextIO | None = None)
         flagged.clear()
 
     try:
-        await asyncio.gather(
+        ready = await asyncio.gather(
             *(asyncio.wait_for(ch.channel_ready(), timeout=config.timeout_s) for ch in channels),
             return_exceptions=True,
         )
@@ -758,6 +833,9 @@ async def run_load(config: LoadConfig, *, progress_stream: TextIO | None = None)
         )
     finally:
         await asyncio.gather(*(ch.close() for ch in channels), return_exceptions=True)
+    report.connected = any(not isinstance(r, BaseException) for r in ready)
+    if config.rpc == "Rank":
+        report.candidates = factory.candidates
     report.error_examples = {**examples, **report.error_examples}
     report.flagged = dict(sorted(flagged.items()))
     return report
@@ -859,6 +937,12 @@ def cli_loadtest(args, settings) -> int:
         progress=sys.stderr.isatty() and not args.json,
     )
     report = asyncio.run(run_load(config, progress_stream=sys.stderr))
+    if report.candidates is not None and report.candidates < config.candidates:
+        print(
+            f"recsys loadtest: --candidates {config.candidates} is more than the catalogue's "
+            f"{report.candidates} items; each Rank request carried all {report.candidates}",
+            file=sys.stderr,
+        )
     if args.json:
         doc = report.to_dict()
         doc["model_version"] = version

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 from bench.__main__ import main, run_all
 
@@ -13,6 +15,18 @@ AREAS = {
     "raises": "def run(quick=False):\n    raise RuntimeError('area broke')\n",
     "crashes": "import os\ndef run(quick=False):\n    os._exit(3)\n",
     "not_a_dict": "def run(quick=False):\n    return [1, 2]\n",
+    # Starts a helper server and outlives the area's timeout.
+    "hangs": """
+        import os, tempfile, time
+        from pathlib import Path
+        from bench.echo import EchoProcess
+        def run(quick=False):
+            echo = EchoProcess().start()
+            Path(os.environ["HANGS_REPORT"]).write_text(
+                f"{echo.proc.pid} {tempfile.gettempdir()}"
+            )
+            time.sleep(600)
+    """,
 }
 
 
@@ -40,6 +54,26 @@ def test_failing_areas_do_not_stop_the_others(tmp_path, monkeypatch):
     assert "area broke" in areas[f"{pkg}.raises"]["error"]
     assert "exited with 3" in areas[f"{pkg}.crashes"]["error"]
     assert "not a dict" in areas[f"{pkg}.not_a_dict"]["error"]
+
+
+def test_an_area_killed_at_its_timeout_leaves_no_server_or_files(tmp_path, monkeypatch):
+    """Its echo server ran on for good, holding a piped stdout open, and its files stayed."""
+    pkg = _package(tmp_path, monkeypatch)
+    report = tmp_path / "hangs.txt"
+    monkeypatch.setenv("HANGS_REPORT", str(report))
+    _, areas = run_all([f"{pkg}.hangs"], quick=True, timeout=15)
+    assert areas[f"{pkg}.hangs"]["status"] == "failed"
+    pid_text, scratch = report.read_text().split(" ", 1)
+    pid = int(pid_text)
+    gone_by = time.monotonic() + 15
+    while time.monotonic() < gone_by and Path(f"/proc/{pid}").exists():
+        if "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]:
+            break  # a zombie waiting for init to reap it: it has exited
+        time.sleep(0.1)
+    assert not Path(f"/proc/{pid}").exists() or "Z" in (
+        Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    ), "the echo server outlived its area"
+    assert not Path(scratch).exists()
 
 
 def test_in_process_mode_also_catches_failures(tmp_path, monkeypatch):

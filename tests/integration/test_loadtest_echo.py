@@ -155,6 +155,7 @@ async def test_open_loop_holds_the_rate_against_echo(echo):
     assert report.sent == 200 and report.errors == {}
     assert report.qps == pytest.approx(200, rel=0.3)
     assert report.send_lag is not None
+    assert report.connected and "accepted no connection" not in report.table()
 
 
 async def test_unreachable_target_reports_unavailable():
@@ -166,6 +167,7 @@ async def test_unreachable_target_reports_unavailable():
     report = await run_load(cfg)
     assert report.ok == 0 and report.sent == 4
     assert set(report.errors) <= {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
+    assert not report.connected and "accepted no connection" in report.table()
 
 
 def test_cli_json(echo, capsys, tmp_path):

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from recsys.loadtest import (
+    OPEN_LOOP_CONCURRENCY,
     IndexSampler,
     LatencySummary,
     LoadConfig,
@@ -149,9 +150,10 @@ def test_rank_requests_carry_distinct_candidates_from_the_catalogue():
     assert f.payload(1) == f.payload(1)
     assert list(f._candidates) == [1] and f._cache[1] == f.payload(1)[: len(f._cache[1])]
     assert len(f._cache[1]) < 20
-    # More candidates than items: the whole catalogue.
+    # More candidates than items: the whole catalogue, and the factory says how many.
     small = RequestFactory(LoadConfig(rpc="Rank", item_ids=items[:5], candidates=100))
     assert len(ranking_pb2.RankRequest.FromString(small.payload(0)).candidate_item_ids) == 5
+    assert small.candidates == 5 and f.candidates == 100
 
 
 def test_rank_requests_past_the_cache_reuse_a_serialised_candidate_list():
@@ -323,14 +325,81 @@ async def test_warmup_is_not_in_the_report():
 
 async def test_report_json_and_table():
     async def call(seq: int) -> str:
-        return "OK" if seq % 2 else "DEADLINE_EXCEEDED"
+        return "OK" if seq % 2 else "UNAVAILABLE"
 
     report = await drive(LoadConfig(concurrency=1, requests=4, duration_s=None), call)
     doc = report.to_dict()
-    assert doc["sent"] == 4 and doc["errors"] == {"DEADLINE_EXCEEDED": 2}
+    assert doc["sent"] == 4 and doc["errors"] == {"UNAVAILABLE": 2}
     assert doc["latency"]["count"] == 2
     text = report.table()
-    assert "DEADLINE_EXCEEDED" in text and "p99.9" in text
+    assert "UNAVAILABLE" in text and "p99.9" in text
+
+
+async def test_calls_past_their_deadline_count_in_latency_and_fast_failures_do_not():
+    """Left out, the slowest calls were the ones dropped: p99 stayed under the deadline."""
+
+    async def call(seq: int) -> str:
+        if seq % 3 == 0:
+            await asyncio.sleep(0.05)  # as long as the deadline
+            return "DEADLINE_EXCEEDED"
+        if seq % 3 == 1:
+            return "UNAVAILABLE"
+        await asyncio.sleep(0.001)
+        return "OK"
+
+    report = await drive(LoadConfig(concurrency=1, requests=9, duration_s=None), call)
+    assert report.errors == {"DEADLINE_EXCEEDED": 3, "UNAVAILABLE": 3}
+    assert report.latency.count == 6
+    assert report.latency.p99_ms >= 50 and report.latency.min_ms < 40
+
+
+async def test_open_loop_counts_calls_that_waited_for_a_slot():
+    """With too few slots for rate x latency the wait is the generator's, and it says so."""
+
+    async def call(seq: int) -> str:
+        await asyncio.sleep(0.05)
+        return "OK"
+
+    few = await drive(LoadConfig(rate=200, concurrency=2, duration_s=0.3), call)
+    assert few.slot_waits > 0 and "in-flight slots were busy" in few.table()
+    enough = await drive(LoadConfig(rate=200, duration_s=0.3), call)
+    assert enough.concurrency == OPEN_LOOP_CONCURRENCY
+    assert enough.slot_waits == 0 and enough.not_sent == 0
+    assert enough.latency.p99_ms < few.latency.p99_ms
+
+
+def test_concurrency_defaults_by_mode():
+    assert LoadConfig().concurrency == 16
+    assert LoadConfig(rate=5).concurrency == OPEN_LOOP_CONCURRENCY
+    assert LoadConfig(rate=5, concurrency=3).concurrency == 3
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"rate": math.inf}, "rate"),
+        ({"rate": math.nan}, "rate"),
+        ({"rate": 1e300}, "rate"),
+        ({"duration_s": math.inf}, "duration_s"),
+        ({"timeout_s": math.nan}, "timeout_s"),
+        ({"warmup_s": math.inf}, "warmup_s"),
+        ({"zipf_exponent": math.inf}, "zipf_exponent"),
+    ],
+)
+def test_non_finite_bounds_are_refused_naming_the_field(kwargs, field):
+    """rate=inf crashed with ZeroDivisionError; rate=1e300 and duration inf never ended."""
+    with pytest.raises(LoadTestError, match=f"^{field}: "):
+        LoadConfig(**kwargs)
+
+
+async def test_a_slow_open_loop_reports_no_longer_than_its_duration():
+    """One call at 0.1/s in a 1 s run was reported as a 10 s run."""
+
+    async def call(seq: int) -> str:
+        return "OK"
+
+    report = await drive(LoadConfig(rate=0.1, duration_s=1.0), call)
+    assert report.sent == 1 and report.elapsed_s == pytest.approx(1.0, abs=0.05)
 
 
 async def test_progress_line_is_live_and_cleared():

@@ -70,8 +70,9 @@ def test_an_area_killed_at_its_timeout_leaves_no_server_or_files(tmp_path, monke
         if "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]:
             break  # a zombie waiting for init to reap it: it has exited
         time.sleep(0.1)
-    assert not Path(f"/proc/{pid}").exists() or "Z" in (
-        Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    assert (
+        not Path(f"/proc/{pid}").exists()
+        or "Z" in (Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0])
     ), "the echo server outlived its area"
     assert not Path(scratch).exists()
 

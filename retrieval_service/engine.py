@@ -73,6 +73,7 @@ from retrieval_service.sources.base import (
     RedisUnavailable,
     RetrievalContext,
     await_each,
+    check_text,
 )
 from retrieval_service.sources.top_lists import PopularSource
 
@@ -217,6 +218,36 @@ async def _within(work: Awaitable[Any], limit: float | None) -> Any:
     return got
 
 
+class SourceRaised(Exception):
+    """A source's own exception that would otherwise read as the engine's.
+
+    Its own ``CancelledError`` (not a cancellation of the request: one from a
+    shared fetch another request cancelled, say) read as the request being
+    cancelled, and the call was never answered; its own ``TimeoutError``
+    read as its time limit running out.
+    """
+
+
+async def _source_within(work: Awaitable[Any], limit: float) -> Any:
+    """:func:`_within` for a source: its own cancellation or timeout is its error."""
+    try:
+        async with asyncio.timeout(limit) as scope:
+            got = await work
+    except TimeoutError as exc:
+        if scope.expired():
+            raise
+        raise SourceRaised(f"raised TimeoutError before its {limit * 1e3:.0f} ms limit") from exc
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # the request (or its batch) is being cancelled
+        raise SourceRaised("raised CancelledError without being cancelled") from None
+    if scope.expired():
+        # The source caught the cancel and answered anyway, after its limit.
+        raise TimeoutError
+    return got
+
+
 # A source task still running this long after the sources' stop time is left
 # behind: it swallowed its cancellation, and must not hold the request.
 LATE_GRACE_S = 0.002
@@ -281,8 +312,22 @@ def _outside(rows: np.ndarray, n: int) -> bool:
 
 
 def _check_block(block: CandidateBlock) -> None:
-    """Raises ValueError unless the block's arrays line up (the merge indexes them blindly)."""
-    n = block.rows.shape[0]
+    """Raises ValueError unless the block's arrays line up (the merge indexes them blindly).
+
+    Also what would fail later, outside the source's isolation: rows that
+    are not distinct integers, scores that are not numbers, seed and genre
+    names that are not text.
+    """
+    rows = block.rows
+    if not isinstance(rows, np.ndarray) or rows.ndim != 1 or rows.dtype.kind not in "iu":
+        raise ValueError("returned a CandidateBlock whose rows are not a 1-d integer array")
+    n = rows.shape[0]
+    if n > 1 and np.unique(rows).shape[0] != n:
+        raise ValueError("returned a CandidateBlock with a row more than once")
+    if block.scores is not None and (
+        not isinstance(block.scores, np.ndarray) or block.scores.dtype.kind not in "iuf"
+    ):
+        raise ValueError("returned a CandidateBlock whose scores are not a numeric array")
     for what, arr, names in (
         ("scores", block.scores, None),
         ("seeds", block.seeds, block.seed_ids),
@@ -296,6 +341,13 @@ def _check_block(block: CandidateBlock) -> None:
             )
         if names is None or not n:
             continue
+        if arr.dtype.kind not in "iu":
+            raise ValueError(f"returned a CandidateBlock whose {what} are not integers")
+        try:
+            for name in names:
+                check_text(name, f"a name in {what}")
+        except TypeError as exc:
+            raise ValueError(f"returned a CandidateBlock whose {exc}") from None
         if arr.dtype == np.int64:
             # -1 (none) up to the last name: one unsigned reduction checks both ends.
             bad = int(_UMAX((arr + 1).view(np.uint64))) > len(names)
@@ -727,6 +779,9 @@ class RetrievalEngine:
         block: CandidateBlock | None = None
         count = 0
         status, message = SourceStatus.OK, ""
+        # The engine's own words (a malformed answer, a source's cancellation)
+        # are safe to send; a plugin's exception text is for the log only.
+        ours = exc is None or isinstance(exc, SourceRaised) or _builtin(src)
         if exc is None:
             try:
                 if not isinstance(got, CandidateBlock):
@@ -741,13 +796,16 @@ class RetrievalEngine:
         elif exc is not None:
             status, block = SourceStatus.ERROR, None
             message = describe_error(exc)[:200]
+            logged = message
+            if not ours:
+                message = f"{type(exc).__name__} (details in the retrieval service's log)"
             # An outage fails it on every request: one line per source and interval.
             warn = self._source_warnings.get(src.name)
             if warn is None:
                 warn = self._source_warnings[src.name] = ThrottledWarning(
                     log, "source failed: %s (%d since last report)"
                 )
-            warn(message, {"source": src.name, "user": ctx.user_id, "error": message})
+            warn(logged, {"source": src.name, "user": ctx.user_id, "error": logged})
         elapsed = time.perf_counter() - start
         latency, counts = metrics.source_children(src.name, variant)
         latency.observe(elapsed)
@@ -772,7 +830,7 @@ class RetrievalEngine:
         try:
             if limit <= 0:
                 raise TimeoutError
-            got = await _within(src.retrieve(ctx, k), limit)
+            got = await _source_within(src.retrieve(ctx, k), limit)
         except Exception as e:  # one broken source must not fail the call
             exc = e
         if left_behind():  # counted once, by the request that stopped waiting for it
@@ -799,6 +857,7 @@ class RetrievalEngine:
         """
         out: list[tuple[SourceReport, CandidateBlock | None] | None] = [None] * len(chosen)
         waiting: list[tuple[int, CandidateSource, float, float, asyncio.Task]] = []
+        sources_stop = 0.0
         # Tasks first: an eager source's first read schedules the batch's flush,
         # and a task created after it would queue its reads in a second round trip.
         order: Sequence[int] = range(len(chosen))
@@ -823,14 +882,22 @@ class RetrievalEngine:
                 except Exception as exc:
                     out[i] = self._report(src, ctx, k, start, limit, variant, exc=exc)
                     continue
+                except asyncio.CancelledError:
+                    # Raised before its first suspension: nothing cancelled it.
+                    own = SourceRaised("raised CancelledError without being cancelled")
+                    out[i] = self._report(src, ctx, k, start, limit, variant, exc=own)
+                    continue
                 work = _Resumed(coro, yielded)
                 left = limit - (time.perf_counter() - start)
             else:
                 work, left = src.retrieve(ctx, k), limit
-            task = asyncio.get_running_loop().create_task(_within(work, left))
+            task = asyncio.get_running_loop().create_task(_source_within(work, left))
             waiting.append((i, src, start, limit, task))
+            sources_stop = max(sources_stop, time.monotonic() + left)
         if waiting:
-            done = await _wait_until([w[-1] for w in waiting], stop_at)
+            # Not past the longest source limit: one that swallows its
+            # cancellation must not hold the request to the request's deadline.
+            done = await _wait_until([w[-1] for w in waiting], min(stop_at, sources_stop))
             for (i, src, start, limit, _), got in zip(waiting, done, strict=True):
                 k = asks[src.name]
                 if isinstance(got, asyncio.CancelledError):
@@ -1091,13 +1158,15 @@ class RetrievalEngine:
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
         left: set[int] = set()
+        longest = max(s.config.timeout_ms for s in chosen) / 1000.0 if chosen else 0.0
+        sources_stop = min(stop_at, time.monotonic() + longest)
         tasks = [
             loop.create_task(
                 self._traced_source(s, ctx, asks[s.name], stop_at, variant, lambda i=i: i in left)
             )
             for i, s in enumerate(chosen)
         ]
-        done = await _wait_until(tasks, stop_at)
+        done = await _wait_until(tasks, sources_stop)
         left.update(i for i, got in enumerate(done) if isinstance(got, TimeoutError))
         runs = []
         for src, got in zip(chosen, done, strict=True):

@@ -16,6 +16,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from recsys.errors import describe_error
 from retrieval_service.errors import SourceConfigError
 from retrieval_service.sources.base import CandidateSource, SourceConfig
 
@@ -119,6 +120,10 @@ def build_sources(
         kind = entry.get("type")
         if not kind:
             raise SourceConfigError(f"{where}: missing key 'type'")
+        if not isinstance(kind, str):
+            raise SourceConfigError(
+                f"{where}: key 'type' must be a string, got {type(kind).__name__}"
+            )
         if kind not in found:
             raise SourceConfigError(
                 f"{where}: unknown source type {kind!r}; installed types under "
@@ -138,7 +143,12 @@ def build_sources(
         if config.name in names:
             raise SourceConfigError(f"{where}: duplicate source name {config.name!r}")
         names.add(config.name)
-        source = cls(config)
+        try:
+            source = cls(config)
+        except Exception as exc:  # a plugin's own check of its settings, say
+            raise SourceConfigError(
+                f"{where}: source type {kind!r} could not be built: {describe_error(exc)}"
+            ) from exc
         if not isinstance(source, CandidateSource):
             raise SourceConfigError(f"{where}: {cls.__name__} lacks 'name' or 'config'")
         sources.append(source)

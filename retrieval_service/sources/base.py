@@ -177,8 +177,8 @@ class CandidateBlock(Sequence[Candidate]):
         wins) are left out, as the engine's filter would drop them anyway.
 
         Raises:
-            TypeError: An entry is not a :class:`Candidate` with a string id and
-                a numeric score.
+            TypeError: An entry is not a :class:`Candidate` with a string id, a
+                numeric score and text (or None) for its seed item and genre.
         """
         rows: list[int] = []
         scores: list[float] = []
@@ -202,6 +202,10 @@ class CandidateBlock(Sequence[Candidate]):
             if score is not None and not isinstance(score, int | float | np.number):
                 raise TypeError(f"score of {c.item_id!r} is {type(score).__name__}, not a number")
             scores.append(math.nan if score is None else float(score))
+            if c.seed_item_id is not None:
+                check_text(c.seed_item_id, f"seed_item_id of {c.item_id!r}")
+            if c.genre is not None:
+                check_text(c.genre, f"genre of {c.item_id!r}")
             seeds.append(
                 seed_ids.setdefault(c.seed_item_id, len(seed_ids)) if c.seed_item_id else -1
             )
@@ -215,6 +219,16 @@ class CandidateBlock(Sequence[Candidate]):
             genres=np.asarray(genres, np.int64) if genre_names else None,
             genre_names=list(genre_names),
         )
+
+
+def check_text(value: Any, what: str) -> None:
+    """Raises TypeError unless ``value`` is a str the answer's UTF-8 can carry."""
+    if not isinstance(value, str):
+        raise TypeError(f"{what} is {type(value).__name__}, not str")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise TypeError(f"{what} is not valid UTF-8 text: {value!r}") from None
 
 
 @dataclass(frozen=True)

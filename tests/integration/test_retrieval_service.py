@@ -588,7 +588,9 @@ async def test_slow_and_broken_plugins_degrade_not_fail(
         assert reports["slow"].status == TIMEOUT
         assert 30 <= reports["slow"].latency_ms < 1000
         assert reports["broken"].status == ERROR
-        assert "plugin exploded" in reports["broken"].message
+        # The plugin's own text goes to the log (checked below), not to clients.
+        assert reports["broken"].message.startswith("RuntimeError (details in")
+        assert "plugin exploded" not in reports["broken"].message
         for name in ("similar_to_recent", "top_genre", "top_country", "popular"):
             assert reports[name].status == OK
         assert res.degraded and len(res.candidates) == 100

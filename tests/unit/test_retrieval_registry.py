@@ -84,6 +84,8 @@ def test_default_config_builds_every_builtin():
         ),
         ([], r"retrieval.sources is empty"),
         (["popular"], r"expected a table"),
+        # Was a bare TypeError (unhashable type: 'list') naming no entry.
+        ([{"name": "a", "type": ["popular"]}], r"\[0\] \(name='a'\): key 'type' must be a string"),
         (
             [{"name": "a", "type": "annoy_similar", "per_seed": 60, "search_k": 50}],
             r"search_k 50 must be -1 or more than per_seed \(60\)",
@@ -97,6 +99,33 @@ def test_default_config_builds_every_builtin():
 def test_bad_source_config_names_source_and_key(entries, match):
     with pytest.raises(SourceConfigError, match=match):
         build_sources(entries)
+
+
+def test_a_plugin_whose_constructor_raises_is_refused_naming_the_entry(monkeypatch):
+    """Its own check of its settings escaped as a bare ValueError naming no entry."""
+    from importlib.metadata import EntryPoint
+    from typing import Literal
+
+    import retrieval_service.registry as registry
+    from retrieval_service.sources.base import SourceConfig
+
+    class NeedsAKeyConfig(SourceConfig):
+        type: Literal["needs_key"] = "needs_key"
+
+    class NeedsAKey:
+        config_model = NeedsAKeyConfig
+
+        def __init__(self, config):
+            raise ValueError("needs an api key")
+
+    ep = EntryPoint("needs_key", "x:NeedsAKey", ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry, "load_source_class", lambda _ep: NeedsAKey)
+    with pytest.raises(
+        SourceConfigError,
+        match=r"sources\[0\] \(name='k'\): source type 'needs_key' could not be built: "
+        r"ValueError: needs an api key",
+    ):
+        build_sources([{"name": "k", "type": "needs_key"}], available={"needs_key": ep})
 
 
 def _engine(**overrides) -> RetrievalEngine:

@@ -696,18 +696,26 @@ def _after_switch(
     pending_timeout_s: float,
 ) -> None:
     """The clean-up once the switch is decided: this version's pending mark, then old keys."""
-    redis_client.zrem(redis_keys.VERSIONS_PENDING, version)
-    if not report.switched:
-        # A newer version was published while this one was being written.
-        # Never served (not in the published set), nothing will read these
-        # keys (a rollback writes them again); a version served before keeps
-        # its grace period like any other.
-        never_served = redis_client.zscore(redis_keys.VERSIONS, version) is None
-        if never_served and version not in protect:
-            keys = remove_version(redis_client, version, pending_timeout_s=pending_timeout_s)
-            if keys is not None:
-                report.removed_keys += keys
-                report.removed_versions.append(version)
+    # A newer version was published while this one was being written. Never
+    # served (not in the published set), nothing will read these keys (a
+    # rollback writes them again); a version served before keeps its grace
+    # period like any other.
+    lost = (
+        not report.switched
+        and version not in protect
+        and redis_client.zscore(redis_keys.VERSIONS, version) is None
+    )
+    if lost:
+        # Marked as a dead publish's rather than unmarked: the removal takes
+        # the mark at its release, and a publish that dies before then (or a
+        # removal refused) leaves the version listed for a later clean-up.
+        redis_client.zadd(redis_keys.VERSIONS_PENDING, {version: 0})
+        keys = remove_version(redis_client, version, pending_timeout_s=pending_timeout_s)
+        if keys is not None:
+            report.removed_keys += keys
+            report.removed_versions.append(version)
+    else:
+        redis_client.zrem(redis_keys.VERSIONS_PENDING, version)
     removed, keys = cleanup_versions(
         redis_client, keep, protect={version, *protect}, pending_timeout_s=pending_timeout_s
     )

@@ -757,6 +757,34 @@ def test_a_lost_race_whose_clean_up_lost_its_claim_is_finished_later(
     assert not list(client.scan_iter(match=redis_keys.version_pattern("2")))
 
 
+def test_a_lost_race_whose_publish_dies_before_removing_it_is_finished_later(
+    client, redis_url, trained_version, tmp_path, monkeypatch
+):
+    """2 lost the race to 3; its publish unmarked it, then died before claiming it.
+
+    Listed nowhere, its keys were never deleted by any later clean-up.
+    """
+    v1, v2, v3, v4 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2, 3, 4))
+    publish(v1, client, quiet=True)
+
+    class _DiesAtTheClaim(redis.Redis):
+        def eval(self, script, *args, **kwargs):
+            if script == publish_module._CLAIM_SCRIPT:
+                raise redis.ConnectionError("the publish's pod was killed")
+            return super().eval(script, *args, **kwargs)
+
+    _before_first_user(monkeypatch, lambda: publish(v3, client, quiet=True))
+    dying = _DiesAtTheClaim.from_url(redis_url)
+    report = publish(v2, dying, quiet=True)
+    dying.close()
+    assert not report.switched and "killed" in (report.cleanup_error or "")
+    assert client.zscore(redis_keys.VERSIONS_PENDING, "2") is not None
+    monkeypatch.undo()
+    publish(v4, client, quiet=True, keep=1)
+    assert not list(client.scan_iter(match=redis_keys.version_pattern("2")))
+    assert client.zscore(redis_keys.VERSIONS_PENDING, "2") is None
+
+
 def test_a_release_that_lost_its_claim_is_no_removal(
     client, redis_url, trained_version, tmp_path, monkeypatch
 ):

@@ -544,6 +544,11 @@ def publish(
             swap.delete(key)
         report.top_list_keys += 1
     swap.set(redis_keys.version_build(mv.version), mv.digest)
+    # Listed with the lists, in case the mark went meanwhile (another publish
+    # of this version finished and took it, or a clean-up removed the
+    # version): a publish that dies before its switch must leave what it
+    # wrote listed for a later clean-up. NX: a mark there stays as it is.
+    swap.zadd(redis_keys.VERSIONS_PENDING, {mv.version: started}, nx=True)
     pipe.execute()
     swap.execute()
     _progress(quiet, f"{report.top_list_keys} top lists under version {mv.version}")

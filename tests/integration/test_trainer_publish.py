@@ -495,6 +495,32 @@ class _DiesBeforeSwitch(redis.Redis):
         return super().eval(script, *args, **kwargs)
 
 
+def test_a_publish_that_dies_after_its_mark_was_taken_leaves_its_lists_listed(
+    client, redis_url, trained_version, tmp_path, monkeypatch
+):
+    """Another publish of 2 took the shared mark; this one wrote its lists and died.
+
+    Listed nowhere, its lists were never deleted by any later clean-up.
+    """
+    v1, v2, v3 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2, 3))
+    publish(v1, client, quiet=True)
+    lists_of = publish_module._top_list_keys
+
+    def mark_taken_then_lists(mv):
+        client.zrem(redis_keys.VERSIONS_PENDING, "2")  # as the other publish's end does
+        return lists_of(mv)
+
+    monkeypatch.setattr(publish_module, "_top_list_keys", mark_taken_then_lists)
+    dying = _DiesBeforeSwitch.from_url(redis_url)
+    with pytest.raises(redis.ConnectionError):
+        publish(v2, dying, quiet=True)
+    dying.close()
+    monkeypatch.undo()
+    assert client.zscore(redis_keys.VERSIONS_PENDING, "2") is not None
+    publish(v3, client, quiet=True, keep=1, pending_timeout_s=0)
+    assert not list(client.scan_iter(match=redis_keys.version_pattern("2")))
+
+
 def test_a_dead_publish_does_not_cost_the_served_version_its_grace(
     client, redis_url, trained_version, tmp_path
 ):

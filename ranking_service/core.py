@@ -250,6 +250,7 @@ class Ranker:
         model = self.require_model(variant)
         self._check_genres(query.user)
         answer: RetrievalAnswer | None = None
+        rows: np.ndarray | None = None
         reason = ""
         tr = self.tracing
         if self.retrieval is None:
@@ -294,6 +295,15 @@ class Ranker:
                 if len(answer.candidates) == 0 and not query.sources:
                     reason = "retrieval returned no candidates"
                     M.RETRIEVAL_FALLBACK.labels("EMPTY", variant.name).inc()
+                elif not query.sources:
+                    rows = self._candidate_rows(model, answer)
+                    if rows.shape[0] and not (rows >= 0).any():
+                        # The two services' versions out of step: an empty
+                        # answer, unflagged, where the popular list would do.
+                        reason = (
+                            "none of retrieval's candidates is in the ranking model's catalogue"
+                        )
+                        M.RETRIEVAL_FALLBACK.labels("UNKNOWN_CANDIDATES", variant.name).inc()
         if reason:
             # Every request repeats it while retrieval is down: one line per interval.
             _log_fallback(reason)
@@ -319,10 +329,8 @@ class Ranker:
         # Rows come straight off the wire when retrieval shares the model's
         # catalogue, else the packed id list maps to rows; provenance is only
         # built for the winners below.
-        if answer.rows is not None:
-            rows = answer.rows.astype(np.int64)
-        else:
-            rows = model.index.lookup(answer.item_ids)
+        if rows is None:
+            rows = self._candidate_rows(model, answer)
         # Retrieval already read the user's state (passed on unless its read
         # failed) and dropped the stored watched set, so only the request's
         # own exclusions are applied here: no Redis read for this request.
@@ -345,10 +353,12 @@ class Ranker:
         )
         # Provenance of the winners: position of each top row among the candidates,
         # through the model's catalogue-sized scratch (no sort; winners are known,
-        # distinct rows, and retrieval never repeats a candidate).
+        # distinct rows).
         if out.items:
             top = np.array([it.row for it in out.items], np.int64)
-            known = np.flatnonzero(rows >= 0)
+            # Reversed, so a candidate a misbehaving retrieval repeated takes
+            # the first copy's provenance, the copy it was scored as.
+            known = np.flatnonzero(rows >= 0)[::-1]
             where = model.marks.position_scratch()
             where[rows[known]] = known
             pos = where[top].tolist()
@@ -362,6 +372,13 @@ class Ranker:
         out.variant = variant.name
         self._explain(out)
         return out
+
+    @staticmethod
+    def _candidate_rows(model, answer: RetrievalAnswer) -> np.ndarray:
+        """The candidates' rows in the model's catalogue (-1: unknown to it)."""
+        if answer.rows is not None:
+            return answer.rows.astype(np.int64)
+        return model.index.lookup(answer.item_ids)
 
     def _explain(self, out: RankOutcome) -> None:
         """Attaches sources and reasons to the winners, from their retrieval provenance."""

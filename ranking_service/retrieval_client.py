@@ -259,6 +259,15 @@ class RetrievalClient:
                         await b.close()
                 alone = await asyncio.gather(*(self._retrieve_many([j]) for j in jobs))
                 return [one for (one,) in alone]
+            if _answer_too_big(exc):
+                # Each member's answer fits the limit, their sum did not (long
+                # ids, large budgets): halves, until they fit or go alone.
+                # _by_size can only bound the requests' side.
+                half = len(jobs) // 2
+                got = await asyncio.gather(
+                    self._retrieve_many(jobs[:half]), self._retrieve_many(jobs[half:])
+                )
+                return [one for part in got for one in part]
             return [exc] * len(jobs)
         if len(answer.outcomes) != len(jobs):
             bad = (grpc.StatusCode.INTERNAL.value[0], "RetrieveMany answer count mismatch", None)
@@ -276,6 +285,17 @@ class RetrievalClient:
 def _left(deadline: float) -> float:
     """Seconds until ``deadline`` (monotonic), at least 1 ms so gRPC gets a real deadline."""
     return max(deadline - time.monotonic(), 0.001)
+
+
+def _answer_too_big(exc: grpc.aio.AioRpcError) -> bool:
+    """True when this client refused an answer over its receive limit.
+
+    Not the server's own RESOURCE_EXHAUSTED (its overload bound), which a
+    retry in halves would only add to.
+    """
+    return exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in (
+        exc.details() or ""
+    )
 
 
 def _by_size(jobs: list[tuple[Any, float]], limit: int) -> list[list[tuple[Any, float]]]:

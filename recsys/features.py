@@ -435,6 +435,19 @@ def _state_number_keys(spec: FeatureSpec) -> tuple[tuple[bytes, ...], tuple[str,
     return tuple(n.encode() for n in names), tuple(names)
 
 
+# Largest magnitude a stored aggregate or age may have. A count or a rating
+# sum past it is a corrupted hash, and a larger value (1e300 parses as
+# finite) overflows float32 in the features: the tower answers NaN and every
+# candidate scores NaN, unranked.
+MAX_STATE_NUMBER = 1e15
+
+
+def sane_state_numbers(nums: np.ndarray) -> bool:
+    """True when every stored number is finite and within :data:`MAX_STATE_NUMBER`."""
+    # NaN compares False, so one test also refuses "nan" and "inf".
+    return bool((np.abs(nums) <= MAX_STATE_NUMBER).all())
+
+
 def decode_user_state(
     spec: FeatureSpec, fields: Mapping[bytes | str, bytes | str]
 ) -> tuple[UserProfile, UserAggregates] | None:
@@ -457,8 +470,10 @@ def decode_user_state(
         nums = np.array(raw).astype(np.float64)
     except ValueError as exc:
         raise ValueError(f"user state hash has a non-numeric aggregate: {exc}") from exc
-    if not np.isfinite(nums).all():  # "nan"/"inf" parse, then poison every score
-        raise ValueError("user state hash has a non-finite aggregate")
+    if not sane_state_numbers(nums):  # "nan"/"inf"/"1e300" parse, then poison every score
+        raise ValueError(
+            f"user state hash has a non-finite aggregate or one beyond {MAX_STATE_NUMBER:g}"
+        )
     agg = UserAggregates.from_flat(nums, len(spec.genres))
 
     def text(key: str) -> str | None:
@@ -467,8 +482,8 @@ def decode_user_state(
 
     age = text("age")
     age_years = float(age) if age is not None else None
-    if age_years is not None and not math.isfinite(age_years):
-        raise ValueError("user state hash has a non-finite age")
+    if age_years is not None and not abs(age_years) <= MAX_STATE_NUMBER:
+        raise ValueError(f"user state hash has a non-finite age or one beyond {MAX_STATE_NUMBER:g}")
     profile = UserProfile(
         age=age_years,
         gender=text("gender"),

@@ -25,6 +25,7 @@ from redis.exceptions import ExecAbortError, OutOfMemoryError
 
 from recsys import redis_keys
 from recsys.features import (
+    MAX_STATE_NUMBER,
     PROFILE_FIELDS,
     FeatureSpec,
     UserAggregates,
@@ -32,6 +33,7 @@ from recsys.features import (
     decode_user_state,
     encode_user_state,
     interaction_increments,
+    sane_state_numbers,
 )
 from recsys.v1 import retrieval_pb2
 
@@ -86,7 +88,9 @@ def state_from_pb(
     if len(msg.aggregates) != 8 * (3 + 3 * g) or tuple(msg.genres) != spec.genres:
         return None
     nums = np.frombuffer(msg.aggregates, "<f8")
-    if not np.isfinite(nums).all():
+    if not sane_state_numbers(nums):
+        return None
+    if msg.HasField("age") and not abs(msg.age) <= MAX_STATE_NUMBER:
         return None
     agg = UserAggregates.from_flat(nums, g)
     profile = UserProfile(

@@ -198,12 +198,46 @@ def test_a_corrupt_aggregate_is_a_clear_error():
         ({b"n": b"nan"}, "non-finite aggregate"),
         ({b"n": b"3", b"sum": b"inf"}, "non-finite aggregate"),
         ({b"n": b"3", b"age": b"nan"}, "non-finite age"),
+        # Finite as float64, inf as float32 features: the tower answered NaN.
+        ({b"n": b"3", b"nr": b"3", b"sum": b"1e300"}, "beyond 1e\\+15"),
+        ({b"n": b"3", b"age": b"1e300"}, "age or one beyond"),
     ],
 )
 def test_a_non_finite_stored_number_is_a_clear_error(fields, message):
     """float() parses "nan" and "inf"; they must fail the user, not poison its scores."""
     with pytest.raises(ValueError, match=message):
         decode_user_state(SPEC, fields)
+
+
+def test_the_largest_stored_numbers_allowed_give_finite_features():
+    from recsys.features import MAX_STATE_NUMBER
+
+    big = repr(MAX_STATE_NUMBER).encode()
+    fields = {b"n": b"1", b"nr": b"1", b"sum": big, b"age": big}
+    fields.update({f"gs:{g}".encode(): big for g in SPEC.genres})
+    profile, agg = decode_user_state(SPEC, fields)
+    assert np.isfinite(user_feature_vector(SPEC, profile, agg)).all()
+
+
+def test_a_passed_on_state_with_huge_numbers_is_refused():
+    """The state retrieval passes ranking is checked as the Redis hash is."""
+    from recsys.user_store import StoredUser, state_from_pb, state_to_pb
+    from recsys.v1 import retrieval_pb2
+
+    profile, agg = decode_user_state(SPEC, {b"n": b"3", b"nr": b"3", b"sum": b"12"})
+    msg = retrieval_pb2.StoredUserState()
+    state_to_pb(SPEC, StoredUser("u", True, profile, agg), msg)
+    assert state_from_pb(SPEC, "u", msg) is not None
+    huge = type(msg)()
+    huge.CopyFrom(msg)
+    nums = np.frombuffer(msg.aggregates, "<f8").copy()
+    nums[2] = 1e300
+    huge.aggregates = nums.astype("<f8").tobytes()
+    assert state_from_pb(SPEC, "u", huge) is None
+    old_age = type(msg)()
+    old_age.CopyFrom(msg)
+    old_age.age = 1e300
+    assert state_from_pb(SPEC, "u", old_age) is None
 
 
 def test_a_missing_age_is_the_specs_default_age():

@@ -28,6 +28,7 @@ from recsys.serving import (
     configure_logging,
     create_server,
     follow_versions,
+    in_daemon_thread,
     run_service,
     serve,
     settle_heap,
@@ -99,7 +100,7 @@ class RankingServer:
             await self.handle.set_serving(True)
 
     async def _load_copy(self, path: Path) -> LoadedModel:
-        return await asyncio.to_thread(
+        return await in_daemon_thread(
             LoadedModel.load, path, self.device, runtime=self.tower_runtime
         )
 

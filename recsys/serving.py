@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import errno
 import gc
 import hmac
@@ -30,6 +31,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -328,6 +330,44 @@ def _code_name(context: grpc.aio.ServicerContext) -> str | None:
 
 
 # --- server ------------------------------------------------------------------------
+
+
+_T = TypeVar("_T")
+
+
+async def in_daemon_thread(fn: Callable[..., _T], /, *args: Any, **kwargs: Any) -> _T:
+    """Runs ``fn(*args, **kwargs)`` in a daemon thread of its own and awaits it.
+
+    For version loads (seconds of TensorFlow or index reading).
+    ``asyncio.to_thread``'s executor threads are joined when the event loop
+    and the interpreter shut down, so a SIGTERM during a load waited for the
+    load before the process could exit (past the grace period, the
+    supervisor then killed it). A daemon thread is abandoned at exit, and a
+    cancelled await leaves it to finish unseen.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[_T] = loop.create_future()
+    ctx = contextvars.copy_context()
+
+    def settle(result: Any, exc: BaseException | None) -> None:
+        if done.cancelled():
+            return
+        if exc is not None:
+            done.set_exception(exc)
+        else:
+            done.set_result(result)
+
+    def run() -> None:
+        try:
+            result, exc = ctx.run(fn, *args, **kwargs), None
+        except BaseException as e:  # handed to the awaiting task as it is
+            result, exc = None, e
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(settle, result, exc)
+
+    name = getattr(fn, "__qualname__", "work")
+    threading.Thread(target=run, name=f"recsys-{name}", daemon=True).start()
+    return await done
 
 
 def settle_heap() -> None:

@@ -32,6 +32,7 @@ from recsys.serving import (
     configure_logging,
     create_server,
     follow_versions,
+    in_daemon_thread,
     poll_forever,
     run_service,
     serve,
@@ -79,7 +80,7 @@ class RetrievalApp:
             await self.handle.set_serving(True)
 
     async def _load_copy(self, path: Path) -> ServedVersion:
-        served = await asyncio.to_thread(self.engine.load_version, path)
+        served = await in_daemon_thread(self.engine.load_version, path)
         await self._warm(served)
         return served
 

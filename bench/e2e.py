@@ -382,7 +382,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             "warmup_s": warmup,
             "epochs": epochs,
             "client": "recsys.loadtest closed loop, in the benchmark process (servers are "
-            "separate processes); latency over OK responses",
+            "separate processes); latency over OK and DEADLINE_EXCEEDED responses",
             "open_loop": f"one process per service, {open_duration:g} s (+{open_warmup:g} s "
             f"warm-up) at each of {', '.join(f'{x:.0%}' for x in shares)} of the closed-loop "
             "throughput; latency from each call's scheduled send time",

@@ -126,6 +126,10 @@ class RetrievalClient:
         self._settings = settings
         # When batching, switched off by an old server, is tried again (monotonic).
         self._retry_batching_at: float | None = None
+        # After a batch's answer came back too big: the most members one call
+        # carries, and until when (monotonic). Without it every batch paid
+        # the failed call and the halving again.
+        self._answer_fit: tuple[int, float] | None = None
         if settings.retrieval_batch_size > 1:
             self._batcher = self._new_batcher()
 
@@ -235,6 +239,11 @@ class RetrievalClient:
                 return [exc]
             return [(0, "", resp)]
         parts = _by_size(jobs, self.max_batch_bytes)
+        fit = self._answer_fit
+        if fit is not None and time.monotonic() >= fit[1]:
+            fit = self._answer_fit = None  # try whole batches again
+        if fit is not None and len(parts) == 1 and len(jobs) > fit[0]:
+            parts = [jobs[i : i + fit[0]] for i in range(0, len(jobs), fit[0])]
         if len(parts) > 1:  # a few large requests: several calls rather than one too big
             got = await asyncio.gather(*(self._retrieve_many(part) for part in parts))
             return [one for part in got for one in part]
@@ -264,6 +273,11 @@ class RetrievalClient:
                 # ids, large budgets): halves, until they fit or go alone.
                 # _by_size can only bound the requests' side.
                 half = len(jobs) // 2
+                known = self._answer_fit[0] if self._answer_fit is not None else len(jobs)
+                self._answer_fit = (
+                    max(1, min(known, half)),
+                    time.monotonic() + RETRY_BATCHING_S,
+                )
                 got = await asyncio.gather(
                     self._retrieve_many(jobs[:half]), self._retrieve_many(jobs[half:])
                 )

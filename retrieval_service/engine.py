@@ -228,6 +228,11 @@ class SourceRaised(Exception):
     """
 
 
+def _own_timeout(limit: float) -> SourceRaised:
+    """A TimeoutError the source raised itself, not its limit running out."""
+    return SourceRaised(f"raised TimeoutError before its {limit * 1e3:.0f} ms limit")
+
+
 async def _source_within(work: Awaitable[Any], limit: float) -> Any:
     """:func:`_within` for a source: its own cancellation or timeout is its error."""
     try:
@@ -236,7 +241,7 @@ async def _source_within(work: Awaitable[Any], limit: float) -> Any:
     except TimeoutError as exc:
         if scope.expired():
             raise
-        raise SourceRaised(f"raised TimeoutError before its {limit * 1e3:.0f} ms limit") from exc
+        raise _own_timeout(limit) from exc
     except asyncio.CancelledError:
         task = asyncio.current_task()
         if task is not None and task.cancelling():
@@ -251,6 +256,11 @@ async def _source_within(work: Awaitable[Any], limit: float) -> Any:
 # A source task still running this long after the sources' stop time is left
 # behind: it swallowed its cancellation, and must not hold the request.
 LATE_GRACE_S = 0.002
+# How long past the longest source limit the sources' wait lasts, when that
+# comes before the request's stop time: a source's own timer starts when its
+# task first runs, after the request's inline (eager) sources and any loop
+# lag, so a cut right at the limit took sources answering within theirs.
+SOURCES_GRACE_S = 0.05
 
 
 def _consume(task: asyncio.Task) -> None:
@@ -781,15 +791,20 @@ class RetrievalEngine:
         status, message = SourceStatus.OK, ""
         # The engine's own words (a malformed answer, a source's cancellation)
         # are safe to send; a plugin's exception text is for the log only.
-        ours = exc is None or isinstance(exc, SourceRaised) or _builtin(src)
+        ours = isinstance(exc, SourceRaised) or _builtin(src)
         if exc is None:
             try:
+                # Runs the plugin's own code when it answered with a generator.
                 if not isinstance(got, CandidateBlock):
                     got = list(got)  # type: ignore[arg-type]  # any iterable; None is an error
-                block = _as_block(got, k, ctx.served, trusted=_builtin(src))
-                count = min(len(got), k)
             except Exception as bad:
                 exc = bad
+        if exc is None:
+            try:
+                block = _as_block(got, k, ctx.served, trusted=_builtin(src))
+                count = min(len(got), k)
+            except Exception as bad:  # the engine's check of the answer: its words
+                exc, ours = bad, True
         if isinstance(exc, TimeoutError):
             status, block = SourceStatus.TIMEOUT, None
             message = f"no answer within {max(limit, 0) * 1e3:.0f} ms"
@@ -857,7 +872,7 @@ class RetrievalEngine:
         """
         out: list[tuple[SourceReport, CandidateBlock | None] | None] = [None] * len(chosen)
         waiting: list[tuple[int, CandidateSource, float, float, asyncio.Task]] = []
-        sources_stop = 0.0
+        longest = 0.0
         # Tasks first: an eager source's first read schedules the batch's flush,
         # and a task created after it would queue its reads in a second round trip.
         order: Sequence[int] = range(len(chosen))
@@ -880,6 +895,8 @@ class RetrievalEngine:
                     out[i] = self._report(src, ctx, k, start, limit, variant, got=done.value)
                     continue
                 except Exception as exc:
+                    if isinstance(exc, TimeoutError):  # raised before any wait: not its limit
+                        exc = _own_timeout(limit)
                     out[i] = self._report(src, ctx, k, start, limit, variant, exc=exc)
                     continue
                 except asyncio.CancelledError:
@@ -893,10 +910,11 @@ class RetrievalEngine:
                 work, left = src.retrieve(ctx, k), limit
             task = asyncio.get_running_loop().create_task(_source_within(work, left))
             waiting.append((i, src, start, limit, task))
-            sources_stop = max(sources_stop, time.monotonic() + left)
+            longest = max(longest, left)
         if waiting:
-            # Not past the longest source limit: one that swallows its
+            # Not far past the longest source limit: one that swallows its
             # cancellation must not hold the request to the request's deadline.
+            sources_stop = time.monotonic() + longest + SOURCES_GRACE_S
             done = await _wait_until([w[-1] for w in waiting], min(stop_at, sources_stop))
             for (i, src, start, limit, _), got in zip(waiting, done, strict=True):
                 k = asks[src.name]
@@ -1159,7 +1177,7 @@ class RetrievalEngine:
         start = time.perf_counter()
         left: set[int] = set()
         longest = max(s.config.timeout_ms for s in chosen) / 1000.0 if chosen else 0.0
-        sources_stop = min(stop_at, time.monotonic() + longest)
+        sources_stop = min(stop_at, time.monotonic() + longest + SOURCES_GRACE_S)
         tasks = [
             loop.create_task(
                 self._traced_source(s, ctx, asks[s.name], stop_at, variant, lambda i=i: i in left)

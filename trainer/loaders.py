@@ -326,7 +326,7 @@ def _numbers(table: _Table, values: list[str], name: str, dtype: type) -> np.nda
 
 
 def _header_cells(path: Path) -> list[str] | None:
-    """The first line's comma-separated cells, stripped as _read strips a header.
+    """The first line's cells (CSV quoting undone), stripped as _read strips a header.
 
     None when the file cannot be read (_read then says why).
     """
@@ -335,7 +335,7 @@ def _header_cells(path: Path) -> list[str] | None:
             line = f.readline().removeprefix("\ufeff")
     except OSError:
         return None
-    return [c.strip() for c in line.split(",")]
+    return [c.strip() for c in next(csv.reader([line]), [])]
 
 
 def _optional_numbers(table: _Table, values: list[str], name: str) -> np.ndarray:

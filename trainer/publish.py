@@ -546,9 +546,10 @@ def publish(
     swap.set(redis_keys.version_build(mv.version), mv.digest)
     # Listed with the lists, in case the mark went meanwhile (another publish
     # of this version finished and took it, or a clean-up removed the
-    # version): a publish that dies before its switch must leave what it
-    # wrote listed for a later clean-up. NX: a mark there stays as it is.
-    swap.zadd(redis_keys.VERSIONS_PENDING, {mv.version: started}, nx=True)
+    # version) or dropped to 0 (a clean-up's claim, which its release then
+    # removes): a publish that dies before its switch must leave what it
+    # wrote listed for a later clean-up. GT: a later publish's mark stays.
+    swap.zadd(redis_keys.VERSIONS_PENDING, {mv.version: started}, gt=True)
     pipe.execute()
     swap.execute()
     _progress(quiet, f"{report.top_list_keys} top lists under version {mv.version}")

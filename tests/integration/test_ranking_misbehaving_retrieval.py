@@ -120,3 +120,10 @@ async def test_answers_too_large_together_are_fetched_in_smaller_batches(stack, 
     assert max(fake.many_calls) > 26, fake.many_calls  # a batch did go over the limit
     reasons = {r.fallback_reason for r in res}
     assert not any("RESOURCE_EXHAUSTED" in x for x in reasons), reasons
+    # Learnt: the next batches are sent small enough at once, not failed and halved again.
+    first_round, fake.many_calls = fake.many_calls, []
+    res = await asyncio.gather(
+        *(stub.Recommend(_recommend(f"u{i}", budget=n), timeout=20) for i in range(64))
+    )
+    assert fake.many_calls and max(fake.many_calls) < max(first_round), fake.many_calls
+    assert max(fake.many_calls) <= 24  # ~43 KB answers: 24 fit in 1 MiB

@@ -63,6 +63,10 @@ async def _times_out_on_its_own(ctx, k):
     raise TimeoutError("its HTTP client gave up")
 
 
+async def _times_out_at_once(ctx, k):
+    raise TimeoutError("its cache said so")
+
+
 @pytest_asyncio.fixture(loop_scope="session")
 async def make_engine(published: Path, redis_server):
     client = aioredis.Redis.from_url(redis_server.url)
@@ -116,9 +120,13 @@ async def test_a_request_cancelled_while_a_source_runs_is_still_cancelled(make_e
         await call
 
 
-async def test_a_sources_own_timeout_error_is_an_error_not_its_limit(make_engine):
+@pytest.mark.parametrize(
+    ("behave", "eager"),
+    [(_times_out_on_its_own, False), (_times_out_at_once, False), (_times_out_at_once, True)],
+)
+async def test_a_sources_own_timeout_error_is_an_error_not_its_limit(make_engine, behave, eager):
     """It was reported as "no answer within 500 ms" after 1 ms."""
-    engine = await make_engine(_Plugin("own_timeout", _times_out_on_its_own))
+    engine = await make_engine(_Plugin("own_timeout", behave, eager=eager))
     res = await engine.retrieve(RetrieveQuery("u", budget=20), timeout_s=2)
     report = {r.source: r for r in res.reports}["own_timeout"]
     assert report.status.value == "ERROR" and "raised TimeoutError" in report.message
@@ -140,6 +148,25 @@ async def test_a_source_swallowing_its_cancel_holds_the_call_to_its_own_limit(ma
     assert time.perf_counter() - start < 1.0
     assert {r.source: r for r in res.reports}["stubborn"].status.value == "TIMEOUT"
     assert res.candidates
+
+
+async def test_a_source_answering_within_its_limit_is_not_cut_by_the_sources_wait(make_engine):
+    """The wait's cut ran from before the task started: 30 ms of inline work cost it its answer."""
+
+    async def busy_inline(ctx, k):
+        time.sleep(0.03)  # an eager source's inline work, before the tasks run
+        return []
+
+    async def late_but_in_time(ctx, k):
+        await asyncio.sleep(0.085)
+        return [Candidate(ctx.served.item_ids[0], 1.0)]
+
+    engine = await make_engine(
+        _Plugin("busy", busy_inline, eager=True),
+        _Plugin("in_time", late_but_in_time, timeout_ms=100),
+    )
+    res = await engine.retrieve(RetrieveQuery("u", budget=20), timeout_s=2)
+    assert {r.source: r for r in res.reports}["in_time"].status.value == "OK"
 
 
 def _block_of(make):
@@ -192,13 +219,22 @@ async def test_a_malformed_answer_is_the_sources_error_and_the_call_answers(
         assert result_to_pb(res, packed=packed).ByteSize() > 0
 
 
-async def test_a_plugins_exception_text_stays_in_the_log(make_engine, caplog):
-    """Sent verbatim in SourceReport.message, which the contract calls client-safe."""
+async def _raises_secret(ctx, k):
+    raise RuntimeError("boom secret=hunter2")
 
-    async def leaks(ctx, k):
+
+async def _generator_raising_secret(ctx, k):
+    def gen():
+        yield Candidate(ctx.served.item_ids[0], 1.0)
         raise RuntimeError("boom secret=hunter2")
 
-    engine = await make_engine(_Plugin("leaky", leaks))
+    return gen()
+
+
+@pytest.mark.parametrize("behave", [_raises_secret, _generator_raising_secret])
+async def test_a_plugins_exception_text_stays_in_the_log(make_engine, caplog, behave):
+    """Sent verbatim in SourceReport.message, which the contract calls client-safe."""
+    engine = await make_engine(_Plugin("leaky", behave))
     res = await engine.retrieve(RetrieveQuery("u", budget=20), timeout_s=2)
     report = {r.source: r for r in res.reports}["leaky"]
     assert report.status.value == "ERROR" and "RuntimeError" in report.message

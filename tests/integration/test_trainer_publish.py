@@ -521,6 +521,45 @@ def test_a_publish_that_dies_after_its_mark_was_taken_leaves_its_lists_listed(
     assert not list(client.scan_iter(match=redis_keys.version_pattern("2")))
 
 
+def test_a_publish_writing_its_lists_during_a_claim_keeps_them_listed(
+    client, redis_url, trained_version, tmp_path, monkeypatch
+):
+    """A clean-up claimed 2 (its mark set to 0) as this publish wrote its lists, then released.
+
+    The release removes a 0 mark: this publish, dying before its switch, left
+    lists listed nowhere.
+    """
+    v1, v2, v3 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2, 3))
+    publish(v1, client, quiet=True)
+    lists_of = publish_module._top_list_keys
+    keys = [
+        redis_keys.CURRENT_VERSION, redis_keys.VERSIONS_PENDING, redis_keys.removing("2"),
+        redis_keys.removals("2"),
+    ]  # fmt: skip
+
+    def claimed_then_lists(mv):
+        # A clean-up that took this publish for dead (pending_timeout_s=0).
+        assert client.eval(
+            publish_module._CLAIM_SCRIPT, 4, *keys, "2", repr(time.time()), 600, 600, "tok"
+        )
+        assert client.zscore(redis_keys.VERSIONS_PENDING, "2") == 0
+        return lists_of(mv)
+
+    monkeypatch.setattr(publish_module, "_top_list_keys", claimed_then_lists)
+    dying = _DiesBeforeSwitch.from_url(redis_url)
+    with pytest.raises(redis.ConnectionError):
+        publish(v2, dying, quiet=True)
+    dying.close()
+    monkeypatch.undo()
+    released = client.eval(
+        publish_module._HELD_RELEASE, 3, redis_keys.removing("2"), redis_keys.VERSIONS,
+        redis_keys.VERSIONS_PENDING, "tok", "2",
+    )  # fmt: skip
+    assert released and client.zscore(redis_keys.VERSIONS_PENDING, "2") is not None
+    publish(v3, client, quiet=True, keep=1, pending_timeout_s=0)
+    assert not list(client.scan_iter(match=redis_keys.version_pattern("2")))
+
+
 def test_a_dead_publish_does_not_cost_the_served_version_its_grace(
     client, redis_url, trained_version, tmp_path
 ):

@@ -240,6 +240,16 @@ def test_csv_round_trip_keeps_titles_that_end_in_another_year(tmp_path):
     assert back.sha256() == ds.sha256()
 
 
+def test_a_quoted_header_with_the_year_column_loads(tmp_path):
+    """A spreadsheet re-save quotes every header cell: the year column went unseen."""
+    ds = generate(n_users=20, n_items=10, n_ratings=100)
+    write_csv(ds, tmp_path)
+    movies = (tmp_path / "movies.csv").read_text().splitlines()
+    movies[0] = '"movieId","title","genres","year"'
+    (tmp_path / "movies.csv").write_text("\n".join(movies) + "\n")
+    assert load_dataset(f"csv:{tmp_path}").sha256() == ds.sha256()
+
+
 def test_a_bad_year_in_movies_csv_names_the_line(tmp_path):
     ds = generate(n_users=20, n_items=10, n_ratings=100)
     write_csv(ds, tmp_path)

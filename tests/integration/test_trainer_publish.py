@@ -495,6 +495,25 @@ class _DiesBeforeSwitch(redis.Redis):
         return super().eval(script, *args, **kwargs)
 
 
+def _dies_after_its_lists(version_dir, redis_url, monkeypatch, before_lists) -> None:
+    """Publishes ``version_dir`` and dies at its switch.
+
+    ``before_lists`` runs just before the publish writes its top lists.
+    """
+    lists_of = publish_module._top_list_keys
+
+    def hooked(mv):
+        before_lists()
+        return lists_of(mv)
+
+    monkeypatch.setattr(publish_module, "_top_list_keys", hooked)
+    dying = _DiesBeforeSwitch.from_url(redis_url)
+    with pytest.raises(redis.ConnectionError):
+        publish(version_dir, dying, quiet=True)
+    dying.close()
+    monkeypatch.undo()
+
+
 def test_a_publish_that_dies_after_its_mark_was_taken_leaves_its_lists_listed(
     client, redis_url, trained_version, tmp_path, monkeypatch
 ):
@@ -504,18 +523,10 @@ def test_a_publish_that_dies_after_its_mark_was_taken_leaves_its_lists_listed(
     """
     v1, v2, v3 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2, 3))
     publish(v1, client, quiet=True)
-    lists_of = publish_module._top_list_keys
-
-    def mark_taken_then_lists(mv):
-        client.zrem(redis_keys.VERSIONS_PENDING, "2")  # as the other publish's end does
-        return lists_of(mv)
-
-    monkeypatch.setattr(publish_module, "_top_list_keys", mark_taken_then_lists)
-    dying = _DiesBeforeSwitch.from_url(redis_url)
-    with pytest.raises(redis.ConnectionError):
-        publish(v2, dying, quiet=True)
-    dying.close()
-    monkeypatch.undo()
+    # The mark goes as the other publish's end takes it.
+    _dies_after_its_lists(
+        v2, redis_url, monkeypatch, lambda: client.zrem(redis_keys.VERSIONS_PENDING, "2")
+    )
     assert client.zscore(redis_keys.VERSIONS_PENDING, "2") is not None
     publish(v3, client, quiet=True, keep=1, pending_timeout_s=0)
     assert not list(client.scan_iter(match=redis_keys.version_pattern("2")))
@@ -531,26 +542,19 @@ def test_a_publish_writing_its_lists_during_a_claim_keeps_them_listed(
     """
     v1, v2, v3 = (_numbered_copy(trained_version, tmp_path, n) for n in (1, 2, 3))
     publish(v1, client, quiet=True)
-    lists_of = publish_module._top_list_keys
     keys = [
         redis_keys.CURRENT_VERSION, redis_keys.VERSIONS_PENDING, redis_keys.removing("2"),
         redis_keys.removals("2"),
     ]  # fmt: skip
 
-    def claimed_then_lists(mv):
+    def claimed():
         # A clean-up that took this publish for dead (pending_timeout_s=0).
         assert client.eval(
             publish_module._CLAIM_SCRIPT, 4, *keys, "2", repr(time.time()), 600, 600, "tok"
         )
         assert client.zscore(redis_keys.VERSIONS_PENDING, "2") == 0
-        return lists_of(mv)
 
-    monkeypatch.setattr(publish_module, "_top_list_keys", claimed_then_lists)
-    dying = _DiesBeforeSwitch.from_url(redis_url)
-    with pytest.raises(redis.ConnectionError):
-        publish(v2, dying, quiet=True)
-    dying.close()
-    monkeypatch.undo()
+    _dies_after_its_lists(v2, redis_url, monkeypatch, claimed)
     released = client.eval(
         publish_module._HELD_RELEASE, 3, redis_keys.removing("2"), redis_keys.VERSIONS,
         redis_keys.VERSIONS_PENDING, "tok", "2",

@@ -792,13 +792,15 @@ class RetrievalEngine:
         # The engine's own words (a malformed answer, a source's cancellation)
         # are safe to send; a plugin's exception text is for the log only.
         ours = isinstance(exc, SourceRaised) or _builtin(src)
-        if exc is None:
-            try:
-                # Runs the plugin's own code when it answered with a generator.
-                if not isinstance(got, CandidateBlock):
-                    got = list(got)  # type: ignore[arg-type]  # any iterable; None is an error
-            except Exception as bad:
-                exc = bad
+        if exc is None and not isinstance(got, CandidateBlock):
+            if not hasattr(got, "__iter__"):  # None, say: the engine's words, safe to send
+                exc, ours = TypeError(f"returned {type(got).__name__}, not candidates"), True
+            else:
+                try:
+                    # Runs the plugin's own code when it answered with a generator.
+                    got = list(got)  # type: ignore[arg-type]  # any iterable
+                except Exception as bad:
+                    exc = bad
         if exc is None:
             try:
                 block = _as_block(got, k, ctx.served, trusted=_builtin(src))

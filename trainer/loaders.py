@@ -326,13 +326,17 @@ def _numbers(table: _Table, values: list[str], name: str, dtype: type) -> np.nda
 
 
 def _header_cells(path: Path) -> list[str] | None:
-    """The first line's cells (CSV quoting undone), stripped as _read strips a header.
+    """The first non-blank line's cells (CSV quoting undone), as _read reads a header.
 
     None when the file cannot be read (_read then says why).
     """
     try:
         with open(path, encoding="utf-8", errors="replace", newline="") as f:
-            line = f.readline().removeprefix("\ufeff")
+            line = ""
+            for i, raw in enumerate(f):
+                line = raw.removeprefix("\ufeff") if i == 0 else raw
+                if line.strip():  # _read skips blank lines before the header too
+                    break
     except OSError:
         return None
     return [c.strip() for c in next(csv.reader([line]), [])]

@@ -248,6 +248,9 @@ def test_a_quoted_header_with_the_year_column_loads(tmp_path):
     movies[0] = '"movieId","title","genres","year"'
     (tmp_path / "movies.csv").write_text("\n".join(movies) + "\n")
     assert load_dataset(f"csv:{tmp_path}").sha256() == ds.sha256()
+    # Blank lines before the header are skipped, as the reader skips them.
+    (tmp_path / "movies.csv").write_text("\n\n" + "\n".join(movies) + "\n")
+    assert load_dataset(f"csv:{tmp_path}").sha256() == ds.sha256()
 
 
 def test_a_bad_year_in_movies_csv_names_the_line(tmp_path):

@@ -252,7 +252,9 @@ async def load_users(
 # goes through here and keeps the sums equal to it; sums that do not match
 # the log (keys edited or deleted by hand) are rebuilt from it, and an entry
 # no recording wrote is dropped then.
-_LOG_LUA = """
+_LOG_LUA = (
+    f"local MAX_STATE = {MAX_STATE_NUMBER!r}\n"
+    + """
 -- An aggregate field's kind by its name: HINCRBY counts, HINCRBYFLOAT sums.
 local function counter(name)
   local p = string.sub(name, 1, 3)
@@ -261,16 +263,23 @@ end
 local function amount(name)
   return name == 'sum' or string.sub(name, 1, 3) == 'gs:'
 end
--- A plain, finite decimal: Lua's tonumber also takes hex and padding, which
--- HINCRBY and the Python reader refuse, so such a value would fail mid-write.
+-- A plain decimal within the readers' bound (MAX_STATE): Lua's tonumber also
+-- takes hex and padding, which HINCRBY and the Python reader refuse, and the
+-- reader refuses a number beyond the bound, so such a value would fail
+-- mid-write or be written only to be refused on every read.
 local function decimal(v, int)
   -- Redis's own integer syntax: no leading zero, no '-0' (HINCRBY refuses them).
-  if int then return v == '0' or (#v <= 18 and string.match(v, '^%-?[1-9]%d*$') ~= nil) end
+  if int then
+    if v == '0' then return true end
+    if #v > 18 or string.match(v, '^%-?[1-9]%d*$') == nil then return false end
+    return math.abs(tonumber(v)) <= MAX_STATE
+  end
   local m, e = string.match(v, '^%-?(%d*%.?%d*)(.*)$')
   if not m or not string.find(m, '%d') then return false end
   if e ~= '' and string.match(e, '^[eE][%-+]?%d+$') == nil then return false end
   local x = tonumber(v)
-  return x ~= nil and x == x and x ~= math.huge and x ~= -math.huge
+  -- NaN fails the comparison too.
+  return x ~= nil and math.abs(x) <= MAX_STATE
 end
 local function valid(name, v)
   if counter(name) then return decimal(v, true) end
@@ -450,6 +459,7 @@ local function cap_log(ilog, wsum, rsum, xsum, cap)
   end
 end
 """
+)
 
 # One interaction, applied all or nothing. A MULTI block cannot promise that:
 # Redis runs the commands after a failing one (a key of the wrong type, a

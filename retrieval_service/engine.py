@@ -69,6 +69,7 @@ from retrieval_service.served import Neighbour, ServedVersion, load_served_versi
 from retrieval_service.sources.base import (
     CandidateBlock,
     CandidateSource,
+    MalformedAnswer,
     RedisBatch,
     RedisUnavailable,
     RetrievalContext,
@@ -322,7 +323,7 @@ def _outside(rows: np.ndarray, n: int) -> bool:
 
 
 def _check_block(block: CandidateBlock) -> None:
-    """Raises ValueError unless the block's arrays line up (the merge indexes them blindly).
+    """Raises MalformedAnswer unless the block's arrays line up (the merge indexes them blindly).
 
     Also what would fail later, outside the source's isolation: rows that
     are not distinct integers, scores that are not numbers, seed and genre
@@ -330,14 +331,14 @@ def _check_block(block: CandidateBlock) -> None:
     """
     rows = block.rows
     if not isinstance(rows, np.ndarray) or rows.ndim != 1 or rows.dtype.kind not in "iu":
-        raise ValueError("returned a CandidateBlock whose rows are not a 1-d integer array")
+        raise MalformedAnswer("returned a CandidateBlock whose rows are not a 1-d integer array")
     n = rows.shape[0]
     if n > 1 and np.unique(rows).shape[0] != n:
-        raise ValueError("returned a CandidateBlock with a row more than once")
+        raise MalformedAnswer("returned a CandidateBlock with a row more than once")
     if block.scores is not None and (
         not isinstance(block.scores, np.ndarray) or block.scores.dtype.kind not in "iuf"
     ):
-        raise ValueError("returned a CandidateBlock whose scores are not a numeric array")
+        raise MalformedAnswer("returned a CandidateBlock whose scores are not a numeric array")
     for what, arr, names in (
         ("scores", block.scores, None),
         ("seeds", block.seeds, block.seed_ids),
@@ -346,25 +347,25 @@ def _check_block(block: CandidateBlock) -> None:
         if arr is None:
             continue
         if arr.shape != (n,):
-            raise ValueError(
+            raise MalformedAnswer(
                 f"returned a CandidateBlock with {n} rows but {what} of shape {arr.shape}"
             )
         if names is None or not n:
             continue
         if arr.dtype.kind not in "iu":
-            raise ValueError(f"returned a CandidateBlock whose {what} are not integers")
+            raise MalformedAnswer(f"returned a CandidateBlock whose {what} are not integers")
         try:
             for name in names:
                 check_text(name, f"a name in {what}")
-        except TypeError as exc:
-            raise ValueError(f"returned a CandidateBlock whose {exc}") from None
+        except MalformedAnswer as exc:
+            raise MalformedAnswer(f"returned a CandidateBlock whose {exc}") from None
         if arr.dtype == np.int64:
             # -1 (none) up to the last name: one unsigned reduction checks both ends.
             bad = int(_UMAX((arr + 1).view(np.uint64))) > len(names)
         else:
             bad = bool(arr.min() < -1 or arr.max() >= len(names))
         if bad:
-            raise ValueError(
+            raise MalformedAnswer(
                 f"returned a CandidateBlock whose {what} point outside its {len(names)} names"
             )
 
@@ -387,7 +388,7 @@ def _as_block(
             _check_block(got)
         block = got if got.rows.shape[0] <= k else got[:k]  # usually already within k
         if _outside(block.rows, len(served.item_ids)):
-            raise ValueError("returned a CandidateBlock with rows outside the catalogue")
+            raise MalformedAnswer("returned a CandidateBlock with rows outside the catalogue")
         return block
     # A plain list (plugins), or a block over another catalogue: one object per candidate.
     return CandidateBlock.from_candidates(list(got)[:k], served.item_ids, served.item_index)
@@ -805,8 +806,10 @@ class RetrievalEngine:
             try:
                 block = _as_block(got, k, ctx.served, trusted=_builtin(src))
                 count = min(len(got), k)
-            except Exception as bad:  # the engine's check of the answer: its words
+            except MalformedAnswer as bad:  # the engine's check of the answer: its words
                 exc, ours = bad, True
+            except Exception as bad:  # the plugin's code (a Candidate's property): the log's
+                exc = bad
         if isinstance(exc, TimeoutError):
             status, block = SourceStatus.TIMEOUT, None
             message = f"no answer within {max(limit, 0) * 1e3:.0f} ms"

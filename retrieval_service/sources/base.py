@@ -177,8 +177,9 @@ class CandidateBlock(Sequence[Candidate]):
         wins) are left out, as the engine's filter would drop them anyway.
 
         Raises:
-            TypeError: An entry is not a :class:`Candidate` with a string id, a
-                numeric score and text (or None) for its seed item and genre.
+            MalformedAnswer: An entry is not a :class:`Candidate` with a string
+                id, a numeric score and text (or None) for its seed item and
+                genre.
         """
         rows: list[int] = []
         scores: list[float] = []
@@ -190,9 +191,11 @@ class CandidateBlock(Sequence[Candidate]):
         get = index.get
         for c in cands:
             if not isinstance(c, Candidate):
-                raise TypeError(f"returned {type(c).__name__}, not Candidate")
-            if not isinstance(c.item_id, str):
-                raise TypeError(f"item_id {c.item_id!r} is {type(c.item_id).__name__}, not str")
+                raise MalformedAnswer(f"returned {type(c).__name__}, not Candidate")
+            item_id = c.item_id
+            if not isinstance(item_id, str):
+                # No repr: a plugin's object could say anything in it.
+                raise MalformedAnswer(f"an item_id is {type(item_id).__name__}, not str")
             row = get(c.item_id, -1)
             if row < 0 or row in seen:
                 continue
@@ -200,7 +203,9 @@ class CandidateBlock(Sequence[Candidate]):
             rows.append(row)
             score = c.score
             if score is not None and not isinstance(score, int | float | np.number):
-                raise TypeError(f"score of {c.item_id!r} is {type(score).__name__}, not a number")
+                raise MalformedAnswer(
+                    f"score of {c.item_id!r} is {type(score).__name__}, not a number"
+                )
             scores.append(math.nan if score is None else float(score))
             if c.seed_item_id is not None:
                 check_text(c.seed_item_id, f"seed_item_id of {c.item_id!r}")
@@ -221,14 +226,23 @@ class CandidateBlock(Sequence[Candidate]):
         )
 
 
+class MalformedAnswer(TypeError):
+    """A source's answer the engine cannot use, in the engine's words.
+
+    Its message is safe to send to clients; an exception a plugin's own code
+    raises (a property of a ``Candidate`` subclass, say) is not, so the engine
+    tells the two apart by this type.
+    """
+
+
 def check_text(value: Any, what: str) -> None:
-    """Raises TypeError unless ``value`` is a str the answer's UTF-8 can carry."""
+    """Raises :class:`MalformedAnswer` unless ``value`` is a str the answer's UTF-8 can carry."""
     if not isinstance(value, str):
-        raise TypeError(f"{what} is {type(value).__name__}, not str")
+        raise MalformedAnswer(f"{what} is {type(value).__name__}, not str")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError:
-        raise TypeError(f"{what} is not valid UTF-8 text: {value!r}") from None
+        raise MalformedAnswer(f"{what} is not valid UTF-8 text: {value!r}") from None
 
 
 @dataclass(frozen=True)

@@ -539,6 +539,24 @@ def test_a_log_of_length_one_still_keeps_every_watch(client, redis_url, two_vers
     )
 
 
+@pytest.mark.parametrize(
+    ("field", "value"), [("n", "100000000000000000"), ("sum", "1e300"), ("sum", "-2e15")]
+)
+def test_a_state_number_beyond_the_readers_bound_fails_the_record_whole(
+    client, redis_url, two_versions, field, value
+):
+    """Readers refuse numbers beyond MAX_STATE_NUMBER, so the record must not add to one."""
+    mv, _ = two_versions
+    uid = str(mv.users["user_id"][0])
+    state = redis_keys.user_state(uid)
+    client.hset(state, field, value)
+    recent = client.lrange(redis_keys.user_recent(uid), 0, -1)
+    with pytest.raises(CorruptUserState, match=f"field {field} is not a number"):
+        _record(redis_url, mv, uid, _unseen(mv, 0, 1), [4.0], log_length=10)
+    assert client.lrange(redis_keys.user_recent(uid), 0, -1) == recent
+    assert client.hget(state, field) == value
+
+
 def test_a_state_counter_redis_would_refuse_fails_the_record_whole(client, redis_url, two_versions):
     mv, _ = two_versions
     uid = str(mv.users["user_id"][0])

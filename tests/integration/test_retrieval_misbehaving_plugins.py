@@ -231,7 +231,25 @@ async def _generator_raising_secret(ctx, k):
     return gen()
 
 
-@pytest.mark.parametrize("behave", [_raises_secret, _generator_raising_secret])
+class _SecretScore(Candidate):
+    """A plugin's Candidate subclass whose property fails while the engine reads it."""
+
+    @property
+    def score(self):  # type: ignore[override]
+        raise RuntimeError("boom secret=hunter2")
+
+    @score.setter
+    def score(self, value):  # the dataclass's __init__ sets it
+        pass
+
+
+async def _candidate_property_raising_secret(ctx, k):
+    return [_SecretScore(ctx.served.item_ids[0])]
+
+
+@pytest.mark.parametrize(
+    "behave", [_raises_secret, _generator_raising_secret, _candidate_property_raising_secret]
+)
 async def test_a_plugins_exception_text_stays_in_the_log(make_engine, caplog, behave):
     """Sent verbatim in SourceReport.message, which the contract calls client-safe."""
     engine = await make_engine(_Plugin("leaky", behave))

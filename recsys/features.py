@@ -31,6 +31,10 @@ from recsys.errors import shown
 USER_PRIOR = 2.0
 ITEM_PRIOR = 5.0
 
+# The country bucket the trainer's loaders give a user the data names none
+# for; serving encodes a request without a country the same way.
+UNKNOWN_COUNTRY = "unknown"
+
 
 @dataclass(frozen=True)
 class FeatureSpec:
@@ -195,7 +199,9 @@ def user_feature_matrix(
         genre_watch, genre_rated, genre_sum: ``[n, G]`` per-genre aggregates.
         age: ``[n]`` ages, NaN where unknown.
         gender, occupation, country: ``n`` category names, None where unknown;
-            names outside the spec's vocabulary encode as all zeros.
+            names outside the spec's vocabulary encode as all zeros, except an
+            unknown (None or empty) country, which takes the
+            :data:`UNKNOWN_COUNTRY` column when the spec has one.
 
     Returns:
         float32 ``[n, spec.n_user_features]`` in ``spec.user_feature_names`` order.
@@ -224,7 +230,9 @@ def user_feature_matrix(
         age_missing.astype(np.float64)[:, None],
         _one_hot(gender, spec.genders, n),
         _one_hot(occupation, spec.occupations, n),
-        _one_hot(country, spec.countries, n),
+        # A user without a country trained in the data's bucket for one, when
+        # it has that bucket: an all-zero block is a user no training row was.
+        _one_hot(country, spec.countries, n, missing=UNKNOWN_COUNTRY),
     ]
     return np.concatenate(cols, axis=1).astype(np.float32)
 
@@ -294,13 +302,16 @@ def item_feature_matrix(
     )
 
 
-def _one_hot(values: Sequence[str | None], vocab: Sequence[str], n: int) -> np.ndarray:
+def _one_hot(
+    values: Sequence[str | None], vocab: Sequence[str], n: int, *, missing: str | None = None
+) -> np.ndarray:
+    """One-hot rows; a None or empty value takes ``missing``'s column when the vocabulary has it."""
     out = np.zeros((n, len(vocab)), np.float64)
     if not vocab:
         return out
     index = {v: i for i, v in enumerate(vocab)}
     for row, v in enumerate(values):
-        col = index.get(v) if v is not None else None
+        col = index.get(v or missing) if (v or missing) is not None else None
         if col is not None:
             out[row, col] = 1.0
     return out

@@ -15,14 +15,16 @@ import numpy as np
 
 from recsys.checks import FieldError, check_id
 from recsys.errors import UserFacingError
+from recsys.features import UNKNOWN_COUNTRY
 
 
 class DataError(UserFacingError):
     """Bad input data; the message names the file and, where it applies, the row."""
 
 
-# The country bucket of a user the data gives none (trainer.loaders).
-DEFAULT_COUNTRY = "unknown"
+# The country bucket of a user the data gives none (trainer.loaders); the
+# feature encoding's too, so serving treats a missing country alike.
+DEFAULT_COUNTRY = UNKNOWN_COUNTRY
 
 # The per-rating columns and their dtypes (what the ratings merged from the
 # interaction logs consist of).

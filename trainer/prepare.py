@@ -138,7 +138,10 @@ class Prepared:
         user's and item's aggregates first. A training rating then looks
         like a held-out one does at serving time (its rating is not yet in
         the features), so the model cannot learn to read the label back out
-        of the user's or item's mean.
+        of the user's or item's mean. A pair rated more than once in
+        training (a rating from the interaction logs of a pair the data
+        already has) has all its ratings taken out: the other would still
+        give the label away.
         """
         d = self.dataset
         users = d.rating_user[rows]
@@ -147,13 +150,14 @@ class Prepared:
             return self.user_features[users], self.item_features[items]
         g = len(self.spec.genres)
         r = d.rating[rows].astype(np.float64)
+        count, r_out = self._pair_totals(rows, r)
         gm = d.item_genres[items].astype(np.float64)
         agg = self.user_agg[users].copy()
-        agg[:, 0:2] -= 1.0
-        agg[:, 2] -= r
-        agg[:, 3 : 3 + g] -= gm
-        agg[:, 3 + g : 3 + 2 * g] -= gm
-        agg[:, 3 + 2 * g :] -= gm * r[:, None]
+        agg[:, 0:2] -= count[:, None]
+        agg[:, 2] -= r_out
+        agg[:, 3 : 3 + g] -= gm * count[:, None]
+        agg[:, 3 + g : 3 + 2 * g] -= gm * count[:, None]
+        agg[:, 3 + 2 * g :] -= gm * r_out[:, None]
         np.maximum(agg, 0.0, out=agg)  # guards float error on sums that should be 0
         uf = features_from_aggregates(
             self.spec,
@@ -167,10 +171,38 @@ class Prepared:
             self.spec,
             genre_matrix=d.item_genres[items],
             year=d.item_year[items],
-            rating_count=np.maximum(self.item_count[items] - 1.0, 0.0),
-            rating_sum=np.maximum(self.item_sum[items] - r, 0.0),
+            rating_count=np.maximum(self.item_count[items] - count, 0.0),
+            rating_sum=np.maximum(self.item_sum[items] - r_out, 0.0),
         )
         return uf, itf
+
+    @cached_property
+    def _repeated_pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """Training (user, item) pairs rated more than once: keys, counts, rating sums."""
+        d = self.dataset
+        keys = d.rating_user[self.train_rows].astype(np.int64) * d.n_items
+        keys += d.rating_item[self.train_rows]
+        uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
+        if len(uniq) == len(keys):
+            return None  # the usual case: every pair once
+        sums = np.bincount(inverse, weights=d.rating[self.train_rows].astype(np.float64))
+        many = counts > 1
+        return uniq[many], counts[many].astype(np.float64), sums[many]
+
+    def _pair_totals(self, rows: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """How many ratings, and their sum, leave-one-out takes out for each of ``rows``."""
+        count = np.ones(len(rows))
+        repeated = self._repeated_pairs
+        if repeated is None:
+            return count, r
+        keys, counts, sums = repeated
+        d = self.dataset
+        own = d.rating_user[rows].astype(np.int64) * d.n_items + d.rating_item[rows]
+        at = np.minimum(np.searchsorted(keys, own), len(keys) - 1)
+        hit = keys[at] == own
+        r_out = np.where(hit, sums[at], r)
+        count[hit] = counts[at][hit]
+        return count, r_out
 
     def profile(self, u: int) -> UserProfile:
         """Demographics of user row ``u``."""

@@ -133,6 +133,8 @@ def test_same_seed_same_model_other_seed_differs(trained_version, train_version,
     base = ModelVersion.open(trained_version)
     np.testing.assert_array_equal(ModelVersion.open(again).item_vectors, base.item_vectors)
     assert (again / A.TOP_LISTS).read_bytes() == (trained_version / A.TOP_LISTS).read_bytes()
+    # The index too, byte for byte: its build threads used to change the trees.
+    assert (again / A.ANNOY_INDEX).read_bytes() == (trained_version / A.ANNOY_INDEX).read_bytes()
     assert not np.allclose(ModelVersion.open(other).item_vectors, base.item_vectors)
 
 

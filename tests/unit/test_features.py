@@ -70,6 +70,37 @@ def test_vector_and_matrix_paths_agree():
     assert matrix[1, names.index("country:de")] == matrix[1, names.index("country:us")] == 0.0
 
 
+def test_a_missing_country_encodes_as_the_datas_unknown_bucket():
+    """The loaders put users without a country in "unknown"; serving gave such a user
+    (a cold start, an anonymous request) an all-zero block no training row had."""
+    from trainer.dataset import DEFAULT_COUNTRY
+
+    spec = FeatureSpec(
+        genres=SPEC.genres,
+        countries=("de", DEFAULT_COUNTRY, "us"),
+        genders=SPEC.genders,
+        occupations=SPEC.occupations,
+        global_mean=3.5,
+    )
+    names = spec.user_feature_names
+    block = [names.index(f"country:{c}") for c in spec.countries]
+    trained = user_feature_vector(
+        spec, UserProfile(country=DEFAULT_COUNTRY), UserAggregates.empty(spec)
+    )
+    for country in (None, ""):
+        got = user_feature_vector(spec, UserProfile(country=country), UserAggregates.empty(spec))
+        np.testing.assert_array_equal(got, trained)
+    np.testing.assert_array_equal(default_user_vector(spec), trained)
+    # A name the data never had stays all zeros; so does a missing one without the bucket.
+    assert not user_feature_vector(spec, UserProfile(country="zz"), UserAggregates.empty(spec))[
+        block
+    ].any()
+    plain = SPEC.user_feature_names
+    assert not default_user_vector(SPEC)[
+        [plain.index(f"country:{c}") for c in SPEC.countries]
+    ].any()
+
+
 def test_genre_means_are_shrunk_toward_user_mean():
     agg = _agg([(["Action"], 5.0)])
     v = user_feature_vector(SPEC, UserProfile(), agg)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recsys.features import UserAggregates, user_feature_vector
+from recsys.features import UserAggregates, item_feature_matrix, user_feature_vector
 from trainer.dataset import DataError, Dataset
 from trainer.evaluate import _auc, _rank_metrics, bias_baseline
 from trainer.export import top_lists
@@ -78,6 +78,33 @@ def test_leave_one_out_removes_the_rows_own_rating():
     assert itf[0, -1] == pytest.approx(np.log1p(1.0))
     plain, _ = p.row_features(np.array([4]), leave_one_out=False)
     assert not np.allclose(plain[0], uf[0])
+
+
+def test_leave_one_out_removes_every_rating_of_a_pair_rated_twice():
+    """A logged re-rating of a pair the data has trains beside it: taking out only
+    the row's own rating left the other in the means, and with it the label."""
+    # Row 8 is user b rating w again (1 star), as a logged rating appended to the data.
+    d = _dataset([*RATINGS, (1, 3, 1, 9)])
+    p = prepare(d, np.arange(9), np.array([], np.int64))
+    only_z = UserAggregates.empty(p.spec)
+    only_z.add(d.item_genres[2], 2.0)
+    for row in (4, 8):
+        uf, itf = p.row_features(np.array([row, 0]), leave_one_out=True)
+        np.testing.assert_allclose(
+            uf[0], user_feature_vector(p.spec, p.profile(1), only_z), rtol=1e-6
+        )
+        # Item w keeps c's rating (4) only.
+        w_alone = item_feature_matrix(
+            p.spec,
+            genre_matrix=d.item_genres[[3]],
+            year=d.item_year[[3]],
+            rating_count=np.array([1.0]),
+            rating_sum=np.array([4.0]),
+        )
+        np.testing.assert_allclose(itf[0], w_alone[0], rtol=1e-6)
+        # A row of a pair rated once still loses just its own rating.
+        single, _ = p.row_features(np.array([0]), leave_one_out=True)
+        np.testing.assert_array_equal(uf[1], single[0])
 
 
 def test_top_lists_damp_items_with_few_ratings():

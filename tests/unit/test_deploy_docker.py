@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from recsys.config import RetrievalSettings
+from recsys.config import CONFIG_ENV, RetrievalSettings, load_settings
 from recsys.serving import create_server
 
 REPO = Path(__file__).resolve().parents[2]
@@ -89,8 +89,32 @@ def test_runtime_runs_as_a_non_root_user_with_the_recsys_entrypoint(path):
     assert "RUN" not in ops[last_user:], "nothing may run as root after USER"
     assert json.loads(runtime.all("ENTRYPOINT")[-1]) == ["recsys"]
     env = " ".join(runtime.all("ENV"))
-    assert "RECSYS_MODEL_DIR=/models" in env and "HOME=/tmp" in env
+    assert "RECSYS_CONFIG=/opt/recsys/recsys.toml" in env and "HOME=/tmp" in env
     assert not re.search(r"(PASSWORD|TOKEN|SECRET)\w*=", env)
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)
+def test_the_images_defaults_are_a_config_file_a_configmap_replaces(path, monkeypatch):
+    """As ENV, the image's model_dir and hosts beat the same keys in a ConfigMap's
+    TOML (environment variables win over the file), so the ConfigMap's were dead."""
+    _, stages = parse_dockerfile(path)
+    runtime = stages[-1]
+    env = dict(re.findall(r"([A-Z][A-Z0-9_]*)=(\S+)", " ".join(runtime.all("ENV"))))
+    settings_env = sorted(n for n in env if n.startswith("RECSYS_") and n != CONFIG_ENV)
+    assert not settings_env, f"{path.name}: ENV shadows the config file: {settings_env}"
+    # The file RECSYS_CONFIG names is the one the image copies there, and it
+    # keeps a bare `docker run` serving on every interface from /models.
+    copied = {
+        dst: src
+        for src, dst in (arg.split()[-2:] for arg in runtime.all("COPY") if "--from" not in arg)
+    }
+    source = REPO / copied[env[CONFIG_ENV]]
+    for key in [k for k in __import__("os").environ if k.startswith("RECSYS_")]:
+        monkeypatch.delenv(key)
+    settings = load_settings(source)
+    assert str(settings.model_dir) == "/models"
+    assert settings.retrieval.host == settings.ranking.host == "0.0.0.0"
+    assert settings.ranking.device == ("gpu" if path.name.endswith(".gpu") else "auto")
 
 
 @pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: p.name)

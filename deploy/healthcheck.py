@@ -12,7 +12,8 @@ and warmed, and again while draining on SIGTERM.
         --tls-server-name retrieval.recsys.svc 127.0.0.1:50051
 
 Exit codes: 0 SERVING, 1 any other status, 2 no answer (connection refused,
-timeout, unknown service).
+timeout, unknown service) or a check that cannot run (bad flags, a TLS file
+it cannot read).
 """
 
 from __future__ import annotations
@@ -94,15 +95,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("--tls-cert and --tls-key go together")
     if args.tls_cert and not args.tls_ca:
         parser.error("--tls-cert needs --tls-ca")
-    return check(
-        args.address,
-        args.service,
-        args.timeout,
-        tls_ca=args.tls_ca,
-        tls_cert=args.tls_cert,
-        tls_key=args.tls_key,
-        tls_server_name=args.tls_server_name,
-    )
+    try:
+        return check(
+            args.address,
+            args.service,
+            args.timeout,
+            tls_ca=args.tls_ca,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_server_name=args.tls_server_name,
+        )
+    except OSError as exc:  # a broken TLS mount is not the server's status (exit 1)
+        print(f"cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

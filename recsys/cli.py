@@ -433,9 +433,26 @@ def _non_negative_int32(text: str) -> int:
     return value
 
 
+def _undecodable_argument(args: argparse.Namespace) -> str | None:
+    """The first text option holding bytes that are not UTF-8, as ``--its-name``."""
+    for name, value in vars(args).items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:
+                    return f"--{name.replace('_', '-')}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``recsys`` script."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if bad := _undecodable_argument(args):
+        # Bytes the terminal's encoding could not decode arrive as lone
+        # surrogates: a request field (or a name in a manifest) cannot carry them.
+        parser.error(f"argument {bad}: not valid UTF-8 text")
     # Kept so a multi-worker service can start its workers with the same command line.
     args.argv = list(sys.argv[1:] if argv is None else argv)
     key = args.command if args.command != "serve" else f"serve {args.service}"

@@ -792,7 +792,17 @@ async def run_load(config: LoadConfig, *, progress_stream: TextIO | None = None)
         len(factory.population), config.users, config.zipf_exponent, seed=config.seed
     )
     factory.prebuild()
-    channels = [_open_channel(config) for _ in range(config.channels)]
+    first = _open_channel(config)
+    if first.get_state(try_to_connect=False) == grpc.ChannelConnectivity.TRANSIENT_FAILURE:
+        # A new channel fails before any connection attempt only when gRPC could
+        # not build it ("dns:///", "dns://host:port"); waiting for it to become
+        # ready then hung the process at exit instead of ending the run.
+        await first.close()
+        raise LoadTestError(
+            f"target: gRPC cannot open a channel to {config.target!r} (expected host:port, "
+            "dns:///host:port, ipv4:addr:port or unix:path)"
+        )
+    channels = [first] + [_open_channel(config) for _ in range(config.channels - 1)]
     path = method_path(config.rpc)
     # No (de)serialisers: requests go out pre-serialised and responses stay bytes.
     stubs = [ch.unary_unary(path) for ch in channels]

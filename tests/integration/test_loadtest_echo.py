@@ -170,6 +170,23 @@ async def test_unreachable_target_reports_unavailable():
     assert not report.connected and "accepted no connection" in report.table()
 
 
+@pytest.mark.parametrize("target", ["dns:///", "dns://localhost:50052"])
+def test_a_target_grpc_cannot_open_is_refused_and_the_run_ends(target):
+    """Waiting for such a channel to be ready hung the process at exit: no report, no end."""
+    import subprocess
+    import sys
+
+    code = (
+        "import asyncio\n"
+        "from recsys.loadtest import LoadConfig, run_load\n"
+        f"cfg = LoadConfig(target={target!r}, requests=2, duration_s=None, timeout_s=1)\n"
+        "asyncio.run(run_load(cfg))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "LoadTestError: target: gRPC cannot open a channel" in done.stderr, done.stderr
+
+
 def test_cli_json(echo, capsys, tmp_path):
     code = recsys_main(
         [

@@ -93,3 +93,19 @@ def test_loadtest_refuses_counts_the_wire_cannot_carry(capsys, flag):
         main(["loadtest", "--target", "127.0.0.1:1", "--requests", "1", flag, "3000000000"])
     assert exit_.value.code == 2
     assert "outside 0..2147483647" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["recommend", "--user", "\udcff", "--target", "127.0.0.1:1"], "--user"),
+        (["loadtest", "--variant", "a\udcff", "--target", "127.0.0.1:1"], "--variant"),
+    ],
+)
+def test_an_argument_that_is_not_utf8_is_one_clear_line(argv, flag, capsys):
+    """Bytes a terminal could not decode reached the request builder: a traceback."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: not valid UTF-8 text" in err and "Traceback" not in err

@@ -273,3 +273,12 @@ async def test_healthcheck_reports_what_the_server_says():
     finally:
         await handle.server.stop(None)
     assert await asyncio.to_thread(hc.check, address, service, 1.0) == 2
+
+
+def test_healthcheck_with_an_unreadable_tls_file_is_a_check_that_cannot_run(tmp_path, capsys):
+    """It died with a traceback and exit 1, which reads as the server's NOT_SERVING."""
+    hc = _load_healthcheck()
+    missing = tmp_path / "no-ca.pem"
+    assert hc.main(["--tls-ca", str(missing), "127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read {missing}" in err and "Traceback" not in err

@@ -22,6 +22,7 @@ import recsys.serving
 import retrieval_service.metrics
 from recsys.v1 import ranking_pb2, retrieval_pb2
 from retrieval_service.engine import SourceStatus
+from retrieval_service.servicer import MEMBER
 
 REPO = Path(__file__).resolve().parents[2]
 MONITORING = REPO / "deploy" / "k8s" / "monitoring"
@@ -97,7 +98,7 @@ def test_every_selector_names_an_exported_metric_and_its_labels(docs):
         for pb in (ranking_pb2, retrieval_pb2)
         for s in pb.DESCRIPTOR.services_by_name.values()
         for m in s.methods
-    }
+    } | {MEMBER}
     known_values = {
         "service": SERVICES,
         "method": methods,
@@ -147,3 +148,17 @@ def test_the_pod_monitor_scrapes_the_services_metrics_ports(docs):
             if ports & named:
                 scraped.add(labels["app.kubernetes.io/name"])
     assert scraped == SERVICES
+
+
+def test_the_retrieval_outage_page_counts_retrievals_only(docs):
+    """RecordInteraction is UNAVAILABLE while Redis is down and retrievals still answer:
+    with every method on both sides, five failed records beside twenty good retrievals paged."""
+    (rule,) = [r for r in _rules(docs) if r["alert"] == "RecsysRetrievalUnavailable"]
+    rpc = [s for s in _selectors(promql_parser.parse(rule["expr"])) if s.name == "recsys_rpc_total"]
+    assert len(rpc) == 2
+    for sel in rpc:
+        methods = [m for m in sel.matchers.matchers if m.name == "method"]
+        assert len(methods) == 1, rule["expr"]
+        (m,) = methods
+        assert str(m.op) in {"MatchOp.Equal", "MatchOp.Re"}, m.op
+        assert set(m.value.split("|")) == {"Retrieve", MEMBER}, m.value

@@ -70,7 +70,7 @@ async def test_callers_giving_up_are_counted_as_such_not_as_unknown():
 
     class Slow(ranking_pb2_grpc.RankingServiceServicer):
         async def Rank(self, request, context):
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(2.0)
             return ranking_pb2.RankResponse()
 
     def count(code: str) -> float:
@@ -84,17 +84,25 @@ async def test_callers_giving_up_are_counted_as_such_not_as_unknown():
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     stub = ranking_pb2_grpc.RankingServiceStub(channel)
     try:
+        # Deadlines long enough for the call to reach the handler on a busy
+        # machine (at 50 ms one sometimes expired on its way: counted nowhere).
         for _ in range(2):
             with pytest.raises(grpc.aio.AioRpcError):
-                await stub.Rank(ranking_pb2.RankRequest(), timeout=0.05)
-        call = stub.Rank(ranking_pb2.RankRequest())
-        await asyncio.sleep(0.05)
-        call.cancel()
-        deadline = asyncio.get_running_loop().time() + 5
-        while guard.in_flight and asyncio.get_running_loop().time() < deadline:
-            await asyncio.sleep(0.02)
-        assert guard.in_flight == 0
+                await stub.Rank(ranking_pb2.RankRequest(), timeout=0.4)
+        loop = asyncio.get_running_loop()
+
+        async def in_flight_becomes(n: int) -> None:
+            deadline = loop.time() + 5
+            while guard.in_flight != n and loop.time() < deadline:
+                await asyncio.sleep(0.01)
+            assert guard.in_flight == n
+
+        await in_flight_becomes(0)  # the expired calls' handlers have ended
         assert count("DEADLINE_EXCEEDED") == 2
+        call = stub.Rank(ranking_pb2.RankRequest())
+        await in_flight_becomes(1)  # cancelled once the server has it
+        call.cancel()
+        await in_flight_becomes(0)
         assert count("CANCELLED") == 1
         assert count("UNKNOWN") == 0
     finally:

@@ -312,9 +312,7 @@ class Ranker:
             out = await self._rank_rows(
                 model, query.user, rows, query.k, False, variant=variant.name, deadline=deadline
             )
-            scores = dict(
-                zip(model.popular_rows.tolist(), model.popular_scores.tolist(), strict=True)
-            )
+            scores = model.popular_score_of
             for item in out.items:
                 item.candidate = _popular_candidate(item.item_id, scores.get(item.row, 0.0))
             out.fallback_reason = reason

@@ -99,35 +99,29 @@ def check_ids_at(ids: Sequence[str], positions: np.ndarray, field: str, max_byte
         check_id(ids[i], f"{field}[{i}]", max_bytes)
 
 
-def id_array(ids: Sequence[str], field: str, max_bytes: int) -> np.ndarray:
-    """Checks a list of ids and returns it as a unicode numpy array.
+def check_id_list(ids: list[str], field: str, max_bytes: int) -> None:
+    """Checks a list of ids: each non-empty, within ``max_bytes`` UTF-8 bytes, no NUL.
 
-    Vectorised: the per-id Python check only runs for the few ids whose
-    length the array's bounds cannot settle (long ones, possibly over the
-    byte limit) or when the array lost characters (a NUL, which numpy
-    strips from the end of fixed-width strings).
+    The per-id Python check only runs for the few ids whose length alone
+    cannot settle it (long ones, possibly over the byte limit) or when the
+    list holds a NUL. No numpy string array: its fixed width is the longest
+    id's, so one long id among thousands asked for gigabytes before its
+    length was even looked at.
     """
-    # One materialisation of the protobuf strings, reused by every check below.
-    ids = ids if isinstance(ids, list) else list(ids)
-    arr = np.asarray(ids, dtype=np.str_)
-    if arr.size == 0:
-        return arr
-    lengths = np.strings.str_len(arr)
-    empty = np.flatnonzero(lengths == 0)
-    if empty.size:
-        raise InvalidArgument(f"{field}[{int(empty[0])}]", "must not be empty")
+    lengths = list(map(len, ids))
+    if not lengths:
+        return
+    if min(lengths) == 0:
+        raise InvalidArgument(f"{field}[{lengths.index(0)}]", "must not be empty")
     # A code point is 1..4 UTF-8 bytes: ids of at most max_bytes/4 characters
     # are always short enough, and more than max_bytes characters never are.
-    suspect = np.flatnonzero(lengths * 4 > max_bytes)
-    for i in suspect.tolist():
-        check_id(ids[i], f"{field}[{i}]", max_bytes)
-    # numpy drops trailing NULs (the lengths then differ) but keeps inner ones:
-    # one join of the ids answers both.
-    joined = "".join(ids)
-    if int(lengths.sum()) != len(joined) or "\x00" in joined:
+    if max(lengths) * 4 > max_bytes:
+        for i, n in enumerate(lengths):
+            if n * 4 > max_bytes:
+                check_id(ids[i], f"{field}[{i}]", max_bytes)
+    if "\x00" in "".join(ids):
         for i, v in enumerate(ids):
             check_id(v, f"{field}[{i}]", max_bytes)
-    return arr
 
 
 def _k(value: int, field: str, limits: RankingSettings) -> int:
@@ -178,7 +172,7 @@ def parse_user(
         )
     exclude = list(ctx.exclude_item_ids)
     if exclude:
-        id_array(exclude, f"{field}.exclude_item_ids", id_bytes)
+        check_id_list(exclude, f"{field}.exclude_item_ids", id_bytes)
     # Counted before the per-id loop, so a huge list costs nothing to refuse.
     if len(ctx.recent_item_ids) > most_ids:
         raise InvalidArgument(

@@ -172,6 +172,23 @@ def test_device_resolution():
             resolve_device("gpu")
 
 
+def test_serving_on_a_gpu_turns_tf32_off(monkeypatch):
+    """TF32 (TensorFlow's default on Ampere+) put ~1e-3 into the user vector on GPU
+    replicas only. No GPU here: TensorFlow's device list is made to show one."""
+    import tensorflow as tf
+
+    before = tf.config.experimental.tensor_float_32_execution_enabled()
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"])
+    try:
+        tf.config.experimental.enable_tensor_float_32_execution(True)
+        assert resolve_device("cpu") == "cpu"
+        assert tf.config.experimental.tensor_float_32_execution_enabled()
+        assert resolve_device("gpu") == "gpu"
+        assert not tf.config.experimental.tensor_float_32_execution_enabled()
+    finally:
+        tf.config.experimental.enable_tensor_float_32_execution(before)
+
+
 def test_the_frozen_session_tower_reproduces_the_signature(model, version_dir):
     assert model.runtime == "session" and model.session_tower is not None
     feats = np.random.default_rng(5).normal(0, 2, (33, model.version.spec.n_user_features))
@@ -192,3 +209,35 @@ def test_a_frozen_tower_that_disagrees_falls_back_to_eager(version_dir, monkeypa
     loaded = LoadedModel.load(version_dir, "cpu")
     assert loaded.runtime == "eager" and loaded.session_tower is None
     assert "calling it eagerly" in caplog.text
+
+
+@settings(deadline=None)
+@given(
+    n=st.integers(65, 3000),
+    k=st.integers(65, 1200),
+    distinct=st.sampled_from([3, 50, 100_000]),
+    rising=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_a_large_top_k_matches_a_full_stable_sort(n, k, distinct, rising, seed):
+    """Past INSERTION_MAX_K the segment is sorted rather than inserted into."""
+    dots = np.random.default_rng(seed).integers(0, distinct, n).astype(np.float32) / distinct
+    if rising:
+        dots.sort()  # every candidate gets in: the insertion's worst case
+    bounds = np.asarray([0, n // 3, n], np.int64)
+    ks = np.asarray([k, k], np.int64)
+    picked, out_bounds = top_k_segments(dots, bounds, ks)
+    for j in range(2):
+        seg = dots[bounds[j] : bounds[j + 1]]
+        expected = np.argsort(-seg, kind="stable")[:k]
+        mine = picked[out_bounds[j] : out_bounds[j + 1]] - bounds[j]
+        assert mine.tolist() == expected.tolist()
+
+
+def test_the_popular_scores_by_row_are_built_once_per_model(model):
+    """Every popular fallback rebuilt this dict (~60 µs), all through a retrieval outage."""
+    scores = model.popular_score_of
+    assert scores is model.popular_score_of
+    rows, values = model.popular_rows.tolist(), model.popular_scores.tolist()
+    assert scores == dict(zip(rows, values, strict=True))
+    assert len(scores) == len(model.popular_rows) > 0

@@ -211,3 +211,33 @@ def test_a_multibyte_exclude_id_over_the_byte_limit_is_refused():
     with pytest.raises(InvalidArgument) as err:
         parse_rank(req, LIMITS).rows(CATALOGUE)
     assert err.value.field == "user.exclude_item_ids[0]"
+
+
+def test_one_long_exclude_id_is_refused_without_widening_every_other():
+    """A fixed-width string array gave all 1,000 ids the long one's width: 400 MB here
+    before any length was looked at, and a MemoryError (INTERNAL) at 1.6M characters."""
+    import tracemalloc
+
+    limits = RankingSettings(max_candidates=2000)
+    ids = [f"i{n}" for n in range(1000)] + ["x" * 100_000]
+    req = rank(user=common_pb2.UserContext(exclude_item_ids=ids))
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidArgument) as err:
+            parse_rank(req, limits)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert err.value.field == "user.exclude_item_ids[1000]"
+    assert peak < 20 << 20, f"{peak / 2**20:.0f} MiB"
+
+
+@pytest.mark.parametrize(
+    ("ids", "index", "problem"),
+    [(["a", "", "b"], 1, "must not be empty"), (["a", "b\x00c"], 1, "NUL"), (["ab\x00"], 0, "NUL")],
+)
+def test_exclude_ids_refused_name_their_index(ids, index, problem):
+    req = rank(user=common_pb2.UserContext(exclude_item_ids=ids))
+    with pytest.raises(InvalidArgument, match=problem) as err:
+        parse_rank(req, LIMITS)
+    assert err.value.field == f"user.exclude_item_ids[{index}]"

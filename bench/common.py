@@ -266,6 +266,18 @@ def _flatten(d: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
         yield prefix, d
 
 
+def _cell(v: Any) -> str:
+    """A table cell: ``|`` escaped, or a name like ``|copies - 1|`` splits the row."""
+    return _fmt(v).replace("|", "\\|")
+
+
+def count_label(n: int) -> str:
+    """``1000000`` as ``1M``, ``20000`` as ``20K``: a catalogue size in a target's name."""
+    if n % 1_000_000 == 0:
+        return f"{n // 1_000_000}M"
+    return f"{n // 1000}K" if n % 1000 == 0 else str(n)
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The human-readable report: machine, command, targets, ratios, every figure."""
     m = report["machine"]
@@ -289,8 +301,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         for t in targets:
             met = "yes" if t.get("met") else "NO"
             lines.append(
-                f"| {t['area']} | {t['name']} | {_fmt(t.get('value'))} "
-                f"| {t.get('op', '')} {_fmt(t.get('threshold'))} | {met} |"
+                f"| {_cell(t['area'])} | {_cell(t['name'])} | {_cell(t.get('value'))} "
+                f"| {t.get('op', '')} {_cell(t.get('threshold'))} | {met} |"
             )
         lines.append("")
     ratios = report.get("ratios") or []
@@ -299,8 +311,8 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += ["| area | figure | ratio | value | baseline |", "|---|---|---|---|---|"]
         for r in ratios:
             lines.append(
-                f"| {r['area']} | {r['name']} | {_fmt(r.get('ratio'))} | {_fmt(r.get('value'))} "
-                f"| {_fmt(r.get('baseline'))} |"
+                f"| {_cell(r['area'])} | {_cell(r['name'])} | {_cell(r.get('ratio'))} "
+                f"| {_cell(r.get('value'))} | {_cell(r.get('baseline'))} |"
             )
         lines.append("")
     lines += ["## Areas", ""]
@@ -318,7 +330,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         # Raw per-run detail ("runs") stays in the JSON; the table shows the summaries.
         shown = {k: v for k, v in res.items() if k not in ("targets", "ratios", "runs")}
         for key, value in _flatten(shown):
-            lines.append(f"| {key} | {_fmt(value)} |")
+            lines.append(f"| {_cell(key)} | {_cell(value)} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -468,3 +480,22 @@ class ChildServers:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def capture_answer(address: str, cfg: Any) -> bytes:
+    """One real answer to ``cfg``'s first request, serialised: what an echo baseline replays.
+
+    Args:
+        address: The real server.
+        cfg: A ``recsys.loadtest.LoadConfig`` (its RPC and request shape).
+    """
+    import grpc
+
+    from recsys.loadtest import RequestFactory, method_path
+
+    payload = RequestFactory(cfg).payload(0)
+    with grpc.insecure_channel(address) as ch:
+        call = ch.unary_unary(method_path(cfg.rpc))
+        # A first call may pay for lazy initialisation; the second is the sample.
+        call(payload, timeout=30)
+        return call(payload, timeout=10)

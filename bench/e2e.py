@@ -62,7 +62,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.common import header, ratio, stack_on_copy, stack_settings, target
+from bench.common import capture_answer, header, ratio, stack_on_copy, stack_settings, target
 from bench.echo import EchoProcess
 from bench.relay import RelayProcess
 from recsys.loadtest import LoadConfig, LoadReport, known_ids, run_load
@@ -280,7 +280,7 @@ def _compare(
 def per_call_ms(
     cpu_s: dict[str, float], rate: float, warmup_s: float, duration_s: float
 ) -> dict[str, float]:
-    """CPU milliseconds per call of each process at ``rate`` calls/s.
+    """CPU milliseconds per call of each process at ``rate`` calls sent per second.
 
     A server's CPU time covers the warm-up too (it cannot tell the phases
     apart); the load generator's covers the measured phase only.
@@ -322,7 +322,8 @@ def _open_loop_row(
         "flagged": sum(real["flagged"].values()),
         "echo_p50_ms": echo["latency"]["p50_ms"],
         "echo_p99_ms": echo["latency"]["p99_ms"],
-        "cpu_ms_per_call": per_call_ms(cpu_s, rate, warmup_s, duration_s),
+        # Per call sent, not per call asked for: calls left unsent cost nothing.
+        "cpu_ms_per_call": per_call_ms(cpu_s, real["qps"], warmup_s, duration_s),
     }
 
 
@@ -431,13 +432,13 @@ def run(quick: bool = False) -> dict[str, Any]:
                     pids = stack_pids(stack)
                     for rpc, plan in plans.items():
                         base = {**common, **plan}
-                        sample = _capture(stack.ranking_address, LoadConfig(**base))
+                        sample = capture_answer(stack.ranking_address, LoadConfig(**base))
                         flag = plan["inspect"](sample)
                         out["setup"][f"{rpc.lower()}_sample_flag_w{workers}"] = flag
                         member_bytes = None
                         if workers == WORKERS[0]:  # the floor does not depend on workers
                             member_bytes = len(
-                                _capture(
+                                capture_answer(
                                     stack.retrieval_address,
                                     LoadConfig(rpc="Retrieve", budget=BUDGET, user_ids=users),
                                 )
@@ -486,20 +487,6 @@ def run(quick: bool = False) -> dict[str, Any]:
         flush=True,
     )
     return out
-
-
-def _capture(address: str, cfg: LoadConfig) -> bytes:
-    """One real answer to the first user's request, serialised (the echo server replays it)."""
-    import grpc
-
-    from recsys.loadtest import RequestFactory, method_path
-
-    payload = RequestFactory(cfg).payload(0)
-    with grpc.insecure_channel(address) as ch:
-        call = ch.unary_unary(method_path(cfg.rpc))
-        # A first call may pay for lazy initialisation; the second is the sample.
-        call(payload, timeout=30)
-        return call(payload, timeout=10)
 
 
 if __name__ == "__main__":

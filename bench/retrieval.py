@@ -51,7 +51,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import REPO, header, ratio, target
+from bench.common import REPO, count_label, header, ratio, target
 
 SHARED_DATA = Path(os.environ.get("RECSYS_SHARED_DATA", REPO.parent / "shared" / "data"))
 RECALL_TARGET = 0.95
@@ -527,7 +527,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         },
         "targets": [
             target(
-                "annoy recall@10 (100K x 32), shipped defaults",
+                f"annoy recall@10 ({count_label(annoy['items'])} x 32), shipped defaults",
                 point["recall_at_10"],
                 ">=",
                 RECALL_TARGET,

@@ -122,10 +122,10 @@ def test_e2e_inspect_names_the_status_and_source_of_a_degraded_answer():
 def test_e2e_open_loop_row_counts_warm_up_calls_for_servers_only():
     from bench.e2e import _open_loop_row
 
-    def report(p50, p99, errors=None, flagged=None):
+    def report(p50, p99, errors=None, flagged=None, qps=100.0):
         lat = {"p50_ms": p50, "p90_ms": p99 - 1, "p99_ms": p99, "max_ms": p99 + 5}
         ok = 99.0 - sum((errors or {}).values()) / 10  # 10 s measured
-        return {"qps": 99.0, "ok_qps": ok, "latency": lat, "send_lag": {"p99_ms": 0.5},
+        return {"qps": qps, "ok_qps": ok, "latency": lat, "send_lag": {"p99_ms": 0.5},
                 "errors": errors or {}, "flagged": flagged or {}}  # fmt: skip
 
     cpu = {"ranking": 1.2, "retrieval": 0.6, "load_generator": 0.5}
@@ -138,6 +138,10 @@ def test_e2e_open_loop_row_counts_warm_up_calls_for_servers_only():
     assert (row["p99_ms"], row["echo_p99_ms"], row["errors"]) == (40.0, 3.0, 2)
     assert row["offered_rps"] == 100.0 and row["achieved_rps"] == 98.8  # OK answers only
     assert row["send_lag_p99_ms"] == 0.5 and row["share_of_closed_loop"] == 0.5
+    # A stack that fell behind: half the offered calls were never sent, so the
+    # same CPU is spread over half as many calls (it was divided by the offer).
+    behind = _open_loop_row(0.5, 100.0, report(20.0, 40.0, qps=50.0), report(1, 3), cpu, 2.0, 10.0)
+    assert behind["cpu_ms_per_call"] == {"ranking": 2.0, "retrieval": 1.0, "load_generator": 1.0}
 
 
 def test_e2e_summary_of_a_round_without_one_ok_answer_is_unknown_not_a_crash():

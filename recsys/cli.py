@@ -433,9 +433,15 @@ def _non_negative_int32(text: str) -> int:
     return value
 
 
+# Options that go into a request (a protobuf string field must be UTF-8).
+# Paths (--data csv:DIR, a unix:// Redis URL) may be any bytes on Linux.
+_REQUEST_TEXT = ("user", "variant", "target")
+
+
 def _undecodable_argument(args: argparse.Namespace) -> str | None:
-    """The first text option holding bytes that are not UTF-8, as ``--its-name``."""
-    for name, value in vars(args).items():
+    """The first request option holding bytes that are not UTF-8, as ``--its-name``."""
+    for name in _REQUEST_TEXT:
+        value = getattr(args, name, None)
         for text in value if isinstance(value, list) else [value]:
             if isinstance(text, str):
                 try:

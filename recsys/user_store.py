@@ -499,6 +499,11 @@ if #fields > 0 then
       local what = state .. ' field ' .. fields[i]
       return redis.error_reply('CORRUPT ' .. what .. ' is not a number')
     end
+    -- At the bound, one more would write what every read then refuses.
+    if v and math.abs(tonumber(v) + tonumber(ARGV[7 + 2 * i])) > MAX_STATE then
+      local what = state .. ' field ' .. fields[i]
+      return redis.error_reply('CORRUPT ' .. what .. ' would pass the bound readers keep to')
+    end
   end
 end
 if event then

@@ -346,11 +346,21 @@ def _check_block(block: CandidateBlock) -> None:
     ):
         if arr is None:
             continue
+        # Each of these would otherwise fail with a bare AttributeError or
+        # TypeError, taken for the plugin's own (log only), or in the merge.
+        if not isinstance(arr, np.ndarray):
+            raise MalformedAnswer(f"returned a CandidateBlock whose {what} are not an array")
         if arr.shape != (n,):
             raise MalformedAnswer(
                 f"returned a CandidateBlock with {n} rows but {what} of shape {arr.shape}"
             )
-        if names is None or not n:
+        if what == "scores":
+            continue
+        if not isinstance(names, list | tuple):
+            raise MalformedAnswer(
+                f"returned a CandidateBlock with {what} but no list of their names"
+            )
+        if not n:
             continue
         if arr.dtype.kind not in "iu":
             raise MalformedAnswer(f"returned a CandidateBlock whose {what} are not integers")

@@ -206,7 +206,10 @@ class CandidateBlock(Sequence[Candidate]):
                 raise MalformedAnswer(
                     f"score of {c.item_id!r} is {type(score).__name__}, not a number"
                 )
-            scores.append(math.nan if score is None else float(score))
+            try:
+                scores.append(math.nan if score is None else float(score))
+            except OverflowError:  # an int beyond float's range
+                raise MalformedAnswer(f"score of {c.item_id!r} is out of range") from None
             if c.seed_item_id is not None:
                 check_text(c.seed_item_id, f"seed_item_id of {c.item_id!r}")
             if c.genre is not None:

@@ -540,10 +540,18 @@ def test_a_log_of_length_one_still_keeps_every_watch(client, redis_url, two_vers
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("n", "100000000000000000"), ("sum", "1e300"), ("sum", "-2e15")]
+    ("field", "value", "problem"),
+    [
+        ("n", "100000000000000000", "is not a number"),
+        ("sum", "1e300", "is not a number"),
+        ("sum", "-2e15", "is not a number"),
+        # At the bound itself: readable, but one more record would pass it.
+        ("n", "1000000000000000", "would pass the bound readers keep to"),
+        ("sum", "999999999999999", "would pass the bound readers keep to"),
+    ],
 )
 def test_a_state_number_beyond_the_readers_bound_fails_the_record_whole(
-    client, redis_url, two_versions, field, value
+    client, redis_url, two_versions, field, value, problem
 ):
     """Readers refuse numbers beyond MAX_STATE_NUMBER, so the record must not add to one."""
     mv, _ = two_versions
@@ -551,7 +559,7 @@ def test_a_state_number_beyond_the_readers_bound_fails_the_record_whole(
     state = redis_keys.user_state(uid)
     client.hset(state, field, value)
     recent = client.lrange(redis_keys.user_recent(uid), 0, -1)
-    with pytest.raises(CorruptUserState, match=f"field {field} is not a number"):
+    with pytest.raises(CorruptUserState, match=f"field {field} {problem}"):
         _record(redis_url, mv, uid, _unseen(mv, 0, 1), [4.0], log_length=10)
     assert client.lrange(redis_keys.user_recent(uid), 0, -1) == recent
     assert client.hget(state, field) == value

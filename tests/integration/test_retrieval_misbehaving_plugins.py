@@ -204,6 +204,26 @@ def _cands(**fields):
             ),
             "a name in seeds is int",
         ),
+        (
+            lambda s: CandidateBlock(
+                s.item_ids, np.arange(2), np.ones(2), seeds=[0, 0], seed_ids=["a"]
+            ),
+            "seeds are not an array",
+        ),
+        (
+            lambda s: CandidateBlock(
+                s.item_ids, np.arange(2), np.ones(2), genres=np.zeros(2, np.int64), genre_names=5
+            ),
+            "genres but no list of their names",
+        ),
+        (
+            # Skipped every check, then failed the merge: the whole call.
+            lambda s: CandidateBlock(
+                s.item_ids, np.arange(2), np.ones(2), seeds=np.zeros(2, np.int64), seed_ids=None
+            ),
+            "seeds but no list of their names",
+        ),
+        (lambda s: [Candidate(s.item_ids[0], 10**400)], "out of range"),
     ],
 )
 async def test_a_malformed_answer_is_the_sources_error_and_the_call_answers(

@@ -109,3 +109,21 @@ def test_an_argument_that_is_not_utf8_is_one_clear_line(argv, flag, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {flag}: not valid UTF-8 text" in err and "Traceback" not in err
+
+
+def test_a_dataset_path_that_is_not_utf8_is_not_refused_as_text(tmp_path):
+    """Linux paths may be any bytes: only what goes into a request must be UTF-8."""
+    import os
+    import subprocess
+    import sys
+
+    bad = os.fsencode(tmp_path) + b"/caf\xe9"  # a folder name in Latin-1: not UTF-8
+    done = subprocess.run(
+        [sys.executable, "-m", "recsys.cli", "train", "--data", b"csv:" + bad, "--quiet"],
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "RECSYS_MODEL_DIR": str(tmp_path / "models")},
+    )
+    assert b"not valid UTF-8" not in done.stderr
+    # The loader looked for the folder (missing here) rather than the CLI refusing its name.
+    assert done.returncode == 2 and b"no such directory" in done.stderr, done.stderr

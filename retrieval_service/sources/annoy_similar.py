@@ -67,7 +67,8 @@ class AnnoySimilarSource(SourceBase):
 
     Neighbour lists are interleaved round-robin (newest seed first at each
     rank), so one seed cannot fill the budget alone; an item near several
-    seeds keeps the first (most recent) seed. Score = cosine similarity.
+    seeds keeps the seed it ranks highest for (the newest on a tie). Score =
+    cosine similarity.
     """
 
     eager = True
@@ -140,14 +141,23 @@ class AnnoySimilarSource(SourceBase):
         seeds = [i for i in ctx.recent if i in index][: self.config.seeds]
         if not seeds or k <= 0:
             return []
-        # Enough per seed that a round-robin over the seeds can reach k.
-        n = min(self.config.per_seed, -(-k // len(seeds)) * 2)
+        # Usually enough per seed that a round-robin over the seeds reaches k.
+        per_seed = self.config.per_seed
+        n = min(per_seed, -(-k // len(seeds)) * 2)
         seed_rows = [index[s] for s in seeds]
-        rows, scores = self._neighbours(served, ctx.state_for(self), seed_rows, n)
-        # Newest seed first at each rank; an item near several seeds keeps the
-        # first, and the seeds themselves are never proposed.
-        with served.marks() as marks:
-            take = round_robin(rows, k, marks, exclude=seed_rows)
+        state = ctx.state_for(self)
+        while True:
+            rows, scores = self._neighbours(served, state, seed_rows, n)
+            # Rank by rank, newest seed first at each: an item near several
+            # seeds keeps the one it ranks highest for, and the seeds
+            # themselves are never proposed.
+            with served.marks() as marks:
+                take = round_robin(rows, k, marks, exclude=seed_rows)
+            if take.shape[0] >= k or n >= per_seed:
+                break
+            # Seeds close to one another (a binge of one cluster) share their
+            # neighbours and are each other's: the rest of each list then.
+            n = per_seed
         return CandidateBlock(
             served.item_ids,
             rows.ravel()[take],

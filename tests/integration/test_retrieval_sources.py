@@ -213,6 +213,34 @@ async def test_precomputed_hot_neighbours_match_the_index(engine, mv: ModelVersi
     assert {c.seed_item_id for c in a} <= set(ctx.recent[:10])
 
 
+@pytest.mark.parametrize("hot_items", [0, None])
+@pytest.mark.parametrize("k", [1, 5, 30])
+async def test_seeds_that_are_each_others_neighbours_still_fill_k(
+    engine: RetrievalEngine, mv: ModelVersion, hot_items, k
+):
+    """A binge of one cluster: the seeds' short lists held mostly the seeds and each
+    other's neighbours, so the source answered fewer than k (none at k = 1)."""
+    from retrieval_service.sources.annoy_similar import AnnoySimilarConfig, AnnoySimilarSource
+
+    served = engine.current()
+    cfg = AnnoySimilarConfig(
+        name="binge", **({} if hot_items is None else {"hot_items": hot_items})
+    )
+    source = AnnoySimilarSource(cfg)
+    if (state := source.prepare(served)) is not None:
+        served.source_state.update(binge=state)
+    vec = np.asarray(mv.item_vectors, np.float64)
+    vec /= np.linalg.norm(vec, axis=1, keepdims=True)
+    # An item and its nearest neighbours by exact cosine, newest first.
+    cluster = np.argsort(-(vec @ vec[26]), kind="stable")[: cfg.seeds]
+    recent = tuple(mv.item_ids[r] for r in cluster)
+    ctx = await _context(engine, RetrieveQuery("binger", recent=recent))
+    got = list(await source.retrieve(ctx, k))
+    assert len(got) == k
+    assert not {c.item_id for c in got} & set(recent)
+    assert len({c.item_id for c in got}) == k
+
+
 async def test_a_request_history_with_repeats_seeds_from_distinct_items(engine, mv: ModelVersion):
     """A raw watch log (re-watches) must not crowd distinct seeds out of similar-to-recent."""
     a, b, c = mv.item_ids[:3]

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
+from recsys.errors import UserFacingError
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -31,6 +33,22 @@ def die_with_parent() -> None:
     """
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _bulk_end(data: bytes) -> int:
+    """Bytes a RESP bulk reply starting ``data`` takes in all (ValueError: not one)."""
+    head, _, _ = data.partition(b"\r\n")
+    if not head.startswith(b"$"):
+        raise ValueError(f"not a bulk reply: {head[:20]!r}")
+    return len(head) + 2 + int(head[1:]) + 2
+
+
+class RedisStartError(UserFacingError, RuntimeError):
+    """The embedded Redis did not start; the message carries its own output."""
+
+
+class RedisDirBusy(RedisStartError):
+    """Another embedded Redis is running on the same data directory."""
 
 
 def die_with_parent_prefix() -> list[str]:
@@ -106,7 +124,38 @@ class EmbeddedRedis:
         return f"redis://{auth}127.0.0.1:{self.port}/0"
 
     def start(self, timeout_s: float = 10.0) -> EmbeddedRedis:
-        """Starts the server and waits until it answers PING."""
+        """Starts the server and waits until it answers PING.
+
+        Raises:
+            RedisDirBusy: Another running server keeps its data in ``data_dir``
+                (two servers appending to one file lose each other's writes).
+            RedisStartError: The server did not start (its own output says why).
+        """
+        self._lock_dir()
+        try:
+            return self._start(timeout_s)
+        except BaseException:
+            self._unlock_dir()
+            raise
+
+    def _lock_dir(self) -> None:
+        import fcntl
+
+        fd = os.open(self.data_dir / "recsys-redis.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RedisDirBusy(f"another running Redis keeps its data in {self.data_dir}") from None
+        self._lock_fd = fd
+
+    def _unlock_dir(self) -> None:
+        fd = getattr(self, "_lock_fd", None)
+        if fd is not None:
+            os.close(fd)  # closing releases the lock
+            self._lock_fd = None
+
+    def _start(self, timeout_s: float) -> EmbeddedRedis:
         args = [
             *die_with_parent_prefix(),
             redis_server_binary(),
@@ -122,22 +171,68 @@ class EmbeddedRedis:
         ]  # fmt: skip
         if self.password:
             args += ["--requirepass", self.password]
+        # redis-server logs to stdout: kept (a file, not a pipe nobody drains,
+        # which would block the server once full) so a failed start can say why.
+        self._log = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen(
             args,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {err}")
+                raise RedisStartError(
+                    f"redis-server exited with {self.proc.returncode}: {self._log_tail()}"
+                )
             if self.ping():
+                # The port was free a moment ago; whoever answers must be ours,
+                # or the stack would write into someone else's data.
+                owner = self._server_pid()
+                if owner != self.proc.pid:
+                    self.stop()
+                    raise RedisStartError(
+                        f"port {self.port} was taken by another Redis (pid {owner}) "
+                        "as this one started; try again"
+                    )
                 return self
             time.sleep(0.02)
         self.stop()
-        raise RuntimeError(f"redis-server did not answer on port {self.port} in {timeout_s}s")
+        raise RedisStartError(
+            f"redis-server did not answer on port {self.port} in {timeout_s}s: {self._log_tail()}"
+        )
+
+    def _log_tail(self, limit: int = 2000) -> str:
+        """The end of the server's own output (why it would not start)."""
+        log = getattr(self, "_log", None)
+        if log is None or log.closed:
+            return ""
+        log.seek(0)
+        return log.read().decode(errors="replace")[-limit:].strip()
+
+    def _server_pid(self) -> int | None:
+        """``process_id`` of the server answering on the port (``INFO server``)."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
+                if self.password:
+                    pw = self.password.encode()
+                    s.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(pw), pw))
+                    s.recv(16)
+                s.sendall(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")
+                data = b""
+                # A bulk reply: "$<length>\r\n<text>\r\n".
+                while b"\r\n" not in data or len(data) < _bulk_end(data):
+                    chunk = s.recv(4096)
+                    if not chunk:
+                        break
+                    data += chunk
+        except (OSError, ValueError):
+            return None
+        for line in data.split(b"\r\n"):
+            if line.startswith(b"process_id:"):
+                return int(line.split(b":", 1)[1])
+        return None
 
     def ping(self) -> bool:
         """True when the server answers PING."""
@@ -162,9 +257,11 @@ class EmbeddedRedis:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if self.proc and self.proc.stderr:
-            self.proc.stderr.close()
+        log = getattr(self, "_log", None)
+        if log is not None:
+            log.close()
         self.proc = None
+        self._unlock_dir()
 
     def restart(self) -> None:
         """Stops and starts again on the same port and data directory."""

@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsys.artifacts import latest_version, open_version
 from recsys.config import CONFIG_ENV, RecsysSettings, grpc_address
-from recsys.embedded_redis import EmbeddedRedis, die_with_parent_prefix, free_port
+from recsys.embedded_redis import EmbeddedRedis, RedisDirBusy, die_with_parent_prefix, free_port
 from recsys.errors import UserFacingError
 
 
@@ -87,8 +87,14 @@ def _ports(settings: RecsysSettings, *, any_free: bool) -> tuple[int, int]:
     Raises:
         UserFacingError: Naming the service, the port and the ways out.
     """
-    picked = []
-    for name, server in (("retrieval", settings.retrieval), ("ranking", settings.ranking)):
+    r, k = settings.retrieval, settings.ranking
+    if r.port and r.port == k.port:
+        raise UserFacingError(
+            f"retrieval and ranking are both configured on port {r.port}: give them "
+            "different ports (or 0 for any free one)"
+        )
+    picked: list[int] = []
+    for name, server in (("retrieval", r), ("ranking", k)):
         port = server.port
         if port and not _port_free(server.host, port):
             if not any_free:
@@ -98,7 +104,10 @@ def _ports(settings: RecsysSettings, *, any_free: bool) -> tuple[int, int]:
                     f"(RECSYS_{name.upper()}__PORT=0) for any free port"
                 )
             port = 0
-        picked.append(port or free_port())
+        port = port or free_port()
+        while port in picked:  # two free ports asked for one after the other
+            port = free_port()
+        picked.append(port)
     return picked[0], picked[1]
 
 
@@ -170,6 +179,13 @@ def _exited(service: str, proc: subprocess.Popen, log: Path | None) -> UserFacin
     return UserFacingError(msg)
 
 
+def _late(what: str, log: Path | None) -> UserFacingError:
+    """The error for a service still not ready at its deadline: why is in its log."""
+    if log is not None:
+        what += f"; its log ({log}) ends with:\n{_tail(log)}"
+    return UserFacingError(what)
+
+
 def _tail(log: Path, n: int = 8) -> str:
     try:
         lines = log.read_text(errors="replace").splitlines()
@@ -199,7 +215,7 @@ def wait_serving(
             except grpc.RpcError:
                 pass
             time.sleep(0.2)
-    raise UserFacingError(f"{service} at {address} was not SERVING after {timeout_s:.0f}s")
+    raise _late(f"{service} at {address} was not SERVING after {timeout_s:.0f}s", log)
 
 
 def _wait_file(
@@ -210,7 +226,7 @@ def _wait_file(
         if proc.poll() is not None:
             raise _exited(service, proc, log)
         if time.monotonic() > deadline:
-            raise UserFacingError(f"{service} did not report its port after {timeout_s:.0f}s")
+            raise _late(f"{service} did not report its port after {timeout_s:.0f}s", log)
         time.sleep(0.1)
 
 
@@ -226,8 +242,19 @@ class Stack:
     procs: list[subprocess.Popen] = field(default_factory=list)
     logs: list[Path] = field(default_factory=list)  # each service's log, as procs
 
-    def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM every service (they drain), wait, then kill stragglers; stop Redis."""
+    # How long stop() waits for the services' own drain before it kills them
+    # (``drain_time_s``, from their settings; 10 s when not known).
+    drain_s: float = 10.0
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """SIGTERM every service (they drain), wait, then kill stragglers; stop Redis.
+
+        Args:
+            grace_s: How long to wait for them; default :attr:`drain_s`. A
+                supervisor killed before its workers' drain ended left a
+                worker running after ``up`` said "stopped".
+        """
+        grace_s = self.drain_s if grace_s is None else grace_s
         for p in self.procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
@@ -242,6 +269,21 @@ class Stack:
         if self.redis is not None:
             self.redis.stop()
             self.redis = None
+
+
+def drain_time_s(settings: RecsysSettings) -> float:
+    """Longest either service may take from SIGTERM to exit, with a margin.
+
+    Its own drain (``drain_delay_s`` + ``grace_s``), plus the margin a
+    multi-worker supervisor gives its workers beyond that, plus a margin.
+    """
+    from recsys.serving import STOP_MARGIN_S
+
+    longest = 0.0
+    for server in (settings.retrieval, settings.ranking):
+        extra = STOP_MARGIN_S if server.workers > 1 else 0.0
+        longest = max(longest, server.drain_delay_s + server.grace_s + extra)
+    return longest + STOP_MARGIN_S
 
 
 def _recsys(*args: str) -> list[str]:
@@ -326,12 +368,22 @@ def start_stack(
     model_dir = Path(settings.model_dir).resolve()
     redis = None
     if redis_url is None:
-        redis = EmbeddedRedis(data_dir=model_dir.parent / "redis").start()
+        redis_dir = model_dir.parent / "redis"
+        try:
+            redis = EmbeddedRedis(data_dir=redis_dir).start()
+        except RedisDirBusy:
+            # Another `up` beside this one (the README's demo next to a running
+            # stack): sharing its append-only file would lose both stacks' writes.
+            redis = EmbeddedRedis().start()
+            say(
+                f"[1/4] {redis_dir} is another running stack's Redis data: this one "
+                "keeps its data in a temporary directory until it stops"
+            )
         redis_url = redis.url
         say(f"[1/4] embedded Redis on {redis_url}")
     else:
         say("[1/4] using external Redis from RECSYS_REDIS_URL")
-    stack = Stack(redis_url, "", "", model_dir, redis)
+    stack = Stack(redis_url, "", "", model_dir, redis, drain_s=drain_time_s(settings))
     try:
         env = {
             **os.environ,

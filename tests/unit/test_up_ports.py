@@ -70,3 +70,76 @@ def test_a_port_held_on_one_of_a_names_addresses_is_busy():
         other.listen()
         assert not _port_free("localhost", other.getsockname()[1])
         assert not _port_free("0.0.0.0", other.getsockname()[1])
+
+
+def test_one_port_configured_for_both_services_is_refused_before_anything_starts(
+    tmp_path: Path,
+):
+    """The check passed it (the port was free), and the second service failed to bind
+    only after training and publishing."""
+    settings = load_settings(model_dir=tmp_path / "models")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings.retrieval.port = settings.ranking.port = port
+    with pytest.raises(UserFacingError, match=f"both configured on port {port}"):
+        start_stack(
+            settings, data="csv:/nonexistent", redis_url="redis://127.0.0.1:1/0", quiet=True
+        )
+    assert not (tmp_path / "models").exists()
+
+
+def test_stop_waits_as_long_as_the_services_drain():
+    """A fixed 10 s killed a supervisor whose workers drain for 15.5 s, orphaning a worker."""
+    from recsys.stack import drain_time_s
+
+    settings = load_settings()
+    base = drain_time_s(settings)
+    r = settings.retrieval
+    assert base >= r.drain_delay_s + r.grace_s
+    settings.retrieval.workers = 2
+    settings.retrieval.grace_s = 30.0
+    assert drain_time_s(settings) >= r.drain_delay_s + 30.0 + 5.0
+
+
+def test_a_service_still_not_serving_at_its_deadline_shows_its_log(tmp_path: Path):
+    """ "was not SERVING after 120s" left the reason (a pinned version not on disk)
+    in a log file the message did not name."""
+    import subprocess
+    import sys
+
+    from recsys.embedded_redis import free_port
+    from recsys.stack import wait_serving
+
+    log = tmp_path / "retrieval.log"
+    log.write_text('{"message": "wanted version is not on disk yet", "version": "7"}\n')
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        with pytest.raises(UserFacingError) as err:
+            wait_serving(f"127.0.0.1:{free_port()}", "recsys.v1.RetrievalService", 0.5, proc, log)
+    finally:
+        proc.kill()
+        proc.wait()
+    msg = str(err.value)
+    assert "was not SERVING after" in msg and str(log) in msg
+    assert "wanted version is not on disk yet" in msg
+
+
+def test_up_beside_a_running_stack_keeps_its_redis_data_apart(tmp_path: Path, capsys):
+    """Both stacks' Redis appended to <model dir's parent>/redis/appendonly.aof."""
+    import subprocess
+
+    from recsys.embedded_redis import EmbeddedRedis
+
+    settings = load_settings(model_dir=tmp_path / "models")
+    settings.retrieval.port = settings.ranking.port = 0
+    running = EmbeddedRedis(data_dir=tmp_path / "redis").start()  # the other stack's
+    try:
+        # Data that cannot load: the stack stops at training, after its Redis started.
+        with pytest.raises(subprocess.CalledProcessError):
+            start_stack(settings, data="csv:/nonexistent")
+        out = capsys.readouterr().out
+        assert "is another running stack's Redis data" in out
+        assert running.ping()
+    finally:
+        running.stop()

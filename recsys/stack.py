@@ -104,11 +104,24 @@ def _ports(settings: RecsysSettings, *, any_free: bool) -> tuple[int, int]:
                     f"(RECSYS_{name.upper()}__PORT=0) for any free port"
                 )
             port = 0
-        port = port or free_port()
-        while port in picked:  # two free ports asked for one after the other
-            port = free_port()
-        picked.append(port)
+        picked.append(port)  # 0: any free one, picked just before the services start
     return picked[0], picked[1]
+
+
+def _free_ports(r_port: int, k_port: int) -> tuple[int, int]:
+    """``_ports``' answer with each 0 replaced by a free port, the two distinct.
+
+    Picked right before the services bind them, not before training: a port
+    free minutes earlier may be anyone's by then.
+    """
+    r, k = r_port, k_port
+    # Loops only for a 0 (configured ports differ: _ports refuses one for both),
+    # and a configured port looks free here, since nothing has bound it yet.
+    while not r or r == k_port:
+        r = free_port()
+    while not k or k == r:
+        k = free_port()
+    return r, k
 
 
 def _check_hop(settings: RecsysSettings) -> None:
@@ -428,6 +441,7 @@ def start_stack(
         # The services bind the configured hosts; local clients (the demo,
         # ranking's retrieval hop, `recommend`) dial them as local_address does.
         r, k = settings.retrieval, settings.ranking
+        r_port, k_port = _free_ports(r_port, k_port)
         stack.retrieval_address = grpc_address(r.dial_host, r_port)
         stack.ranking_address = grpc_address(k.dial_host, k_port)
         services = [

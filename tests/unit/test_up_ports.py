@@ -143,3 +143,19 @@ def test_up_beside_a_running_stack_keeps_its_redis_data_apart(tmp_path: Path, ca
         assert running.ping()
     finally:
         running.stop()
+
+
+@pytest.mark.parametrize(("r", "k"), [(0, 0), (0, 50052), (50051, 0), (50051, 50052)])
+def test_free_ports_are_picked_late_and_never_collide(r, k, monkeypatch):
+    """Picked before training, a free port could be anyone's by the time a service bound
+    it; and two picks in a row could return one port for both services."""
+    import recsys.stack as stack
+
+    picks = iter([50052, 50052, 50051, 40000, 40000, 40001])
+    monkeypatch.setattr(stack, "free_port", lambda: next(picks))
+    got_r, got_k = stack._free_ports(r, k)
+    assert got_r and got_k and got_r != got_k
+    assert (r == 0 or got_r == r) and (k == 0 or got_k == k)
+    settings = load_settings()
+    settings.retrieval.port = settings.ranking.port = 0
+    assert stack._ports(settings, any_free=False) == (0, 0)  # nothing picked before training

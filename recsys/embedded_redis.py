@@ -35,6 +35,36 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    """``sig`` to the process group ``proc`` leads (``start_new_session``), else to it."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        proc.send_signal(sig)
+
+
+def _descends_from(pid: int, ancestor: int) -> bool:
+    """True when ``pid`` is ``ancestor`` or one of its descendants (via /proc).
+
+    A wrapper script as ``RECSYS_REDIS_SERVER`` that does not exec runs the
+    server as its child. Without /proc nothing can be told apart: True.
+    """
+    for _ in range(8):
+        if pid == ancestor:
+            return True
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                # "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+                pid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except FileNotFoundError:
+            return not os.path.isdir("/proc/self")
+        except (OSError, ValueError, IndexError):
+            return False
+        if pid <= 1:
+            return False
+    return False
+
+
 def _bulk_end(data: bytes) -> int:
     """Bytes a RESP bulk reply starting ``data`` takes in all (ValueError: not one)."""
     head, _, _ = data.partition(b"\r\n")
@@ -179,18 +209,21 @@ class EmbeddedRedis:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            # The server holds the data directory's lock too: one that outlives
+            # this process (no parent-death signal) still keeps others out.
+            pass_fds=(self._lock_fd,),
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RedisStartError(
-                    f"redis-server exited with {self.proc.returncode}: {self._log_tail()}"
-                )
+                why = f"redis-server exited with {self.proc.returncode}: {self._log_tail()}"
+                self.stop()
+                raise RedisStartError(why)
             if self.ping():
                 # The port was free a moment ago; whoever answers must be ours,
                 # or the stack would write into someone else's data.
                 owner = self._server_pid()
-                if owner != self.proc.pid:
+                if owner is not None and not _descends_from(owner, self.proc.pid):
                     self.stop()
                     raise RedisStartError(
                         f"port {self.port} was taken by another Redis (pid {owner}) "
@@ -198,10 +231,10 @@ class EmbeddedRedis:
                     )
                 return self
             time.sleep(0.02)
+        why = f"redis-server did not answer on port {self.port} in {timeout_s}s: "
+        why += self._log_tail()
         self.stop()
-        raise RedisStartError(
-            f"redis-server did not answer on port {self.port} in {timeout_s}s: {self._log_tail()}"
-        )
+        raise RedisStartError(why)
 
     def _log_tail(self, limit: int = 2000) -> str:
         """The end of the server's own output (why it would not start)."""
@@ -249,13 +282,15 @@ class EmbeddedRedis:
             return False
 
     def stop(self) -> None:
-        """Terminates the server and waits for it."""
+        """Terminates the server (its whole process group) and waits for it."""
         if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
+            # The group: a RECSYS_REDIS_SERVER wrapper script that does not exec
+            # would otherwise take the signal alone and leave its server running.
+            _signal_group(self.proc, signal.SIGTERM)
             try:
                 self.proc.wait(5)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                _signal_group(self.proc, signal.SIGKILL)
                 self.proc.wait()
         log = getattr(self, "_log", None)
         if log is not None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
+import time
 
 import pytest
 
@@ -82,3 +84,59 @@ def test_two_servers_never_share_a_data_directory(tmp_path):
         first.stop()
     again = EmbeddedRedis(data_dir=tmp_path / "redis").start()  # free once it stopped
     again.stop()
+
+
+def _script(path, body: str) -> str:
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_a_server_that_never_answers_says_what_it_printed(tmp_path, monkeypatch):
+    """The log was closed before it was read: "did not answer ... in 1s: " and nothing."""
+    fake = _script(
+        tmp_path / "fake-redis", 'echo "cannot open the socket: out of luck"\nsleep 30\n'
+    )
+    monkeypatch.setenv("RECSYS_REDIS_SERVER", fake)
+    server = EmbeddedRedis()
+    with pytest.raises(RedisStartError, match=r"did not answer.*out of luck"):
+        server.start(timeout_s=1.0)
+    assert server.proc is None
+    server.cleanup()
+
+
+def test_a_wrapper_script_that_does_not_exec_is_ours_and_stops_whole(tmp_path, monkeypatch):
+    """Its server's pid is not the wrapper's: refused as someone else's, then left
+    running when only the wrapper got SIGTERM."""
+    from recsys.embedded_redis import redis_server_binary
+
+    real = redis_server_binary()
+    wrapper = _script(tmp_path / "wrapped-redis", f'"{real}" "$@"\n')
+    monkeypatch.setenv("RECSYS_REDIS_SERVER", wrapper)
+    server = EmbeddedRedis().start()
+    try:
+        pid = server._server_pid()
+        assert pid is not None and pid != server.proc.pid  # the wrapper's child
+    finally:
+        server.stop()
+    with pytest.raises(ProcessLookupError):  # gone, not orphaned
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            os.kill(pid, 0)
+            time.sleep(0.05)
+    server.cleanup()
+
+
+def test_the_server_itself_holds_its_directorys_lock(tmp_path):
+    """Held by the Python parent alone, the lock went with a parent that died while its
+    server lived on (no parent-death signal), and a second server shared the file."""
+    from recsys.embedded_redis import RedisDirBusy
+
+    first = EmbeddedRedis(data_dir=tmp_path / "redis").start()
+    try:
+        os.close(first._lock_fd)  # as if this process had gone
+        first._lock_fd = None
+        with pytest.raises(RedisDirBusy):
+            EmbeddedRedis(data_dir=tmp_path / "redis").start()
+    finally:
+        first.stop()

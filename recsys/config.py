@@ -37,7 +37,9 @@ OTHER_ENV = frozenset({CONFIG_ENV, "RECSYS_WORKER", "RECSYS_REDIS_SERVER", "RECS
 class _Strict(BaseModel):
     """Base for nested sections: unknown keys are a configuration error."""
 
-    model_config = ConfigDict(extra="forbid")
+    # No inf: it passes gt/ge bounds, and an infinite (or huge) timeout is a
+    # gRPC deadline already past, so every call with it failed at once.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class TLSSettings(_Strict):
@@ -143,7 +145,10 @@ class ServerSettings(_Strict):
         512, ge=1, description="Above this, new calls fail fast with RESOURCE_EXHAUSTED."
     )
     max_message_bytes: int = Field(
-        16 * 1024 * 1024, ge=1024, description="Largest request or response accepted."
+        16 * 1024 * 1024,
+        ge=1024,
+        le=2**31 - 1,  # gRPC keeps it in a C int: more failed at server start
+        description="Largest request or response accepted.",
     )
     reload_interval_s: float = Field(2.0, gt=0, description="How often to look for a new version.")
     auth_token: SecretStr | None = Field(
@@ -279,6 +284,7 @@ class RankingSettings(ServerSettings):
     retrieval_timeout_s: float = Field(
         0.2,
         gt=0,
+        le=3600,  # far longer reads as a deadline already past in gRPC
         description="Deadline of the call to retrieval (a Recommend's own deadline may cut it).",
     )
     retrieval_tls: TLSSettings = Field(
@@ -494,7 +500,7 @@ class RecsysSettings(BaseSettings):
     """Root configuration for every ``recsys`` component."""
 
     model_config = SettingsConfigDict(
-        env_prefix="RECSYS_", env_nested_delimiter="__", extra="forbid"
+        env_prefix="RECSYS_", env_nested_delimiter="__", extra="forbid", allow_inf_nan=False
     )
 
     model_dir: Path = Field(Path("var/models"), description="Root of numbered model versions.")
@@ -522,6 +528,7 @@ class RecsysSettings(BaseSettings):
     redis_timeout_s: float = Field(
         0.25,
         gt=0,
+        le=3600,
         description="Connect timeout, and the longest wait for one Redis round trip; a user "
         "read waits at most half the time left on the request's deadline if that is shorter "
         "(ranking's batch read: its most patient caller's half; a caller whose own half runs "
@@ -695,7 +702,7 @@ def _describe_env_json(exc: Exception, environ: Mapping[str, str]) -> str:
         except ValueError:
             return (
                 f"environment variable {name}: a list or table is written as JSON, "
-                f'such as [1, 2] or {{"name": "x"}} (got {value[:60]!r})'
+                'such as [1, 2] or {"name": "x"} (its value is not shown: it may hold a token)'
             )
     return f"environment: {exc}"
 

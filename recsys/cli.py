@@ -442,12 +442,11 @@ def _undecodable_argument(args: argparse.Namespace) -> str | None:
     """The first request option holding bytes that are not UTF-8, as ``--its-name``."""
     for name in _REQUEST_TEXT:
         value = getattr(args, name, None)
-        for text in value if isinstance(value, list) else [value]:
-            if isinstance(text, str):
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError:
-                    return f"--{name.replace('_', '-')}"
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return f"--{name}"
     return None
 
 

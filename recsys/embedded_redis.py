@@ -247,11 +247,10 @@ class EmbeddedRedis:
     def _server_pid(self) -> int | None:
         """``process_id`` of the server answering on the port (``INFO server``)."""
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
-                if self.password:
-                    pw = self.password.encode()
-                    s.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(pw), pw))
-                    s.recv(16)
+            s = self._connect(0.5)
+            if s is None:
+                return None
+            with s:
                 s.sendall(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")
                 data = b""
                 # A bulk reply: "$<length>\r\n<text>\r\n".
@@ -267,15 +266,24 @@ class EmbeddedRedis:
                 return int(line.split(b":", 1)[1])
         return None
 
+    def _connect(self, timeout_s: float) -> socket.socket | None:
+        """A connection to the port, authenticated when a password is set; None if refused."""
+        s = socket.create_connection(("127.0.0.1", self.port), timeout=timeout_s)
+        if self.password:
+            pw = self.password.encode()
+            s.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(pw), pw))
+            if not s.recv(16).startswith(b"+OK"):
+                s.close()
+                return None
+        return s
+
     def ping(self) -> bool:
         """True when the server answers PING."""
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
-                if self.password:
-                    pw = self.password.encode()
-                    s.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(pw), pw))
-                    if not s.recv(16).startswith(b"+OK"):
-                        return False
+            s = self._connect(0.2)
+            if s is None:
+                return False
+            with s:
                 s.sendall(b"PING\r\n")
                 return s.recv(16).startswith(b"+PONG")
         except OSError:

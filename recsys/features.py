@@ -311,7 +311,7 @@ def _one_hot(
         return out
     index = {v: i for i, v in enumerate(vocab)}
     for row, v in enumerate(values):
-        col = index.get(v or missing) if (v or missing) is not None else None
+        col = index.get(v or missing)  # None (no value, no bucket) is no key
         if col is not None:
             out[row, col] = 1.0
     return out

@@ -186,14 +186,11 @@ def _exited(service: str, proc: subprocess.Popen, log: Path | None) -> UserFacin
     Its own message (a config key it refuses, a port in use) is in that log:
     a bare exit code sent the user hunting for a temporary directory.
     """
-    msg = f"{service} exited with code {proc.returncode}"
-    if log is not None:
-        msg += f"; its log ({log}) ends with:\n{_tail(log)}"
-    return UserFacingError(msg)
+    return _with_log(f"{service} exited with code {proc.returncode}", log)
 
 
-def _late(what: str, log: Path | None) -> UserFacingError:
-    """The error for a service still not ready at its deadline: why is in its log."""
+def _with_log(what: str, log: Path | None) -> UserFacingError:
+    """``what`` went wrong with a service, and the end of its log, where the reason is."""
     if log is not None:
         what += f"; its log ({log}) ends with:\n{_tail(log)}"
     return UserFacingError(what)
@@ -228,7 +225,7 @@ def wait_serving(
             except grpc.RpcError:
                 pass
             time.sleep(0.2)
-    raise _late(f"{service} at {address} was not SERVING after {timeout_s:.0f}s", log)
+    raise _with_log(f"{service} at {address} was not SERVING after {timeout_s:.0f}s", log)
 
 
 def _wait_file(
@@ -239,7 +236,7 @@ def _wait_file(
         if proc.poll() is not None:
             raise _exited(service, proc, log)
         if time.monotonic() > deadline:
-            raise _late(f"{service} did not report its port after {timeout_s:.0f}s", log)
+            raise _with_log(f"{service} did not report its port after {timeout_s:.0f}s", log)
         time.sleep(0.1)
 
 

@@ -234,6 +234,11 @@ def _own_timeout(limit: float) -> SourceRaised:
     return SourceRaised(f"raised TimeoutError before its {limit * 1e3:.0f} ms limit")
 
 
+def _own_cancel() -> SourceRaised:
+    """A CancelledError the source raised itself, nothing having cancelled it."""
+    return SourceRaised("raised CancelledError without being cancelled")
+
+
 async def _source_within(work: Awaitable[Any], limit: float) -> Any:
     """:func:`_within` for a source: its own cancellation or timeout is its error."""
     try:
@@ -247,7 +252,7 @@ async def _source_within(work: Awaitable[Any], limit: float) -> Any:
         task = asyncio.current_task()
         if task is not None and task.cancelling():
             raise  # the request (or its batch) is being cancelled
-        raise SourceRaised("raised CancelledError without being cancelled") from None
+        raise _own_cancel() from None
     if scope.expired():
         # The source caught the cancel and answered anyway, after its limit.
         raise TimeoutError
@@ -916,8 +921,7 @@ class RetrievalEngine:
                     continue
                 except asyncio.CancelledError:
                     # Raised before its first suspension: nothing cancelled it.
-                    own = SourceRaised("raised CancelledError without being cancelled")
-                    out[i] = self._report(src, ctx, k, start, limit, variant, exc=own)
+                    out[i] = self._report(src, ctx, k, start, limit, variant, exc=_own_cancel())
                     continue
                 work = _Resumed(coro, yielded)
                 left = limit - (time.perf_counter() - start)

@@ -130,10 +130,10 @@ class Dataset:
         test = order[cut:]
         logged = np.arange(n, self.n_ratings, dtype=order.dtype)
         if self.logged_rows:
-            logged = logged[~np.isin(self._pair_keys(logged), self._pair_keys(test))]
+            logged = logged[~np.isin(self.pair_keys(logged), self.pair_keys(test))]
         return np.concatenate([order[:cut], logged]), test
 
-    def _pair_keys(self, rows: np.ndarray) -> np.ndarray:
+    def pair_keys(self, rows: np.ndarray) -> np.ndarray:
         """One int64 per rating of ``rows``: its (user, item) pair."""
         return self.rating_user[rows].astype(np.int64) * self.n_items + self.rating_item[rows]
 

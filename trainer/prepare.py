@@ -180,8 +180,7 @@ class Prepared:
     def _repeated_pairs(self) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
         """Training (user, item) pairs rated more than once: keys, counts, rating sums."""
         d = self.dataset
-        keys = d.rating_user[self.train_rows].astype(np.int64) * d.n_items
-        keys += d.rating_item[self.train_rows]
+        keys = d.pair_keys(self.train_rows)
         uniq, inverse, counts = np.unique(keys, return_inverse=True, return_counts=True)
         if len(uniq) == len(keys):
             return None  # the usual case: every pair once
@@ -196,8 +195,7 @@ class Prepared:
         if repeated is None:
             return count, r
         keys, counts, sums = repeated
-        d = self.dataset
-        own = d.rating_user[rows].astype(np.int64) * d.n_items + d.rating_item[rows]
+        own = self.dataset.pair_keys(rows)
         at = np.minimum(np.searchsorted(keys, own), len(keys) - 1)
         hit = keys[at] == own
         r_out = np.where(hit, sums[at], r)

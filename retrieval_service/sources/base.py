@@ -196,7 +196,7 @@ class CandidateBlock(Sequence[Candidate]):
             if not isinstance(item_id, str):
                 # No repr: a plugin's object could say anything in it.
                 raise MalformedAnswer(f"an item_id is {type(item_id).__name__}, not str")
-            row = get(c.item_id, -1)
+            row = get(item_id, -1)
             if row < 0 or row in seen:
                 continue
             seen.add(row)
@@ -204,16 +204,16 @@ class CandidateBlock(Sequence[Candidate]):
             score = c.score
             if score is not None and not isinstance(score, int | float | np.number):
                 raise MalformedAnswer(
-                    f"score of {c.item_id!r} is {type(score).__name__}, not a number"
+                    f"score of {item_id!r} is {type(score).__name__}, not a number"
                 )
             try:
                 scores.append(math.nan if score is None else float(score))
             except OverflowError:  # an int beyond float's range
-                raise MalformedAnswer(f"score of {c.item_id!r} is out of range") from None
+                raise MalformedAnswer(f"score of {item_id!r} is out of range") from None
             if c.seed_item_id is not None:
-                check_text(c.seed_item_id, f"seed_item_id of {c.item_id!r}")
+                check_text(c.seed_item_id, f"seed_item_id of {item_id!r}")
             if c.genre is not None:
-                check_text(c.genre, f"genre of {c.item_id!r}")
+                check_text(c.genre, f"genre of {item_id!r}")
             seeds.append(
                 seed_ids.setdefault(c.seed_item_id, len(seed_ids)) if c.seed_item_id else -1
             )

@@ -210,6 +210,27 @@ class Reference:
         return np.asarray(self.mv.user_features[row])
 
 
+async def serve_retrieval_stand_in(servicer, server=None) -> tuple[object, int]:
+    """Starts ``servicer`` (a RetrievalService implementation) on a free loopback port.
+
+    What ranking's hop, or a client under test, calls in place of the real
+    service. ``server`` brings its own options or interceptors (a plain
+    ``grpc.aio.server()`` otherwise).
+
+    Returns:
+        The started server (the caller stops it) and its port.
+    """
+    import grpc
+
+    from recsys.v1 import retrieval_pb2_grpc
+
+    server = server if server is not None else grpc.aio.server()
+    retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    return server, port
+
+
 async def wait_serving(address: str, timeout_s: float = 60.0) -> None:
     """Waits until the ranking service at ``address`` reports SERVING."""
     from recsys.channels import wait_serving as wait_for

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from ranking_service.testing import serve_retrieval_stand_in
 from recsys.channels import create_channel
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
 
@@ -23,11 +24,8 @@ class _Flaky(retrieval_pb2_grpc.RetrievalServiceServicer):
 
 
 async def _call(code: grpc.StatusCode, failures: int) -> tuple[object, int]:
-    server = grpc.aio.server()
     flaky = _Flaky(code, failures)
-    retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(flaky, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    server, port = await serve_retrieval_stand_in(flaky)
     channel = create_channel(f"127.0.0.1:{port}", aio=True)
     try:
         stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)

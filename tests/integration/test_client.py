@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 
-import grpc
 import pytest
 import pytest_asyncio
 import redis.exceptions
 
+from ranking_service.testing import serve_retrieval_stand_in
 from recsys.artifacts import ModelVersion
 from recsys.client import RecommenderClient, Recorded
 from recsys.config import load_settings
@@ -115,10 +115,7 @@ async def test_from_settings_sends_retrieval_the_token_it_should(
     ranking_token, retrieval_token, kwargs, sent
 ):
     servicer = _Authorizations()
-    server = grpc.aio.server()
-    retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    server, port = await serve_retrieval_stand_in(servicer)
     settings = load_settings(
         ranking={"auth_token": ranking_token},
         retrieval={"host": "127.0.0.1", "port": port, "auth_token": retrieval_token},

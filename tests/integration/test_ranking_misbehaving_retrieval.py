@@ -14,7 +14,7 @@ import grpc
 import pytest
 
 from ranking_service.server import build_server
-from ranking_service.testing import ranking_settings, wait_serving
+from ranking_service.testing import ranking_settings, serve_retrieval_stand_in, wait_serving
 from recsys.artifacts import ModelVersion
 from recsys.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 
@@ -44,10 +44,7 @@ class _Retrieval(retrieval_pb2_grpc.RetrievalServiceServicer):
 async def stack(trained_version, redis_server):
     """(retrieval stand-in, ranking stub), ranking's message limit lowered to 1 MiB."""
     fake = _Retrieval()
-    retrieval = grpc.aio.server()
-    retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(fake, retrieval)
-    port = retrieval.add_insecure_port("127.0.0.1:0")
-    await retrieval.start()
+    retrieval, port = await serve_retrieval_stand_in(fake)
     srv = build_server(
         ranking_settings(
             trained_version.parent,

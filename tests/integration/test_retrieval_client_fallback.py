@@ -15,6 +15,7 @@ import pytest
 
 from bench.echo import DEFAULT_BUDGET, EchoProcess
 from ranking_service.retrieval_client import RetrievalClient
+from ranking_service.testing import serve_retrieval_stand_in
 from recsys.batching import BatcherClosed
 from recsys.config import RankingSettings
 from recsys.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
@@ -82,10 +83,8 @@ class _Recording(retrieval_pb2_grpc.RetrievalServiceServicer):
 
 
 async def _serve(servicer):
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", 16 << 20)])
-    retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(servicer, server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    options = [("grpc.max_receive_message_length", 16 << 20)]
+    server, port = await serve_retrieval_stand_in(servicer, grpc.aio.server(options=options))
     return server, f"127.0.0.1:{port}"
 
 

@@ -4,6 +4,7 @@ import grpc
 import pytest
 
 from bench.echo import EchoServicer
+from ranking_service.testing import serve_retrieval_stand_in
 from recsys.serving import GuardInterceptor, grpc_options
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc
 
@@ -133,10 +134,9 @@ async def test_each_request_in_a_retrieve_many_counts_against_the_bound():
 
     engine = RetrievalEngine(RetrievalSettings(), build_sources(_default_sources()), redis=None)
     guard = GuardInterceptor("many-guard", max_concurrent=8, token=None)
-    server = grpc.aio.server(interceptors=[guard], options=grpc_options(4 << 20))
-    retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(Busy(engine), server)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
+    server, port = await serve_retrieval_stand_in(
+        Busy(engine), grpc.aio.server(interceptors=[guard], options=grpc_options(4 << 20))
+    )
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
 

@@ -269,12 +269,16 @@ class EmbeddedRedis:
     def _connect(self, timeout_s: float) -> socket.socket | None:
         """A connection to the port, authenticated when a password is set; None if refused."""
         s = socket.create_connection(("127.0.0.1", self.port), timeout=timeout_s)
-        if self.password:
-            pw = self.password.encode()
-            s.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(pw), pw))
-            if not s.recv(16).startswith(b"+OK"):
-                s.close()
-                return None
+        try:
+            if self.password:
+                pw = self.password.encode()
+                s.sendall(b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(pw), pw))
+                if not s.recv(16).startswith(b"+OK"):
+                    s.close()
+                    return None
+        except BaseException:
+            s.close()  # the callers' `with` only takes a connection returned
+            raise
         return s
 
     def ping(self) -> bool:
